@@ -1,0 +1,293 @@
+//! A block device backed by a regular (normally sparse) file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::{BlockDevice, BlockError, ErrorKind, Extent, Result};
+
+/// A regular file used as a block device. The device size is the file length at open time.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl FileDevice {
+    /// Opens an existing file read-write.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileDevice {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    /// Creates a new sparse file of `size` bytes; fails if it exists.
+    pub fn create(path: &Path, size: u64) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(size)?;
+        file.sync_all()?;
+        Ok(FileDevice {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes actually allocated on the backing filesystem.
+    pub fn allocated_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn fallocate(&self, op: &'static str, mode: i32, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate on a valid, open file descriptor with plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(BlockError::io(
+                op,
+                offset,
+                len,
+                std::io::Error::last_os_error(),
+            ))
+        }
+    }
+
+    fn write_zero_buffer(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.file
+                .write_all_at(&zeros[..n as usize], offset + done)
+                .map_err(|e| BlockError::io("write_zeroes", offset + done, n, e))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a valid fd; we use the returned offset only, never the file cursor
+        // (all I/O is positional).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(r as u64))
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range("read", offset, buf.len() as u64)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| BlockError::io("read", offset, buf.len() as u64, e))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range("write", offset, buf.len() as u64)?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| BlockError::io("write", offset, buf.len() as u64, e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| BlockError::io("flush", 0, 0, e))
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range("trim", offset, len)?;
+        self.fallocate(
+            "trim",
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_deallocate: bool) -> Result<()> {
+        self.check_range("write_zeroes", offset, len)?;
+        let mode = if may_deallocate {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate("write_zeroes", mode, offset, len) {
+            Err(e) if e.kind == ErrorKind::Unsupported => self.write_zero_buffer(offset, len),
+            other => other,
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range("block_status", offset, len)?;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let err = |e| BlockError::io("block_status", offset, len, e);
+        while pos < end && out.len() < 1024 {
+            let data = self
+                .seek(pos, libc::SEEK_DATA)
+                .map_err(err)?
+                .unwrap_or(u64::MAX);
+            if data > pos {
+                // [pos, data) is a hole.
+                let hole_end = data.min(end);
+                out.push(Extent {
+                    length: hole_end - pos,
+                    hole: true,
+                    zero: true,
+                });
+                pos = hole_end;
+                continue;
+            }
+            let hole = self
+                .seek(pos, libc::SEEK_HOLE)
+                .map_err(err)?
+                .unwrap_or(self.size);
+            let data_end = hole.min(end).max(pos + 1);
+            out.push(Extent {
+                length: data_end - pos,
+                hole: false,
+                zero: false,
+            });
+            pos = data_end;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_file_round_trip_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        let dev = FileDevice::create(&path, 16 << 20).unwrap();
+        assert_eq!(dev.size(), 16 << 20);
+        let st = dev.block_status(0, 16 << 20).unwrap();
+        assert_eq!(
+            st,
+            vec![Extent {
+                length: 16 << 20,
+                hole: true,
+                zero: true
+            }]
+        );
+
+        let data = vec![0xabu8; 1 << 20];
+        dev.write_at(&data, 4 << 20).unwrap();
+        dev.flush().unwrap();
+        let mut back = vec![0u8; 1 << 20];
+        dev.read_at(&mut back, 4 << 20).unwrap();
+        assert_eq!(back, data);
+
+        let st = dev.block_status(0, 16 << 20).unwrap();
+        assert_eq!(
+            st[0],
+            Extent {
+                length: 4 << 20,
+                hole: true,
+                zero: true
+            }
+        );
+        assert_eq!(
+            st[1],
+            Extent {
+                length: 1 << 20,
+                hole: false,
+                zero: false
+            }
+        );
+        assert!(st[2].hole);
+        assert_eq!(st.iter().map(|e| e.length).sum::<u64>(), 16 << 20);
+
+        dev.trim(4 << 20, 1 << 20).unwrap();
+        dev.read_at(&mut back, 4 << 20).unwrap();
+        assert!(back.iter().all(|b| *b == 0));
+        assert_eq!(dev.block_status(0, 16 << 20).unwrap().len(), 1);
+
+        dev.write_at(&data, 0).unwrap();
+        dev.write_zeroes(0, 1 << 20, false).unwrap();
+        dev.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|b| *b == 0));
+        assert!(
+            !dev.block_status(0, 4096).unwrap()[0].hole,
+            "NO_HOLE keeps allocation"
+        );
+    }
+
+    #[test]
+    fn out_of_range_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(&dir.path().join("d"), 4096).unwrap();
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            dev.read_at(&mut buf, 4096 - 511).unwrap_err().kind,
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            dev.write_at(&buf, u64::MAX).unwrap_err().kind,
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(dev.trim(0, 4097).unwrap_err().kind, ErrorKind::OutOfRange);
+        dev.read_at(&mut buf, 4096 - 512).unwrap();
+    }
+
+    #[test]
+    fn reopen_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        {
+            let dev = FileDevice::create(&path, 8192).unwrap();
+            dev.write_at(b"hello", 8187).unwrap();
+            dev.flush().unwrap();
+        }
+        let dev = FileDevice::open(&path).unwrap();
+        let mut buf = [0u8; 5];
+        dev.read_at(&mut buf, 8187).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(
+            FileDevice::create(&path, 1).is_err(),
+            "create refuses to overwrite"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! Block devices: the storage a replica's data lives on.
+//!
+//! [`BlockDevice`] is synchronous and `Send + Sync`: every method may be called from many threads
+//! at once (positional I/O, no shared cursor). Async front ends run it on blocking threads; the
+//! replication engine and the simulator call it directly. Implementations:
+//!
+//! * [`FileDevice`]: a (sparse) regular file; TRIM punches holes, block status comes from
+//!   `SEEK_DATA`/`SEEK_HOLE`, FLUSH is `fdatasync`.
+//! * [`MemDevice`]: an in-memory device that tracks allocation, for unit tests and the simulator.
+
+mod file;
+mod mem;
+
+pub use file::FileDevice;
+pub use mem::MemDevice;
+
+use thiserror::Error;
+
+/// What went wrong, for matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request reaches past the end of the device.
+    OutOfRange,
+    /// The backing store failed (EIO and friends).
+    Io,
+    /// The backing store is full.
+    NoSpace,
+    /// The device does not support the operation.
+    Unsupported,
+}
+
+/// A block device error: a kind, the operation and range it happened on, and the OS error if any.
+#[derive(Debug, Error)]
+#[error("{op} at offset {offset} length {len}: {kind:?}{}", source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+pub struct BlockError {
+    pub kind: ErrorKind,
+    pub op: &'static str,
+    pub offset: u64,
+    pub len: u64,
+    #[source]
+    pub source: Option<std::io::Error>,
+}
+
+impl BlockError {
+    pub fn new(kind: ErrorKind, op: &'static str, offset: u64, len: u64) -> Self {
+        BlockError {
+            kind,
+            op,
+            offset,
+            len,
+            source: None,
+        }
+    }
+
+    pub fn io(op: &'static str, offset: u64, len: u64, err: std::io::Error) -> Self {
+        let kind = match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::NoSpace,
+            Some(libc::EOPNOTSUPP) => ErrorKind::Unsupported,
+            _ => ErrorKind::Io,
+        };
+        BlockError {
+            kind,
+            op,
+            offset,
+            len,
+            source: Some(err),
+        }
+    }
+
+    /// The errno a front end should report for this error.
+    pub fn errno(&self) -> i32 {
+        match self.kind {
+            ErrorKind::OutOfRange => libc::EINVAL,
+            ErrorKind::NoSpace => libc::ENOSPC,
+            ErrorKind::Unsupported => libc::EOPNOTSUPP,
+            ErrorKind::Io => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BlockError>;
+
+/// One run of the device with uniform allocation state, as reported by [`BlockDevice::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated in the backing store.
+    pub hole: bool,
+    /// Known to read as zeroes.
+    pub zero: bool,
+}
+
+/// A device of fixed size addressed in bytes. All methods are positional and thread-safe.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`. The whole range must lie inside the device.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`. Not durable until [`BlockDevice::flush`] returns.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Discards a range: afterwards it reads as zeroes and, where the store can, is deallocated.
+    fn trim(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes a range read as zeroes. With `may_deallocate` the store may punch a hole; without it
+    /// the range stays allocated.
+    fn write_zeroes(&self, offset: u64, len: u64, may_deallocate: bool) -> Result<()>;
+
+    /// Allocation map of `[offset, offset+len)`: consecutive extents covering at least the first
+    /// byte of the range and at most the range (may stop early, never empty for `len > 0`).
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Checks that `[offset, offset+len)` lies inside the device.
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(BlockError::new(ErrorKind::OutOfRange, op, offset, len)),
+        }
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_deallocate: bool) -> Result<()> {
+        (**self).write_zeroes(offset, len, may_deallocate)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).block_status(offset, len)
+    }
+}
