@@ -1,0 +1,3 @@
+//! NBD server. STUB: the public API the agent codes against; the implementation lands next.
+
+pub mod server;
