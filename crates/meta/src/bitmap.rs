@@ -302,8 +302,10 @@ impl Bitmap {
         let g = u64::from(self.granularity);
         let mut bytes = self.count(slot) * g;
         let bits = self.bits();
-        if bits > 0 && self.size_bytes % g > 0 && self.test(slot, bits - 1).unwrap_or(false) {
-            bytes -= g - self.size_bytes % g;
+        if bits > 0 && self.test(slot, bits - 1).unwrap_or(false) {
+            // The last block may be shorter than the granularity.
+            let last_block = self.size_bytes - (bits - 1) * g;
+            bytes -= g - last_block;
         }
         bytes
     }
