@@ -1,0 +1,266 @@
+//! Client commands: talk to the controller, print tables or JSON.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde::Serialize;
+use tandem_api::{
+    ClusterStatus, ConnectInfo, Node, Pool, Protocol, Volume, VolumeCreate, VolumeState,
+};
+use tandem_types::{format_size, parse_size};
+
+use crate::client::{Client, ClientError};
+use crate::output;
+use crate::{Cli, Command, Format};
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// List nodes.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCmd {
+    /// List pools with capacity and free space.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a volume and wait until it can be used.
+    Create {
+        name: String,
+        /// Size with an explicit unit: KiB/MiB/GiB/TiB (1024) or KB/MB/GB/TB (1000), or bytes.
+        size: String,
+        /// Diskful replicas.
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Pool to place replicas in.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Nodes to place replicas on (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Option<Vec<String>>,
+        /// Replication protocol: C (synchronous, default) or A (asynchronous).
+        #[arg(long)]
+        protocol: Option<String>,
+        /// Return at once instead of waiting for the replicas.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume with its replicas and operations.
+    Show { name: String },
+    /// Delete a volume and its replicas, and wait until they are gone.
+    Delete {
+        name: String,
+        /// Delete even while consumers are connected.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Print the NBD URI of a volume (for qemu, qemu-img, nbdinfo, nbdcopy).
+    Connect {
+        name: String,
+        /// Node whose export to use (default: a node holding a replica).
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Prints `v` as JSON, or as the human rendering `human` gives.
+fn emit<T: Serialize + ?Sized>(json: bool, v: &T, human: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        print!("{}", human(v));
+        Ok(())
+    }
+}
+
+fn path_segment(s: &str) -> String {
+    // Names are validated by the controller; escape anyway so a typo cannot change the route.
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub fn run(cli: &Cli) -> Result<()> {
+    let client = Client::new(&cli.controller);
+    let json = cli.output == Format::Json;
+    match &cli.command {
+        Command::Status => {
+            let s: ClusterStatus = client.get("/v1/status")?;
+            emit(json, &s, output::status)
+        }
+        Command::Node { cmd: NodeCmd::List } => {
+            let n: Vec<Node> = client.get("/v1/nodes")?;
+            emit(json, &n[..], output::nodes_table)
+        }
+        Command::Pool { cmd: PoolCmd::List } => {
+            let p: Vec<Pool> = client.get("/v1/pools")?;
+            emit(json, &p[..], output::pools_table)
+        }
+        Command::Volume { cmd } => volume(&client, cmd, json),
+        _ => unreachable!("daemon commands are dispatched in main"),
+    }
+}
+
+fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            pool,
+            nodes,
+            protocol,
+            no_wait,
+        } => {
+            let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
+            let protocol = match protocol.as_deref() {
+                None => None,
+                Some("C") | Some("c") => Some(Protocol::C),
+                Some("A") | Some("a") => Some(Protocol::A),
+                Some(other) => {
+                    bail!("unknown protocol '{other}': use C (synchronous) or A (asynchronous)")
+                }
+            };
+            let req = VolumeCreate {
+                name: name.clone(),
+                size_bytes,
+                replicas: *replicas,
+                pool: pool.clone(),
+                nodes: nodes.clone(),
+                protocol,
+            };
+            let mut v: Volume = client.post("/v1/volumes", &req)?;
+            if !no_wait {
+                v = wait_for(client, name, |v| v.state == VolumeState::Ready, "ready")?;
+            }
+            if json {
+                print_json(&v)
+            } else {
+                println!(
+                    "Created volume {} of {}.",
+                    v.name,
+                    format_size(v.size_bytes)
+                );
+                print!("{}", output::volume_detail(&v));
+                println!("\nConnect a client with: tandem volume connect {}", v.name);
+                Ok(())
+            }
+        }
+        VolumeCmd::List => {
+            let v: Vec<Volume> = client.get("/v1/volumes")?;
+            emit(json, &v[..], output::volumes_table)
+        }
+        VolumeCmd::Show { name } => {
+            let v: Volume = client.get(&format!("/v1/volumes/{}", path_segment(name)))?;
+            emit(json, &v, output::volume_detail)
+        }
+        VolumeCmd::Delete {
+            name,
+            force,
+            no_wait,
+        } => {
+            let path = format!("/v1/volumes/{}?force={force}", path_segment(name));
+            let v: Volume = client.delete(&path)?;
+            if !no_wait {
+                wait_gone(client, name)?;
+            }
+            if json {
+                print_json(&serde_json::json!({ "name": v.name, "deleted": !no_wait }))
+            } else {
+                if *no_wait {
+                    println!("Deleting volume {}.", v.name);
+                } else {
+                    println!("Deleted volume {}.", v.name);
+                }
+                Ok(())
+            }
+        }
+        VolumeCmd::Connect { name, node } => {
+            let mut path = format!("/v1/volumes/{}/connect", path_segment(name));
+            if let Some(n) = node {
+                path.push_str(&format!("?node={}", path_segment(n)));
+            }
+            let c: ConnectInfo = client.get(&path)?;
+            if json {
+                print_json(&c)
+            } else {
+                println!("{}", c.uri);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn wait_for(
+    client: &Client,
+    name: &str,
+    done: impl Fn(&Volume) -> bool,
+    what: &str,
+) -> Result<Volume> {
+    let deadline = Instant::now() + WAIT;
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    loop {
+        let v: Volume = client.get(&path)?;
+        if done(&v) {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            let errors: Vec<String> = v
+                .operations
+                .iter()
+                .filter_map(|o| o.last_error.clone())
+                .collect();
+            bail!(
+                "volume {name} is not {what} after {}s (state {:?}){}; `tandem volume show {name}` shows its replicas",
+                WAIT.as_secs(),
+                v.state,
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(", last error: {}", errors.join("; "))
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_gone(client: &Client, name: &str) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    loop {
+        match client.get::<Volume>(&path) {
+            Err(ClientError::Api { status: 404, .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(v) if Instant::now() > deadline => {
+                bail!(
+                    "volume {name} is still {:?} after {}s; `tandem volume show {name}` tells why",
+                    v.state,
+                    WAIT.as_secs()
+                )
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Harness for end-to-end tests: a real `tandem up` cluster (controller and agents as separate
+//! processes) in its own directory with its own ports, torn down on drop even when the test
+//! fails, plus helpers to run the CLI and real NBD clients.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// Fails (never skips) when a client tool is missing: `./scripts/test` installs them.
+pub fn tool(name: &str) -> &str {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed; ./scripts/test installs every test tool (apt-get)"
+    );
+    name
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Makes a spawned process receive SIGKILL when the test thread that spawned it dies.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl only; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it succeeds; returns stdout.
+pub fn check(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub port: u16,
+    pub nodes: u32,
+    up: Option<Child>,
+    /// Daemons the test restarted by hand; killed on drop.
+    extra: Vec<Child>,
+    pub up_output: String,
+}
+
+impl Cluster {
+    pub fn start(nodes: u32) -> Cluster {
+        // Short path: unix socket paths are limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("tdm")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut c = Cluster {
+            dir,
+            url: String::new(),
+            port: free_port(),
+            nodes,
+            up: None,
+            extra: Vec::new(),
+            up_output: String::new(),
+        };
+        c.up();
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts `tandem up` on this cluster's directory and waits for it to be ready.
+    pub fn up(&mut self) {
+        assert!(self.up.is_none());
+        let mut cmd = Command::new(TANDEM);
+        cmd.args(["up", "--dir"])
+            .arg(self.dir.path())
+            .args([
+                "--nodes",
+                &self.nodes.to_string(),
+                "--port",
+                &self.port.to_string(),
+            ])
+            .env("TANDEM_LOG", "info,tandem=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn tandem up");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("stderr: {line}"));
+            }
+        });
+        self.up = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut seen = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if line.starts_with("Ctrl-C stops") {
+                        break;
+                    }
+                }
+                Err(_) => panic!("tandem up did not become ready:\n{seen}\n{}", self.logs()),
+            }
+        }
+        let first = seen.lines().next().unwrap_or_default();
+        self.url = first
+            .strip_prefix("controller: ")
+            .unwrap_or_else(|| panic!("first line: {first}"))
+            .to_string();
+        self.up_output = seen;
+        // Keep draining so `up` never blocks on a full pipe.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+    }
+
+    /// Stops `tandem up` with SIGINT (as Ctrl-C would) and waits for it; returns its exit status.
+    pub fn down(&mut self) -> std::process::ExitStatus {
+        let mut child = self.up.take().expect("cluster is up");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("tandem up did not stop within 60s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The CLI pointed at this cluster.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(TANDEM);
+        cmd.env("TANDEM_CONTROLLER", &self.url).stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `tandem <args>`, asserts success, returns stdout.
+    pub fn tandem(&self, args: &[&str]) -> String {
+        check(self.cli().args(args))
+    }
+
+    /// Runs `tandem -o json <args>` and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = check(self.cli().args(["-o", "json"]).args(args));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.path().join(node)
+    }
+
+    pub fn agent_pid(&self, node: &str) -> Option<i32> {
+        std::fs::read_to_string(self.node_dir(node).join("agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Restarts an agent by hand, as an operator would, with its config from `tandem up`.
+    pub fn restart_agent(&mut self, node: &str) {
+        let mut cmd = Command::new(TANDEM);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.node_dir(node).join("agent.log"))
+            .unwrap();
+        cmd.args(["agent", "run", "--config"])
+            .arg(self.node_dir(node).join("agent.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        self.extra.push(cmd.spawn().unwrap());
+    }
+
+    /// Waits until `node` is online and serves `volume` (nbdinfo can open the export).
+    pub fn wait_export(&self, volume: &str) -> String {
+        let uri = self.connect(volume);
+        wait_until(Duration::from_secs(30), "export to come back", || {
+            let ok = Command::new("nbdinfo")
+                .arg("--size")
+                .arg(&uri)
+                .output()
+                .ok()?
+                .status
+                .success();
+            ok.then_some(())
+        });
+        uri
+    }
+
+    pub fn connect(&self, volume: &str) -> String {
+        self.tandem(&["volume", "connect", volume])
+            .trim()
+            .to_string()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for entry in walk(self.path()) {
+            if entry.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&entry).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                s.push_str(&format!(
+                    "==> {} <==\n{}\n",
+                    entry.display(),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                ));
+            }
+        }
+        s
+    }
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster logs:\n{}", self.logs());
+        }
+        for c in &mut self.extra {
+            // SAFETY: our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        if self.up.is_some() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.down()));
+        }
+        for c in &mut self.extra {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
