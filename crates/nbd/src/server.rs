@@ -1,8 +1,28 @@
-//! Async NBD server (tokio) over the sans-IO codec. STUB API.
+//! Async NBD server (tokio) over the sans-IO codec in [`crate::handshake`] and
+//! [`crate::transmission`].
+//!
+//! Per connection: the connection task runs the handshake, then reads request headers (and write
+//! payloads) and hands each request to tokio's blocking pool, so many requests are in flight at
+//! once; completed requests send their encoded reply to a single writer task over a channel, which
+//! writes whatever has queued up with one vectored write (replies leave out of order, payloads
+//! are never copied). In-flight work per connection is bounded (count and bytes) by semaphores
+//! whose permits travel with the reply and are released once it is written: a client that stops
+//! reading replies stops being read from.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use tandem_blockdev::BlockDevice;
+use tandem_blockdev::{BlockDevice, BlockError, ErrorKind};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, warn};
+
+use crate::handshake::{Catalog, ExportInfo, Handshake, HandshakeError, Negotiated, Progress};
+use crate::proto;
+use crate::transmission::{self as tx, Command, Decoded, REQUEST_HEADER_LEN, Session};
 
 /// One exported device.
 pub struct Export {
@@ -24,34 +44,792 @@ pub trait ExportRegistry: Send + Sync + 'static {
     fn list(&self) -> Vec<String>;
 }
 
+/// Most requests in flight per connection.
+pub const MAX_INFLIGHT_REQUESTS: usize = 128;
+/// Most payload bytes (read and write data) in flight per connection.
+pub const MAX_INFLIGHT_BYTES: usize = 128 << 20;
+/// Accounting unit for the byte budget.
+const BYTE_UNIT: usize = 1024;
+/// Reads at least this long look for holes first and answer them with `OFFSET_HOLE` chunks.
+const HOLE_SCAN_MIN: u32 = 64 << 10;
+/// Upper bound of one vectored write batch.
+const BATCH_BYTES: usize = 8 << 20;
+const BATCH_SLICES: usize = 512;
+
+struct ConnEntry {
+    export: Option<String>,
+    kill: watch::Sender<bool>,
+}
+
 /// The server: shared by every listener; counts connections per export.
 pub struct Server {
-    #[allow(dead_code)]
     registry: Arc<dyn ExportRegistry>,
+    conns: Mutex<HashMap<u64, ConnEntry>>,
+    next_id: AtomicU64,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Server {
     pub fn new(registry: Arc<dyn ExportRegistry>) -> Arc<Self> {
-        Arc::new(Server { registry })
+        Arc::new(Server {
+            registry,
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            shutdown: watch::channel(false).0,
+        })
     }
 
-    /// Accepts clients until the listener fails; each client runs in its own task.
+    /// Accepts clients until the listener fails (or [`Server::shutdown`]); each client runs in
+    /// its own task.
     pub async fn serve_unix(
         self: Arc<Self>,
-        _listener: tokio::net::UnixListener,
+        listener: tokio::net::UnixListener,
     ) -> std::io::Result<()> {
-        unimplemented!("stub")
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let (r, w) = stream.into_split();
+                    self.spawn_connection(r, w, "unix".to_string());
+                }
+                Err(e) => transient_accept_error(e).await?,
+            }
+        }
     }
 
     pub async fn serve_tcp(
         self: Arc<Self>,
-        _listener: tokio::net::TcpListener,
+        listener: tokio::net::TcpListener,
     ) -> std::io::Result<()> {
-        unimplemented!("stub")
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        warn!(%peer, "nbd: cannot set TCP_NODELAY: {e}");
+                    }
+                    let (r, w) = stream.into_split();
+                    self.spawn_connection(r, w, peer.to_string());
+                }
+                Err(e) => transient_accept_error(e).await?,
+            }
+        }
     }
 
     /// Clients currently connected to (past the handshake of) `export`.
-    pub fn connections(&self, _export: &str) -> u32 {
-        0
+    pub fn connections(&self, export: &str) -> u32 {
+        self.lock()
+            .values()
+            .filter(|c| c.export.as_deref() == Some(export))
+            .count() as u32
     }
+
+    /// All open client connections, including those still in the handshake.
+    pub fn total_connections(&self) -> u32 {
+        self.lock().len() as u32
+    }
+
+    /// Closes every connection to `export` (e.g. before the volume is deleted). Requests already
+    /// running finish and get their replies first.
+    pub fn disconnect_export(&self, export: &str) {
+        for c in self.lock().values() {
+            if c.export.as_deref() == Some(export) {
+                c.kill.send_replace(true);
+            }
+        }
+    }
+
+    /// Stops the listeners and closes every connection (after in-flight requests finish).
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        for c in self.lock().values() {
+            c.kill.send_replace(true);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ConnEntry>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn_connection<R, W>(self: &Arc<Self>, read: R, write: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (kill_tx, kill_rx) = watch::channel(*self.shutdown.borrow());
+        self.lock().insert(
+            id,
+            ConnEntry {
+                export: None,
+                kill: kill_tx,
+            },
+        );
+        let server = self.clone();
+        tokio::spawn(async move {
+            let _guard = ConnGuard {
+                server: server.clone(),
+                id,
+            };
+            match run_connection(&server, id, read, write, kill_rx).await {
+                Ok(()) => debug!(conn = id, %peer, "nbd: client disconnected"),
+                Err(e) => warn!(conn = id, %peer, "nbd: closing client connection: {e}"),
+            }
+        });
+    }
+
+    fn set_export(&self, id: u64, export: &str) {
+        if let Some(c) = self.lock().get_mut(&id) {
+            c.export = Some(export.to_string());
+        }
+    }
+}
+
+async fn transient_accept_error(e: io::Error) -> io::Result<()> {
+    match e.kind() {
+        io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::Interrupted => Ok(()),
+        _ if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            // EMFILE / ENFILE: back off instead of spinning; connections will close.
+            warn!("nbd: accept: {e}; retrying shortly");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            Ok(())
+        }
+        _ => Err(e),
+    }
+}
+
+/// Removes the connection from the table when its task ends (however it ends).
+struct ConnGuard {
+    server: Arc<Server>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.server.lock().remove(&self.id);
+    }
+}
+
+/// Why a client connection was closed by the server.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("client closed the connection during the handshake")]
+    HandshakeEof,
+    #[error("bad request magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("client closed the connection in the middle of a request")]
+    Truncated,
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("sending replies failed: {0}")]
+    Writer(io::Error),
+}
+
+struct RegistryCatalog<'a>(&'a dyn ExportRegistry);
+
+impl Catalog for RegistryCatalog<'_> {
+    type Handle = Arc<Export>;
+    fn lookup(&self, name: &str) -> Option<(Arc<Export>, ExportInfo)> {
+        let e = self.0.lookup(name)?;
+        let info = ExportInfo {
+            name: e.name.clone(),
+            description: e.description.clone(),
+            size: e.device.size(),
+            read_only: e.read_only,
+            multi_conn: e.multi_conn,
+        };
+        Some((e, info))
+    }
+    fn list(&self) -> Vec<String> {
+        self.0.list()
+    }
+}
+
+async fn run_connection<R, W>(
+    server: &Arc<Server>,
+    id: u64,
+    mut read: R,
+    mut write: W,
+    mut kill: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut hs = Handshake::new();
+    let catalog = RegistryCatalog(&*server.registry);
+    let mut buf = vec![0u8; 16 << 10];
+    let negotiated: Box<Negotiated<Arc<Export>>> = loop {
+        let out = hs.take_output();
+        if !out.is_empty() {
+            write.write_all(&out).await?;
+        }
+        let n = tokio::select! {
+            r = read.read(&mut buf) => r?,
+            _ = kill.wait_for(|k| *k) => return Ok(()),
+        };
+        if n == 0 {
+            return Err(ConnError::HandshakeEof);
+        }
+        match hs.feed(&buf[..n], &catalog)? {
+            Progress::NeedMore => {}
+            Progress::Abort => {
+                write.write_all(&hs.take_output()).await?;
+                let _ = write.shutdown().await;
+                return Ok(());
+            }
+            Progress::Done(n) => {
+                write.write_all(&hs.take_output()).await?;
+                break n;
+            }
+        }
+    };
+    server.set_export(id, &negotiated.info.name);
+    debug!(conn = id, export = %negotiated.info.name, structured = negotiated.structured,
+           "nbd: client entered transmission");
+    let leftover = hs.take_leftover();
+    let reader = BufReader::with_capacity(256 << 10, io::Cursor::new(leftover).chain(read));
+    transmission(reader, write, *negotiated, kill).await
+}
+
+/// A piece of an encoded reply.
+enum Part {
+    Head { buf: [u8; 32], len: u8 },
+    Data(Vec<u8>),
+}
+
+impl Part {
+    fn head(bytes: &[u8]) -> Part {
+        if bytes.len() > 32 {
+            return Part::Data(bytes.to_vec());
+        }
+        let mut buf = [0u8; 32];
+        buf[..bytes.len()].copy_from_slice(bytes);
+        Part::Head {
+            buf,
+            len: bytes.len() as u8,
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Part::Head { buf, len } => &buf[..*len as usize],
+            Part::Data(v) => v,
+        }
+    }
+}
+
+/// One reply on its way to the writer, holding the in-flight permits it consumed.
+struct Out {
+    parts: Vec<Part>,
+    _permits: Permits,
+}
+
+struct Permits {
+    _count: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// Recycles data buffers within a connection so steady-state I/O neither allocates nor zeroes.
+#[derive(Default)]
+struct BufPool {
+    inner: Mutex<(Vec<Vec<u8>>, usize)>,
+}
+
+const POOL_MAX_BUFFERS: usize = 64;
+const POOL_MAX_BYTES: usize = 64 << 20;
+
+impl BufPool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let found = {
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let (bufs, bytes) = &mut *g;
+            match bufs.iter().rposition(|b| b.capacity() >= len) {
+                Some(i) => {
+                    let b = bufs.swap_remove(i);
+                    *bytes -= b.capacity();
+                    Some(b)
+                }
+                None => None,
+            }
+        };
+        match found {
+            Some(mut b) => {
+                if b.len() >= len {
+                    b.truncate(len);
+                } else {
+                    b.resize(len, 0);
+                }
+                b
+            }
+            None => vec![0u8; len],
+        }
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        let cap = b.capacity();
+        if cap < 4096 {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (bufs, bytes) = &mut *g;
+        if bufs.len() < POOL_MAX_BUFFERS && *bytes + cap <= POOL_MAX_BYTES {
+            *bytes += cap;
+            bufs.push(b);
+        }
+    }
+}
+
+struct Shared {
+    export: Arc<Export>,
+    session: Session,
+    pool: BufPool,
+}
+
+async fn transmission<R, W>(
+    mut reader: R,
+    write: W,
+    neg: Negotiated<Arc<Export>>,
+    mut kill: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = Arc::new(Shared {
+        session: Session {
+            size: neg.info.size,
+            read_only: neg.info.read_only,
+            structured: neg.structured,
+            allocation_context: neg.allocation_context,
+        },
+        export: neg.export,
+        pool: BufPool::default(),
+    });
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Out>();
+    let (werr_tx, mut werr_rx) = oneshot::channel::<io::Error>();
+    let writer = tokio::spawn(writer_loop(write, out_rx, shared.clone(), werr_tx));
+    let count = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
+    let bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES / BYTE_UNIT));
+
+    let result: Result<(), ConnError> = async {
+        loop {
+            let mut hdr = [0u8; REQUEST_HEADER_LEN];
+            let got = tokio::select! {
+                r = read_header(&mut reader, &mut hdr) => r?,
+                _ = kill.wait_for(|k| *k) => return Ok(()),
+                e = &mut werr_rx => return Err(match e {
+                    Ok(e) => ConnError::Writer(e),
+                    Err(_) => ConnError::Protocol("reply writer stopped"),
+                }),
+            };
+            if !got {
+                return Ok(());
+            }
+            let Some(h) = tx::parse_request(&hdr) else {
+                return Err(ConnError::BadMagic(u32::from_be_bytes([
+                    hdr[0], hdr[1], hdr[2], hdr[3],
+                ])));
+            };
+            let decoded = tx::decode(&h, &shared.session);
+            let cost = match decoded {
+                Decoded::Ok(Command::Read { len, .. } | Command::Write { len, .. }) => {
+                    (len as usize).div_ceil(BYTE_UNIT).max(1)
+                }
+                _ => 1,
+            };
+            let permits = tokio::select! {
+                p = acquire(&count, &bytes, cost) => p,
+                _ = kill.wait_for(|k| *k) => return Ok(()),
+            };
+            match decoded {
+                Decoded::Close(reason) => return Err(ConnError::Protocol(reason)),
+                Decoded::Reject {
+                    errno,
+                    skip,
+                    reason,
+                } => {
+                    debug!(
+                        handle = h.handle,
+                        kind = h.kind,
+                        offset = h.offset,
+                        length = h.length,
+                        errno,
+                        "nbd: rejecting request: {reason}"
+                    );
+                    if skip > 0 {
+                        let n = tokio::io::copy(
+                            &mut (&mut reader).take(skip as u64),
+                            &mut tokio::io::sink(),
+                        )
+                        .await?;
+                        if n != skip as u64 {
+                            return Err(ConnError::Truncated);
+                        }
+                    }
+                    let reply = tx::error_reply(shared.session.structured, h.handle, errno, reason);
+                    let _ = out_tx.send(Out {
+                        parts: vec![Part::Data(reply)],
+                        _permits: permits,
+                    });
+                }
+                Decoded::Ok(Command::Disconnect) => return Ok(()),
+                Decoded::Ok(cmd) => {
+                    let payload = match cmd {
+                        Command::Write { len, .. } => {
+                            let mut buf = shared.pool.get(len as usize);
+                            match reader.read_exact(&mut buf).await {
+                                Ok(_) => Some(buf),
+                                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                                    return Err(ConnError::Truncated);
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        _ => None,
+                    };
+                    let shared = shared.clone();
+                    let out_tx = out_tx.clone();
+                    let handle = h.handle;
+                    tokio::task::spawn_blocking(move || {
+                        let parts = execute(&shared, cmd, handle, payload);
+                        let _ = out_tx.send(Out {
+                            parts,
+                            _permits: permits,
+                        });
+                    });
+                }
+            }
+        }
+    }
+    .await;
+
+    // Let running requests finish and their replies go out, then close.
+    drop(out_tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if result.is_ok() => return Err(ConnError::Writer(e)),
+        Ok(Err(_)) => {}
+        Err(e) => warn!("nbd: reply writer task failed: {e}"),
+    }
+    result
+}
+
+async fn acquire(count: &Arc<Semaphore>, bytes: &Arc<Semaphore>, cost: usize) -> Permits {
+    // The semaphores are never closed, so acquiring cannot fail; fall back to fresh permits
+    // from a throwaway semaphore rather than panicking if that ever changed.
+    let c = match count.clone().acquire_owned().await {
+        Ok(p) => p,
+        Err(_) => fallback_permit(1),
+    };
+    let cost = cost.min(MAX_INFLIGHT_BYTES / BYTE_UNIT) as u32;
+    let b = match bytes.clone().acquire_many_owned(cost).await {
+        Ok(p) => p,
+        Err(_) => fallback_permit(cost),
+    };
+    Permits {
+        _count: c,
+        _bytes: b,
+    }
+}
+
+fn fallback_permit(n: u32) -> OwnedSemaphorePermit {
+    let s = Arc::new(Semaphore::new(n as usize));
+    match s.try_acquire_many_owned(n) {
+        Ok(p) => p,
+        Err(_) => unreachable!("a fresh semaphore has the permits"),
+    }
+}
+
+/// Reads one request header. `Ok(false)` on a clean end of stream before its first byte.
+async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    hdr: &mut [u8; REQUEST_HEADER_LEN],
+) -> Result<bool, ConnError> {
+    let mut got = 0;
+    while got < hdr.len() {
+        let n = r.read(&mut hdr[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(false)
+            } else {
+                Err(ConnError::Truncated)
+            };
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+async fn writer_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    shared: Arc<Shared>,
+    werr: oneshot::Sender<io::Error>,
+) -> io::Result<()> {
+    let mut batch: Vec<Out> = Vec::new();
+    let result: io::Result<()> = async {
+        while let Some(first) = rx.recv().await {
+            let mut size: usize = first.parts.iter().map(|p| p.bytes().len()).sum();
+            let mut slices = first.parts.len();
+            batch.push(first);
+            while size < BATCH_BYTES && slices < BATCH_SLICES {
+                match rx.try_recv() {
+                    Ok(out) => {
+                        size += out.parts.iter().map(|p| p.bytes().len()).sum::<usize>();
+                        slices += out.parts.len();
+                        batch.push(out);
+                    }
+                    Err(_) => break,
+                }
+            }
+            write_all_vectored(&mut w, &batch).await?;
+            for out in batch.drain(..) {
+                for p in out.parts {
+                    if let Part::Data(v) = p {
+                        shared.pool.put(v);
+                    }
+                }
+            }
+        }
+        w.flush().await?;
+        let _ = w.shutdown().await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &result {
+        let _ = werr.send(io::Error::new(e.kind(), e.to_string()));
+    }
+    result
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Out]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .flat_map(|o| o.parts.iter())
+        .map(|p| IoSlice::new(p.bytes()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// NBD error value for a device error.
+fn nbd_errno(e: &BlockError) -> u32 {
+    match e.kind {
+        ErrorKind::OutOfRange => proto::EINVAL,
+        ErrorKind::NoSpace => proto::ENOSPC,
+        ErrorKind::Unsupported => proto::EINVAL,
+        _ => proto::EIO,
+    }
+}
+
+/// Runs one request on a blocking thread and encodes its reply.
+fn execute(sh: &Shared, cmd: Command, handle: u64, payload: Option<Vec<u8>>) -> Vec<Part> {
+    let dev = &*sh.export.device;
+    let structured = sh.session.structured;
+    let status = |r: tandem_blockdev::Result<()>| match r {
+        Ok(()) => vec![Part::Data(tx::ok_reply(structured, handle))],
+        Err(e) => {
+            warn!("nbd: device error: {e}");
+            vec![Part::Data(tx::error_reply(
+                structured,
+                handle,
+                nbd_errno(&e),
+                &e.to_string(),
+            ))]
+        }
+    };
+    let fua_flush = |fua: bool| if fua { dev.flush() } else { Ok(()) };
+    match cmd {
+        Command::Read { offset, len, df } => read(sh, handle, offset, len, df),
+        Command::Write { offset, fua, .. } => {
+            let buf = payload.unwrap_or_default();
+            let r = dev.write_at(&buf, offset).and_then(|()| fua_flush(fua));
+            sh.pool.put(buf);
+            status(r)
+        }
+        Command::Flush => status(dev.flush()),
+        Command::Trim { offset, len, fua } => {
+            let r = match dev.trim(offset, len as u64) {
+                // TRIM is advisory: a store that cannot discard has done its job.
+                Err(e) if e.kind == ErrorKind::Unsupported => Ok(()),
+                other => other,
+            };
+            status(r.and_then(|()| fua_flush(fua)))
+        }
+        Command::Cache { .. } => status(Ok(())),
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            if fast && no_hole {
+                // Keeping the range allocated may mean writing zeroes by hand on this store; we
+                // cannot promise that is faster than a write, so fail fast as the spec asks.
+                return vec![Part::Data(tx::error_reply(
+                    structured,
+                    handle,
+                    proto::ENOTSUP,
+                    "fast zero with NO_HOLE is not supported",
+                ))];
+            }
+            let r = dev
+                .write_zeroes(offset, len as u64, !no_hole)
+                .and_then(|()| fua_flush(fua));
+            status(r)
+        }
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+            context,
+        } => match dev.block_status(offset, len as u64) {
+            Ok(extents) => {
+                let ext: Vec<tx::Extent> = extents
+                    .iter()
+                    .map(|e| tx::Extent {
+                        length: e.length,
+                        flags: (if e.hole { proto::STATE_HOLE } else { 0 })
+                            | (if e.zero { proto::STATE_ZERO } else { 0 }),
+                    })
+                    .collect();
+                let mut d = tx::descriptors(&ext, len, req_one);
+                if d.is_empty() {
+                    // The device said nothing useful: "allocated, contents unknown" is always safe.
+                    d.push((len, 0));
+                }
+                vec![Part::Data(tx::block_status_chunk(handle, context, &d))]
+            }
+            Err(e) => status(Err(e)),
+        },
+        Command::Disconnect => Vec::new(),
+    }
+}
+
+fn read(sh: &Shared, handle: u64, offset: u64, len: u32, df: bool) -> Vec<Part> {
+    let dev = &*sh.export.device;
+    let err = |e: BlockError| {
+        warn!("nbd: device error: {e}");
+        vec![Part::Data(tx::error_reply(
+            sh.session.structured,
+            handle,
+            nbd_errno(&e),
+            &e.to_string(),
+        ))]
+    };
+    if !sh.session.structured {
+        let mut buf = sh.pool.get(len as usize);
+        return match dev.read_at(&mut buf, offset) {
+            Ok(()) => vec![Part::head(&tx::simple_reply(handle, 0)), Part::Data(buf)],
+            Err(e) => {
+                sh.pool.put(buf);
+                err(e)
+            }
+        };
+    }
+    if len == 0 {
+        return vec![Part::head(&tx::none_chunk(handle))];
+    }
+    if !df && len >= HOLE_SCAN_MIN {
+        if let Some(parts) = sparse_read(sh, handle, offset, len) {
+            return parts;
+        }
+    }
+    let mut buf = sh.pool.get(len as usize);
+    match dev.read_at(&mut buf, offset) {
+        // The whole chunk is in memory, so no error can follow: it may carry the DONE flag.
+        Ok(()) => vec![
+            Part::head(&tx::offset_data_header(handle, offset, len, true)),
+            Part::Data(buf),
+        ],
+        Err(e) => {
+            sh.pool.put(buf);
+            err(e)
+        }
+    }
+}
+
+/// A structured read that answers known-zero extents with `OFFSET_HOLE` chunks. `None` when the
+/// range has no zero extent (or block status failed): the caller does a plain read.
+fn sparse_read(sh: &Shared, handle: u64, offset: u64, len: u32) -> Option<Vec<Part>> {
+    let dev = &*sh.export.device;
+    let extents = dev.block_status(offset, len as u64).ok()?;
+    if !extents.iter().any(|e| e.zero) {
+        return None;
+    }
+    // (offset, length, zero) pieces covering the request; the tail the device did not describe
+    // is read as data.
+    let end = offset + len as u64;
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = offset;
+    for e in &extents {
+        if pos >= end {
+            break;
+        }
+        let l = e.length.min(end - pos);
+        if l == 0 {
+            continue;
+        }
+        match pieces.last_mut() {
+            Some(last) if last.2 == e.zero => last.1 += l,
+            _ => pieces.push((pos, l, e.zero)),
+        }
+        pos += l;
+    }
+    if pos < end {
+        match pieces.last_mut() {
+            Some(last) if !last.2 => last.1 += end - pos,
+            _ => pieces.push((pos, end - pos, false)),
+        }
+    }
+    let mut parts = Vec::with_capacity(pieces.len() * 2);
+    let n = pieces.len();
+    for (i, (off, l, zero)) in pieces.into_iter().enumerate() {
+        let done = i + 1 == n;
+        if zero {
+            parts.push(Part::head(&tx::offset_hole_chunk(
+                handle, off, l as u32, done,
+            )));
+        } else {
+            let mut buf = sh.pool.get(l as usize);
+            if let Err(e) = dev.read_at(&mut buf, off) {
+                warn!("nbd: device error: {e}");
+                sh.pool.put(buf);
+                return Some(vec![Part::Data(tx::error_reply(
+                    true,
+                    handle,
+                    nbd_errno(&e),
+                    &e.to_string(),
+                ))]);
+            }
+            parts.push(Part::head(&tx::offset_data_header(
+                handle, off, l as u32, done,
+            )));
+            parts.push(Part::Data(buf));
+        }
+    }
+    Some(parts)
 }
