@@ -21,7 +21,7 @@ pub use format::{
     MAX_META_LEN, MAX_PEER_SLOTS, MAX_STRING_LEN, NO_PEER, PeerSlot, ReplicaMeta, Role,
     initial_generation,
 };
-pub use io::{Recovery, ReplicaFiles, read_meta, write_meta};
+pub use io::{Recovery, ReplicaFiles, read_meta, sync_dir, write_meta};
 
 use std::path::PathBuf;
 

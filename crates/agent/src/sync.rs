@@ -1,0 +1,209 @@
+//! The control-plane loop: report, receive the desired state (long poll), apply, repeat.
+//! HTTP is blocking (`ureq`) and runs on blocking threads; the loop itself is a tokio task that
+//! stops promptly at shutdown (a request in flight is abandoned, an apply in progress finishes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_api::{AgentReport, DesiredState};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::Agent;
+
+/// How long the controller may hold a sync request when nothing changed.
+pub(crate) const WAIT_MS: u64 = 5000;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A controller that answers an unchanged revision faster than this is not long-polling;
+/// pace the loop so it does not spin.
+const MIN_POLL: Duration = Duration::from_millis(250);
+
+fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(WAIT_MS) + Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn post_sync(http: &ureq::Agent, url: &str, report: &AgentReport) -> Result<DesiredState, String> {
+    let mut resp = http
+        .post(url)
+        .query("wait_ms", WAIT_MS.to_string())
+        .send_json(report)
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .unwrap_or_default();
+        return Err(format!("{url}: controller answered {status}: {body}"));
+    }
+    resp.body_mut()
+        .read_json::<DesiredState>()
+        .map_err(|e| format!("{url}: bad desired state: {e}"))
+}
+
+/// Sleeps `d` unless the agent stops first; returns false when stopping.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.changed() => false,
+    }
+}
+
+pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    let http = http_agent();
+    let url = format!(
+        "{}/v1/agents/{}/sync",
+        agent.config.controller.trim_end_matches('/'),
+        agent.config.node
+    );
+    let mut applied_revision = 0u64;
+    let mut backoff = BACKOFF_MIN;
+    let mut failing = false;
+    // Set while the controller belongs to another cluster: report nothing to it.
+    let mut foreign = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let report = {
+            let agent = agent.clone();
+            match tokio::task::spawn_blocking(move || build_report(&agent, applied_revision, foreign))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    error!("building the report failed: {e}");
+                    if !pause(BACKOFF_MAX, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        let started = Instant::now();
+        let request = {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::task::spawn_blocking(move || post_sync(&http, &url, &report))
+        };
+        let result = tokio::select! {
+            r = request => r.map_err(|e| format!("sync request task: {e}")).and_then(|r| r),
+            _ = stop.changed() => return,
+        };
+        let desired = match result {
+            Ok(d) => d,
+            Err(e) => {
+                if failing {
+                    debug!("controller sync failed: {e}");
+                } else {
+                    warn!("controller sync failed (retrying, NBD keeps serving): {e}");
+                    failing = true;
+                }
+                if !pause(backoff, &mut stop).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if failing {
+            info!("controller reachable again");
+            failing = false;
+        }
+        backoff = BACKOFF_MIN;
+
+        // One cluster only.
+        let known = agent
+            .cluster_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match known {
+            Some(id) if id != desired.cluster_id => {
+                if !foreign {
+                    error!(
+                        ours = %id,
+                        theirs = %desired.cluster_id,
+                        "controller {} belongs to another cluster; refusing its desired state and reporting nothing to it",
+                        agent.config.controller
+                    );
+                    foreign = true;
+                }
+                if !pause(BACKOFF_MAX, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                if desired.cluster_id.is_empty() {
+                    warn!("controller sent an empty cluster id; ignoring its desired state");
+                    if !pause(BACKOFF_MAX, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+                if let Err(e) = crate::save_cluster_id(&agent.config.state_dir, &desired.cluster_id)
+                {
+                    error!("cannot remember the cluster id: {e}");
+                    if !pause(BACKOFF_MAX, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+                info!(cluster_id = %desired.cluster_id, "joined cluster");
+                *agent.cluster_id.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(desired.cluster_id.clone());
+            }
+        }
+        if foreign {
+            info!("controller belongs to our cluster again");
+            foreign = false;
+        }
+
+        // Apply (always: idempotent, and retries failed steps). Not cancelled by shutdown.
+        let changed = desired.revision != applied_revision;
+        if changed {
+            debug!(revision = desired.revision, "applying desired state");
+        }
+        let revision = desired.revision;
+        {
+            let agent = agent.clone();
+            if let Err(e) =
+                tokio::task::spawn_blocking(move || agent.ctx().apply(&desired)).await
+            {
+                error!("applying the desired state failed: {e}");
+            }
+        }
+        applied_revision = revision;
+        if !changed && started.elapsed() < MIN_POLL && !pause(MIN_POLL, &mut stop).await {
+            return;
+        }
+    }
+}
+
+fn build_report(agent: &Agent, applied_revision: u64, foreign: bool) -> AgentReport {
+    let ctx = agent.ctx();
+    let c = &agent.config;
+    AgentReport {
+        node: c.node.clone(),
+        address: c.address.clone(),
+        role: c.role,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        nbd_socket: Some(c.nbd_socket.display().to_string()),
+        nbd_tcp: agent.nbd_tcp_bound.clone(),
+        pools: if foreign { Vec::new() } else { ctx.report_pools() },
+        replicas: if foreign {
+            Vec::new()
+        } else {
+            ctx.report_replicas()
+        },
+        applied_revision,
+    }
+}
