@@ -1,9 +1,28 @@
-//! Controller. STUB: config and entry point the CLI codes against.
+//! The controller: the cluster's desired state (nodes, pools, volumes, placements,
+//! operations) in a [`tandem_store::StateStore`], a REST API under `/v1`, and the agent sync
+//! endpoint through which agents report what they have and learn what they should have.
+//!
+//! * [`state`]: records, their API views, and the state transitions;
+//! * [`http`]: routes, extractors (every error is an `ApiError` JSON body), OpenAPI document.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+
+pub mod error;
+pub mod http;
+pub mod state;
+
+pub use error::Failure;
+
+/// Name of the state store file inside `data_dir`.
+pub const STATE_FILE: &str = "state.redb";
 
 /// `controller.toml`. Every key is also a flag of `tandem controller run`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -24,19 +43,133 @@ fn default_offline_after_secs() -> u64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
+    #[error("cannot resolve listen address '{listen}': {source}")]
+    Resolve {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to listen on {addr} (from '{listen}'): the REST API has no authentication yet, \
+         so it listens on loopback only (e.g. 127.0.0.1:{port})"
+    )]
+    NotLoopback {
+        listen: String,
+        addr: SocketAddr,
+        port: u16,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
-    Other(String),
+    Store(#[from] tandem_store::StoreError),
+    #[error("cannot load the controller state: {0}")]
+    State(String),
+    #[error("server error: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Resolves and binds `listen`, refusing anything but loopback.
+pub async fn bind(listen: &str) -> Result<TcpListener, ControllerError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .map_err(|source| ControllerError::Resolve {
+            listen: listen.to_string(),
+            source,
+        })?
+        .collect();
+    let Some(first) = addrs.first().copied() else {
+        return Err(ControllerError::Resolve {
+            listen: listen.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        });
+    };
+    if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        return Err(ControllerError::NotLoopback {
+            listen: listen.to_string(),
+            addr: *bad,
+            port: bad.port(),
+        });
+    }
+    TcpListener::bind(first)
+        .await
+        .map_err(|source| ControllerError::Bind {
+            addr: first.to_string(),
+            source,
+        })
 }
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
-    _config: Config,
-    _shutdown: impl Future<Output = ()> + Send + 'static,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    Err(ControllerError::Other("stub".into()))
+    let listener = bind(&config.listen).await?;
+    run_with_listener(config, listener, shutdown).await
+}
+
+/// Like [`run`] on an already bound listener (tests bind `127.0.0.1:0`; `config.listen` is
+/// then ignored). The listener must be on loopback.
+pub async fn run_with_listener(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    let addr = listener.local_addr().map_err(ControllerError::Serve)?;
+    if !addr.ip().is_loopback() {
+        return Err(ControllerError::NotLoopback {
+            listen: config.listen.clone(),
+            addr,
+            port: addr.port(),
+        });
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ControllerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let path = config.data_dir.join(STATE_FILE);
+    let store = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || tandem_store::RedbStore::open(path))
+            .await
+            .map_err(|e| ControllerError::State(e.to_string()))??
+    };
+    let ctl = state::Controller::open(
+        Arc::new(store),
+        Duration::from_secs(config.offline_after_secs),
+    )
+    .map_err(|f| ControllerError::State(f.message))?;
+    tracing::info!(%addr, state = %path.display(), cluster_id = ctl.cluster_id(), "controller listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = http::router(http::AppState {
+        ctl: Arc::new(ctl),
+        stopping: stop_rx,
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("controller shutting down");
+            let _ = stop_tx.send(true);
+        })
+        .await
+        .map_err(ControllerError::Serve)
 }
 
 /// The OpenAPI document of the REST API, as committed in `docs/openapi.json`.
 pub fn openapi_json() -> String {
-    String::new()
+    let mut s = http::ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"cannot render the OpenAPI document: {e}\"}}"));
+    s.push('\n');
+    s
 }

@@ -1,0 +1,367 @@
+//! The REST API: routes, extractors that turn every rejection into an [`ApiError`] body, and
+//! the OpenAPI document.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tandem_api::{
+    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, Pool, Volume,
+    VolumeCreate,
+};
+use tokio::sync::watch;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::error::Failure;
+use crate::state::{Controller, join_failure};
+
+/// Longest a sync request is held (long poll).
+pub const MAX_WAIT_MS: u64 = 30_000;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub ctl: Arc<Controller>,
+    /// Becomes true when the server shuts down; ends held long polls.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Runs `f` on the blocking pool (the state store may fsync).
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Controller) -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    let ctl = Arc::clone(&state.ctl);
+    tokio::task::spawn_blocking(move || f(&ctl))
+        .await
+        .map_err(join_failure)?
+}
+
+// ----- extractors ------------------------------------------------------------------------
+
+/// A JSON body. Unlike `axum::Json`, every failure is an [`ApiError`]; a request without a
+/// content type is read as JSON (curl's `-d` sends a form type: that one is refused).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            if !(essence == "application/json" || essence.ends_with("+json")) {
+                return Err(Failure::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    format!("the body must be JSON (content-type application/json), not '{ct}'"),
+                ));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            Failure::new(
+                e.status(),
+                "bad_request",
+                format!("cannot read the body: {}", e.body_text()),
+            )
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(Failure::bad_request(
+                "missing_body",
+                "the request needs a JSON body",
+            ));
+        }
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => Failure::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_body",
+                    format!("the JSON body does not match the expected object: {e}"),
+                ),
+                Category::Syntax | Category::Eof | Category::Io => {
+                    Failure::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+                }
+            }
+        })
+    }
+}
+
+/// Query parameters, with failures as [`ApiError`].
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| {
+                Failure::bad_request(
+                    "bad_request",
+                    format!("bad query string: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// Path parameters, with failures as [`ApiError`].
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e| {
+                Failure::bad_request("bad_request", format!("bad path: {}", e.body_text()))
+            })
+    }
+}
+
+// ----- handlers ------------------------------------------------------------------------------
+
+/// `GET /v1/health`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` when the controller answers.
+    pub status: String,
+}
+
+#[utoipa::path(get, path = "/v1/health", tag = "cluster",
+    responses((status = 200, description = "The controller is up", body = Health)))]
+async fn health() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "cluster",
+    responses((status = 200, description = "This OpenAPI document", content_type = "application/json")))]
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi_json(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/v1/status", tag = "cluster",
+    responses((status = 200, description = "Everything at a glance", body = ClusterStatus),
+              (status = 500, description = "State store failure", body = ApiError)))]
+async fn status(State(s): State<AppState>) -> Result<axum::Json<ClusterStatus>, Failure> {
+    blocking(&s, |c| c.status()).await.map(axum::Json)
+}
+
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "Registered nodes", body = [Node])))]
+async fn nodes(State(s): State<AppState>) -> Result<axum::Json<Vec<Node>>, Failure> {
+    blocking(&s, |c| c.nodes()).await.map(axum::Json)
+}
+
+#[utoipa::path(get, path = "/v1/pools", tag = "pools",
+    responses((status = 200, description = "Storage pools reported by the agents", body = [Pool])))]
+async fn pools(State(s): State<AppState>) -> Result<axum::Json<Vec<Pool>>, Failure> {
+    blocking(&s, |c| c.pools()).await.map(axum::Json)
+}
+
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes",
+    responses((status = 200, description = "Every volume", body = [Volume])))]
+async fn list_volumes(State(s): State<AppState>) -> Result<axum::Json<Vec<Volume>>, Failure> {
+    blocking(&s, |c| c.volumes()).await.map(axum::Json)
+}
+
+#[utoipa::path(post, path = "/v1/volumes", tag = "volumes", request_body = VolumeCreate,
+    responses(
+        (status = 201, description = "Created; replicas are being created (state `creating`)", body = Volume),
+        (status = 400, description = "Invalid name (`invalid_name`), size (`invalid_size`) or option (`unsupported`), or malformed JSON (`invalid_json`)", body = ApiError),
+        (status = 404, description = "A requested node is not registered (`not_found`)", body = ApiError),
+        (status = 409, description = "Exists (`already_exists`), no node (`no_nodes`) or pool (`no_capacity`) can take it", body = ApiError),
+        (status = 422, description = "JSON of the wrong shape: unknown or missing fields, wrong types (`invalid_body`)", body = ApiError)))]
+async fn create_volume(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<VolumeCreate>,
+) -> Result<(StatusCode, axum::Json<Volume>), Failure> {
+    let v = blocking(&s, move |c| c.create_volume(req)).await?;
+    Ok((StatusCode::CREATED, axum::Json(v)))
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    responses((status = 200, description = "The volume", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError)))]
+async fn show_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.volume(&name)).await.map(axum::Json)
+}
+
+/// Query of `DELETE /v1/volumes/{name}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Delete even while consumers are connected.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name"), DeleteQuery),
+    responses((status = 202, description = "Deletion started (state `deleting`); the volume disappears once its agent removed the replica", body = Volume),
+              (status = 400, description = "Invalid name or query", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 409, description = "Consumers are connected (`in_use`); use force", body = ApiError)))]
+async fn delete_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> Result<(StatusCode, axum::Json<Volume>), Failure> {
+    let v = blocking(&s, move |c| c.delete_volume(&name, q.force)).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(v)))
+}
+
+/// Query of `GET /v1/volumes/{name}/connect`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConnectQuery {
+    /// Node to connect through (default: the node holding the first replica).
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/connect", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name"), ConnectQuery),
+    responses((status = 200, description = "NBD URIs of the volume's export", body = ConnectInfo),
+              (status = 400, description = "Invalid name or query", body = ApiError),
+              (status = 404, description = "No such volume or node", body = ApiError),
+              (status = 409, description = "The replica is not reported yet (`not_ready`) or not on that node (`no_replica`)", body = ApiError)))]
+async fn connect(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ConnectQuery>,
+) -> Result<axum::Json<ConnectInfo>, Failure> {
+    blocking(&s, move |c| c.connect(&name, q.node.as_deref()))
+        .await
+        .map(axum::Json)
+}
+
+/// Query of `POST /v1/agents/{node}/sync`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SyncQuery {
+    /// Hold the answer up to this long (milliseconds, at most 30000) while the desired
+    /// revision equals the report's `applied_revision`.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[utoipa::path(post, path = "/v1/agents/{node}/sync", tag = "agents", request_body = AgentReport,
+    params(("node" = String, Path, description = "Node name (must equal the report's `node`)"), SyncQuery),
+    responses((status = 200, description = "The node's desired state", body = DesiredState),
+              (status = 400, description = "Invalid names or a report for another node", body = ApiError),
+              (status = 422, description = "JSON of the wrong shape", body = ApiError)))]
+async fn agent_sync(
+    State(s): State<AppState>,
+    ApiPath(node): ApiPath<String>,
+    ApiQuery(q): ApiQuery<SyncQuery>,
+    ApiJson(report): ApiJson<AgentReport>,
+) -> Result<axum::Json<DesiredState>, Failure> {
+    tandem_types::validate_name("node", &node)?;
+    // Subscribe before computing, so a change between the answer and the wait is not missed.
+    let mut changes = s.ctl.subscribe();
+    let _contact = s.ctl.contact(&node);
+    let applied = report.applied_revision;
+    let desired = {
+        let node = node.clone();
+        blocking(&s, move |c| c.agent_sync(&node, &report)).await?
+    };
+    let wait = Duration::from_millis(q.wait_ms.min(MAX_WAIT_MS));
+    if desired.revision != applied || wait.is_zero() {
+        return Ok(axum::Json(desired));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut stopping = s.stopping.clone();
+    loop {
+        if *stopping.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            r = changes.changed() => { if r.is_err() { break; } }
+            _ = stopping.changed() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+        let n = node.clone();
+        if blocking(&s, move |c| c.node_desired_revision(&n)).await? != applied {
+            break;
+        }
+    }
+    blocking(&s, move |c| c.desired_state(&node))
+        .await
+        .map(axum::Json)
+}
+
+async fn not_found(req: Request) -> Failure {
+    Failure::not_found(format!(
+        "no such endpoint: {} {} (the API lives under /v1; see /openapi.json)",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> Failure {
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/pools", get(pools))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/connect", get(connect))
+        .route("/v1/agents/{node}/sync", post(agent_sync))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tandem controller",
+        description = "REST API of the tandem controller. Every error is an ApiError body with a stable `code`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(health, openapi, status, nodes, pools, list_volumes, create_volume, show_volume,
+          delete_volume, connect, agent_sync),
+    components(schemas(ApiError, Health)),
+    tags(
+        (name = "cluster", description = "Health and cluster status"),
+        (name = "nodes", description = "Hosts running an agent"),
+        (name = "pools", description = "Storage pools on the nodes"),
+        (name = "volumes", description = "Volumes and their replicas"),
+        (name = "agents", description = "Agent synchronisation (used by agents, not people)")
+    )
+)]
+pub struct ApiDoc;

@@ -1,0 +1,932 @@
+//! The controller's model: records in the state store, their views as API objects, and the
+//! state transitions (volume create/delete, agent sync).
+//!
+//! Store layout (values are JSON):
+//!
+//! | key                | value                                                          |
+//! |--------------------|----------------------------------------------------------------|
+//! | `cluster/id`       | the cluster id (a JSON string), generated once                 |
+//! | `nodes/<node>`     | [`NodeRecord`]: what the node's agent last reported            |
+//! | `volumes/<volume>` | [`VolumeRecord`]: the desired volume, its placement, operations |
+//! | `desired/<node>`   | marker: its modification revision is the node's desired revision |
+//!
+//! The desired state of a node is computed from the volume records; every change to it writes
+//! the node's `desired/` marker in the same transaction, so the marker's revision (the store
+//! revision of that transaction) is the revision the agent must reach (`applied_revision`).
+//!
+//! All writes happen under one write lock and use compare-and-swap on the records' revisions,
+//! so the logic stays correct when a second controller shares an etcd store later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tandem_api::{
+    AgentReport, ClusterStatus, ConnectInfo, DesiredReplica, DesiredState, DiskState, Node,
+    NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, Replica, ReplicaReport, Role,
+    Volume, VolumeCreate, VolumeState,
+};
+use tandem_store::{Expect, StateStore, TxnOp};
+use tandem_types::{format_size, validate_name};
+use tokio::sync::watch;
+
+use crate::error::Failure;
+
+const CLUSTER_ID_KEY: &str = "cluster/id";
+const NODES: &str = "nodes/";
+const VOLUMES: &str = "volumes/";
+const DESIRED: &str = "desired/";
+
+/// Sizes must be a multiple of this (the NBD block size every client handles).
+pub const SIZE_ALIGN: u64 = 512;
+/// Largest volume accepted: file offsets are signed 64-bit on every node.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
+
+/// What the agent of a node last reported (persisted so a restarted controller still knows
+/// pools and replica states until the agent syncs again).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub address: String,
+    pub role: NodeRole,
+    pub agent_version: String,
+    pub nbd_socket: Option<String>,
+    pub nbd_tcp: Option<String>,
+    pub pools: Vec<PoolReport>,
+    pub replicas: Vec<ReplicaReport>,
+    /// Last time this record was written (unix seconds); seeds `last_seen` after a restart.
+    pub last_seen_unix: u64,
+}
+
+impl NodeRecord {
+    fn same_report(&self, other: &NodeRecord) -> bool {
+        NodeRecord {
+            last_seen_unix: 0,
+            ..self.clone()
+        } == NodeRecord {
+            last_seen_unix: 0,
+            ..other.clone()
+        }
+    }
+
+    fn replica(&self, volume: &str, uuid: &str) -> Option<&ReplicaReport> {
+        self.replicas
+            .iter()
+            .find(|r| r.volume == volume && r.volume_uuid == uuid)
+    }
+}
+
+/// Where one replica of a volume lives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Placement {
+    pub node: String,
+    pub pool: String,
+    pub diskless: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub uuid: String,
+    pub size_bytes: u64,
+    pub protocol: Protocol,
+    pub replica_count: u32,
+    pub state: VolumeState,
+    pub placements: Vec<Placement>,
+    pub operations: Vec<Operation>,
+    pub created_unix: u64,
+}
+
+impl VolumeRecord {
+    fn operation_mut(&mut self, kind: &str) -> Option<&mut Operation> {
+        self.operations.iter_mut().rev().find(|o| o.kind == kind)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Liveness {
+    last_seen: Option<SystemTime>,
+    /// Sync requests of this node being answered right now (long polls count as contact).
+    active: u32,
+}
+
+/// The controller's state and logic. Methods are synchronous (the store is); the HTTP layer
+/// calls them on the blocking pool.
+pub struct Controller {
+    store: Arc<dyn StateStore>,
+    cluster_id: String,
+    offline_after: Duration,
+    write_lock: Mutex<()>,
+    live: Mutex<HashMap<String, Liveness>>,
+    /// Bumped after every change of some node's desired state; long polls wait on it.
+    desired_changed: watch::Sender<u64>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(value).map_err(|e| {
+        tracing::error!(key, error = %e, "unreadable record in the state store");
+        Failure::internal(format!(
+            "record '{key}' in the state store is unreadable: {e}"
+        ))
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(value).map_err(|e| Failure::internal(format!("cannot encode record: {e}")))
+}
+
+fn validate_size(size: u64) -> Result<(), Failure> {
+    if size == 0 {
+        return Err(Failure::bad_request(
+            "invalid_size",
+            "size_bytes must be greater than 0",
+        ));
+    }
+    if size % SIZE_ALIGN != 0 {
+        let down = size / SIZE_ALIGN * SIZE_ALIGN;
+        let up = down.saturating_add(SIZE_ALIGN);
+        return Err(Failure::bad_request(
+            "invalid_size",
+            format!(
+                "size {} is not a multiple of {SIZE_ALIGN} bytes; use {} or {}",
+                format_size(size),
+                format_size(down),
+                format_size(up)
+            ),
+        ));
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(Failure::bad_request(
+            "invalid_size",
+            format!(
+                "size {} is larger than the maximum {}",
+                format_size(size),
+                format_size(MAX_VOLUME_SIZE)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Percent-encodes a unix socket path for an NBD URI query value.
+fn encode_query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Controller {
+    /// Opens the controller's state in `store`, generating the cluster id on first use.
+    pub fn open(store: Arc<dyn StateStore>, offline_after: Duration) -> Result<Self, Failure> {
+        let cluster_id = match store.get(CLUSTER_ID_KEY)? {
+            Some((_, v)) => decode::<String>(CLUSTER_ID_KEY, &v)?,
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                match store.put(CLUSTER_ID_KEY, &encode(&id)?, Expect::Absent) {
+                    Ok(_) => id,
+                    // Someone else created it first: use theirs.
+                    Err(e) if e.is_conflict() => match store.get(CLUSTER_ID_KEY)? {
+                        Some((_, v)) => decode::<String>(CLUSTER_ID_KEY, &v)?,
+                        None => return Err(Failure::internal("cluster id vanished")),
+                    },
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let (desired_changed, _) = watch::channel(0);
+        let ctl = Controller {
+            store,
+            cluster_id,
+            offline_after,
+            write_lock: Mutex::new(()),
+            live: Mutex::new(HashMap::new()),
+            desired_changed,
+        };
+        // Seed liveness from the persisted records so a quick restart does not show every
+        // node offline.
+        for n in ctl.node_records()? {
+            let seen = UNIX_EPOCH + Duration::from_secs(n.last_seen_unix);
+            ctl.live_lock().insert(
+                n.name.clone(),
+                Liveness {
+                    last_seen: Some(seen),
+                    active: 0,
+                },
+            );
+        }
+        Ok(ctl)
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.desired_changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.desired_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn write_guard(&self) -> MutexGuard<'_, ()> {
+        self.write_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live_lock(&self) -> MutexGuard<'_, HashMap<String, Liveness>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    fn node_records(&self) -> Result<Vec<NodeRecord>, Failure> {
+        self.store
+            .list(NODES)?
+            .iter()
+            .map(|e| decode(&e.key, &e.value))
+            .collect()
+    }
+
+    fn node_record(&self, name: &str) -> Result<Option<(u64, NodeRecord)>, Failure> {
+        let key = format!("{NODES}{name}");
+        match self.store.get(&key)? {
+            Some((rev, v)) => Ok(Some((rev, decode(&key, &v)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn volume_records(&self) -> Result<Vec<(u64, VolumeRecord)>, Failure> {
+        self.store
+            .list(VOLUMES)?
+            .iter()
+            .map(|e| Ok((e.revision, decode(&e.key, &e.value)?)))
+            .collect()
+    }
+
+    fn volume_record(&self, name: &str) -> Result<Option<(u64, VolumeRecord)>, Failure> {
+        let key = format!("{VOLUMES}{name}");
+        match self.store.get(&key)? {
+            Some((rev, v)) => Ok(Some((rev, decode(&key, &v)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The revision of a node's desired state (0 before the node ever registered).
+    fn desired_revision(&self, node: &str) -> Result<u64, Failure> {
+        Ok(self
+            .store
+            .get(&format!("{DESIRED}{node}"))?
+            .map(|(rev, _)| rev)
+            .unwrap_or(0))
+    }
+
+    /// A transaction op that bumps a node's desired revision.
+    fn bump(node: &str) -> TxnOp {
+        TxnOp::put(
+            format!("{DESIRED}{node}"),
+            node.as_bytes().to_vec(),
+            Expect::Any,
+        )
+    }
+
+    fn liveness(&self, node: &str) -> (NodeState, u64) {
+        let l = self.live_lock().get(node).copied().unwrap_or_default();
+        let since = l
+            .last_seen
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or(Duration::ZERO);
+        let online = l.active > 0 || (l.last_seen.is_some() && since <= self.offline_after);
+        let state = if online {
+            NodeState::Online
+        } else {
+            NodeState::Offline
+        };
+        let secs = if l.last_seen.is_some() {
+            since.as_secs()
+        } else {
+            u64::MAX
+        };
+        (state, secs)
+    }
+
+    fn is_online(&self, node: &str) -> bool {
+        self.liveness(node).0 == NodeState::Online
+    }
+
+    fn node_view(&self, r: &NodeRecord) -> Node {
+        let (state, last_seen_secs) = self.liveness(&r.name);
+        Node {
+            name: r.name.clone(),
+            address: r.address.clone(),
+            role: r.role,
+            state,
+            last_seen_secs,
+            nbd_socket: r.nbd_socket.clone(),
+            nbd_tcp: r.nbd_tcp.clone(),
+            agent_version: r.agent_version.clone(),
+        }
+    }
+
+    fn volume_view(v: &VolumeRecord, nodes: &BTreeMap<String, NodeRecord>) -> Volume {
+        let replicas: Vec<Replica> = v
+            .placements
+            .iter()
+            .map(|p| {
+                let report = nodes.get(&p.node).and_then(|n| n.replica(&v.name, &v.uuid));
+                Replica {
+                    node: p.node.clone(),
+                    pool: p.pool.clone(),
+                    diskless: p.diskless,
+                    role: report.map(|r| r.role).unwrap_or(Role::Unknown),
+                    disk_state: report.map(|r| r.disk_state).unwrap_or(DiskState::Unknown),
+                    repl_state: if v.placements.len() == 1 {
+                        "StandAlone".to_string()
+                    } else {
+                        "Unknown".to_string()
+                    },
+                    out_of_sync_bytes: 0,
+                    resync_bytes_per_sec: 0,
+                    last_resync_bytes: 0,
+                    allocated_bytes: report.map(|r| r.allocated_bytes).unwrap_or(0),
+                    connections: report.map(|r| r.connections).unwrap_or(0),
+                }
+            })
+            .collect();
+        // One replica: quorum is having it. (Majorities arrive with replication.)
+        let reported = replicas
+            .iter()
+            .filter(|r| r.disk_state != DiskState::Unknown)
+            .count();
+        let quorum = !replicas.is_empty() && reported * 2 > replicas.len();
+        Volume {
+            name: v.name.clone(),
+            uuid: v.uuid.clone(),
+            size_bytes: v.size_bytes,
+            protocol: v.protocol,
+            replica_count: v.replica_count,
+            state: v.state,
+            quorum,
+            replicas,
+            operations: v.operations.clone(),
+        }
+    }
+
+    fn nodes_by_name(&self) -> Result<BTreeMap<String, NodeRecord>, Failure> {
+        Ok(self
+            .node_records()?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect())
+    }
+
+    pub fn nodes(&self) -> Result<Vec<Node>, Failure> {
+        Ok(self
+            .node_records()?
+            .iter()
+            .map(|n| self.node_view(n))
+            .collect())
+    }
+
+    pub fn pools(&self) -> Result<Vec<Pool>, Failure> {
+        let volumes = self.volume_records()?;
+        let mut provisioned: HashMap<(&str, &str), u64> = HashMap::new();
+        for (_, v) in &volumes {
+            for p in v.placements.iter().filter(|p| !p.diskless) {
+                *provisioned.entry((&p.node, &p.pool)).or_default() += v.size_bytes;
+            }
+        }
+        let mut out = Vec::new();
+        for n in self.node_records()? {
+            for p in &n.pools {
+                out.push(Pool {
+                    node: n.name.clone(),
+                    name: p.name.clone(),
+                    kind: p.kind,
+                    path: p.path.clone(),
+                    capacity_bytes: p.capacity_bytes,
+                    free_bytes: p.free_bytes,
+                    provisioned_bytes: provisioned
+                        .get(&(n.name.as_str(), p.name.as_str()))
+                        .copied()
+                        .unwrap_or(0),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn volumes(&self) -> Result<Vec<Volume>, Failure> {
+        let nodes = self.nodes_by_name()?;
+        Ok(self
+            .volume_records()?
+            .iter()
+            .map(|(_, v)| Self::volume_view(v, &nodes))
+            .collect())
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        let (_, v) = self
+            .volume_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        Ok(Self::volume_view(&v, &self.nodes_by_name()?))
+    }
+
+    pub fn status(&self) -> Result<ClusterStatus, Failure> {
+        Ok(ClusterStatus {
+            cluster_id: self.cluster_id.clone(),
+            controller_version: env!("CARGO_PKG_VERSION").to_string(),
+            nodes: self.nodes()?,
+            pools: self.pools()?,
+            volumes: self.volumes()?,
+        })
+    }
+
+    pub fn connect(&self, name: &str, node: Option<&str>) -> Result<ConnectInfo, Failure> {
+        validate_name("volume", name)?;
+        if let Some(n) = node {
+            validate_name("node", n)?;
+        }
+        let (_, v) = self
+            .volume_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        if v.state == VolumeState::Deleting {
+            return Err(Failure::conflict(
+                "not_ready",
+                format!("volume '{name}' is being deleted"),
+            ));
+        }
+        let placement = match node {
+            Some(n) => {
+                if self.node_record(n)?.is_none() {
+                    return Err(Failure::not_found(format!("node '{n}' is not registered")));
+                }
+                v.placements.iter().find(|p| p.node == n).ok_or_else(|| {
+                    let holders: Vec<&str> = v.placements.iter().map(|p| p.node.as_str()).collect();
+                    Failure::conflict(
+                        "no_replica",
+                        format!(
+                            "volume '{name}' has no replica on node '{n}' (it is on: {}); \
+                             serving it from a node without a replica arrives with replication",
+                            holders.join(", ")
+                        ),
+                    )
+                })?
+            }
+            None => v.placements.first().ok_or_else(|| {
+                Failure::conflict("not_ready", format!("volume '{name}' has no replica"))
+            })?,
+        };
+        let not_ready = |why: String| Failure::conflict("not_ready", why);
+        let (_, record) = self.node_record(&placement.node)?.ok_or_else(|| {
+            not_ready(format!(
+                "node '{}' holding volume '{name}' has not registered",
+                placement.node
+            ))
+        })?;
+        let report = record.replica(&v.name, &v.uuid).ok_or_else(|| {
+            not_ready(format!(
+                "the agent on node '{}' has not reported volume '{name}' yet; retry shortly",
+                placement.node
+            ))
+        })?;
+        if report.disk_state != DiskState::UpToDate {
+            return Err(not_ready(format!(
+                "the replica of volume '{name}' on node '{}' is {:?}, not UpToDate",
+                placement.node, report.disk_state
+            )));
+        }
+        let socket = record.nbd_socket.as_deref().ok_or_else(|| {
+            not_ready(format!(
+                "the agent on node '{}' does not report an NBD socket",
+                placement.node
+            ))
+        })?;
+        Ok(ConnectInfo {
+            uri: format!("nbd+unix:///{name}?socket={}", encode_query_value(socket)),
+            tcp_uri: record
+                .nbd_tcp
+                .as_deref()
+                .map(|hp| format!("nbd://{hp}/{name}")),
+            node: placement.node.clone(),
+            export: name.to_string(),
+        })
+    }
+
+    // ----- volume lifecycle ---------------------------------------------------------------
+
+    fn place(&self, req: &VolumeCreate) -> Result<Placement, Failure> {
+        let nodes = self.node_records()?;
+        if let Some(wanted) = &req.nodes {
+            for w in wanted {
+                if !nodes.iter().any(|n| &n.name == w) {
+                    return Err(Failure::not_found(format!("node '{w}' is not registered")));
+                }
+            }
+        }
+        let candidates: Vec<&NodeRecord> = nodes
+            .iter()
+            .filter(|n| n.role == NodeRole::Diskful)
+            .filter(|n| req.nodes.as_ref().is_none_or(|w| w.contains(&n.name)))
+            .filter(|n| self.is_online(&n.name))
+            .collect();
+        if candidates.is_empty() {
+            let scope = match &req.nodes {
+                Some(w) => format!("among the requested nodes ({})", w.join(", ")),
+                None => format!("among {} registered node(s)", nodes.len()),
+            };
+            return Err(Failure::conflict(
+                "no_nodes",
+                format!("no online diskful node {scope}; start an agent or wait until it syncs"),
+            ));
+        }
+        // Space promised to replicas the agents have not created yet counts as used.
+        let mut pending: HashMap<(String, String), u64> = HashMap::new();
+        for (_, v) in self.volume_records()? {
+            for p in &v.placements {
+                let reported = nodes
+                    .iter()
+                    .find(|n| n.name == p.node)
+                    .is_some_and(|n| n.replica(&v.name, &v.uuid).is_some());
+                if !reported && v.state != VolumeState::Deleting {
+                    *pending.entry((p.node.clone(), p.pool.clone())).or_default() += v.size_bytes;
+                }
+            }
+        }
+        let mut best: Option<(u64, &NodeRecord, &PoolReport)> = None;
+        let mut largest = 0u64;
+        let mut pools_seen = 0usize;
+        for n in &candidates {
+            for p in &n.pools {
+                if req.pool.as_ref().is_some_and(|w| w != &p.name) {
+                    continue;
+                }
+                pools_seen += 1;
+                largest = largest.max(p.capacity_bytes);
+                // Pools are thin (sparse files): a volume must fit the pool's capacity, and
+                // the pool with the most free space wins.
+                if p.capacity_bytes < req.size_bytes {
+                    continue;
+                }
+                let free = p.free_bytes.saturating_sub(
+                    pending
+                        .get(&(n.name.clone(), p.name.clone()))
+                        .copied()
+                        .unwrap_or(0),
+                );
+                let better = match &best {
+                    None => true,
+                    Some((bf, bn, bp)) => {
+                        free > *bf || (free == *bf && (&n.name, &p.name) < (&bn.name, &bp.name))
+                    }
+                };
+                if better {
+                    best = Some((free, n, p));
+                }
+            }
+        }
+        match best {
+            Some((_, n, p)) => Ok(Placement {
+                node: n.name.clone(),
+                pool: p.name.clone(),
+                diskless: false,
+            }),
+            None if pools_seen == 0 => Err(Failure::conflict(
+                "no_capacity",
+                match &req.pool {
+                    Some(w) => format!("no online diskful node has a pool named '{w}'"),
+                    None => "no online diskful node reports a storage pool".to_string(),
+                },
+            )),
+            None => Err(Failure::conflict(
+                "no_capacity",
+                format!(
+                    "no pool can hold {}: the largest online pool has a capacity of {}",
+                    format_size(req.size_bytes),
+                    format_size(largest)
+                ),
+            )),
+        }
+    }
+
+    pub fn create_volume(&self, req: VolumeCreate) -> Result<Volume, Failure> {
+        validate_name("volume", &req.name)?;
+        validate_size(req.size_bytes)?;
+        let replicas = req.replicas.unwrap_or(1);
+        if replicas != 1 {
+            return Err(Failure::bad_request(
+                "unsupported",
+                format!(
+                    "replicas = {replicas} is not supported yet: this release places exactly 1 \
+                     replica; replication arrives with a later release"
+                ),
+            ));
+        }
+        if let Some(p) = &req.pool {
+            validate_name("pool", p)?;
+        }
+        if let Some(ns) = &req.nodes {
+            if ns.is_empty() {
+                return Err(Failure::bad_request(
+                    "bad_request",
+                    "nodes must name at least one node when given",
+                ));
+            }
+            for n in ns {
+                validate_name("node", n)?;
+            }
+        }
+        let _guard = self.write_guard();
+        if let Some((_, existing)) = self.volume_record(&req.name)? {
+            let why = if existing.state == VolumeState::Deleting {
+                " and is being deleted; retry when it is gone"
+            } else {
+                ""
+            };
+            return Err(Failure::conflict(
+                "already_exists",
+                format!("volume '{}' already exists{why}", req.name),
+            ));
+        }
+        let placement = self.place(&req)?;
+        let record = VolumeRecord {
+            name: req.name.clone(),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            size_bytes: req.size_bytes,
+            protocol: req.protocol.unwrap_or_default(),
+            replica_count: replicas,
+            state: VolumeState::Creating,
+            placements: vec![placement.clone()],
+            operations: vec![Operation {
+                kind: "create".into(),
+                state: "running".into(),
+                progress: 0.0,
+                last_error: None,
+            }],
+            created_unix: now_unix(),
+        };
+        self.store.txn(vec![
+            TxnOp::put(
+                format!("{VOLUMES}{}", record.name),
+                encode(&record)?,
+                Expect::Absent,
+            ),
+            Self::bump(&placement.node),
+        ])?;
+        self.notify();
+        tracing::info!(volume = %record.name, node = %placement.node, pool = %placement.pool,
+            size = record.size_bytes, "volume created");
+        Ok(Self::volume_view(&record, &self.nodes_by_name()?))
+    }
+
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        let _guard = self.write_guard();
+        let (rev, mut v) = self
+            .volume_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        let nodes = self.nodes_by_name()?;
+        if v.state == VolumeState::Deleting {
+            return Ok(Self::volume_view(&v, &nodes));
+        }
+        if !force {
+            for p in &v.placements {
+                let report = nodes.get(&p.node).and_then(|n| n.replica(&v.name, &v.uuid));
+                if let Some(r) = report.filter(|r| r.connections > 0) {
+                    return Err(Failure::conflict(
+                        "in_use",
+                        format!(
+                            "volume '{name}' has {} connected consumer(s) on node '{}'; \
+                             disconnect them or delete with force",
+                            r.connections, p.node
+                        ),
+                    ));
+                }
+            }
+        }
+        v.state = VolumeState::Deleting;
+        for op in v.operations.iter_mut().filter(|o| o.state == "running") {
+            op.state = "failed".into();
+            op.last_error = Some("the volume was deleted".into());
+        }
+        v.operations.push(Operation {
+            kind: "delete".into(),
+            state: "running".into(),
+            progress: 0.0,
+            last_error: None,
+        });
+        let mut ops = vec![TxnOp::put(
+            format!("{VOLUMES}{name}"),
+            encode(&v)?,
+            Expect::Revision(rev),
+        )];
+        for p in &v.placements {
+            ops.push(Self::bump(&p.node));
+        }
+        self.store.txn(ops)?;
+        self.notify();
+        tracing::info!(volume = name, force, "volume deletion requested");
+        Ok(Self::volume_view(&v, &nodes))
+    }
+
+    // ----- agents --------------------------------------------------------------------------
+
+    /// Marks a node as being in contact until the returned guard is dropped.
+    pub fn contact(self: &Arc<Self>, node: &str) -> ContactGuard {
+        {
+            let mut live = self.live_lock();
+            let l = live.entry(node.to_string()).or_default();
+            l.active += 1;
+            l.last_seen = Some(SystemTime::now());
+        }
+        ContactGuard {
+            ctl: Arc::clone(self),
+            node: node.to_string(),
+        }
+    }
+
+    fn validate_report(node: &str, report: &AgentReport) -> Result<(), Failure> {
+        validate_name("node", node)?;
+        if report.node != node {
+            return Err(Failure::bad_request(
+                "bad_request",
+                format!(
+                    "the report is for node '{}' but was sent to the sync URL of node '{node}'",
+                    report.node
+                ),
+            ));
+        }
+        for p in &report.pools {
+            validate_name("pool", &p.name)?;
+        }
+        for r in &report.replicas {
+            validate_name("volume", &r.volume)?;
+            validate_name("pool", &r.pool)?;
+        }
+        Ok(())
+    }
+
+    /// Records an agent's report, advances volume states from it, and returns the node's
+    /// desired state.
+    pub fn agent_sync(&self, node: &str, report: &AgentReport) -> Result<DesiredState, Failure> {
+        Self::validate_report(node, report)?;
+        let _guard = self.write_guard();
+        let record = NodeRecord {
+            name: node.to_string(),
+            address: report.address.clone(),
+            role: report.role,
+            agent_version: report.agent_version.clone(),
+            nbd_socket: report.nbd_socket.clone(),
+            nbd_tcp: report.nbd_tcp.clone(),
+            pools: report.pools.clone(),
+            replicas: report.replicas.clone(),
+            last_seen_unix: now_unix(),
+        };
+        let key = format!("{NODES}{node}");
+        let mut changed_desired = false;
+        match self.node_record(node)? {
+            None => {
+                tracing::info!(node, address = %report.address, "node registered");
+                self.store.txn(vec![
+                    TxnOp::put(key, encode(&record)?, Expect::Absent),
+                    Self::bump(node),
+                ])?;
+                changed_desired = true;
+            }
+            Some((rev, old)) => {
+                if !old.same_report(&record) {
+                    self.store
+                        .put(&key, &encode(&record)?, Expect::Revision(rev))?;
+                }
+            }
+        }
+        let desired_rev = self.desired_revision(node)?;
+        for (rev, mut v) in self.volume_records()? {
+            if !v.placements.iter().any(|p| p.node == node) {
+                continue;
+            }
+            let reported = record.replica(&v.name, &v.uuid);
+            let vkey = format!("{VOLUMES}{}", v.name);
+            match v.state {
+                VolumeState::Deleting => {
+                    // Gone from the agent, and the agent has applied the desired state that
+                    // says so (not merely a report that predates the create).
+                    if reported.is_none() && report.applied_revision == desired_rev {
+                        let mut ops = vec![TxnOp::delete(vkey, Expect::Revision(rev))];
+                        for p in &v.placements {
+                            ops.push(Self::bump(&p.node));
+                        }
+                        self.store.txn(ops)?;
+                        changed_desired = true;
+                        tracing::info!(volume = %v.name, "volume deleted");
+                    } else if let Some(r) = reported {
+                        let before = v.clone();
+                        if let Some(op) = v.operation_mut("delete") {
+                            op.last_error = r.last_error.clone();
+                        }
+                        if before != v {
+                            self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
+                        }
+                    }
+                }
+                VolumeState::Creating | VolumeState::Ready => {
+                    let Some(r) = reported else { continue };
+                    let before = v.clone();
+                    if v.state == VolumeState::Creating && r.disk_state == DiskState::UpToDate {
+                        v.state = VolumeState::Ready;
+                        tracing::info!(volume = %v.name, node, "volume ready");
+                    }
+                    if let Some(op) = v.operation_mut("create") {
+                        if r.disk_state == DiskState::UpToDate {
+                            op.state = "done".into();
+                            op.progress = 1.0;
+                            op.last_error = None;
+                        } else if r.last_error.is_some() || r.disk_state == DiskState::Failed {
+                            op.state = "failed".into();
+                            op.last_error = r.last_error.clone().or_else(|| {
+                                Some(format!("replica on node '{node}' is {:?}", r.disk_state))
+                            });
+                        } else {
+                            op.state = "running".into();
+                            op.last_error = None;
+                        }
+                    }
+                    if before != v {
+                        self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
+                    }
+                }
+            }
+        }
+        if changed_desired {
+            self.notify();
+        }
+        self.desired_state(node)
+    }
+
+    /// What the node's agent should have.
+    pub fn desired_state(&self, node: &str) -> Result<DesiredState, Failure> {
+        let revision = self.desired_revision(node)?;
+        let mut replicas = Vec::new();
+        for (_, v) in self.volume_records()? {
+            for p in v.placements.iter().filter(|p| p.node == node) {
+                replicas.push(DesiredReplica {
+                    volume: v.name.clone(),
+                    volume_uuid: v.uuid.clone(),
+                    pool: p.pool.clone(),
+                    size_bytes: v.size_bytes,
+                    present: v.state != VolumeState::Deleting,
+                });
+            }
+        }
+        Ok(DesiredState {
+            cluster_id: self.cluster_id.clone(),
+            revision,
+            replicas,
+        })
+    }
+
+    /// The node's desired revision (cheap; used by long polls).
+    pub fn node_desired_revision(&self, node: &str) -> Result<u64, Failure> {
+        self.desired_revision(node)
+    }
+}
+
+/// Keeps a node online while one of its sync requests is in flight.
+pub struct ContactGuard {
+    ctl: Arc<Controller>,
+    node: String,
+}
+
+impl Drop for ContactGuard {
+    fn drop(&mut self) {
+        let mut live = self.ctl.live_lock();
+        if let Some(l) = live.get_mut(&self.node) {
+            l.active = l.active.saturating_sub(1);
+            l.last_seen = Some(SystemTime::now());
+        }
+    }
+}
+
+/// Status helper for failures that are not the caller's fault.
+pub fn join_failure(e: tokio::task::JoinError) -> Failure {
+    Failure::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("request handler failed: {e}"),
+    )
+}
