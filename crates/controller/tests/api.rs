@@ -455,3 +455,61 @@ fn malformed_requests_get_api_errors_and_the_server_keeps_serving() {
     drop(stream);
     assert_eq!(s.get("/v1/health").0, 200);
 }
+
+#[test]
+fn agent_errors_show_in_operations() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let d = s.sync(&report("n1", 0), 0);
+    let v = create(&s, "bad", GIB);
+    let mut r = report("n1", d.revision);
+    let mut rep = replica("bad", &v.uuid, GIB, DiskState::Failed);
+    rep.last_error = Some("fallocate: No space left on device".into());
+    r.replicas = vec![rep];
+    s.sync(&r, 0);
+    let v: Volume = s.get_ok("/v1/volumes/bad");
+    assert_eq!(v.state, VolumeState::Creating);
+    assert_eq!(v.operations[0].state, "failed");
+    assert_eq!(
+        v.operations[0].last_error.as_deref(),
+        Some("fallocate: No space left on device")
+    );
+    assert_eq!(v.replicas[0].disk_state, DiskState::Failed);
+    // The agent's retry succeeded.
+    r.replicas = vec![replica("bad", &v.uuid, GIB, DiskState::UpToDate)];
+    s.sync(&r, 0);
+    let v: Volume = s.get_ok("/v1/volumes/bad");
+    assert_eq!(v.state, VolumeState::Ready);
+    assert_eq!(v.operations[0].state, "done");
+    assert_eq!(v.operations[0].last_error, None);
+}
+
+#[test]
+fn shutdown_ends_held_long_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let d = s.sync(&report("n1", 0), 0);
+    let url = s.url("/v1/agents/n1/sync?wait_ms=30000");
+    let body = serde_json::to_string(&report("n1", d.revision)).unwrap();
+    let poll = std::thread::spawn(move || {
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        http.post(&url)
+            .header("content-type", "application/json")
+            .send(body)
+            .map(|r| r.status().as_u16())
+    });
+    // Let the poll get held (valid either way: it may also answer before the stop).
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    s.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    let r = poll.join().unwrap();
+    assert!(matches!(r, Ok(200) | Err(_)), "{r:?}");
+}
