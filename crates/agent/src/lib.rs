@@ -90,6 +90,9 @@ impl AgentError {
     }
 }
 
+/// How long shutdown waits for NBD clients' in-flight requests before flushing anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Name of the lock file in `state_dir`.
 pub const LOCK_FILE: &str = "agent.lock";
 /// Name of the file in `state_dir` remembering the cluster this agent belongs to.
@@ -158,8 +161,14 @@ pub async fn run(
     ));
     info!(socket = %config.nbd_socket.display(), "serving NBD on unix socket");
     if let Some(l) = tcp {
-        info!(addr = nbd_tcp_bound.as_deref().unwrap_or("?"), "serving NBD on TCP");
-        listeners.push(spawn_listener("tcp", tokio::spawn(server.clone().serve_tcp(l))));
+        info!(
+            addr = nbd_tcp_bound.as_deref().unwrap_or("?"),
+            "serving NBD on TCP"
+        );
+        listeners.push(spawn_listener(
+            "tcp",
+            tokio::spawn(server.clone().serve_tcp(l)),
+        ));
     }
 
     let agent = Arc::new(Agent {
@@ -175,11 +184,23 @@ pub async fn run(
     shutdown.await;
     info!("agent shutting down");
     let _ = stop_tx.send(true);
-    for l in &listeners {
-        l.abort();
-    }
+    // Stop accepting and close client connections once their in-flight requests are answered.
+    agent.server.shutdown();
     if let Err(e) = sync_task.await {
         error!("sync loop ended abnormally: {e}");
+    }
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while agent.server.total_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    if agent.server.total_connections() > 0 {
+        warn!(
+            connections = agent.server.total_connections(),
+            "NBD connections still open after the grace period"
+        );
+    }
+    for l in &listeners {
+        l.abort();
     }
     {
         let table = table.clone();
@@ -254,7 +275,9 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, AgentError> {
         return Err(AgentError::io(format!("locking {}", path.display()), e));
     }
     // The pid, for operators; the lock itself is what counts.
-    let _ = f.set_len(0).and_then(|_| writeln!(f, "{}", std::process::id()));
+    let _ = f
+        .set_len(0)
+        .and_then(|_| writeln!(f, "{}", std::process::id()));
     Ok(f)
 }
 

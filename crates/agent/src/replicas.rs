@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use tandem_api::{DesiredReplica, DesiredState, DiskState, PoolKind, PoolReport, ReplicaReport, Role};
+use tandem_api::{
+    DesiredReplica, DesiredState, DiskState, PoolKind, PoolReport, ReplicaReport, Role,
+};
 use tandem_blockdev::{BlockDevice, FileDevice};
 use tandem_meta::{Bitmap, DEFAULT_PEER_SLOTS, MetaError, ReplicaFiles, ReplicaMeta};
 use tandem_nbd::server::{Export, ExportRegistry, Server};
@@ -415,7 +417,8 @@ impl Ctx<'_> {
     /// point), then renames the data file to `V.data`. A crash anywhere is resolved by
     /// [`ReplicaFiles::recover`] on the next start (or right here on the next attempt).
     fn create(&self, cluster_id: &str, dir: &Path, d: &DesiredReplica) -> Result<Entry, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("pool directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("pool directory {}: {e}", dir.display()))?;
         let files = ReplicaFiles::new(dir, &d.volume);
         files.recover().map_err(|e| format!("recovery: {e}"))?;
         if files.meta().exists() {
@@ -580,7 +583,11 @@ impl Ctx<'_> {
                     .as_ref()
                     .and_then(|d| d.allocated_bytes().ok())
                     .unwrap_or(0),
-                role: e.meta.as_ref().map(|m| api_role(m.role)).unwrap_or(Role::Unknown),
+                role: e
+                    .meta
+                    .as_ref()
+                    .map(|m| api_role(m.role))
+                    .unwrap_or(Role::Unknown),
                 disk_state: e.disk_state,
                 connections: if e.export.is_some() {
                     self.connections(&e.volume)

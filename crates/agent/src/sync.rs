@@ -21,7 +21,9 @@ const MIN_POLL: Duration = Duration::from_millis(250);
 
 fn http_agent() -> ureq::Agent {
     ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_millis(WAIT_MS) + Duration::from_secs(10)))
+        .timeout_global(Some(
+            Duration::from_millis(WAIT_MS) + Duration::from_secs(10),
+        ))
         .http_status_as_error(false)
         .build()
         .into()
@@ -74,8 +76,10 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
         }
         let report = {
             let agent = agent.clone();
-            match tokio::task::spawn_blocking(move || build_report(&agent, applied_revision, foreign))
-                .await
+            match tokio::task::spawn_blocking(move || {
+                build_report(&agent, applied_revision, foreign)
+            })
+            .await
             {
                 Ok(r) => r,
                 Err(e) => {
@@ -175,9 +179,7 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
         let revision = desired.revision;
         {
             let agent = agent.clone();
-            if let Err(e) =
-                tokio::task::spawn_blocking(move || agent.ctx().apply(&desired)).await
-            {
+            if let Err(e) = tokio::task::spawn_blocking(move || agent.ctx().apply(&desired)).await {
                 error!("applying the desired state failed: {e}");
             }
         }
@@ -198,7 +200,11 @@ fn build_report(agent: &Agent, applied_revision: u64, foreign: bool) -> AgentRep
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         nbd_socket: Some(c.nbd_socket.display().to_string()),
         nbd_tcp: agent.nbd_tcp_bound.clone(),
-        pools: if foreign { Vec::new() } else { ctx.report_pools() },
+        pools: if foreign {
+            Vec::new()
+        } else {
+            ctx.report_pools()
+        },
         replicas: if foreign {
             Vec::new()
         } else {
