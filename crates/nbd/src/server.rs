@@ -293,12 +293,13 @@ where
                 return Ok(());
             }
             Progress::Done(n) => {
+                // Counted before the client can see the handshake finish.
+                server.set_export(id, &n.info.name);
                 write.write_all(&hs.take_output()).await?;
                 break n;
             }
         }
     };
-    server.set_export(id, &negotiated.info.name);
     debug!(conn = id, export = %negotiated.info.name, structured = negotiated.structured,
            "nbd: client entered transmission");
     let leftover = hs.take_leftover();
@@ -753,10 +754,13 @@ fn read(sh: &Shared, handle: u64, offset: u64, len: u32, df: bool) -> Vec<Part> 
     if len == 0 {
         return vec![Part::head(&tx::none_chunk(handle))];
     }
-    if !df && len >= HOLE_SCAN_MIN {
-        if let Some(parts) = sparse_read(sh, handle, offset, len) {
-            return parts;
-        }
+    let sparse = if !df && len >= HOLE_SCAN_MIN {
+        sparse_read(sh, handle, offset, len)
+    } else {
+        None
+    };
+    if let Some(parts) = sparse {
+        return parts;
     }
     let mut buf = sh.pool.get(len as usize);
     match dev.read_at(&mut buf, offset) {

@@ -1,0 +1,508 @@
+//! Bad input from raw sockets. Every case proves both halves: the misbehaving client gets the
+//! protocol's error (or its connection closed), and a concurrent well-behaved client (a libnbd
+//! process connected before the bad input) keeps being served, as does a fresh qemu-io.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+
+use common::*;
+use tandem_blockdev::BlockDevice;
+use tandem_nbd::proto::*;
+use tandem_nbd::transmission::{RequestHeader, encode_request};
+
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    /// Connects and reads the server greeting.
+    fn connect(h: &Harness) -> Raw {
+        let s = UnixStream::connect(&h.sock).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut r = Raw { s };
+        let g = r.read_n(18);
+        assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+        assert_eq!(
+            &g[16..],
+            &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes()
+        );
+        r
+    }
+
+    /// Connects, negotiates (optionally structured replies and base:allocation) and GOes.
+    fn go(h: &Harness, export: &str, structured: bool) -> Raw {
+        let mut r = Raw::connect(h);
+        r.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        if structured {
+            r.option(OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(r.opt_reply().1, REP_ACK);
+        }
+        r.option(OPT_GO, &go_data(export));
+        loop {
+            let (_, t, _) = r.opt_reply();
+            if t == REP_ACK {
+                break;
+            }
+            assert_eq!(t, REP_INFO);
+        }
+        r
+    }
+
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b).unwrap();
+        b
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&opt.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        self.send(&v);
+    }
+
+    fn opt_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        let h = self.read_n(20);
+        assert_eq!(&h[..8], &OPTION_REPLY_MAGIC.to_be_bytes());
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        (opt, kind, self.read_n(len as usize))
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, length: u32) {
+        self.send(&encode_request(&RequestHeader {
+            flags,
+            kind,
+            handle,
+            offset,
+            length,
+        }));
+    }
+
+    /// A simple reply: (error, handle).
+    fn simple(&mut self) -> (u32, u64) {
+        let b = self.read_n(16);
+        assert_eq!(&b[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        (
+            u32::from_be_bytes(b[4..8].try_into().unwrap()),
+            u64::from_be_bytes(b[8..16].try_into().unwrap()),
+        )
+    }
+
+    /// A structured reply chunk: (flags, type, handle, payload).
+    fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let b = self.read_n(20);
+        assert_eq!(&b[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        let flags = u16::from_be_bytes([b[4], b[5]]);
+        let kind = u16::from_be_bytes([b[6], b[7]]);
+        let handle = u64::from_be_bytes(b[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(b[16..20].try_into().unwrap());
+        (flags, kind, handle, self.read_n(len as usize))
+    }
+
+    /// Expects a final error chunk for `handle` with `errno`.
+    fn error_chunk(&mut self, handle: u64, errno: u32) {
+        let (flags, kind, hd, p) = self.chunk();
+        assert_eq!(
+            (flags, kind, hd),
+            (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle)
+        );
+        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), errno);
+        let msg_len = u16::from_be_bytes([p[4], p[5]]) as usize;
+        assert_eq!(p.len(), 6 + msg_len);
+    }
+
+    /// The server closed the connection (after sending whatever it still had queued).
+    fn assert_closed(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("connection was not closed: {e}"),
+            }
+        }
+    }
+
+    /// A good read of `len` bytes at `offset` on a simple-reply connection.
+    fn simple_read(&mut self, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+        self.request(CMD_READ, 0, handle, offset, len);
+        assert_eq!(self.simple(), (0, handle));
+        self.read_n(len as usize)
+    }
+}
+
+fn go_data(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+/// Runs `bad` between two round trips of a witness client connected before it, waits for the
+/// server to drop the bad connection(s), then checks a fresh client and the accept loops.
+fn with_witness(h: &Harness, bad: impl FnOnce(&Harness)) {
+    let mut w = Witness::connect(&h.unix_uri("disk"), 48 * MIB);
+    w.round_trip();
+    let baseline = h.server.total_connections();
+    assert_eq!(h.server.connections("disk"), 1);
+    bad(h);
+    h.wait_for("the bad connection to be dropped", || {
+        h.server.total_connections() == baseline
+    });
+    // The witness's connection survived and still works.
+    assert_eq!(h.server.connections("disk"), 1);
+    w.round_trip();
+    // A new client over TCP works as well.
+    qemu_io(
+        &h.tcp_uri("disk"),
+        &[
+            "write -P 0x3c 40M 64k".into(),
+            "read -P 0x3c 40M 64k".into(),
+        ],
+    );
+    assert!(h.alive(), "accept loops still running");
+    w.finish();
+    h.wait_for("witness gone", || h.server.connections("disk") == 0);
+}
+
+#[test]
+fn bad_option_magic_closes_only_that_connection() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        let mut bad = b"IHAVEOPX".to_vec();
+        bad.extend_from_slice(&OPT_LIST.to_be_bytes());
+        bad.extend_from_slice(&0u32.to_be_bytes());
+        r.send(&bad);
+        r.assert_closed();
+    });
+}
+
+#[test]
+fn bad_request_magic_closes_only_that_connection() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::go(h, "disk", false);
+        let mut hdr = encode_request(&RequestHeader {
+            flags: 0,
+            kind: CMD_READ,
+            handle: 1,
+            offset: 0,
+            length: 512,
+        });
+        hdr[..4].copy_from_slice(&0x1256_0953u32.to_be_bytes());
+        r.send(&hdr);
+        r.assert_closed();
+    });
+}
+
+#[test]
+fn clients_without_fixed_newstyle_or_with_unknown_flags_are_refused() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        for flags in [0u32, FLAG_C_NO_ZEROES, 0x8000_0001] {
+            let mut r = Raw::connect(h);
+            r.send(&flags.to_be_bytes());
+            r.assert_closed();
+        }
+    });
+}
+
+#[test]
+fn truncated_handshakes_are_cleaned_up() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        // Gone right after connecting, after half the client flags, mid option header, and mid
+        // option data.
+        drop(UnixStream::connect(&h.sock).unwrap());
+        let mut r = Raw::connect(h);
+        r.send(&[0, 0]);
+        drop(r);
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        r.send(b"IHAVE");
+        drop(r);
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&100u32.to_be_bytes());
+        opt.extend_from_slice(&[0; 10]);
+        r.send(&opt);
+        drop(r);
+        // Server side half-close mid-handshake: we stop writing but keep reading.
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        r.s.shutdown(std::net::Shutdown::Write).unwrap();
+        r.assert_closed();
+    });
+}
+
+#[test]
+fn wrong_option_lengths_get_errors_and_the_connection_goes_on() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        r.option(OPT_LIST, &[1, 2, 3, 4]);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        r.option(OPT_STRUCTURED_REPLY, &[0]);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        // Name length pointing past the option data.
+        let mut d = go_data("disk");
+        d[..4].copy_from_slice(&1000u32.to_be_bytes());
+        r.option(OPT_GO, &d);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        // Trailing garbage after the info request list.
+        let mut d = go_data("disk");
+        d.push(7);
+        r.option(OPT_INFO, &d);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        // Too short to hold anything.
+        r.option(OPT_GO, &[0, 0]);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        // Meta context before structured replies, then with a truncated query.
+        r.option(OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        r.option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(r.opt_reply().1, REP_ACK);
+        let mut d = 4u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"disk");
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&100u32.to_be_bytes());
+        d.extend_from_slice(b"base:");
+        r.option(OPT_SET_META_CONTEXT, &d);
+        assert_eq!(r.opt_reply().1, REP_ERR_INVALID);
+        // Unknown options and unknown exports.
+        r.option(4242, &[1, 2, 3]);
+        assert_eq!(
+            r.opt_reply(),
+            (4242, REP_ERR_UNSUP, b"option not supported".to_vec())
+        );
+        r.option(OPT_STARTTLS, &[]);
+        assert_eq!(r.opt_reply().1, REP_ERR_UNSUP);
+        r.option(OPT_INFO, &go_data("nope"));
+        assert_eq!(r.opt_reply().1, REP_ERR_UNKNOWN);
+        r.option(OPT_GO, &go_data(""));
+        assert_eq!(r.opt_reply().1, REP_ERR_UNKNOWN);
+        // After all that, GO works and so does I/O (structured reply to a read).
+        r.option(OPT_GO, &go_data("disk"));
+        while r.opt_reply().1 != REP_ACK {}
+        r.request(CMD_READ, 0, 9, 0, 4096);
+        let (flags, kind, handle, p) = r.chunk();
+        assert_eq!(
+            (flags, kind, handle),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 9)
+        );
+        assert_eq!(p.len(), 8 + 4096);
+        r.request(CMD_DISC, 0, 10, 0, 0);
+        r.assert_closed();
+
+        // An absurd option length ends the connection instead of buffering it.
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        r.send(&opt);
+        r.assert_closed();
+
+        // NBD_OPT_EXPORT_NAME for an unknown export: the server must hang up.
+        let mut r = Raw::connect(h);
+        r.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+        r.option(OPT_EXPORT_NAME, b"nope");
+        r.assert_closed();
+    });
+}
+
+#[test]
+fn requests_past_the_end_get_errors() {
+    let size = 64 * MIB;
+    let h = Harness::start(size);
+    with_witness(&h, |h| {
+        // Simple replies.
+        let mut r = Raw::go(h, "disk", false);
+        r.request(CMD_READ, 0, 1, size - 512, 1024);
+        assert_eq!(r.simple(), (EINVAL, 1));
+        r.request(CMD_READ, 0, 2, u64::MAX - 100, 512);
+        assert_eq!(r.simple(), (EINVAL, 2));
+        r.request(CMD_TRIM, 0, 3, size, 1);
+        assert_eq!(r.simple(), (EINVAL, 3));
+        r.request(CMD_WRITE, 0, 4, size - 100, 4096);
+        r.send(&[0xaa; 4096]);
+        assert_eq!(r.simple(), (ENOSPC, 4));
+        r.request(CMD_WRITE_ZEROES, 0, 5, size, 512);
+        assert_eq!(r.simple(), (ENOSPC, 5));
+        r.request(CMD_BLOCK_STATUS, 0, 6, 0, 512);
+        assert_eq!(r.simple(), (EINVAL, 6), "no metadata context negotiated");
+        // The last byte is fine, and the connection is in sync.
+        h.disk.write_at(&[0x99], size - 1).unwrap();
+        assert_eq!(r.simple_read(7, size - 1, 1), vec![0x99]);
+        // Structured replies: error chunks.
+        let mut r = Raw::go(h, "disk", true);
+        r.request(CMD_READ, 0, 11, size, 512);
+        r.error_chunk(11, EINVAL);
+        r.request(CMD_WRITE, 0, 12, size, 512);
+        r.send(&[0; 512]);
+        r.error_chunk(12, ENOSPC);
+        r.request(CMD_READ, 0, 13, size - 1, 1);
+        let (flags, kind, handle, p) = r.chunk();
+        assert_eq!(
+            (flags, kind, handle),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 13)
+        );
+        assert_eq!(p, [&(size - 1).to_be_bytes()[..], &[0x99]].concat());
+    });
+}
+
+#[test]
+fn lengths_over_the_maximum() {
+    let h = Harness::start(128 * MIB);
+    with_witness(&h, |h| {
+        let over = MAX_PAYLOAD + 1;
+        let mut r = Raw::go(h, "disk", false);
+        r.request(CMD_READ, 0, 1, 0, over);
+        assert_eq!(r.simple(), (EINVAL, 1));
+        assert_eq!(r.simple_read(2, 0, 512), vec![0; 512]);
+        let mut r2 = Raw::go(h, "disk", true);
+        r2.request(CMD_READ, 0, 3, 0, over);
+        r2.error_chunk(3, EOVERFLOW);
+        // Requests without payload may be larger than the maximum.
+        r2.request(CMD_TRIM, 0, 4, 0, 64 << 20);
+        let (flags, kind, handle, _) = r2.chunk();
+        assert_eq!((flags, kind, handle), (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 4));
+        // A write whose payload is over the maximum ends the connection.
+        r.request(CMD_WRITE, 0, 5, 0, 64 << 20);
+        r.send(&[0; 4096]);
+        r.assert_closed();
+    });
+}
+
+#[test]
+fn unknown_commands_and_bad_flags_get_einval_and_the_connection_stays() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::go(h, "disk", false);
+        r.request(42, 0, 1, 0, 0);
+        assert_eq!(r.simple(), (EINVAL, 1));
+        r.request(CMD_READ, CMD_FLAG_NO_HOLE, 2, 0, 512);
+        assert_eq!(r.simple(), (EINVAL, 2));
+        r.request(CMD_READ, CMD_FLAG_DF, 3, 0, 512);
+        assert_eq!(r.simple(), (EINVAL, 3), "DF without structured replies");
+        r.request(CMD_FLUSH, 0, 4, 1, 0);
+        assert_eq!(r.simple(), (EINVAL, 4));
+        r.request(CMD_WRITE, CMD_FLAG_REQ_ONE, 5, 0, 512);
+        r.send(&[1; 512]);
+        assert_eq!(r.simple(), (EINVAL, 5));
+        assert_eq!(
+            r.simple_read(6, 0, 512),
+            vec![0; 512],
+            "rejected write not applied"
+        );
+        r.request(CMD_FLUSH, 0, 7, 0, 0);
+        assert_eq!(r.simple(), (0, 7));
+    });
+}
+
+#[test]
+fn writes_to_a_read_only_export_get_eperm() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::go(h, "ro", false);
+        r.request(CMD_WRITE, 0, 1, 0, 4096);
+        r.send(&[0xee; 4096]);
+        assert_eq!(r.simple(), (EPERM, 1));
+        r.request(CMD_TRIM, 0, 2, 0, 4096);
+        assert_eq!(r.simple(), (EPERM, 2));
+        r.request(CMD_WRITE_ZEROES, 0, 3, 0, 4096);
+        assert_eq!(r.simple(), (EPERM, 3));
+        assert_eq!(r.simple_read(4, 0, 4096), vec![0x42; 4096]);
+        let mut b = vec![0u8; 4096];
+        h.ro.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, vec![0x42; 4096]);
+    });
+}
+
+#[test]
+fn client_disconnecting_mid_request() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        // Header and part of a write payload, then gone.
+        let mut r = Raw::go(h, "disk", false);
+        r.request(CMD_WRITE, 0, 1, 8 * MIB, 1 << 20);
+        r.send(&[0x5a; 1000]);
+        drop(r);
+        // Half a request header, then gone.
+        let mut r = Raw::go(h, "disk", true);
+        r.send(&REQUEST_MAGIC.to_be_bytes());
+        drop(r);
+        // Many reads in flight, then gone without reading replies.
+        let mut r = Raw::go(h, "disk", true);
+        for i in 0..64 {
+            r.request(CMD_READ, 0, i, 0, 1 << 20);
+        }
+        drop(r);
+    });
+    // The partial write was never applied.
+    assert!(h.disk_is_hole(8 * MIB, MIB));
+}
+
+#[test]
+fn disc_answers_outstanding_requests_then_closes() {
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::go(h, "disk", false);
+        for i in 0..32u64 {
+            r.request(CMD_WRITE, CMD_FLAG_FUA, i, i * 65536, 65536);
+            r.send(&vec![i as u8; 65536]);
+        }
+        r.request(CMD_DISC, 0, 99, 0, 0);
+        let mut seen: Vec<u64> = (0..32)
+            .map(|_| r.simple())
+            .map(|(e, hd)| {
+                assert_eq!(e, 0);
+                hd
+            })
+            .collect();
+        r.assert_closed();
+        seen.sort();
+        assert_eq!(seen, (0..32).collect::<Vec<_>>());
+    });
+    let mut b = vec![0u8; 65536];
+    h.disk.read_at(&mut b, 31 * 65536).unwrap();
+    assert_eq!(b, vec![31u8; 65536]);
+}
+
+#[test]
+fn connection_counting_disconnect_export_and_shutdown() {
+    let h = Harness::start(64 * MIB);
+    let mut a = Raw::go(&h, "disk", false);
+    let mut b = Raw::go(&h, "disk", true);
+    let mut c = Raw::go(&h, "ro", false);
+    h.wait_for("three connections", || h.server.total_connections() == 3);
+    assert_eq!(h.server.connections("disk"), 2);
+    assert_eq!(h.server.connections("ro"), 1);
+    assert_eq!(h.server.connections("nope"), 0);
+    h.server.disconnect_export("disk");
+    a.assert_closed();
+    b.assert_closed();
+    h.wait_for("disk connections gone", || {
+        h.server.connections("disk") == 0
+    });
+    assert_eq!(c.simple_read(1, 0, 512), vec![0x42; 512]);
+    h.server.shutdown();
+    c.assert_closed();
+    h.wait_for("accept loops stop", || !h.alive());
+    h.wait_for("all connections gone", || h.server.total_connections() == 0);
+}
