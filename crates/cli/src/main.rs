@@ -74,7 +74,13 @@ fn main() -> ExitCode {
         Command::Up(ref args) => up::run(args),
         Command::Controller { ref cmd } => daemon::controller(cmd),
         Command::Agent { ref cmd } => daemon::agent(cmd),
-        _ => commands::run(&cli),
+        _ => {
+            // Client commands behave like Unix tools in pipes: `tandem volume list | head`
+            // ends quietly when the reader goes away. (Daemons keep SIGPIPE ignored.)
+            // SAFETY: restoring the default disposition of one signal before any threads start.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            commands::run(&cli)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
