@@ -67,15 +67,25 @@ pub struct Server {
     conns: Mutex<HashMap<u64, ConnEntry>>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
+    workers: WorkerPool,
 }
 
 impl Server {
+    /// A server with [`default_workers`] I/O threads.
     pub fn new(registry: Arc<dyn ExportRegistry>) -> Arc<Self> {
+        Self::with_workers(registry, default_workers())
+    }
+
+    /// A server whose device I/O runs on `workers` dedicated threads (shared by all
+    /// connections). Few threads beat many: requests queue instead of contending for the CPU
+    /// and the file's locks.
+    pub fn with_workers(registry: Arc<dyn ExportRegistry>, workers: usize) -> Arc<Self> {
         Arc::new(Server {
             registry,
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
+            workers: WorkerPool::new(workers.max(1)),
         })
     }
 
@@ -208,6 +218,56 @@ async fn transient_accept_error(e: io::Error) -> io::Result<()> {
     }
 }
 
+/// Default number of I/O worker threads: four per CPU, between 8 and 64.
+pub fn default_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cpus * 4).clamp(8, 64)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Fixed set of threads running device I/O, fed through one queue. The threads exit when the
+/// last handle (the server and its connections) is dropped.
+#[derive(Clone)]
+struct WorkerPool {
+    queue: std::sync::mpsc::Sender<Job>,
+}
+
+impl WorkerPool {
+    fn new(n: usize) -> WorkerPool {
+        let (queue, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..n {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-io-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = {
+                            let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
+                            guard.recv()
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!("nbd: cannot start I/O thread {i}: {e}");
+            }
+        }
+        WorkerPool { queue }
+    }
+
+    fn submit(&self, job: Job) {
+        if let Err(e) = self.queue.send(job) {
+            // No worker thread could be started at all; run the job here rather than lose it.
+            (e.0)();
+        }
+    }
+}
+
 /// Removes the connection from the table when its task ends (however it ends).
 struct ConnGuard {
     server: Arc<Server>,
@@ -304,7 +364,7 @@ where
            "nbd: client entered transmission");
     let leftover = hs.take_leftover();
     let reader = BufReader::with_capacity(256 << 10, io::Cursor::new(leftover).chain(read));
-    transmission(reader, write, *negotiated, kill).await
+    transmission(reader, write, *negotiated, kill, server.workers.clone()).await
 }
 
 /// A piece of an encoded reply.
@@ -405,6 +465,7 @@ async fn transmission<R, W>(
     write: W,
     neg: Negotiated<Arc<Export>>,
     mut kill: watch::Receiver<bool>,
+    workers: WorkerPool,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -505,13 +566,13 @@ where
                     let shared = shared.clone();
                     let out_tx = out_tx.clone();
                     let handle = h.handle;
-                    tokio::task::spawn_blocking(move || {
+                    workers.submit(Box::new(move || {
                         let parts = execute(&shared, cmd, handle, payload);
                         let _ = out_tx.send(Out {
                             parts,
                             _permits: permits,
                         });
-                    });
+                    }));
                 }
             }
         }
