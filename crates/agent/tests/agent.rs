@@ -559,7 +559,10 @@ fn have(tool: &str) -> bool {
 /// a client is connected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serves_replicas_over_nbd_and_refuses_delete_while_connected() {
-    assert!(have("qemu-io"), "qemu-io is needed; ./scripts/test installs it");
+    assert!(
+        have("qemu-io"),
+        "qemu-io is needed; ./scripts/test installs it"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let stub = Stub::start(desired(
         "cluster-1",

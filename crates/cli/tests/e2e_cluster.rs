@@ -296,6 +296,7 @@ fn real_clients_read_and_write_a_volume() {
         "--size=16m",
         "--iodepth=32",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--randrepeat=0",
         "--output-format=json",

@@ -267,6 +267,7 @@ fn fio_nbd_engine_randwrite_with_crc32c_verify() {
             "--iodepth=32",
             "--size=16M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--output-format=json",
@@ -291,6 +292,7 @@ fn fio_nbd_engine_randwrite_with_crc32c_verify() {
         "--size=32M",
         "--offset=32M",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--verify_fatal=1",
     ]));
 }
