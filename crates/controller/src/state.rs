@@ -151,7 +151,7 @@ fn validate_size(size: u64) -> Result<(), Failure> {
             "size_bytes must be greater than 0",
         ));
     }
-    if size % SIZE_ALIGN != 0 {
+    if !size.is_multiple_of(SIZE_ALIGN) {
         let down = size / SIZE_ALIGN * SIZE_ALIGN;
         let up = down.saturating_add(SIZE_ALIGN);
         return Err(Failure::bad_request(
