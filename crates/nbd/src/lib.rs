@@ -32,7 +32,7 @@
 //!   write payload over 32 MiB, a bad request magic or a truncated request closes that connection
 //!   only. Device errors map to `EIO`/`ENOSPC`.
 //! * Concurrency: many requests in flight per connection (up to 128 requests / 128 MiB),
-//!   executed on tokio's blocking pool, replies out of order through one writer task that batches
+//!   executed on a fixed pool of worker threads (4 per CPU, 8 to 64), replies out of order through one writer task that batches
 //!   them into vectored writes.
 //!
 //! Not supported: TLS, extended headers, oldstyle or non-fixed newstyle handshakes.
