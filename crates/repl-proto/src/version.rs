@@ -1,0 +1,166 @@
+//! Protocol versions and their negotiation.
+//!
+//! Each side announces the inclusive range of versions it speaks; both use the highest version
+//! in both ranges. No common version refuses the link with [`VersionMismatch`], which names both
+//! ranges. The framing (`frame`) and the handshake messages are the same in every version, so
+//! the negotiation itself never depends on the version being negotiated.
+
+use std::fmt;
+
+/// The version history of the replication protocol. One variant per version, never removed
+/// or renumbered; `docs/protocol.md` has the same table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u16)]
+pub enum ProtocolVersion {
+    /// Version 1: initial. Framing with a 24-byte header (two crc32c checksums), the
+    /// authenticated four-message handshake, and every message of `docs/protocol.md`.
+    V1 = 1,
+}
+
+impl ProtocolVersion {
+    /// Every version this build speaks, oldest first.
+    pub const ALL: &'static [ProtocolVersion] = &[ProtocolVersion::V1];
+    /// The newest version this build speaks.
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V1;
+    /// The oldest version this build speaks.
+    pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
+
+    /// The number on the wire.
+    pub const fn number(self) -> u16 {
+        self as u16
+    }
+
+    /// The known version with this number.
+    pub fn from_number(n: u16) -> Option<ProtocolVersion> {
+        Self::ALL.iter().copied().find(|v| v.number() == n)
+    }
+}
+
+impl fmt::Display for ProtocolVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.number())
+    }
+}
+
+/// An inclusive range of protocol version numbers, as announced on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VersionRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl VersionRange {
+    /// Everything this build speaks.
+    pub const SUPPORTED: VersionRange = VersionRange {
+        min: ProtocolVersion::OLDEST.number(),
+        max: ProtocolVersion::LATEST.number(),
+    };
+
+    /// A range; `None` unless `1 <= min <= max` (version 0 does not exist).
+    pub fn new(min: u16, max: u16) -> Option<VersionRange> {
+        (min >= 1 && min <= max).then_some(VersionRange { min, max })
+    }
+
+    pub fn contains(&self, v: u16) -> bool {
+        self.min <= v && v <= self.max
+    }
+
+    /// True when every version of the range is one this build knows.
+    pub fn is_supported(&self) -> bool {
+        self.min >= 1 && self.min <= self.max && VersionRange::SUPPORTED.covers(self)
+    }
+
+    fn covers(&self, other: &VersionRange) -> bool {
+        self.min <= other.min && other.max <= self.max
+    }
+}
+
+impl fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}..={}", self.min, self.max)
+        }
+    }
+}
+
+/// No version in common.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no common protocol version: we speak {ours}, the peer speaks {theirs}")]
+pub struct VersionMismatch {
+    pub ours: VersionRange,
+    pub theirs: VersionRange,
+}
+
+/// The highest version in both ranges.
+pub fn negotiate(ours: VersionRange, theirs: VersionRange) -> Result<u16, VersionMismatch> {
+    let hi = ours.max.min(theirs.max);
+    let lo = ours.min.max(theirs.min);
+    if lo <= hi {
+        Ok(hi)
+    } else {
+        Err(VersionMismatch { ours, theirs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn r(min: u16, max: u16) -> VersionRange {
+        VersionRange::new(min, max).unwrap()
+    }
+
+    #[test]
+    fn picks_highest_common() {
+        assert_eq!(negotiate(r(1, 3), r(2, 5)), Ok(3));
+        assert_eq!(negotiate(r(2, 5), r(1, 3)), Ok(3));
+        assert_eq!(negotiate(r(1, 1), r(1, 1)), Ok(1));
+        assert_eq!(negotiate(r(1, 9), r(4, 4)), Ok(4));
+    }
+
+    #[test]
+    fn refuses_disjoint_naming_both() {
+        let e = negotiate(r(1, 2), r(3, 4)).unwrap_err();
+        assert_eq!(e.ours, r(1, 2));
+        assert_eq!(e.theirs, r(3, 4));
+        assert_eq!(
+            e.to_string(),
+            "no common protocol version: we speak 1..=2, the peer speaks 3..=4"
+        );
+    }
+
+    #[test]
+    fn history_is_consistent() {
+        assert_eq!(ProtocolVersion::LATEST.number(), 1);
+        assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
+        assert_eq!(ProtocolVersion::from_number(0), None);
+        assert!(VersionRange::SUPPORTED.is_supported());
+        assert!(!r(1, 2).is_supported());
+        assert_eq!(VersionRange::new(0, 1), None);
+        assert_eq!(VersionRange::new(3, 2), None);
+        for w in ProtocolVersion::ALL.windows(2) {
+            assert_eq!(w[0].number() + 1, w[1].number());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn negotiation_is_symmetric_and_maximal(a in 1u16..20, b in 0u16..20, c in 1u16..20, d in 0u16..20) {
+            let x = r(a, a + b);
+            let y = r(c, c + d);
+            let one = negotiate(x, y);
+            let two = negotiate(y, x);
+            prop_assert_eq!(one.is_ok(), two.is_ok());
+            if let Ok(v) = one {
+                prop_assert_eq!(Ok(v), two);
+                prop_assert!(x.contains(v) && y.contains(v));
+                prop_assert!(!(v + 1..=x.max).any(|w| y.contains(w)));
+            } else {
+                prop_assert!(!(x.min..=x.max).any(|w| y.contains(w)));
+            }
+        }
+    }
+}
