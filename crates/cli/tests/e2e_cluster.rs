@@ -92,7 +92,12 @@ fn up_serves_a_volume_end_to_end() {
     assert_eq!(json_uri["uri"], uri.as_str());
     let info: serde_json::Value =
         serde_json::from_str(&check(Command::new(tool("nbdinfo")).args(["--json", &uri]))).unwrap();
-    assert_eq!(info["exports"][0]["export-size"], 64 << 20, "{info}");
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], 64 << 20, "{info}");
+    for flag in ["can_multi_conn", "can_flush", "can_fua", "can_trim", "can_zero"] {
+        assert_eq!(export[flag], true, "{flag}: {info}");
+    }
+    assert_eq!(export["is_read_only"], false, "{info}");
     let qi = check(Command::new(tool("qemu-img")).args(["info", "--output=json", &uri]));
     let qi: serde_json::Value = serde_json::from_str(&qi).unwrap();
     assert_eq!(qi["virtual-size"], 64 << 20, "{qi}");
