@@ -1295,3 +1295,219 @@ proptest! {
         }
     }
 }
+
+// ---------- docs/protocol.md stays true to the code ----------
+
+#[test]
+fn protocol_doc_lists_every_type_and_version() {
+    let doc = include_str!("../../../docs/protocol.md");
+    for t in MessageType::ALL {
+        let row = format!("| {:#06x} | {t} |", t.code());
+        assert!(doc.contains(&row), "docs/protocol.md lacks the row {row:?}");
+    }
+    for v in ProtocolVersion::ALL {
+        let row = format!("\n| {} | ", v.number());
+        assert!(doc.contains(&row), "docs/protocol.md lacks version {v}");
+    }
+    assert!(doc.contains(&format!("`{}`", std::str::from_utf8(&MAGIC).unwrap())));
+}
+
+#[test]
+fn payload_sizes_match_the_doc() {
+    fn size(m: Message) -> usize {
+        let mut b = Vec::new();
+        encode(&m, &mut b).unwrap();
+        b.len() - HEADER_LEN
+    }
+    let d = Bytes::from_static(&[1, 2, 3]);
+    let s = |n: usize| "x".repeat(n);
+    let cases: Vec<(Message, usize)> = vec![
+        (
+            Message::Hello(Box::new(Hello {
+                min_version: 1,
+                max_version: 1,
+                from_node: 0,
+                to_node: 1,
+                nonce: [0; 32],
+                cluster_id: s(1),
+                volume_name: s(2),
+                volume_uuid: s(3),
+            })),
+            38 + 3 * 2 + 6,
+        ),
+        (
+            Message::Challenge {
+                min_version: 1,
+                max_version: 1,
+                version: 1,
+                nonce: [0; 32],
+            },
+            38,
+        ),
+        (Message::Auth { mac: [0; 32] }, 32),
+        (Message::Welcome { mac: [0; 32] }, 32),
+        (
+            Message::Refused {
+                reason: RefuseReason::BadMac,
+                min_version: 1,
+                max_version: 1,
+                detail: s(4),
+            },
+            6 + 2 + 4,
+        ),
+        (Message::Ping { token: 0 }, 8),
+        (Message::Pong { token: 0 }, 8),
+        (
+            Message::Disconnect {
+                reason: DisconnectReason::Shutdown,
+                detail: s(5),
+            },
+            2 + 2 + 5,
+        ),
+        (
+            Message::StateReport(Box::new(StateReport {
+                seq: 0,
+                node_id: 0,
+                role: Role::Primary,
+                disk_state: DiskState::UpToDate,
+                quorum: QuorumInfo::default(),
+                flags: 0,
+                size_bytes: 0,
+                generations: Generations::default(),
+                peer_bitmaps: vec![
+                    PeerBitmap {
+                        node: 1,
+                        generation: 2
+                    };
+                    2
+                ],
+            })),
+            60 + 2 * 9,
+        ),
+        (
+            Message::Write {
+                seq: 0,
+                offset: 0,
+                flags: 0,
+                data: d.clone(),
+            },
+            20 + 3,
+        ),
+        (
+            Message::WriteAck {
+                seq: 0,
+                status: Status::Ok,
+            },
+            9,
+        ),
+        (
+            Message::Trim {
+                seq: 0,
+                offset: 0,
+                len: 1,
+                flags: 0,
+            },
+            28,
+        ),
+        (
+            Message::WriteZeroes {
+                seq: 0,
+                offset: 0,
+                len: 1,
+                flags: 0,
+            },
+            28,
+        ),
+        (Message::Flush { seq: 0 }, 8),
+        (
+            Message::FlushAck {
+                seq: 0,
+                status: Status::Ok,
+            },
+            9,
+        ),
+        (
+            Message::ReadRequest {
+                seq: 0,
+                offset: 0,
+                len: 1,
+            },
+            20,
+        ),
+        (
+            Message::ReadReply {
+                seq: 0,
+                status: Status::Ok,
+                data: d.clone(),
+            },
+            9 + 3,
+        ),
+        (
+            Message::ResyncBegin {
+                generation: 0,
+                bytes: 0,
+            },
+            16,
+        ),
+        (
+            Message::ResyncEnd {
+                generation: 0,
+                status: Status::Ok,
+            },
+            9,
+        ),
+        (
+            Message::ResyncRequest {
+                id: 0,
+                offset: 0,
+                len: 1,
+            },
+            20,
+        ),
+        (
+            Message::ResyncData {
+                id: 0,
+                offset: 0,
+                status: Status::Ok,
+                flags: 0,
+                len: 3,
+                data: d.clone(),
+            },
+            25 + 3,
+        ),
+        (
+            Message::ChecksumRequest {
+                id: 0,
+                offset: 0,
+                len: 4096,
+                block_size: 4096,
+                alg: ChecksumAlg::Blake3,
+                purpose: ChecksumPurpose::Verify,
+            },
+            26,
+        ),
+        (
+            Message::ChecksumReply {
+                id: 0,
+                offset: 0,
+                block_size: 4096,
+                alg: ChecksumAlg::Blake3,
+                status: Status::Ok,
+                digests: vec![[0; 32]; 2],
+            },
+            26 + 64,
+        ),
+        (
+            Message::OutOfSync {
+                flags: 0,
+                ranges: vec![ByteRange { offset: 0, len: 1 }; 3],
+            },
+            8 + 48,
+        ),
+    ];
+    assert_eq!(cases.len(), MessageType::ALL.len());
+    for (m, want) in cases {
+        let t = m.message_type();
+        assert_eq!(size(m), want, "{t}");
+    }
+}
