@@ -30,6 +30,10 @@ pub const MAX_DATA: usize = 32 << 20;
 pub const MAX_PAYLOAD: usize = MAX_DATA + 4096;
 /// Largest frame on the wire.
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD;
+/// Largest payload of any handshake message (a Refused with the longest detail). A decoder
+/// limited to this before the peer is authenticated never buffers more than a few KiB for a
+/// stranger: see [`Decoder::set_max_payload`].
+pub const MAX_HANDSHAKE_PAYLOAD: usize = 2048;
 /// Frame flag bits defined so far (none).
 pub const KNOWN_FRAME_FLAGS: u32 = 0;
 
@@ -159,6 +163,12 @@ impl Decoder {
             max_payload: max.min(MAX_PAYLOAD),
             ..Decoder::new()
         }
+    }
+
+    /// Changes the payload limit (at most [`MAX_PAYLOAD`]): e.g. [`MAX_HANDSHAKE_PAYLOAD`]
+    /// until the handshake completed, then [`MAX_PAYLOAD`].
+    pub fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max.min(MAX_PAYLOAD);
     }
 
     /// After the handshake: every non-handshake frame must carry this version.

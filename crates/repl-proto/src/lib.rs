@@ -20,7 +20,10 @@ pub mod message;
 pub mod version;
 
 pub use encode::{Encoder, encode};
-pub use frame::{DecodeError, Decoder, Frame, HEADER_LEN, MAGIC, MAX_DATA, MAX_FRAME, MAX_PAYLOAD};
+pub use frame::{
+    DecodeError, Decoder, Frame, HEADER_LEN, MAGIC, MAX_DATA, MAX_FRAME, MAX_HANDSHAKE_PAYLOAD,
+    MAX_PAYLOAD,
+};
 pub use handshake::{
     Acceptor, AcceptorConfig, ClusterSecret, Established, HandshakeError, HandshakeFailure,
     Initiator, InitiatorConfig, LocalVolume, Output, VolumeLookup,

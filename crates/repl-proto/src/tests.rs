@@ -559,6 +559,44 @@ fn typed_header_errors() {
         Err(DecodeError::Oversized { len: 17, max: 16 })
     );
 
+    // The handshake limit holds the largest handshake messages, and can be lifted afterwards.
+    let biggest = [
+        Message::Refused {
+            reason: RefuseReason::ProtocolError,
+            min_version: 1,
+            max_version: 1,
+            detail: "\u{10348}".repeat(256),
+        },
+        Message::Hello(Box::new(Hello {
+            min_version: 1,
+            max_version: 1,
+            from_node: 0,
+            to_node: 1,
+            nonce: [0; 32],
+            cluster_id: "c".repeat(255),
+            volume_name: "v".repeat(255),
+            volume_uuid: "u".repeat(255),
+        })),
+    ];
+    let mut d = Decoder::with_max_payload(MAX_HANDSHAKE_PAYLOAD);
+    for m in &biggest {
+        let mut b = Vec::new();
+        encode(m, &mut b).unwrap();
+        d.feed(&b);
+        assert_eq!(d.next_message().unwrap().as_ref(), Some(m));
+    }
+    let big = Message::Write {
+        seq: 1,
+        offset: 0,
+        flags: 0,
+        data: Bytes::from(vec![0; 4096]),
+    };
+    let mut b = Vec::new();
+    encode(&big, &mut b).unwrap();
+    d.set_max_payload(MAX_PAYLOAD);
+    d.feed(&b);
+    assert_eq!(d.next_message().unwrap(), Some(big));
+
     // Versions: unknown, handshake not 0, not the negotiated one.
     let mut d = Decoder::new();
     d.feed(&raw_frame(9, MessageType::Ping.code(), 0, &[0; 8]));
