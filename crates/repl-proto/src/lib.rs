@@ -5,7 +5,7 @@
 //!   that accepts bytes in chunks of any size and hands out payloads as `Bytes` slices of its
 //!   buffer.
 //! * [`message`]: every [`Message`] with explicit type codes, hand-encoded little endian.
-//! * [`encode`]: the [`Encoder`], also vectored so bulk data is not copied.
+//! * [`mod@encode`]: the [`Encoder`], also vectored so bulk data is not copied.
 //! * [`version`]: the version history ([`ProtocolVersion`]) and negotiation.
 //! * [`handshake`]: the authenticated handshake as state machines ([`Initiator`],
 //!   [`Acceptor`]) binding a link to one cluster, one volume and both node ids.
