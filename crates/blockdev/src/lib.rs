@@ -116,6 +116,20 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// byte of the range and at most the range (may stop early, never empty for `len > 0`).
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
 
+    /// Like [`BlockDevice::read_at`], but only if it can complete without waiting for the
+    /// backing store (the data is cached). `Ok(false)`: it would block and nothing was read; the
+    /// caller retries with `read_at` on a thread that may block. The default never tries.
+    fn try_read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Like [`BlockDevice::write_at`], but only if it can complete without blocking.
+    /// `Ok(false)`: it would block; the caller retries with `write_at` (part of the range may
+    /// already hold the new data, which the retry writes again).
+    fn try_write_at_nowait(&self, _buf: &[u8], _offset: u64) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Checks that `[offset, offset+len)` lies inside the device.
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
@@ -146,5 +160,11 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).block_status(offset, len)
+    }
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        (**self).try_read_at_nowait(buf, offset)
+    }
+    fn try_write_at_nowait(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        (**self).try_write_at_nowait(buf, offset)
     }
 }

@@ -563,9 +563,17 @@ where
                         }
                         _ => None,
                     };
+                    let handle = h.handle;
+                    let (payload, inline) = try_inline(&shared, &cmd, handle, payload);
+                    if let Some(parts) = inline {
+                        let _ = out_tx.send(Out {
+                            parts,
+                            _permits: permits,
+                        });
+                        continue;
+                    }
                     let shared = shared.clone();
                     let out_tx = out_tx.clone();
-                    let handle = h.handle;
                     workers.submit(Box::new(move || {
                         let parts = execute(&shared, cmd, handle, payload);
                         let _ = out_tx.send(Out {
@@ -694,6 +702,65 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Out]) -> 
         IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
+}
+
+/// Largest read or write tried inline on the connection's task.
+const INLINE_MAX: u32 = 64 << 10;
+
+/// Small reads and (non-FUA) writes whose data is in the page cache complete in a couple of
+/// microseconds: cheaper than handing them to a worker thread and back. They are tried with
+/// `RWF_NOWAIT` right here; anything that would block (cache miss, writeback throttling, FUA)
+/// goes to the worker pool as before. Returns the payload back when the request was not done.
+fn try_inline(
+    sh: &Shared,
+    cmd: &Command,
+    handle: u64,
+    payload: Option<Vec<u8>>,
+) -> (Option<Vec<u8>>, Option<Vec<Part>>) {
+    let dev = &*sh.export.device;
+    match *cmd {
+        Command::Read { offset, len, .. } if len > 0 && len <= INLINE_MAX => {
+            let mut buf = sh.pool.get(len as usize);
+            match dev.try_read_at_nowait(&mut buf, offset) {
+                Ok(true) => {
+                    let head = if sh.session.structured {
+                        Part::head(&tx::offset_data_header(handle, offset, len, true))
+                    } else {
+                        Part::head(&tx::simple_reply(handle, 0))
+                    };
+                    (payload, Some(vec![head, Part::Data(buf)]))
+                }
+                // Would block, or failed: the worker retries and reports errors the usual way.
+                Ok(false) | Err(_) => {
+                    sh.pool.put(buf);
+                    (payload, None)
+                }
+            }
+        }
+        Command::Write {
+            offset,
+            len,
+            fua: false,
+        } if len <= INLINE_MAX => {
+            let Some(buf) = payload else {
+                return (None, None);
+            };
+            match dev.try_write_at_nowait(&buf, offset) {
+                Ok(true) => {
+                    sh.pool.put(buf);
+                    (
+                        None,
+                        Some(vec![Part::Data(tx::ok_reply(
+                            sh.session.structured,
+                            handle,
+                        ))]),
+                    )
+                }
+                Ok(false) | Err(_) => (Some(buf), None),
+            }
+        }
+        _ => (payload, None),
+    }
 }
 
 /// NBD error value for a device error.
