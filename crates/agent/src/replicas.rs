@@ -595,6 +595,7 @@ impl Ctx<'_> {
                     0
                 },
                 last_error: e.last_error.clone(),
+                on_disk: e.ghost.is_none(),
             })
             .collect()
     }

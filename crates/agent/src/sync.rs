@@ -211,5 +211,10 @@ fn build_report(agent: &Agent, applied_revision: u64, foreign: bool) -> AgentRep
             ctx.report_replicas()
         },
         applied_revision,
+        cluster_id: agent
+            .cluster_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }
 }

@@ -158,15 +158,72 @@ pub struct Replica {
     pub connections: u32,
 }
 
-/// A multi-step change in progress or recently finished.
+/// A multi-step change in progress or recently finished (`create`, `delete`, `adopt`).
+///
+/// Persisted in the controller's store with its volume: a restarted controller resumes it.
+/// Fields after `last_error` were added later and default when absent.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 pub struct Operation {
+    /// `create`, `delete`, `adopt` (a volume learnt from an agent's report).
     pub kind: String,
-    /// `pending`, `running`, `done`, `failed`.
+    /// `pending`, `running`, `retrying` (the last attempt failed; the next one is scheduled
+    /// at `next_retry_unix`), `done`, `failed` (given up; see `last_error`).
     pub state: String,
-    /// 0.0 to 1.0.
+    /// 0.0 to 1.0 (the share of steps done).
     pub progress: f64,
     pub last_error: Option<String>,
+    /// Unique id of the operation.
+    #[serde(default)]
+    pub id: String,
+    /// The steps, in order.
+    #[serde(default)]
+    pub steps: Vec<OperationStep>,
+    /// Attempts made so far (the first one included).
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the operation started (unix seconds).
+    #[serde(default)]
+    pub started_unix: u64,
+    /// When the current (or last) attempt started (unix seconds).
+    #[serde(default)]
+    pub last_attempt_unix: Option<u64>,
+    /// When the controller will retry (state `retrying`), unix seconds.
+    #[serde(default)]
+    pub next_retry_unix: Option<u64>,
+    /// When the operation reached `done` or `failed` (unix seconds).
+    #[serde(default)]
+    pub finished_unix: Option<u64>,
+    /// Estimated seconds until done, where the controller can tell (long copies); `null`
+    /// when unknown.
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
+    /// The most recent failed attempts, oldest first (bounded).
+    #[serde(default)]
+    pub retry_history: Vec<AttemptRecord>,
+}
+
+/// One step of an [`Operation`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct OperationStep {
+    /// What the step does, e.g. `create replica on node1:default`.
+    pub name: String,
+    /// Node the step waits for, if any.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// `pending`, `running`, `done`, `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// A failed attempt of an [`Operation`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct AttemptRecord {
+    /// Attempt number (1 = the first attempt).
+    pub attempt: u32,
+    /// When it failed (unix seconds).
+    pub failed_unix: u64,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -203,6 +260,108 @@ pub struct ClusterStatus {
     pub nodes: Vec<Node>,
     pub pools: Vec<Pool>,
     pub volumes: Vec<Volume>,
+    /// What the controller could not reconcile with the agents' reports (see
+    /// `GET /v1/reconcile`).
+    #[serde(default)]
+    pub issues: Vec<ReconcileIssue>,
+}
+
+/// Something an agent reports that the controller cannot reconcile with its desired state,
+/// e.g. two nodes claiming one volume name with different uuids. Recomputed from every
+/// report: an issue disappears once its cause is gone.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReconcileIssue {
+    /// Node whose report shows the problem.
+    pub node: String,
+    /// Volume concerned, if any.
+    pub volume: Option<String>,
+    /// Stable code: `foreign_cluster`, `uuid_mismatch`, `size_mismatch`, `extra_replica`,
+    /// `unreadable_replica`.
+    pub code: String,
+    pub message: String,
+}
+
+/// `GET /v1/reconcile`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ReconcileReport {
+    pub cluster_id: String,
+    pub issues: Vec<ReconcileIssue>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// State export / import: `GET /v1/state`, `POST /v1/state`.
+// ---------------------------------------------------------------------------------------------
+
+/// The only `format_version` of [`StateDocument`] this release reads and writes.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+/// The controller's whole desired state (no live data): `GET /v1/state` returns it,
+/// `POST /v1/state` imports it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StateDocument {
+    /// Version of this document's format; must be [`STATE_FORMAT_VERSION`] (1).
+    pub format_version: u32,
+    pub cluster_id: String,
+    /// When the document was exported (unix seconds; informational).
+    #[serde(default)]
+    pub exported_unix: u64,
+    /// Version of the controller that exported it (informational).
+    #[serde(default)]
+    pub controller_version: String,
+    pub nodes: Vec<NodeSpec>,
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A node in a [`StateDocument`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    pub address: String,
+    pub role: NodeRole,
+}
+
+/// Where one replica of a volume lives, in a [`StateDocument`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    pub node: String,
+    pub pool: String,
+    pub diskless: bool,
+}
+
+/// A volume in a [`StateDocument`]: identity, size, options, placement and operations.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub uuid: String,
+    pub size_bytes: u64,
+    pub protocol: Protocol,
+    pub replica_count: u32,
+    pub state: VolumeState,
+    pub placements: Vec<PlacementSpec>,
+    #[serde(default)]
+    pub operations: Vec<Operation>,
+    #[serde(default)]
+    pub created_unix: u64,
+}
+
+/// Answer of `POST /v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct StateImportResult {
+    /// The controller's cluster id after the import (the document's).
+    pub cluster_id: String,
+    /// Volumes written from the document.
+    pub volumes_imported: u32,
+    /// Volumes the store already held identically (same uuid, size and placement); the
+    /// document's copy (options, operations) replaced them.
+    pub volumes_matched: u32,
+    /// Nodes registered from the document (nodes already known keep their live record).
+    pub nodes_imported: u32,
+    /// Whether the import replaced a non-empty store (`replace=true`).
+    pub replaced: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -234,6 +393,15 @@ pub struct ReplicaReport {
     pub connections: u32,
     /// Last error applying the desired state to this replica, if any.
     pub last_error: Option<String>,
+    /// `false` when nothing is on disk: the controller asked for this replica and creating
+    /// it failed (`last_error` says why). Only replicas on disk are adopted by a controller
+    /// rebuilding its state.
+    #[serde(default = "default_true")]
+    pub on_disk: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Body of `POST /v1/agents/{node}/sync`.
@@ -251,6 +419,12 @@ pub struct AgentReport {
     /// Desired-state revision the agent has applied; the controller may hold the response
     /// (long poll, up to `wait_ms` of the query) until its revision differs.
     pub applied_revision: u64,
+    /// Cluster the agent is bound to (remembered from the first controller it joined, or
+    /// read from its replicas' metadata); `null` for an agent that never joined one. A
+    /// controller whose store is empty adopts it, so a controller rebuilt on an empty store
+    /// keeps the cluster's identity.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 /// One replica the controller wants on the agent's node.

@@ -6,7 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde::Serialize;
 use tandem_api::{
-    ClusterStatus, ConnectInfo, Node, Pool, Protocol, Volume, VolumeCreate, VolumeState,
+    ClusterStatus, ConnectInfo, Node, Pool, Protocol, StateDocument, StateImportResult, Volume,
+    VolumeCreate, VolumeState,
 };
 use tandem_types::{format_size, parse_size};
 
@@ -24,6 +25,20 @@ pub enum NodeCmd {
 pub enum PoolCmd {
     /// List pools with capacity and free space.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StateCmd {
+    /// Write the whole desired state (cluster id, nodes, volumes) to FILE (`-`: stdout).
+    Export { file: String },
+    /// Load a state document into the controller. Refused when the controller's store holds
+    /// conflicting objects, unless --replace.
+    Import {
+        file: String,
+        /// Drop the controller's nodes and volumes first (agents keep their replicas).
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,10 +120,12 @@ pub fn run(cli: &Cli) -> Result<()> {
     let client = Client::new(&cli.controller);
     let json = cli.output == Format::Json;
     match &cli.command {
-        Command::Status => {
+        Command::Status { watch: false } => {
             let s: ClusterStatus = client.get("/v1/status")?;
-            emit(json, &s, output::status)
+            emit(json, &s, |s| output::status(s, crate::now_unix()))
         }
+        Command::Status { watch: true } => watch_status(&client, json),
+        Command::State { cmd } => state(&client, cmd, json),
         Command::Node { cmd: NodeCmd::List } => {
             let n: Vec<Node> = client.get("/v1/nodes")?;
             emit(json, &n[..], output::nodes_table)
@@ -263,4 +280,134 @@ fn wait_gone(client: &Client, name: &str) -> Result<()> {
             Ok(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// `tandem status --watch`: a snapshot every second until Ctrl-C. On a terminal the screen is
+/// redrawn in place (cursor home, each line cleared to its end, the rest of the screen
+/// cleared: no flicker); in a pipe snapshots follow each other separated by a blank line;
+/// JSON is one document per line.
+fn watch_status(client: &Client, json: bool) -> Result<()> {
+    use std::io::Write;
+    // SAFETY: isatty only inspects the descriptor.
+    let tty = unsafe { libc::isatty(1) } == 1;
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let frame = match client.get::<ClusterStatus>("/v1/status") {
+            Ok(s) if json => format!("{}\n", serde_json::to_string(&s)?),
+            Ok(s) => output::status(&s, crate::now_unix()),
+            Err(e) if json => {
+                eprintln!("error: {e}");
+                String::new()
+            }
+            Err(e) => format!("error: {e}\n(retrying every second; Ctrl-C stops)\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        if json {
+            out.write_all(frame.as_bytes())?;
+        } else if tty {
+            let mut screen = String::from("\x1b[H");
+            for line in frame.lines() {
+                screen.push_str(line);
+                screen.push_str("\x1b[K\n");
+            }
+            screen.push_str("\x1b[J");
+            out.write_all(screen.as_bytes())?;
+        } else {
+            if !first {
+                out.write_all(b"\n")?;
+            }
+            out.write_all(frame.as_bytes())?;
+        }
+        out.flush()?;
+        drop(out);
+        first = false;
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
+    }
+}
+
+fn state(client: &Client, cmd: &StateCmd, json: bool) -> Result<()> {
+    match cmd {
+        StateCmd::Export { file } => {
+            let doc: StateDocument = client.get("/v1/state")?;
+            let mut text = serde_json::to_string_pretty(&doc)?;
+            text.push('\n');
+            if file == "-" {
+                print!("{text}");
+                return Ok(());
+            }
+            write_atomically(std::path::Path::new(file), text.as_bytes())
+                .with_context(|| format!("cannot write {file}"))?;
+            let summary = serde_json::json!({
+                "file": file,
+                "cluster_id": doc.cluster_id,
+                "format_version": doc.format_version,
+                "nodes": doc.nodes.len(),
+                "volumes": doc.volumes.len(),
+            });
+            emit(json, &summary, |_| {
+                format!(
+                    "Exported cluster {} ({} node(s), {} volume(s)) to {file} (format_version {}).\n",
+                    doc.cluster_id,
+                    doc.nodes.len(),
+                    doc.volumes.len(),
+                    doc.format_version
+                )
+            })
+        }
+        StateCmd::Import { file, replace } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+            } else {
+                std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
+            };
+            // Sent as read: the controller validates (format_version, unknown fields, ...).
+            let body: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{file} is not a JSON document"))?;
+            let r: StateImportResult =
+                client.post(&format!("/v1/state?replace={replace}"), &body)?;
+            emit(json, &r, |r| {
+                format!(
+                    "Imported the state of cluster {}: {} volume(s) written, {} matched existing \
+                     ones, {} node(s) registered{}.\n",
+                    r.cluster_id,
+                    r.volumes_imported,
+                    r.volumes_matched,
+                    r.nodes_imported,
+                    if r.replaced {
+                        " (the store's nodes and volumes were replaced)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

@@ -49,8 +49,17 @@ pub enum Command {
         #[command(subcommand)]
         cmd: daemon::AgentCmd,
     },
-    /// The cluster at a glance: nodes, pools, volumes.
-    Status,
+    /// The cluster at a glance: nodes, pools with usage, volumes, operations, issues.
+    Status {
+        /// Redraw every second until Ctrl-C (JSON: one document per line).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Export or import the controller's whole desired state (JSON).
+    State {
+        #[command(subcommand)]
+        cmd: commands::StateCmd,
+    },
     /// Nodes (hosts running an agent).
     Node {
         #[command(subcommand)]
@@ -66,6 +75,14 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::VolumeCmd,
     },
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn main() -> ExitCode {

@@ -1,6 +1,6 @@
 //! Human output: aligned tables and size formatting. JSON output is the API types verbatim.
 
-use tandem_api::{ClusterStatus, Node, Pool, Volume};
+use tandem_api::{ClusterStatus, Node, Operation, Pool, Volume};
 use tandem_types::{format_iec, format_size};
 
 /// A plain aligned table with a header row.
@@ -125,6 +125,10 @@ pub fn volumes_table(volumes: &[Volume]) -> String {
 }
 
 pub fn volume_detail(v: &Volume) -> String {
+    volume_detail_at(v, crate::now_unix())
+}
+
+pub fn volume_detail_at(v: &Volume, now: u64) -> String {
     let mut out = String::new();
     out.push_str(&format!("Volume:    {}\n", v.name));
     out.push_str(&format!("UUID:      {}\n", v.uuid));
@@ -168,34 +172,219 @@ pub fn volume_detail(v: &Volume) -> String {
     out.push_str(&t.render());
     if !v.operations.is_empty() {
         out.push('\n');
-        let mut t = Table::new(&["OPERATION", "STATE", "PROGRESS", "LAST ERROR"]);
-        for o in &v.operations {
-            t.row(vec![
-                o.kind.clone(),
-                o.state.clone(),
-                format!("{:>3.0}%", o.progress * 100.0),
-                o.last_error.clone().unwrap_or_else(|| "-".into()),
-            ]);
-        }
-        out.push_str(&t.render());
+        out.push_str(&operations_table(v, now));
     }
     out
 }
 
-pub fn status(s: &ClusterStatus) -> String {
+/// `[########............]` for a share from 0.0 to 1.0.
+pub fn bar(share: f64, width: usize) -> String {
+    let share = if share.is_finite() {
+        share.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let full = (share * width as f64).round() as usize;
+    format!("[{}{}]", "#".repeat(full), ".".repeat(width - full))
+}
+
+/// `12s ago`, `3m ago`, or `-`.
+fn ago(t: Option<u64>, now: u64) -> String {
+    match t {
+        Some(t) if t > 0 => format!("{} ago", duration(now.saturating_sub(t))),
+        _ => "-".into(),
+    }
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+fn next_retry(o: &Operation, now: u64) -> String {
+    match o.next_retry_unix {
+        Some(t) if o.state == "retrying" => format!("in {}", duration(t.saturating_sub(now))),
+        _ => "-".into(),
+    }
+}
+
+fn eta(o: &Operation) -> String {
+    match (o.state.as_str(), o.eta_secs) {
+        ("done", _) => "-".into(),
+        (_, Some(s)) => duration(s),
+        (_, None) => "?".into(),
+    }
+}
+
+/// Operations of a volume; steps and failed attempts of unfinished ones below the table.
+pub fn operations_table(v: &Volume, now: u64) -> String {
+    let mut t = Table::new(&[
+        "OPERATION",
+        "STATE",
+        "PROGRESS",
+        "ATTEMPTS",
+        "LAST ATTEMPT",
+        "NEXT RETRY",
+        "LAST ERROR",
+    ]);
+    for o in &v.operations {
+        t.row(vec![
+            o.kind.clone(),
+            o.state.clone(),
+            format!("{:>3.0}%", o.progress * 100.0),
+            o.attempts.to_string(),
+            ago(o.last_attempt_unix, now),
+            next_retry(o, now),
+            o.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut out = t.render();
+    for o in v
+        .operations
+        .iter()
+        .filter(|o| o.state != "done" && o.state != "failed")
+    {
+        out.push_str(&format!("\n{} steps:\n", o.kind));
+        for (i, s) in o.steps.iter().enumerate() {
+            out.push_str(&format!("  {}. {:<44} {}", i + 1, s.name, s.state));
+            if let Some(e) = &s.last_error {
+                out.push_str(&format!(": {e}"));
+            }
+            out.push('\n');
+        }
+        if !o.retry_history.is_empty() {
+            out.push_str("failed attempts (newest last):\n");
+            for a in o.retry_history.iter().rev().take(3).rev() {
+                out.push_str(&format!(
+                    "  #{} {}: {}\n",
+                    a.attempt,
+                    ago(Some(a.failed_unix), now),
+                    a.error
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Operations still running, or finished less than this long ago, show in `status`.
+const RECENT_SECS: u64 = 30;
+
+pub fn status(s: &ClusterStatus, now: u64) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Cluster {} (controller {})\n\n",
         s.cluster_id, s.controller_version
     ));
-    out.push_str(&nodes_table(&s.nodes));
-    out.push('\n');
-    out.push_str(&pools_table(&s.pools));
+    if s.nodes.is_empty() {
+        out.push_str(
+            "No nodes. Start an agent (`tandem agent run`) or a local cluster (`tandem up`).\n",
+        );
+    } else {
+        let mut t = Table::new(&["NODE", "ROLE", "STATE", "LAST SEEN", "ADDRESS", "VERSION"]);
+        for n in &s.nodes {
+            t.row(vec![
+                n.name.clone(),
+                format!("{:?}", n.role).to_lowercase(),
+                format!("{:?}", n.state).to_lowercase(),
+                if n.last_seen_secs == u64::MAX {
+                    "never".into()
+                } else {
+                    format!("{} ago", duration(n.last_seen_secs))
+                },
+                n.address.clone(),
+                if n.agent_version.is_empty() {
+                    "-".into()
+                } else {
+                    n.agent_version.clone()
+                },
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    if !s.pools.is_empty() {
+        out.push('\n');
+        let mut t = Table::new(&["POOL", "USED", "", "FREE", "CAPACITY", "PROVISIONED"]);
+        for p in &s.pools {
+            let used = p.capacity_bytes.saturating_sub(p.free_bytes);
+            let share = if p.capacity_bytes == 0 {
+                0.0
+            } else {
+                used as f64 / p.capacity_bytes as f64
+            };
+            t.row(vec![
+                format!("{}/{}", p.node, p.name),
+                bar(share, 20),
+                format!("{:>3.0}%", share * 100.0),
+                format_iec(p.free_bytes),
+                format_iec(p.capacity_bytes),
+                format_iec(p.provisioned_bytes),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
     out.push('\n');
     if s.volumes.is_empty() {
         out.push_str("No volumes. Create one with: tandem volume create NAME SIZE (e.g. 10GiB)\n");
     } else {
         out.push_str(&volumes_table(&s.volumes));
+    }
+    let mut t = Table::new(&[
+        "VOLUME",
+        "OPERATION",
+        "STATE",
+        "PROGRESS",
+        "",
+        "ETA",
+        "ATTEMPTS",
+        "NEXT RETRY",
+        "LAST ERROR",
+    ]);
+    let mut shown = 0;
+    for v in &s.volumes {
+        for o in &v.operations {
+            let finished = o.state == "done" || o.state == "failed";
+            if finished
+                && o.finished_unix
+                    .is_none_or(|f| now.saturating_sub(f) > RECENT_SECS)
+            {
+                continue;
+            }
+            shown += 1;
+            t.row(vec![
+                v.name.clone(),
+                o.kind.clone(),
+                o.state.clone(),
+                bar(o.progress, 20),
+                format!("{:>3.0}%", o.progress * 100.0),
+                eta(o),
+                o.attempts.to_string(),
+                next_retry(o, now),
+                o.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+    }
+    out.push('\n');
+    if shown == 0 {
+        out.push_str("No operations in progress.\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    if !s.issues.is_empty() {
+        out.push_str("\nISSUES (the controller could not reconcile these reports)\n");
+        let mut t = Table::new(&["NODE", "VOLUME", "CODE", "MESSAGE"]);
+        for i in &s.issues {
+            t.row(vec![
+                i.node.clone(),
+                i.volume.clone().unwrap_or_else(|| "-".into()),
+                i.code.clone(),
+                i.message.clone(),
+            ]);
+        }
+        out.push_str(&t.render());
     }
     out
 }
@@ -209,6 +398,13 @@ mod tests {
         let mut t = Table::new(&["A", "LONGER"]);
         t.row(vec!["xxxx".into(), "y".into()]);
         assert_eq!(t.render(), "A     LONGER\nxxxx  y\n");
+    }
+
+    #[test]
+    fn bars_are_clamped() {
+        assert_eq!(bar(0.5, 4), "[##..]");
+        assert_eq!(bar(2.0, 4), "[####]");
+        assert_eq!(bar(f64::NAN, 4), "[....]");
     }
 
     #[test]

@@ -94,7 +94,13 @@ fn up_serves_a_volume_end_to_end() {
         serde_json::from_str(&check(Command::new(tool("nbdinfo")).args(["--json", &uri]))).unwrap();
     let export = &info["exports"][0];
     assert_eq!(export["export-size"], 64 << 20, "{info}");
-    for flag in ["can_multi_conn", "can_flush", "can_fua", "can_trim", "can_zero"] {
+    for flag in [
+        "can_multi_conn",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+    ] {
         assert_eq!(export[flag], true, "{flag}: {info}");
     }
     assert_eq!(export["is_read_only"], false, "{info}");

@@ -14,8 +14,8 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_api::{
-    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, Pool, Volume,
-    VolumeCreate,
+    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, Pool, ReconcileReport,
+    StateDocument, StateImportResult, Volume, VolumeCreate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -258,6 +258,48 @@ async fn connect(
         .map(axum::Json)
 }
 
+#[utoipa::path(get, path = "/v1/reconcile", tag = "cluster",
+    responses((status = 200, description = "What the controller could not reconcile with the agents' reports", body = ReconcileReport)))]
+async fn reconcile(State(s): State<AppState>) -> axum::Json<ReconcileReport> {
+    axum::Json(s.ctl.reconcile_report())
+}
+
+#[utoipa::path(get, path = "/v1/state", tag = "state",
+    responses((status = 200, description = "The whole desired state as a versioned document", body = StateDocument),
+              (status = 500, description = "State store failure", body = ApiError)))]
+async fn export_state(State(s): State<AppState>) -> Result<axum::Json<StateDocument>, Failure> {
+    blocking(&s, |c| c.export_state()).await.map(axum::Json)
+}
+
+/// Query of `POST /v1/state`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ImportQuery {
+    /// Drop every node and volume record of the store first (agents keep their replicas).
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// Largest state document accepted.
+pub const MAX_STATE_BYTES: usize = 64 << 20;
+
+#[utoipa::path(post, path = "/v1/state", tag = "state", request_body = StateDocument,
+    params(ImportQuery),
+    responses((status = 200, description = "Imported", body = StateImportResult),
+              (status = 400, description = "Unsupported `format_version` (`unsupported_format_version`), invalid content (`invalid_state`, `invalid_json`)", body = ApiError),
+              (status = 409, description = "The store is not empty and conflicts with the document (`import_conflict`); use replace", body = ApiError),
+              (status = 422, description = "JSON of the wrong shape: unknown or missing fields (`invalid_body`)", body = ApiError)))]
+async fn import_state(
+    State(s): State<AppState>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
+    ApiJson(doc): ApiJson<StateDocument>,
+) -> Result<axum::Json<StateImportResult>, Failure> {
+    blocking(&s, move |c| c.import_state(&doc, q.replace))
+        .await
+        .map(axum::Json)
+}
+
 /// Query of `POST /v1/agents/{node}/sync`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -341,6 +383,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/connect", get(connect))
         .route("/v1/agents/{node}/sync", post(agent_sync))
+        .route("/v1/reconcile", get(reconcile))
+        .route(
+            "/v1/state",
+            get(export_state)
+                .post(import_state)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_STATE_BYTES)),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -354,14 +403,15 @@ pub fn router(state: AppState) -> Router {
         license(name = "Apache-2.0")
     ),
     paths(health, openapi, status, nodes, pools, list_volumes, create_volume, show_volume,
-          delete_volume, connect, agent_sync),
+          delete_volume, connect, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),
         (name = "nodes", description = "Hosts running an agent"),
         (name = "pools", description = "Storage pools on the nodes"),
         (name = "volumes", description = "Volumes and their replicas"),
-        (name = "agents", description = "Agent synchronisation (used by agents, not people)")
+        (name = "agents", description = "Agent synchronisation (used by agents, not people)"),
+        (name = "state", description = "Export and import of the whole desired state")
     )
 )]
 pub struct ApiDoc;

@@ -17,7 +17,9 @@ use utoipa::OpenApi;
 
 pub mod error;
 pub mod http;
+pub mod ops;
 pub mod state;
+pub mod transfer;
 
 pub use error::Failure;
 
@@ -151,8 +153,10 @@ pub async fn run_with_listener(
     tracing::info!(%addr, state = %path.display(), cluster_id = ctl.cluster_id(), "controller listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ctl = Arc::new(ctl);
+    tokio::spawn(retry_timer(Arc::clone(&ctl), stop_rx.clone()));
     let app = http::router(http::AppState {
-        ctl: Arc::new(ctl),
+        ctl,
         stopping: stop_rx,
     });
     axum::serve(listener, app)
@@ -163,6 +167,30 @@ pub async fn run_with_listener(
         })
         .await
         .map_err(ControllerError::Serve)
+}
+
+/// How often the controller looks for operations whose retry is due.
+pub const RETRY_TICK: Duration = Duration::from_millis(500);
+
+/// Starts due retries of operations (see [`ops`]) until the server stops. Also resumes
+/// operations persisted by a previous run: their retry times are in the store.
+async fn retry_timer(ctl: Arc<state::Controller>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY_TICK) => {}
+            _ = stop.changed() => return,
+        }
+        let c = Arc::clone(&ctl);
+        match tokio::task::spawn_blocking(move || c.retry_due()).await {
+            Ok(Ok(_)) => {}
+            // A concurrent write won the compare-and-swap: try again next tick.
+            Ok(Err(f)) if f.code == "conflict" => {}
+            Ok(Err(f)) => {
+                tracing::warn!(code = f.code, "retrying operations failed: {}", f.message)
+            }
+            Err(e) => tracing::error!("retry task failed: {e}"),
+        }
+    }
 }
 
 /// The OpenAPI document of the REST API, as committed in `docs/openapi.json`.

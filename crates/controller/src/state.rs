@@ -18,26 +18,27 @@
 //! so the logic stays correct when a second controller shares an etcd store later.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredReplica, DesiredState, DiskState, Node,
-    NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, Replica, ReplicaReport, Role,
-    Volume, VolumeCreate, VolumeState,
+    NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, ReconcileIssue, ReconcileReport,
+    Replica, ReplicaReport, Role, Volume, VolumeCreate, VolumeState,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
 use tokio::sync::watch;
 
 use crate::error::Failure;
+use crate::ops;
 
-const CLUSTER_ID_KEY: &str = "cluster/id";
-const NODES: &str = "nodes/";
-const VOLUMES: &str = "volumes/";
-const DESIRED: &str = "desired/";
+pub(crate) const CLUSTER_ID_KEY: &str = "cluster/id";
+pub(crate) const NODES: &str = "nodes/";
+pub(crate) const VOLUMES: &str = "volumes/";
+pub(crate) const DESIRED: &str = "desired/";
 
 /// Sizes must be a multiple of this (the NBD block size every client handles).
 pub const SIZE_ALIGN: u64 = 512;
@@ -100,8 +101,12 @@ pub struct VolumeRecord {
 }
 
 impl VolumeRecord {
-    fn operation_mut(&mut self, kind: &str) -> Option<&mut Operation> {
-        self.operations.iter_mut().rev().find(|o| o.kind == kind)
+    /// The newest unfinished operation of this kind.
+    fn open_operation_mut(&mut self, kind: &str) -> Option<&mut Operation> {
+        self.operations
+            .iter_mut()
+            .rev()
+            .find(|o| o.kind == kind && !ops::is_finished(o))
     }
 }
 
@@ -115,23 +120,27 @@ struct Liveness {
 /// The controller's state and logic. Methods are synchronous (the store is); the HTTP layer
 /// calls them on the blocking pool.
 pub struct Controller {
-    store: Arc<dyn StateStore>,
-    cluster_id: String,
+    pub(crate) store: Arc<dyn StateStore>,
+    /// Generated on first use, adopted from the first agent's report while the store is
+    /// empty (rebuild), or taken from an imported state document.
+    cluster_id: RwLock<String>,
     offline_after: Duration,
     write_lock: Mutex<()>,
     live: Mutex<HashMap<String, Liveness>>,
+    /// Reconciliation issues per node, recomputed from each of its reports.
+    issues: Mutex<BTreeMap<String, Vec<ReconcileIssue>>>,
     /// Bumped after every change of some node's desired state; long polls wait on it.
     desired_changed: watch::Sender<u64>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, Failure> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(value).map_err(|e| {
         tracing::error!(key, error = %e, "unreadable record in the state store");
         Failure::internal(format!(
@@ -140,11 +149,11 @@ fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, Failure> {
     })
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
     serde_json::to_vec(value).map_err(|e| Failure::internal(format!("cannot encode record: {e}")))
 }
 
-fn validate_size(size: u64) -> Result<(), Failure> {
+pub(crate) fn validate_size(size: u64) -> Result<(), Failure> {
     if size == 0 {
         return Err(Failure::bad_request(
             "invalid_size",
@@ -211,10 +220,11 @@ impl Controller {
         let (desired_changed, _) = watch::channel(0);
         let ctl = Controller {
             store,
-            cluster_id,
+            cluster_id: RwLock::new(cluster_id),
             offline_after,
             write_lock: Mutex::new(()),
             live: Mutex::new(HashMap::new()),
+            issues: Mutex::new(BTreeMap::new()),
             desired_changed,
         };
         // Seed liveness from the persisted records so a quick restart does not show every
@@ -232,20 +242,60 @@ impl Controller {
         Ok(ctl)
     }
 
-    pub fn cluster_id(&self) -> &str {
-        &self.cluster_id
+    pub fn cluster_id(&self) -> String {
+        self.cluster_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the cluster id in the store and in memory (caller holds the write lock).
+    pub(crate) fn set_cluster_id(&self, id: &str) -> Result<(), Failure> {
+        let expect = match self.store.get(CLUSTER_ID_KEY)? {
+            Some((rev, _)) => Expect::Revision(rev),
+            None => Expect::Absent,
+        };
+        self.store
+            .put(CLUSTER_ID_KEY, &encode(&id.to_string())?, expect)?;
+        self.set_cluster_id_in_memory(id);
+        Ok(())
+    }
+
+    pub(crate) fn set_cluster_id_in_memory(&self, id: &str) {
+        *self.cluster_id.write().unwrap_or_else(|e| e.into_inner()) = id.to_string();
+    }
+
+    /// No node and no volume recorded: the controller may adopt a cluster id.
+    pub(crate) fn store_is_empty(&self) -> Result<bool, Failure> {
+        Ok(self.store.list(NODES)?.is_empty() && self.store.list(VOLUMES)?.is_empty())
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.desired_changed.subscribe()
     }
 
-    fn notify(&self) {
+    pub(crate) fn notify(&self) {
         self.desired_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    fn write_guard(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn write_guard(&self) -> MutexGuard<'_, ()> {
         self.write_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn issues_lock(&self) -> MutexGuard<'_, BTreeMap<String, Vec<ReconcileIssue>>> {
+        self.issues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every current reconciliation issue, by node.
+    pub fn issues(&self) -> Vec<ReconcileIssue> {
+        self.issues_lock().values().flatten().cloned().collect()
+    }
+
+    pub fn reconcile_report(&self) -> ReconcileReport {
+        ReconcileReport {
+            cluster_id: self.cluster_id(),
+            issues: self.issues(),
+        }
     }
 
     fn live_lock(&self) -> MutexGuard<'_, HashMap<String, Liveness>> {
@@ -254,7 +304,7 @@ impl Controller {
 
     // ----- reads -------------------------------------------------------------------------
 
-    fn node_records(&self) -> Result<Vec<NodeRecord>, Failure> {
+    pub(crate) fn node_records(&self) -> Result<Vec<NodeRecord>, Failure> {
         self.store
             .list(NODES)?
             .iter()
@@ -270,7 +320,7 @@ impl Controller {
         }
     }
 
-    fn volume_records(&self) -> Result<Vec<(u64, VolumeRecord)>, Failure> {
+    pub(crate) fn volume_records(&self) -> Result<Vec<(u64, VolumeRecord)>, Failure> {
         self.store
             .list(VOLUMES)?
             .iter()
@@ -296,7 +346,7 @@ impl Controller {
     }
 
     /// A transaction op that bumps a node's desired revision.
-    fn bump(node: &str) -> TxnOp {
+    pub(crate) fn bump(node: &str) -> TxnOp {
         TxnOp::put(
             format!("{DESIRED}{node}"),
             node.as_bytes().to_vec(),
@@ -449,11 +499,12 @@ impl Controller {
 
     pub fn status(&self) -> Result<ClusterStatus, Failure> {
         Ok(ClusterStatus {
-            cluster_id: self.cluster_id.clone(),
+            cluster_id: self.cluster_id(),
             controller_version: env!("CARGO_PKG_VERSION").to_string(),
             nodes: self.nodes()?,
             pools: self.pools()?,
             volumes: self.volumes()?,
+            issues: self.issues(),
         })
     }
 
@@ -664,6 +715,7 @@ impl Controller {
             ));
         }
         let placement = self.place(&req)?;
+        let now = now_unix();
         let record = VolumeRecord {
             name: req.name.clone(),
             uuid: uuid::Uuid::new_v4().to_string(),
@@ -672,13 +724,23 @@ impl Controller {
             replica_count: replicas,
             state: VolumeState::Creating,
             placements: vec![placement.clone()],
-            operations: vec![Operation {
-                kind: "create".into(),
-                state: "running".into(),
-                progress: 0.0,
-                last_error: None,
-            }],
-            created_unix: now_unix(),
+            operations: vec![ops::new(
+                "create",
+                vec![
+                    ops::step(
+                        format!("place on {}:{}", placement.node, placement.pool),
+                        None,
+                        ops::DONE,
+                    ),
+                    ops::step(
+                        format!("create replica on {}:{}", placement.node, placement.pool),
+                        Some(&placement.node),
+                        ops::RUNNING,
+                    ),
+                ],
+                now,
+            )],
+            created_unix: now,
         };
         self.store.txn(vec![
             TxnOp::put(
@@ -720,16 +782,20 @@ impl Controller {
             }
         }
         v.state = VolumeState::Deleting;
-        for op in v.operations.iter_mut().filter(|o| o.state == "running") {
-            op.state = "failed".into();
-            op.last_error = Some("the volume was deleted".into());
+        let now = now_unix();
+        for op in v.operations.iter_mut() {
+            ops::abort(op, "the volume was deleted", now);
         }
-        v.operations.push(Operation {
-            kind: "delete".into(),
-            state: "running".into(),
-            progress: 0.0,
-            last_error: None,
-        });
+        let mut steps = vec![ops::step("mark the volume deleting", None, ops::DONE)];
+        for p in &v.placements {
+            steps.push(ops::step(
+                format!("delete replica on {}:{}", p.node, p.pool),
+                Some(&p.node),
+                ops::RUNNING,
+            ));
+        }
+        steps.push(ops::step("forget the volume", None, ops::PENDING));
+        v.operations.push(ops::new("delete", steps, now));
         let mut ops = vec![TxnOp::put(
             format!("{VOLUMES}{name}"),
             encode(&v)?,
@@ -781,11 +847,42 @@ impl Controller {
         Ok(())
     }
 
-    /// Records an agent's report, advances volume states from it, and returns the node's
-    /// desired state.
+    /// Records an agent's report, advances volume states and operations from it, adopts
+    /// replicas the controller does not know (rebuild), and returns the node's desired state.
     pub fn agent_sync(&self, node: &str, report: &AgentReport) -> Result<DesiredState, Failure> {
         Self::validate_report(node, report)?;
         let _guard = self.write_guard();
+        if let Some(theirs) = report.cluster_id.as_deref().filter(|c| !c.is_empty()) {
+            let ours = self.cluster_id();
+            if theirs != ours {
+                if self.store_is_empty()? {
+                    tracing::warn!(node, ours = %ours, theirs,
+                        "the store is empty: adopting the cluster id the agent is bound to (rebuild)");
+                    self.set_cluster_id(theirs)?;
+                } else {
+                    tracing::warn!(node, ours = %ours, theirs, "agent of another cluster refused");
+                    self.issues_lock().insert(
+                        node.to_string(),
+                        vec![ReconcileIssue {
+                            node: node.to_string(),
+                            volume: None,
+                            code: "foreign_cluster".into(),
+                            message: format!(
+                                "node '{node}' is bound to cluster {theirs}, this controller \
+                                 manages cluster {ours}; its report is ignored (point the agent \
+                                 at its own controller, or import that cluster's state)"
+                            ),
+                        }],
+                    );
+                    return Ok(DesiredState {
+                        cluster_id: ours,
+                        revision: 0,
+                        replicas: Vec::new(),
+                    });
+                }
+            }
+        }
+        let now = now_unix();
         let record = NodeRecord {
             name: node.to_string(),
             address: report.address.clone(),
@@ -795,7 +892,7 @@ impl Controller {
             nbd_tcp: report.nbd_tcp.clone(),
             pools: report.pools.clone(),
             replicas: report.replicas.clone(),
-            last_seen_unix: now_unix(),
+            last_seen_unix: now,
         };
         let key = format!("{NODES}{node}");
         let mut changed_desired = false;
@@ -816,66 +913,252 @@ impl Controller {
             }
         }
         let desired_rev = self.desired_revision(node)?;
+        // The report reflects the node's current desired state (not one from before the
+        // latest change): only then an error counts as a failed attempt, and a missing
+        // replica as deleted.
+        let current = report.applied_revision == desired_rev;
+        // What the controller knows after this pass: name -> (uuid, size, nodes).
+        let mut known: HashMap<String, (String, u64, Vec<String>)> = HashMap::new();
         for (rev, mut v) in self.volume_records()? {
-            if !v.placements.iter().any(|p| p.node == node) {
-                continue;
-            }
+            let here = v.placements.iter().any(|p| p.node == node);
             let reported = record.replica(&v.name, &v.uuid);
             let vkey = format!("{VOLUMES}{}", v.name);
+            if here && v.state == VolumeState::Deleting && reported.is_none() && current {
+                // Gone from the agent, and the agent has applied the desired state that
+                // says so (not merely a report that predates the delete).
+                let mut txn = vec![TxnOp::delete(vkey, Expect::Revision(rev))];
+                for p in &v.placements {
+                    txn.push(Self::bump(&p.node));
+                }
+                self.store.txn(txn)?;
+                changed_desired = true;
+                tracing::info!(volume = %v.name, "volume deleted");
+                continue;
+            }
+            known.insert(
+                v.name.clone(),
+                (
+                    v.uuid.clone(),
+                    v.size_bytes,
+                    v.placements.iter().map(|p| p.node.clone()).collect(),
+                ),
+            );
+            let Some(r) = reported.filter(|_| here) else {
+                continue;
+            };
+            let before = v.clone();
             match v.state {
                 VolumeState::Deleting => {
-                    // Gone from the agent, and the agent has applied the desired state that
-                    // says so (not merely a report that predates the create).
-                    if reported.is_none() && report.applied_revision == desired_rev {
-                        let mut ops = vec![TxnOp::delete(vkey, Expect::Revision(rev))];
-                        for p in &v.placements {
-                            ops.push(Self::bump(&p.node));
-                        }
-                        self.store.txn(ops)?;
-                        changed_desired = true;
-                        tracing::info!(volume = %v.name, "volume deleted");
-                    } else if let Some(r) = reported {
-                        let before = v.clone();
-                        if let Some(op) = v.operation_mut("delete") {
-                            op.last_error = r.last_error.clone();
-                        }
-                        if before != v {
-                            self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
-                        }
+                    if let Some(op) = v.open_operation_mut("delete")
+                        && let Some(idx) = ops::open_step(op, node)
+                        && let Some(err) = &r.last_error
+                        && ops::step_failed(op, idx, err, current, now)
+                    {
+                        tracing::warn!(volume = %before.name, node, attempt = op.attempts,
+                            retry_in = ops::backoff_secs(op.attempts), "delete step failed: {err}");
                     }
                 }
                 VolumeState::Creating | VolumeState::Ready => {
-                    let Some(r) = reported else { continue };
-                    let before = v.clone();
                     if v.state == VolumeState::Creating && r.disk_state == DiskState::UpToDate {
                         v.state = VolumeState::Ready;
                         tracing::info!(volume = %v.name, node, "volume ready");
                     }
-                    if let Some(op) = v.operation_mut("create") {
+                    if let Some(op) = v.open_operation_mut("create")
+                        && let Some(idx) = ops::open_step(op, node)
+                    {
                         if r.disk_state == DiskState::UpToDate {
-                            op.state = "done".into();
-                            op.progress = 1.0;
-                            op.last_error = None;
-                        } else if r.last_error.is_some() || r.disk_state == DiskState::Failed {
-                            op.state = "failed".into();
-                            op.last_error = r.last_error.clone().or_else(|| {
-                                Some(format!("replica on node '{node}' is {:?}", r.disk_state))
-                            });
-                        } else {
-                            op.state = "running".into();
-                            op.last_error = None;
+                            ops::step_done(op, idx, now);
+                        } else if let Some(err) = r.last_error.clone().or_else(|| {
+                            (r.disk_state == DiskState::Failed)
+                                .then(|| format!("replica on node '{node}' is Failed"))
+                        }) && ops::step_failed(op, idx, &err, current, now)
+                        {
+                            tracing::warn!(volume = %before.name, node, attempt = op.attempts,
+                                retry_in = ops::backoff_secs(op.attempts), "create step failed: {err}");
                         }
-                    }
-                    if before != v {
-                        self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
                     }
                 }
             }
+            if before != v {
+                self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
+            }
         }
+        let (issues, adopted) = self.adopt_unknown(node, &record, &mut known, now)?;
+        changed_desired |= adopted;
+        self.issues_lock().insert(node.to_string(), issues);
         if changed_desired {
             self.notify();
         }
         self.desired_state(node)
+    }
+
+    /// Rebuild: creates volumes for replicas on disk the controller does not know; returns the
+    /// node's reconciliation issues and whether a volume was adopted.
+    fn adopt_unknown(
+        &self,
+        node: &str,
+        record: &NodeRecord,
+        known: &mut HashMap<String, (String, u64, Vec<String>)>,
+        now: u64,
+    ) -> Result<(Vec<ReconcileIssue>, bool), Failure> {
+        let mut issues = Vec::new();
+        let mut adopted = false;
+        let issue = |volume: &str, code: &str, message: String| ReconcileIssue {
+            node: node.to_string(),
+            volume: Some(volume.to_string()),
+            code: code.to_string(),
+            message,
+        };
+        for r in &record.replicas {
+            match known.get(&r.volume) {
+                Some((uuid, size, nodes)) if *uuid == r.volume_uuid => {
+                    if !nodes.iter().any(|n| n == node) {
+                        issues.push(issue(
+                            &r.volume,
+                            "extra_replica",
+                            format!(
+                                "node '{node}' has a replica of volume '{}' (uuid {uuid}) that \
+                                 the controller places on {} only; it is left alone",
+                                r.volume,
+                                nodes.join(", ")
+                            ),
+                        ));
+                    } else if r.on_disk && r.size_bytes != *size {
+                        issues.push(issue(
+                            &r.volume,
+                            "size_mismatch",
+                            format!(
+                                "the replica of volume '{}' on node '{node}' has {}, the volume \
+                                 has {}",
+                                r.volume,
+                                format_size(r.size_bytes),
+                                format_size(*size)
+                            ),
+                        ));
+                    }
+                }
+                Some((uuid, _, nodes)) => {
+                    if r.on_disk {
+                        issues.push(issue(
+                            &r.volume,
+                            "uuid_mismatch",
+                            format!(
+                                "node '{node}' has a replica of volume '{}' with uuid {}, but the \
+                                 controller knows '{}' as uuid {uuid} (on {}); not adopted: \
+                                 delete one of them, or export the state, fix it and import it",
+                                r.volume,
+                                if r.volume_uuid.is_empty() {
+                                    "(unreadable)"
+                                } else {
+                                    &r.volume_uuid
+                                },
+                                r.volume,
+                                nodes.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                None => {
+                    if !r.on_disk {
+                        // A failed creation the controller no longer asks for: the agent
+                        // drops it with its next apply.
+                        continue;
+                    }
+                    if uuid::Uuid::parse_str(&r.volume_uuid).is_err() {
+                        issues.push(issue(
+                            &r.volume,
+                            "unreadable_replica",
+                            format!(
+                                "node '{node}' reports files of volume '{}' without a readable \
+                                 volume uuid ({}); not adopted",
+                                r.volume,
+                                r.last_error.as_deref().unwrap_or("no metadata")
+                            ),
+                        ));
+                        continue;
+                    }
+                    if let Err(f) = validate_size(r.size_bytes) {
+                        issues.push(issue(
+                            &r.volume,
+                            "unreadable_replica",
+                            format!(
+                                "node '{node}' reports volume '{}' with an unusable size: {}; not adopted",
+                                r.volume, f.message
+                            ),
+                        ));
+                        continue;
+                    }
+                    let v = VolumeRecord {
+                        name: r.volume.clone(),
+                        uuid: r.volume_uuid.clone(),
+                        size_bytes: r.size_bytes,
+                        protocol: Protocol::default(),
+                        replica_count: 1,
+                        state: VolumeState::Ready,
+                        placements: vec![Placement {
+                            node: node.to_string(),
+                            pool: r.pool.clone(),
+                            diskless: false,
+                        }],
+                        operations: vec![ops::new(
+                            "adopt",
+                            vec![ops::step(
+                                format!("adopt the replica reported by {node}:{}", r.pool),
+                                None,
+                                ops::DONE,
+                            )],
+                            now,
+                        )],
+                        created_unix: now,
+                    };
+                    self.store.txn(vec![
+                        TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
+                        Self::bump(node),
+                    ])?;
+                    tracing::info!(volume = %v.name, uuid = %v.uuid, node, pool = %r.pool,
+                        size = v.size_bytes, "volume adopted from the agent's report");
+                    known.insert(
+                        v.name.clone(),
+                        (v.uuid.clone(), v.size_bytes, vec![node.to_string()]),
+                    );
+                    adopted = true;
+                }
+            }
+        }
+        Ok((issues, adopted))
+    }
+
+    /// Starts every operation attempt whose retry time has come; returns how many volumes
+    /// changed. Called by the controller's retry timer.
+    pub fn retry_due(&self) -> Result<usize, Failure> {
+        let now = now_unix();
+        let _guard = self.write_guard();
+        let mut changed = 0;
+        for (rev, mut v) in self.volume_records()? {
+            if !v.operations.iter().any(|o| ops::retry_due(o, now)) {
+                continue;
+            }
+            let mut nodes: Vec<String> = Vec::new();
+            for op in v.operations.iter_mut().filter(|o| ops::retry_due(o, now)) {
+                let n = ops::start_retry(op, now);
+                tracing::info!(volume = %v.name, kind = %op.kind, attempt = op.attempts, "retrying");
+                nodes.extend(n);
+            }
+            nodes.sort();
+            nodes.dedup();
+            let mut txn = vec![TxnOp::put(
+                format!("{VOLUMES}{}", v.name),
+                encode(&v)?,
+                Expect::Revision(rev),
+            )];
+            txn.extend(nodes.iter().map(|n| Self::bump(n)));
+            self.store.txn(txn)?;
+            changed += 1;
+        }
+        if changed > 0 {
+            self.notify();
+        }
+        Ok(changed)
     }
 
     /// What the node's agent should have.
@@ -894,7 +1177,7 @@ impl Controller {
             }
         }
         Ok(DesiredState {
-            cluster_id: self.cluster_id.clone(),
+            cluster_id: self.cluster_id(),
             revision,
             replicas,
         })

@@ -346,6 +346,13 @@ fn refuses_non_loopback_listen() {
     assert!(rt.block_on(tandem_controller::run(cfg, async {})).is_err());
 }
 
+/// `base` changed by `f`, as a body for the table (leaked: it lives as long as the test).
+fn doc(base: &Value, f: impl Fn(&mut Value)) -> &'static [u8] {
+    let mut d = base.clone();
+    f(&mut d);
+    serde_json::to_string(&d).unwrap().leak().as_bytes()
+}
+
 /// method, path, content type, body, expected status, expected code.
 type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a [u8], u16, &'a str);
 
@@ -362,6 +369,18 @@ fn malformed_requests_get_api_errors_and_the_server_keeps_serving() {
     let big = vec![b' '; 3 << 20];
     let deep = "[".repeat(10_000);
     let long_name = format!(r#"{{"name":"{}","size_bytes":1048576}}"#, "x".repeat(64));
+    let st = "/v1/state";
+    let base = json!({
+        "format_version": 1,
+        "cluster_id": "6d1f4a52-0d0e-4a53-9a35-3f1a4f0c9b1e",
+        "nodes": [{"name": "n1", "address": "127.0.0.1", "role": "diskful"}],
+        "volumes": [{
+            "name": "v1", "uuid": "0b8e3f3c-6a7b-4c55-8f31-2d6f0f7b9a10", "size_bytes": 1048576,
+            "protocol": "C", "replica_count": 1, "state": "ready",
+            "placements": [{"node": "n1", "pool": "default", "diskless": false}]
+        }]
+    });
+    let doc_ok = doc(&base, |_: &mut Value| {});
     #[rustfmt::skip]
     let cases: Vec<Case> = vec![
         ("POST", vol, j, b"{", 400, "invalid_json"),
@@ -422,6 +441,43 @@ fn malformed_requests_get_api_errors_and_the_server_keeps_serving() {
         ("POST", "/v1/agents/n1/sync?wait_ms=-1", j, good_report.as_bytes(), 400, "bad_request"),
         ("POST", "/v1/agents/n1/sync?wait_ms=soon", j, good_report.as_bytes(), 400, "bad_request"),
         ("POST", sync, j, br#"{"node":"n1"}"#, 422, "invalid_body"),
+        ("PUT", st, j, b"{}", 405, "method_not_allowed"),
+        ("DELETE", "/v1/reconcile", None, b"", 405, "method_not_allowed"),
+        ("POST", st, j, b"", 400, "missing_body"),
+        ("POST", st, j, b"{", 400, "invalid_json"),
+        ("POST", st, Some("text/plain"), doc_ok, 415, "unsupported_media_type"),
+        ("POST", st, j, b"[]", 422, "invalid_body"),
+        ("POST", st, j, b"{}", 422, "invalid_body"),
+        ("POST", st, j, br#"{"format_version":1}"#, 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["bogus"] = json!(1)), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["bogus"] = json!(1)), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["nodes"][0]["bogus"] = json!(1)), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["format_version"] = json!("1")), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["format_version"] = json!(-1)), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["size_bytes"] = json!(-5)), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["size_bytes"] = json!("1GiB")), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["state"] = json!("exploded")), 422, "invalid_body"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["format_version"] = json!(0)), 400, "unsupported_format_version"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["format_version"] = json!(2)), 400, "unsupported_format_version"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["cluster_id"] = json!("")), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["cluster_id"] = json!("../x")), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["size_bytes"] = json!(0)), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["size_bytes"] = json!(1000)), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["size_bytes"] = json!(u64::MAX)), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["name"] = json!("a/b")), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["uuid"] = json!("not-a-uuid")), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["replica_count"] = json!(0)), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["placements"] = json!([])), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["placements"][0]["node"] = json!("ghost")), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["placements"][0]["pool"] = json!("../p")), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| { let v = d["volumes"][0].clone(); d["volumes"].as_array_mut().unwrap().push(v) }), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| { let mut v = d["volumes"][0].clone(); v["name"] = json!("other"); d["volumes"].as_array_mut().unwrap().push(v) }), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| { let n = d["nodes"][0].clone(); d["nodes"].as_array_mut().unwrap().push(n) }), 400, "invalid_state"),
+        ("POST", st, j, doc(&base, |d: &mut Value| d["volumes"][0]["operations"] = json!([{"kind":"create","state":"done","progress":7.0,"last_error":null}])), 400, "invalid_state"),
+        ("POST", "/v1/state?replace=perhaps", j, doc_ok, 400, "bad_request"),
+        ("POST", "/v1/state?bogus=1", j, doc_ok, 400, "bad_request"),
+        // Well-formed, but the store (node n1 of another cluster id) conflicts.
+        ("POST", st, j, doc_ok, 409, "import_conflict"),
     ];
     for (method, path, ct, body, want_status, want_code) in &cases {
         let (status, text) = s.raw(&request(method, path, *ct, body));
@@ -462,14 +518,19 @@ fn agent_errors_show_in_operations() {
     let s = Server::start(dir.path());
     let d = s.sync(&report("n1", 0), 0);
     let v = create(&s, "bad", GIB);
+    assert_eq!(v.operations[0].kind, "create");
+    assert_eq!(v.operations[0].attempts, 1);
+    assert_eq!(v.operations[0].steps.len(), 2);
+    // A report from before the agent saw the create shows the error, but is no attempt.
     let mut r = report("n1", d.revision);
     let mut rep = replica("bad", &v.uuid, GIB, DiskState::Failed);
     rep.last_error = Some("fallocate: No space left on device".into());
+    rep.on_disk = false;
     r.replicas = vec![rep];
     s.sync(&r, 0);
     let v: Volume = s.get_ok("/v1/volumes/bad");
     assert_eq!(v.state, VolumeState::Creating);
-    assert_eq!(v.operations[0].state, "failed");
+    assert_eq!(v.operations[0].state, "running");
     assert_eq!(
         v.operations[0].last_error.as_deref(),
         Some("fallocate: No space left on device")
@@ -481,7 +542,9 @@ fn agent_errors_show_in_operations() {
     let v: Volume = s.get_ok("/v1/volumes/bad");
     assert_eq!(v.state, VolumeState::Ready);
     assert_eq!(v.operations[0].state, "done");
+    assert_eq!(v.operations[0].progress, 1.0);
     assert_eq!(v.operations[0].last_error, None);
+    assert!(v.operations[0].finished_unix.is_some());
 }
 
 #[test]

@@ -219,6 +219,7 @@ pub fn report(node: &str, applied_revision: u64) -> AgentReport {
         pools: vec![pool("default", 50 * GIB)],
         replicas: vec![],
         applied_revision,
+        cluster_id: None,
     }
 }
 
@@ -233,5 +234,6 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         disk_state: state,
         connections: 0,
         last_error: None,
+        on_disk: true,
     }
 }
