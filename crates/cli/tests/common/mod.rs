@@ -235,6 +235,89 @@ impl Cluster {
         self.extra.push(cmd.spawn().unwrap());
     }
 
+    pub fn controller_dir(&self) -> PathBuf {
+        self.path().join("controller")
+    }
+
+    pub fn controller_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.controller_dir().join("controller.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Sends `signal` to the controller and waits until the process is gone (or a zombie
+    /// waiting for `tandem up` to reap it).
+    pub fn kill_controller(&self, signal: i32) {
+        let pid = self.controller_pid().expect("controller.pid");
+        // SAFETY: signalling a daemon of this test's cluster.
+        unsafe { libc::kill(pid, signal) };
+        wait_until(Duration::from_secs(30), "the controller to exit", || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            matches!(state, None | Some("Z") | Some("X")).then_some(())
+        });
+    }
+
+    /// Starts the controller by hand (as an operator would after it died) with the config
+    /// `tandem up` wrote, and waits until it answers.
+    pub fn restart_controller(&mut self) {
+        let dir = self.controller_dir();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("controller.log"))
+            .unwrap();
+        let mut cmd = Command::new(TANDEM);
+        cmd.args(["controller", "run", "--config"])
+            .arg(dir.join("controller.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        self.extra.push(cmd.spawn().unwrap());
+        wait_until(Duration::from_secs(30), "the controller to answer", || {
+            run(self.cli().args(["node", "list"]))
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    /// Waits until `tandem -o json <args>` satisfies `f` (returns the last value).
+    pub fn wait_json(
+        &self,
+        args: &[&str],
+        what: &str,
+        mut f: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = run(self.cli().args(["-o", "json"]).args(args));
+            if out.status.success()
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            {
+                if f(&v) {
+                    return v;
+                }
+                last = v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last `tandem {args:?}`:\n{last:#}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until `node` is online and serves `volume` (nbdinfo can open the export).
     pub fn wait_export(&self, volume: &str) -> String {
         let uri = self.connect(volume);
