@@ -417,10 +417,16 @@ impl Controller {
                 }
             })
             .collect();
-        // One replica: quorum is having it. (Majorities arrive with replication.)
+        // A majority of the replicas must be reported with data (a Failed or unreported
+        // replica does not vote). One replica: quorum is having it.
         let reported = replicas
             .iter()
-            .filter(|r| r.disk_state != DiskState::Unknown)
+            .filter(|r| {
+                matches!(
+                    r.disk_state,
+                    DiskState::UpToDate | DiskState::Inconsistent | DiskState::Outdated
+                )
+            })
             .count();
         let quorum = !replicas.is_empty() && reported * 2 > replicas.len();
         Volume {
