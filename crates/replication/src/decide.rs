@@ -1,0 +1,441 @@
+//! The handshake decision: given both sides' generations, who (if anyone) resyncs from whom.
+//! Pure and symmetric: `decide(a, b)` is the mirror image of `decide(b, a)`, so both ends of
+//! a link reach the same conclusion independently. In the spirit of DRBD's `uuid_compare`,
+//! rules are evaluated in a fixed order and the one that decided is returned for logs/status.
+
+use tandem_repl_proto::{Generation, NodeId};
+
+/// One side's input to the decision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SideView {
+    pub node_id: NodeId,
+    pub current: Generation,
+    /// Bitmap generation toward the other side (0 = in sync / none).
+    pub bitmap: Generation,
+    pub history: [Generation; 2],
+    /// Bitmap generations toward third nodes.
+    pub other_bitmaps: Vec<Generation>,
+    /// Disk is UpToDate (false: Inconsistent).
+    pub up_to_date: bool,
+    pub primary: bool,
+    /// Was Primary and crashed (not demoted cleanly) before this start.
+    pub crashed_primary: bool,
+    /// Has out-of-sync bits toward the other side.
+    pub has_bits: bool,
+}
+
+/// What the local side does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDecision {
+    /// Identical, nothing to transfer.
+    NoSync,
+    /// Local side sends the blocks in the merged bitmap.
+    BitmapSource,
+    /// Local side receives the blocks in the merged bitmap.
+    BitmapTarget,
+    /// Local side sends everything.
+    FullSource,
+    /// Local side receives everything.
+    FullTarget,
+    /// Both sides changed data independently: disconnect, an operator picks the victim.
+    SplitBrain,
+    /// No common history: a replica of something else.
+    UnrelatedData,
+    /// Neither side has good data to give (both Inconsistent).
+    NoGoodData,
+}
+
+impl SyncDecision {
+    /// The mirror image (what the other side decides).
+    pub fn mirror(self) -> SyncDecision {
+        use SyncDecision::*;
+        match self {
+            BitmapSource => BitmapTarget,
+            BitmapTarget => BitmapSource,
+            FullSource => FullTarget,
+            FullTarget => FullSource,
+            other => other,
+        }
+    }
+    pub fn is_source(self) -> bool {
+        matches!(self, SyncDecision::BitmapSource | SyncDecision::FullSource)
+    }
+    pub fn is_target(self) -> bool {
+        matches!(self, SyncDecision::BitmapTarget | SyncDecision::FullTarget)
+    }
+}
+
+/// The rule that decided, in evaluation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Both Inconsistent.
+    BothInconsistent,
+    /// Equal current generations, no bits anywhere, both UpToDate.
+    EqualNoBits,
+    /// Equal current generations, exactly one side Inconsistent (interrupted resync): it is
+    /// the target.
+    EqualInconsistent,
+    /// Equal generations with bits: the Primary is the source.
+    EqualBitsPrimary,
+    /// Equal generations with bits: the crashed Primary is the source (its activity log).
+    EqualBitsCrashedPrimary,
+    /// Equal generations, only one side has bits: it is the source.
+    EqualBitsOneSide,
+    /// Equal generations, both have bits: the lower node id is the source.
+    EqualBitsLowerNode,
+    /// The other side's bitmap generation toward us is our current: we are behind, bitmap.
+    PeerBitmapIsOurCurrent,
+    /// Our bitmap generation toward the other side is its current: it is behind, bitmap.
+    OurBitmapIsPeerCurrent,
+    /// Our current is a bitmap generation of the other side toward a third node: full.
+    PeerThirdBitmapIsOurCurrent,
+    /// The other side's current is one of our bitmap generations toward a third node: full.
+    OurThirdBitmapIsPeerCurrent,
+    /// Our current is in the other side's history: we are behind, full.
+    OurCurrentInPeerHistory,
+    /// The other side's current is in our history: it is behind, full.
+    PeerCurrentInOurHistory,
+    /// Equal non-zero bitmap generations, different currents: both wrote since the split.
+    SplitBrainSameBitmap,
+    /// Each side's bitmap generation is the other's current.
+    SplitBrainCrossedBitmaps,
+    /// A common ancestor exists somewhere: split brain.
+    SplitBrainCommonAncestor,
+    /// Nothing in common.
+    Unrelated,
+    /// The generations say the other side is newer but it is not UpToDate; wait.
+    SourceNotUpToDate,
+}
+
+impl Rule {
+    /// The same rule seen from the other side.
+    pub fn mirror(self) -> Rule {
+        use Rule::*;
+        match self {
+            PeerBitmapIsOurCurrent => OurBitmapIsPeerCurrent,
+            OurBitmapIsPeerCurrent => PeerBitmapIsOurCurrent,
+            PeerThirdBitmapIsOurCurrent => OurThirdBitmapIsPeerCurrent,
+            OurThirdBitmapIsPeerCurrent => PeerThirdBitmapIsOurCurrent,
+            OurCurrentInPeerHistory => PeerCurrentInOurHistory,
+            PeerCurrentInOurHistory => OurCurrentInPeerHistory,
+            other => other,
+        }
+    }
+}
+
+fn nz(g: Generation) -> bool {
+    g != 0
+}
+
+/// Decides what `me` does toward `peer`. Symmetric: see the module docs.
+pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
+    use SyncDecision::*;
+    if !me.up_to_date && !peer.up_to_date {
+        return (NoGoodData, Rule::BothInconsistent);
+    }
+    if me.current == peer.current && nz(me.current) {
+        if me.up_to_date != peer.up_to_date {
+            let d = if me.up_to_date {
+                BitmapSource
+            } else {
+                BitmapTarget
+            };
+            return (d, Rule::EqualInconsistent);
+        }
+        if !me.has_bits && !peer.has_bits {
+            return (NoSync, Rule::EqualNoBits);
+        }
+        if me.primary != peer.primary {
+            return (
+                if me.primary {
+                    BitmapSource
+                } else {
+                    BitmapTarget
+                },
+                Rule::EqualBitsPrimary,
+            );
+        }
+        if me.crashed_primary != peer.crashed_primary {
+            return (
+                if me.crashed_primary {
+                    BitmapSource
+                } else {
+                    BitmapTarget
+                },
+                Rule::EqualBitsCrashedPrimary,
+            );
+        }
+        if me.has_bits != peer.has_bits {
+            return (
+                if me.has_bits {
+                    BitmapSource
+                } else {
+                    BitmapTarget
+                },
+                Rule::EqualBitsOneSide,
+            );
+        }
+        return (
+            if me.node_id < peer.node_id {
+                BitmapSource
+            } else {
+                BitmapTarget
+            },
+            Rule::EqualBitsLowerNode,
+        );
+    }
+    let (d, r) = decide_by_lineage(me, peer);
+    // The source must have good data.
+    if (d.is_target() && !peer.up_to_date) || (d.is_source() && !me.up_to_date) {
+        return (NoGoodData, Rule::SourceNotUpToDate);
+    }
+    (d, r)
+}
+
+fn decide_by_lineage(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
+    use SyncDecision::*;
+    let behind = nz(peer.bitmap) && peer.bitmap == me.current;
+    let ahead = nz(me.bitmap) && me.bitmap == peer.current;
+    if behind && ahead {
+        // Each side believes the other one is behind: both wrote.
+        return (SplitBrain, Rule::SplitBrainCrossedBitmaps);
+    }
+    if behind {
+        return (BitmapTarget, Rule::PeerBitmapIsOurCurrent);
+    }
+    if ahead {
+        return (BitmapSource, Rule::OurBitmapIsPeerCurrent);
+    }
+    let behind3 = nz(me.current) && peer.other_bitmaps.contains(&me.current);
+    let ahead3 = nz(peer.current) && me.other_bitmaps.contains(&peer.current);
+    if behind3 && !ahead3 {
+        return (FullTarget, Rule::PeerThirdBitmapIsOurCurrent);
+    }
+    if ahead3 && !behind3 {
+        return (FullSource, Rule::OurThirdBitmapIsPeerCurrent);
+    }
+    let mine_in_peer = nz(me.current) && peer.history.contains(&me.current);
+    let peer_in_mine = nz(peer.current) && me.history.contains(&peer.current);
+    if mine_in_peer && !peer_in_mine {
+        return (FullTarget, Rule::OurCurrentInPeerHistory);
+    }
+    if peer_in_mine && !mine_in_peer {
+        return (FullSource, Rule::PeerCurrentInOurHistory);
+    }
+    if nz(me.bitmap) && me.bitmap == peer.bitmap {
+        return (SplitBrain, Rule::SplitBrainSameBitmap);
+    }
+    let ancestors = |s: &SideView| {
+        let mut v = vec![s.current, s.bitmap, s.history[0], s.history[1]];
+        v.extend(&s.other_bitmaps);
+        v.retain(|g| nz(*g));
+        v
+    };
+    let a = ancestors(me);
+    if ancestors(peer).iter().any(|g| a.contains(g)) {
+        return (SplitBrain, Rule::SplitBrainCommonAncestor);
+    }
+    (UnrelatedData, Rule::Unrelated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SyncDecision::*;
+    use super::*;
+
+    fn side(id: NodeId, current: u64, bitmap: u64, history: [u64; 2]) -> SideView {
+        SideView {
+            node_id: id,
+            current,
+            bitmap,
+            history,
+            up_to_date: true,
+            ..SideView::default()
+        }
+    }
+
+    /// (name, me, peer, expected decision for me, rule)
+    fn cases() -> Vec<(&'static str, SideView, SideView, SyncDecision, Rule)> {
+        let a = side(1, 10, 0, [0, 0]);
+        let b = side(2, 10, 0, [0, 0]);
+        let mut crashed = a.clone();
+        crashed.crashed_primary = true;
+        crashed.has_bits = true;
+        let mut b_bits = b.clone();
+        b_bits.has_bits = true;
+        let mut a_primary = a.clone();
+        a_primary.primary = true;
+        a_primary.has_bits = true;
+        let mut a_incons = a.clone();
+        a_incons.up_to_date = false;
+        let mut a_bits = a.clone();
+        a_bits.has_bits = true;
+        let mut b_incons = b.clone();
+        b_incons.up_to_date = false;
+        let mut third_a = side(1, 20, 0, [10, 0]);
+        third_a.other_bitmaps = vec![5];
+        let mut stale_incons_source = side(2, 20, 10, [10, 0]);
+        stale_incons_source.up_to_date = false;
+        vec![
+            ("day0 equal", a.clone(), b.clone(), NoSync, Rule::EqualNoBits),
+            (
+                "crashed primary is source",
+                crashed.clone(),
+                b.clone(),
+                BitmapSource,
+                Rule::EqualBitsCrashedPrimary,
+            ),
+            (
+                "peer of crashed primary is target",
+                b.clone(),
+                crashed,
+                BitmapTarget,
+                Rule::EqualBitsCrashedPrimary,
+            ),
+            ("primary with bits", a_primary, b_bits.clone(), BitmapSource, Rule::EqualBitsPrimary),
+            ("one side bits", a.clone(), b_bits.clone(), BitmapTarget, Rule::EqualBitsOneSide),
+            ("both bits lower id", a_bits, b_bits, BitmapSource, Rule::EqualBitsLowerNode),
+            (
+                "interrupted resync target",
+                a_incons.clone(),
+                b.clone(),
+                BitmapTarget,
+                Rule::EqualInconsistent,
+            ),
+            ("both inconsistent", a_incons, b_incons, NoGoodData, Rule::BothInconsistent),
+            (
+                "peer wrote while we were away",
+                side(1, 10, 0, [0, 0]),
+                side(2, 20, 10, [10, 0]),
+                BitmapTarget,
+                Rule::PeerBitmapIsOurCurrent,
+            ),
+            (
+                "we wrote while peer was away",
+                side(1, 20, 10, [10, 0]),
+                side(2, 10, 0, [0, 0]),
+                BitmapSource,
+                Rule::OurBitmapIsPeerCurrent,
+            ),
+            (
+                "peer knows us only through a third node",
+                side(1, 5, 0, [0, 0]),
+                third_a.clone(),
+                FullTarget,
+                Rule::PeerThirdBitmapIsOurCurrent,
+            ),
+            (
+                "our current in peer history",
+                side(1, 10, 0, [0, 0]),
+                side(2, 30, 0, [20, 10]),
+                FullTarget,
+                Rule::OurCurrentInPeerHistory,
+            ),
+            (
+                "peer current in our history",
+                side(1, 30, 0, [20, 10]),
+                side(2, 10, 0, [0, 0]),
+                FullSource,
+                Rule::PeerCurrentInOurHistory,
+            ),
+            (
+                "split brain: both wrote after the split",
+                side(1, 30, 10, [10, 0]),
+                side(2, 40, 10, [10, 0]),
+                SplitBrain,
+                Rule::SplitBrainSameBitmap,
+            ),
+            (
+                "split brain: common ancestor further back",
+                side(1, 30, 0, [20, 7]),
+                side(2, 40, 0, [25, 7]),
+                SplitBrain,
+                Rule::SplitBrainCommonAncestor,
+            ),
+            (
+                "unrelated",
+                side(1, 30, 0, [20, 0]),
+                side(2, 40, 0, [25, 0]),
+                UnrelatedData,
+                Rule::Unrelated,
+            ),
+            (
+                "newer side not up to date",
+                side(1, 10, 0, [0, 0]),
+                stale_incons_source,
+                NoGoodData,
+                Rule::SourceNotUpToDate,
+            ),
+            (
+                "zero generations never match",
+                side(1, 0, 0, [0, 0]),
+                side(2, 5, 0, [0, 0]),
+                UnrelatedData,
+                Rule::Unrelated,
+            ),
+        ]
+    }
+
+    #[test]
+    fn decision_table() {
+        for (name, me, peer, want, rule) in cases() {
+            assert_eq!(decide(&me, &peer), (want, rule), "case {name}");
+        }
+    }
+
+    #[test]
+    fn decision_is_symmetric_on_table() {
+        for (name, me, peer, _, _) in cases() {
+            let (d1, r1) = decide(&me, &peer);
+            let (d2, r2) = decide(&peer, &me);
+            assert_eq!(d1.mirror(), d2, "case {name}");
+            assert_eq!(r1.mirror(), r2, "case {name}");
+        }
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_side(id: NodeId) -> impl Strategy<Value = SideView> {
+            (
+                0u64..5,
+                0u64..5,
+                [0u64..5, 0u64..5],
+                proptest::collection::vec(0u64..5, 0..2),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+            )
+                .prop_map(move |(c, b, h, o, u, p, cp, hb)| SideView {
+                    node_id: id,
+                    current: c,
+                    bitmap: b,
+                    history: h,
+                    other_bitmaps: o,
+                    up_to_date: u,
+                    primary: p,
+                    crashed_primary: cp,
+                    has_bits: hb,
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn symmetric(a in arb_side(1), b in arb_side(2)) {
+                let (d1, r1) = decide(&a, &b);
+                let (d2, r2) = decide(&b, &a);
+                prop_assert_eq!(d1.mirror(), d2);
+                prop_assert_eq!(r1.mirror(), r2);
+            }
+
+            #[test]
+            fn source_is_up_to_date(a in arb_side(1), b in arb_side(2)) {
+                let (d, _) = decide(&a, &b);
+                if d.is_source() { prop_assert!(a.up_to_date); }
+                if d.is_target() { prop_assert!(b.up_to_date); }
+            }
+        }
+    }
+}

@@ -1,0 +1,2175 @@
+//! The per-volume replication engine: see the crate docs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
+use tandem_repl_proto::{
+    ByteRange, DisconnectReason, DiskState, Generations, Message, NodeId, PeerBitmap,
+    QuorumInfo, Role, StateReport, Status as WireStatus,
+};
+
+use crate::bitmap::Bitmap;
+use crate::decide::{Rule, SideView, SyncDecision, decide};
+use crate::quorum::has_majority;
+use crate::types::*;
+
+/// Most ranges put in one `OutOfSync` message by the engine.
+const OOS_CHUNK: usize = 4096;
+
+/// Why a promotion was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromoteError {
+    #[error("node {0} is Primary")]
+    PrimaryElsewhere(NodeId),
+    #[error("no quorum: {reachable} of {voters} voters reachable")]
+    NoQuorum { reachable: u8, voters: u8 },
+    #[error("local data is {0:?}, not UpToDate")]
+    NotUpToDate(DiskState),
+    #[error("a witness cannot be Primary")]
+    Diskless,
+}
+
+/// Why a demotion was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DemoteError {
+    #[error("{0} consumer requests are still in flight")]
+    Busy(usize),
+}
+
+/// A peer broke the protocol: the engine disconnects it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("unexpected {0} from node {1}")]
+    Unexpected(&'static str, NodeId),
+    #[error("node {peer}: {detail}")]
+    Invalid { peer: NodeId, detail: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// What an ordered operation is.
+#[derive(Debug, Clone)]
+enum OpKind {
+    ClientWrite {
+        id: RequestId,
+        data: Bytes,
+        fua: bool,
+    },
+    ClientRead {
+        id: RequestId,
+    },
+    PeerWrite {
+        peer: NodeId,
+        epoch: u64,
+        seq: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    ResyncWrite {
+        peer: NodeId,
+        epoch: u64,
+        id: u64,
+        data: Option<Bytes>,
+    },
+    ResyncRead {
+        peer: NodeId,
+        epoch: u64,
+        id: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    key: u64,
+    offset: u64,
+    len: u64,
+    access: Access,
+    kind: OpKind,
+}
+
+/// A consumer write past ordering.
+#[derive(Debug)]
+struct ClientWriteState {
+    id: RequestId,
+    offset: u64,
+    len: u64,
+    local_done: bool,
+    local_error: Option<String>,
+    waiting: BTreeSet<NodeId>,
+    extents: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct ClientFlushState {
+    id: RequestId,
+    local_done: bool,
+    local_error: Option<String>,
+    waiting: BTreeSet<NodeId>,
+    seq: u64,
+}
+
+#[derive(Debug)]
+enum IoPurpose {
+    Op(u64),
+    ClientFlush { key: u64, upto: u64 },
+    PeerFlush { peer: NodeId, epoch: u64, seq: u64 },
+    ResyncFinishFlush { peer: NodeId, epoch: u64 },
+    AlFlush { upto: u64 },
+}
+
+#[derive(Debug)]
+struct ResyncTarget {
+    cursor: u64,
+    inflight: BTreeMap<u64, (u64, u64)>,
+    next_id: u64,
+    tokens: u64,
+    last_refill: Nanos,
+    total: u64,
+    done: u64,
+    finishing: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    epoch: u64,
+    report: Option<StateReport>,
+    bitmap_rx: Vec<ByteRange>,
+    bitmap_done: bool,
+    state: ReplState,
+    decision: Option<(SyncDecision, Rule)>,
+    pong: u64,
+    barrier: u64,
+    last_rx: Nanos,
+    last_tx: Nanos,
+    /// Writes sent to this peer awaiting its ack: seq -> (offset, len).
+    unacked: BTreeMap<u64, (u64, u64)>,
+    /// Writes it acked that no FlushAck covers yet: seq -> (offset, len).
+    unflushed: BTreeMap<u64, (u64, u64)>,
+    /// Peer writes received from it and not yet completed (for its flush barriers).
+    rx_inflight: BTreeSet<u64>,
+    /// Its flushes waiting for earlier writes.
+    rx_flush_wait: Vec<u64>,
+    resync: Option<ResyncTarget>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    cfg: PeerConfig,
+    bitmap: Option<Bitmap>,
+    conn: Option<Conn>,
+    last_decision: Option<(SyncDecision, Rule)>,
+}
+
+#[derive(Debug, Default)]
+struct Extent {
+    inflight: u32,
+    last_done: u64,
+    lru: u64,
+}
+
+/// The replication engine of one volume on one node.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Config,
+    now: Nanos,
+    out: Vec<Action>,
+    meta: Meta,
+    role: Role,
+    crashed_primary: bool,
+    peers: BTreeMap<NodeId, Peer>,
+    next_io: IoId,
+    next_key: u64,
+    next_seq: u64,
+    report_seq: u64,
+    epoch: u64,
+    mint_count: u64,
+    /// A diskful peer is not in sync: start a new generation before the next write.
+    mint_pending: bool,
+    ios: BTreeMap<IoId, IoPurpose>,
+    active: BTreeMap<u64, Op>,
+    waiting: VecDeque<Op>,
+    quorum_wait: VecDeque<Event>,
+    writes: BTreeMap<u64, ClientWriteState>,
+    seq_to_key: BTreeMap<u64, u64>,
+    flushes: BTreeMap<u64, ClientFlushState>,
+    al: BTreeMap<u64, Extent>,
+    al_ctr: u64,
+    al_flushed: u64,
+    al_lru: u64,
+    al_flush_pending: bool,
+    resync_rate: u64,
+    last_resync_bytes: u64,
+}
+
+fn gen_mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn overlaps(a_off: u64, a_len: u64, b_off: u64, b_len: u64) -> bool {
+    a_off < b_off + b_len && b_off < a_off + a_len
+}
+
+fn conflicts(a: &Op, b: &Op) -> bool {
+    (a.access == Access::Write || b.access == Access::Write)
+        && overlaps(a.offset, a.len, b.offset, b.len)
+}
+
+impl Engine {
+    /// Builds the engine from what the driver persisted. A node that was Primary when it
+    /// stopped crashed: its activity-log extents are marked out of sync toward every peer
+    /// and it starts as Secondary. The returned actions (persisting that) run first.
+    pub fn new(cfg: Config, persisted: Persisted, now: Nanos) -> (Engine, Vec<Action>) {
+        let mut peers = BTreeMap::new();
+        let mut bitmaps = persisted.bitmaps;
+        for p in &cfg.peers {
+            let bitmap = (cfg.diskful && p.diskful).then(|| {
+                bitmaps
+                    .remove(&p.node_id)
+                    .filter(|b| {
+                        b.size_bytes() == cfg.size_bytes
+                            && b.granularity() == u64::from(cfg.bitmap_granularity)
+                    })
+                    .unwrap_or_else(|| {
+                        // Lost or mismatched bitmap: everything may differ.
+                        let mut b = Bitmap::new(cfg.size_bytes, cfg.bitmap_granularity);
+                        b.set_all();
+                        b
+                    })
+            });
+            peers.insert(
+                p.node_id,
+                Peer {
+                    cfg: *p,
+                    bitmap,
+                    conn: None,
+                    last_decision: None,
+                },
+            );
+        }
+        let mut e = Engine {
+            resync_rate: cfg.resync_rate,
+            cfg,
+            now,
+            out: Vec::new(),
+            meta: persisted.meta,
+            role: Role::Secondary,
+            crashed_primary: false,
+            peers,
+            next_io: 1,
+            next_key: 1,
+            next_seq: 1,
+            report_seq: 0,
+            epoch: 0,
+            mint_count: 0,
+            mint_pending: false,
+            ios: BTreeMap::new(),
+            active: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            quorum_wait: VecDeque::new(),
+            writes: BTreeMap::new(),
+            seq_to_key: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            al: BTreeMap::new(),
+            al_ctr: 0,
+            al_flushed: 0,
+            al_lru: 0,
+            al_flush_pending: false,
+            last_resync_bytes: 0,
+        };
+        if e.meta.primary {
+            e.crashed_primary = true;
+            e.meta.primary = false;
+            let ext = e.cfg.al_extent_bytes;
+            let extents = persisted.activity_log;
+            for x in &extents {
+                let off = x * ext;
+                if off >= e.cfg.size_bytes {
+                    continue;
+                }
+                let len = ext.min(e.cfg.size_bytes - off);
+                e.set_bits_toward_all(off, len, None);
+            }
+            e.log(
+                Level::Warn,
+                format!(
+                    "crashed Primary: {} activity-log extents marked out of sync toward every peer",
+                    extents.len()
+                ),
+            );
+            e.out.push(Action::PersistActivityLog(Vec::new()));
+            e.persist_meta();
+        }
+        let out = std::mem::take(&mut e.out);
+        (e, out)
+    }
+
+    // ------------------------------------------------------------------ public API
+
+    /// Feeds one event; returns the actions to execute (see [`Action`] for the contract).
+    pub fn handle(&mut self, now: Nanos, event: Event) -> Vec<Action> {
+        self.now = self.now.max(now);
+        self.on_event(event);
+        std::mem::take(&mut self.out)
+    }
+
+    /// Makes this node Primary, or refuses with the reason.
+    pub fn promote(&mut self, now: Nanos) -> Result<Vec<Action>, PromoteError> {
+        self.now = self.now.max(now);
+        if !self.cfg.diskful {
+            return Err(PromoteError::Diskless);
+        }
+        if self.role == Role::Primary {
+            return Ok(Vec::new());
+        }
+        if self.meta.disk_state != DiskState::UpToDate {
+            return Err(PromoteError::NotUpToDate(self.meta.disk_state));
+        }
+        if let Some(p) = self.peers.values().find(|p| peer_role(p) == Some(Role::Primary)) {
+            return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
+        }
+        let (reachable, voters, ok) = self.quorum();
+        if !ok {
+            return Err(PromoteError::NoQuorum { reachable, voters });
+        }
+        self.role = Role::Primary;
+        self.crashed_primary = false;
+        self.meta.primary = true;
+        // A new generation is started lazily, at the first write, if some diskful peer is
+        // not in sync then (DRBD does the same): a Primary that never writes never diverges.
+        self.mint_pending = true;
+        self.persist_meta();
+        self.log(Level::Info, "promoted to Primary".into());
+        self.broadcast_report(true);
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// Makes this node Secondary. Refused while consumer requests are in flight.
+    pub fn demote(&mut self, now: Nanos) -> Result<Vec<Action>, DemoteError> {
+        self.now = self.now.max(now);
+        if self.role == Role::Secondary {
+            return Ok(Vec::new());
+        }
+        let busy = self.writes.len()
+            + self.flushes.len()
+            + self.quorum_wait.len()
+            + self
+                .active
+                .values()
+                .chain(self.waiting.iter())
+                .filter(|o| {
+                    matches!(
+                        o.kind,
+                        OpKind::ClientRead { .. } | OpKind::ClientWrite { .. }
+                    )
+                })
+                .count();
+        if busy > 0 {
+            return Err(DemoteError::Busy(busy));
+        }
+        self.become_secondary("demoted");
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The bitmap toward a diskful peer.
+    pub fn bitmap(&self, peer: NodeId) -> Option<&Bitmap> {
+        self.peers.get(&peer).and_then(|p| p.bitmap.as_ref())
+    }
+
+    /// Whether a write would be allowed to complete now (Primary with quorum).
+    pub fn has_quorum(&self) -> bool {
+        self.quorum().2
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> Status {
+        let (reachable, voters, quorum) = self.quorum();
+        let mut resync_left = None;
+        let mut resync_done = 0;
+        let mut resync_total = 0;
+        let peers = self
+            .peers
+            .values()
+            .map(|p| {
+                if let Some(rs) = p.conn.as_ref().and_then(|c| c.resync.as_ref()) {
+                    resync_left = Some(p.bitmap.as_ref().map_or(0, |b| b.out_of_sync_bytes()));
+                    resync_done = rs.done;
+                    resync_total = rs.total;
+                }
+                PeerStatus {
+                    node_id: p.cfg.node_id,
+                    diskful: p.cfg.diskful,
+                    connected: p.conn.is_some(),
+                    repl_state: p.conn.as_ref().map_or(ReplState::Off, |c| c.state),
+                    role: p.conn.as_ref().and_then(|c| c.report.as_ref()).map(|r| r.role),
+                    disk_state: p
+                        .conn
+                        .as_ref()
+                        .and_then(|c| c.report.as_ref())
+                        .map(|r| r.disk_state),
+                    out_of_sync_bytes: p.bitmap.as_ref().map_or(0, |b| b.out_of_sync_bytes()),
+                    last_decision: p.last_decision,
+                }
+            })
+            .collect();
+        Status {
+            node_id: self.cfg.node_id,
+            role: self.role,
+            disk_state: self.meta.disk_state,
+            quorum,
+            voters,
+            reachable,
+            current_generation: self.meta.current,
+            peers,
+            resync_bytes_per_sec: self.resync_rate,
+            resync_bytes_left: resync_left,
+            resync_bytes_done: resync_done,
+            resync_bytes_total: resync_total,
+            last_resync_bytes: self.last_resync_bytes,
+            crashed_primary: self.crashed_primary,
+            activity_log_extents: self.al.len(),
+        }
+    }
+
+    // ------------------------------------------------------------------ helpers
+
+    fn log(&mut self, level: Level, msg: String) {
+        self.out.push(Action::Log { level, msg });
+    }
+
+    fn io(&mut self, purpose: IoPurpose) -> IoId {
+        let io = self.next_io;
+        self.next_io += 1;
+        self.ios.insert(io, purpose);
+        io
+    }
+
+    fn persist_meta(&mut self) {
+        self.out.push(Action::PersistMeta(self.meta.clone()));
+    }
+
+    fn diskful_ids(&self) -> Vec<NodeId> {
+        self.peers
+            .values()
+            .filter(|p| p.cfg.diskful)
+            .map(|p| p.cfg.node_id)
+            .collect()
+    }
+
+    /// (reachable voters incl. us, voters, definite quorum). A connected peer counts once it
+    /// answered a Ping sent after our latest role change (so it has seen our role and did
+    /// not refuse us).
+    fn quorum(&self) -> (u8, u8, bool) {
+        let voters = 1 + self.peers.len() as u8;
+        let confirmed = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.conn
+                    .as_ref()
+                    .is_some_and(|c| c.report.is_some() && c.pong >= c.barrier)
+            })
+            .count() as u8;
+        let reachable = 1 + confirmed;
+        (reachable, voters, has_majority(reachable, voters))
+    }
+
+    /// Quorum could still come: connected but unconfirmed peers would make it.
+    fn quorum_possible(&self) -> bool {
+        let voters = 1 + self.peers.len() as u8;
+        let connected = self.peers.values().filter(|p| p.conn.is_some()).count() as u8;
+        has_majority(1 + connected, voters)
+    }
+
+    /// Connected, decided in sync, same generation, UpToDate.
+    fn in_sync(&self, peer: NodeId) -> bool {
+        self.peers.get(&peer).is_some_and(|p| {
+            p.conn.as_ref().is_some_and(|c| {
+                c.state == ReplState::Established
+                    && c.report.as_ref().is_some_and(|r| {
+                        r.generations.current == self.meta.current
+                            && r.disk_state == DiskState::UpToDate
+                    })
+            })
+        })
+    }
+
+    /// Peers a Primary sends its writes to: connected diskful peers past the bitmap exchange
+    /// that are not refusing (Established, SyncSource, SyncTarget, or still connecting:
+    /// the handshake messages precede the writes on the link).
+    fn receives_writes(&self, p: &Peer) -> bool {
+        p.cfg.diskful
+            && p.conn.as_ref().is_some_and(|c| {
+                matches!(
+                    c.state,
+                    ReplState::Established
+                        | ReplState::SyncSource
+                        | ReplState::SyncTarget
+                        | ReplState::Connecting
+                )
+            })
+    }
+
+    fn set_bits(&mut self, peer: NodeId, offset: u64, len: u64) {
+        let Some(b) = self.peers.get_mut(&peer).and_then(|p| p.bitmap.as_mut()) else {
+            return;
+        };
+        let (first, count) = b.bits_touching(offset, len);
+        if b.set_bits(first, count) > 0 {
+            self.out.push(Action::PersistBits {
+                peer,
+                set: true,
+                first,
+                count,
+            });
+        }
+    }
+
+    fn set_bits_toward_all(&mut self, offset: u64, len: u64, except: Option<NodeId>) {
+        for id in self.diskful_ids() {
+            if Some(id) != except {
+                self.set_bits(id, offset, len);
+            }
+        }
+    }
+
+    fn mint(&mut self, why: &str) {
+        self.mint_count += 1;
+        let mut g = gen_mix(
+            self.cfg.entropy
+                ^ gen_mix(self.now)
+                ^ (u64::from(self.cfg.node_id) << 56)
+                ^ gen_mix(self.mint_count ^ self.meta.current),
+        );
+        if g == 0 {
+            g = 1;
+        }
+        let old = self.meta.current;
+        for id in self.diskful_ids() {
+            if !self.in_sync(id) {
+                let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
+                if *e == 0 {
+                    *e = old;
+                }
+            }
+        }
+        self.meta.history = [old, self.meta.history[0]];
+        self.meta.current = g;
+        self.log(
+            Level::Info,
+            format!("new data generation {g:016x} (was {old:016x}): {why}"),
+        );
+    }
+
+    fn report_for(&self, peer: NodeId) -> StateReport {
+        let (reachable, voters, has_quorum) = self.quorum();
+        let mut flags = 0;
+        if self.crashed_primary {
+            flags |= state_flags::CRASHED_PRIMARY;
+        }
+        StateReport {
+            seq: self.report_seq,
+            node_id: self.cfg.node_id,
+            role: self.role,
+            disk_state: self.meta.disk_state,
+            quorum: QuorumInfo {
+                has_quorum,
+                voters,
+                reachable,
+            },
+            flags,
+            size_bytes: self.cfg.size_bytes,
+            generations: Generations {
+                current: self.meta.current,
+                bitmap: self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0),
+                history: self.meta.history,
+            },
+            peer_bitmaps: self
+                .meta
+                .peer_bitmap_gens
+                .iter()
+                .filter(|(id, g)| **id != peer && **g != 0)
+                .map(|(id, g)| PeerBitmap {
+                    node: *id,
+                    generation: *g,
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends our state to every connected peer; `barrier`: our role changed, peers count
+    /// toward quorum again only after answering the Ping that follows.
+    fn broadcast_report(&mut self, barrier: bool) {
+        self.report_seq += 1;
+        let ids: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.conn.is_some())
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in ids {
+            let r = self.report_for(id);
+            self.send(id, Message::StateReport(Box::new(r)));
+            if barrier {
+                let seq = self.report_seq;
+                if let Some(c) = self.conn_mut(id) {
+                    c.barrier = seq;
+                }
+                self.send(id, Message::Ping { token: seq });
+            }
+        }
+    }
+
+    fn send(&mut self, peer: NodeId, msg: Message) {
+        let now = self.now;
+        if let Some(c) = self.conn_mut(peer) {
+            c.last_tx = now;
+        }
+        self.out.push(Action::Send { peer, msg });
+    }
+
+    fn conn_mut(&mut self, peer: NodeId) -> Option<&mut Conn> {
+        self.peers.get_mut(&peer).and_then(|p| p.conn.as_mut())
+    }
+
+    fn conn(&self, peer: NodeId) -> Option<&Conn> {
+        self.peers.get(&peer).and_then(|p| p.conn.as_ref())
+    }
+
+    fn become_secondary(&mut self, why: &str) {
+        self.role = Role::Secondary;
+        self.meta.primary = false;
+        self.persist_meta();
+        self.log(Level::Info, format!("Secondary: {why}"));
+        // Requests not yet started fail.
+        let mut kept = VecDeque::new();
+        for op in std::mem::take(&mut self.waiting) {
+            match op.kind {
+                OpKind::ClientWrite { id, .. } | OpKind::ClientRead { id } => {
+                    self.complete(id, Err(RequestError::NotPrimary))
+                }
+                _ => kept.push_back(op),
+            }
+        }
+        self.waiting = kept;
+        for ev in std::mem::take(&mut self.quorum_wait) {
+            if let Event::Write { id, .. } | Event::Flush { id } = ev {
+                self.complete(id, Err(RequestError::NotPrimary));
+            }
+        }
+        self.broadcast_report(true);
+    }
+
+    fn complete(&mut self, id: RequestId, result: Result<Reply, RequestError>) {
+        self.out.push(Action::Complete { id, result });
+    }
+
+    fn disconnect(&mut self, peer: NodeId, reason: DisconnectReason, detail: String) {
+        let reconnect = !matches!(
+            reason,
+            DisconnectReason::SplitBrain | DisconnectReason::UnrelatedData
+        );
+        self.log(
+            Level::Warn,
+            format!("disconnecting node {peer}: {reason:?}: {detail}"),
+        );
+        self.send(peer, Message::Disconnect { reason, detail });
+        self.out.push(Action::Disconnect {
+            peer,
+            reason,
+            reconnect,
+        });
+        // The link is unusable from now on: behave as if it went down.
+        self.peer_down(peer);
+    }
+
+    fn protocol_error(&mut self, err: ProtocolError) {
+        let peer = match &err {
+            ProtocolError::Unexpected(_, p) => *p,
+            ProtocolError::Invalid { peer, .. } => *peer,
+        };
+        self.disconnect(peer, DisconnectReason::ProtocolError, err.to_string());
+    }
+
+    // ------------------------------------------------------------------ events
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Write { .. } | Event::Flush { .. } | Event::Read { .. } => {
+                self.client_request(event)
+            }
+            Event::DiskWriteDone { io, result } => self.disk_write_done(io, result),
+            Event::DiskReadDone { io, result } => self.disk_read_done(io, result),
+            Event::DiskFlushDone { io, result } => self.disk_flush_done(io, result),
+            Event::PeerUp { peer } => self.peer_up(peer),
+            Event::PeerDown { peer } => {
+                if self.conn(peer).is_some() {
+                    self.log(Level::Info, format!("link to node {peer} down"));
+                    self.peer_down(peer);
+                }
+            }
+            Event::PeerMessage { peer, msg } => {
+                if self.conn(peer).is_none() {
+                    return; // a late message of a closed link
+                }
+                let now = self.now;
+                if let Some(c) = self.conn_mut(peer) {
+                    c.last_rx = now;
+                }
+                if let Err(e) = self.peer_message(peer, msg) {
+                    self.protocol_error(e);
+                }
+            }
+            Event::Tick => self.tick(),
+            Event::SetResyncRate { bytes_per_sec } => {
+                self.resync_rate = bytes_per_sec;
+                self.log(
+                    Level::Info,
+                    format!("resync rate set to {bytes_per_sec} bytes/s"),
+                );
+                self.pump_resync();
+            }
+        }
+    }
+
+    fn client_request(&mut self, ev: Event) {
+        let id = match &ev {
+            Event::Write { id, .. } | Event::Flush { id } | Event::Read { id, .. } => *id,
+            _ => return,
+        };
+        if self.role != Role::Primary {
+            return self.complete(id, Err(RequestError::NotPrimary));
+        }
+        if self.meta.disk_state != DiskState::UpToDate {
+            return self.complete(id, Err(RequestError::NotUpToDate));
+        }
+        match &ev {
+            Event::Write { offset, data, .. } => {
+                if data.is_empty() || offset.saturating_add(data.len() as u64) > self.cfg.size_bytes
+                {
+                    return self.complete(id, Err(RequestError::OutOfRange));
+                }
+            }
+            Event::Read { offset, len, .. } => {
+                if *len == 0 || offset.saturating_add(u64::from(*len)) > self.cfg.size_bytes {
+                    return self.complete(id, Err(RequestError::OutOfRange));
+                }
+            }
+            _ => {}
+        }
+        let (reachable, voters, ok) = self.quorum();
+        if !ok && !matches!(ev, Event::Read { .. }) {
+            if self.quorum_possible() {
+                self.quorum_wait.push_back(ev);
+            } else {
+                self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
+            }
+            return;
+        }
+        self.start_client(ev);
+    }
+
+    fn start_client(&mut self, ev: Event) {
+        match ev {
+            Event::Write {
+                id,
+                offset,
+                data,
+                fua,
+            } => {
+                let len = data.len() as u64;
+                self.enqueue(offset, len, Access::Write, OpKind::ClientWrite { id, data, fua });
+            }
+            Event::Read { id, offset, len } => {
+                self.enqueue(offset, u64::from(len), Access::Read, OpKind::ClientRead { id })
+            }
+            Event::Flush { id } => self.start_client_flush(id),
+            _ => {}
+        }
+    }
+
+    /// Writes wait for quorum confirmation; on each change, retry or fail them.
+    fn recheck_quorum_wait(&mut self) {
+        if self.quorum_wait.is_empty() {
+            return;
+        }
+        let (reachable, voters, ok) = self.quorum();
+        if ok {
+            for ev in std::mem::take(&mut self.quorum_wait) {
+                self.start_client(ev);
+            }
+        } else if !self.quorum_possible() {
+            for ev in std::mem::take(&mut self.quorum_wait) {
+                if let Event::Write { id, .. } | Event::Flush { id } = ev {
+                    self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
+                }
+            }
+        }
+    }
+
+    fn start_client_flush(&mut self, id: RequestId) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let key = self.next_key;
+        self.next_key += 1;
+        let targets: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| self.receives_writes(p))
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for &p in &targets {
+            self.send(p, Message::Flush { seq });
+        }
+        self.flushes.insert(
+            key,
+            ClientFlushState {
+                id,
+                local_done: false,
+                local_error: None,
+                waiting: targets.into_iter().collect(),
+                seq,
+            },
+        );
+        let upto = self.al_ctr;
+        let io = self.io(IoPurpose::ClientFlush { key, upto });
+        self.out.push(Action::DiskFlush { io });
+    }
+
+    // ------------------------------------------------------------------ ordering
+
+    fn enqueue(&mut self, offset: u64, len: u64, access: Access, kind: OpKind) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let op = Op {
+            key,
+            offset,
+            len,
+            access,
+            kind,
+        };
+        let blocked = self.active.values().any(|a| conflicts(a, &op))
+            || self.waiting.iter().any(|w| conflicts(w, &op));
+        if blocked {
+            self.waiting.push_back(op);
+        } else {
+            self.start_op(op);
+        }
+    }
+
+    fn finish_op(&mut self, key: u64) {
+        self.active.remove(&key);
+        // Start waiting ops that no longer conflict with active ones or earlier waiters.
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let op = &self.waiting[i];
+            let blocked = self.active.values().any(|a| conflicts(a, op))
+                || self.waiting.iter().take(i).any(|w| conflicts(w, op));
+            if blocked {
+                i += 1;
+            } else if let Some(op) = self.waiting.remove(i) {
+                self.start_op(op);
+            }
+        }
+    }
+
+    fn start_op(&mut self, op: Op) {
+        let key = op.key;
+        match &op.kind {
+            OpKind::ClientWrite { id, data, fua } => {
+                let (id, data, fua) = (*id, data.clone(), *fua);
+                self.active.insert(key, op.clone());
+                self.start_client_write(key, id, op.offset, data, fua);
+            }
+            OpKind::ClientRead { .. } => {
+                self.active.insert(key, op.clone());
+                let io = self.io(IoPurpose::Op(key));
+                self.out.push(Action::DiskRead {
+                    io,
+                    offset: op.offset,
+                    len: op.len as u32,
+                });
+            }
+            OpKind::PeerWrite {
+                peer, data, fua, ..
+            } => {
+                let (peer, data, fua) = (*peer, data.clone(), *fua);
+                self.active.insert(key, op.clone());
+                // Bits toward diskful peers that will not get this write from its writer.
+                for id in self.diskful_ids() {
+                    if id != peer && !self.in_sync(id) {
+                        self.set_bits(id, op.offset, op.len);
+                    }
+                }
+                let io = self.io(IoPurpose::Op(key));
+                self.out.push(Action::DiskWrite {
+                    io,
+                    offset: op.offset,
+                    data,
+                    fua,
+                });
+            }
+            OpKind::ResyncWrite { data, .. } => {
+                let data = data
+                    .clone()
+                    .unwrap_or_else(|| Bytes::from(vec![0u8; op.len as usize]));
+                self.active.insert(key, op.clone());
+                let io = self.io(IoPurpose::Op(key));
+                self.out.push(Action::DiskWrite {
+                    io,
+                    offset: op.offset,
+                    data,
+                    fua: false,
+                });
+            }
+            OpKind::ResyncRead { .. } => {
+                self.active.insert(key, op.clone());
+                let io = self.io(IoPurpose::Op(key));
+                self.out.push(Action::DiskRead {
+                    io,
+                    offset: op.offset,
+                    len: op.len as u32,
+                });
+            }
+        }
+    }
+
+    fn start_client_write(&mut self, key: u64, id: RequestId, offset: u64, data: Bytes, fua: bool) {
+        let len = data.len() as u64;
+        if self.mint_pending {
+            self.mint_pending = false;
+            let missing: Vec<NodeId> = self
+                .diskful_ids()
+                .into_iter()
+                .filter(|id| !self.in_sync(*id))
+                .collect();
+            if !missing.is_empty() {
+                self.mint(&format!("first write without diskful nodes {missing:?} in sync"));
+                self.persist_meta();
+                self.broadcast_report(false);
+            }
+        }
+        // Activity log: hot extents persisted before the write.
+        let ext = self.cfg.al_extent_bytes;
+        let extents: Vec<u64> = (offset / ext..=(offset + len - 1) / ext).collect();
+        let mut changed = false;
+        for &x in &extents {
+            self.al_lru += 1;
+            let lru = self.al_lru;
+            let e = self.al.entry(x).or_insert_with(|| {
+                changed = true;
+                Extent::default()
+            });
+            e.inflight += 1;
+            e.lru = lru;
+        }
+        if changed {
+            self.al_evict();
+            let snap: Vec<u64> = self.al.keys().copied().collect();
+            self.out.push(Action::PersistActivityLog(snap));
+        }
+        // Bits toward diskful peers that will not get it.
+        let mut waiting = BTreeSet::new();
+        let ids = self.diskful_ids();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for pid in ids {
+            let receives = self
+                .peers
+                .get(&pid)
+                .is_some_and(|p| self.receives_writes(p));
+            if receives {
+                waiting.insert(pid);
+            } else {
+                self.set_bits(pid, offset, len);
+            }
+        }
+        for &pid in &waiting {
+            if let Some(c) = self.conn_mut(pid) {
+                c.unacked.insert(seq, (offset, len));
+            }
+            self.send(
+                pid,
+                Message::Write {
+                    seq,
+                    offset,
+                    flags: if fua { write_flags::FUA } else { 0 },
+                    data: data.clone(),
+                },
+            );
+        }
+        // Peers index pending writes by seq; keep key <-> seq through the state.
+        self.writes.insert(
+            key,
+            ClientWriteState {
+                id,
+                offset,
+                len,
+                local_done: false,
+                local_error: None,
+                waiting,
+                extents,
+            },
+        );
+        self.seq_to_key.insert(seq, key);
+        let io = self.io(IoPurpose::Op(key));
+        self.out.push(Action::DiskWrite {
+            io,
+            offset,
+            data,
+            fua,
+        });
+    }
+
+    fn al_evict(&mut self) {
+        while self.al.len() > self.cfg.al_extents {
+            let victim = self
+                .al
+                .iter()
+                .filter(|(_, e)| e.inflight == 0 && e.last_done <= self.al_flushed)
+                .min_by_key(|(_, e)| e.lru)
+                .map(|(x, _)| *x);
+            match victim {
+                Some(x) => {
+                    self.al.remove(&x);
+                }
+                None => {
+                    // Everything hot is busy or not yet durable: flush so extents become
+                    // evictable; the log stays larger meanwhile.
+                    if !self.al_flush_pending
+                        && self.al.values().any(|e| e.inflight == 0)
+                    {
+                        self.al_flush_pending = true;
+                        let upto = self.al_ctr;
+                        let io = self.io(IoPurpose::AlFlush { upto });
+                        self.out.push(Action::DiskFlush { io });
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    // ------------------------------------------------------------------ completions
+
+    fn disk_write_done(&mut self, io: IoId, result: Result<(), DiskError>) {
+        let Some(IoPurpose::Op(key)) = self.ios.remove(&io) else {
+            return;
+        };
+        let Some(op) = self.active.get(&key).cloned() else {
+            return;
+        };
+        match op.kind {
+            OpKind::ClientWrite { .. } => {
+                self.al_ctr += 1;
+                let ctr = self.al_ctr;
+                if let Some(w) = self.writes.get_mut(&key) {
+                    w.local_done = true;
+                    if let Err(e) = &result {
+                        w.local_error = Some(e.0.clone());
+                    }
+                    for x in w.extents.clone() {
+                        if let Some(e) = self.al.get_mut(&x) {
+                            e.inflight -= 1;
+                            e.last_done = ctr;
+                        }
+                    }
+                }
+                self.try_complete_write(key);
+            }
+            OpKind::PeerWrite { peer, epoch, seq, .. } => {
+                let status = if result.is_ok() {
+                    WireStatus::Ok
+                } else {
+                    WireStatus::IoError
+                };
+                self.finish_op(key);
+                if self.conn(peer).is_some_and(|c| c.epoch == epoch) {
+                    self.send(peer, Message::WriteAck { seq, status });
+                    if let Some(c) = self.conn_mut(peer) {
+                        c.rx_inflight.remove(&seq);
+                    }
+                    self.release_peer_flushes(peer);
+                }
+            }
+            OpKind::ResyncWrite { peer, epoch, id, .. } => {
+                self.finish_op(key);
+                let ok = result.is_ok();
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let Some(c) = p.conn.as_mut().filter(|c| c.epoch == epoch) else {
+                    return;
+                };
+                let Some(rs) = c.resync.as_mut() else { return };
+                rs.inflight.remove(&id);
+                if ok {
+                    rs.done += op.len;
+                    if let Some(b) = p.bitmap.as_mut() {
+                        let (first, count) = b.bits_covered(op.offset, op.len);
+                        if b.clear_bits(first, count) > 0 {
+                            self.out.push(Action::PersistBits {
+                                peer,
+                                set: false,
+                                first,
+                                count,
+                            });
+                        }
+                    }
+                } else {
+                    self.disconnect(
+                        peer,
+                        DisconnectReason::IoError,
+                        "local write of resync data failed".into(),
+                    );
+                    return;
+                }
+                self.pump_resync();
+            }
+            _ => {}
+        }
+    }
+
+    fn try_complete_write(&mut self, key: u64) {
+        let Some(w) = self.writes.get(&key) else {
+            return;
+        };
+        let peers_done = w.waiting.is_empty() || self.cfg.protocol == Protocol::A;
+        if !(w.local_done && peers_done) {
+            return;
+        }
+        let Some(w) = self.writes.remove(&key) else {
+            return;
+        };
+        self.seq_to_key.retain(|_, k| *k != key);
+        let (reachable, voters, ok) = self.quorum();
+        let result = if let Some(e) = w.local_error {
+            Err(RequestError::Io(e))
+        } else if !ok || self.role != Role::Primary {
+            Err(RequestError::NoQuorum { reachable, voters })
+        } else {
+            Ok(Reply::Done)
+        };
+        let _ = (w.offset, w.len);
+        self.complete(w.id, result);
+        self.finish_op(key);
+        self.al_evict();
+    }
+
+    fn try_complete_flush(&mut self, key: u64) {
+        let Some(f) = self.flushes.get(&key) else {
+            return;
+        };
+        if !(f.local_done && f.waiting.is_empty()) {
+            return;
+        }
+        let Some(f) = self.flushes.remove(&key) else {
+            return;
+        };
+        let (reachable, voters, ok) = self.quorum();
+        let result = if let Some(e) = f.local_error {
+            Err(RequestError::Io(e))
+        } else if !ok || self.role != Role::Primary {
+            Err(RequestError::NoQuorum { reachable, voters })
+        } else {
+            Ok(Reply::Done)
+        };
+        let _ = f.seq;
+        self.complete(f.id, result);
+    }
+
+    fn disk_read_done(&mut self, io: IoId, result: Result<Bytes, DiskError>) {
+        let Some(IoPurpose::Op(key)) = self.ios.remove(&io) else {
+            return;
+        };
+        let Some(op) = self.active.get(&key).cloned() else {
+            return;
+        };
+        self.finish_op(key);
+        match op.kind {
+            OpKind::ClientRead { id } => {
+                let r = match result {
+                    Ok(d) => Ok(Reply::Data(d)),
+                    Err(e) => Err(RequestError::Io(e.0)),
+                };
+                self.complete(id, r);
+            }
+            OpKind::ResyncRead { peer, epoch, id } => {
+                if !self.conn(peer).is_some_and(|c| c.epoch == epoch) {
+                    return;
+                }
+                let msg = match result {
+                    Ok(d) if d.iter().all(|b| *b == 0) => Message::ResyncData {
+                        id,
+                        offset: op.offset,
+                        status: WireStatus::Ok,
+                        flags: resync_flags::ZERO,
+                        len: op.len as u32,
+                        data: Bytes::new(),
+                    },
+                    Ok(d) => Message::ResyncData {
+                        id,
+                        offset: op.offset,
+                        status: WireStatus::Ok,
+                        flags: 0,
+                        len: op.len as u32,
+                        data: d,
+                    },
+                    Err(_) => Message::ResyncData {
+                        id,
+                        offset: op.offset,
+                        status: WireStatus::IoError,
+                        flags: 0,
+                        len: op.len as u32,
+                        data: Bytes::new(),
+                    },
+                };
+                self.send(peer, msg);
+            }
+            _ => {}
+        }
+    }
+
+    fn disk_flush_done(&mut self, io: IoId, result: Result<(), DiskError>) {
+        let Some(purpose) = self.ios.remove(&io) else {
+            return;
+        };
+        match purpose {
+            IoPurpose::ClientFlush { key, upto } => {
+                if result.is_ok() {
+                    self.al_flushed = self.al_flushed.max(upto);
+                }
+                if let Some(f) = self.flushes.get_mut(&key) {
+                    f.local_done = true;
+                    if let Err(e) = result {
+                        f.local_error = Some(e.0);
+                    }
+                }
+                self.try_complete_flush(key);
+                self.al_evict();
+            }
+            IoPurpose::AlFlush { upto } => {
+                self.al_flush_pending = false;
+                if result.is_ok() {
+                    self.al_flushed = self.al_flushed.max(upto);
+                }
+                self.al_evict();
+            }
+            IoPurpose::PeerFlush { peer, epoch, seq } => {
+                if self.conn(peer).is_some_and(|c| c.epoch == epoch) {
+                    let status = if result.is_ok() {
+                        WireStatus::Ok
+                    } else {
+                        WireStatus::IoError
+                    };
+                    self.send(peer, Message::FlushAck { seq, status });
+                }
+            }
+            IoPurpose::ResyncFinishFlush { peer, epoch } => {
+                if !self.conn(peer).is_some_and(|c| c.epoch == epoch) {
+                    return;
+                }
+                if result.is_err() {
+                    self.disconnect(peer, DisconnectReason::IoError, "flush failed".into());
+                    return;
+                }
+                self.resync_target_finished(peer);
+            }
+            IoPurpose::Op(_) => {}
+        }
+    }
+
+    // ------------------------------------------------------------------ links
+
+    fn peer_up(&mut self, peer: NodeId) {
+        if !self.peers.contains_key(&peer) {
+            self.log(Level::Warn, format!("PeerUp for unknown node {peer}"));
+            return;
+        }
+        if self.conn(peer).is_some() {
+            self.peer_down(peer);
+        }
+        self.epoch += 1;
+        let now = self.now;
+        let conn = Conn {
+            epoch: self.epoch,
+            report: None,
+            bitmap_rx: Vec::new(),
+            bitmap_done: false,
+            state: ReplState::Connecting,
+            decision: None,
+            pong: 0,
+            barrier: 0,
+            last_rx: now,
+            last_tx: now,
+            unacked: BTreeMap::new(),
+            unflushed: BTreeMap::new(),
+            rx_inflight: BTreeSet::new(),
+            rx_flush_wait: Vec::new(),
+            resync: None,
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.conn = Some(conn);
+        }
+        self.log(Level::Info, format!("link to node {peer} up"));
+        self.report_seq += 1;
+        let report = self.report_for(peer);
+        let seq = self.report_seq;
+        self.send(peer, Message::StateReport(Box::new(report)));
+        let diskful_pair = self.cfg.diskful && self.peers[&peer].cfg.diskful;
+        if diskful_pair {
+            let runs: Vec<ByteRange> = self.peers[&peer]
+                .bitmap
+                .as_ref()
+                .map(|b| {
+                    let g = b.granularity();
+                    b.runs()
+                        .into_iter()
+                        .map(|(f, n)| ByteRange {
+                            offset: f * g,
+                            len: (n * g).min(self.cfg.size_bytes - f * g),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut chunks: Vec<Vec<ByteRange>> =
+                runs.chunks(OOS_CHUNK).map(|c| c.to_vec()).collect();
+            if chunks.is_empty() {
+                chunks.push(Vec::new());
+            }
+            let last = chunks.len() - 1;
+            for (i, ranges) in chunks.into_iter().enumerate() {
+                let flags = if i == last { oos_flags::END_OF_BITMAP } else { 0 };
+                self.send(peer, Message::OutOfSync { flags, ranges });
+            }
+        }
+        if let Some(c) = self.conn_mut(peer) {
+            c.barrier = seq;
+        }
+        self.send(peer, Message::Ping { token: seq });
+    }
+
+    fn peer_down(&mut self, peer: NodeId) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(conn) = p.conn.take() else { return };
+        let diskful = p.cfg.diskful;
+        // Writes it did not ack, and writes it acked that no flush made durable there, may be
+        // missing on it.
+        for (_, (off, len)) in conn.unacked.iter().chain(conn.unflushed.iter()) {
+            self.set_bits(peer, *off, *len);
+        }
+        if let Some(rs) = &conn.resync {
+            self.log(
+                Level::Warn,
+                format!(
+                    "resync from node {peer} interrupted after {} bytes",
+                    rs.done
+                ),
+            );
+        }
+        for key in self.writes.keys().copied().collect::<Vec<_>>() {
+            if let Some(w) = self.writes.get_mut(&key)
+                && w.waiting.remove(&peer)
+            {
+                self.try_complete_write(key);
+            }
+        }
+        for key in self.flushes.keys().copied().collect::<Vec<_>>() {
+            if let Some(f) = self.flushes.get_mut(&key)
+                && f.waiting.remove(&peer)
+            {
+                self.try_complete_flush(key);
+            }
+        }
+        // A Primary that lost a diskful peer starts a new generation at its next write, so
+        // the handshake later knows who is newer.
+        if self.role == Role::Primary && diskful && self.cfg.diskful {
+            self.mint_pending = true;
+        }
+        if conn.report.is_some() {
+            self.broadcast_report(false);
+        }
+        self.recheck_quorum_wait();
+    }
+
+    fn tick(&mut self) {
+        let now = self.now;
+        if self.cfg.ping_interval > 0 {
+            let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+            for id in ids {
+                let Some(c) = self.conn(id) else { continue };
+                if now.saturating_sub(c.last_rx) > self.cfg.ping_timeout {
+                    self.disconnect(id, DisconnectReason::Timeout, "keepalive timeout".into());
+                } else if now.saturating_sub(c.last_tx) >= self.cfg.ping_interval {
+                    let token = self.report_seq;
+                    self.send(id, Message::Ping { token });
+                }
+            }
+        }
+        self.pump_resync();
+    }
+
+    // ------------------------------------------------------------------ peer messages
+
+    fn peer_message(&mut self, peer: NodeId, msg: Message) -> Result<(), ProtocolError> {
+        match msg {
+            Message::Ping { token } => self.send(peer, Message::Pong { token }),
+            Message::Pong { token } => {
+                if let Some(c) = self.conn_mut(peer) {
+                    c.pong = c.pong.max(token);
+                }
+                self.recheck_quorum_wait();
+            }
+            Message::Disconnect { reason, detail } => {
+                self.log(
+                    Level::Warn,
+                    format!("node {peer} disconnects: {reason:?}: {detail}"),
+                );
+                if reason == DisconnectReason::TwoPrimaries
+                    && self.role == Role::Primary
+                    && !self.has_quorum()
+                {
+                    self.force_secondary("another Primary holds the volume and we lost quorum");
+                }
+                self.peer_down(peer);
+            }
+            Message::StateReport(r) => self.on_report(peer, *r)?,
+            Message::OutOfSync { flags, ranges } => {
+                let done = self.conn(peer).is_some_and(|c| c.bitmap_done);
+                if done || !self.cfg.diskful {
+                    return Err(ProtocolError::Unexpected("OutOfSync", peer));
+                }
+                for r in &ranges {
+                    if r.offset.saturating_add(r.len) > self.cfg.size_bytes {
+                        return Err(ProtocolError::Invalid {
+                            peer,
+                            detail: "out-of-sync range outside the volume".into(),
+                        });
+                    }
+                }
+                if let Some(c) = self.conn_mut(peer) {
+                    c.bitmap_rx.extend(ranges);
+                    if flags & oos_flags::END_OF_BITMAP != 0 {
+                        c.bitmap_done = true;
+                    }
+                }
+                self.maybe_decide(peer);
+            }
+            Message::Write {
+                seq,
+                offset,
+                flags,
+                data,
+            } => {
+                self.check_writer(peer)?;
+                let len = data.len() as u64;
+                if offset.saturating_add(len) > self.cfg.size_bytes {
+                    self.send(
+                        peer,
+                        Message::WriteAck {
+                            seq,
+                            status: WireStatus::OutOfRange,
+                        },
+                    );
+                    return Ok(());
+                }
+                let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                if let Some(c) = self.conn_mut(peer) {
+                    c.rx_inflight.insert(seq);
+                }
+                self.enqueue(
+                    offset,
+                    len,
+                    Access::Write,
+                    OpKind::PeerWrite {
+                        peer,
+                        epoch,
+                        seq,
+                        data,
+                        fua: flags & write_flags::FUA != 0,
+                    },
+                );
+            }
+            Message::Trim { seq, .. } | Message::WriteZeroes { seq, .. } => {
+                self.check_writer(peer)?;
+                self.send(
+                    peer,
+                    Message::WriteAck {
+                        seq,
+                        status: WireStatus::NotSupported,
+                    },
+                );
+            }
+            Message::WriteAck { seq, status } => {
+                let Some(c) = self.conn_mut(peer) else {
+                    return Ok(());
+                };
+                let Some(range) = c.unacked.remove(&seq) else {
+                    return Err(ProtocolError::Invalid {
+                        peer,
+                        detail: format!("WriteAck for unknown seq {seq}"),
+                    });
+                };
+                if status == WireStatus::Ok {
+                    c.unflushed.insert(seq, range);
+                } else {
+                    self.set_bits(peer, range.0, range.1);
+                }
+                if let Some(&key) = self.seq_to_key.get(&seq)
+                    && let Some(w) = self.writes.get_mut(&key)
+                {
+                    w.waiting.remove(&peer);
+                    self.try_complete_write(key);
+                }
+            }
+            Message::Flush { seq } => {
+                self.check_writer(peer)?;
+                let pending = self
+                    .conn(peer)
+                    .is_some_and(|c| c.rx_inflight.iter().any(|s| *s < seq));
+                if pending {
+                    if let Some(c) = self.conn_mut(peer) {
+                        c.rx_flush_wait.push(seq);
+                    }
+                } else {
+                    self.peer_flush(peer, seq);
+                }
+            }
+            Message::FlushAck { seq, status } => {
+                if let Some(c) = self.conn_mut(peer) {
+                    if status == WireStatus::Ok {
+                        c.unflushed.retain(|s, _| *s > seq);
+                    }
+                }
+                for key in self.flushes.keys().copied().collect::<Vec<_>>() {
+                    if let Some(f) = self.flushes.get_mut(&key)
+                        && f.seq == seq
+                    {
+                        if status != WireStatus::Ok {
+                            f.local_error = Some(format!("flush failed on node {peer}"));
+                        }
+                        f.waiting.remove(&peer);
+                        self.try_complete_flush(key);
+                    }
+                }
+            }
+            Message::ReadRequest { seq, .. } => self.send(
+                peer,
+                Message::ReadReply {
+                    seq,
+                    status: WireStatus::NotSupported,
+                    data: Bytes::new(),
+                },
+            ),
+            Message::ResyncBegin { generation, bytes } => {
+                self.log(
+                    Level::Info,
+                    format!(
+                        "node {peer} starts a resync of {bytes} bytes toward us (generation {generation:016x})"
+                    ),
+                );
+            }
+            Message::ResyncEnd { status, .. } => {
+                self.log(Level::Info, format!("node {peer} ends the resync: {status:?}"));
+            }
+            Message::ResyncRequest { id, offset, len } => {
+                if self.conn(peer).map(|c| c.state) != Some(ReplState::SyncSource) {
+                    return Err(ProtocolError::Unexpected("ResyncRequest", peer));
+                }
+                if offset.saturating_add(u64::from(len)) > self.cfg.size_bytes || len == 0 {
+                    return Err(ProtocolError::Invalid {
+                        peer,
+                        detail: "resync request outside the volume".into(),
+                    });
+                }
+                let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                self.enqueue(
+                    offset,
+                    u64::from(len),
+                    Access::Read,
+                    OpKind::ResyncRead { peer, epoch, id },
+                );
+            }
+            Message::ResyncData {
+                id,
+                offset,
+                status,
+                flags,
+                len,
+                data,
+            } => {
+                let Some(c) = self.conn(peer) else {
+                    return Ok(());
+                };
+                let epoch = c.epoch;
+                let Some(rs) = c.resync.as_ref() else {
+                    return Err(ProtocolError::Unexpected("ResyncData", peer));
+                };
+                if rs.inflight.get(&id) != Some(&(offset, u64::from(len))) {
+                    return Err(ProtocolError::Invalid {
+                        peer,
+                        detail: format!("ResyncData {id} does not match a request"),
+                    });
+                }
+                if status != WireStatus::Ok {
+                    self.disconnect(
+                        peer,
+                        DisconnectReason::IoError,
+                        format!("resync source failed to read: {status:?}"),
+                    );
+                    return Ok(());
+                }
+                let data = (flags & resync_flags::ZERO == 0).then_some(data);
+                self.enqueue(
+                    offset,
+                    u64::from(len),
+                    Access::Write,
+                    OpKind::ResyncWrite {
+                        peer,
+                        epoch,
+                        id,
+                        data,
+                    },
+                );
+            }
+            Message::ChecksumRequest {
+                id,
+                offset,
+                block_size,
+                alg,
+                ..
+            } => self.send(
+                peer,
+                Message::ChecksumReply {
+                    id,
+                    offset,
+                    block_size,
+                    alg,
+                    status: WireStatus::NotSupported,
+                    digests: Vec::new(),
+                },
+            ),
+            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
+            Message::ChecksumReply { .. } => {
+                return Err(ProtocolError::Unexpected("ChecksumReply", peer));
+            }
+            Message::Hello(_)
+            | Message::Challenge { .. }
+            | Message::Auth { .. }
+            | Message::Welcome { .. }
+            | Message::Refused { .. } => {
+                return Err(ProtocolError::Unexpected("handshake message", peer));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replicated writes are accepted only from a peer that reported itself Primary, after
+    /// the handshake decision, on a diskful node.
+    fn check_writer(&self, peer: NodeId) -> Result<(), ProtocolError> {
+        let c = self
+            .conn(peer)
+            .ok_or(ProtocolError::Unexpected("write", peer))?;
+        let primary = c.report.as_ref().is_some_and(|r| r.role == Role::Primary);
+        let decided = matches!(
+            c.state,
+            ReplState::Established | ReplState::SyncTarget | ReplState::PausedSync
+        );
+        if !self.cfg.diskful || !primary || !decided || self.role == Role::Primary {
+            return Err(ProtocolError::Unexpected("write from a non-Primary", peer));
+        }
+        Ok(())
+    }
+
+    fn peer_flush(&mut self, peer: NodeId, seq: u64) {
+        let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+        let io = self.io(IoPurpose::PeerFlush { peer, epoch, seq });
+        self.out.push(Action::DiskFlush { io });
+    }
+
+    fn release_peer_flushes(&mut self, peer: NodeId) {
+        let Some(c) = self.conn_mut(peer) else { return };
+        let min_inflight = c.rx_inflight.iter().next().copied().unwrap_or(u64::MAX);
+        let (ready, wait): (Vec<u64>, Vec<u64>) = c
+            .rx_flush_wait
+            .iter()
+            .partition(|s| **s <= min_inflight);
+        c.rx_flush_wait = wait;
+        for seq in ready {
+            self.peer_flush(peer, seq);
+        }
+    }
+
+    fn force_secondary(&mut self, why: &str) {
+        if self.role == Role::Primary {
+            self.log(Level::Warn, format!("forced to Secondary: {why}"));
+            self.become_secondary(why);
+        }
+    }
+
+    fn on_report(&mut self, peer: NodeId, r: StateReport) -> Result<(), ProtocolError> {
+        if r.node_id != peer {
+            return Err(ProtocolError::Invalid {
+                peer,
+                detail: format!("StateReport names node {}", r.node_id),
+            });
+        }
+        let peer_diskful = self.peers[&peer].cfg.diskful;
+        if peer_diskful == (r.disk_state == DiskState::Diskless) {
+            return Err(ProtocolError::Invalid {
+                peer,
+                detail: format!("disk state {:?} for a diskful={peer_diskful} node", r.disk_state),
+            });
+        }
+        if !peer_diskful && r.role == Role::Primary {
+            return Err(ProtocolError::Invalid {
+                peer,
+                detail: "a witness reports Primary".into(),
+            });
+        }
+        let Some(c) = self.conn_mut(peer) else {
+            return Ok(());
+        };
+        if c.report.as_ref().is_some_and(|old| old.seq >= r.seq) {
+            return Ok(());
+        }
+        let prev = c.report.replace(r.clone());
+        // Two Primaries: the one already known keeps the volume.
+        if r.role == Role::Primary && prev.as_ref().is_none_or(|p| p.role != Role::Primary) {
+            if self.role == Role::Primary {
+                if self.has_quorum() {
+                    self.disconnect(
+                        peer,
+                        DisconnectReason::TwoPrimaries,
+                        "we are Primary with quorum".into(),
+                    );
+                    return Ok(());
+                }
+                self.force_secondary(&format!("node {peer} is Primary and we have no quorum"));
+            } else if let Some(other) = self
+                .peers
+                .values()
+                .find(|p| p.cfg.node_id != peer && peer_role(p) == Some(Role::Primary))
+                .map(|p| p.cfg.node_id)
+            {
+                self.disconnect(
+                    peer,
+                    DisconnectReason::TwoPrimaries,
+                    format!("node {other} is Primary"),
+                );
+                return Ok(());
+            }
+        }
+        let state = self.conn(peer).map(|c| c.state);
+        match state {
+            Some(ReplState::Connecting) => self.maybe_decide(peer),
+            Some(ReplState::Established) => {
+                if peer_diskful
+                    && self.cfg.diskful
+                    && r.generations.current != self.meta.current
+                {
+                    if r.role == Role::Primary
+                        && self.role == Role::Secondary
+                        && self.meta.disk_state == DiskState::UpToDate
+                        && r.generations.history[0] == self.meta.current
+                    {
+                        self.adopt_generation(peer, &r);
+                    } else if self.role == Role::Secondary || r.role == Role::Secondary {
+                        // Diverged while connected (another link changed things): redo the
+                        // handshake.
+                        let in_flight_from_peer =
+                            self.conn(peer).is_some_and(|c| !c.rx_inflight.is_empty());
+                        if !in_flight_from_peer {
+                            self.disconnect(
+                                peer,
+                                DisconnectReason::ConfigChanged,
+                                "generations diverged; reconnect to compare".into(),
+                            );
+                        }
+                    }
+                }
+            }
+            Some(ReplState::SyncSource) => {
+                if r.disk_state == DiskState::UpToDate && r.generations.current == self.meta.current
+                {
+                    self.resync_source_finished(peer);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
+        let old = self.meta.current;
+        for id in self.diskful_ids() {
+            if id == from {
+                continue;
+            }
+            let peer_current = self
+                .conn(id)
+                .and_then(|c| c.report.as_ref())
+                .map(|r| r.generations.current);
+            if peer_current != Some(r.generations.current) {
+                let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
+                if *e == 0 {
+                    *e = old;
+                }
+            }
+        }
+        self.meta.current = r.generations.current;
+        self.meta.history = r.generations.history;
+        self.persist_meta();
+        self.log(
+            Level::Info,
+            format!(
+                "adopted generation {:016x} of Primary node {from}",
+                r.generations.current
+            ),
+        );
+        self.broadcast_report(false);
+    }
+
+    // ------------------------------------------------------------------ handshake decision
+
+    fn maybe_decide(&mut self, peer: NodeId) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        let Some(c) = p.conn.as_ref() else { return };
+        if c.state != ReplState::Connecting {
+            return;
+        }
+        let Some(r) = c.report.clone() else { return };
+        if !(self.cfg.diskful && p.cfg.diskful) {
+            if let Some(c) = self.conn_mut(peer) {
+                c.state = ReplState::Established;
+            }
+            return;
+        }
+        if !c.bitmap_done {
+            return;
+        }
+        if r.size_bytes != self.cfg.size_bytes {
+            self.disconnect(
+                peer,
+                DisconnectReason::SizeMismatch,
+                format!("peer size {} != ours {}", r.size_bytes, self.cfg.size_bytes),
+            );
+            return;
+        }
+        let my_bits = p.bitmap.as_ref().is_some_and(|b| b.count() > 0);
+        let me = SideView {
+            node_id: self.cfg.node_id,
+            current: self.meta.current,
+            bitmap: self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0),
+            history: self.meta.history,
+            other_bitmaps: self
+                .meta
+                .peer_bitmap_gens
+                .iter()
+                .filter(|(id, g)| **id != peer && **g != 0)
+                .map(|(_, g)| *g)
+                .collect(),
+            up_to_date: self.meta.disk_state == DiskState::UpToDate,
+            primary: self.role == Role::Primary,
+            crashed_primary: self.crashed_primary,
+            has_bits: my_bits,
+        };
+        let other = SideView {
+            node_id: peer,
+            current: r.generations.current,
+            bitmap: r.generations.bitmap,
+            history: r.generations.history,
+            other_bitmaps: r.peer_bitmaps.iter().map(|b| b.generation).collect(),
+            up_to_date: r.disk_state == DiskState::UpToDate,
+            primary: r.role == Role::Primary,
+            crashed_primary: r.flags & state_flags::CRASHED_PRIMARY != 0,
+            has_bits: !c.bitmap_rx.is_empty(),
+        };
+        let (d, rule) = decide(&me, &other);
+        self.log(
+            Level::Info,
+            format!("handshake with node {peer}: {d:?} by rule {rule:?}"),
+        );
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_decision = Some((d, rule));
+        }
+        if let Some(c) = self.conn_mut(peer) {
+            c.decision = Some((d, rule));
+        }
+        match d {
+            SyncDecision::NoSync => self.set_state(peer, ReplState::Established),
+            SyncDecision::SplitBrain => {
+                self.disconnect(
+                    peer,
+                    DisconnectReason::SplitBrain,
+                    format!("split brain detected by rule {rule:?}; resolve manually"),
+                );
+            }
+            SyncDecision::UnrelatedData => {
+                self.disconnect(
+                    peer,
+                    DisconnectReason::UnrelatedData,
+                    format!("unrelated data (rule {rule:?})"),
+                );
+            }
+            SyncDecision::NoGoodData => self.set_state(peer, ReplState::PausedSync),
+            SyncDecision::BitmapSource | SyncDecision::FullSource => {
+                self.merge_bits(peer, d == SyncDecision::FullSource);
+                let bytes = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
+                let gen_now = self.meta.current;
+                self.set_state(peer, ReplState::SyncSource);
+                self.send(
+                    peer,
+                    Message::ResyncBegin {
+                        generation: gen_now,
+                        bytes,
+                    },
+                );
+            }
+            SyncDecision::BitmapTarget | SyncDecision::FullTarget => {
+                if self.role == Role::Primary {
+                    if self.has_quorum() {
+                        self.disconnect(
+                            peer,
+                            DisconnectReason::Other,
+                            "a Primary with quorum cannot become sync target".into(),
+                        );
+                        return;
+                    }
+                    self.force_secondary(&format!("node {peer} has newer data"));
+                }
+                let busy = self.peers.values().any(|p| {
+                    p.cfg.node_id != peer
+                        && p.conn
+                            .as_ref()
+                            .is_some_and(|c| c.state == ReplState::SyncTarget)
+                });
+                if busy {
+                    self.set_state(peer, ReplState::PausedSync);
+                    return;
+                }
+                self.merge_bits(peer, d == SyncDecision::FullTarget);
+                if self.meta.disk_state != DiskState::Inconsistent {
+                    self.meta.disk_state = DiskState::Inconsistent;
+                    self.persist_meta();
+                    self.broadcast_report(false);
+                }
+                let total = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
+                let now = self.now;
+                let chunk = u64::from(self.cfg.resync_chunk);
+                if let Some(c) = self.conn_mut(peer) {
+                    c.state = ReplState::SyncTarget;
+                    c.resync = Some(ResyncTarget {
+                        cursor: 0,
+                        inflight: BTreeMap::new(),
+                        next_id: 1,
+                        tokens: chunk,
+                        last_refill: now,
+                        total,
+                        done: 0,
+                        finishing: false,
+                    });
+                }
+                self.log(
+                    Level::Info,
+                    format!("resync from node {peer}: {total} bytes out of sync"),
+                );
+                self.pump_resync();
+            }
+        }
+    }
+
+    fn set_state(&mut self, peer: NodeId, s: ReplState) {
+        if let Some(c) = self.conn_mut(peer) {
+            c.state = s;
+        }
+    }
+
+    /// Our bits toward the peer become the union of both sides' (or everything).
+    fn merge_bits(&mut self, peer: NodeId, full: bool) {
+        let ranges = self
+            .conn_mut(peer)
+            .map(|c| std::mem::take(&mut c.bitmap_rx))
+            .unwrap_or_default();
+        if full {
+            let size = self.cfg.size_bytes;
+            self.set_bits(peer, 0, size);
+        } else {
+            for r in ranges {
+                self.set_bits(peer, r.offset, r.len);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ resync
+
+    fn pump_resync(&mut self) {
+        let now = self.now;
+        let rate = self.resync_rate;
+        let chunk = u64::from(self.cfg.resync_chunk);
+        let max_inflight = self.cfg.resync_max_inflight;
+        let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        for id in ids {
+            let mut requests = Vec::new();
+            let mut finish = None;
+            {
+                let Some(p) = self.peers.get_mut(&id) else {
+                    continue;
+                };
+                let Some(c) = p.conn.as_mut() else { continue };
+                let epoch = c.epoch;
+                let Some(rs) = c.resync.as_mut() else {
+                    continue;
+                };
+                let Some(b) = p.bitmap.as_ref() else { continue };
+                if rate > 0 {
+                    let dt = now.saturating_sub(rs.last_refill);
+                    let add = (u128::from(rate) * u128::from(dt) / 1_000_000_000) as u64;
+                    if add > 0 {
+                        rs.tokens = (rs.tokens + add).min(chunk * max_inflight as u64 + chunk);
+                        rs.last_refill = now;
+                    }
+                } else {
+                    rs.tokens = u64::MAX / 2;
+                    rs.last_refill = now;
+                }
+                let g = b.granularity();
+                while rs.inflight.len() < max_inflight && !rs.finishing {
+                    let Some(first) = b.next_set(rs.cursor) else {
+                        if rs.inflight.is_empty() {
+                            if b.count() == 0 {
+                                rs.finishing = true;
+                                finish = Some(epoch);
+                            } else {
+                                rs.cursor = 0;
+                                continue;
+                            }
+                        }
+                        break;
+                    };
+                    let mut n = 1;
+                    while (n + 1) * g <= chunk && b.test(first + n) {
+                        n += 1;
+                    }
+                    let offset = first * g;
+                    let len = (n * g).min(self.cfg.size_bytes - offset);
+                    if rate > 0 && rs.tokens < len {
+                        break;
+                    }
+                    rs.tokens = rs.tokens.saturating_sub(len);
+                    rs.cursor = first + n;
+                    let rid = rs.next_id;
+                    rs.next_id += 1;
+                    rs.inflight.insert(rid, (offset, len));
+                    requests.push(Message::ResyncRequest {
+                        id: rid,
+                        offset,
+                        len: len as u32,
+                    });
+                }
+            }
+            for m in requests {
+                self.send(id, m);
+            }
+            if let Some(epoch) = finish {
+                let io = self.io(IoPurpose::ResyncFinishFlush { peer: id, epoch });
+                self.out.push(Action::DiskFlush { io });
+            }
+        }
+    }
+
+    fn resync_target_finished(&mut self, peer: NodeId) {
+        let Some(c) = self.conn_mut(peer) else { return };
+        let Some(rs) = c.resync.take() else { return };
+        c.state = ReplState::Established;
+        let Some(r) = c.report.clone() else { return };
+        self.last_resync_bytes = rs.done;
+        self.meta.current = r.generations.current;
+        self.meta.history = r.generations.history;
+        self.meta.disk_state = DiskState::UpToDate;
+        self.meta.peer_bitmap_gens.insert(peer, 0);
+        // Toward third nodes we now know as much as the source does.
+        for pb in &r.peer_bitmaps {
+            if pb.node != self.cfg.node_id && self.meta.peer_bitmap_gens.contains_key(&pb.node) {
+                self.meta.peer_bitmap_gens.insert(pb.node, pb.generation);
+            }
+        }
+        self.persist_meta();
+        self.log(
+            Level::Info,
+            format!(
+                "resync from node {peer} done: {} bytes; UpToDate at generation {:016x}",
+                rs.done, self.meta.current
+            ),
+        );
+        // Links that waited (paused) must compare again: close them *before* announcing
+        // UpToDate, or a paused source would take the report as the end of its own resync
+        // and forget bits we never received from it.
+        let paused: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.conn.as_ref().is_some_and(|c| c.state == ReplState::PausedSync))
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in paused {
+            self.disconnect(
+                id,
+                DisconnectReason::ConfigChanged,
+                "resync finished elsewhere; reconnect to compare".into(),
+            );
+        }
+        self.broadcast_report(false);
+    }
+
+    fn resync_source_finished(&mut self, peer: NodeId) {
+        if let Some(b) = self.peers.get_mut(&peer).and_then(|p| p.bitmap.as_mut())
+            && b.count() > 0
+        {
+            let n = b.len();
+            b.clear_all();
+            self.out.push(Action::PersistBits {
+                peer,
+                set: false,
+                first: 0,
+                count: n,
+            });
+        }
+        self.meta.peer_bitmap_gens.insert(peer, 0);
+        self.persist_meta();
+        self.set_state(peer, ReplState::Established);
+        let generation = self.meta.current;
+        self.send(
+            peer,
+            Message::ResyncEnd {
+                generation,
+                status: WireStatus::Ok,
+            },
+        );
+        self.log(Level::Info, format!("node {peer} is in sync"));
+    }
+}
+
+fn peer_role(p: &Peer) -> Option<Role> {
+    p.conn.as_ref().and_then(|c| c.report.as_ref()).map(|r| r.role)
+}

@@ -1,0 +1,326 @@
+//! Inputs, outputs and persistent state of the engine.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use tandem_repl_proto::{DisconnectReason, DiskState, Generation, Message, NodeId};
+
+use crate::bitmap::Bitmap;
+use crate::decide::{Rule, SyncDecision};
+
+/// Nanoseconds on the driver's monotonic clock. The engine never reads a clock.
+pub type Nanos = u64;
+/// A consumer request id, chosen by the driver, echoed in [`Action::Complete`].
+pub type RequestId = u64;
+/// A local disk I/O id, chosen by the engine, echoed in the `Disk*Done` events.
+pub type IoId = u64;
+
+/// Replication protocol (DRBD's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Asynchronous: a write completes after the local write; the tail is lost on failover.
+    A,
+    /// Synchronous (default): a write completes when every connected replica has it.
+    C,
+}
+
+/// One other node of the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub node_id: NodeId,
+    /// false: a witness (diskless voter).
+    pub diskful: bool,
+}
+
+/// Static configuration of one node's engine for one volume.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: NodeId,
+    /// false: this node is a witness (diskless voter, no data, never Primary).
+    pub diskful: bool,
+    pub peers: Vec<PeerConfig>,
+    pub size_bytes: u64,
+    pub protocol: Protocol,
+    /// Bytes per out-of-sync bit (4096).
+    pub bitmap_granularity: u32,
+    /// Bytes per activity-log extent (4 MiB like DRBD).
+    pub al_extent_bytes: u64,
+    /// Hot extents kept before cold ones are evicted.
+    pub al_extents: usize,
+    /// Resync rate limit in bytes/s on the sync target; 0 = unlimited.
+    pub resync_rate: u64,
+    /// Largest resync request.
+    pub resync_chunk: u32,
+    /// Resync requests in flight.
+    pub resync_max_inflight: usize,
+    /// Keepalive: a Ping after this much silence; 0 disables keepalive.
+    pub ping_interval: Nanos,
+    /// A link silent for this long is closed with `Disconnect{Timeout}`.
+    pub ping_timeout: Nanos,
+    /// Entropy for new generation identifiers (the driver passes random bytes; the simulator
+    /// a seeded value). Mixed with the node id, the clock and a counter.
+    pub entropy: u64,
+}
+
+impl Config {
+    /// Defaults for everything but identity and size.
+    pub fn new(node_id: NodeId, diskful: bool, peers: Vec<PeerConfig>, size_bytes: u64) -> Config {
+        Config {
+            node_id,
+            diskful,
+            peers,
+            size_bytes,
+            protocol: Protocol::C,
+            bitmap_granularity: 4096,
+            al_extent_bytes: 4 << 20,
+            al_extents: 1237,
+            resync_rate: 0,
+            resync_chunk: 128 << 10,
+            resync_max_inflight: 8,
+            ping_interval: 2_000_000_000,
+            ping_timeout: 10_000_000_000,
+            entropy: 0,
+        }
+    }
+}
+
+/// The replica's persistent metadata, as the engine wants it stored ([`Action::PersistMeta`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub disk_state: DiskState,
+    /// Role when written; still true at start means the node crashed as Primary.
+    pub primary: bool,
+    pub current: Generation,
+    /// Previous current generations, newest first.
+    pub history: [Generation; 2],
+    /// Per diskful peer: our current generation when we were last in sync (0 = in sync).
+    pub peer_bitmap_gens: BTreeMap<NodeId, Generation>,
+}
+
+/// Everything the driver persisted, handed back to [`crate::Engine::new`] at start.
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    pub meta: Meta,
+    /// Out-of-sync bitmap per diskful peer.
+    pub bitmaps: BTreeMap<NodeId, Bitmap>,
+    /// Hot activity-log extents (extent numbers).
+    pub activity_log: Vec<u64>,
+}
+
+impl Persisted {
+    /// A new replica of a new volume: UpToDate at `generation`, which every replica of the
+    /// volume shares (day 0: no initial sync), clear bitmaps, empty activity log. A witness
+    /// gets `Diskless` and no bitmaps.
+    pub fn new_volume(config: &Config, generation: Generation) -> Persisted {
+        let mut bitmaps = BTreeMap::new();
+        let mut gens = BTreeMap::new();
+        if config.diskful {
+            for p in config.peers.iter().filter(|p| p.diskful) {
+                bitmaps.insert(
+                    p.node_id,
+                    Bitmap::new(config.size_bytes, config.bitmap_granularity),
+                );
+                gens.insert(p.node_id, 0);
+            }
+        }
+        Persisted {
+            meta: Meta {
+                disk_state: if config.diskful {
+                    DiskState::UpToDate
+                } else {
+                    DiskState::Diskless
+                },
+                primary: false,
+                current: if config.diskful { generation } else { 0 },
+                history: [0, 0],
+                peer_bitmap_gens: gens,
+            },
+            bitmaps,
+            activity_log: Vec::new(),
+        }
+    }
+}
+
+/// Inputs of [`crate::Engine::handle`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Consumer write. `fua`: durable before completion.
+    Write {
+        id: RequestId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    /// Consumer flush: completes when every write completed before it is durable on every
+    /// connected replica.
+    Flush { id: RequestId },
+    Read { id: RequestId, offset: u64, len: u32 },
+    DiskWriteDone { io: IoId, result: Result<(), DiskError> },
+    DiskFlushDone { io: IoId, result: Result<(), DiskError> },
+    DiskReadDone { io: IoId, result: Result<Bytes, DiskError> },
+    /// A link to `peer` is established and authenticated. The driver delivers `PeerDown` for
+    /// a previous link to the same peer before the `PeerUp` of a new one.
+    PeerUp { peer: NodeId },
+    /// A message from `peer`, in the order the link delivered them.
+    PeerMessage { peer: NodeId, msg: Message },
+    /// The link to `peer` is gone (any reason). Messages of that link not yet delivered are lost.
+    PeerDown { peer: NodeId },
+    /// Time passed (resync pacing, keepalive). Call often enough (e.g. every 10-100 ms).
+    Tick,
+    /// Change the resync rate (bytes/s, 0 = unlimited), effective immediately.
+    SetResyncRate { bytes_per_sec: u64 },
+}
+
+/// A local disk error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("disk I/O error: {0}")]
+pub struct DiskError(pub String);
+
+/// Why a consumer request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("this node is not Primary")]
+    NotPrimary,
+    #[error("no quorum: {reachable} of {voters} voters reachable (on-no-quorum=io-error)")]
+    NoQuorum { reachable: u8, voters: u8 },
+    #[error("request outside the volume")]
+    OutOfRange,
+    #[error("local data is not UpToDate")]
+    NotUpToDate,
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("not supported")]
+    NotSupported,
+}
+
+/// A successful consumer completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Done,
+    Data(Bytes),
+}
+
+/// Log severity of [`Action::Log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+/// Outputs of the engine.
+///
+/// **Ordering contract.** The driver executes the actions of one `handle` call in order and
+/// the calls in order:
+/// * `PersistMeta`, `PersistBits`, `PersistActivityLog` must be **durable before the driver
+///   starts any later action** (of this call or a later one). The engine relies on it: bits
+///   and the activity log are persisted before the disk write they cover, the Inconsistent
+///   state before the first resync write, a new generation before the writes made under it.
+/// * `DiskWrite`, `DiskRead`, `DiskFlush` are started in order and may complete in any order;
+///   each completion comes back as exactly one `Disk*Done` event. A `DiskFlush` must make
+///   durable every write whose completion was reported before the flush was started.
+/// * `Send` appends to the link's FIFO (a lost message breaks the link: `PeerDown`).
+///   `Disconnect` closes the link after the messages already queued on it.
+/// * `Complete` answers the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    DiskWrite {
+        io: IoId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    DiskRead {
+        io: IoId,
+        offset: u64,
+        len: u32,
+    },
+    DiskFlush {
+        io: IoId,
+    },
+    Send {
+        peer: NodeId,
+        msg: Message,
+    },
+    /// Close the link to `peer`. `reconnect`: whether the driver should try again later
+    /// (false after split brain or unrelated data: an operator must act).
+    Disconnect {
+        peer: NodeId,
+        reason: DisconnectReason,
+        reconnect: bool,
+    },
+    Complete {
+        id: RequestId,
+        result: Result<Reply, RequestError>,
+    },
+    PersistMeta(Meta),
+    /// Set (or clear) `count` bits from `first` in the bitmap toward `peer`.
+    PersistBits {
+        peer: NodeId,
+        set: bool,
+        first: u64,
+        count: u64,
+    },
+    /// The whole set of hot activity-log extents.
+    PersistActivityLog(Vec<u64>),
+    Log {
+        level: Level,
+        msg: String,
+    },
+}
+
+/// Role of this node.
+pub use tandem_repl_proto::Role;
+
+/// Replication state toward one peer (DRBD's names where they apply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplState {
+    /// No link.
+    Off,
+    /// Link up, exchanging state and bitmaps.
+    Connecting,
+    /// In sync (or the link is to/from a witness).
+    Established,
+    SyncSource,
+    SyncTarget,
+    /// A resync is needed but waits (another resync runs, or no side has good data).
+    PausedSync,
+}
+
+/// Per-peer status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub node_id: NodeId,
+    pub diskful: bool,
+    pub connected: bool,
+    pub repl_state: ReplState,
+    pub role: Option<Role>,
+    pub disk_state: Option<DiskState>,
+    /// Bytes our bitmap toward this peer marks out of sync.
+    pub out_of_sync_bytes: u64,
+    /// The decision of the last handshake and the rule that decided it.
+    pub last_decision: Option<(SyncDecision, Rule)>,
+}
+
+/// A snapshot for `volume show` / `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub role: Role,
+    pub disk_state: DiskState,
+    pub quorum: bool,
+    pub voters: u8,
+    pub reachable: u8,
+    pub current_generation: Generation,
+    pub peers: Vec<PeerStatus>,
+    pub resync_bytes_per_sec: u64,
+    /// Bytes still to transfer into this replica by the running resync, if any.
+    pub resync_bytes_left: Option<u64>,
+    /// Bytes transferred so far by the running resync into this replica.
+    pub resync_bytes_done: u64,
+    /// Bytes out of sync when the running resync started.
+    pub resync_bytes_total: u64,
+    /// Bytes the most recent completed resync into this replica transferred.
+    pub last_resync_bytes: u64,
+    pub crashed_primary: bool,
+    pub activity_log_extents: usize,
+}

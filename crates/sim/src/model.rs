@@ -1,0 +1,124 @@
+//! What the consumer may legitimately read back, per 4 KiB block. Block contents name the
+//! write that produced them (write id in the first 8 bytes), so a read tells which write a
+//! block holds.
+
+use std::collections::BTreeSet;
+
+pub const BLOCK: u64 = 4096;
+
+/// The contents write `w` puts into block `b`.
+pub fn block_bytes(w: u64, b: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK as usize];
+    v[0..8].copy_from_slice(&w.to_le_bytes());
+    v[8..16].copy_from_slice(&b.to_le_bytes());
+    let fill = (w.wrapping_mul(31) ^ b) as u8 | 1;
+    for x in &mut v[16..] {
+        *x = fill;
+    }
+    v
+}
+
+/// Which write a block holds (0: never written), or None if the bytes are not a block any
+/// write produced for this block.
+pub fn parse_block(bytes: &[u8], b: u64) -> Option<u64> {
+    if bytes.iter().all(|x| *x == 0) {
+        return Some(0);
+    }
+    let w = u64::from_le_bytes(bytes[0..8].try_into().ok()?);
+    (bytes == block_bytes(w, b).as_slice()).then_some(w)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Block {
+    /// Last acknowledged write (issue order = id order).
+    pub acked: u64,
+    /// Ack counter value when `acked` was acknowledged.
+    pub acked_at: u64,
+    /// Last write known durable (acked, then covered by a flush or FUA).
+    pub durable: u64,
+    /// Acked writes newer than `durable` (could survive a crash).
+    pub unflushed: Vec<u64>,
+    /// Writes issued, failed or lost, that a read may also return.
+    pub possible: BTreeSet<u64>,
+    pub writes_in_flight: u32,
+    pub reads_in_flight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub blocks: Vec<Block>,
+    pub ack_counter: u64,
+}
+
+impl Model {
+    pub fn new(blocks: u64) -> Model {
+        Model {
+            blocks: vec![Block::default(); blocks as usize],
+            ack_counter: 0,
+        }
+    }
+
+    pub fn issue_write(&mut self, w: u64, first: u64, n: u64) {
+        for b in first..first + n {
+            let blk = &mut self.blocks[b as usize];
+            blk.possible.insert(w);
+            blk.writes_in_flight += 1;
+        }
+    }
+
+    pub fn write_acked(&mut self, w: u64, first: u64, n: u64, fua: bool) {
+        self.ack_counter += 1;
+        let at = self.ack_counter;
+        for b in first..first + n {
+            let blk = &mut self.blocks[b as usize];
+            blk.writes_in_flight -= 1;
+            if w > blk.acked {
+                blk.acked = w;
+                blk.acked_at = at;
+                blk.possible.retain(|x| *x > w);
+                if fua {
+                    blk.durable = w;
+                    blk.unflushed.clear();
+                } else {
+                    blk.unflushed.push(w);
+                }
+            }
+        }
+    }
+
+    /// Failed or lost: the write may or may not be there.
+    pub fn write_failed(&mut self, first: u64, n: u64) {
+        for b in first..first + n {
+            self.blocks[b as usize].writes_in_flight -= 1;
+        }
+    }
+
+    /// A flush issued when the ack counter was `marker` completed successfully.
+    pub fn flush_done(&mut self, marker: u64) {
+        for blk in &mut self.blocks {
+            if blk.acked != blk.durable && blk.acked_at <= marker {
+                blk.durable = blk.acked;
+                let d = blk.durable;
+                blk.unflushed.retain(|x| *x > d);
+            }
+        }
+    }
+
+    /// The node whose disk the consumer sees crashed: unflushed acknowledged writes may be
+    /// gone (or not).
+    pub fn primary_crashed(&mut self) {
+        for blk in &mut self.blocks {
+            if blk.acked != blk.durable {
+                let un = std::mem::take(&mut blk.unflushed);
+                blk.possible.extend(un);
+                blk.possible.insert(blk.acked);
+                blk.acked = blk.durable;
+            }
+        }
+    }
+
+    pub fn allowed(&self, b: u64, w: u64) -> bool {
+        let blk = &self.blocks[b as usize];
+        w == blk.acked || blk.possible.contains(&w)
+    }
+}

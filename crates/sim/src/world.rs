@@ -1,0 +1,1038 @@
+//! The simulated cluster, the schedule and the invariant checks.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+use bytes::Bytes;
+use tandem_repl_proto::{DiskState, Message, NodeId, Role};
+use tandem_replication::{
+    Action, Bitmap, Config, Engine, Event, Nanos, PeerConfig, Persisted, ReplState, Reply,
+    RequestId,
+};
+
+use crate::disk::SimDisk;
+use crate::model::{BLOCK, Model, block_bytes, parse_block};
+use crate::rng::Rng;
+
+const MS: Nanos = 1_000_000;
+const US: Nanos = 1_000;
+
+/// Which nodes a run has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Two diskful nodes and a witness (the standard small setup).
+    TwoPlusWitness,
+    /// Three diskful nodes.
+    Three,
+    /// Two diskful nodes, no witness (losing either stops writes).
+    Two,
+}
+
+/// Knobs of one run.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub topology: Option<Topology>,
+    /// Simulated time with workload and faults.
+    pub active_ms: u64,
+    pub size_blocks: u64,
+    pub faults: bool,
+    /// Trace lines kept for the failure report.
+    pub trace_len: usize,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            topology: None,
+            active_ms: 400,
+            size_blocks: 128,
+            faults: true,
+            trace_len: 80,
+        }
+    }
+}
+
+/// What a passing run did.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub topology: Option<Topology>,
+    pub events: u64,
+    pub writes_acked: u64,
+    pub writes_failed: u64,
+    pub reads_checked: u64,
+    pub flushes_acked: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub link_breaks: u64,
+    pub failovers: u64,
+    pub resync_bytes: u64,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        link: u64,
+        msg: Message,
+    },
+    DiskWriteDone {
+        node: NodeId,
+        inc: u64,
+        io: u64,
+    },
+    DiskReadDone {
+        node: NodeId,
+        inc: u64,
+        io: u64,
+        offset: u64,
+        len: u32,
+    },
+    DiskFlushDone {
+        node: NodeId,
+        inc: u64,
+        io: u64,
+        marker: u64,
+    },
+    Close {
+        a: NodeId,
+        b: NodeId,
+        link: u64,
+    },
+    Reconnect {
+        a: NodeId,
+        b: NodeId,
+    },
+    Step,
+}
+
+struct Node {
+    id: NodeId,
+    diskful: bool,
+    cfg: Config,
+    engine: Option<Engine>,
+    inc: u64,
+    disk: SimDisk,
+    persisted: Persisted,
+    /// Disk writes started, not completed: io -> (offset, data, fua).
+    writes_in_flight: BTreeMap<u64, (u64, Bytes, bool)>,
+    isolated: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Req {
+    Write { w: u64, first: u64, n: u64, fua: bool },
+    Read { first: u64, n: u64 },
+    Flush { marker: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Crash(NodeId, Nanos),
+    Isolate(NodeId, Nanos),
+    Link,
+}
+
+struct World {
+    seed: u64,
+    rng: Rng,
+    now: Nanos,
+    queue: BinaryHeap<Reverse<(Nanos, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    next_ev: u64,
+    nodes: Vec<Node>,
+    /// Link generation per pair (a < b); None = down.
+    links: BTreeMap<(NodeId, NodeId), Option<u64>>,
+    link_gen: u64,
+    fifo: BTreeMap<(NodeId, NodeId), Nanos>,
+    drop_next: Option<(NodeId, NodeId)>,
+    model: Model,
+    reqs: BTreeMap<RequestId, (NodeId, u64, Req)>,
+    next_req: RequestId,
+    next_write: u64,
+    trace: VecDeque<String>,
+    out: Outcome,
+    fault: Fault,
+    healthy_since: Option<Nanos>,
+    opts: SimOptions,
+    size: u64,
+    workload: bool,
+}
+
+/// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
+pub fn run(seed: u64, opts: &SimOptions) -> Result<Outcome, String> {
+    let mut w = World::new(seed, opts.clone());
+    let r = w.run_all();
+    match r {
+        Ok(()) => Ok(w.out),
+        Err(e) => Err(format!(
+            "SIM FAILURE seed={seed} topology={:?}: {e}\nreproduce: SIM_SEED={seed} cargo test -p tandem-sim\nlast events:\n{}",
+            w.out.topology,
+            w.trace.iter().cloned().collect::<Vec<_>>().join("\n")
+        )),
+    }
+}
+
+fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    (a.min(b), a.max(b))
+}
+
+impl World {
+    fn new(seed: u64, opts: SimOptions) -> World {
+        let mut rng = Rng::new(seed);
+        let topo = opts.topology.unwrap_or_else(|| match rng.range(0, 10) {
+            0..=5 => Topology::TwoPlusWitness,
+            6..=8 => Topology::Three,
+            _ => Topology::Two,
+        });
+        let diskful: Vec<bool> = match topo {
+            Topology::TwoPlusWitness => vec![true, true, false],
+            Topology::Three => vec![true, true, true],
+            Topology::Two => vec![true, true],
+        };
+        let size = opts.size_blocks * BLOCK;
+        let gen0 = rng.next_u64() | 1;
+        let mut nodes = Vec::new();
+        for (i, d) in diskful.iter().enumerate() {
+            let peers = diskful
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, dj)| PeerConfig {
+                    node_id: j as NodeId,
+                    diskful: *dj,
+                })
+                .collect();
+            let mut cfg = Config::new(i as NodeId, *d, peers, size);
+            cfg.al_extent_bytes = 16 * BLOCK;
+            cfg.al_extents = 3;
+            cfg.resync_chunk = (8 * BLOCK) as u32;
+            cfg.resync_max_inflight = 4;
+            cfg.resync_rate = rng.range(20, 400) << 20;
+            cfg.ping_interval = 0;
+            cfg.entropy = rng.next_u64();
+            let persisted = Persisted::new_volume(&cfg, gen0);
+            let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);
+            nodes.push(Node {
+                id: i as NodeId,
+                diskful: *d,
+                cfg,
+                engine: Some(engine),
+                inc: 1,
+                disk: SimDisk::new(if *d { size } else { 0 }),
+                persisted,
+                writes_in_flight: BTreeMap::new(),
+                isolated: false,
+            });
+        }
+        let mut links = BTreeMap::new();
+        for a in 0..nodes.len() as NodeId {
+            for b in a + 1..nodes.len() as NodeId {
+                links.insert((a, b), None);
+            }
+        }
+        World {
+            seed,
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_ev: 0,
+            nodes,
+            links,
+            link_gen: 0,
+            fifo: BTreeMap::new(),
+            drop_next: None,
+            model: Model::new(opts.size_blocks),
+            reqs: BTreeMap::new(),
+            next_req: 1,
+            next_write: 1,
+            trace: VecDeque::new(),
+            out: Outcome {
+                topology: Some(topo),
+                ..Outcome::default()
+            },
+            fault: Fault::None,
+            healthy_since: None,
+            opts,
+            size,
+            workload: true,
+        }
+    }
+
+    fn tr(&mut self, s: String) {
+        if self.trace.len() >= self.opts.trace_len {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("{:>9}us {s}", self.now / US));
+    }
+
+    fn at(&mut self, t: Nanos, ev: Ev) {
+        let id = self.next_ev;
+        self.next_ev += 1;
+        self.events.insert(id, ev);
+        self.queue.push(Reverse((t, id)));
+    }
+
+    fn run_all(&mut self) -> Result<(), String> {
+        let _ = self.seed;
+        // Connect everything, make node 0 Primary once it has quorum.
+        let pairs: Vec<_> = self.links.keys().copied().collect();
+        for (a, b) in pairs {
+            let t = self.rng.range(0, 50 * US);
+            self.at(t, Ev::Reconnect { a, b });
+        }
+        self.at(100 * US, Ev::Step);
+        let active_end = self.opts.active_ms * MS;
+        let deadline = active_end + 3000 * MS;
+        while let Some(Reverse((t, id))) = self.queue.pop() {
+            self.now = t;
+            let ev = self.events.remove(&id).expect("scheduled event");
+            self.out.events += 1;
+            if self.now >= active_end && self.workload {
+                self.workload = false;
+                self.tr("end of active phase: no new faults or requests".into());
+            }
+            let is_step = matches!(ev, Ev::Step);
+            self.dispatch(ev)?;
+            self.check_primaries()?;
+            if is_step {
+                if !self.workload && self.reqs.is_empty() && self.fault == Fault::None && self.converged() {
+                    return self.final_check();
+                }
+                if self.now > deadline {
+                    return Err(format!(
+                        "no convergence 3 s after the active phase; status:\n{}",
+                        self.status_dump()
+                    ));
+                }
+                self.at(self.now + MS, Ev::Step);
+            }
+        }
+        Err("event queue ran dry".into())
+    }
+
+    fn status_dump(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            match &n.engine {
+                Some(e) => s.push_str(&format!("  node {}: {:?}\n", n.id, e.status())),
+                None => s.push_str(&format!("  node {}: down\n", n.id)),
+            }
+        }
+        s
+    }
+
+    // ------------------------------------------------------------------ dispatch
+
+    fn dispatch(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::Step => self.step()?,
+            Ev::Deliver { from, to, link, msg } => {
+                if self.links.get(&key(from, to)).copied().flatten() != Some(link) {
+                    return Ok(());
+                }
+                if self.drop_next == Some(key(from, to)) {
+                    self.drop_next = None;
+                    self.tr(format!("drop {} {from}->{to}: link breaks", msg.message_type()));
+                    self.break_link(from, to)?;
+                    return Ok(());
+                }
+                self.tr(format!("{from}->{to} {}", short(&msg)));
+                self.feed(to, Event::PeerMessage { peer: from, msg })?;
+            }
+            Ev::DiskWriteDone { node, inc, io } => {
+                let n = &mut self.nodes[node as usize];
+                if n.inc != inc {
+                    return Ok(());
+                }
+                if let Some((off, data, fua)) = n.writes_in_flight.remove(&io) {
+                    n.disk.complete_write(off, &data, fua);
+                    let first = off / BLOCK;
+                    let w = parse_block(&data[..BLOCK as usize], first);
+                    self.tr(format!(
+                        "node {node} disk wrote blocks {first}+{} (first holds {w:?})",
+                        data.len() as u64 / BLOCK
+                    ));
+                }
+                self.feed(node, Event::DiskWriteDone { io, result: Ok(()) })?;
+            }
+            Ev::DiskReadDone {
+                node,
+                inc,
+                io,
+                offset,
+                len,
+            } => {
+                let n = &self.nodes[node as usize];
+                if n.inc != inc {
+                    return Ok(());
+                }
+                let o = offset as usize;
+                let data = Bytes::copy_from_slice(&n.disk.data[o..o + len as usize]);
+                self.feed(node, Event::DiskReadDone { io, result: Ok(data) })?;
+            }
+            Ev::DiskFlushDone {
+                node,
+                inc,
+                io,
+                marker,
+            } => {
+                let n = &mut self.nodes[node as usize];
+                if n.inc != inc {
+                    return Ok(());
+                }
+                n.disk.complete_flush(marker);
+                self.tr(format!("node {node} disk flush done (marker {marker})"));
+                self.feed(node, Event::DiskFlushDone { io, result: Ok(()) })?;
+            }
+            Ev::Close { a, b, link } => {
+                if self.links.get(&key(a, b)).copied().flatten() == Some(link) {
+                    self.break_link(a, b)?;
+                }
+            }
+            Ev::Reconnect { a, b } => {
+                let up = self.links.get(&key(a, b)).copied().flatten().is_some();
+                let ok = |n: &Node| n.engine.is_some() && !n.isolated;
+                if !up && ok(&self.nodes[a as usize]) && ok(&self.nodes[b as usize]) {
+                    self.link_gen += 1;
+                    let g = self.link_gen;
+                    self.links.insert(key(a, b), Some(g));
+                    self.tr(format!("link {a}-{b} up"));
+                    self.feed(a, Event::PeerUp { peer: b })?;
+                    self.feed(b, Event::PeerUp { peer: a })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn feed(&mut self, node: NodeId, ev: Event) -> Result<(), String> {
+        let now = self.now;
+        let Some(e) = self.nodes[node as usize].engine.as_mut() else {
+            return Ok(());
+        };
+        let actions = e.handle(now, ev);
+        self.apply(node, actions)
+    }
+
+    fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
+        for a in actions {
+            match a {
+                Action::DiskWrite {
+                    io,
+                    offset,
+                    data,
+                    fua,
+                } => {
+                    let inc = self.nodes[node as usize].inc;
+                    self.nodes[node as usize]
+                        .writes_in_flight
+                        .insert(io, (offset, data, fua));
+                    let t = self.now + self.rng.range(5 * US, 120 * US);
+                    self.at(t, Ev::DiskWriteDone { node, inc, io });
+                }
+                Action::DiskRead { io, offset, len } => {
+                    let inc = self.nodes[node as usize].inc;
+                    let t = self.now + self.rng.range(5 * US, 80 * US);
+                    self.at(
+                        t,
+                        Ev::DiskReadDone {
+                            node,
+                            inc,
+                            io,
+                            offset,
+                            len,
+                        },
+                    );
+                }
+                Action::DiskFlush { io } => {
+                    let n = &self.nodes[node as usize];
+                    let (inc, marker) = (n.inc, n.disk.flush_marker());
+                    let t = self.now + self.rng.range(20 * US, 300 * US);
+                    self.at(
+                        t,
+                        Ev::DiskFlushDone {
+                            node,
+                            inc,
+                            io,
+                            marker,
+                        },
+                    );
+                }
+                Action::Send { peer, msg } => self.send(node, peer, msg),
+                Action::Disconnect {
+                    peer,
+                    reason,
+                    reconnect,
+                } => {
+                    self.tr(format!("node {node} disconnects {peer}: {reason:?}"));
+                    if !reconnect {
+                        return Err(format!(
+                            "node {node} refuses node {peer} for good ({reason:?}): split brain or unrelated data under at most one fault"
+                        ));
+                    }
+                    if let Some(g) = self.links.get(&key(node, peer)).copied().flatten() {
+                        let t1 = self.fifo.get(&(node, peer)).copied().unwrap_or(0);
+                        let t2 = self.fifo.get(&(peer, node)).copied().unwrap_or(0);
+                        let t = t1.max(t2).max(self.now) + 1;
+                        self.at(
+                            t,
+                            Ev::Close {
+                                a: node,
+                                b: peer,
+                                link: g,
+                            },
+                        );
+                    }
+                }
+                Action::Complete { id, result } => self.completed(node, id, result)?,
+                Action::PersistMeta(m) => self.nodes[node as usize].persisted.meta = m,
+                Action::PersistBits {
+                    peer,
+                    set,
+                    first,
+                    count,
+                } => {
+                    let n = &mut self.nodes[node as usize];
+                    let (size, g) = (self.size, n.cfg.bitmap_granularity);
+                    let b = n
+                        .persisted
+                        .bitmaps
+                        .entry(peer)
+                        .or_insert_with(|| Bitmap::new(size, g));
+                    if set {
+                        b.set_bits(first, count);
+                    } else {
+                        b.clear_bits(first, count);
+                    }
+                }
+                Action::PersistActivityLog(al) => {
+                    self.nodes[node as usize].persisted.activity_log = al
+                }
+                Action::Log { level, msg } => self.tr(format!("node {node} {level:?}: {msg}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Message) {
+        let Some(g) = self.links.get(&key(from, to)).copied().flatten() else {
+            return;
+        };
+        let delay = self.rng.range(10 * US, 200 * US);
+        let last = self.fifo.get(&(from, to)).copied().unwrap_or(0);
+        let t = (self.now + delay).max(last + 1);
+        self.fifo.insert((from, to), t);
+        self.at(t, Ev::Deliver { from, to, link: g, msg });
+    }
+
+    fn break_link(&mut self, a: NodeId, b: NodeId) -> Result<(), String> {
+        if self.links.get(&key(a, b)).copied().flatten().is_none() {
+            return Ok(());
+        }
+        self.links.insert(key(a, b), None);
+        self.tr(format!("link {a}-{b} down"));
+        self.feed(a, Event::PeerDown { peer: b })?;
+        self.feed(b, Event::PeerDown { peer: a })?;
+        let t = self.now + self.rng.range(MS, 8 * MS);
+        self.at(t, Ev::Reconnect { a, b });
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ consumer
+
+    fn completed(
+        &mut self,
+        node: NodeId,
+        id: RequestId,
+        result: Result<Reply, tandem_replication::RequestError>,
+    ) -> Result<(), String> {
+        let Some((rnode, _, req)) = self.reqs.remove(&id) else {
+            return Err(format!("completion for unknown request {id}"));
+        };
+        if rnode != node {
+            return Err(format!("request {id} completed by node {node}, sent to {rnode}"));
+        }
+        let ok = result.is_ok();
+        if ok && !matches!(req, Req::Read { .. }) {
+            // Invariant 4: nothing completes without quorum (engine view and ground truth).
+            let e = self.nodes[node as usize].engine.as_ref().expect("live");
+            let voters = self.nodes.len();
+            let up = 1 + self
+                .links
+                .iter()
+                .filter(|((a, b), g)| g.is_some() && (*a == node || *b == node))
+                .count();
+            if !e.has_quorum() || up * 2 <= voters {
+                return Err(format!(
+                    "invariant 4: request {id} completed on node {node} without quorum ({up} of {voters} reachable)"
+                ));
+            }
+        }
+        match req {
+            Req::Write { w, first, n, fua } => {
+                self.tr(format!("write w{w} blocks {first}+{n} -> {}", if ok { "ok" } else { "failed" }));
+                if ok {
+                    self.out.writes_acked += 1;
+                    self.model.write_acked(w, first, n, fua);
+                } else {
+                    self.out.writes_failed += 1;
+                    self.model.write_failed(first, n);
+                }
+            }
+            Req::Flush { marker } => {
+                if ok {
+                    self.out.flushes_acked += 1;
+                    self.model.flush_done(marker);
+                }
+            }
+            Req::Read { first, n } => {
+                for b in first..first + n {
+                    self.model.blocks[b as usize].reads_in_flight -= 1;
+                }
+                if let Ok(Reply::Data(d)) = result {
+                    self.out.reads_checked += 1;
+                    for b in first..first + n {
+                        let o = ((b - first) * BLOCK) as usize;
+                        let got = parse_block(&d[o..o + BLOCK as usize], b);
+                        match got {
+                            Some(w) if self.model.allowed(b, w) => {}
+                            _ => {
+                                let blk = &self.model.blocks[b as usize];
+                                return Err(format!(
+                                    "invariant 5/1: read of block {b} on node {node} returned {got:?}; allowed: acked w{} (durable w{}) or {:?}",
+                                    blk.acked, blk.durable, blk.possible
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn primary(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|n| n.engine.as_ref().is_some_and(|e| e.role() == Role::Primary))
+            .map(|n| n.id)
+    }
+
+    fn workload_step(&mut self) -> Result<(), String> {
+        let Some(p) = self.primary() else { return Ok(()) };
+        let inflight = self.reqs.values().filter(|(n, _, _)| *n == p).count();
+        let nreq = self.rng.range(0, 4);
+        for _ in 0..nreq {
+            if inflight >= 8 {
+                break;
+            }
+            let id = self.next_req;
+            self.next_req += 1;
+            let blocks = self.opts.size_blocks;
+            let r = self.rng.range(0, 100);
+            let (ev, req) = if r < 60 {
+                let n = self.rng.range(1, 9).min(blocks);
+                let first = self.rng.range(0, blocks - n + 1);
+                if (first..first + n).any(|b| self.model.blocks[b as usize].reads_in_flight > 0) {
+                    continue;
+                }
+                let w = self.next_write;
+                self.next_write += 1;
+                let mut data = Vec::with_capacity((n * BLOCK) as usize);
+                for b in first..first + n {
+                    data.extend_from_slice(&block_bytes(w, b));
+                }
+                let fua = self.rng.chance(0.1);
+                self.model.issue_write(w, first, n);
+                (
+                    Event::Write {
+                        id,
+                        offset: first * BLOCK,
+                        data: Bytes::from(data),
+                        fua,
+                    },
+                    Req::Write { w, first, n, fua },
+                )
+            } else if r < 85 {
+                let n = self.rng.range(1, 5).min(blocks);
+                let first = self.rng.range(0, blocks - n + 1);
+                if (first..first + n).any(|b| self.model.blocks[b as usize].writes_in_flight > 0) {
+                    continue;
+                }
+                for b in first..first + n {
+                    self.model.blocks[b as usize].reads_in_flight += 1;
+                }
+                (
+                    Event::Read {
+                        id,
+                        offset: first * BLOCK,
+                        len: (n * BLOCK) as u32,
+                    },
+                    Req::Read { first, n },
+                )
+            } else {
+                (
+                    Event::Flush { id },
+                    Req::Flush {
+                        marker: self.model.ack_counter,
+                    },
+                )
+            };
+            let inc = self.nodes[p as usize].inc;
+            self.reqs.insert(id, (p, inc, req));
+            self.feed(p, ev)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ schedule
+
+    fn step(&mut self) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            self.feed(i as NodeId, Event::Tick)?;
+        }
+        self.operator()?;
+        if self.workload {
+            self.faults()?;
+            self.workload_step()?;
+        } else {
+            self.end_faults()?;
+        }
+        Ok(())
+    }
+
+    /// Promotes a node when none is Primary with quorum; sometimes switches over on purpose
+    /// or tries a promotion that must be refused.
+    fn operator(&mut self) -> Result<(), String> {
+        let primary = self.primary();
+        let usable = |n: &Node| n.diskful && n.engine.is_some() && !n.isolated;
+        let primary_ok = primary.is_some_and(|p| usable(&self.nodes[p as usize]));
+        if !primary_ok {
+            // Failover (or first promotion): the old Primary is crashed or isolated.
+            let cands: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| usable(n) && Some(n.id) != primary)
+                .map(|n| n.id)
+                .collect();
+            if let Some(c) = self.rng.pick(&cands) {
+                let now = self.now;
+                let e = self.nodes[c as usize].engine.as_mut().expect("live");
+                match e.promote(now) {
+                    Ok(actions) => {
+                        self.tr(format!("operator: promoted node {c}"));
+                        if primary.is_some() || self.out.writes_acked > 0 {
+                            self.out.failovers += 1;
+                        }
+                        self.apply(c, actions)?;
+                    }
+                    Err(e) => self.tr(format!("operator: promote {c} refused: {e}")),
+                }
+            }
+            return Ok(());
+        }
+        let p = primary.expect("checked");
+        if self.workload && self.fault == Fault::None && self.rng.chance(0.004) {
+            // A promotion that must be refused: another Primary is up and connected.
+            let cands: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| usable(n) && n.id != p && self.links.get(&key(n.id, p)).copied().flatten().is_some())
+                .map(|n| n.id)
+                .collect();
+            if let Some(c) = self.rng.pick(&cands) {
+                let now = self.now;
+                let connected_long = self.healthy_since.is_some_and(|t| now > t + MS);
+                let e = self.nodes[c as usize].engine.as_mut().expect("live");
+                if connected_long {
+                    match e.promote(now) {
+                        Ok(actions) => {
+                            self.apply(c, actions)?;
+                            return Err(format!(
+                                "invariant 3: node {c} was promoted while node {p} is Primary and connected"
+                            ));
+                        }
+                        Err(err) => self.tr(format!("operator: bad promote of {c} refused: {err}")),
+                    }
+                }
+            }
+        }
+        if self.workload && self.rng.chance(0.003) {
+            let now = self.now;
+            let e = self.nodes[p as usize].engine.as_mut().expect("live");
+            match e.demote(now) {
+                Ok(actions) => {
+                    self.tr(format!("operator: demoted node {p} (switchover)"));
+                    self.apply(p, actions)?;
+                }
+                Err(err) => self.tr(format!("operator: demote {p} refused: {err}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn converged(&self) -> bool {
+        let links_up = self.links.values().all(|g| g.is_some());
+        links_up
+            && self.nodes.iter().all(|n| {
+                let Some(e) = &n.engine else { return false };
+                let s = e.status();
+                !n.isolated
+                    && (!n.diskful || s.disk_state == DiskState::UpToDate)
+                    && s.peers
+                        .iter()
+                        .all(|p| p.connected && p.repl_state == ReplState::Established)
+            })
+    }
+
+    fn faults(&mut self) -> Result<(), String> {
+        let now = self.now;
+        match self.fault {
+            Fault::Crash(n, until) if now >= until => {
+                self.restart(n)?;
+                self.fault = Fault::None;
+                self.healthy_since = None;
+            }
+            Fault::Isolate(n, until) if now >= until => {
+                self.tr(format!("heal partition of node {n}"));
+                self.nodes[n as usize].isolated = false;
+                for m in 0..self.nodes.len() as NodeId {
+                    if m != n {
+                        let t = self.now + self.rng.range(10 * US, MS);
+                        self.at(t, Ev::Reconnect { a: n, b: m });
+                    }
+                }
+                self.fault = Fault::None;
+                self.healthy_since = None;
+            }
+            Fault::Link => {
+                if self.drop_next.is_none() {
+                    self.fault = Fault::None;
+                    self.healthy_since = None;
+                }
+            }
+            Fault::None => {
+                if self.converged() {
+                    if self.healthy_since.is_none() {
+                        self.healthy_since = Some(now);
+                    }
+                } else {
+                    self.healthy_since = None;
+                }
+                let ready = self.healthy_since.is_some_and(|t| now >= t + 2 * MS);
+                if self.opts.faults && ready && self.rng.chance(0.05) {
+                    self.inject()?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn end_faults(&mut self) -> Result<(), String> {
+        match self.fault {
+            Fault::Crash(_, _) | Fault::Isolate(_, _) => {
+                // Heal now.
+                let until = self.now;
+                self.fault = match self.fault {
+                    Fault::Crash(n, _) => Fault::Crash(n, until),
+                    Fault::Isolate(n, _) => Fault::Isolate(n, until),
+                    f => f,
+                };
+                self.faults()
+            }
+            Fault::Link => {
+                self.drop_next = None;
+                self.fault = Fault::None;
+                Ok(())
+            }
+            Fault::None => Ok(()),
+        }
+    }
+
+    fn inject(&mut self) -> Result<(), String> {
+        let n = self.rng.range(0, self.nodes.len() as u64) as NodeId;
+        let dur = self.rng.range(2 * MS, 40 * MS);
+        match self.rng.range(0, 3) {
+            0 => {
+                self.out.crashes += 1;
+                self.crash(n)?;
+                self.fault = Fault::Crash(n, self.now + dur);
+            }
+            1 => {
+                self.out.partitions += 1;
+                self.tr(format!("partition: node {n} isolated"));
+                self.nodes[n as usize].isolated = true;
+                for m in 0..self.nodes.len() as NodeId {
+                    if m != n {
+                        self.break_link(n, m)?;
+                    }
+                }
+                self.fault = Fault::Isolate(n, self.now + dur);
+            }
+            _ => {
+                let pairs: Vec<_> = self.links.keys().copied().collect();
+                let l = self.rng.pick(&pairs).expect("links");
+                self.out.link_breaks += 1;
+                self.tr(format!("fault: next message on link {}-{} is lost", l.0, l.1));
+                self.drop_next = Some(l);
+                self.fault = Fault::Link;
+            }
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, n: NodeId) -> Result<(), String> {
+        self.tr(format!("CRASH node {n}"));
+        let was_primary = self.nodes[n as usize]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.role() == Role::Primary);
+        {
+            let node = &mut self.nodes[n as usize];
+            node.engine = None;
+            node.inc += 1;
+            let inflight: Vec<(u64, Vec<u8>)> = node
+                .writes_in_flight
+                .values()
+                .map(|(o, d, _)| (*o, d.to_vec()))
+                .collect();
+            node.writes_in_flight.clear();
+            if node.diskful {
+                let mut rng = Rng::new(self.rng.next_u64());
+                node.disk.crash(&mut rng, &inflight);
+            }
+        }
+        // Requests in flight on the crashed node are lost: their writes may or may not be there.
+        let lost: Vec<RequestId> = self
+            .reqs
+            .iter()
+            .filter(|(_, (node, _, _))| *node == n)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some((_, _, req)) = self.reqs.remove(&id) {
+                match req {
+                    Req::Write { first, n, .. } => self.model.write_failed(first, n),
+                    Req::Read { first, n } => {
+                        for b in first..first + n {
+                            self.model.blocks[b as usize].reads_in_flight -= 1;
+                        }
+                    }
+                    Req::Flush { .. } => {}
+                }
+            }
+        }
+        if was_primary {
+            self.model.primary_crashed();
+        }
+        for m in 0..self.nodes.len() as NodeId {
+            if m != n {
+                self.break_link(n, m)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, n: NodeId) -> Result<(), String> {
+        self.tr(format!("RESTART node {n}"));
+        let node = &mut self.nodes[n as usize];
+        let (engine, actions) = Engine::new(node.cfg.clone(), node.persisted.clone(), self.now);
+        node.engine = Some(engine);
+        self.apply(n, actions)?;
+        for m in 0..self.nodes.len() as NodeId {
+            if m != n {
+                let t = self.now + self.rng.range(10 * US, MS);
+                self.at(t, Ev::Reconnect { a: n, b: m });
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ invariants
+
+    fn check_primaries(&self) -> Result<(), String> {
+        let with_quorum: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.engine
+                    .as_ref()
+                    .is_some_and(|e| e.role() == Role::Primary && e.has_quorum())
+            })
+            .map(|n| n.id)
+            .collect();
+        if with_quorum.len() > 1 {
+            return Err(format!(
+                "invariant 3: nodes {with_quorum:?} are Primary with quorum at the same time"
+            ));
+        }
+        Ok(())
+    }
+
+    fn final_check(&mut self) -> Result<(), String> {
+        // Invariant 2: every UpToDate replica is byte-identical.
+        let disks: Vec<(NodeId, &SimDisk)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.diskful)
+            .map(|n| (n.id, &n.disk))
+            .collect();
+        let (first_id, first) = disks[0];
+        for (id, d) in &disks[1..] {
+            if d.data != first.data {
+                let b = d
+                    .data
+                    .chunks(BLOCK as usize)
+                    .zip(first.data.chunks(BLOCK as usize))
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "invariant 2: replicas {first_id} and {id} differ after resync (first differing block {b}: {:?} vs {:?})",
+                    parse_block(&first.data[b * 4096..(b + 1) * 4096], b as u64),
+                    parse_block(&d.data[b * 4096..(b + 1) * 4096], b as u64)
+                ));
+            }
+        }
+        // Invariants 1/5 over the whole volume, on the replica's contents.
+        for b in 0..self.opts.size_blocks {
+            let o = (b * BLOCK) as usize;
+            let got = parse_block(&first.data[o..o + BLOCK as usize], b);
+            let ok = got.is_some_and(|w| self.model.allowed(b, w));
+            if !ok {
+                let blk = &self.model.blocks[b as usize];
+                return Err(format!(
+                    "invariant 1/5: block {b} holds {got:?} at the end; allowed: acked w{} (durable w{}) or {:?}",
+                    blk.acked, blk.durable, blk.possible
+                ));
+            }
+        }
+        self.out.resync_bytes = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .map(|e| e.status().last_resync_bytes)
+            .sum();
+        Ok(())
+    }
+}
+
+fn short(m: &Message) -> String {
+    match m {
+        Message::Write { seq, offset, data, .. } => {
+            format!("Write seq={seq} blocks {}+{}", offset / BLOCK, data.len() as u64 / BLOCK)
+        }
+        Message::StateReport(r) => format!(
+            "StateReport {:?} {:?} gen={:016x} bm={:016x} q={}",
+            r.role, r.disk_state, r.generations.current, r.generations.bitmap, r.quorum.has_quorum
+        ),
+        Message::ResyncData { id, offset, len, .. } => {
+            format!("ResyncData id={id} blocks {}+{}", offset / BLOCK, u64::from(*len) / BLOCK)
+        }
+        Message::OutOfSync { ranges, flags } => format!("OutOfSync {} ranges flags={flags}", ranges.len()),
+        other => format!("{:?}", other.message_type()),
+    }
+}
