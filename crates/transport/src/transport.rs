@@ -569,15 +569,13 @@ impl Transport {
 }
 
 impl Drop for Transport {
+    /// Aborts every task without telling the peers (they see the connections close). The
+    /// registry is left as it is, so no link starts an orderly close in the meantime.
     fn drop(&mut self) {
-        {
-            let mut st = lock(&self.inner.state);
-            st.closed = true;
-            st.volumes.clear();
-        }
-        self.inner.shutdown.send_replace(true);
+        lock(&self.inner.state).closed = true;
         if let Some(mut set) = self.inner.tasks.take() {
             set.abort_all();
         }
+        self.inner.shutdown.send_replace(true);
     }
 }
