@@ -215,6 +215,12 @@ async fn scans_pools_and_reports_replicas() {
     assert_eq!(v.disk_state, DiskState::UpToDate);
     assert_eq!(v.last_error, None);
     assert!(v.allocated_bytes < 8 << 20, "sparse");
+    assert!(v.on_disk);
+    // The report says which cluster the agent is bound to (a rebuilt controller adopts it).
+    stub.wait_report("cluster id in the report", 0, |r| {
+        r.cluster_id.as_deref() == Some("cluster-1")
+    })
+    .await;
     // The socket exists with mode 0660 while running.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&node.config.nbd_socket)
@@ -441,6 +447,11 @@ async fn refuses_a_controller_of_another_cluster() {
         })
         .await;
     assert_eq!(r.applied_revision, 1);
+    assert_eq!(
+        r.cluster_id.as_deref(),
+        Some("cluster-1"),
+        "the cluster it is bound to"
+    );
     let a = ReplicaFiles::new(&node.pool(), "vol-a");
     assert!(a.data().exists() && a.meta().exists());
     assert!(!ReplicaFiles::new(&node.pool(), "vol-x").meta().exists());
@@ -505,6 +516,8 @@ async fn orphan_data_without_metadata_is_kept_and_not_overwritten() {
         .await;
     let v = replica(&r, "vol-o").unwrap();
     assert_eq!(v.disk_state, DiskState::Failed);
+    assert!(v.on_disk, "files are on disk");
+    assert_eq!(v.volume_uuid, "", "without a readable uuid");
     agent.stop().await;
     assert_eq!(std::fs::read(o.data()).unwrap(), b"precious");
     assert!(!o.meta().exists());

@@ -950,6 +950,33 @@ impl Controller {
                 ),
             );
             let Some(r) = reported.filter(|_| here) else {
+                // Something else of this name is in the way on this node (files without
+                // metadata, an older volume's replica): the create step fails with its error.
+                if here
+                    && v.state == VolumeState::Creating
+                    && let Some(other) = record.replicas.iter().find(|r| r.volume == v.name)
+                {
+                    let err = other.last_error.clone().unwrap_or_else(|| {
+                        format!(
+                            "node '{node}' holds another replica named '{}' (uuid {})",
+                            v.name,
+                            if other.volume_uuid.is_empty() {
+                                "unreadable"
+                            } else {
+                                &other.volume_uuid
+                            }
+                        )
+                    });
+                    let before = v.clone();
+                    if let Some(op) = v.open_operation_mut("create")
+                        && let Some(idx) = ops::open_step(op, node)
+                    {
+                        ops::step_failed(op, idx, &err, current, now);
+                    }
+                    if before != v {
+                        self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
+                    }
+                }
                 continue;
             };
             let before = v.clone();

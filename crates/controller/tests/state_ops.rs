@@ -335,3 +335,29 @@ fn delete_is_an_operation_with_steps() {
         s.get("/v1/volumes/d").0 == 404
     });
 }
+
+#[test]
+fn files_in_the_way_fail_the_create_step_and_show_as_an_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let d = s.sync(&report("n1", 0), 0);
+    let _v = create(&s, "o", GIB);
+    let rev = s.sync(&report("n1", d.revision), 0).revision;
+    let mut r = report("n1", rev);
+    let mut orphan = replica("o", "", GIB, DiskState::Failed);
+    orphan.last_error = Some("o.data exists without metadata; refusing to overwrite it".into());
+    r.replicas = vec![orphan];
+    s.sync(&r, 0);
+    let v: Volume = s.get_ok("/v1/volumes/o");
+    let op = &v.operations[0];
+    assert_eq!(op.state, "retrying", "{op:?}");
+    assert!(
+        op.last_error
+            .as_deref()
+            .unwrap()
+            .contains("without metadata")
+    );
+    let rep: ReconcileReport = s.get_ok("/v1/reconcile");
+    assert_eq!(rep.issues.len(), 1, "{rep:?}");
+    assert_eq!(rep.issues[0].code, "uuid_mismatch");
+}
