@@ -91,7 +91,7 @@ pub enum DownReason {
     Timeout(Duration),
     #[error("could not write to the peer for {0:?}")]
     WriteStalled(Duration),
-    #[error("the peer disconnected ({reason:?}): {detail}")]
+    #[error("the peer disconnected ({reason:?}): {detail:?}")]
     PeerDisconnected {
         reason: DisconnectReason,
         detail: String,

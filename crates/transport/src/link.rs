@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_repl_proto::{
-    Acceptor, AcceptorConfig, DecodeError, Decoder, Encoder, Established, HandshakeFailure,
-    Initiator, InitiatorConfig, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD, Message, NodeId, RefuseReason,
-    VersionRange,
+    Acceptor, AcceptorConfig, DecodeError, Decoder, DisconnectReason, Encoder, Established,
+    HandshakeFailure, Initiator, InitiatorConfig, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD, Message,
+    NodeId, RefuseReason, VersionRange,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -332,7 +332,7 @@ pub(crate) async fn dialer(
                 inner.count_refusal(f.reason);
                 let repeated = last_failure.as_deref() == Some(f.text.as_str());
                 if repeated {
-                    tracing::debug!(volume = %volume, peer, peer = %addr, reason = f.reason.as_str(),
+                    tracing::debug!(peer = %addr, volume = %volume, node = peer, reason = f.reason.as_str(),
                         "replication handshake failed again: {}", f.text);
                 } else {
                     tracing::warn!(peer = %addr, volume = %volume, node = peer, peer_name = %peer_name,
@@ -534,7 +534,13 @@ pub(crate) async fn run_link(
     };
     inner.uninstall(&volume, peer, id);
     match &reason {
-        DownReason::Shutdown | DownReason::Removed | DownReason::Superseded => {
+        DownReason::Shutdown
+        | DownReason::Removed
+        | DownReason::Superseded
+        | DownReason::PeerDisconnected {
+            reason: DisconnectReason::Shutdown | DisconnectReason::ConfigChanged,
+            ..
+        } => {
             tracing::info!(peer = %remote, volume = %volume, node = peer, link = id,
                 "replication link closed: {reason}")
         }

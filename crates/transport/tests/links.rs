@@ -210,7 +210,7 @@ async fn killed_peer_gives_peer_down_and_reconnects_when_it_returns() {
                 reason,
                 DownReason::PeerDisconnected {
                     reason: DisconnectReason::Shutdown,
-                    detail: "the transport is shutting down".into()
+                    detail: "the transport is shutting down".into(),
                 }
             );
         }
