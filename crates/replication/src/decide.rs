@@ -77,7 +77,8 @@ pub enum Rule {
     EqualInconsistent,
     /// Equal generations with bits: the Primary is the source.
     EqualBitsPrimary,
-    /// Equal generations with bits: the crashed Primary is the source (its activity log).
+    /// Equal generations with bits: the crashed Primary is the target (its activity-log
+    /// regions may have lost acknowledged writes that the peer has).
     EqualBitsCrashedPrimary,
     /// Equal generations, only one side has bits: it is the source.
     EqualBitsOneSide,
@@ -156,11 +157,14 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
             );
         }
         if me.crashed_primary != peer.crashed_primary {
+            // Unlike DRBD (which makes the crashed Primary the source, for protocols A/B):
+            // with protocol C every acknowledged write is on the peers, while the crashed
+            // node lost its volatile cache. Its activity-log regions are fetched from the peer.
             return (
                 if me.crashed_primary {
-                    BitmapSource
-                } else {
                     BitmapTarget
+                } else {
+                    BitmapSource
                 },
                 Rule::EqualBitsCrashedPrimary,
             );
@@ -277,24 +281,48 @@ mod tests {
         let mut stale_incons_source = side(2, 20, 10, [10, 0]);
         stale_incons_source.up_to_date = false;
         vec![
-            ("day0 equal", a.clone(), b.clone(), NoSync, Rule::EqualNoBits),
             (
-                "crashed primary is source",
+                "day0 equal",
+                a.clone(),
+                b.clone(),
+                NoSync,
+                Rule::EqualNoBits,
+            ),
+            (
+                "crashed primary is target",
                 crashed.clone(),
                 b.clone(),
+                BitmapTarget,
+                Rule::EqualBitsCrashedPrimary,
+            ),
+            (
+                "peer of crashed primary is source",
+                b.clone(),
+                crashed,
                 BitmapSource,
                 Rule::EqualBitsCrashedPrimary,
             ),
             (
-                "peer of crashed primary is target",
-                b.clone(),
-                crashed,
-                BitmapTarget,
-                Rule::EqualBitsCrashedPrimary,
+                "primary with bits",
+                a_primary,
+                b_bits.clone(),
+                BitmapSource,
+                Rule::EqualBitsPrimary,
             ),
-            ("primary with bits", a_primary, b_bits.clone(), BitmapSource, Rule::EqualBitsPrimary),
-            ("one side bits", a.clone(), b_bits.clone(), BitmapTarget, Rule::EqualBitsOneSide),
-            ("both bits lower id", a_bits, b_bits, BitmapSource, Rule::EqualBitsLowerNode),
+            (
+                "one side bits",
+                a.clone(),
+                b_bits.clone(),
+                BitmapTarget,
+                Rule::EqualBitsOneSide,
+            ),
+            (
+                "both bits lower id",
+                a_bits,
+                b_bits,
+                BitmapSource,
+                Rule::EqualBitsLowerNode,
+            ),
             (
                 "interrupted resync target",
                 a_incons.clone(),
@@ -302,7 +330,13 @@ mod tests {
                 BitmapTarget,
                 Rule::EqualInconsistent,
             ),
-            ("both inconsistent", a_incons, b_incons, NoGoodData, Rule::BothInconsistent),
+            (
+                "both inconsistent",
+                a_incons,
+                b_incons,
+                NoGoodData,
+                Rule::BothInconsistent,
+            ),
             (
                 "peer wrote while we were away",
                 side(1, 10, 0, [0, 0]),

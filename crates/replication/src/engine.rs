@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
 use tandem_repl_proto::{
-    ByteRange, DisconnectReason, DiskState, Generations, Message, NodeId, PeerBitmap,
-    QuorumInfo, Role, StateReport, Status as WireStatus,
+    ByteRange, DisconnectReason, DiskState, Generations, Message, NodeId, PeerBitmap, QuorumInfo,
+    Role, StateReport, Status as WireStatus,
 };
 
 use crate::bitmap::Bitmap;
@@ -96,8 +96,6 @@ struct Op {
 #[derive(Debug)]
 struct ClientWriteState {
     id: RequestId,
-    offset: u64,
-    len: u64,
     local_done: bool,
     local_error: Option<String>,
     waiting: BTreeSet<NodeId>,
@@ -120,6 +118,7 @@ enum IoPurpose {
     PeerFlush { peer: NodeId, epoch: u64, seq: u64 },
     ResyncFinishFlush { peer: NodeId, epoch: u64 },
     AlFlush { upto: u64 },
+    DemoteFlush { upto: u64 },
 }
 
 #[derive(Debug)]
@@ -132,6 +131,9 @@ struct ResyncTarget {
     total: u64,
     done: u64,
     finishing: bool,
+    /// Blocks (bits) a replicated write covered during this resync: current now, so resync
+    /// data already in flight for them is stale and dropped.
+    fenced: BTreeSet<u64>,
 }
 
 #[derive(Debug)]
@@ -332,7 +334,11 @@ impl Engine {
         if self.meta.disk_state != DiskState::UpToDate {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
         }
-        if let Some(p) = self.peers.values().find(|p| peer_role(p) == Some(Role::Primary)) {
+        if let Some(p) = self
+            .peers
+            .values()
+            .find(|p| peer_role(p) == Some(Role::Primary))
+        {
             return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
         }
         let (reachable, voters, ok) = self.quorum();
@@ -416,7 +422,11 @@ impl Engine {
                     diskful: p.cfg.diskful,
                     connected: p.conn.is_some(),
                     repl_state: p.conn.as_ref().map_or(ReplState::Off, |c| c.state),
-                    role: p.conn.as_ref().and_then(|c| c.report.as_ref()).map(|r| r.role),
+                    role: p
+                        .conn
+                        .as_ref()
+                        .and_then(|c| c.report.as_ref())
+                        .map(|r| r.role),
                     disk_state: p
                         .conn
                         .as_ref()
@@ -653,8 +663,11 @@ impl Engine {
 
     fn become_secondary(&mut self, why: &str) {
         self.role = Role::Secondary;
-        self.meta.primary = false;
-        self.persist_meta();
+        // Our own unflushed writes are covered by the activity log only while the metadata
+        // says Primary: flush first, then record the demotion (see DemoteFlush).
+        let upto = self.al_ctr;
+        let io = self.io(IoPurpose::DemoteFlush { upto });
+        self.out.push(Action::DiskFlush { io });
         self.log(Level::Info, format!("Secondary: {why}"));
         // Requests not yet started fail.
         let mut kept = VecDeque::new();
@@ -668,7 +681,7 @@ impl Engine {
         }
         self.waiting = kept;
         for ev in std::mem::take(&mut self.quorum_wait) {
-            if let Event::Write { id, .. } | Event::Flush { id } = ev {
+            if let Event::Write { id, .. } | Event::Flush { id } | Event::Read { id, .. } = ev {
                 self.complete(id, Err(RequestError::NotPrimary));
             }
         }
@@ -758,22 +771,22 @@ impl Engine {
         if self.meta.disk_state != DiskState::UpToDate {
             return self.complete(id, Err(RequestError::NotUpToDate));
         }
-        match &ev {
+        let out_of_range = match &ev {
             Event::Write { offset, data, .. } => {
-                if data.is_empty() || offset.saturating_add(data.len() as u64) > self.cfg.size_bytes
-                {
-                    return self.complete(id, Err(RequestError::OutOfRange));
-                }
+                data.is_empty() || offset.saturating_add(data.len() as u64) > self.cfg.size_bytes
             }
             Event::Read { offset, len, .. } => {
-                if *len == 0 || offset.saturating_add(u64::from(*len)) > self.cfg.size_bytes {
-                    return self.complete(id, Err(RequestError::OutOfRange));
-                }
+                *len == 0 || offset.saturating_add(u64::from(*len)) > self.cfg.size_bytes
             }
-            _ => {}
+            _ => false,
+        };
+        if out_of_range {
+            return self.complete(id, Err(RequestError::OutOfRange));
         }
         let (reachable, voters, ok) = self.quorum();
-        if !ok && !matches!(ev, Event::Read { .. }) {
+        // Reads need quorum too: a Primary cut off from the majority may be stale (another
+        // node may have been promoted and written since).
+        if !ok {
             if self.quorum_possible() {
                 self.quorum_wait.push_back(ev);
             } else {
@@ -793,11 +806,19 @@ impl Engine {
                 fua,
             } => {
                 let len = data.len() as u64;
-                self.enqueue(offset, len, Access::Write, OpKind::ClientWrite { id, data, fua });
+                self.enqueue(
+                    offset,
+                    len,
+                    Access::Write,
+                    OpKind::ClientWrite { id, data, fua },
+                );
             }
-            Event::Read { id, offset, len } => {
-                self.enqueue(offset, u64::from(len), Access::Read, OpKind::ClientRead { id })
-            }
+            Event::Read { id, offset, len } => self.enqueue(
+                offset,
+                u64::from(len),
+                Access::Read,
+                OpKind::ClientRead { id },
+            ),
             Event::Flush { id } => self.start_client_flush(id),
             _ => {}
         }
@@ -815,7 +836,7 @@ impl Engine {
             }
         } else if !self.quorum_possible() {
             for ev in std::mem::take(&mut self.quorum_wait) {
-                if let Event::Write { id, .. } | Event::Flush { id } = ev {
+                if let Event::Write { id, .. } | Event::Flush { id } | Event::Read { id, .. } = ev {
                     self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
                 }
             }
@@ -916,6 +937,7 @@ impl Engine {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
+                self.fence_resync(op.offset, op.len);
                 let io = self.io(IoPurpose::Op(key));
                 self.out.push(Action::DiskWrite {
                     io,
@@ -924,7 +946,27 @@ impl Engine {
                     fua,
                 });
             }
-            OpKind::ResyncWrite { data, .. } => {
+            OpKind::ResyncWrite {
+                peer,
+                epoch,
+                id,
+                data,
+            } => {
+                let (peer, epoch, id) = (*peer, *epoch, *id);
+                if self.resync_fenced(peer, op.offset, op.len) {
+                    // Part of it was overwritten by a newer replicated write meanwhile: drop
+                    // it; its other blocks keep their bits and are requested again.
+                    if let Some(rs) = self
+                        .conn_mut(peer)
+                        .filter(|c| c.epoch == epoch)
+                        .and_then(|c| c.resync.as_mut())
+                    {
+                        rs.inflight.remove(&id);
+                        rs.cursor = 0;
+                    }
+                    self.pump_resync();
+                    return;
+                }
                 let data = data
                     .clone()
                     .unwrap_or_else(|| Bytes::from(vec![0u8; op.len as usize]));
@@ -949,6 +991,46 @@ impl Engine {
         }
     }
 
+    /// A replicated write is being applied here: if we are a sync target, the blocks it
+    /// covers completely are current now.
+    fn fence_resync(&mut self, offset: u64, len: u64) {
+        let mut persist = Vec::new();
+        for p in self.peers.values_mut() {
+            let Some(rs) = p.conn.as_mut().and_then(|c| c.resync.as_mut()) else {
+                continue;
+            };
+            let Some(b) = p.bitmap.as_mut() else { continue };
+            let (first, count) = b.bits_covered(offset, len);
+            for bit in first..first + count {
+                if b.test(bit) {
+                    b.clear_bits(bit, 1);
+                    rs.fenced.insert(bit);
+                    persist.push((p.cfg.node_id, bit));
+                }
+            }
+        }
+        for (peer, bit) in persist {
+            self.out.push(Action::PersistBits {
+                peer,
+                set: false,
+                first: bit,
+                count: 1,
+            });
+        }
+    }
+
+    fn resync_fenced(&self, peer: NodeId, offset: u64, len: u64) -> bool {
+        let Some(p) = self.peers.get(&peer) else {
+            return false;
+        };
+        let (Some(rs), Some(b)) = (p.conn.as_ref().and_then(|c| c.resync.as_ref()), &p.bitmap)
+        else {
+            return false;
+        };
+        let (first, count) = b.bits_touching(offset, len);
+        rs.fenced.range(first..first + count).next().is_some()
+    }
+
     fn start_client_write(&mut self, key: u64, id: RequestId, offset: u64, data: Bytes, fua: bool) {
         let len = data.len() as u64;
         if self.mint_pending {
@@ -959,7 +1041,9 @@ impl Engine {
                 .filter(|id| !self.in_sync(*id))
                 .collect();
             if !missing.is_empty() {
-                self.mint(&format!("first write without diskful nodes {missing:?} in sync"));
+                self.mint(&format!(
+                    "first write without diskful nodes {missing:?} in sync"
+                ));
                 self.persist_meta();
                 self.broadcast_report(false);
             }
@@ -1018,8 +1102,6 @@ impl Engine {
             key,
             ClientWriteState {
                 id,
-                offset,
-                len,
                 local_done: false,
                 local_error: None,
                 waiting,
@@ -1051,9 +1133,7 @@ impl Engine {
                 None => {
                     // Everything hot is busy or not yet durable: flush so extents become
                     // evictable; the log stays larger meanwhile.
-                    if !self.al_flush_pending
-                        && self.al.values().any(|e| e.inflight == 0)
-                    {
+                    if !self.al_flush_pending && self.al.values().any(|e| e.inflight == 0) {
                         self.al_flush_pending = true;
                         let upto = self.al_ctr;
                         let io = self.io(IoPurpose::AlFlush { upto });
@@ -1094,7 +1174,9 @@ impl Engine {
                 }
                 self.try_complete_write(key);
             }
-            OpKind::PeerWrite { peer, epoch, seq, .. } => {
+            OpKind::PeerWrite {
+                peer, epoch, seq, ..
+            } => {
                 let status = if result.is_ok() {
                     WireStatus::Ok
                 } else {
@@ -1109,7 +1191,9 @@ impl Engine {
                     self.release_peer_flushes(peer);
                 }
             }
-            OpKind::ResyncWrite { peer, epoch, id, .. } => {
+            OpKind::ResyncWrite {
+                peer, epoch, id, ..
+            } => {
                 self.finish_op(key);
                 let ok = result.is_ok();
                 let Some(p) = self.peers.get_mut(&peer) else {
@@ -1167,7 +1251,24 @@ impl Engine {
         } else {
             Ok(Reply::Done)
         };
-        let _ = (w.offset, w.len);
+        // A write that completes without a diskful peer that dropped out of it must be under
+        // a new generation (persisted before the completion), or that peer would later look
+        // equal to us.
+        if result.is_ok() && self.mint_pending {
+            let missing: Vec<NodeId> = self
+                .diskful_ids()
+                .into_iter()
+                .filter(|id| !self.in_sync(*id))
+                .collect();
+            if !missing.is_empty() {
+                self.mint_pending = false;
+                self.mint(&format!(
+                    "write completed without diskful nodes {missing:?}"
+                ));
+                self.persist_meta();
+                self.broadcast_report(false);
+            }
+        }
         self.complete(w.id, result);
         self.finish_op(key);
         self.al_evict();
@@ -1212,7 +1313,7 @@ impl Engine {
                 self.complete(id, r);
             }
             OpKind::ResyncRead { peer, epoch, id } => {
-                if !self.conn(peer).is_some_and(|c| c.epoch == epoch) {
+                if self.conn(peer).is_none_or(|c| c.epoch != epoch) {
                     return;
                 }
                 let msg = match result {
@@ -1265,6 +1366,17 @@ impl Engine {
                 self.try_complete_flush(key);
                 self.al_evict();
             }
+            IoPurpose::DemoteFlush { upto } => {
+                if result.is_ok() {
+                    self.al_flushed = self.al_flushed.max(upto);
+                    if self.role == Role::Secondary && self.meta.primary {
+                        self.meta.primary = false;
+                        self.persist_meta();
+                        self.al.clear();
+                        self.out.push(Action::PersistActivityLog(Vec::new()));
+                    }
+                }
+            }
             IoPurpose::AlFlush { upto } => {
                 self.al_flush_pending = false;
                 if result.is_ok() {
@@ -1283,7 +1395,7 @@ impl Engine {
                 }
             }
             IoPurpose::ResyncFinishFlush { peer, epoch } => {
-                if !self.conn(peer).is_some_and(|c| c.epoch == epoch) {
+                if self.conn(peer).is_none_or(|c| c.epoch != epoch) {
                     return;
                 }
                 if result.is_err() {
@@ -1356,7 +1468,11 @@ impl Engine {
             }
             let last = chunks.len() - 1;
             for (i, ranges) in chunks.into_iter().enumerate() {
-                let flags = if i == last { oos_flags::END_OF_BITMAP } else { 0 };
+                let flags = if i == last {
+                    oos_flags::END_OF_BITMAP
+                } else {
+                    0
+                };
                 self.send(peer, Message::OutOfSync { flags, ranges });
             }
         }
@@ -1372,6 +1488,17 @@ impl Engine {
         };
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
+        // Writes we acknowledged to a Primary are tracked as unflushed only in its memory; if
+        // it is gone (maybe crashed), make them durable here now.
+        let lost_writer = conn
+            .report
+            .as_ref()
+            .is_some_and(|r| r.role == Role::Primary);
+        if lost_writer && self.cfg.diskful {
+            let upto = self.al_ctr;
+            let io = self.io(IoPurpose::AlFlush { upto });
+            self.out.push(Action::DiskFlush { io });
+        }
         // Writes it did not ack, and writes it acked that no flush made durable there, may be
         // missing on it.
         for (_, (off, len)) in conn.unacked.iter().chain(conn.unflushed.iter()) {
@@ -1555,10 +1682,10 @@ impl Engine {
                 }
             }
             Message::FlushAck { seq, status } => {
-                if let Some(c) = self.conn_mut(peer) {
-                    if status == WireStatus::Ok {
-                        c.unflushed.retain(|s, _| *s > seq);
-                    }
+                if let Some(c) = self.conn_mut(peer)
+                    && status == WireStatus::Ok
+                {
+                    c.unflushed.retain(|s, _| *s > seq);
                 }
                 for key in self.flushes.keys().copied().collect::<Vec<_>>() {
                     if let Some(f) = self.flushes.get_mut(&key)
@@ -1581,6 +1708,19 @@ impl Engine {
                 },
             ),
             Message::ResyncBegin { generation, bytes } => {
+                let state = self.conn(peer).map(|c| c.state);
+                if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
+                    // Both ends decided from different snapshots (generations changed during
+                    // the handshake): compare again.
+                    self.disconnect(
+                        peer,
+                        DisconnectReason::ConfigChanged,
+                        format!(
+                            "peer starts a resync toward us but we decided {state:?}; reconnect"
+                        ),
+                    );
+                    return Ok(());
+                }
                 self.log(
                     Level::Info,
                     format!(
@@ -1589,7 +1729,10 @@ impl Engine {
                 );
             }
             Message::ResyncEnd { status, .. } => {
-                self.log(Level::Info, format!("node {peer} ends the resync: {status:?}"));
+                self.log(
+                    Level::Info,
+                    format!("node {peer} ends the resync: {status:?}"),
+                );
             }
             Message::ResyncRequest { id, offset, len } => {
                 if self.conn(peer).map(|c| c.state) != Some(ReplState::SyncSource) {
@@ -1709,10 +1852,8 @@ impl Engine {
     fn release_peer_flushes(&mut self, peer: NodeId) {
         let Some(c) = self.conn_mut(peer) else { return };
         let min_inflight = c.rx_inflight.iter().next().copied().unwrap_or(u64::MAX);
-        let (ready, wait): (Vec<u64>, Vec<u64>) = c
-            .rx_flush_wait
-            .iter()
-            .partition(|s| **s <= min_inflight);
+        let (ready, wait): (Vec<u64>, Vec<u64>) =
+            c.rx_flush_wait.iter().partition(|s| **s <= min_inflight);
         c.rx_flush_wait = wait;
         for seq in ready {
             self.peer_flush(peer, seq);
@@ -1737,7 +1878,10 @@ impl Engine {
         if peer_diskful == (r.disk_state == DiskState::Diskless) {
             return Err(ProtocolError::Invalid {
                 peer,
-                detail: format!("disk state {:?} for a diskful={peer_diskful} node", r.disk_state),
+                detail: format!(
+                    "disk state {:?} for a diskful={peer_diskful} node",
+                    r.disk_state
+                ),
             });
         }
         if !peer_diskful && r.role == Role::Primary {
@@ -1782,10 +1926,11 @@ impl Engine {
         let state = self.conn(peer).map(|c| c.state);
         match state {
             Some(ReplState::Connecting) => self.maybe_decide(peer),
-            Some(ReplState::Established) => {
+            Some(ReplState::Established)
                 if peer_diskful
                     && self.cfg.diskful
-                    && r.generations.current != self.meta.current
+                    && r.generations.current != self.meta.current =>
+            {
                 {
                     if r.role == Role::Primary
                         && self.role == Role::Secondary
@@ -1808,11 +1953,11 @@ impl Engine {
                     }
                 }
             }
-            Some(ReplState::SyncSource) => {
-                if r.disk_state == DiskState::UpToDate && r.generations.current == self.meta.current
-                {
-                    self.resync_source_finished(peer);
-                }
+            Some(ReplState::SyncSource)
+                if r.disk_state == DiskState::UpToDate
+                    && r.generations.current == self.meta.current =>
+            {
+                self.resync_source_finished(peer);
             }
             _ => {}
         }
@@ -1989,6 +2134,7 @@ impl Engine {
                         total,
                         done: 0,
                         finishing: false,
+                        fenced: BTreeSet::new(),
                     });
                 }
                 self.log(
@@ -2105,6 +2251,7 @@ impl Engine {
         c.state = ReplState::Established;
         let Some(r) = c.report.clone() else { return };
         self.last_resync_bytes = rs.done;
+        self.crashed_primary = false;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
         self.meta.disk_state = DiskState::UpToDate;
@@ -2129,7 +2276,11 @@ impl Engine {
         let paused: Vec<NodeId> = self
             .peers
             .values()
-            .filter(|p| p.conn.as_ref().is_some_and(|c| c.state == ReplState::PausedSync))
+            .filter(|p| {
+                p.conn
+                    .as_ref()
+                    .is_some_and(|c| c.state == ReplState::PausedSync)
+            })
             .map(|p| p.cfg.node_id)
             .collect();
         for id in paused {
@@ -2171,5 +2322,8 @@ impl Engine {
 }
 
 fn peer_role(p: &Peer) -> Option<Role> {
-    p.conn.as_ref().and_then(|c| c.report.as_ref()).map(|r| r.role)
+    p.conn
+        .as_ref()
+        .and_then(|c| c.report.as_ref())
+        .map(|r| r.role)
 }

@@ -154,10 +154,23 @@ pub enum Event {
     /// Consumer flush: completes when every write completed before it is durable on every
     /// connected replica.
     Flush { id: RequestId },
-    Read { id: RequestId, offset: u64, len: u32 },
-    DiskWriteDone { io: IoId, result: Result<(), DiskError> },
-    DiskFlushDone { io: IoId, result: Result<(), DiskError> },
-    DiskReadDone { io: IoId, result: Result<Bytes, DiskError> },
+    Read {
+        id: RequestId,
+        offset: u64,
+        len: u32,
+    },
+    DiskWriteDone {
+        io: IoId,
+        result: Result<(), DiskError>,
+    },
+    DiskFlushDone {
+        io: IoId,
+        result: Result<(), DiskError>,
+    },
+    DiskReadDone {
+        io: IoId,
+        result: Result<Bytes, DiskError>,
+    },
     /// A link to `peer` is established and authenticated. The driver delivers `PeerDown` for
     /// a previous link to the same peer before the `PeerUp` of a new one.
     PeerUp { peer: NodeId },

@@ -27,7 +27,7 @@ impl SimDisk {
 
     /// A write completed (reads see it from now on). Writes are whole 4 KiB blocks.
     pub fn complete_write(&mut self, offset: u64, bytes: &[u8], fua: bool) {
-        assert!(offset % BLOCK == 0 && bytes.len() as u64 % BLOCK == 0);
+        assert!(offset.is_multiple_of(BLOCK) && (bytes.len() as u64).is_multiple_of(BLOCK));
         let o = offset as usize;
         self.data[o..o + bytes.len()].copy_from_slice(bytes);
         let first = offset / BLOCK;
@@ -35,7 +35,8 @@ impl SimDisk {
         if fua {
             // Durable now; older cached versions of these blocks can never resurface.
             self.durable[o..o + bytes.len()].copy_from_slice(bytes);
-            self.volatile.retain(|(_, b, _)| *b < first || *b >= first + n);
+            self.volatile
+                .retain(|(_, b, _)| *b < first || *b >= first + n);
         } else {
             for i in 0..n {
                 let s = (i * BLOCK) as usize;

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tandem_sim::{SimOptions, run};
+use tandem_sim::{SimOptions, Topology, run};
 
 fn env(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -15,6 +15,9 @@ fn simulate_seeds() {
     if let Some(n) = env("SIM_TRACE") {
         opts.trace_len = n as usize;
     }
+    if std::env::var("SIM_TOPOLOGY").as_deref() == Ok("three") {
+        opts.topology = Some(Topology::Three);
+    }
     if let Some(seed) = env("SIM_SEED") {
         match run(seed, &opts) {
             Ok(o) => eprintln!("seed {seed}: ok {o:?}"),
@@ -23,7 +26,7 @@ fn simulate_seeds() {
         return;
     }
     let base = env("SIM_SEED_BASE").unwrap_or(0);
-    let n = env("SIM_SEEDS").unwrap_or(300);
+    let n = env("SIM_SEEDS").unwrap_or(3000);
     let start = Instant::now();
     let mut total = tandem_sim::Outcome::default();
     for seed in base..base + n {
@@ -55,5 +58,24 @@ fn simulate_seeds() {
         total.link_breaks,
         total.failovers,
         total.resync_bytes
+    );
+}
+
+/// Three diskful nodes: not yet reliable (see docs/replication.md, "Known gaps"): some seeds
+/// end with a sync source waiting for a target that resynced elsewhere, or diverge. Run with
+/// `SIM_TOPOLOGY=three cargo test -p tandem-sim -- --ignored`.
+#[test]
+#[ignore]
+fn three_diskful_seeds() {
+    let opts = SimOptions {
+        topology: Some(Topology::Three),
+        ..SimOptions::default()
+    };
+    let n = env("SIM_SEEDS").unwrap_or(200);
+    let failed: Vec<u64> = (0..n).filter(|s| run(*s, &opts).is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {n} seeds fail: {failed:?}",
+        failed.len()
     );
 }
