@@ -304,6 +304,7 @@ pub(crate) async fn dialer(
 ) {
     let t = inner.cfg.timers;
     let mut backoff = t.dial_backoff_min;
+    // The last failure logged at warn: an identical one right after is logged at debug only.
     let mut last_failure: Option<String> = None;
     loop {
         if cancel.has_changed().is_err() || *inner.shutdown.borrow() {
@@ -317,37 +318,39 @@ pub(crate) async fn dialer(
             r = attempt => r,
             _ = cancel.changed() => return,
         };
-        match r {
+        let (reason, text) = match r {
             Ok((stream, dec, est, remote)) => {
                 last_failure = None;
                 backoff = t.dial_backoff_min;
                 run_link(inner.clone(), stream, dec, est, remote, Some(epoch)).await;
+                tokio::select! {
+                    _ = sleep(t.dial_backoff_min) => {}
+                    _ = cancel.changed() => return,
+                }
+                continue;
             }
             Err(DialError::Connect(e)) => {
                 inner.count_dial_failure();
-                tracing::debug!(volume = %volume, peer, peer_name = %peer_name, addr = %addr,
-                    "cannot connect to replication peer: {e}");
+                ("connect", format!("cannot connect: {e}"))
             }
             Err(DialError::Handshake(f)) => {
                 inner.count_refusal(f.reason);
-                let repeated = last_failure.as_deref() == Some(f.text.as_str());
-                if repeated {
-                    tracing::debug!(peer = %addr, volume = %volume, node = peer, reason = f.reason.as_str(),
-                        "replication handshake failed again: {}", f.text);
-                } else {
-                    tracing::warn!(peer = %addr, volume = %volume, node = peer, peer_name = %peer_name,
-                        reason = f.reason.as_str(), "replication handshake failed: {}", f.text);
-                }
-                last_failure = Some(f.text);
+                (f.reason.as_str(), format!("handshake failed: {}", f.text))
             }
+        };
+        if last_failure.as_deref() == Some(text.as_str()) {
+            tracing::debug!(peer = %addr, volume = %volume, node = peer, reason,
+                "replication dial failed again, next try in {backoff:?}: {text}");
+        } else {
+            tracing::warn!(peer = %addr, volume = %volume, node = peer, peer_name = %peer_name,
+                reason, "replication dial failed, next try in {backoff:?}: {text}");
+            last_failure = Some(text);
         }
         tokio::select! {
             _ = sleep(backoff) => {}
             _ = cancel.changed() => return,
         }
-        if last_failure.is_some() || backoff > t.dial_backoff_min {
-            backoff = (backoff * 2).min(t.dial_backoff_max);
-        }
+        backoff = (backoff * 2).min(t.dial_backoff_max);
     }
 }
 
@@ -468,6 +471,8 @@ pub(crate) async fn run_link(
                     let _ = c.send(DownReason::Superseded);
                 }
                 let mut done = old.done.clone();
+                // Its queue sender must go, or its writer waits for more frames.
+                drop(old);
                 let _ = timeout(t.close_grace * 2, done.wait_for(|d| *d)).await;
             }
         }

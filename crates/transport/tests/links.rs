@@ -497,3 +497,50 @@ async fn configuration_is_checked() {
     let _ = Arc::clone(&n.t);
     n.t.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_connection_from_the_same_peer_supersedes_the_old_link() {
+    // The dialer restarted while the acceptor still holds the old connection: the new
+    // authenticated connection replaces it, PeerDown(old) strictly before PeerUp(new).
+    let mut b = Node::start(2).await;
+    let a = Node::start(1).await;
+    b.t.set_volume(volume("sup", "uuid-sup", &[&a])).unwrap();
+    let addr = b.t.local_addr();
+    let (first, mut old) = raw_handshake(addr, initiator("sup", "uuid-sup", 1, 2)).await;
+    assert!(matches!(first, RawOutcome::Established(_)), "{first:?}");
+    let old_link = b.up("sup", 1).await;
+    let (second, _new) = raw_handshake(addr, initiator("sup", "uuid-sup", 1, 2)).await;
+    assert!(matches!(second, RawOutcome::Established(_)), "{second:?}");
+    match b.next().await {
+        Event::PeerDown { link, reason, .. } => {
+            assert_eq!(link, old_link);
+            assert_eq!(reason, DownReason::Superseded);
+        }
+        other => panic!("expected PeerDown of the old link first, got {other:?}"),
+    }
+    match b.next().await {
+        Event::PeerUp { link, .. } => assert_ne!(link, old_link),
+        other => panic!("expected PeerUp, got {other:?}"),
+    }
+    // The old connection was told and closed.
+    let bytes = read_to_close(&mut old).await;
+    let mut dec = tandem_repl_proto::Decoder::new();
+    dec.feed(&bytes);
+    let mut last = None;
+    while let Ok(Some(m)) = dec.next_message() {
+        last = Some(m);
+    }
+    assert!(
+        matches!(
+            last,
+            Some(Message::Disconnect {
+                reason: DisconnectReason::Other,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    assert_eq!(b.t.stats().links_up, 1);
+    b.t.shutdown().await;
+    a.t.shutdown().await;
+}
