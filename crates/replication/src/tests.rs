@@ -227,7 +227,11 @@ fn secondary_applies_overlapping_writes_in_arrival_order() {
             result: Ok(()),
         },
     );
-    assert_eq!(disk_writes(&a).len(), 1, "second write starts after the first");
+    assert_eq!(
+        disk_writes(&a).len(),
+        1,
+        "second write starts after the first"
+    );
 }
 
 #[test]
@@ -269,7 +273,16 @@ fn writes_while_a_peer_is_away_set_bits_and_mint() {
     assert!(a.iter().any(|x| matches!(x, Action::PersistMeta(_))));
     // Bits and the new generation are persisted before the disk write.
     let pos = |f: &dyn Fn(&Action) -> bool| a.iter().position(f).expect("present");
-    let bits = pos(&|x| matches!(x, Action::PersistBits { peer: 1, set: true, .. }));
+    let bits = pos(&|x| {
+        matches!(
+            x,
+            Action::PersistBits {
+                peer: 1,
+                set: true,
+                ..
+            }
+        )
+    });
     let meta = pos(&|x| matches!(x, Action::PersistMeta(_)));
     let dw = pos(&|x| matches!(x, Action::DiskWrite { .. }));
     assert!(bits < dw && meta < dw);
@@ -314,7 +327,10 @@ fn bad_peer_input_disconnects_that_peer() {
             },
         },
     );
-    assert!(a.iter().any(|x| matches!(x, Action::Disconnect { peer: 0, .. })));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Disconnect { peer: 0, .. }))
+    );
     assert!(disk_writes(&a).is_empty());
 }
 
@@ -339,5 +355,9 @@ fn crashed_primary_marks_its_activity_log() {
         e.bitmap(1).map(|b| b.out_of_sync_bytes()),
         Some(cfg.al_extent_bytes.min(SIZE))
     );
-    assert!(actions.iter().any(|a| matches!(a, Action::PersistMeta(m) if !m.primary)));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::PersistMeta(m) if !m.primary))
+    );
 }
