@@ -605,8 +605,9 @@ fn plan_gpt(
             for i in 0..4 {
                 let e = 446 + 16 * i;
                 if mbr[e + 4] == 0xEE {
+                    let c = new_end_chs(&mbr[e + 5..e + 8], old_whole, new_whole);
                     put_u32(&mut mbr, e + 12, new_whole as u32);
-                    mbr[e + 5..e + 8].copy_from_slice(&chs(n - 1));
+                    mbr[e + 5..e + 8].copy_from_slice(&c);
                 }
             }
             b.set(G_MBR, 0, &mbr);
@@ -644,16 +645,38 @@ fn plan_gpt(
 /// CHS address of `lba` for an MBR entry, with the usual 255 heads x 63 sectors geometry;
 /// past 1024 cylinders the conventional maximum (1023, 254, 63).
 pub fn chs(lba: u64) -> [u8; 3] {
-    let (c, h, s) = if lba >= 1024 * 255 * 63 {
-        (1023u64, 254u64, 63u64)
+    chs_with(lba, 255, 63)
+}
+
+/// CHS address of `lba` with `heads` x `sectors` geometry.
+pub fn chs_with(lba: u64, heads: u64, sectors: u64) -> [u8; 3] {
+    let (c, h, s) = if lba >= 1024 * heads * sectors {
+        (1023u64, heads - 1, sectors)
     } else {
-        (lba / (255 * 63), (lba / 63) % 255, lba % 63 + 1)
+        (
+            lba / (heads * sectors),
+            (lba / sectors) % heads,
+            lba % sectors + 1,
+        )
     };
     [
         h as u8,
         (s as u8) | (((c >> 2) & 0xC0) as u8),
         (c & 0xFF) as u8,
     ]
+}
+
+/// The end CHS for a new end LBA, in the geometry the entry's old end CHS was written with
+/// (parted uses 4 x 32 on small images, fdisk 255 x 63); 255 x 63 when none matches.
+fn new_end_chs(old: &[u8], old_end: u64, new_end: u64) -> [u8; 3] {
+    const GEOMETRIES: [(u64, u64); 6] =
+        [(255, 63), (4, 32), (16, 63), (64, 32), (128, 32), (255, 32)];
+    for (h, s) in GEOMETRIES {
+        if old.get(0..3) == Some(&chs_with(old_end, h, s)[..]) {
+            return chs_with(new_end, h, s);
+        }
+    }
+    chs(new_end)
 }
 
 fn plan_mbr(
@@ -714,10 +737,13 @@ fn plan_mbr(
         return Ok(target);
     }
     let mut mbr = read_vec(dev, 0, SECTOR)?;
-    let set_entry = |sector: &mut [u8], slot: usize, sectors: u64, end: u64| {
+    let set_entry = |sector: &mut [u8], slot: usize, sectors: u64, end: u64, base: u64| {
         let e = 446 + 16 * slot;
+        let start = le32(sector, e + 8) as u64;
+        let old_end = (base + start + le32(sector, e + 12) as u64).saturating_sub(1);
+        let new_chs = new_end_chs(&sector[e + 5..e + 8], old_end, end);
         put_u32(sector, e + 12, sectors as u32);
-        sector[e + 5..e + 8].copy_from_slice(&chs(end));
+        sector[e + 5..e + 8].copy_from_slice(&new_chs);
     };
     if last.kind == MbrKind::Logical {
         let ext = m
@@ -727,7 +753,7 @@ fn plan_mbr(
             .ok_or(GrowError::NoPartitions)?;
         if new_end > ext.end_lba() {
             let ext_new = new_end - ext.start_lba + 1;
-            set_entry(&mut mbr, ext.slot, ext_new, new_end);
+            set_entry(&mut mbr, ext.slot, ext_new, new_end, 0);
             b.steps.push(Step::GrowPartition {
                 number: ext.number,
                 kind: "extended".into(),
@@ -743,7 +769,7 @@ fn plan_mbr(
             b.set(G_MBR, 0, &mbr);
         }
         let mut ebr = read_vec(dev, last.table_lba * SECTOR, SECTOR)?;
-        set_entry(&mut ebr, 0, new_sectors, new_end);
+        set_entry(&mut ebr, 0, new_sectors, new_end, last.table_lba);
         b.set(G_EBR, last.table_lba * SECTOR, &ebr);
         // The EBR linking to this one: its second entry spans this EBR up to the end of its
         // logical partition; keep it spanning when it did.
@@ -760,7 +786,7 @@ fn plan_mbr(
                 && link_sectors == last.end_lba() - last.table_lba + 1
             {
                 let new_link = new_end - last.table_lba + 1;
-                set_entry(&mut pe, 1, new_link, new_end);
+                set_entry(&mut pe, 1, new_link, new_end, ext.start_lba);
                 b.set(G_EBR, prev.table_lba * SECTOR, &pe);
                 b.steps.push(Step::UpdateEbrLink {
                     ebr_lba: prev.table_lba,
@@ -782,7 +808,7 @@ fn plan_mbr(
             alignment_sectors: a,
         });
     } else {
-        set_entry(&mut mbr, last.slot, new_sectors, new_end);
+        set_entry(&mut mbr, last.slot, new_sectors, new_end, 0);
         b.set(G_MBR, 0, &mbr);
         b.steps.push(Step::GrowPartition {
             number: last.number,
