@@ -270,3 +270,259 @@ fn gpt_ext4_grow_apply_verify_undo() {
     // Undo again: nothing left to restore.
     assert_eq!(tandem_grow::undo(&dev, &saved).unwrap(), 0);
 }
+
+/// `parted -m unit s print` lines of the partitions: (number, start, end).
+fn parted_parts(img: &Img) -> Vec<(u32, u64, u64)> {
+    let out = run("parted", &["-m", "-s", img.p(), "unit", "s", "print"]);
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let n = f.first()?.parse().ok()?;
+            let s = f.get(1)?.trim_end_matches('s').parse().ok()?;
+            let e = f.get(2)?.trim_end_matches('s').parse().ok()?;
+            Some((n, s, e))
+        })
+        .collect()
+}
+
+fn parted_mklabel(img: &Img, parts: &[&str]) {
+    let mut args = vec!["-s", img.p(), "mklabel", "msdos"];
+    args.extend_from_slice(parts);
+    run("parted", &args);
+}
+
+fn assert_undo_identical(img: &Img, before: &[u8], record: &UndoRecord) {
+    let dev = img.dev();
+    assert!(tandem_grow::undo(&dev, record).unwrap() > 0);
+    let after = img.bytes();
+    assert!(
+        after[..before.len()] == before[..],
+        "old area differs after undo"
+    );
+    assert!(after[before.len()..].iter().all(|&b| b == 0));
+}
+
+fn apply_ok(img: &Img, plan: &tandem_grow::Plan) -> UndoRecord {
+    let undo_path = img.path.with_extension("undo.json");
+    match tandem_grow::apply(&img.dev(), plan, &mut save_to(&undo_path)).unwrap() {
+        ApplyOutcome::Applied(r) => r,
+        ApplyOutcome::NothingToDo => panic!("nothing written"),
+    }
+}
+
+#[test]
+fn mbr_primary_grow() {
+    let img = Img::new(64 * MIB);
+    parted_mklabel(
+        &img,
+        &[
+            "mkpart", "primary", "ext4", "1MiB", "20MiB", "mkpart", "primary", "ext4", "20MiB",
+            "100%", "set", "2", "boot", "on",
+        ],
+    );
+    assert_eq!(
+        parted_parts(&img),
+        vec![(1, 2048, 40959), (2, 40960, 131071)]
+    );
+    img.mkfs_ext4(40960 * 512, (131072 - 40960) * 512);
+    let before = img.bytes();
+    img.grow_to(100 * MIB);
+    let dev = img.dev();
+    let probe = tandem_grow::probe(&dev).unwrap();
+    let Table::Mbr(m) = &probe.table else {
+        panic!("expected MBR: {probe:?}")
+    };
+    assert_eq!(m.partitions.len(), 2);
+    assert!(m.partitions[1].bootable && !m.partitions[0].bootable);
+    assert_eq!(m.partitions[1].type_byte, 0x83);
+    let plan = tandem_grow::plan(&dev, dev.size()).unwrap();
+    println!("{plan}");
+    // 100 MiB = 204800 sectors; start 40960 is 2048-aligned: end 204799.
+    assert!(plan.steps.iter().any(|s| matches!(s, Step::GrowPartition { number: 2, kind, new_end_lba: 204799, .. } if kind == "primary")));
+    let record = apply_ok(&img, &plan);
+    assert_eq!(
+        parted_parts(&img),
+        vec![(1, 2048, 40959), (2, 40960, 204799)]
+    );
+    let print = run("parted", &["-m", "-s", img.p(), "print"]);
+    assert!(print.contains("boot"), "{print}");
+    img.e2fsck(40960 * 512, (131072 - 40960) * 512);
+    assert!(tandem_grow::plan(&dev, dev.size()).unwrap().nothing_to_do);
+    drop(dev);
+    assert_undo_identical(&img, &before, &record);
+    assert_eq!(
+        parted_parts(&img),
+        vec![(1, 2048, 40959), (2, 40960, 131071)]
+    );
+}
+
+#[test]
+fn mbr_extended_logical_grow() {
+    let img = Img::new(64 * MIB);
+    parted_mklabel(
+        &img,
+        &[
+            "mkpart", "primary", "ext4", "1MiB", "10MiB", "mkpart", "extended", "10MiB", "100%",
+            "mkpart", "logical", "ext4", "11MiB", "30MiB", "mkpart", "logical", "ext4", "31MiB",
+            "100%",
+        ],
+    );
+    assert_eq!(
+        parted_parts(&img),
+        vec![
+            (1, 2048, 20479),
+            (2, 20480, 131071),
+            (5, 22528, 61439),
+            (6, 63488, 131071)
+        ]
+    );
+    img.mkfs_ext4(63488 * 512, (131072 - 63488) * 512);
+    let before = img.bytes();
+    img.grow_to(96 * MIB);
+    let dev = img.dev();
+    let probe = tandem_grow::probe(&dev).unwrap();
+    let Table::Mbr(m) = &probe.table else {
+        panic!("expected MBR: {probe:?}")
+    };
+    let numbers: Vec<u32> = m.partitions.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, vec![1, 2, 5, 6]);
+    let plan = tandem_grow::plan(&dev, dev.size()).unwrap();
+    println!("{plan}");
+    // 96 MiB = 196608 sectors; logical 6 starts at 63488 (2048-aligned): end 196607.
+    assert!(plan.steps.iter().any(|s| matches!(s, Step::GrowPartition { number: 2, kind, new_end_lba: 196607, .. } if kind == "extended")));
+    assert!(plan.steps.iter().any(|s| matches!(s, Step::GrowPartition { number: 6, kind, new_end_lba: 196607, .. } if kind == "logical")));
+    assert!(
+        plan.steps
+            .iter()
+            .any(|s| matches!(s, Step::UpdateEbrLink { .. }))
+    );
+    let record = apply_ok(&img, &plan);
+    assert_eq!(
+        parted_parts(&img),
+        vec![
+            (1, 2048, 20479),
+            (2, 20480, 196607),
+            (5, 22528, 61439),
+            (6, 63488, 196607)
+        ]
+    );
+    img.e2fsck(63488 * 512, (131072 - 63488) * 512);
+    assert!(tandem_grow::plan(&dev, dev.size()).unwrap().nothing_to_do);
+    drop(dev);
+    assert_undo_identical(&img, &before, &record);
+    assert_eq!(
+        parted_parts(&img),
+        vec![
+            (1, 2048, 20479),
+            (2, 20480, 131071),
+            (5, 22528, 61439),
+            (6, 63488, 131071)
+        ]
+    );
+}
+
+#[test]
+fn bare_ext4_has_no_table_writes() {
+    let img = Img::new(32 * MIB);
+    img.mkfs_ext4(0, 32 * MIB);
+    img.grow_to(48 * MIB);
+    let dev = img.dev();
+    let plan = tandem_grow::plan(&dev, dev.size()).unwrap();
+    assert_eq!(plan.table, "none");
+    assert!(plan.nothing_to_do);
+    assert_eq!(
+        plan.steps,
+        vec![Step::ResizeFilesystem {
+            filesystem: "ext4".into(),
+            offset_bytes: 0,
+            old_bytes: 32 * MIB,
+            available_bytes: 48 * MIB,
+            done_by_this_crate: false,
+        }]
+    );
+    assert_eq!(
+        tandem_grow::apply(&dev, &plan, &mut |_| Ok(())).unwrap(),
+        ApplyOutcome::NothingToDo
+    );
+}
+
+#[test]
+fn refuses_filesystem_not_in_last_partition() {
+    let img = gpt_image();
+    img.mkfs_ext4(2048 * 512, 16 * MIB);
+    img.grow_to(96 * MIB);
+    let dev = img.dev();
+    let err = tandem_grow::plan(&dev, dev.size()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, GrowError::FilesystemNotLast { .. }), "{msg}");
+    assert!(msg.contains("partition 1 holds ext4"), "{msg}");
+    assert!(msg.contains("partition 2 (the last one"), "{msg}");
+    assert!(msg.contains("all zero"), "{msg}");
+}
+
+#[test]
+fn refuses_last_partition_without_filesystem() {
+    let img = gpt_image();
+    let dev = img.dev();
+    let err = tandem_grow::plan(&dev, 96 * MIB).unwrap_err();
+    assert!(matches!(err, GrowError::NoFilesystem { .. }), "{err}");
+}
+
+#[test]
+fn refuses_shrink() {
+    let img = gpt_image();
+    img.mkfs_ext4(34816 * 512, (131039 - 34816) * 512);
+    let dev = img.dev();
+    let err = tandem_grow::plan(&dev, 32 * MIB).unwrap_err();
+    assert!(matches!(err, GrowError::Shrink { .. }), "{err}");
+    assert!(err.to_string().contains("67108864 B (64.00 MiB)"), "{err}");
+}
+
+#[test]
+fn refuses_corrupt_gpt_as_unknown_table() {
+    let img = gpt_image();
+    img.mkfs_ext4(34816 * 512, (131039 - 34816) * 512);
+    // Flip a byte of the primary header's disk GUID: its CRC no longer matches.
+    let dev = img.dev();
+    let mut b = [0u8; 1];
+    dev.read_at(&mut b, 512 + 60).unwrap();
+    b[0] ^= 0xFF;
+    dev.write_at(&b, 512 + 60).unwrap();
+    let probe = tandem_grow::probe(&dev).unwrap();
+    assert!(matches!(probe.table, Table::Unknown { .. }), "{probe:?}");
+    let err = tandem_grow::plan(&dev, 96 * MIB).unwrap_err();
+    assert!(matches!(err, GrowError::UnknownTable(_)), "{err}");
+    assert!(err.to_string().contains("CRC"), "{err}");
+}
+
+#[test]
+fn plan_against_larger_target_then_apply_after_block_grow() {
+    let img = gpt_image();
+    img.mkfs_ext4(34816 * 512, (131039 - 34816) * 512);
+    let dev = img.dev();
+    let plan = tandem_grow::plan(&dev, 128 * MIB).unwrap();
+    let err = tandem_grow::apply(&dev, &plan, &mut |_| Ok(())).unwrap_err();
+    assert!(matches!(err, GrowError::DeviceTooSmall { .. }), "{err}");
+    drop(dev);
+    img.grow_to(128 * MIB);
+    apply_ok(&img, &plan);
+    let verify = run("sgdisk", &["-v", img.p()]);
+    assert!(verify.contains("No problems found"), "{verify}");
+}
+
+#[test]
+fn plan_json_snapshot() {
+    let img = gpt_image();
+    img.mkfs_ext4(34816 * 512, (131039 - 34816) * 512);
+    img.grow_to(128 * MIB);
+    let dev = img.dev();
+    let plan = tandem_grow::plan(&dev, dev.size()).unwrap();
+    let snapshot = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plan_gpt.json");
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&snapshot, plan.to_json() + "\n").unwrap();
+    }
+    let v: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&snapshot).unwrap()).unwrap();
+    assert_eq!(v, expected, "actual:\n{}", plan.to_json());
+}
