@@ -157,14 +157,15 @@ pub fn detect(buf: &[u8]) -> Filesystem {
     if buf.get(0..4) == Some(b"XFSB") {
         let block_size = be32(buf, 4);
         let data_blocks = be64(buf, 8);
-        if (512..=65536).contains(&block_size) && block_size.is_power_of_two() {
-            if let Some(size_bytes) = data_blocks.checked_mul(block_size) {
-                return Filesystem::Xfs {
-                    block_size,
-                    data_blocks,
-                    size_bytes,
-                };
-            }
+        if (512..=65536).contains(&block_size)
+            && block_size.is_power_of_two()
+            && let Some(size_bytes) = data_blocks.checked_mul(block_size)
+        {
+            return Filesystem::Xfs {
+                block_size,
+                data_blocks,
+                size_bytes,
+            };
         }
         return Filesystem::Unknown {
             found: "xfs superblock magic with an impossible block size or count".into(),

@@ -19,6 +19,8 @@ mod fs;
 mod guid;
 mod plan;
 mod probe;
+#[cfg(test)]
+mod tests;
 
 pub use apply::{ApplyOutcome, UNDO_FORMAT, UndoRecord, UndoRegion, apply, undo};
 pub use crc::crc32;

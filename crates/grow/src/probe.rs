@@ -348,6 +348,12 @@ fn parse_gpt(dev: &dyn BlockDevice, mbr: &[u8]) -> Result<GptTable, String> {
     if crc32(&entries) != h.entries_crc {
         return Err("primary GPT entry array CRC does not match its header".into());
     }
+    if h.last_usable >= sectors {
+        return Err(format!(
+            "primary GPT header: last usable LBA {} is past the device's {sectors} sectors",
+            h.last_usable
+        ));
+    }
     if h.alternate_lba <= h.last_usable || h.alternate_lba == 1 {
         return Err(format!(
             "primary GPT header: backup header LBA {} is inside the usable area",

@@ -526,3 +526,42 @@ fn plan_json_snapshot() {
         serde_json::from_str(&std::fs::read_to_string(&snapshot).unwrap()).unwrap();
     assert_eq!(v, expected, "actual:\n{}", plan.to_json());
 }
+
+/// A real sgdisk GPT with random bytes changed in its first 34 sectors and its backup: probe
+/// and plan never panic, and whatever plan comes out applies to a copy without panicking.
+#[test]
+fn mutated_gpt_never_panics() {
+    use proptest::prelude::*;
+    use tandem_blockdev::MemDevice;
+
+    let img = gpt_image();
+    img.mkfs_ext4(34816 * 512, (131039 - 34816) * 512);
+    let original = img.bytes();
+    let len = original.len();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
+    let flips = proptest::collection::vec(
+        (
+            prop_oneof![0usize..34 * 512, len - 33 * 512..len],
+            any::<u8>(),
+        ),
+        1..6,
+    );
+    runner
+        .run(&flips, |flips| {
+            let dev = MemDevice::new(len as u64 + 8 * MIB);
+            dev.write_at(&original[..34 * 512], 0).unwrap();
+            dev.write_at(&original[34816 * 512..34816 * 512 + 8192], 34816 * 512)
+                .unwrap();
+            dev.write_at(&original[len - 33 * 512..], (len - 33 * 512) as u64)
+                .unwrap();
+            for (at, v) in flips {
+                dev.write_at(&[v], at as u64).unwrap();
+            }
+            if let Ok(plan) = tandem_grow::plan(&dev, dev.size()) {
+                let _ = plan.to_string();
+                let _ = tandem_grow::apply(&dev, &plan, &mut |_| Ok(()));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
