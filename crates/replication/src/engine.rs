@@ -167,6 +167,17 @@ struct Peer {
     last_decision: Option<(SyncDecision, Rule)>,
 }
 
+/// Blocks a Secondary received whole from the Primary over the current link to it. While
+/// that link stays up every later write of the Primary reaches us on it, in order, so these
+/// blocks are current: a resync from a Secondary source (which may not have applied the same
+/// writes yet when it reads) must not overwrite them. The local stand-in for DRBD's dagtags.
+#[derive(Debug)]
+struct PrimaryFresh {
+    primary: NodeId,
+    epoch: u64,
+    bits: Bitmap,
+}
+
 #[derive(Debug, Default)]
 struct Extent {
     inflight: u32,
@@ -206,6 +217,8 @@ pub struct Engine {
     al_flush_pending: bool,
     resync_rate: u64,
     last_resync_bytes: u64,
+    /// See [`PrimaryFresh`].
+    primary_fresh: Option<PrimaryFresh>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -285,6 +298,7 @@ impl Engine {
             al_lru: 0,
             al_flush_pending: false,
             last_resync_bytes: 0,
+            primary_fresh: None,
         };
         if e.meta.primary {
             e.crashed_primary = true;
@@ -346,6 +360,7 @@ impl Engine {
             return Err(PromoteError::NoQuorum { reachable, voters });
         }
         self.role = Role::Primary;
+        self.primary_fresh = None;
         self.crashed_primary = false;
         self.meta.primary = true;
         // A new generation is started lazily, at the first write, if some diskful peer is
@@ -937,6 +952,7 @@ impl Engine {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
+                self.mark_primary_fresh(peer, op.offset, op.len);
                 self.fence_resync(op.offset, op.len);
                 let io = self.io(IoPurpose::Op(key));
                 self.out.push(Action::DiskWrite {
@@ -988,6 +1004,74 @@ impl Engine {
                     len: op.len as u32,
                 });
             }
+        }
+    }
+
+    /// A write of the Primary `peer` is being applied here: the blocks it covers completely
+    /// are current for as long as the link to it stays up (see [`PrimaryFresh`]).
+    fn mark_primary_fresh(&mut self, peer: NodeId, offset: u64, len: u64) {
+        let Some(epoch) = self.conn(peer).map(|c| c.epoch) else {
+            return;
+        };
+        let stale = self
+            .primary_fresh
+            .as_ref()
+            .is_none_or(|f| f.primary != peer || f.epoch != epoch);
+        if stale {
+            self.primary_fresh = Some(PrimaryFresh {
+                primary: peer,
+                epoch,
+                bits: Bitmap::new(self.cfg.size_bytes, self.cfg.bitmap_granularity),
+            });
+        }
+        if let Some(f) = self.primary_fresh.as_mut() {
+            let (first, count) = f.bits.bits_covered(offset, len);
+            f.bits.set_bits(first, count);
+        }
+    }
+
+    /// Starting a resync from `source`: if it is not the Primary we receive writes from, the
+    /// blocks that Primary already gave us are current; clear their bits toward the source
+    /// instead of fetching them (its copy may be older: it may not have applied the same
+    /// writes yet). Writes that arrive during the resync are fenced by `fence_resync`.
+    fn skip_primary_fresh(&mut self, source: NodeId) {
+        let Some(f) = self.primary_fresh.as_ref() else {
+            return;
+        };
+        let live = self.conn(f.primary).is_some_and(|c| c.epoch == f.epoch)
+            && peer_role(&self.peers[&f.primary]) == Some(Role::Primary);
+        if f.primary == source || !live {
+            return;
+        }
+        let Some(b) = self.peers.get_mut(&source).and_then(|p| p.bitmap.as_mut()) else {
+            return;
+        };
+        let mut cleared = Vec::new();
+        let mut bit = 0;
+        while let Some(first) = f.bits.next_set(bit) {
+            bit = first + 1;
+            if b.test(first) {
+                b.clear_bits(first, 1);
+                cleared.push(first);
+            }
+        }
+        if !cleared.is_empty() {
+            self.log(
+                Level::Info,
+                format!(
+                    "resync from node {source}: {} blocks already current from Primary node {}",
+                    cleared.len(),
+                    f.primary
+                ),
+            );
+        }
+        for first in cleared {
+            self.out.push(Action::PersistBits {
+                peer: source,
+                set: false,
+                first,
+                count: 1,
+            });
         }
     }
 
@@ -1488,6 +1572,13 @@ impl Engine {
         };
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
+        if self
+            .primary_fresh
+            .as_ref()
+            .is_some_and(|f| f.primary == peer)
+        {
+            self.primary_fresh = None;
+        }
         // Writes we acknowledged to a Primary are tracked as unflushed only in its memory; if
         // it is gone (maybe crashed), make them durable here now.
         let lost_writer = conn
@@ -1897,6 +1988,14 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        if r.role != Role::Primary
+            && self
+                .primary_fresh
+                .as_ref()
+                .is_some_and(|f| f.primary == peer)
+        {
+            self.primary_fresh = None;
+        }
         // Two Primaries: the one already known keeps the volume.
         if r.role == Role::Primary && prev.as_ref().is_none_or(|p| p.role != Role::Primary) {
             if self.role == Role::Primary {
@@ -2115,6 +2214,7 @@ impl Engine {
                     return;
                 }
                 self.merge_bits(peer, d == SyncDecision::FullTarget);
+                self.skip_primary_fresh(peer);
                 if self.meta.disk_state != DiskState::Inconsistent {
                     self.meta.disk_state = DiskState::Inconsistent;
                     self.persist_meta();

@@ -53,9 +53,14 @@ pub struct Config {
     pub resync_chunk: u32,
     /// Resync requests in flight.
     pub resync_max_inflight: usize,
-    /// Keepalive: a Ping after this much silence; 0 disables keepalive.
+    /// Engine-level keepalive: a Ping after this much silence; 0 (the default) disables it.
+    /// Keepalive belongs to the transport (`tandem-transport` answers its own Ping/Pong and
+    /// reports dead links as `PeerDown`). Independent of this setting the engine always sends
+    /// the quorum *role-change barrier*: a `Ping` after each `StateReport` that follows a role
+    /// change or a new link; a peer counts toward quorum only once it answered it.
     pub ping_interval: Nanos,
-    /// A link silent for this long is closed with `Disconnect{Timeout}`.
+    /// With `ping_interval > 0`: a link silent for this long is closed with
+    /// `Disconnect{Timeout}`.
     pub ping_timeout: Nanos,
     /// Entropy for new generation identifiers (the driver passes random bytes; the simulator
     /// a seeded value). Mixed with the node id, the clock and a counter.
@@ -77,7 +82,7 @@ impl Config {
             resync_rate: 0,
             resync_chunk: 128 << 10,
             resync_max_inflight: 8,
-            ping_interval: 2_000_000_000,
+            ping_interval: 0,
             ping_timeout: 10_000_000_000,
             entropy: 0,
         }

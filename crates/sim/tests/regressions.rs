@@ -75,3 +75,11 @@ fn crashed_primary_is_sync_target() {
 fn mismatched_decisions_reconnect() {
     seed(37, Topology::Three);
 }
+
+/// Three diskful: a Secondary applied a Primary write, then became sync target of another
+/// Secondary that had not applied that write yet when it read the block; the older resync data
+/// overwrote it. Blocks a target received from the connected Primary are now kept.
+#[test]
+fn resync_from_secondary_keeps_blocks_the_primary_wrote() {
+    seed(135, Topology::Three);
+}
