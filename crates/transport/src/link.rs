@@ -477,6 +477,35 @@ pub(crate) async fn run_link(
             }
         }
     };
+    // The writer runs before PeerUp is reported, so that a link reported up can always tell
+    // its peer why it goes down. A transport already shutting down never reports this link
+    // up; the peer (whose side may be up) still hears why.
+    let mut stream = stream;
+    if *inner.shutdown.borrow() {
+        let bye = Message::Disconnect {
+            reason: DisconnectReason::Shutdown,
+            detail: truncate(&DownReason::Shutdown.to_string()),
+        };
+        send_refusal(&mut stream, &bye, t.close_grace).await;
+        inner.uninstall(&volume, peer, id);
+        let _ = done_tx.send(true);
+        return;
+    }
+    dec.set_version(est.version);
+    dec.set_max_payload(MAX_PAYLOAD);
+    let (rd, wr) = stream.into_split();
+    let (wres_tx, mut wres_rx) = oneshot::channel();
+    let enc = Encoder::new(est.version);
+    let writer = inner.tasks.spawn(async move {
+        let r = writer_loop(wr, rx, enc, t.ping_timeout).await;
+        let _ = wres_tx.send(r);
+    });
+    let Some(handle) = writer else {
+        // Shutdown began between the check above and the spawn: the write half is gone.
+        inner.uninstall(&volume, peer, id);
+        let _ = done_tx.send(true);
+        return;
+    };
     lock(&inner.counters).established += 1;
     tracing::info!(peer = %remote, volume = %volume, node = peer, link = id,
         version = %est.version, "replication link up");
@@ -488,20 +517,9 @@ pub(crate) async fn run_link(
             link: id,
         })
         .await;
-
-    dec.set_version(est.version);
-    dec.set_max_payload(MAX_PAYLOAD);
-    let (rd, wr) = stream.into_split();
-    let (wres_tx, mut wres_rx) = oneshot::channel();
-    let enc = Encoder::new(est.version);
-    let writer = inner.tasks.spawn(async move {
-        let r = writer_loop(wr, rx, enc, t.ping_timeout).await;
-        let _ = wres_tx.send(r);
-    });
     let mut writer_done = false;
-    let reason = match writer {
-        None => DownReason::Shutdown,
-        Some(handle) => {
+    let reason = {
+        {
             let _abort = AbortOnDrop(handle);
             let reason = {
                 let reader = reader_loop(&inner, rd, &mut dec, &volume, peer, &tx);
