@@ -12,7 +12,11 @@
 //!   [`tandem_api::DesiredState`]: creates replicas listed `present: true`, deletes those
 //!   listed `present: false` with the same volume uuid, never touches anything unlisted.
 //!   The first cluster id seen is remembered in `state_dir/cluster_id`; a controller of
-//!   another cluster is refused.
+//!   another cluster is refused. The node id the controller assigned is kept in
+//!   `state_dir/node_id` (and written into new replicas' metadata), the cluster secret in
+//!   `state_dir/cluster_secret` (mode 0600, never replaced once written).
+//! * Replication: the agent binds `repl_listen` at start and reports the bound address; the
+//!   listener is held for the replication driver (next step), nothing accepts on it yet.
 
 mod replicas;
 mod sync;
@@ -47,6 +51,10 @@ pub struct Config {
     /// Optional `host:port` for NBD over TCP (must be loopback without TLS).
     #[serde(default)]
     pub nbd_tcp: Option<String>,
+    /// `host:port` to listen on for replication links from peers (default: `address` port 0,
+    /// i.e. a port the system picks; the bound address is reported to the controller).
+    #[serde(default)]
+    pub repl_listen: Option<String>,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
 }
@@ -97,6 +105,10 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub const LOCK_FILE: &str = "agent.lock";
 /// Name of the file in `state_dir` remembering the cluster this agent belongs to.
 pub const CLUSTER_ID_FILE: &str = "cluster_id";
+/// Name of the file in `state_dir` holding the node id the controller assigned.
+pub const NODE_ID_FILE: &str = "node_id";
+/// Name of the file in `state_dir` holding the cluster secret (hex, mode 0600).
+pub const CLUSTER_SECRET_FILE: &str = "cluster_secret";
 
 /// State shared by the sync loop and the NBD registry.
 pub(crate) struct Agent {
@@ -106,15 +118,26 @@ pub(crate) struct Agent {
     pub cluster_id: Mutex<Option<String>>,
     /// Actual TCP address (when `nbd_tcp` asks for port 0, the port picked).
     pub nbd_tcp_bound: Option<String>,
+    /// The replication listener, bound at start and held for the replication driver.
+    #[allow(dead_code)] // taken over by the replication driver next
+    pub repl_listener: Mutex<Option<std::net::TcpListener>>,
+    /// The address peers reach the replication listener on (reported to the controller).
+    pub repl_addr: Option<String>,
+    /// The node id the controller assigned (persisted in `state_dir/node_id`).
+    pub node_id: Mutex<Option<u8>>,
+    /// Diskless placements (witnesses) the controller wants here: nothing on disk.
+    pub diskless: replicas::DisklessSet,
 }
 
 impl Agent {
     pub fn ctx(&self) -> replicas::Ctx<'_> {
         replicas::Ctx {
             node: &self.config.node,
+            node_id: *self.node_id.lock().unwrap_or_else(|p| p.into_inner()),
             pools: &self.config.pools,
             table: &self.table,
             server: &self.server,
+            diskless: &self.diskless,
         }
     }
 }
@@ -142,6 +165,9 @@ pub async fn run(
             .map_err(|e| AgentError::Other(format!("pool scan failed: {e}")))?;
     }
     let cluster_id = load_cluster_id(&config.state_dir, &table)?;
+    let node_id = load_node_id(&config.state_dir)?;
+    let (repl_listener, repl_addr) = bind_repl(&config)?;
+    info!(addr = %repl_addr, node_id = ?node_id, "replication listener bound (not accepting until replication is driven)");
 
     let server = Server::new(Arc::new(replicas::Registry(table.clone())));
     let unix = bind_unix(&config.nbd_socket)?;
@@ -177,6 +203,10 @@ pub async fn run(
         server,
         cluster_id: Mutex::new(cluster_id),
         nbd_tcp_bound,
+        repl_listener: Mutex::new(Some(repl_listener)),
+        repl_addr: Some(repl_addr),
+        node_id: Mutex::new(node_id),
+        diskless: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sync_task = tokio::spawn(sync::sync_loop(agent.clone(), stop_rx));
@@ -376,4 +406,101 @@ async fn bind_tcp(addr: &str) -> Result<tokio::net::TcpListener, AgentError> {
     tokio::net::TcpListener::bind(addrs[0])
         .await
         .map_err(|e| AgentError::io(format!("binding NBD TCP {addr}"), e))
+}
+
+/// Binds the replication listener (`repl_listen`, default `address:0`); returns it and the
+/// address to advertise (the configured `address` when bound to an unspecified IP).
+fn bind_repl(config: &Config) -> Result<(std::net::TcpListener, String), AgentError> {
+    let wanted = config
+        .repl_listen
+        .clone()
+        .unwrap_or_else(|| format!("{}:0", config.address));
+    let l = std::net::TcpListener::bind(&wanted)
+        .map_err(|e| AgentError::io(format!("binding replication listener {wanted}"), e))?;
+    let bound = l
+        .local_addr()
+        .map_err(|e| AgentError::io("replication listener address", e))?;
+    let advertised = if bound.ip().is_unspecified() {
+        if config.address.contains(':') && !config.address.starts_with('[') {
+            format!("[{}]:{}", config.address, bound.port())
+        } else {
+            format!("{}:{}", config.address, bound.port())
+        }
+    } else {
+        bound.to_string()
+    };
+    Ok((l, advertised))
+}
+
+/// The node id remembered from the controller, if any.
+fn load_node_id(state_dir: &Path) -> Result<Option<u8>, AgentError> {
+    let path = state_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => match s.trim().parse::<u8>() {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => {
+                warn!(
+                    "{}: not a node id ({e}); waiting for the controller's",
+                    path.display()
+                );
+                Ok(None)
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+/// Writes `text` to `state_dir/name` crash-safely (temporary file, fsync, rename) with `mode`.
+fn write_state_file(state_dir: &Path, name: &str, text: &str, mode: u32) -> Result<(), AgentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join(name);
+    let tmp = state_dir.join(format!("{name}.tmp"));
+    let r = (|| -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(state_dir)?.sync_all()
+    })();
+    r.map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+}
+
+pub(crate) fn save_node_id(state_dir: &Path, id: u8) -> Result<(), AgentError> {
+    write_state_file(state_dir, NODE_ID_FILE, &format!("{id}\n"), 0o644)
+}
+
+/// Stores the cluster secret the controller handed out, unless a secret is already stored:
+/// an agent never replaces its secret silently (a different one is logged as an error and
+/// ignored; remove the file by hand to take the controller's). Returns whether it was written.
+pub(crate) fn store_cluster_secret(state_dir: &Path, hex: &str) -> Result<bool, AgentError> {
+    let hex = hex.trim();
+    if hex.len() < 32 || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(AgentError::Other(
+            "the controller sent a cluster secret that is not hex of at least 16 bytes".into(),
+        ));
+    }
+    let path = state_dir.join(CLUSTER_SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(have) if have.trim().eq_ignore_ascii_case(hex) => return Ok(false),
+        Ok(_) => {
+            return Err(AgentError::Other(format!(
+                "{} holds a different cluster secret than the controller's; keeping it (remove \
+                 the file to take the controller's secret)",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AgentError::io(format!("reading {}", path.display()), e)),
+    }
+    write_state_file(state_dir, CLUSTER_SECRET_FILE, &format!("{hex}\n"), 0o600)?;
+    Ok(true)
 }

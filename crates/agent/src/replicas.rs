@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tandem_api::{
     DesiredReplica, DesiredState, DiskState, PoolKind, PoolReport, ReplicaReport, Role,
@@ -72,6 +72,9 @@ impl Table {
 }
 
 pub(crate) type SharedTable = Arc<RwLock<Table>>;
+
+/// Diskless placements by volume name (nothing on disk; rebuilt from every desired state).
+pub(crate) type DisklessSet = Mutex<BTreeMap<String, DesiredReplica>>;
 
 pub(crate) fn read(t: &SharedTable) -> std::sync::RwLockReadGuard<'_, Table> {
     t.read().unwrap_or_else(|p| p.into_inner())
@@ -302,9 +305,12 @@ pub(crate) fn scan(pools: &[PoolConfig], table: &SharedTable) {
 /// Everything `apply` and `report` need.
 pub(crate) struct Ctx<'a> {
     pub node: &'a str,
+    /// The node id the controller assigned, if known.
+    pub node_id: Option<u8>,
     pub pools: &'a [PoolConfig],
     pub table: &'a SharedTable,
     pub server: &'a Server,
+    pub diskless: &'a DisklessSet,
 }
 
 impl Ctx<'_> {
@@ -329,7 +335,18 @@ impl Ctx<'_> {
                         .any(|d| d.present && d.volume == e.volume && d.pool == e.pool)
             });
         }
+        // Diskless placements: nothing on disk, only remembered and reported.
+        {
+            let mut dl = self.diskless.lock().unwrap_or_else(|p| p.into_inner());
+            dl.clear();
+            for d in desired.replicas.iter().filter(|d| d.diskless && d.present) {
+                dl.insert(d.volume.clone(), d.clone());
+            }
+        }
         for d in &desired.replicas {
+            if d.diskless {
+                continue;
+            }
             if d.present {
                 self.ensure_present(&desired.cluster_id, d);
             } else {
@@ -439,23 +456,40 @@ impl Ctx<'_> {
         let dev = FileDevice::create(&files.data_creating(), d.size_bytes)
             .map_err(|e| format!("creating {}: {e}", files.data_creating().display()))?;
         drop(dev);
+        // One bitmap slot per diskful peer (a witness holds no data to be out of sync with).
+        let diskful_peers: Vec<u8> = d
+            .peers
+            .iter()
+            .filter(|p| !p.diskless)
+            .map(|p| p.node_id)
+            .collect();
+        let slots = u8::try_from(diskful_peers.len())
+            .unwrap_or(u8::MAX)
+            .max(DEFAULT_PEER_SLOTS);
         let mut meta = ReplicaMeta::new(
             cluster_id,
             &d.volume,
             &d.volume_uuid,
             d.size_bytes,
             self.node,
-            0,
-            DEFAULT_PEER_SLOTS,
+            d.node_id.or(self.node_id).unwrap_or(0),
+            slots,
             now_ms(),
         );
+        for (slot, id) in meta.peers.iter_mut().zip(&diskful_peers) {
+            slot.node_id = *id;
+        }
+        if let Err(e) = meta.validate() {
+            let _ = std::fs::remove_file(files.data_creating());
+            return Err(format!("metadata for this placement: {e}"));
+        }
         let r: Result<(), MetaError> = (|| {
             Bitmap::create(
                 &files.bitmap(),
                 &d.volume_uuid,
                 d.size_bytes,
                 meta.bitmap_granularity,
-                DEFAULT_PEER_SLOTS,
+                slots,
             )?;
             files.write_meta(&mut meta)
         })();
@@ -565,8 +599,33 @@ impl Ctx<'_> {
     }
 
     pub fn report_replicas(&self) -> Vec<ReplicaReport> {
+        let diskless: Vec<ReplicaReport> = self
+            .diskless
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|d| ReplicaReport {
+                volume: d.volume.clone(),
+                volume_uuid: d.volume_uuid.clone(),
+                pool: String::new(),
+                size_bytes: d.size_bytes,
+                allocated_bytes: 0,
+                role: Role::Secondary,
+                disk_state: DiskState::Diskless,
+                connections: 0,
+                last_error: None,
+                on_disk: false,
+                diskless: true,
+                peers: Vec::new(),
+                out_of_sync_bytes: 0,
+                resync_bytes_per_sec: 0,
+                last_resync_bytes: 0,
+                quorum: None,
+            })
+            .collect();
         let t = read(self.table);
-        t.entries
+        let mut out: Vec<ReplicaReport> = t
+            .entries
             .values()
             .map(|e| ReplicaReport {
                 volume: e.volume.clone(),
@@ -596,8 +655,16 @@ impl Ctx<'_> {
                 },
                 last_error: e.last_error.clone(),
                 on_disk: e.ghost.is_none(),
+                diskless: false,
+                peers: Vec::new(),
+                out_of_sync_bytes: 0,
+                resync_bytes_per_sec: 0,
+                last_resync_bytes: 0,
+                quorum: None,
             })
-            .collect()
+            .collect();
+        out.extend(diskless);
+        out
     }
 }
 

@@ -70,6 +70,7 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
     let mut failing = false;
     // Set while the controller belongs to another cluster: report nothing to it.
     let mut foreign = false;
+    let mut secret_warned = false;
     loop {
         if *stop.borrow() {
             return;
@@ -171,6 +172,38 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
             foreign = false;
         }
 
+        // Identity and credentials for replication.
+        if let Some(id) = desired.node_id {
+            let mut have = agent.node_id.lock().unwrap_or_else(|p| p.into_inner());
+            if *have != Some(id) {
+                if let Some(old) = *have {
+                    warn!(
+                        old,
+                        new = id,
+                        "the controller assigned this node a different node id"
+                    );
+                }
+                match crate::save_node_id(&agent.config.state_dir, id) {
+                    Ok(()) => {
+                        info!(node_id = id, "node id assigned by the controller");
+                        *have = Some(id);
+                    }
+                    Err(e) => error!("cannot remember the node id: {e}"),
+                }
+            }
+        }
+        if let Some(secret) = desired.cluster_secret.as_deref() {
+            match crate::store_cluster_secret(&agent.config.state_dir, secret) {
+                Ok(true) => info!("cluster secret stored"),
+                Ok(false) => {}
+                Err(e) if !secret_warned => {
+                    error!("{e}");
+                    secret_warned = true;
+                }
+                Err(_) => {}
+            }
+        }
+
         // Apply (always: idempotent, and retries failed steps). Not cancelled by shutdown.
         let changed = desired.revision != applied_revision;
         if changed {
@@ -216,5 +249,6 @@ fn build_report(agent: &Agent, applied_revision: u64, foreign: bool) -> AgentRep
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+        repl_addr: agent.repl_addr.clone(),
     }
 }

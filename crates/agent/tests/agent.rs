@@ -101,6 +101,8 @@ fn desired(cluster: &str, revision: u64, replicas: Vec<DesiredReplica>) -> Desir
         cluster_id: cluster.into(),
         revision,
         replicas,
+        node_id: None,
+        cluster_secret: None,
     }
 }
 
@@ -111,6 +113,10 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         pool: "p1".into(),
         size_bytes: size,
         present,
+        diskless: false,
+        protocol: Default::default(),
+        node_id: None,
+        peers: vec![],
     }
 }
 
@@ -129,6 +135,7 @@ impl Node {
             state_dir: dir.join("state"),
             nbd_socket: dir.join("run/nbd.sock"),
             nbd_tcp: None,
+            repl_listen: None,
             pools: vec![PoolConfig {
                 name: "p1".into(),
                 path: dir.join("pool1"),
@@ -651,5 +658,85 @@ async fn serves_replicas_over_nbd_and_refuses_delete_while_connected() {
     stub.wait_report("deleted", 0, |r| replica(r, "vol-n").is_none())
         .await;
     assert!(!files.data().exists() && !files.meta().exists());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_with_peers_gets_node_id_and_witness_creates_no_files() {
+    use std::os::unix::fs::PermissionsExt;
+    use tandem_api::DesiredPeer;
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = |node: &str, id: u8, diskless: bool| DesiredPeer {
+        node: node.into(),
+        node_id: id,
+        repl_addr: Some(format!("127.0.0.1:{}", 7000 + u16::from(id))),
+        diskless,
+    };
+    let mut diskful = want("vol-r", "uuid-r", 4 << 20, true);
+    diskful.node_id = Some(2);
+    diskful.peers = vec![peer("node-b", 5, false), peer("node-c", 7, true)];
+    let mut witness = want("vol-w", "uuid-w", 4 << 20, true);
+    witness.pool = String::new();
+    witness.diskless = true;
+    witness.node_id = Some(2);
+    witness.peers = vec![peer("node-b", 5, false), peer("node-c", 7, false)];
+    let secret = "ab".repeat(32);
+    let mut d = desired("cluster-1", 3, vec![diskful, witness]);
+    d.node_id = Some(2);
+    d.cluster_secret = Some(secret.clone());
+    let stub = Stub::start(d).await;
+    let node = Node::new(tmp.path(), &stub.url);
+    let agent = Running::start(node.config.clone());
+    let r = stub
+        .wait_report("both placements reported", 0, |r| {
+            replica(r, "vol-r").is_some_and(|x| x.disk_state == DiskState::UpToDate)
+                && replica(r, "vol-w").is_some()
+        })
+        .await;
+    let w = replica(&r, "vol-w").unwrap();
+    assert!(w.diskless && !w.on_disk && w.pool.is_empty());
+    assert_eq!(w.disk_state, DiskState::Diskless);
+    let addr = r.repl_addr.clone().expect("replication address reported");
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+
+    let meta = ReplicaFiles::new(&node.pool(), "vol-r")
+        .read_meta()
+        .unwrap();
+    assert_eq!(meta.node_id, 2);
+    let peers: Vec<u8> = meta
+        .peers
+        .iter()
+        .filter(|p| !p.is_free())
+        .map(|p| p.node_id)
+        .collect();
+    assert_eq!(
+        peers,
+        vec![5],
+        "diskful peers get bitmap slots, the witness none"
+    );
+    let names: Vec<String> = std::fs::read_dir(node.pool())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("vol-w")),
+        "a witness creates no files: {names:?}"
+    );
+    let state = tmp.path().join("state");
+    assert_eq!(
+        std::fs::read_to_string(state.join("node_id"))
+            .unwrap()
+            .trim(),
+        "2"
+    );
+    let sp = state.join("cluster_secret");
+    assert_eq!(std::fs::read_to_string(&sp).unwrap().trim(), secret);
+    assert_eq!(
+        std::fs::metadata(&sp).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     agent.stop().await;
 }

@@ -57,6 +57,13 @@ pub struct Node {
     /// `host:port` the agent serves NBD on over TCP (loopback unless TLS is configured).
     pub nbd_tcp: Option<String>,
     pub agent_version: String,
+    /// Small id of the node in the cluster (0..=254), assigned by the controller at first
+    /// registration and never reused while the node exists.
+    #[serde(default)]
+    pub node_id: Option<u8>,
+    /// `host:port` the agent listens on for replication links from its peers.
+    #[serde(default)]
+    pub repl_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
@@ -156,6 +163,27 @@ pub struct Replica {
     pub allocated_bytes: u64,
     /// Consumers connected to this replica's export right now.
     pub connections: u32,
+    /// Replication towards each peer, as the agent's replication driver reports it (empty
+    /// until the agent drives replication).
+    #[serde(default)]
+    pub peers: Vec<PeerReplState>,
+    /// Whether this replica's node sees a quorum of the volume's voters, as its replication
+    /// driver reports it; `null` when not reported.
+    #[serde(default)]
+    pub quorum: Option<bool>,
+}
+
+/// Replication state of one replica towards one peer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct PeerReplState {
+    /// The peer's node name.
+    pub node: String,
+    /// DRBD-style replication state, e.g. `Established`, `Connecting`, `SyncSource`,
+    /// `SyncTarget`, `StandAlone`.
+    pub repl_state: String,
+    /// Bytes this replica knows to be out of sync with that peer.
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
 }
 
 /// A multi-step change in progress or recently finished (`create`, `delete`, `adopt`).
@@ -320,6 +348,9 @@ pub struct NodeSpec {
     pub name: String,
     pub address: String,
     pub role: NodeRole,
+    /// The node's id (kept by an import; absent in older documents: assigned on import).
+    #[serde(default)]
+    pub node_id: Option<u8>,
 }
 
 /// Where one replica of a volume lives, in a [`StateDocument`].
@@ -398,6 +429,26 @@ pub struct ReplicaReport {
     /// rebuilding its state.
     #[serde(default = "default_true")]
     pub on_disk: bool,
+    /// A diskless placement (witness or diskless client): no files, `pool` is empty,
+    /// `disk_state` is `Diskless`.
+    #[serde(default)]
+    pub diskless: bool,
+    /// Replication towards each peer (filled by the replication driver; empty before).
+    #[serde(default)]
+    pub peers: Vec<PeerReplState>,
+    /// Bytes out of sync with any peer (filled by the replication driver).
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
+    /// Current resync rate into or out of this replica, bytes per second.
+    #[serde(default)]
+    pub resync_bytes_per_sec: u64,
+    /// Bytes the most recent resync into this replica transferred.
+    #[serde(default)]
+    pub last_resync_bytes: u64,
+    /// Whether this node sees a quorum of the volume's voters; `null` until the replication
+    /// driver reports it.
+    #[serde(default)]
+    pub quorum: Option<bool>,
 }
 
 fn default_true() -> bool {
@@ -425,6 +476,10 @@ pub struct AgentReport {
     /// keeps the cluster's identity.
     #[serde(default)]
     pub cluster_id: Option<String>,
+    /// `host:port` the agent accepts replication links from peers on (`null`: an agent that
+    /// does not listen for replication).
+    #[serde(default)]
+    pub repl_addr: Option<String>,
 }
 
 /// One replica the controller wants on the agent's node.
@@ -432,10 +487,34 @@ pub struct AgentReport {
 pub struct DesiredReplica {
     pub volume: String,
     pub volume_uuid: String,
+    /// Pool holding the replica's files; empty for a diskless placement.
     pub pool: String,
     pub size_bytes: u64,
     /// `false`: delete this replica (volume `volume_uuid`) if it exists.
     pub present: bool,
+    /// A diskless placement (witness): no files; the node votes for quorum.
+    #[serde(default)]
+    pub diskless: bool,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// This node's id (the same as [`DesiredState::node_id`]).
+    #[serde(default)]
+    pub node_id: Option<u8>,
+    /// Every other placement of the volume.
+    #[serde(default)]
+    pub peers: Vec<DesiredPeer>,
+}
+
+/// Another placement of a volume, as the agents of its replicas must know it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DesiredPeer {
+    pub node: String,
+    pub node_id: u8,
+    /// `host:port` of the peer's replication listener (`null` until that agent reported one).
+    #[serde(default)]
+    pub repl_addr: Option<String>,
+    #[serde(default)]
+    pub diskless: bool,
 }
 
 /// Response of `POST /v1/agents/{node}/sync`.
@@ -444,4 +523,11 @@ pub struct DesiredState {
     pub cluster_id: String,
     pub revision: u64,
     pub replicas: Vec<DesiredReplica>,
+    /// This node's id in the cluster (`null` from a controller that assigns none).
+    #[serde(default)]
+    pub node_id: Option<u8>,
+    /// The cluster secret (64 hex digits) replication links authenticate with. Sent over the
+    /// loopback-only REST API; the agent keeps it in `state_dir/cluster_secret` (mode 0600).
+    #[serde(default)]
+    pub cluster_secret: Option<String>,
 }

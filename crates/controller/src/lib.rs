@@ -37,6 +37,11 @@ pub struct Config {
     /// An agent that has not synced for this long is shown offline.
     #[serde(default = "default_offline_after_secs")]
     pub offline_after_secs: u64,
+    /// Allow volumes with more than one replica (`replicas` 2 or 3) before the agents drive
+    /// replication: the agents create every diskful replica's files and report them, but the
+    /// replicas are NOT kept in sync yet. For developing the replication driver only.
+    #[serde(default)]
+    pub experimental_replication: bool,
 }
 
 fn default_offline_after_secs() -> u64 {
@@ -149,7 +154,14 @@ pub async fn run_with_listener(
         Arc::new(store),
         Duration::from_secs(config.offline_after_secs),
     )
-    .map_err(|f| ControllerError::State(f.message))?;
+    .map_err(|f| ControllerError::State(f.message))?
+    .with_experimental_replication(config.experimental_replication);
+    if config.experimental_replication {
+        tracing::warn!(
+            "experimental_replication is on: volumes may have several replicas, which are \
+             NOT kept in sync until the agents drive replication"
+        );
+    }
     tracing::info!(%addr, state = %path.display(), cluster_id = ctl.cluster_id(), "controller listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

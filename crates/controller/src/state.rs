@@ -6,6 +6,7 @@
 //! | key                | value                                                          |
 //! |--------------------|----------------------------------------------------------------|
 //! | `cluster/id`       | the cluster id (a JSON string), generated once                 |
+//! | `cluster/secret`   | the cluster secret (64 hex digits, a JSON string), generated once |
 //! | `nodes/<node>`     | [`NodeRecord`]: what the node's agent last reported            |
 //! | `volumes/<volume>` | [`VolumeRecord`]: the desired volume, its placement, operations |
 //! | `desired/<node>`   | marker: its modification revision is the node's desired revision |
@@ -24,9 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
-    AgentReport, ClusterStatus, ConnectInfo, DesiredReplica, DesiredState, DiskState, Node,
-    NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, ReconcileIssue, ReconcileReport,
-    Replica, ReplicaReport, Role, Volume, VolumeCreate, VolumeState,
+    AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
+    Node, NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, ReconcileIssue,
+    ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate, VolumeState,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -36,6 +37,11 @@ use crate::error::Failure;
 use crate::ops;
 
 pub(crate) const CLUSTER_ID_KEY: &str = "cluster/id";
+pub(crate) const CLUSTER_SECRET_KEY: &str = "cluster/secret";
+/// Largest node id the controller assigns (255 is "no node" in replica metadata).
+pub const MAX_NODE_ID: u8 = 254;
+/// Most replicas (diskful) a volume may have.
+pub const MAX_REPLICAS: u32 = 3;
 pub(crate) const NODES: &str = "nodes/";
 pub(crate) const VOLUMES: &str = "volumes/";
 pub(crate) const DESIRED: &str = "desired/";
@@ -59,6 +65,37 @@ pub struct NodeRecord {
     pub replicas: Vec<ReplicaReport>,
     /// Last time this record was written (unix seconds); seeds `last_seen` after a restart.
     pub last_seen_unix: u64,
+    /// Assigned at first registration (records of older versions get one when the
+    /// controller opens the store); never changes and is never reused while the node exists.
+    #[serde(default)]
+    pub node_id: Option<u8>,
+    /// Replication listen address the agent last reported.
+    #[serde(default)]
+    pub repl_addr: Option<String>,
+}
+
+/// The lowest node id not in `used`.
+pub(crate) fn free_node_id(used: &std::collections::BTreeSet<u8>) -> Result<u8, Failure> {
+    (0..=MAX_NODE_ID)
+        .find(|i| !used.contains(i))
+        .ok_or_else(|| {
+            Failure::conflict(
+                "no_node_id",
+                format!(
+                    "every node id 0..={MAX_NODE_ID} is taken; remove a node before adding another"
+                ),
+            )
+        })
+}
+
+/// 32 random bytes from the operating system, as 64 hex digits.
+fn generate_secret() -> Result<String, Failure> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Failure::internal(format!("no randomness for the cluster secret: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 impl NodeRecord {
@@ -131,6 +168,10 @@ pub struct Controller {
     issues: Mutex<BTreeMap<String, Vec<ReconcileIssue>>>,
     /// Bumped after every change of some node's desired state; long polls wait on it.
     desired_changed: watch::Sender<u64>,
+    /// The cluster secret (hex), generated once and kept in the store.
+    cluster_secret: String,
+    /// Allow volumes with more than one replica before the agents drive replication.
+    experimental_replication: bool,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -217,6 +258,20 @@ impl Controller {
                 }
             }
         };
+        let cluster_secret = match store.get(CLUSTER_SECRET_KEY)? {
+            Some((_, v)) => decode::<String>(CLUSTER_SECRET_KEY, &v)?,
+            None => {
+                let secret = generate_secret()?;
+                match store.put(CLUSTER_SECRET_KEY, &encode(&secret)?, Expect::Absent) {
+                    Ok(_) => secret,
+                    Err(e) if e.is_conflict() => match store.get(CLUSTER_SECRET_KEY)? {
+                        Some((_, v)) => decode::<String>(CLUSTER_SECRET_KEY, &v)?,
+                        None => return Err(Failure::internal("cluster secret vanished")),
+                    },
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
         let (desired_changed, _) = watch::channel(0);
         let ctl = Controller {
             store,
@@ -226,7 +281,10 @@ impl Controller {
             live: Mutex::new(HashMap::new()),
             issues: Mutex::new(BTreeMap::new()),
             desired_changed,
+            cluster_secret,
+            experimental_replication: false,
         };
+        ctl.assign_missing_node_ids()?;
         // Seed liveness from the persisted records so a quick restart does not show every
         // node offline.
         for n in ctl.node_records()? {
@@ -240,6 +298,49 @@ impl Controller {
             );
         }
         Ok(ctl)
+    }
+
+    /// Allows `replicas > 1` (the agents create every replica's files, but do not replicate
+    /// yet). Off by default.
+    pub fn with_experimental_replication(mut self, on: bool) -> Self {
+        self.experimental_replication = on;
+        self
+    }
+
+    /// The cluster secret (64 hex digits) handed to agents.
+    pub fn cluster_secret(&self) -> &str {
+        &self.cluster_secret
+    }
+
+    /// Gives every node record without a node id one (records written by older versions).
+    fn assign_missing_node_ids(&self) -> Result<(), Failure> {
+        let _guard = self.write_guard();
+        let entries = self.store.list(NODES)?;
+        let mut records: Vec<(u64, String, NodeRecord)> = Vec::new();
+        for e in entries {
+            records.push((e.revision, e.key.clone(), decode(&e.key, &e.value)?));
+        }
+        let mut used: std::collections::BTreeSet<u8> =
+            records.iter().filter_map(|(_, _, r)| r.node_id).collect();
+        let mut changed = false;
+        for (rev, key, mut r) in records {
+            if r.node_id.is_some() {
+                continue;
+            }
+            let id = free_node_id(&used)?;
+            used.insert(id);
+            r.node_id = Some(id);
+            tracing::info!(node = %r.name, node_id = id, "node id assigned");
+            self.store.txn(vec![
+                TxnOp::put(key, encode(&r)?, Expect::Revision(rev)),
+                Self::bump(&r.name),
+            ])?;
+            changed = true;
+        }
+        if changed {
+            self.notify();
+        }
+        Ok(())
     }
 
     pub fn cluster_id(&self) -> String {
@@ -389,6 +490,8 @@ impl Controller {
             nbd_socket: r.nbd_socket.clone(),
             nbd_tcp: r.nbd_tcp.clone(),
             agent_version: r.agent_version.clone(),
+            node_id: r.node_id,
+            repl_addr: r.repl_addr.clone(),
         }
     }
 
@@ -398,6 +501,7 @@ impl Controller {
             .iter()
             .map(|p| {
                 let report = nodes.get(&p.node).and_then(|n| n.replica(&v.name, &v.uuid));
+                let peers = report.map(|r| r.peers.clone()).unwrap_or_default();
                 Replica {
                     node: p.node.clone(),
                     pool: p.pool.clone(),
@@ -407,25 +511,28 @@ impl Controller {
                     repl_state: if v.placements.len() == 1 {
                         "StandAlone".to_string()
                     } else {
-                        "Unknown".to_string()
+                        repl_summary(&peers)
                     },
-                    out_of_sync_bytes: 0,
-                    resync_bytes_per_sec: 0,
-                    last_resync_bytes: 0,
+                    out_of_sync_bytes: report.map(|r| r.out_of_sync_bytes).unwrap_or(0),
+                    resync_bytes_per_sec: report.map(|r| r.resync_bytes_per_sec).unwrap_or(0),
+                    last_resync_bytes: report.map(|r| r.last_resync_bytes).unwrap_or(0),
                     allocated_bytes: report.map(|r| r.allocated_bytes).unwrap_or(0),
                     connections: report.map(|r| r.connections).unwrap_or(0),
+                    peers,
+                    quorum: report.and_then(|r| r.quorum),
                 }
             })
             .collect();
-        // A majority of the replicas must be reported with data (a Failed or unreported
-        // replica does not vote). One replica: quorum is having it.
+        // Until the agents drive replication: a majority of the voters must be reported (a
+        // diskful replica with data, a witness as Diskless; a Failed or unreported replica
+        // does not vote). One replica: quorum is having it.
         let reported = replicas
             .iter()
             .filter(|r| {
                 matches!(
                     r.disk_state,
                     DiskState::UpToDate | DiskState::Inconsistent | DiskState::Outdated
-                )
+                ) || (r.diskless && r.disk_state == DiskState::Diskless)
             })
             .count();
         let quorum = !replicas.is_empty() && reported * 2 > replicas.len();
@@ -587,7 +694,10 @@ impl Controller {
 
     // ----- volume lifecycle ---------------------------------------------------------------
 
-    fn place(&self, req: &VolumeCreate) -> Result<Placement, Failure> {
+    /// Picks `replicas` distinct online diskful nodes (each with its pool of most free space
+    /// that can hold the volume; the nodes with the most free space win), plus a witness on
+    /// another online node when `replicas` is even.
+    fn place(&self, req: &VolumeCreate, replicas: u32) -> Result<Vec<Placement>, Failure> {
         let nodes = self.node_records()?;
         if let Some(wanted) = &req.nodes {
             for w in wanted {
@@ -596,26 +706,36 @@ impl Controller {
                 }
             }
         }
+        let want = replicas as usize;
         let candidates: Vec<&NodeRecord> = nodes
             .iter()
             .filter(|n| n.role == NodeRole::Diskful)
             .filter(|n| req.nodes.as_ref().is_none_or(|w| w.contains(&n.name)))
             .filter(|n| self.is_online(&n.name))
             .collect();
+        let scope = match &req.nodes {
+            Some(w) => format!("among the requested nodes ({})", w.join(", ")),
+            None => format!("among {} registered node(s)", nodes.len()),
+        };
         if candidates.is_empty() {
-            let scope = match &req.nodes {
-                Some(w) => format!("among the requested nodes ({})", w.join(", ")),
-                None => format!("among {} registered node(s)", nodes.len()),
-            };
             return Err(Failure::conflict(
                 "no_nodes",
                 format!("no online diskful node {scope}; start an agent or wait until it syncs"),
             ));
         }
+        if candidates.len() < want {
+            return Err(Failure::conflict(
+                "no_nodes",
+                format!(
+                    "{replicas} replicas need {replicas} online diskful nodes, found {} {scope}",
+                    candidates.len()
+                ),
+            ));
+        }
         // Space promised to replicas the agents have not created yet counts as used.
         let mut pending: HashMap<(String, String), u64> = HashMap::new();
         for (_, v) in self.volume_records()? {
-            for p in &v.placements {
+            for p in v.placements.iter().filter(|p| !p.diskless) {
                 let reported = nodes
                     .iter()
                     .find(|n| n.name == p.node)
@@ -625,10 +745,12 @@ impl Controller {
                 }
             }
         }
-        let mut best: Option<(u64, &NodeRecord, &PoolReport)> = None;
+        // The best pool of every candidate node: (free, node, pool).
+        let mut best: Vec<(u64, &NodeRecord, &PoolReport)> = Vec::new();
         let mut largest = 0u64;
         let mut pools_seen = 0usize;
         for n in &candidates {
+            let mut node_best: Option<(u64, &PoolReport)> = None;
             for p in &n.pools {
                 if req.pool.as_ref().is_some_and(|w| w != &p.name) {
                     continue;
@@ -646,52 +768,103 @@ impl Controller {
                         .copied()
                         .unwrap_or(0),
                 );
-                let better = match &best {
+                let better = match &node_best {
                     None => true,
-                    Some((bf, bn, bp)) => {
-                        free > *bf || (free == *bf && (&n.name, &p.name) < (&bn.name, &bp.name))
-                    }
+                    Some((bf, bp)) => free > *bf || (free == *bf && p.name < bp.name),
                 };
                 if better {
-                    best = Some((free, n, p));
+                    node_best = Some((free, p));
                 }
             }
+            if let Some((free, p)) = node_best {
+                best.push((free, n, p));
+            }
         }
-        match best {
-            Some((_, n, p)) => Ok(Placement {
-                node: n.name.clone(),
-                pool: p.name.clone(),
-                diskless: false,
-            }),
-            None if pools_seen == 0 => Err(Failure::conflict(
-                "no_capacity",
+        best.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        if best.len() < want {
+            let why = if pools_seen == 0 {
                 match &req.pool {
                     Some(w) => format!("no online diskful node has a pool named '{w}'"),
                     None => "no online diskful node reports a storage pool".to_string(),
-                },
-            )),
-            None => Err(Failure::conflict(
-                "no_capacity",
+                }
+            } else if best.is_empty() {
                 format!(
                     "no pool can hold {}: the largest online pool has a capacity of {}",
                     format_size(req.size_bytes),
                     format_size(largest)
-                ),
-            )),
+                )
+            } else {
+                format!(
+                    "{replicas} replicas of {} need {replicas} online diskful nodes with a pool \
+                     that can hold it, found {} {scope}",
+                    format_size(req.size_bytes),
+                    best.len()
+                )
+            };
+            return Err(Failure::conflict("no_capacity", why));
         }
+        let mut out: Vec<Placement> = best
+            .iter()
+            .take(want)
+            .map(|(_, n, p)| Placement {
+                node: n.name.clone(),
+                pool: p.name.clone(),
+                diskless: false,
+            })
+            .collect();
+        if replicas.is_multiple_of(2) {
+            // A diskless tiebreaker on another online node: nodes of role witness first,
+            // then nodes the request named, then any other.
+            let mut others: Vec<&NodeRecord> = nodes
+                .iter()
+                .filter(|n| !out.iter().any(|p| p.node == n.name))
+                .filter(|n| self.is_online(&n.name))
+                .collect();
+            others.sort_by_key(|n| {
+                (
+                    n.role != NodeRole::Witness,
+                    !req.nodes.as_ref().is_some_and(|w| w.contains(&n.name)),
+                    n.name.clone(),
+                )
+            });
+            let Some(w) = others.first() else {
+                return Err(Failure::conflict(
+                    "no_nodes",
+                    format!(
+                        "{replicas} replicas need a witness (diskless tiebreaker) on another \
+                         online node: {} online diskful + witness nodes needed, found {} online \
+                         node(s)",
+                        want + 1,
+                        want
+                    ),
+                ));
+            };
+            out.push(Placement {
+                node: w.name.clone(),
+                pool: String::new(),
+                diskless: true,
+            });
+        }
+        Ok(out)
     }
 
     pub fn create_volume(&self, req: VolumeCreate) -> Result<Volume, Failure> {
         validate_name("volume", &req.name)?;
         validate_size(req.size_bytes)?;
         let replicas = req.replicas.unwrap_or(1);
-        if replicas != 1 {
+        if replicas != 1 && !self.experimental_replication {
             return Err(Failure::bad_request(
                 "unsupported",
                 format!(
                     "replicas = {replicas} is not supported yet: this release places exactly 1 \
                      replica; replication arrives with a later release"
                 ),
+            ));
+        }
+        if replicas == 0 || replicas > MAX_REPLICAS {
+            return Err(Failure::bad_request(
+                "bad_request",
+                format!("replicas must be between 1 and {MAX_REPLICAS}, got {replicas}"),
             ));
         }
         if let Some(p) = &req.pool {
@@ -720,8 +893,34 @@ impl Controller {
                 format!("volume '{}' already exists{why}", req.name),
             ));
         }
-        let placement = self.place(&req)?;
+        let placements = self.place(&req, replicas)?;
         let now = now_unix();
+        let where_ = |p: &Placement| {
+            if p.diskless {
+                format!("{} (witness)", p.node)
+            } else {
+                format!("{}:{}", p.node, p.pool)
+            }
+        };
+        let mut steps = vec![ops::step(
+            format!(
+                "place on {}",
+                placements.iter().map(where_).collect::<Vec<_>>().join(", ")
+            ),
+            None,
+            ops::DONE,
+        )];
+        for p in &placements {
+            steps.push(ops::step(
+                if p.diskless {
+                    format!("set up witness on {}", p.node)
+                } else {
+                    format!("create replica on {}:{}", p.node, p.pool)
+                },
+                Some(&p.node),
+                ops::RUNNING,
+            ));
+        }
         let record = VolumeRecord {
             name: req.name.clone(),
             uuid: uuid::Uuid::new_v4().to_string(),
@@ -729,35 +928,20 @@ impl Controller {
             protocol: req.protocol.unwrap_or_default(),
             replica_count: replicas,
             state: VolumeState::Creating,
-            placements: vec![placement.clone()],
-            operations: vec![ops::new(
-                "create",
-                vec![
-                    ops::step(
-                        format!("place on {}:{}", placement.node, placement.pool),
-                        None,
-                        ops::DONE,
-                    ),
-                    ops::step(
-                        format!("create replica on {}:{}", placement.node, placement.pool),
-                        Some(&placement.node),
-                        ops::RUNNING,
-                    ),
-                ],
-                now,
-            )],
+            placements: placements.clone(),
+            operations: vec![ops::new("create", steps, now)],
             created_unix: now,
         };
-        self.store.txn(vec![
-            TxnOp::put(
-                format!("{VOLUMES}{}", record.name),
-                encode(&record)?,
-                Expect::Absent,
-            ),
-            Self::bump(&placement.node),
-        ])?;
+        let mut txn = vec![TxnOp::put(
+            format!("{VOLUMES}{}", record.name),
+            encode(&record)?,
+            Expect::Absent,
+        )];
+        txn.extend(placements.iter().map(|p| Self::bump(&p.node)));
+        self.store.txn(txn)?;
         self.notify();
-        tracing::info!(volume = %record.name, node = %placement.node, pool = %placement.pool,
+        tracing::info!(volume = %record.name,
+            placement = %placements.iter().map(where_).collect::<Vec<_>>().join(", "),
             size = record.size_bytes, "volume created");
         Ok(Self::volume_view(&record, &self.nodes_by_name()?))
     }
@@ -848,7 +1032,9 @@ impl Controller {
         }
         for r in &report.replicas {
             validate_name("volume", &r.volume)?;
-            validate_name("pool", &r.pool)?;
+            if !(r.diskless && r.pool.is_empty()) {
+                validate_name("pool", &r.pool)?;
+            }
         }
         Ok(())
     }
@@ -884,12 +1070,14 @@ impl Controller {
                         cluster_id: ours,
                         revision: 0,
                         replicas: Vec::new(),
+                        node_id: None,
+                        cluster_secret: None,
                     });
                 }
             }
         }
         let now = now_unix();
-        let record = NodeRecord {
+        let mut record = NodeRecord {
             name: node.to_string(),
             address: report.address.clone(),
             role: report.role,
@@ -899,12 +1087,21 @@ impl Controller {
             pools: report.pools.clone(),
             replicas: report.replicas.clone(),
             last_seen_unix: now,
+            node_id: None,
+            repl_addr: report.repl_addr.clone(),
         };
         let key = format!("{NODES}{node}");
         let mut changed_desired = false;
         match self.node_record(node)? {
             None => {
-                tracing::info!(node, address = %report.address, "node registered");
+                let used = self
+                    .node_records()?
+                    .iter()
+                    .filter_map(|n| n.node_id)
+                    .collect();
+                let id = free_node_id(&used)?;
+                record.node_id = Some(id);
+                tracing::info!(node, node_id = id, address = %report.address, "node registered");
                 self.store.txn(vec![
                     TxnOp::put(key, encode(&record)?, Expect::Absent),
                     Self::bump(node),
@@ -912,9 +1109,27 @@ impl Controller {
                 changed_desired = true;
             }
             Some((rev, old)) => {
+                record.node_id = old.node_id;
                 if !old.same_report(&record) {
-                    self.store
-                        .put(&key, &encode(&record)?, Expect::Revision(rev))?;
+                    let mut txn = vec![TxnOp::put(
+                        key.clone(),
+                        encode(&record)?,
+                        Expect::Revision(rev),
+                    )];
+                    if old.repl_addr != record.repl_addr {
+                        // Every node sharing a volume with this one must learn the new address.
+                        let mut peers: Vec<String> = Vec::new();
+                        for (_, v) in self.volume_records()? {
+                            if v.placements.iter().any(|p| p.node == node) {
+                                peers.extend(v.placements.iter().map(|p| p.node.clone()));
+                            }
+                        }
+                        peers.sort();
+                        peers.dedup();
+                        txn.extend(peers.iter().map(|n| Self::bump(n)));
+                        changed_desired |= !peers.is_empty();
+                    }
+                    self.store.txn(txn)?;
                 }
             }
         }
@@ -931,7 +1146,33 @@ impl Controller {
             let vkey = format!("{VOLUMES}{}", v.name);
             if here && v.state == VolumeState::Deleting && reported.is_none() && current {
                 // Gone from the agent, and the agent has applied the desired state that
-                // says so (not merely a report that predates the delete).
+                // says so (not merely a report that predates the delete). The volume is
+                // forgotten once every placement's replica is gone.
+                let before = v.clone();
+                if let Some(op) = v.open_operation_mut("delete")
+                    && let Some(idx) = ops::open_step(op, node)
+                {
+                    ops::step_done(op, idx, now);
+                }
+                let waiting = v.open_operation_mut("delete").is_some_and(|op| {
+                    op.steps
+                        .iter()
+                        .any(|s| s.node.is_some() && s.state != ops::DONE)
+                });
+                if waiting {
+                    if before != v {
+                        self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
+                    }
+                    known.insert(
+                        v.name.clone(),
+                        (
+                            v.uuid.clone(),
+                            v.size_bytes,
+                            v.placements.iter().map(|p| p.node.clone()).collect(),
+                        ),
+                    );
+                    continue;
+                }
                 let mut txn = vec![TxnOp::delete(vkey, Expect::Revision(rev))];
                 for p in &v.placements {
                     txn.push(Self::bump(&p.node));
@@ -996,10 +1237,13 @@ impl Controller {
                         v.state = VolumeState::Ready;
                         tracing::info!(volume = %v.name, node, "volume ready");
                     }
+                    let diskless_here = v.placements.iter().any(|p| p.node == node && p.diskless);
                     if let Some(op) = v.open_operation_mut("create")
                         && let Some(idx) = ops::open_step(op, node)
                     {
-                        if r.disk_state == DiskState::UpToDate {
+                        if r.disk_state == DiskState::UpToDate
+                            || (diskless_here && r.disk_state == DiskState::Diskless)
+                        {
                             ops::step_done(op, idx, now);
                         } else if let Some(err) = r.last_error.clone().or_else(|| {
                             (r.disk_state == DiskState::Failed)
@@ -1197,15 +1441,35 @@ impl Controller {
     /// What the node's agent should have.
     pub fn desired_state(&self, node: &str) -> Result<DesiredState, Failure> {
         let revision = self.desired_revision(node)?;
+        let nodes = self.nodes_by_name()?;
+        let node_id = nodes.get(node).and_then(|n| n.node_id);
         let mut replicas = Vec::new();
         for (_, v) in self.volume_records()? {
             for p in v.placements.iter().filter(|p| p.node == node) {
+                let mut peers = Vec::new();
+                for o in v.placements.iter().filter(|o| o.node != node) {
+                    let Some(id) = nodes.get(&o.node).and_then(|n| n.node_id) else {
+                        tracing::warn!(volume = %v.name, peer = %o.node,
+                            "peer has no node id (not registered): left out of the peer list");
+                        continue;
+                    };
+                    peers.push(DesiredPeer {
+                        node: o.node.clone(),
+                        node_id: id,
+                        repl_addr: nodes.get(&o.node).and_then(|n| n.repl_addr.clone()),
+                        diskless: o.diskless,
+                    });
+                }
                 replicas.push(DesiredReplica {
                     volume: v.name.clone(),
                     volume_uuid: v.uuid.clone(),
                     pool: p.pool.clone(),
                     size_bytes: v.size_bytes,
                     present: v.state != VolumeState::Deleting,
+                    diskless: p.diskless,
+                    protocol: v.protocol,
+                    node_id,
+                    peers,
                 });
             }
         }
@@ -1213,6 +1477,8 @@ impl Controller {
             cluster_id: self.cluster_id(),
             revision,
             replicas,
+            node_id,
+            cluster_secret: Some(self.cluster_secret.clone()),
         })
     }
 
@@ -1245,4 +1511,20 @@ pub fn join_failure(e: tokio::task::JoinError) -> Failure {
         "internal",
         format!("request handler failed: {e}"),
     )
+}
+
+/// One word for a replica's replication towards all its peers: `Unknown` before the agent
+/// reports peers, the common state when all agree, else the first peer not `Established`.
+fn repl_summary(peers: &[tandem_api::PeerReplState]) -> String {
+    let Some(first) = peers.first() else {
+        return "Unknown".to_string();
+    };
+    if peers.iter().all(|p| p.repl_state == first.repl_state) {
+        return first.repl_state.clone();
+    }
+    peers
+        .iter()
+        .find(|p| p.repl_state != "Established")
+        .map(|p| p.repl_state.clone())
+        .unwrap_or_else(|| first.repl_state.clone())
 }

@@ -190,6 +190,7 @@ impl Controller {
                 name: n.name,
                 address: n.address,
                 role: n.role,
+                node_id: n.node_id,
             })
             .collect();
         let volumes = self
@@ -306,11 +307,24 @@ impl Controller {
             }
         }
 
+        // Node ids: the document's where they are free, otherwise the lowest free one.
+        let mut used_ids: BTreeSet<u8> = if replace {
+            BTreeSet::new()
+        } else {
+            existing_nodes.values().filter_map(|n| n.node_id).collect()
+        };
         for n in &doc.nodes {
             if !replace && existing_nodes.contains_key(&n.name) {
                 continue;
             }
+            let node_id = match n.node_id {
+                Some(id) if id <= crate::state::MAX_NODE_ID && !used_ids.contains(&id) => id,
+                _ => crate::state::free_node_id(&used_ids)?,
+            };
+            used_ids.insert(node_id);
             let record = NodeRecord {
+                node_id: Some(node_id),
+                repl_addr: None,
                 name: n.name.clone(),
                 address: n.address.clone(),
                 role: n.role,

@@ -331,6 +331,7 @@ fn refuses_non_loopback_listen() {
             listen: listen.into(),
             data_dir: dir.path().to_path_buf(),
             offline_after_secs: 10,
+            experimental_replication: false,
         };
         let err = rt
             .block_on(tandem_controller::run(cfg, async {}))
@@ -342,6 +343,7 @@ fn refuses_non_loopback_listen() {
         listen: "not an address".into(),
         data_dir: dir.path().to_path_buf(),
         offline_after_secs: 10,
+        experimental_replication: false,
     };
     assert!(rt.block_on(tandem_controller::run(cfg, async {})).is_err());
 }

@@ -32,12 +32,26 @@ impl Server {
     }
 
     pub fn start_with(dir: &Path, offline_after_secs: u64) -> Server {
+        Self::start_opts(dir, offline_after_secs, false)
+    }
+
+    /// With `experimental_replication` on (multi-replica volumes allowed).
+    pub fn start_experimental(dir: &Path) -> Server {
+        Self::start_opts(dir, 10, true)
+    }
+
+    pub fn start_opts(
+        dir: &Path,
+        offline_after_secs: u64,
+        experimental_replication: bool,
+    ) -> Server {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let config = Config {
             listen: "127.0.0.1:0".into(),
             data_dir: dir.to_path_buf(),
             offline_after_secs,
+            experimental_replication,
         };
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -220,6 +234,7 @@ pub fn report(node: &str, applied_revision: u64) -> AgentReport {
         replicas: vec![],
         applied_revision,
         cluster_id: None,
+        repl_addr: Some(format!("127.0.0.1:{}", 7800 + node.len())),
     }
 }
 
@@ -235,5 +250,11 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         connections: 0,
         last_error: None,
         on_disk: true,
+        diskless: false,
+        peers: vec![],
+        out_of_sync_bytes: 0,
+        resync_bytes_per_sec: 0,
+        last_resync_bytes: 0,
+        quorum: None,
     }
 }

@@ -1,0 +1,276 @@
+//! Node ids, the cluster secret, multi-replica placement with witnesses and the desired
+//! state's peer lists (controller with `experimental_replication`).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use serde_json::json;
+use tandem_api::{DesiredState, DiskState, Node, NodeRole, Volume};
+
+fn nodes(s: &Server) -> Vec<Node> {
+    s.get_ok("/v1/nodes")
+}
+
+/// Registers `names` with the given free space each (GiB), returns their desired states.
+fn register(s: &Server, names: &[(&str, u64)]) -> Vec<DesiredState> {
+    names
+        .iter()
+        .map(|(n, free)| {
+            let mut r = report(n, 0);
+            r.pools[0].free_bytes = free * GIB;
+            s.sync(&r, 0)
+        })
+        .collect()
+}
+
+fn create(s: &Server, body: serde_json::Value) -> (u16, serde_json::Value) {
+    s.post("/v1/volumes", &body)
+}
+
+#[test]
+fn node_ids_are_unique_and_stable_across_restart_and_secret_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let ds = register(&s, &[("n1", 10), ("n2", 10), ("n3", 10)]);
+    let ids: Vec<u8> = ds.iter().map(|d| d.node_id.expect("node id")).collect();
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 3, "{ids:?}");
+    let secret = ds[0].cluster_secret.clone().expect("secret");
+    assert_eq!(secret.len(), 64);
+    assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(
+        ds.iter()
+            .all(|d| d.cluster_secret.as_ref() == Some(&secret))
+    );
+    let before: Vec<(String, Option<u8>)> =
+        nodes(&s).into_iter().map(|n| (n.name, n.node_id)).collect();
+    // Repeated reports keep the id.
+    let again = s.sync(&report("n2", ds[1].revision), 0);
+    assert_eq!(again.node_id, Some(ids[1]));
+    s.stop();
+
+    let s = Server::start(dir.path());
+    let after: Vec<(String, Option<u8>)> =
+        nodes(&s).into_iter().map(|n| (n.name, n.node_id)).collect();
+    assert_eq!(before, after, "node ids survive a restart");
+    let d = s.sync(&report("n1", 0), 0);
+    assert_eq!(d.node_id, Some(ids[0]));
+    assert_eq!(
+        d.cluster_secret.as_deref(),
+        Some(secret.as_str()),
+        "secret is stable"
+    );
+    // A new node gets an id nobody has.
+    let d4 = s.sync(&report("n4", 0), 0);
+    assert!(!ids.contains(&d4.node_id.unwrap()));
+    let n1 = nodes(&s).into_iter().find(|n| n.name == "n1").unwrap();
+    assert_eq!(n1.repl_addr.as_deref(), Some("127.0.0.1:7802"));
+}
+
+#[test]
+fn multi_replica_refused_without_experimental_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    register(&s, &[("n1", 10), ("n2", 10), ("n3", 10)]);
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (400, Some("unsupported")),
+        "{v}"
+    );
+}
+
+#[test]
+fn two_replicas_get_a_witness_and_desired_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    let ds = register(&s, &[("n1", 30), ("n2", 10), ("n3", 20)]);
+    let id = |i: usize| ds[i].node_id.unwrap();
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(status, 201, "{v}");
+    let v: Volume = serde_json::from_value(v).unwrap();
+    let placed: Vec<(&str, &str, bool)> = v
+        .replicas
+        .iter()
+        .map(|r| (r.node.as_str(), r.pool.as_str(), r.diskless))
+        .collect();
+    assert_eq!(
+        placed,
+        vec![
+            ("n1", "default", false),
+            ("n3", "default", false),
+            ("n2", "", true)
+        ],
+        "the two nodes with most free space, witness on the third"
+    );
+    assert_eq!(v.replica_count, 2);
+    assert_eq!(v.operations[0].steps.len(), 4);
+
+    let d1 = s.sync(&report("n1", 0), 0);
+    let r1 = d1.replicas.iter().find(|r| r.volume == "a").unwrap();
+    assert!(!r1.diskless);
+    assert_eq!(r1.pool, "default");
+    assert_eq!(r1.node_id, Some(id(0)));
+    let peers: Vec<(&str, u8, bool, Option<&str>)> = r1
+        .peers
+        .iter()
+        .map(|p| {
+            (
+                p.node.as_str(),
+                p.node_id,
+                p.diskless,
+                p.repl_addr.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        peers,
+        vec![
+            ("n3", id(2), false, Some("127.0.0.1:7802")),
+            ("n2", id(1), true, Some("127.0.0.1:7802")),
+        ]
+    );
+    let d2 = s.sync(&report("n2", 0), 0);
+    let w = d2.replicas.iter().find(|r| r.volume == "a").unwrap();
+    assert!(w.diskless && w.pool.is_empty() && w.present);
+    assert_eq!(w.peers.len(), 2);
+    assert!(w.peers.iter().all(|p| !p.diskless));
+
+    // All three report: Ready, quorum, the witness shown diskless.
+    let mut r1 = report("n1", d1.revision);
+    r1.replicas = vec![replica("a", &v.uuid, GIB, DiskState::UpToDate)];
+    s.sync(&r1, 0);
+    let d3 = s.sync(&report("n3", 0), 0);
+    let mut r3 = report("n3", d3.revision);
+    r3.replicas = vec![replica("a", &v.uuid, GIB, DiskState::UpToDate)];
+    s.sync(&r3, 0);
+    let mut r2 = report("n2", d2.revision);
+    let mut wr = replica("a", &v.uuid, GIB, DiskState::Diskless);
+    wr.pool = String::new();
+    wr.diskless = true;
+    wr.on_disk = false;
+    r2.replicas = vec![wr];
+    s.sync(&r2, 0);
+    let v: Volume = s.get_ok("/v1/volumes/a");
+    assert_eq!(v.state, tandem_api::VolumeState::Ready);
+    assert!(v.quorum);
+    assert_eq!(v.operations[0].state, "done", "{:?}", v.operations[0]);
+    let witness = v.replicas.iter().find(|r| r.node == "n2").unwrap();
+    assert!(witness.diskless);
+    assert_eq!(witness.disk_state, DiskState::Diskless);
+
+    // A peer's new replication address reaches the others' desired state.
+    let before = s.sync(&report("n1", 0), 0).revision;
+    let mut r3 = report("n3", 0);
+    r3.repl_addr = Some("127.0.0.1:9999".into());
+    r3.replicas = vec![replica("a", &v.uuid, GIB, DiskState::UpToDate)];
+    s.sync(&r3, 0);
+    let d1 = s.sync(&report("n1", 0), 0);
+    assert!(d1.revision > before);
+    let p3 = d1.replicas[0]
+        .peers
+        .iter()
+        .find(|p| p.node == "n3")
+        .unwrap();
+    assert_eq!(p3.repl_addr.as_deref(), Some("127.0.0.1:9999"));
+
+    // Delete: the volume is forgotten only when every placement is gone.
+    let (status, v) = s.delete("/v1/volumes/a");
+    assert_eq!(status, 202, "{v}");
+    let d1 = s.sync(&report("n1", 0), 0);
+    assert!(!d1.replicas[0].present);
+    s.sync(&report("n1", d1.revision), 0);
+    let (status, _) = s.get("/v1/volumes/a");
+    assert_eq!(status, 200, "n2 and n3 still have to delete theirs");
+    for n in ["n2", "n3"] {
+        let d = s.sync(&report(n, 0), 0);
+        assert!(d.replicas.iter().all(|r| !r.present));
+        s.sync(&report(n, d.revision), 0);
+    }
+    let (status, _) = s.get("/v1/volumes/a");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn three_replicas_no_witness_and_witness_role_preferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    register(&s, &[("n1", 30), ("n2", 10), ("n3", 20)]);
+    let mut w = report("w1", 0);
+    w.role = NodeRole::Witness;
+    w.pools.clear();
+    s.sync(&w, 0);
+    let (status, v) = create(&s, json!({"name": "b", "size_bytes": GIB, "replicas": 3}));
+    assert_eq!(status, 201, "{v}");
+    let v: Volume = serde_json::from_value(v).unwrap();
+    assert_eq!(v.replicas.len(), 3);
+    assert!(v.replicas.iter().all(|r| !r.diskless));
+    let (status, v) = create(&s, json!({"name": "c", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(status, 201, "{v}");
+    let v: Volume = serde_json::from_value(v).unwrap();
+    let witness: Vec<&str> = v
+        .replicas
+        .iter()
+        .filter(|r| r.diskless)
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(witness, vec!["w1"], "a node of role witness is preferred");
+}
+
+#[test]
+fn refusals_and_pinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    register(&s, &[("n1", 10)]);
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["code"], "no_nodes");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains("need 2") && msg.contains("found 1"), "{msg}");
+
+    register(&s, &[("n2", 20)]);
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!((status, v["code"].as_str()), (409, Some("no_nodes")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("witness"), "{v}");
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 4}));
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
+
+    register(&s, &[("n3", 30), ("n4", 40)]);
+    // Pinned to n1 and n2 although n3 and n4 have more space; the witness elsewhere.
+    let (status, v) = create(
+        &s,
+        json!({"name": "a", "size_bytes": GIB, "replicas": 2, "nodes": ["n1", "n2"]}),
+    );
+    assert_eq!(status, 201, "{v}");
+    let v: Volume = serde_json::from_value(v).unwrap();
+    let diskful: BTreeSet<&str> = v
+        .replicas
+        .iter()
+        .filter(|r| !r.diskless)
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(diskful, BTreeSet::from(["n1", "n2"]));
+    let w = v.replicas.iter().find(|r| r.diskless).unwrap();
+    assert!(w.node == "n3" || w.node == "n4");
+    // Pinned to fewer nodes than replicas.
+    let (status, v) = create(
+        &s,
+        json!({"name": "b", "size_bytes": GIB, "replicas": 3, "nodes": ["n1", "n2"]}),
+    );
+    assert_eq!((status, v["code"].as_str()), (409, Some("no_nodes")), "{v}");
+    // No pool can hold it on enough nodes.
+    let (status, v) = create(
+        &s,
+        json!({"name": "b", "size_bytes": GIB, "replicas": 2, "pool": "fast"}),
+    );
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (409, Some("no_capacity")),
+        "{v}"
+    );
+}
