@@ -59,8 +59,9 @@ pub enum Event {
         peer: NodeId,
         link: LinkId,
     },
-    /// A message from the peer (never a handshake message, Ping, Pong or Disconnect: the
-    /// transport handles those).
+    /// A message from the peer (never a handshake message, Disconnect, or a keepalive Ping/Pong
+    /// (token with bit 63 set): the transport handles those. Ping/Pong with a smaller token
+    /// are the consumer's and delivered here).
     PeerMessage {
         volume: Arc<str>,
         peer: NodeId,

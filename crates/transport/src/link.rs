@@ -584,7 +584,12 @@ pub(crate) async fn run_link(
     let _ = done_tx.send(true);
 }
 
-/// Reads frames and delivers them in order; answers Pings, sends Pings when the peer is
+/// Tokens of the transport's own keepalive Ping/Pong have this bit set; the transport answers
+/// and swallows only those. Ping/Pong with a token below it belong to the consumer (the
+/// replication engine's quorum barrier) and are delivered as `PeerMessage` like any message.
+pub(crate) const KEEPALIVE_TOKEN: u64 = 1 << 63;
+
+/// Reads frames and delivers them in order; answers keepalive Pings, sends Pings when the peer is
 /// silent and declares the link dead after `ping_timeout` without a byte.
 async fn reader_loop(
     inner: &Inner,
@@ -606,14 +611,14 @@ async fn reader_loop(
                 Err(e) => return DownReason::Decode(e),
             };
             match msg {
-                Message::Ping { token } => {
+                Message::Ping { token } if token & KEEPALIVE_TOKEN != 0 => {
                     // A full queue means traffic is flowing anyway; the peer sees it.
                     let _ = tx.try_send(Outgoing {
                         msg: Message::Pong { token },
                         _permit: None,
                     });
                 }
-                Message::Pong { .. } => {}
+                Message::Pong { token } if token & KEEPALIVE_TOKEN != 0 => {}
                 Message::Disconnect { reason, detail } => {
                     return DownReason::PeerDisconnected { reason, detail };
                 }
@@ -655,7 +660,8 @@ async fn reader_loop(
                 }
                 if now >= next_ping {
                     token = token.wrapping_add(1);
-                    let _ = tx.try_send(Outgoing { msg: Message::Ping { token }, _permit: None });
+                    let msg = Message::Ping { token: token | KEEPALIVE_TOKEN };
+                    let _ = tx.try_send(Outgoing { msg, _permit: None });
                     last_ping = now;
                 }
             }

@@ -1,0 +1,169 @@
+//! The volume as a blocking [`BlockDevice`].
+
+use std::sync::mpsc::{Sender, sync_channel};
+
+use bytes::Bytes;
+use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent, Result};
+use tandem_replication::{Reply, RequestError};
+
+use crate::driver::{ConsumerOp, Input};
+
+/// Largest single write submitted for `write_zeroes`.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// A [`BlockDevice`] over a [`crate::VolumeDriver`]: each call submits a consumer request to
+/// the engine loop and blocks the calling thread until the engine completes it.
+///
+/// * Errors: `NotPrimary`, `NoQuorum`, `NotUpToDate` and I/O errors map to
+///   [`ErrorKind::Io`] (EIO for NBD) with the engine's reason as the message;
+///   `OutOfRange` to [`ErrorKind::OutOfRange`], `NotSupported` to [`ErrorKind::Unsupported`].
+/// * `write_zeroes` is a zero-filled replicated write (in 1 MiB pieces; the engine has no
+///   WriteZeroes), so the range is allocated on every replica.
+/// * `trim` is a no-op success (the engine has no Trim; NBD allows a server to ignore TRIM,
+///   so clients must not expect zeroes afterwards: this deviates from the trait's "reads as
+///   zeroes", which only `write_zeroes` guarantees here).
+/// * `block_status` reports everything as allocated data (safe: never claims zeroes).
+#[derive(Debug, Clone)]
+pub struct ReplicatedDevice {
+    name: String,
+    size: u64,
+    tx: Sender<Input>,
+}
+
+impl ReplicatedDevice {
+    pub(crate) fn new(name: String, size: u64, tx: Sender<Input>) -> Self {
+        ReplicatedDevice { name, size, tx }
+    }
+
+    fn submit(&self, op: ConsumerOp, what: &'static str, offset: u64, len: u64) -> Result<Reply> {
+        let (rtx, rrx) = sync_channel(1);
+        let fail = |kind, msg: String| BlockError {
+            kind,
+            op: what,
+            offset,
+            len,
+            source: Some(std::io::Error::other(msg)),
+        };
+        let stopped = || {
+            fail(
+                ErrorKind::Io,
+                format!("volume {}: the replication driver stopped", self.name),
+            )
+        };
+        self.tx
+            .send(Input::Consumer(op, rtx))
+            .map_err(|_| stopped())?;
+        match rrx.recv().map_err(|_| stopped())? {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let kind = match e {
+                    RequestError::OutOfRange => ErrorKind::OutOfRange,
+                    RequestError::NotSupported => ErrorKind::Unsupported,
+                    RequestError::NotPrimary
+                    | RequestError::NoQuorum { .. }
+                    | RequestError::NotUpToDate
+                    | RequestError::Io(_) => ErrorKind::Io,
+                };
+                Err(fail(kind, format!("volume {}: {e}", self.name)))
+            }
+        }
+    }
+}
+
+impl BlockDevice for ReplicatedDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range("read", offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(u32::MAX as usize / 2 + 1);
+            let off = offset + done as u64;
+            let r = self.submit(
+                ConsumerOp::Read {
+                    offset: off,
+                    len: n as u32,
+                },
+                "read",
+                off,
+                n as u64,
+            )?;
+            match r {
+                Reply::Data(d) if d.len() == n => buf[done..done + n].copy_from_slice(&d),
+                _ => {
+                    return Err(BlockError {
+                        kind: ErrorKind::Io,
+                        op: "read",
+                        offset: off,
+                        len: n as u64,
+                        source: Some(std::io::Error::other(format!(
+                            "volume {}: the engine returned no data of the requested length",
+                            self.name
+                        ))),
+                    });
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range("write", offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.submit(
+            ConsumerOp::Write {
+                offset,
+                data: Bytes::copy_from_slice(buf),
+                fua: false,
+            },
+            "write",
+            offset,
+            buf.len() as u64,
+        )
+        .map(|_| ())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.submit(ConsumerOp::Flush, "flush", 0, 0).map(|_| ())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range("trim", offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_deallocate: bool) -> Result<()> {
+        self.check_range("write_zeroes", offset, len)?;
+        let zeros = Bytes::from(vec![0u8; len.min(ZERO_CHUNK) as usize]);
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZERO_CHUNK);
+            self.submit(
+                ConsumerOp::Write {
+                    offset: pos,
+                    data: zeros.slice(..n as usize),
+                    fua: false,
+                },
+                "write_zeroes",
+                pos,
+                n,
+            )?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range("block_status", offset, len)?;
+        Ok(vec![Extent {
+            length: len,
+            hole: false,
+            zero: false,
+        }])
+    }
+}

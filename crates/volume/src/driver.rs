@@ -1,0 +1,703 @@
+//! The engine loop of one volume on one node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_blockdev::{BlockDevice, FileDevice};
+use tandem_meta::ReplicaFiles;
+use tandem_repl_proto::{DiskState, Message, NodeId};
+use tandem_replication::{
+    Action, Config, DiskError, Engine, Event, IoId, Level, PeerConfig, PeerStatus, Protocol, Reply,
+    RequestError, RequestId, Role, Status,
+};
+use tandem_transport::{LinkId, SendError};
+
+use crate::VolumeError;
+use crate::device::ReplicatedDevice;
+use crate::node::NodeReplication;
+use crate::store::ReplicaStore;
+
+/// Period of the engine's `Tick` (resync pacing).
+const TICK: Duration = Duration::from_millis(20);
+/// Disk worker threads per volume.
+const DISK_WORKERS: usize = 4;
+
+/// Another node of the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePeer {
+    pub node_id: NodeId,
+    pub name: String,
+    /// `host:port` of the peer's replication listener.
+    pub addr: String,
+    /// false: a witness (diskless voter).
+    pub diskful: bool,
+}
+
+/// Per-volume options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeOptions {
+    pub protocol: Protocol,
+    /// Resync rate limit in bytes/s (0 = unlimited).
+    pub resync_rate: u64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            protocol: Protocol::C,
+            resync_rate: 0,
+        }
+    }
+}
+
+/// What a [`VolumeDriver`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Volume name (the replica's file names and the transport's volume key).
+    pub name: String,
+    pub uuid: String,
+    /// The pool directory holding `name.data`, `name.meta`, `name.bitmap` (and `name.al`).
+    pub dir: PathBuf,
+    /// false: this node is a witness (only `name.meta` is kept, created if missing).
+    pub diskful: bool,
+    /// Volume size; a diskful replica must match its metadata.
+    pub size_bytes: u64,
+    pub peers: Vec<VolumePeer>,
+    pub options: VolumeOptions,
+}
+
+/// The status for the agent's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStatus {
+    pub role: Role,
+    pub disk_state: DiskState,
+    pub quorum: bool,
+    pub peers: Vec<PeerStatus>,
+    /// Sum of the out-of-sync bytes toward every diskful peer.
+    pub out_of_sync_bytes: u64,
+    pub resync_rate: u64,
+    pub resync_bytes_left: Option<u64>,
+    pub last_resync_bytes: u64,
+    /// The engine's full snapshot.
+    pub engine: Status,
+    /// Set when the driver stopped on a fatal error (metadata could not be persisted).
+    pub failed: Option<String>,
+}
+
+type Completion = SyncSender<Result<Reply, RequestError>>;
+
+/// Inputs of the loop.
+pub(crate) enum Input {
+    Consumer(ConsumerOp, Completion),
+    Disk(Event),
+    Transport(tandem_transport::Event),
+    Promote(SyncSender<Result<(), VolumeError>>),
+    Demote(SyncSender<Result<(), VolumeError>>),
+    Status(SyncSender<Status>),
+    SetResyncRate(u64),
+    Stop,
+}
+
+/// A consumer request without its id (the loop assigns ids).
+pub(crate) enum ConsumerOp {
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Read { offset: u64, len: u32 },
+}
+
+enum DiskJob {
+    Write {
+        io: IoId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Read {
+        io: IoId,
+        offset: u64,
+        len: u32,
+    },
+    Flush {
+        io: IoId,
+    },
+}
+
+/// One replicated volume on this node. Dropping it stops the loop without demoting (like a
+/// crash of this volume's driver: metadata that says Primary stays so, the next start
+/// resyncs the activity log); call [`VolumeDriver::demote`] first for an orderly stop.
+pub struct VolumeDriver {
+    name: String,
+    size: u64,
+    tx: Sender<Input>,
+    thread: Option<JoinHandle<()>>,
+    node: Arc<NodeReplication>,
+    failed: Arc<Mutex<Option<String>>>,
+    last_status: Arc<Mutex<Option<Status>>>,
+}
+
+impl std::fmt::Debug for VolumeDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeDriver")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VolumeDriver {
+    /// Opens the replica, builds the engine from its files and starts the loop thread and
+    /// the volume's links. Call from a tokio runtime or not (it blocks on file I/O only).
+    pub fn start(
+        node: &Arc<NodeReplication>,
+        spec: VolumeSpec,
+    ) -> Result<VolumeDriver, VolumeError> {
+        if node.routes.lock().expect("routes").contains_key(&spec.name) {
+            return Err(VolumeError::Config(format!(
+                "volume {} already has a driver on this node",
+                spec.name
+            )));
+        }
+        let mut entropy = [0u8; 8];
+        getrandom::fill(&mut entropy)
+            .map_err(|e| VolumeError::Config(format!("no OS randomness: {e}")))?;
+        let mut cfg = Config::new(
+            node.node_id,
+            spec.diskful,
+            spec.peers
+                .iter()
+                .map(|p| PeerConfig {
+                    node_id: p.node_id,
+                    diskful: p.diskful,
+                })
+                .collect(),
+            spec.size_bytes,
+        );
+        cfg.protocol = spec.options.protocol;
+        cfg.resync_rate = spec.options.resync_rate;
+        cfg.entropy = u64::from_le_bytes(entropy);
+
+        let device = if spec.diskful {
+            let files = ReplicaFiles::new(&spec.dir, &spec.name);
+            files
+                .recover()
+                .map_err(|e| VolumeError::Meta(e.to_string()))?;
+            let dev = FileDevice::open(&files.data())
+                .map_err(|e| VolumeError::Data(format!("{}: {e}", files.data().display())))?;
+            if dev.size() != spec.size_bytes {
+                return Err(VolumeError::Data(format!(
+                    "{} is {} bytes, the volume has {}",
+                    files.data().display(),
+                    dev.size(),
+                    spec.size_bytes
+                )));
+            }
+            Some(Arc::new(dev))
+        } else {
+            None
+        };
+        let (store, persisted) =
+            ReplicaStore::open(&spec.dir, &spec.name, &spec.uuid, &node.node_name, &cfg)?;
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        node.routes
+            .lock()
+            .expect("routes")
+            .insert(spec.name.clone(), tx.clone());
+        let failed = Arc::new(Mutex::new(None));
+        let last_status = Arc::new(Mutex::new(None));
+
+        let clock = Instant::now();
+        let (engine, first) = Engine::new(cfg, persisted, 0);
+        let workers = device
+            .as_ref()
+            .map(|d| start_workers(&spec.name, d.clone(), tx.clone()));
+        let mut lp = Loop {
+            name: spec.name.clone(),
+            engine,
+            store,
+            clock,
+            node: node.clone(),
+            workers,
+            links: HashMap::new(),
+            peers: spec.peers.clone(),
+            uuid: spec.uuid.clone(),
+            removed: BTreeMap::new(),
+            pending: HashMap::new(),
+            next_id: 1,
+            failed: failed.clone(),
+            last_status: last_status.clone(),
+        };
+        if let Err(e) = lp.execute(first) {
+            node.routes.lock().expect("routes").remove(&spec.name);
+            return Err(e);
+        }
+        lp.configure_transport()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vol-{}", spec.name))
+            .spawn(move || lp.run(rx))
+            .map_err(|e| VolumeError::Config(format!("cannot start the loop thread: {e}")))?;
+        Ok(VolumeDriver {
+            name: spec.name,
+            size: spec.size_bytes,
+            tx,
+            thread: Some(thread),
+            node: node.clone(),
+            failed,
+            last_status,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The volume as a block device for the NBD server: every call blocks until the engine
+    /// completed it (see [`ReplicatedDevice`]).
+    pub fn block_device(&self) -> Arc<dyn BlockDevice> {
+        Arc::new(self.replicated_device())
+    }
+
+    /// Like [`VolumeDriver::block_device`], typed.
+    pub fn replicated_device(&self) -> ReplicatedDevice {
+        ReplicatedDevice::new(self.name.clone(), self.size, self.tx.clone())
+    }
+
+    fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Input) -> Result<T, VolumeError> {
+        let (rtx, rrx) = sync_channel(1);
+        let stopped = || {
+            VolumeError::Stopped(
+                self.failed
+                    .lock()
+                    .expect("failed")
+                    .clone()
+                    .unwrap_or_else(|| "stopped".into()),
+            )
+        };
+        self.tx.send(make(rtx)).map_err(|_| stopped())?;
+        rrx.recv().map_err(|_| stopped())
+    }
+
+    /// Makes this node Primary (refused with a typed reason).
+    pub fn promote(&self) -> Result<(), VolumeError> {
+        self.call(Input::Promote)?
+    }
+
+    /// Makes this node Secondary (refused while consumer requests are in flight).
+    pub fn demote(&self) -> Result<(), VolumeError> {
+        self.call(Input::Demote)?
+    }
+
+    /// Changes the resync rate (bytes/s, 0 = unlimited) while running.
+    pub fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), VolumeError> {
+        self.tx
+            .send(Input::SetResyncRate(bytes_per_sec))
+            .map_err(|_| VolumeError::Stopped("stopped".into()))
+    }
+
+    /// Snapshot for the agent's report. After a fatal error it returns the last snapshot
+    /// with `failed` set.
+    pub fn status(&self) -> Result<VolumeStatus, VolumeError> {
+        let failed = self.failed.lock().expect("failed").clone();
+        let st = match self.call(Input::Status) {
+            Ok(s) => s,
+            Err(e) => match self.last_status.lock().expect("status").clone() {
+                Some(s) => s,
+                None => return Err(e),
+            },
+        };
+        Ok(VolumeStatus {
+            role: st.role,
+            disk_state: st.disk_state,
+            quorum: st.quorum,
+            out_of_sync_bytes: st.peers.iter().map(|p| p.out_of_sync_bytes).sum(),
+            resync_rate: st.resync_bytes_per_sec,
+            resync_bytes_left: st.resync_bytes_left,
+            last_resync_bytes: st.last_resync_bytes,
+            peers: st.peers.clone(),
+            engine: st,
+            failed,
+        })
+    }
+
+    /// Stops the loop (pending consumer requests fail) and removes the volume from the
+    /// transport (peers see the links close). No demotion: see the type's documentation.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.tx.send(Input::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.node.routes.lock().expect("routes").remove(&self.name);
+        let _rt = self.node.runtime.enter();
+        self.node.transport.remove_volume(&self.name);
+    }
+}
+
+impl Drop for VolumeDriver {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn start_workers(name: &str, dev: Arc<FileDevice>, done: Sender<Input>) -> Sender<DiskJob> {
+    let (tx, rx) = std::sync::mpsc::channel::<DiskJob>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..DISK_WORKERS {
+        let rx = rx.clone();
+        let dev = dev.clone();
+        let done = done.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("vol-{name}-disk{i}"))
+            .spawn(move || {
+                loop {
+                    let job = match rx.lock().expect("disk queue").recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let ev = run_job(&*dev, job);
+                    if done.send(Input::Disk(ev)).is_err() {
+                        return;
+                    }
+                }
+            });
+    }
+    tx
+}
+
+fn disk_err(e: tandem_blockdev::BlockError) -> DiskError {
+    DiskError(e.to_string())
+}
+
+fn run_job(dev: &dyn BlockDevice, job: DiskJob) -> Event {
+    match job {
+        DiskJob::Write {
+            io,
+            offset,
+            data,
+            fua,
+        } => {
+            let mut r = dev.write_at(&data, offset).map_err(disk_err);
+            if r.is_ok() && fua {
+                r = dev.flush().map_err(disk_err);
+            }
+            Event::DiskWriteDone { io, result: r }
+        }
+        DiskJob::Read { io, offset, len } => {
+            let mut buf = vec![0u8; len as usize];
+            let r = dev
+                .read_at(&mut buf, offset)
+                .map(|_| Bytes::from(buf))
+                .map_err(disk_err);
+            Event::DiskReadDone { io, result: r }
+        }
+        DiskJob::Flush { io } => Event::DiskFlushDone {
+            io,
+            result: dev.flush().map_err(disk_err),
+        },
+    }
+}
+
+struct Loop {
+    name: String,
+    engine: Engine,
+    store: ReplicaStore,
+    clock: Instant,
+    node: Arc<NodeReplication>,
+    workers: Option<Sender<DiskJob>>,
+    /// Current link per connected peer (from its PeerUp).
+    links: HashMap<NodeId, LinkId>,
+    peers: Vec<VolumePeer>,
+    uuid: String,
+    /// Peers taken out of the transport configuration by a `Disconnect` action, and
+    /// whether they come back once their link is down.
+    removed: BTreeMap<NodeId, bool>,
+    pending: HashMap<RequestId, Completion>,
+    next_id: RequestId,
+    failed: Arc<Mutex<Option<String>>>,
+    last_status: Arc<Mutex<Option<Status>>>,
+}
+
+impl Loop {
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_nanos() as u64
+    }
+
+    fn configure_transport(&self) -> Result<(), VolumeError> {
+        let vc = tandem_transport::VolumeConfig {
+            name: self.name.clone(),
+            uuid: self.uuid.clone(),
+            peers: self
+                .peers
+                .iter()
+                .filter(|p| !self.removed.contains_key(&p.node_id))
+                .map(|p| tandem_transport::PeerConfig {
+                    node_id: p.node_id,
+                    name: p.name.clone(),
+                    addr: p.addr.clone(),
+                })
+                .collect(),
+        };
+        // The transport spawns its dialers on the runtime.
+        let _rt = self.node.runtime.enter();
+        self.node
+            .transport
+            .set_volume(vc)
+            .map_err(|e| VolumeError::Transport(e.to_string()))
+    }
+
+    fn run(mut self, rx: Receiver<Input>) {
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let r = match rx.recv_timeout(wait) {
+                Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(input) => self.input(input),
+                Err(RecvTimeoutError::Timeout) => Ok(()),
+            };
+            let r = r.and_then(|_| {
+                if Instant::now() >= next_tick {
+                    next_tick = Instant::now() + TICK;
+                    let now = self.now();
+                    let a = self.engine.handle(now, Event::Tick);
+                    self.execute(a)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = r {
+                tracing::error!(volume = %self.name, "replication driver stops: {e}");
+                *self.failed.lock().expect("failed") = Some(e.to_string());
+                break;
+            }
+        }
+        *self.last_status.lock().expect("status") = Some(self.engine.status());
+        let reason = self
+            .failed
+            .lock()
+            .expect("failed")
+            .clone()
+            .unwrap_or_else(|| "the volume driver stopped".into());
+        for (_, c) in self.pending.drain() {
+            let _ = c.send(Err(RequestError::Io(reason.clone())));
+        }
+        // Fail requests still queued.
+        while let Ok(input) = rx.try_recv() {
+            if let Input::Consumer(_, c) = input {
+                let _ = c.send(Err(RequestError::Io(reason.clone())));
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Result<(), VolumeError> {
+        let now = self.now();
+        let actions = match input {
+            Input::Consumer(op, c) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.pending.insert(id, c);
+                let ev = match op {
+                    ConsumerOp::Write { offset, data, fua } => Event::Write {
+                        id,
+                        offset,
+                        data,
+                        fua,
+                    },
+                    ConsumerOp::Flush => Event::Flush { id },
+                    ConsumerOp::Read { offset, len } => Event::Read { id, offset, len },
+                };
+                self.engine.handle(now, ev)
+            }
+            Input::Disk(ev) => self.engine.handle(now, ev),
+            Input::Transport(ev) => return self.transport_event(ev),
+            Input::Promote(r) => match self.engine.promote(now) {
+                Ok(a) => {
+                    let res = self.execute(a);
+                    let _ = r.send(res.clone());
+                    return res;
+                }
+                Err(e) => {
+                    let _ = r.send(Err(e.into()));
+                    return Ok(());
+                }
+            },
+            Input::Demote(r) => match self.engine.demote(now) {
+                Ok(a) => {
+                    let res = self.execute(a);
+                    let _ = r.send(res.clone());
+                    return res;
+                }
+                Err(e) => {
+                    let _ = r.send(Err(e.into()));
+                    return Ok(());
+                }
+            },
+            Input::Status(r) => {
+                let _ = r.send(self.engine.status());
+                return Ok(());
+            }
+            Input::SetResyncRate(b) => self
+                .engine
+                .handle(now, Event::SetResyncRate { bytes_per_sec: b }),
+            Input::Stop => return Ok(()),
+        };
+        self.execute(actions)
+    }
+
+    fn transport_event(&mut self, ev: tandem_transport::Event) -> Result<(), VolumeError> {
+        use tandem_transport::Event as T;
+        match ev {
+            T::PeerUp { peer, link, .. } => {
+                if self.links.contains_key(&peer) {
+                    // Never happens (the transport orders PeerDown first); keep the contract.
+                    self.links.remove(&peer);
+                    let now = self.now();
+                    let a = self.engine.handle(now, Event::PeerDown { peer });
+                    self.execute(a)?;
+                }
+                self.links.insert(peer, link);
+                let now = self.now();
+                let a = self.engine.handle(now, Event::PeerUp { peer });
+                self.execute(a)
+            }
+            T::PeerMessage { peer, msg, .. } => {
+                if !self.links.contains_key(&peer) {
+                    return Ok(());
+                }
+                let now = self.now();
+                let a = self.engine.handle(now, Event::PeerMessage { peer, msg });
+                self.execute(a)
+            }
+            T::PeerDown {
+                peer, link, reason, ..
+            } => {
+                if self.links.get(&peer) != Some(&link) {
+                    return Ok(());
+                }
+                tracing::info!(volume = %self.name, peer, "link down: {reason}");
+                self.links.remove(&peer);
+                let now = self.now();
+                let a = self.engine.handle(now, Event::PeerDown { peer });
+                self.execute(a)?;
+                if self.removed.get(&peer) == Some(&true) {
+                    self.removed.remove(&peer);
+                    self.configure_transport()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Executes actions in order, per the ordering contract.
+    fn execute(&mut self, actions: Vec<Action>) -> Result<(), VolumeError> {
+        for a in actions {
+            match a {
+                Action::PersistMeta(m) => self.store.persist_meta(&m)?,
+                Action::PersistBits {
+                    peer,
+                    set,
+                    first,
+                    count,
+                } => self.store.persist_bits(peer, set, first, count)?,
+                Action::PersistActivityLog(ext) => self.store.persist_al(&ext)?,
+                Action::DiskWrite {
+                    io,
+                    offset,
+                    data,
+                    fua,
+                } => self.disk(DiskJob::Write {
+                    io,
+                    offset,
+                    data,
+                    fua,
+                }),
+                Action::DiskRead { io, offset, len } => {
+                    self.disk(DiskJob::Read { io, offset, len })
+                }
+                Action::DiskFlush { io } => self.disk(DiskJob::Flush { io }),
+                Action::Send { peer, msg } => self.send(peer, msg),
+                Action::Disconnect {
+                    peer,
+                    reason,
+                    reconnect,
+                } => {
+                    tracing::warn!(volume = %self.name, peer, ?reason, reconnect, "disconnecting");
+                    if self.links.contains_key(&peer) {
+                        // The transport has no per-link close: take the peer out of the
+                        // volume's configuration (queued frames go first, then the peer
+                        // sees Disconnect{ConfigChanged}); it comes back after PeerDown
+                        // when `reconnect`.
+                        self.removed.insert(peer, reconnect);
+                        self.configure_transport()?;
+                    } else if !reconnect {
+                        self.removed.insert(peer, false);
+                        self.configure_transport()?;
+                    }
+                }
+                Action::Complete { id, result } => {
+                    if let Some(c) = self.pending.remove(&id) {
+                        let _ = c.send(result);
+                    }
+                }
+                Action::Log { level, msg } => match level {
+                    Level::Info => tracing::info!(volume = %self.name, "{msg}"),
+                    Level::Warn => tracing::warn!(volume = %self.name, "{msg}"),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn disk(&mut self, job: DiskJob) {
+        let job = match &self.workers {
+            Some(w) => match w.send(job) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => job,
+        };
+        // A witness has no disk (the engine never asks), or the workers are gone.
+        let err = || Err(DiskError("no local disk".into()));
+        let ev = match job {
+            DiskJob::Write { io, .. } => Event::DiskWriteDone { io, result: err() },
+            DiskJob::Flush { io } => Event::DiskFlushDone { io, result: err() },
+            DiskJob::Read { io, .. } => Event::DiskReadDone {
+                io,
+                result: Err(DiskError("no local disk".into())),
+            },
+        };
+        let now = self.now();
+        let a = self.engine.handle(now, ev);
+        if let Err(e) = self.execute(a) {
+            *self.failed.lock().expect("failed") = Some(e.to_string());
+        }
+    }
+
+    fn send(&mut self, peer: NodeId, msg: Message) {
+        let Some(&link) = self.links.get(&peer) else {
+            return; // its PeerDown is on the way
+        };
+        let t = self.node.transport.clone();
+        // Message clones are cheap (bulk data is `Bytes`).
+        let r = match t.try_send_on(&self.name, peer, link, msg.clone()) {
+            Err(SendError::Full { .. }) => {
+                // Back-pressure: wait for room. The loop thread is not a runtime thread, so
+                // blocking on the runtime is allowed; the transport's event routing never
+                // waits for this loop (unbounded channel), so this cannot deadlock.
+                self.node
+                    .runtime
+                    .block_on(t.send_on(&self.name, peer, link, msg))
+            }
+            r => r,
+        };
+        if let Err(e) = r {
+            tracing::debug!(volume = %self.name, peer, "send: {e}");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! One transport per node, its events routed to the volume drivers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tandem_repl_proto::{ClusterSecret, NodeId};
+use tandem_transport::{Event, Timers, Transport, TransportConfig};
+
+use crate::VolumeError;
+use crate::driver::Input;
+
+/// Identity and listener of this node's replication endpoint.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub cluster_id: String,
+    pub secret: ClusterSecret,
+    pub node_id: NodeId,
+    pub node_name: String,
+    /// Replication listen address (port 0: any free port, see [`NodeReplication::local_addr`]).
+    pub listen: SocketAddr,
+    /// Transport timers (defaults suit a LAN).
+    pub timers: Timers,
+}
+
+pub(crate) type Routes = Arc<Mutex<HashMap<String, std::sync::mpsc::Sender<Input>>>>;
+
+/// The replication endpoint of one node (one per agent): owns the transport, routes its
+/// events to the [`crate::VolumeDriver`]s by volume name. Events of a volume without a driver
+/// are dropped (the transport only connects volumes a driver configured).
+pub struct NodeReplication {
+    pub(crate) transport: Arc<Transport>,
+    pub(crate) routes: Routes,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) node_id: NodeId,
+    pub(crate) node_name: String,
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for NodeReplication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeReplication")
+            .field("node_id", &self.node_id)
+            .field("local_addr", &self.transport.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeReplication {
+    /// Binds the replication listener and starts routing. Must be called inside a tokio
+    /// runtime (multi-threaded); the drivers send through it from their own threads.
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<NodeReplication>, VolumeError> {
+        let mut tc = TransportConfig::new(
+            cfg.cluster_id,
+            cfg.secret,
+            cfg.node_id,
+            cfg.node_name.clone(),
+            cfg.listen,
+        );
+        tc.timers = cfg.timers;
+        let (transport, mut rx) = Transport::start(tc)
+            .await
+            .map_err(|e| VolumeError::Transport(e.to_string()))?;
+        let routes: Routes = Arc::default();
+        let r = routes.clone();
+        let router = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let vol = match &ev {
+                    Event::PeerUp { volume, .. }
+                    | Event::PeerMessage { volume, .. }
+                    | Event::PeerDown { volume, .. } => volume.clone(),
+                };
+                let tx = r.lock().expect("routes lock").get(&*vol).cloned();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(Input::Transport(ev));
+                    }
+                    None => tracing::debug!(volume = %vol, "event for a volume without driver"),
+                }
+            }
+        });
+        Ok(Arc::new(NodeReplication {
+            transport: Arc::new(transport),
+            routes,
+            runtime: tokio::runtime::Handle::current(),
+            node_id: cfg.node_id,
+            node_name: cfg.node_name,
+            router,
+        }))
+    }
+
+    /// The bound replication address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.transport.local_addr()
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The transport (links, stats).
+    pub fn transport(&self) -> &Arc<Transport> {
+        &self.transport
+    }
+
+    /// Closes every link in order (peers see `Disconnect{Shutdown}`) and stops routing. Stop
+    /// the volume drivers first.
+    pub async fn shutdown(&self) {
+        self.transport.shutdown().await;
+        self.router.abort();
+    }
+}
+
+impl Drop for NodeReplication {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}

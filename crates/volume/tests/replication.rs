@@ -1,0 +1,195 @@
+//! The driver on real loopback transports and real files: replication, flush, crash and
+//! bitmap resync, restart, quorum with a witness.
+
+mod common;
+
+use common::*;
+use tandem_volume::{DiskState, ReplState, Role};
+
+/// Waits until node `id` sees every peer connected and in sync, and has quorum.
+fn wait_in_sync(c: &Cluster, id: u8) {
+    wait_for(20, &format!("node {id} connected and in sync"), || {
+        let s = c.d(id).status().unwrap();
+        (s.quorum
+            && s.disk_state != DiskState::Inconsistent
+            && s.out_of_sync_bytes == 0
+            && s.peers
+                .iter()
+                .all(|p| p.connected && p.repl_state == ReplState::Established))
+        .then_some(())
+    });
+}
+
+fn promote(c: &Cluster, id: u8) {
+    wait_for(20, &format!("promotion of node {id}"), || {
+        match c.d(id).promote() {
+            Ok(()) => Some(()),
+            Err(e) => {
+                eprintln!("promote: {e}");
+                None
+            }
+        }
+    });
+    assert_eq!(c.d(id).status().unwrap().role, Role::Primary);
+}
+
+#[test]
+fn writes_replicate_flush_crash_resync_and_restart() {
+    let size = 64 * MIB;
+    let mut c = Cluster::start(2, 1, size);
+    for id in 1..=3 {
+        wait_in_sync(&c, id);
+    }
+    promote(&c, 1);
+    let dev = c.d(1).block_device();
+
+    // Writes land byte-identical on both replicas.
+    let mut expect = vec![0u8; size as usize];
+    fn write(
+        dev: &dyn tandem_blockdev::BlockDevice,
+        expect: &mut [u8],
+        seed: u64,
+        off: u64,
+        len: usize,
+    ) {
+        let p = pattern(seed, len);
+        dev.write_at(&p, off).unwrap();
+        expect[off as usize..off as usize + len].copy_from_slice(&p);
+    }
+    write(&*dev, &mut expect, 1, 0, 4096);
+    write(&*dev, &mut expect, 2, 5 * MIB + 512, 100_000);
+    write(&*dev, &mut expect, 3, size - 4096, 4096);
+    write(&*dev, &mut expect, 4, 5 * MIB + 4096, 8192); // overlaps write 2
+    dev.flush().unwrap();
+    assert!(c.data(1) == expect, "node 1 data differs");
+    assert!(c.data(2) == expect, "node 2 data differs");
+    let mut buf = vec![0u8; 100_000];
+    dev.read_at(&mut buf, 5 * MIB + 512).unwrap();
+    assert!(buf == expect[(5 * MIB + 512) as usize..][..100_000]);
+
+    // A flush completes only after the peer flushed: kill the peer right after it and its
+    // file holds the data.
+    write(&*dev, &mut expect, 5, 9 * MIB, 65536);
+    dev.flush().unwrap();
+    c.crash(2);
+    assert!(c.data(2) == expect, "node 2 lacks flushed data");
+
+    // Keep writing without node 2 (quorum with the witness).
+    let written_meanwhile = 10 * 65536u64;
+    for i in 0..10u64 {
+        write(
+            &*dev,
+            &mut expect,
+            100 + i,
+            20 * MIB + i * 512 * 1024,
+            65536,
+        );
+    }
+    dev.flush().unwrap();
+    let s1 = c.d(1).status().unwrap();
+    assert_eq!(s1.out_of_sync_bytes, written_meanwhile, "{s1:?}");
+
+    // Node 2 comes back from its files and resyncs only what was written meanwhile.
+    c.restart(2);
+    wait_in_sync(&c, 2);
+    wait_in_sync(&c, 1);
+    let s2 = c.d(2).status().unwrap();
+    assert_eq!(s2.disk_state, DiskState::UpToDate);
+    assert!(
+        s2.last_resync_bytes >= written_meanwhile
+            && s2.last_resync_bytes <= written_meanwhile + MIB
+            && s2.last_resync_bytes < size / 16,
+        "resynced {} bytes for {written_meanwhile} written",
+        s2.last_resync_bytes
+    );
+    dev.flush().unwrap();
+    assert!(c.data(2) == expect, "node 2 differs after resync");
+    assert!(c.data(1) == expect, "node 1 differs after resync");
+
+    // Node 1 (Primary) crashes and restarts from its files: its data is kept.
+    drop(dev);
+    c.crash(1);
+    c.restart(1);
+    wait_in_sync(&c, 1);
+    promote(&c, 1);
+    let dev = c.d(1).block_device();
+    let mut all = vec![0u8; size as usize];
+    dev.read_at(&mut all, 0).unwrap();
+    assert!(all == expect, "node 1 lost data across its restart");
+    dev.write_at(&pattern(999, 4096), 4096).unwrap();
+    dev.flush().unwrap();
+    expect[4096..8192].copy_from_slice(&pattern(999, 4096));
+    assert!(c.data(1) == expect && c.data(2) == expect);
+}
+
+#[test]
+fn witness_keeps_quorum_and_losing_two_stops_writes() {
+    let size = 16 * MIB;
+    let mut c = Cluster::start(2, 1, size);
+    for id in 1..=3 {
+        wait_in_sync(&c, id);
+    }
+    promote(&c, 1);
+    let dev = c.d(1).block_device();
+    dev.write_at(&pattern(1, 4096), 0).unwrap();
+    dev.flush().unwrap();
+
+    // Witness gone: still writable.
+    c.crash(3);
+    wait_for(20, "node 1 to see the witness gone", || {
+        let s = c.d(1).status().unwrap();
+        s.peers
+            .iter()
+            .any(|p| p.node_id == 3 && !p.connected)
+            .then_some(())
+    });
+    dev.write_at(&pattern(2, 4096), 8192).unwrap();
+    dev.flush().unwrap();
+    assert!(c.d(1).status().unwrap().quorum);
+
+    // Peer gone too: writes fail with the quorum error.
+    c.crash(2);
+    let err = wait_for(20, "a write to fail for lack of quorum", || {
+        dev.write_at(&pattern(3, 4096), 16384).err()
+    });
+    let msg = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(msg.contains("no quorum"), "{msg}");
+    assert_eq!(err.errno(), libc_eio());
+    assert!(!c.d(1).status().unwrap().quorum);
+    // Reads fail too (a Primary cut off from the majority may be stale).
+    let mut b = vec![0u8; 4096];
+    assert!(dev.read_at(&mut b, 0).is_err());
+}
+
+fn libc_eio() -> i32 {
+    5
+}
+
+#[test]
+fn two_diskful_without_witness_replicate_and_refuse_a_second_primary() {
+    let size = 8 * MIB;
+    let c = Cluster::start(2, 0, size);
+    wait_in_sync(&c, 1);
+    wait_in_sync(&c, 2);
+    promote(&c, 1);
+    let err = c.d(2).promote().unwrap_err();
+    assert!(err.to_string().contains("Primary"), "{err}");
+    let dev = c.d(1).block_device();
+    dev.write_at(&pattern(7, 3 * 4096), 4096).unwrap();
+    dev.write_zeroes(5000, 3000, true).unwrap();
+    dev.trim(0, 4096).unwrap();
+    dev.flush().unwrap();
+    assert!(c.data(1) == c.data(2));
+    // A Secondary refuses consumer I/O.
+    let e = c.d(2).block_device().write_at(&[1; 512], 0).unwrap_err();
+    assert!(format!("{:?}", e).contains("not Primary"), "{e:?}");
+    // Orderly switchover.
+    c.d(1).demote().unwrap();
+    promote(&c, 2);
+    let dev2 = c.d(2).block_device();
+    let mut b = vec![0u8; 3 * 4096];
+    dev2.read_at(&mut b, 4096).unwrap();
+    let mut want = pattern(7, 3 * 4096);
+    want[5000 - 4096..8000 - 4096].fill(0);
+    assert!(b == want);
+}
