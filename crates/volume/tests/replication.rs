@@ -172,6 +172,15 @@ fn two_diskful_without_witness_replicate_and_refuse_a_second_primary() {
     wait_in_sync(&c, 1);
     wait_in_sync(&c, 2);
     promote(&c, 1);
+    // The engine has no cluster-wide two-phase promotion: a refusal needs node 2 to have
+    // seen node 1's new role (racing promotions are only stopped by quorum and voters).
+    wait_for(20, "node 2 to see node 1 Primary", || {
+        let s = c.d(2).status().unwrap();
+        s.peers
+            .iter()
+            .any(|p| p.node_id == 1 && p.role == Some(Role::Primary))
+            .then_some(())
+    });
     let err = c.d(2).promote().unwrap_err();
     assert!(err.to_string().contains("Primary"), "{err}");
     let dev = c.d(1).block_device();
