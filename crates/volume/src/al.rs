@@ -39,12 +39,20 @@ impl ActivityLogFile {
     /// Opens (creating if missing) `path`, sized for at most `max_extents` extents, and
     /// returns it with the extents of its newest valid record.
     pub fn open(path: &Path, max_extents: usize) -> std::io::Result<(ActivityLogFile, Vec<u64>)> {
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)?;
+        if !existed {
+            // The file's directory entry must survive a crash before any record counts on it.
+            file.sync_all()?;
+            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                tandem_meta::sync_dir(dir).map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+        }
         let slot_bytes = ((HEADER + 8 * max_extents + 4) as u64).div_ceil(4096) * 4096;
         let mut best: Option<(u64, Vec<u64>)> = None;
         let len = file.metadata()?.len();

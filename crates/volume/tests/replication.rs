@@ -111,6 +111,14 @@ fn writes_replicate_flush_crash_resync_and_restart() {
     c.crash(1);
     c.restart(1);
     wait_in_sync(&c, 1);
+    // It restarted as a crashed Primary: the activity-log extents (4 MiB each) from `V.al`
+    // resynced from node 2, not the whole volume.
+    let s1 = c.d(1).status().unwrap();
+    assert!(
+        s1.last_resync_bytes > 0 && s1.last_resync_bytes < size,
+        "crashed Primary resynced {} bytes",
+        s1.last_resync_bytes
+    );
     promote(&c, 1);
     let dev = c.d(1).block_device();
     let mut all = vec![0u8; size as usize];
