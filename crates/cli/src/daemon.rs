@@ -28,6 +28,11 @@ pub struct ControllerRunArgs {
     /// Seconds without sync after which an agent shows offline (overrides the config).
     #[arg(long)]
     pub offline_after_secs: Option<u64>,
+    /// Allow volumes with 2 or 3 replicas before the agents replicate (the replicas are NOT
+    /// kept in sync yet; for developing the replication driver). Sets
+    /// `experimental_replication = true`.
+    #[arg(long)]
+    pub experimental_replication: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,6 +64,10 @@ pub struct AgentRunArgs {
     /// `host:port` for NBD over TCP (overrides the config).
     #[arg(long)]
     pub nbd_tcp: Option<String>,
+    /// `host:port` to listen on for replication links (overrides the config; default
+    /// `ADDRESS:0`).
+    #[arg(long)]
+    pub repl_listen: Option<String>,
     /// Add a pool: NAME=DIR (repeatable; adds to the config's pools).
     #[arg(long = "pool")]
     pub pools: Vec<String>,
@@ -141,6 +150,9 @@ pub fn controller(cmd: &ControllerCmd) -> Result<()> {
     if let Some(v) = args.offline_after_secs {
         config.offline_after_secs = v;
     }
+    if args.experimental_replication {
+        config.experimental_replication = true;
+    }
     let _pid = match &args.config {
         Some(p) => Some(PidFile::write(sibling(p, "controller.pid"))?),
         None => None,
@@ -184,6 +196,9 @@ pub fn agent(cmd: &AgentCmd) -> Result<()> {
     }
     if let Some(v) = &args.nbd_tcp {
         config.nbd_tcp = Some(v.clone());
+    }
+    if let Some(v) = &args.repl_listen {
+        config.repl_listen = Some(v.clone());
     }
     for p in &args.pools {
         let Some((name, dir)) = p.split_once('=') else {

@@ -64,6 +64,8 @@ pub fn nodes_table(nodes: &[Node]) -> String {
         "LAST SEEN",
         "NBD SOCKET",
         "NBD TCP",
+        "ID",
+        "REPLICATION",
     ]);
     for n in nodes {
         t.row(vec![
@@ -74,6 +76,8 @@ pub fn nodes_table(nodes: &[Node]) -> String {
             format!("{}s ago", n.last_seen_secs),
             n.nbd_socket.clone().unwrap_or_else(|| "-".into()),
             n.nbd_tcp.clone().unwrap_or_else(|| "-".into()),
+            n.node_id.map_or_else(|| "-".into(), |i| i.to_string()),
+            n.repl_addr.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     t.render()
@@ -170,6 +174,21 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
         ]);
     }
     out.push_str(&t.render());
+    if v.replicas.iter().any(|r| !r.peers.is_empty()) {
+        out.push('\n');
+        let mut t = Table::new(&["NODE", "PEER", "REPLICATION", "OUT OF SYNC"]);
+        for r in &v.replicas {
+            for p in &r.peers {
+                t.row(vec![
+                    r.node.clone(),
+                    p.node.clone(),
+                    p.repl_state.clone(),
+                    size_cell(p.out_of_sync_bytes),
+                ]);
+            }
+        }
+        out.push_str(&t.render());
+    }
     if !v.operations.is_empty() {
         out.push('\n');
         out.push_str(&operations_table(v, now));

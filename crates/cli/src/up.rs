@@ -25,6 +25,11 @@ pub struct UpArgs {
     /// Controller port on 127.0.0.1 (default 7450, which the CLI uses by default).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Start the controller with `experimental_replication` (volumes with 2 or 3 replicas
+    /// are placed and their files created, but NOT kept in sync yet). Remembered in the
+    /// controller's config.
+    #[arg(long)]
+    pub experimental_replication: bool,
 }
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,7 +111,11 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn controller_config(dir: &Path, port: Option<u16>) -> Result<(PathBuf, String)> {
+fn controller_config(
+    dir: &Path,
+    port: Option<u16>,
+    experimental_replication: bool,
+) -> Result<(PathBuf, String)> {
     let cdir = dir.join("controller");
     std::fs::create_dir_all(&cdir).with_context(|| format!("creating {}", cdir.display()))?;
     let path = cdir.join("controller.toml");
@@ -120,6 +129,9 @@ fn controller_config(dir: &Path, port: Option<u16>) -> Result<(PathBuf, String)>
     };
     if let Some(p) = port {
         config.listen = format!("127.0.0.1:{p}");
+    }
+    if experimental_replication {
+        config.experimental_replication = true;
     }
     write_file(&path, &toml::to_string(&config)?)?;
     let url = format!("http://{}", config.listen);
@@ -143,13 +155,18 @@ fn agent_config(dir: &Path, node: &str, url: &str) -> Result<(PathBuf, tandem_ag
             );
         }
         let text = format!(
-            "node = {node:?}\ncontroller = {url:?}\naddress = \"127.0.0.1\"\nstate_dir = {:?}\nnbd_socket = {sock:?}\nnbd_tcp = \"127.0.0.1:{}\"\n\n[[pools]]\nname = \"default\"\npath = {:?}\n",
+            "node = {node:?}\ncontroller = {url:?}\naddress = \"127.0.0.1\"\nstate_dir = {:?}\nnbd_socket = {sock:?}\nnbd_tcp = \"127.0.0.1:{}\"\nrepl_listen = \"127.0.0.1:{}\"\n\n[[pools]]\nname = \"default\"\npath = {:?}\n",
             ndir.join("state"),
+            free_port()?,
             free_port()?,
             ndir.join("pool"),
         );
         toml::from_str(&text)?
     };
+    if config.repl_listen.is_none() {
+        // A config written by an older `tandem up`: give it a fixed replication port too.
+        config.repl_listen = Some(format!("127.0.0.1:{}", free_port()?));
+    }
     config.controller = url.to_string();
     write_file(&path, &toml::to_string(&config)?)?;
     Ok((path, config))
@@ -176,7 +193,7 @@ pub fn run(args: &UpArgs) -> Result<()> {
     let dir = args.dir.canonicalize()?;
     let exe = std::env::current_exe().context("locating the tandem binary")?;
 
-    let (ctl_config, url) = controller_config(&dir, args.port)?;
+    let (ctl_config, url) = controller_config(&dir, args.port, args.experimental_replication)?;
     let mut names: Vec<String> = (1..=args.nodes).map(|i| format!("node{i}")).collect();
     let mut extra = Vec::new();
     for n in existing_nodes(&dir) {

@@ -1233,10 +1233,6 @@ impl Controller {
                     }
                 }
                 VolumeState::Creating | VolumeState::Ready => {
-                    if v.state == VolumeState::Creating && r.disk_state == DiskState::UpToDate {
-                        v.state = VolumeState::Ready;
-                        tracing::info!(volume = %v.name, node, "volume ready");
-                    }
                     let diskless_here = v.placements.iter().any(|p| p.node == node && p.diskless);
                     if let Some(op) = v.open_operation_mut("create")
                         && let Some(idx) = ops::open_step(op, node)
@@ -1253,6 +1249,15 @@ impl Controller {
                             tracing::warn!(volume = %before.name, node, attempt = op.attempts,
                                 retry_in = ops::backoff_secs(op.attempts), "create step failed: {err}");
                         }
+                    }
+                    // Ready once every placement's step is done (each replica exists).
+                    if v.state == VolumeState::Creating
+                        && (r.disk_state == DiskState::UpToDate
+                            || (diskless_here && r.disk_state == DiskState::Diskless))
+                        && v.open_operation_mut("create").is_none()
+                    {
+                        v.state = VolumeState::Ready;
+                        tracing::info!(volume = %v.name, node, "volume ready");
                     }
                 }
             }

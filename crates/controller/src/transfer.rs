@@ -154,7 +154,16 @@ pub fn validate(doc: &StateDocument) -> Result<(), Failure> {
         let mut on = BTreeSet::new();
         for p in &v.placements {
             validate_name("node", &p.node).map_err(|e| invalid(e.to_string()))?;
-            validate_name("pool", &p.pool).map_err(|e| invalid(e.to_string()))?;
+            if p.diskless {
+                if !p.pool.is_empty() {
+                    return Err(invalid(format!(
+                        "volume '{}': the diskless placement on node '{}' names a pool",
+                        v.name, p.node
+                    )));
+                }
+            } else {
+                validate_name("pool", &p.pool).map_err(|e| invalid(e.to_string()))?;
+            }
             if !on.insert(p.node.as_str()) {
                 return Err(invalid(format!(
                     "volume '{}' is placed twice on node '{}'",

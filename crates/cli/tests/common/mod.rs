@@ -86,10 +86,17 @@ pub struct Cluster {
     /// Daemons the test restarted by hand; killed on drop.
     extra: Vec<Child>,
     pub up_output: String,
+    /// Extra arguments of `tandem up` (e.g. `--experimental-replication`).
+    pub up_args: Vec<String>,
 }
 
 impl Cluster {
     pub fn start(nodes: u32) -> Cluster {
+        Self::start_with(nodes, &[])
+    }
+
+    /// Like [`Cluster::start`] with extra arguments for `tandem up`.
+    pub fn start_with(nodes: u32, up_args: &[&str]) -> Cluster {
         // Short path: unix socket paths are limited to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("tdm")
@@ -103,6 +110,7 @@ impl Cluster {
             up: None,
             extra: Vec::new(),
             up_output: String::new(),
+            up_args: up_args.iter().map(|s| s.to_string()).collect(),
         };
         c.up();
         c
@@ -124,6 +132,7 @@ impl Cluster {
                 "--port",
                 &self.port.to_string(),
             ])
+            .args(&self.up_args)
             .env("TANDEM_LOG", "info,tandem=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
