@@ -979,7 +979,11 @@ impl Controller {
         let mut steps = vec![ops::step("mark the volume deleting", None, ops::DONE)];
         for p in &v.placements {
             steps.push(ops::step(
-                format!("delete replica on {}:{}", p.node, p.pool),
+                if p.diskless {
+                    format!("remove witness on {}", p.node)
+                } else {
+                    format!("delete replica on {}:{}", p.node, p.pool)
+                },
                 Some(&p.node),
                 ops::RUNNING,
             ));
