@@ -427,6 +427,50 @@ mod tests {
     }
 
     #[test]
+    fn volume_detail_lists_peers_when_reported() {
+        let replica = |node: &str, peers: Vec<tandem_api::PeerReplState>| tandem_api::Replica {
+            node: node.into(),
+            pool: "default".into(),
+            diskless: false,
+            role: tandem_api::Role::Secondary,
+            disk_state: tandem_api::DiskState::UpToDate,
+            repl_state: "Established".into(),
+            out_of_sync_bytes: 0,
+            resync_bytes_per_sec: 0,
+            last_resync_bytes: 0,
+            allocated_bytes: 0,
+            connections: 0,
+            peers,
+            quorum: Some(true),
+        };
+        let peer = |node: &str, state: &str| tandem_api::PeerReplState {
+            node: node.into(),
+            repl_state: state.into(),
+            out_of_sync_bytes: 4096,
+        };
+        let mut v = Volume {
+            name: "v".into(),
+            uuid: "u".into(),
+            size_bytes: 1 << 20,
+            protocol: tandem_api::Protocol::C,
+            replica_count: 2,
+            state: tandem_api::VolumeState::Ready,
+            quorum: true,
+            replicas: vec![replica("n1", vec![]), replica("n2", vec![])],
+            operations: vec![],
+        };
+        assert!(!volume_detail_at(&v, 0).contains("PEER"));
+        v.replicas[0].peers = vec![peer("n2", "SyncSource")];
+        let text = volume_detail_at(&v, 0);
+        assert!(text.contains("PEER"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("n1") && l.contains("n2") && l.contains("SyncSource")),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn sizes_show_bytes_and_iec() {
         assert_eq!(size_cell(1 << 30), "1073741824 (1.00 GiB)");
         assert_eq!(size_cell(10), "10 B");

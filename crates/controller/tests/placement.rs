@@ -274,3 +274,31 @@ fn refusals_and_pinning() {
         "{v}"
     );
 }
+
+#[test]
+fn state_export_import_keeps_node_ids_and_diskless_placements() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    register(&s, &[("n1", 30), ("n2", 20), ("n3", 10)]);
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(status, 201, "{v}");
+    let doc: serde_json::Value = s.get_ok("/v1/state");
+    let ids: Vec<(String, Option<u8>)> =
+        nodes(&s).into_iter().map(|n| (n.name, n.node_id)).collect();
+    s.stop();
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let s2 = Server::start_experimental(dir2.path());
+    let (status, v) = s2.post("/v1/state", &doc);
+    assert_eq!(status, 200, "{v}");
+    let ids2: Vec<(String, Option<u8>)> = nodes(&s2)
+        .into_iter()
+        .map(|n| (n.name, n.node_id))
+        .collect();
+    assert_eq!(ids, ids2);
+    let v: Volume = s2.get_ok("/v1/volumes/a");
+    assert_eq!(v.replicas.iter().filter(|r| r.diskless).count(), 1);
+    // A node registering after the import gets an id nobody has.
+    let d = s2.sync(&report("n9", 0), 0);
+    assert!(!ids.iter().any(|(_, i)| *i == d.node_id));
+}
