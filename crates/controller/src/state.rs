@@ -1296,9 +1296,17 @@ impl Controller {
             message,
         };
         for r in &record.replicas {
-            match known.get(&r.volume) {
+            match known.get_mut(&r.volume) {
                 Some((uuid, size, nodes)) if *uuid == r.volume_uuid => {
-                    if !nodes.iter().any(|n| n == node) {
+                    if !nodes.iter().any(|n| n == node)
+                        && r.on_disk
+                        && !r.diskless
+                        && r.size_bytes == *size
+                        && self.adopt_more(node, r)?
+                    {
+                        nodes.push(node.to_string());
+                        adopted = true;
+                    } else if !nodes.iter().any(|n| n == node) {
                         issues.push(issue(
                             &r.volume,
                             "extra_replica",
@@ -1412,6 +1420,45 @@ impl Controller {
             }
         }
         Ok((issues, adopted))
+    }
+
+    /// Rebuild of a volume with several replicas: another node reports a replica (same uuid and
+    /// size) of a volume that was itself learnt from a report; it becomes one more placement.
+    /// Returns whether it was added.
+    fn adopt_more(&self, node: &str, r: &ReplicaReport) -> Result<bool, Failure> {
+        let Some((rev, mut v)) = self.volume_record(&r.volume)? else {
+            return Ok(false);
+        };
+        let learnt = v.operations.first().is_some_and(|o| o.kind == "adopt");
+        if !learnt || v.uuid != r.volume_uuid || v.state == VolumeState::Deleting {
+            return Ok(false);
+        }
+        if v.placements.iter().any(|p| p.node == node) {
+            return Ok(false);
+        }
+        v.placements.push(Placement {
+            node: node.to_string(),
+            pool: r.pool.clone(),
+            diskless: false,
+        });
+        v.replica_count = v.placements.iter().filter(|p| !p.diskless).count() as u32;
+        if let Some(op) = v.operations.first_mut() {
+            op.steps.push(ops::step(
+                format!("adopt the replica reported by {node}:{}", r.pool),
+                None,
+                ops::DONE,
+            ));
+        }
+        let mut txn = vec![TxnOp::put(
+            format!("{VOLUMES}{}", v.name),
+            encode(&v)?,
+            Expect::Revision(rev),
+        )];
+        txn.extend(v.placements.iter().map(|p| Self::bump(&p.node)));
+        self.store.txn(txn)?;
+        tracing::info!(volume = %v.name, node, pool = %r.pool,
+            "another replica of an adopted volume added from the agent's report");
+        Ok(true)
     }
 
     /// Starts every operation attempt whose retry time has come; returns how many volumes

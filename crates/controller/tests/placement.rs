@@ -302,3 +302,25 @@ fn state_export_import_keeps_node_ids_and_diskless_placements() {
     let d = s2.sync(&report("n9", 0), 0);
     assert!(!ids.iter().any(|(_, i)| *i == d.node_id));
 }
+
+#[test]
+fn rebuild_adopts_every_replica_of_a_volume_reported_by_several_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let uuid = "0b7f3c1e-8d4a-4b52-9f0e-2a6c1d9e7f10";
+    for n in ["n1", "n2"] {
+        let mut r = report(n, 0);
+        r.replicas = vec![replica("a", uuid, GIB, DiskState::UpToDate)];
+        s.sync(&r, 0);
+    }
+    let v: Volume = s.get_ok("/v1/volumes/a");
+    let placed: Vec<&str> = v.replicas.iter().map(|r| r.node.as_str()).collect();
+    assert_eq!(placed, vec!["n1", "n2"], "{v:?}");
+    assert_eq!(v.replica_count, 2);
+    let st: tandem_api::ClusterStatus = s.get_ok("/v1/status");
+    assert!(st.issues.is_empty(), "{:?}", st.issues);
+    // Each now learns the other as its peer.
+    let d = s.sync(&report("n1", 0), 0);
+    assert_eq!(d.replicas[0].peers.len(), 1);
+    assert_eq!(d.replicas[0].peers[0].node, "n2");
+}
