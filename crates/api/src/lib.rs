@@ -57,7 +57,7 @@ pub struct Node {
     /// `host:port` the agent serves NBD on over TCP (loopback unless TLS is configured).
     pub nbd_tcp: Option<String>,
     pub agent_version: String,
-    /// Small id of the node in the cluster (0..=254), assigned by the controller at first
+    /// Small id of the node in the cluster (0..=31), assigned by the controller at first
     /// registration and never reused while the node exists.
     #[serde(default)]
     pub node_id: Option<u8>,

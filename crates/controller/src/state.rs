@@ -38,8 +38,9 @@ use crate::ops;
 
 pub(crate) const CLUSTER_ID_KEY: &str = "cluster/id";
 pub(crate) const CLUSTER_SECRET_KEY: &str = "cluster/secret";
-/// Largest node id the controller assigns (255 is "no node" in replica metadata).
-pub const MAX_NODE_ID: u8 = 254;
+/// Largest node id the controller assigns: replica metadata (`tandem_meta`) holds node
+/// ids 0..=31 only, so a 33rd node is refused with `no_node_id`.
+pub const MAX_NODE_ID: u8 = 31;
 /// Most replicas (diskful) a volume may have.
 pub const MAX_REPLICAS: u32 = 3;
 pub(crate) const NODES: &str = "nodes/";
@@ -1583,4 +1584,26 @@ fn repl_summary(peers: &[tandem_api::PeerReplState]) -> String {
         .find(|p| p.repl_state != "Established")
         .map(|p| p.repl_state.clone())
         .unwrap_or_else(|| first.repl_state.clone())
+}
+
+#[cfg(test)]
+mod node_id_tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_capped_at_replica_metadata_limit() {
+        assert_eq!(MAX_NODE_ID, 31);
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..=31u8 {
+            assert_eq!(free_node_id(&used).unwrap(), i);
+            used.insert(i);
+        }
+        let err = free_node_id(&used).unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("no_node_id"), "{text}");
+        assert!(text.contains("0..=31"), "{text}");
+        // a freed id is reused only once its node is gone
+        used.remove(&7);
+        assert_eq!(free_node_id(&used).unwrap(), 7);
+    }
 }
