@@ -314,6 +314,30 @@ impl Transport {
                     addr: cfg.listen,
                     source,
                 })?;
+        Self::start_on(cfg, listener)
+    }
+
+    /// Like [`Transport::start`] on a listener the caller already bound (e.g. bound at
+    /// process start to report its address early); `cfg.listen` is only used in errors.
+    /// Must be called inside a tokio runtime.
+    pub fn start_with_listener(
+        cfg: TransportConfig,
+        listener: std::net::TcpListener,
+    ) -> Result<(Transport, mpsc::Receiver<Event>), TransportError> {
+        cfg.validate()?;
+        let bind_err = |source| TransportError::Bind {
+            addr: cfg.listen,
+            source,
+        };
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let listener = TcpListener::from_std(listener).map_err(bind_err)?;
+        Self::start_on(cfg, listener)
+    }
+
+    fn start_on(
+        cfg: TransportConfig,
+        listener: TcpListener,
+    ) -> Result<(Transport, mpsc::Receiver<Event>), TransportError> {
         let local_addr = listener
             .local_addr()
             .map_err(|source| TransportError::Bind {

@@ -50,6 +50,22 @@ impl NodeReplication {
     /// Binds the replication listener and starts routing. Must be called inside a tokio
     /// runtime (multi-threaded); the drivers send through it from their own threads.
     pub async fn start(cfg: NodeConfig) -> Result<Arc<NodeReplication>, VolumeError> {
+        Self::start_inner(cfg, None).await
+    }
+
+    /// Like [`NodeReplication::start`] on a listener the caller already bound (`cfg.listen`
+    /// is then only used in messages).
+    pub async fn start_with_listener(
+        cfg: NodeConfig,
+        listener: std::net::TcpListener,
+    ) -> Result<Arc<NodeReplication>, VolumeError> {
+        Self::start_inner(cfg, Some(listener)).await
+    }
+
+    async fn start_inner(
+        cfg: NodeConfig,
+        listener: Option<std::net::TcpListener>,
+    ) -> Result<Arc<NodeReplication>, VolumeError> {
         let mut tc = TransportConfig::new(
             cfg.cluster_id,
             cfg.secret,
@@ -58,9 +74,11 @@ impl NodeReplication {
             cfg.listen,
         );
         tc.timers = cfg.timers;
-        let (transport, mut rx) = Transport::start(tc)
-            .await
-            .map_err(|e| VolumeError::Transport(e.to_string()))?;
+        let started = match listener {
+            Some(l) => Transport::start_with_listener(tc, l),
+            None => Transport::start(tc).await,
+        };
+        let (transport, mut rx) = started.map_err(|e| VolumeError::Transport(e.to_string()))?;
         let routes: Routes = Arc::default();
         let r = routes.clone();
         let router = tokio::spawn(async move {
