@@ -15,9 +15,12 @@
 //!   another cluster is refused. The node id the controller assigned is kept in
 //!   `state_dir/node_id` (and written into new replicas' metadata), the cluster secret in
 //!   `state_dir/cluster_secret` (mode 0600, never replaced once written).
-//! * Replication: the agent binds `repl_listen` at start and reports the bound address; the
-//!   listener is held for the replication driver (next step), nothing accepts on it yet.
+//! * Replication (experimental): the agent binds `repl_listen` at start and reports the bound
+//!   address; once it has a node id, a cluster and the cluster secret, and the controller
+//!   wants a replica with peers here, the listener is handed to one
+//!   `tandem_volume::NodeReplication` and each such replica runs a `VolumeDriver` (see `repl`).
 
+mod repl;
 mod replicas;
 mod sync;
 
@@ -118,8 +121,7 @@ pub(crate) struct Agent {
     pub cluster_id: Mutex<Option<String>>,
     /// Actual TCP address (when `nbd_tcp` asks for port 0, the port picked).
     pub nbd_tcp_bound: Option<String>,
-    /// The replication listener, bound at start and held for the replication driver.
-    #[allow(dead_code)] // taken over by the replication driver next
+    /// The replication listener, bound at start; taken by the replication transport.
     pub repl_listener: Mutex<Option<std::net::TcpListener>>,
     /// The address peers reach the replication listener on (reported to the controller).
     pub repl_addr: Option<String>,
@@ -127,6 +129,8 @@ pub(crate) struct Agent {
     pub node_id: Mutex<Option<u8>>,
     /// Diskless placements (witnesses) the controller wants here: nothing on disk.
     pub diskless: replicas::DisklessSet,
+    /// Replication transport and volume drivers of multi-replica volumes.
+    pub repl: repl::Replication,
 }
 
 impl Agent {
@@ -138,6 +142,7 @@ impl Agent {
             table: &self.table,
             server: &self.server,
             diskless: &self.diskless,
+            repl: &self.repl,
         }
     }
 }
@@ -167,7 +172,7 @@ pub async fn run(
     let cluster_id = load_cluster_id(&config.state_dir, &table)?;
     let node_id = load_node_id(&config.state_dir)?;
     let (repl_listener, repl_addr) = bind_repl(&config)?;
-    info!(addr = %repl_addr, node_id = ?node_id, "replication listener bound (not accepting until replication is driven)");
+    info!(addr = %repl_addr, node_id = ?node_id, "replication listener bound (accepting once the node has an id, a cluster and a multi-replica volume)");
 
     let server = Server::new(Arc::new(replicas::Registry(table.clone())));
     let unix = bind_unix(&config.nbd_socket)?;
@@ -207,9 +212,11 @@ pub async fn run(
         repl_addr: Some(repl_addr),
         node_id: Mutex::new(node_id),
         diskless: Default::default(),
+        repl: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sync_task = tokio::spawn(sync::sync_loop(agent.clone(), stop_rx));
+    let sync_task = tokio::spawn(sync::sync_loop(agent.clone(), stop_rx.clone()));
+    let promote_task = tokio::spawn(sync::promote_loop(agent.clone(), stop_rx));
 
     shutdown.await;
     info!("agent shutting down");
@@ -219,6 +226,7 @@ pub async fn run(
     if let Err(e) = sync_task.await {
         error!("sync loop ended abnormally: {e}");
     }
+    let _ = promote_task.await;
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while agent.server.total_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -232,6 +240,8 @@ pub async fn run(
     for l in &listeners {
         l.abort();
     }
+    // Replicated volumes: demote a Primary, stop the drivers, close the links.
+    agent.repl.shutdown(&agent).await;
     {
         let table = table.clone();
         let _ = tokio::task::spawn_blocking(move || replicas::flush_all(&table)).await;

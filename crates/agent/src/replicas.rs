@@ -31,6 +31,8 @@ pub(crate) struct Entry {
     pub last_error: Option<String>,
     /// Failed creation: only a report row, nothing on disk.
     pub ghost: Option<DesiredReplica>,
+    /// `export` goes through a replication driver (see `crate::repl`), not the raw file.
+    pub replicated: bool,
 }
 
 impl Entry {
@@ -46,6 +48,7 @@ impl Entry {
             disk_state: DiskState::Failed,
             last_error: Some(err),
             ghost: None,
+            replicated: false,
         }
     }
 
@@ -247,6 +250,7 @@ pub(crate) fn load(pool: &str, dir: &Path, volume: &str) -> Option<Entry> {
         bitmap,
         last_error,
         ghost: None,
+        replicated: false,
     })
 }
 
@@ -311,6 +315,7 @@ pub(crate) struct Ctx<'a> {
     pub table: &'a SharedTable,
     pub server: &'a Server,
     pub diskless: &'a DisklessSet,
+    pub repl: &'a crate::repl::Replication,
 }
 
 impl Ctx<'_> {
@@ -664,6 +669,9 @@ impl Ctx<'_> {
             })
             .collect();
         out.extend(diskless);
+        for r in &mut out {
+            self.repl.fill_report(r);
+        }
         out
     }
 }

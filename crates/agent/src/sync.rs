@@ -210,11 +210,18 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
             debug!(revision = desired.revision, "applying desired state");
         }
         let revision = desired.revision;
+        crate::repl::stop_unwanted(&agent, &desired).await;
+        let desired = Arc::new(desired);
         {
-            let agent = agent.clone();
+            let (agent, desired) = (agent.clone(), desired.clone());
             if let Err(e) = tokio::task::spawn_blocking(move || agent.ctx().apply(&desired)).await {
                 error!("applying the desired state failed: {e}");
             }
+        }
+        crate::repl::start_wanted(&agent, &desired).await;
+        {
+            let agent = agent.clone();
+            let _ = tokio::task::spawn_blocking(move || agent.repl.promote_pending()).await;
         }
         applied_revision = revision;
         if !changed && started.elapsed() < MIN_POLL && !pause(MIN_POLL, &mut stop).await {
@@ -250,5 +257,19 @@ fn build_report(agent: &Agent, applied_revision: u64, foreign: bool) -> AgentRep
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
         repl_addr: agent.repl_addr.clone(),
+    }
+}
+
+/// How often a replica the controller wants Primary is promoted again after a refusal.
+const PROMOTE_RETRY: Duration = Duration::from_millis(500);
+
+/// Retries pending promotions on a short timer (the sync loop may wait on a long poll).
+pub(crate) async fn promote_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if !pause(PROMOTE_RETRY, &mut stop).await {
+            return;
+        }
+        let a = agent.clone();
+        let _ = tokio::task::spawn_blocking(move || a.repl.promote_pending()).await;
     }
 }

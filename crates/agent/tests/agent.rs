@@ -117,6 +117,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         protocol: Default::default(),
         node_id: None,
         peers: vec![],
+        primary: false,
     }
 }
 

@@ -503,6 +503,10 @@ pub struct DesiredReplica {
     /// Every other placement of the volume.
     #[serde(default)]
     pub peers: Vec<DesiredPeer>,
+    /// This placement should be the volume's Primary (multi-replica volumes: the first
+    /// diskful placement); the agent promotes it once the replication engine allows it.
+    #[serde(default)]
+    pub primary: bool,
 }
 
 /// Another placement of a volume, as the agents of its replicas must know it.

@@ -25,8 +25,8 @@ pub struct UpArgs {
     /// Controller port on 127.0.0.1 (default 7450, which the CLI uses by default).
     #[arg(long)]
     pub port: Option<u16>,
-    /// Start the controller with `experimental_replication` (volumes with 2 or 3 replicas
-    /// are placed and their files created, but NOT kept in sync yet). Remembered in the
+    /// Start the controller with `experimental_replication` (volumes with 2 or 3 replicas,
+    /// replicated by the agents' experimental replication drivers). Remembered in the
     /// controller's config.
     #[arg(long)]
     pub experimental_replication: bool,

@@ -237,7 +237,7 @@ async fn delete_volume(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ConnectQuery {
-    /// Node to connect through (default: the node holding the first replica).
+    /// Node to connect through (default: the Primary, i.e. the first diskful replica).
     #[serde(default)]
     pub node: Option<String>,
 }

@@ -37,9 +37,9 @@ pub struct Config {
     /// An agent that has not synced for this long is shown offline.
     #[serde(default = "default_offline_after_secs")]
     pub offline_after_secs: u64,
-    /// Allow volumes with more than one replica (`replicas` 2 or 3) before the agents drive
-    /// replication: the agents create every diskful replica's files and report them, but the
-    /// replicas are NOT kept in sync yet. For developing the replication driver only.
+    /// Allow volumes with more than one replica (`replicas` 2 or 3). The agents replicate
+    /// them with the experimental replication driver (2 diskful + witness tested end to end;
+    /// 3 diskful are known to be unreliable, see `docs/replication.md`).
     #[serde(default)]
     pub experimental_replication: bool,
 }
@@ -158,8 +158,8 @@ pub async fn run_with_listener(
     .with_experimental_replication(config.experimental_replication);
     if config.experimental_replication {
         tracing::warn!(
-            "experimental_replication is on: volumes may have several replicas, which are \
-             NOT kept in sync until the agents drive replication"
+            "experimental_replication is on: volumes may have several replicas, replicated by \
+             the agents' experimental driver (3 diskful replicas are not reliable yet)"
         );
     }
     tracing::info!(%addr, state = %path.display(), cluster_id = ctl.cluster_id(), "controller listening");

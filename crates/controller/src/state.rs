@@ -653,9 +653,15 @@ impl Controller {
                     )
                 })?
             }
-            None => v.placements.first().ok_or_else(|| {
-                Failure::conflict("not_ready", format!("volume '{name}' has no replica"))
-            })?,
+            // The designated Primary (first diskful placement), where writes are accepted.
+            None => v
+                .placements
+                .iter()
+                .find(|p| !p.diskless)
+                .or(v.placements.first())
+                .ok_or_else(|| {
+                    Failure::conflict("not_ready", format!("volume '{name}' has no replica"))
+                })?,
         };
         let not_ready = |why: String| Failure::conflict("not_ready", why);
         let (_, record) = self.node_record(&placement.node)?.ok_or_else(|| {
@@ -1527,6 +1533,9 @@ impl Controller {
                     protocol: v.protocol,
                     node_id,
                     peers,
+                    primary: v.placements.len() > 1
+                        && v.placements.iter().find(|q| !q.diskless).map(|q| &q.node)
+                            == Some(&p.node),
                 });
             }
         }

@@ -1,0 +1,405 @@
+//! Replication of multi-replica volumes (experimental): one [`NodeReplication`] per agent
+//! (on the listener bound at start), one [`VolumeDriver`] per desired replica that has peers.
+//! A diskful replica is exported over NBD through its driver's block device instead of the
+//! raw file; a diskless placement (witness) runs a diskless voter keeping only its metadata in
+//! `state_dir/witness/`. A change of a replica's peers restarts its driver. The placement the
+//! controller marks `primary` is promoted until the engine accepts it. Single-replica volumes
+//! are not touched (raw `FileDevice` exports).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tandem_api::{DesiredReplica, DesiredState, DiskState, PeerReplState, ReplicaReport, Role};
+use tandem_nbd::server::Export;
+use tandem_volume::{
+    NodeConfig, NodeReplication, Protocol, VolumeDriver, VolumeOptions, VolumePeer, VolumeSpec,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::Agent;
+use crate::replicas::{read, write};
+
+/// Directory (under `state_dir`) holding witnesses' metadata.
+pub(crate) const WITNESS_DIR: &str = "witness";
+
+struct Running {
+    driver: Arc<VolumeDriver>,
+    /// What the driver was started with; a different desired spec restarts it.
+    spec: VolumeSpec,
+    primary: bool,
+    /// Node name of each peer id (for reports).
+    peer_names: BTreeMap<u8, String>,
+    /// Last promotion refusal logged (to log each reason once).
+    last_refusal: Option<String>,
+}
+
+/// The agent's replication state.
+#[derive(Default)]
+pub(crate) struct Replication {
+    node: Mutex<Option<Arc<NodeReplication>>>,
+    drivers: Mutex<BTreeMap<String, Running>>,
+    node_failed: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replication {
+    fn node(&self) -> Option<Arc<NodeReplication>> {
+        lock(&self.node).clone()
+    }
+
+    /// Fills the replication fields of a report row from the running driver, if any.
+    pub(crate) fn fill_report(&self, r: &mut ReplicaReport) {
+        let (driver, names) = {
+            let d = lock(&self.drivers);
+            match d.get(&r.volume) {
+                Some(run) if run.spec.uuid == r.volume_uuid => {
+                    (run.driver.clone(), run.peer_names.clone())
+                }
+                _ => return,
+            }
+        };
+        let st = match driver.status() {
+            Ok(s) => s,
+            Err(e) => {
+                r.last_error = Some(format!("replication driver: {e}"));
+                return;
+            }
+        };
+        r.role = match format!("{:?}", st.role).as_str() {
+            "Primary" => Role::Primary,
+            _ => Role::Secondary,
+        };
+        r.disk_state = match format!("{:?}", st.disk_state).as_str() {
+            "UpToDate" => DiskState::UpToDate,
+            "Inconsistent" => DiskState::Inconsistent,
+            "Outdated" => DiskState::Outdated,
+            "Diskless" => DiskState::Diskless,
+            _ => DiskState::Failed,
+        };
+        r.quorum = Some(st.quorum);
+        r.out_of_sync_bytes = st.out_of_sync_bytes;
+        r.resync_bytes_per_sec = st.resync_rate;
+        r.last_resync_bytes = st.last_resync_bytes;
+        r.peers = st
+            .peers
+            .iter()
+            .map(|p| PeerReplState {
+                node: names
+                    .get(&p.node_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("node-id-{}", p.node_id)),
+                repl_state: format!("{:?}", p.repl_state),
+                out_of_sync_bytes: p.out_of_sync_bytes,
+            })
+            .collect();
+        if let Some(f) = st.failed {
+            r.last_error = Some(format!("replication driver failed: {f}"));
+        }
+    }
+
+    /// Promotes every replica the controller marks Primary that is not Primary yet.
+    /// Blocking (driver calls).
+    pub(crate) fn promote_pending(&self) {
+        let todo: Vec<(String, Arc<VolumeDriver>)> = lock(&self.drivers)
+            .iter()
+            .filter(|(_, r)| r.primary)
+            .map(|(n, r)| (n.clone(), r.driver.clone()))
+            .collect();
+        for (name, driver) in todo {
+            let is_primary = driver
+                .status()
+                .map(|s| format!("{:?}", s.role) == "Primary")
+                .unwrap_or(false);
+            if is_primary {
+                continue;
+            }
+            let res = driver.promote();
+            let mut d = lock(&self.drivers);
+            let Some(run) = d.get_mut(&name) else {
+                continue;
+            };
+            match res {
+                Ok(()) => {
+                    info!(volume = %name, "promoted to Primary");
+                    run.last_refusal = None;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if run.last_refusal.as_deref() != Some(msg.as_str()) {
+                        info!(volume = %name, "promotion refused (retrying): {msg}");
+                        run.last_refusal = Some(msg);
+                    } else {
+                        debug!(volume = %name, "promotion refused: {msg}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Demotes (when Primary) and stops every driver, then closes the transport.
+    pub(crate) async fn shutdown(&self, agent: &Arc<Agent>) {
+        let names: Vec<String> = lock(&self.drivers).keys().cloned().collect();
+        for name in names {
+            stop_driver(agent, &name).await;
+        }
+        let node = lock(&self.node).take();
+        if let Some(node) = node {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// Takes the driver of `name` out of the table, its export away, demotes and stops it.
+async fn stop_driver(agent: &Arc<Agent>, name: &str) {
+    let Some(run) = lock(&agent.repl.drivers).remove(name) else {
+        return;
+    };
+    if run.spec.diskful {
+        let mut t = write(&agent.table);
+        for e in t.entries.values_mut().filter(|e| e.volume == name) {
+            if e.replicated {
+                e.export = None;
+                e.replicated = false;
+            }
+        }
+    }
+    let name = name.to_string();
+    let res = tokio::task::spawn_blocking(move || {
+        let driver = run.driver;
+        if let Ok(s) = driver.status()
+            && format!("{:?}", s.role) == "Primary"
+            && let Err(e) = driver.demote()
+        {
+            warn!(volume = %name, "demote before stopping refused: {e}");
+        }
+        match Arc::try_unwrap(driver) {
+            Ok(d) => d.stop(),
+            Err(d) => {
+                // A report still holds it: dropping the last reference stops it.
+                warn!(volume = %name, "driver still referenced; it stops when released");
+                drop(d);
+            }
+        }
+        info!(volume = %name, "replication driver stopped");
+    })
+    .await;
+    if let Err(e) = res {
+        error!("stopping a replication driver: {e}");
+    }
+}
+
+/// The spec the desired replica asks for, or why not yet.
+fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
+    let dir: PathBuf = if d.diskless {
+        agent.config.state_dir.join(WITNESS_DIR)
+    } else {
+        let t = read(&agent.table);
+        let e = t
+            .entries
+            .get(&(d.pool.clone(), d.volume.clone()))
+            .filter(|e| e.ghost.is_none() && e.device.is_some())
+            .filter(|e| e.meta.as_ref().map(|m| m.volume_uuid.as_str()) == Some(&d.volume_uuid))
+            .ok_or("replica not on disk (yet)")?;
+        e.files.dir().to_path_buf()
+    };
+    let mut peers = Vec::new();
+    for p in &d.peers {
+        let addr = p
+            .repl_addr
+            .clone()
+            .ok_or_else(|| format!("peer {} has not reported its replication address", p.node))?;
+        peers.push(VolumePeer {
+            node_id: p.node_id,
+            name: p.node.clone(),
+            addr,
+            diskful: !p.diskless,
+        });
+    }
+    Ok(VolumeSpec {
+        name: d.volume.clone(),
+        uuid: d.volume_uuid.clone(),
+        dir,
+        diskful: !d.diskless,
+        size_bytes: d.size_bytes,
+        peers,
+        options: VolumeOptions {
+            protocol: match d.protocol {
+                tandem_api::Protocol::C => Protocol::C,
+                tandem_api::Protocol::A => Protocol::A,
+            },
+            resync_rate: 0,
+        },
+    })
+}
+
+fn wanted(desired: &DesiredState) -> impl Iterator<Item = &DesiredReplica> {
+    desired
+        .replicas
+        .iter()
+        .filter(|d| d.present && !d.peers.is_empty())
+}
+
+/// Before applying a desired state: stops drivers of replicas no longer wanted (deleted,
+/// single-replica again, other uuid) or whose peers changed, so files are closed before a
+/// delete touches them.
+pub(crate) async fn stop_unwanted(agent: &Arc<Agent>, desired: &DesiredState) {
+    let stale: Vec<String> = {
+        let d = lock(&agent.repl.drivers);
+        d.iter()
+            .filter(|(name, run)| {
+                match wanted(desired).find(|w| &w.volume == *name) {
+                    None => true,
+                    Some(w) => match spec_for(agent, w) {
+                        // Restart on any change of what the driver was started with.
+                        Ok(spec) => spec != run.spec,
+                        // Peer address unknown now: keep running with the old one.
+                        Err(_) => w.volume_uuid != run.spec.uuid,
+                    },
+                }
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    for name in stale {
+        info!(volume = %name, "stopping replication driver (desired state changed)");
+        stop_driver(agent, &name).await;
+    }
+}
+
+/// After applying a desired state: starts the node's transport when identity and secret are
+/// known, and a driver for every wanted replica without one.
+pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
+    if wanted(desired).next().is_none() {
+        return;
+    }
+    let Some(node) = ensure_node(agent).await else {
+        return;
+    };
+    for d in wanted(desired) {
+        if let Some(run) = lock(&agent.repl.drivers).get_mut(&d.volume) {
+            run.primary = d.primary;
+            continue;
+        }
+        let spec = match spec_for(agent, d) {
+            Ok(s) => s,
+            Err(why) => {
+                debug!(volume = %d.volume, "replication driver not started yet: {why}");
+                continue;
+            }
+        };
+        if !spec.diskful
+            && let Err(e) = std::fs::create_dir_all(&spec.dir)
+        {
+            error!(volume = %d.volume, "witness directory {}: {e}", spec.dir.display());
+            continue;
+        }
+        let (node2, spec2) = (node.clone(), spec.clone());
+        let started =
+            match tokio::task::spawn_blocking(move || VolumeDriver::start(&node2, spec2)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(volume = %d.volume, "starting the replication driver: {e}");
+                    continue;
+                }
+            };
+        let driver = match started {
+            Ok(drv) => Arc::new(drv),
+            Err(e) => {
+                warn!(volume = %d.volume, "replication driver did not start: {e}");
+                continue;
+            }
+        };
+        info!(volume = %d.volume, diskful = spec.diskful, primary = d.primary,
+            peers = spec.peers.len(), "replication driver started");
+        if spec.diskful {
+            let mut t = write(&agent.table);
+            if let Some(e) = t.entries.get_mut(&(d.pool.clone(), d.volume.clone())) {
+                e.export = Some(Arc::new(Export {
+                    name: d.volume.clone(),
+                    description: format!(
+                        "tandem volume {} ({}), replicated",
+                        d.volume, d.volume_uuid
+                    ),
+                    device: driver.block_device(),
+                    read_only: false,
+                    // Every connection goes through the one engine loop of this volume.
+                    multi_conn: true,
+                }));
+                e.replicated = true;
+            }
+        }
+        let peer_names = spec
+            .peers
+            .iter()
+            .map(|p| (p.node_id, p.name.clone()))
+            .collect();
+        lock(&agent.repl.drivers).insert(
+            d.volume.clone(),
+            Running {
+                driver,
+                spec,
+                primary: d.primary,
+                peer_names,
+                last_refusal: None,
+            },
+        );
+    }
+}
+
+/// The node's replication endpoint, started on first need.
+async fn ensure_node(agent: &Arc<Agent>) -> Option<Arc<NodeReplication>> {
+    if let Some(n) = agent.repl.node() {
+        return Some(n);
+    }
+    let node_id = (*lock(&agent.node_id))?;
+    let cluster_id = lock(&agent.cluster_id).clone()?;
+    let secret_path = agent.config.state_dir.join(crate::CLUSTER_SECRET_FILE);
+    let secret = match tandem_transport::load_secret_file(&secret_path) {
+        Ok(s) => s,
+        Err(e) => {
+            note_node_failure(agent, format!("cluster secret: {e}"));
+            return None;
+        }
+    };
+    let listen = agent
+        .repl_addr
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let cfg = NodeConfig {
+        cluster_id,
+        secret,
+        node_id,
+        node_name: agent.config.node.clone(),
+        listen,
+        timers: Default::default(),
+    };
+    let listener = lock(&agent.repl_listener).take();
+    let started = match listener {
+        Some(l) => NodeReplication::start_with_listener(cfg, l).await,
+        None => NodeReplication::start(cfg).await,
+    };
+    match started {
+        Ok(n) => {
+            info!(node_id, addr = %n.local_addr(), "replication transport started");
+            *lock(&agent.repl.node) = Some(n.clone());
+            Some(n)
+        }
+        Err(e) => {
+            note_node_failure(agent, e.to_string());
+            None
+        }
+    }
+}
+
+fn note_node_failure(agent: &Agent, msg: String) {
+    let mut f = lock(&agent.repl.node_failed);
+    if f.as_deref() != Some(msg.as_str()) {
+        error!("replication cannot start: {msg}");
+        *f = Some(msg);
+    }
+}
