@@ -238,7 +238,18 @@ pub(crate) fn load(pool: &str, dir: &Path, volume: &str) -> Option<Entry> {
             None
         }
     };
-    let export = make_export(volume, &meta.volume_uuid, &device);
+    // A replica with diskful peers is served only through its replication driver
+    // (`crate::repl`), never from the raw file: writes there would bypass the peers and the
+    // out-of-sync bitmaps.
+    let export = if meta.peers.iter().any(|p| !p.is_free()) {
+        debug!(
+            volume,
+            pool, "replica has peers: exported once its replication driver runs"
+        );
+        None
+    } else {
+        Some(make_export(volume, &meta.volume_uuid, &device))
+    };
     Some(Entry {
         pool: pool.to_string(),
         volume: volume.to_string(),
@@ -246,7 +257,7 @@ pub(crate) fn load(pool: &str, dir: &Path, volume: &str) -> Option<Entry> {
         disk_state: api_disk_state(meta.disk_state),
         meta: Some(meta),
         device: Some(device),
-        export: Some(export),
+        export,
         bitmap,
         last_error,
         ghost: None,

@@ -80,7 +80,7 @@ pub enum VolumeCmd {
     /// Print the NBD URI of a volume (for qemu, qemu-img, nbdinfo, nbdcopy).
     Connect {
         name: String,
-        /// Node whose export to use (default: a node holding a replica).
+        /// Node whose export to use (default: the Primary, i.e. the first diskful replica).
         #[arg(long)]
         node: Option<String>,
     },

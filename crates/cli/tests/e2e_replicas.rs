@@ -156,6 +156,20 @@ fn replicated_writes_and_resync_after_a_secondary_crash() {
         .map(|(i, o)| format!("read -P {} {o} 65536", 0x21 + i))
         .collect();
     qemu_io(&uri, &reads);
+    // The Secondary serves only through its driver, which refuses I/O (not Primary).
+    let sec_uri = c
+        .tandem(&["volume", "connect", "r", "--node", &secondary])
+        .trim()
+        .to_string();
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x99 0 4096", "-c", "flush"])
+        .arg(&sec_uri));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("error") || text.contains("failed"),
+        "a write through the Secondary must fail: {text}"
+    );
     c.wait_json(&["volume", "show", "r"], "in sync after writes", in_sync);
     same_files(&c, &primary, &secondary, "r");
 

@@ -110,6 +110,10 @@ fn two_replicas_get_a_witness_and_desired_peers() {
     let d1 = s.sync(&report("n1", 0), 0);
     let r1 = d1.replicas.iter().find(|r| r.volume == "a").unwrap();
     assert!(!r1.diskless);
+    assert!(
+        r1.primary,
+        "the first diskful placement is the designated Primary"
+    );
     assert_eq!(r1.pool, "default");
     assert_eq!(r1.node_id, Some(id(0)));
     let peers: Vec<(&str, u8, bool, Option<&str>)> = r1
@@ -134,6 +138,7 @@ fn two_replicas_get_a_witness_and_desired_peers() {
     let d2 = s.sync(&report("n2", 0), 0);
     let w = d2.replicas.iter().find(|r| r.volume == "a").unwrap();
     assert!(w.diskless && w.pool.is_empty() && w.present);
+    assert!(!w.primary);
     assert_eq!(w.peers.len(), 2);
     assert!(w.peers.iter().all(|p| !p.diskless));
 
@@ -142,6 +147,7 @@ fn two_replicas_get_a_witness_and_desired_peers() {
     r1.replicas = vec![replica("a", &v.uuid, GIB, DiskState::UpToDate)];
     s.sync(&r1, 0);
     let d3 = s.sync(&report("n3", 0), 0);
+    assert!(d3.replicas.iter().all(|r| !r.primary), "n3 is a Secondary");
     let mut r3 = report("n3", d3.revision);
     r3.replicas = vec![replica("a", &v.uuid, GIB, DiskState::UpToDate)];
     s.sync(&r3, 0);
@@ -159,6 +165,9 @@ fn two_replicas_get_a_witness_and_desired_peers() {
     let witness = v.replicas.iter().find(|r| r.node == "n2").unwrap();
     assert!(witness.diskless);
     assert_eq!(witness.disk_state, DiskState::Diskless);
+    // `volume connect` points at the Primary.
+    let ci: tandem_api::ConnectInfo = s.get_ok("/v1/volumes/a/connect");
+    assert_eq!(ci.node, "n1");
 
     // A peer's new replication address reaches the others' desired state.
     let before = s.sync(&report("n1", 0), 0).revision;
