@@ -270,6 +270,46 @@ pub(crate) async fn stop_unwanted(agent: &Arc<Agent>, desired: &DesiredState) {
     }
 }
 
+/// The volume uuid of the witness metadata kept here for `volume`, if any.
+fn witness_uuid(agent: &Agent, volume: &str) -> Option<String> {
+    let dir = agent.config.state_dir.join(WITNESS_DIR);
+    tandem_meta::ReplicaFiles::new(&dir, volume)
+        .read_meta()
+        .ok()
+        .map(|m| m.volume_uuid)
+}
+
+/// Removes a witness's files (it has no data: only metadata and maybe an activity log).
+fn remove_witness(agent: &Agent, volume: &str, uuid: &str) {
+    let dir = agent.config.state_dir.join(WITNESS_DIR);
+    let files = tandem_meta::ReplicaFiles::new(&dir, volume);
+    for p in [
+        files.meta(),
+        files.bitmap(),
+        dir.join(format!("{volume}.al")),
+    ] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(volume, "removing {}: {e}", p.display()),
+        }
+    }
+    info!(volume, uuid, "witness removed");
+}
+
+/// Removes the witness files of placements the controller lists `present: false` (same uuid)
+/// once no driver runs for them. Call after [`stop_unwanted`].
+pub(crate) fn delete_witnesses(agent: &Agent, desired: &DesiredState) {
+    for d in desired.replicas.iter().filter(|d| d.diskless && !d.present) {
+        if lock(&agent.repl.drivers).contains_key(&d.volume) {
+            continue;
+        }
+        if witness_uuid(agent, &d.volume).as_deref() == Some(d.volume_uuid.as_str()) {
+            remove_witness(agent, &d.volume, &d.volume_uuid);
+        }
+    }
+}
+
 /// After applying a desired state: starts the node's transport when identity and secret are
 /// known, and a driver for every wanted replica without one.
 pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
@@ -291,11 +331,18 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 continue;
             }
         };
-        if !spec.diskful
-            && let Err(e) = std::fs::create_dir_all(&spec.dir)
-        {
-            error!(volume = %d.volume, "witness directory {}: {e}", spec.dir.display());
-            continue;
+        if !spec.diskful {
+            if let Err(e) = std::fs::create_dir_all(&spec.dir) {
+                error!(volume = %d.volume, "witness directory {}: {e}", spec.dir.display());
+                continue;
+            }
+            // A witness of an older volume of the same name (deleted while this agent was
+            // away) holds no data: replace it.
+            if let Some(old) = witness_uuid(agent, &d.volume)
+                && old != d.volume_uuid
+            {
+                remove_witness(agent, &d.volume, &old);
+            }
         }
         let (node2, spec2) = (node.clone(), spec.clone());
         let started =

@@ -214,7 +214,12 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
         let desired = Arc::new(desired);
         {
             let (agent, desired) = (agent.clone(), desired.clone());
-            if let Err(e) = tokio::task::spawn_blocking(move || agent.ctx().apply(&desired)).await {
+            if let Err(e) = tokio::task::spawn_blocking(move || {
+                agent.ctx().apply(&desired);
+                crate::repl::delete_witnesses(&agent, &desired);
+            })
+            .await
+            {
                 error!("applying the desired state failed: {e}");
             }
         }

@@ -240,4 +240,33 @@ fn replicated_writes_and_resync_after_a_secondary_crash() {
         .collect();
     qemu_io(&uri, &reads);
     eprintln!("{}", c.tandem(&["volume", "show", "r"]));
+
+    // Delete: drivers stop, files go (the witness's metadata too); a new volume of the same
+    // name replicates again.
+    let witness = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["diskless"] == true)
+        .and_then(|r| r["node"].as_str())
+        .unwrap()
+        .to_string();
+    c.tandem(&["volume", "delete", "r"]);
+    wait_until(Duration::from_secs(60), "the volume to be gone", || {
+        let out = run(c.cli().args(["volume", "show", "r"]));
+        (!out.status.success()).then_some(())
+    });
+    for n in [&primary, &secondary] {
+        let f = c.node_dir(n).join("pool/r.meta");
+        wait_until(Duration::from_secs(30), "replica files removed", || {
+            (!f.exists()).then_some(())
+        });
+    }
+    let wm = c.node_dir(&witness).join("state/witness/r.meta");
+    wait_until(Duration::from_secs(30), "witness metadata removed", || {
+        (!wm.exists()).then_some(())
+    });
+    let v = c.json(&["volume", "create", "r", "16MiB", "--replicas", "2"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    c.wait_json(&["volume", "show", "r"], "the new volume in sync", in_sync);
 }
