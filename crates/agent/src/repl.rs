@@ -51,6 +51,11 @@ impl Replication {
         lock(&self.node).clone()
     }
 
+    /// Whether any replication driver runs.
+    pub(crate) fn active(&self) -> bool {
+        !lock(&self.drivers).is_empty()
+    }
+
     /// Fills the replication fields of a report row from the running driver, if any.
     pub(crate) fn fill_report(&self, r: &mut ReplicaReport) {
         let (driver, names) = {

@@ -679,6 +679,7 @@ impl Ctx<'_> {
                 quorum: None,
             })
             .collect();
+        drop(t);
         out.extend(diskless);
         for r in &mut out {
             self.repl.fill_report(r);

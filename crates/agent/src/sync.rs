@@ -13,6 +13,9 @@ use crate::Agent;
 
 /// How long the controller may hold a sync request when nothing changed.
 pub(crate) const WAIT_MS: u64 = 5000;
+/// The long poll while replication drivers run: their state (resync, peers, quorum) changes
+/// without a desired-state change, so report it more often.
+pub(crate) const REPL_WAIT_MS: u64 = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A controller that answers an unchanged revision faster than this is not long-polling;
@@ -29,10 +32,15 @@ fn http_agent() -> ureq::Agent {
         .into()
 }
 
-fn post_sync(http: &ureq::Agent, url: &str, report: &AgentReport) -> Result<DesiredState, String> {
+fn post_sync(
+    http: &ureq::Agent,
+    url: &str,
+    wait_ms: u64,
+    report: &AgentReport,
+) -> Result<DesiredState, String> {
     let mut resp = http
         .post(url)
-        .query("wait_ms", WAIT_MS.to_string())
+        .query("wait_ms", wait_ms.to_string())
         .send_json(report)
         .map_err(|e| format!("{url}: {e}"))?;
     let status = resp.status();
@@ -95,7 +103,12 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
         let started = Instant::now();
         let request = {
             let (http, url) = (http.clone(), url.clone());
-            tokio::task::spawn_blocking(move || post_sync(&http, &url, &report))
+            let wait_ms = if agent.repl.active() {
+                REPL_WAIT_MS
+            } else {
+                WAIT_MS
+            };
+            tokio::task::spawn_blocking(move || post_sync(&http, &url, wait_ms, &report))
         };
         let result = tokio::select! {
             r = request => r.map_err(|e| format!("sync request task: {e}")).and_then(|r| r),
