@@ -270,3 +270,52 @@ fn replicated_writes_and_resync_after_a_secondary_crash() {
     assert_eq!(v["state"], "ready", "{v:#}");
     c.wait_json(&["volume", "show", "r"], "the new volume in sync", in_sync);
 }
+
+#[test]
+fn primary_agent_orderly_restart_is_primary_again() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    c.json(&["volume", "create", "p", "16MiB", "--replicas", "2"]);
+    let v = c.wait_json(&["volume", "show", "p"], "in sync", in_sync);
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let uri = c.connect("p");
+    qemu_io(&uri, &["write -P 0x42 0 65536".into(), "flush".into()]);
+
+    // An orderly stop (SIGTERM: the agent demotes, then stops the driver); the restarted
+    // agent promotes the designated Primary again and the data is still there.
+    let pid = c.agent_pid(&primary).expect("agent.pid");
+    // SAFETY: signalling an agent of this test's cluster.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until(Duration::from_secs(30), "the agent to exit", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        matches!(state, None | Some("Z") | Some("X")).then_some(())
+    });
+    c.restart_agent(&primary);
+    let v = c.wait_json(&["volume", "show", "p"], "Primary again and in sync", |v| {
+        in_sync(v) && node_of_opt(v, "Primary") == Some(primary.as_str())
+    });
+    assert_eq!(node_of(&v, "Secondary"), secondary);
+    let uri = c.wait_export("p");
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x42 0 65536".into(),
+            "write -P 0x43 65536 65536".into(),
+            "flush".into(),
+        ],
+    );
+    same_files(&c, &primary, &secondary, "p");
+}
+
+fn node_of_opt<'a>(v: &'a Value, role: &str) -> Option<&'a str> {
+    diskful(v)
+        .into_iter()
+        .find(|r| r["role"] == role)
+        .and_then(|r| r["node"].as_str())
+}
