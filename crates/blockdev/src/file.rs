@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{BlockDevice, BlockError, ErrorKind, Extent, Result};
 
@@ -13,6 +14,9 @@ pub struct FileDevice {
     file: File,
     path: PathBuf,
     size: u64,
+    /// Set once the filesystem answered `EOPNOTSUPP` to an `RWF_NOWAIT` write (ext4 does for
+    /// buffered writes on some kernels): later non-blocking writes are not even tried.
+    nowait_write_unsupported: AtomicBool,
 }
 
 impl FileDevice {
@@ -20,11 +24,7 @@ impl FileDevice {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let size = file.metadata()?.len();
-        Ok(FileDevice {
-            file,
-            path: path.to_path_buf(),
-            size,
-        })
+        Ok(FileDevice::new(file, path, size))
     }
 
     /// Creates a new sparse file of `size` bytes; fails if it exists.
@@ -36,11 +36,16 @@ impl FileDevice {
             .open(path)?;
         file.set_len(size)?;
         file.sync_all()?;
-        Ok(FileDevice {
+        Ok(FileDevice::new(file, path, size))
+    }
+
+    fn new(file: File, path: &Path, size: u64) -> Self {
+        FileDevice {
             file,
             path: path.to_path_buf(),
             size,
-        })
+            nowait_write_unsupported: AtomicBool::new(false),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -111,6 +116,7 @@ impl FileDevice {
 enum NoWait {
     Done(usize),
     WouldBlock,
+    Unsupported,
 }
 
 impl FileDevice {
@@ -152,9 +158,8 @@ impl FileDevice {
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINTR) => {
-                Ok(NoWait::WouldBlock)
-            }
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(NoWait::WouldBlock),
+            Some(libc::EOPNOTSUPP) => Ok(NoWait::Unsupported),
             _ => Err(BlockError::io(op, offset, len as u64, e)),
         }
     }
@@ -165,15 +170,22 @@ impl BlockDevice for FileDevice {
         self.check_range("read", offset, buf.len() as u64)?;
         match self.nowait("read", false, buf.as_mut_ptr(), buf.len(), offset)? {
             NoWait::Done(n) => Ok(n == buf.len()),
-            NoWait::WouldBlock => Ok(false),
+            NoWait::WouldBlock | NoWait::Unsupported => Ok(false),
         }
     }
 
     fn try_write_at_nowait(&self, buf: &[u8], offset: u64) -> Result<bool> {
         self.check_range("write", offset, buf.len() as u64)?;
+        if self.nowait_write_unsupported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         match self.nowait("write", true, buf.as_ptr().cast_mut(), buf.len(), offset)? {
             NoWait::Done(n) => Ok(n == buf.len()),
             NoWait::WouldBlock => Ok(false),
+            NoWait::Unsupported => {
+                self.nowait_write_unsupported.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
         }
     }
 
