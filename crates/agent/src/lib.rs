@@ -58,6 +58,10 @@ pub struct Config {
     /// i.e. a port the system picks; the bound address is reported to the controller).
     #[serde(default)]
     pub repl_listen: Option<String>,
+    /// `host:port` peers should dial to reach this node's replication listener, when it is not
+    /// the bound address (NAT, a forwarding proxy). Default: the bound address.
+    #[serde(default)]
+    pub repl_advertise: Option<String>,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
 }
@@ -419,7 +423,8 @@ async fn bind_tcp(addr: &str) -> Result<tokio::net::TcpListener, AgentError> {
 }
 
 /// Binds the replication listener (`repl_listen`, default `address:0`); returns it and the
-/// address to advertise (the configured `address` when bound to an unspecified IP).
+/// address to advertise (`repl_advertise`, else the configured `address` when bound to an
+/// unspecified IP, else the bound address).
 fn bind_repl(config: &Config) -> Result<(std::net::TcpListener, String), AgentError> {
     let wanted = config
         .repl_listen
@@ -430,7 +435,9 @@ fn bind_repl(config: &Config) -> Result<(std::net::TcpListener, String), AgentEr
     let bound = l
         .local_addr()
         .map_err(|e| AgentError::io("replication listener address", e))?;
-    let advertised = if bound.ip().is_unspecified() {
+    let advertised = if let Some(a) = &config.repl_advertise {
+        a.clone()
+    } else if bound.ip().is_unspecified() {
         if config.address.contains(':') && !config.address.starts_with('[') {
             format!("[{}]:{}", config.address, bound.port())
         } else {

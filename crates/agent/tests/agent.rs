@@ -137,6 +137,7 @@ impl Node {
             nbd_socket: dir.join("run/nbd.sock"),
             nbd_tcp: None,
             repl_listen: None,
+            repl_advertise: None,
             pools: vec![PoolConfig {
                 name: "p1".into(),
                 path: dir.join("pool1"),

@@ -68,6 +68,10 @@ pub struct AgentRunArgs {
     /// `ADDRESS:0`).
     #[arg(long)]
     pub repl_listen: Option<String>,
+    /// `host:port` peers dial to reach this node's replication listener (overrides the config;
+    /// default: the bound address).
+    #[arg(long)]
+    pub repl_advertise: Option<String>,
     /// Add a pool: NAME=DIR (repeatable; adds to the config's pools).
     #[arg(long = "pool")]
     pub pools: Vec<String>,
@@ -199,6 +203,9 @@ pub fn agent(cmd: &AgentCmd) -> Result<()> {
     }
     if let Some(v) = &args.repl_listen {
         config.repl_listen = Some(v.clone());
+    }
+    if let Some(v) = &args.repl_advertise {
+        config.repl_advertise = Some(v.clone());
     }
     for p in &args.pools {
         let Some((name, dir)) = p.split_once('=') else {
