@@ -406,3 +406,89 @@ impl Drop for Cluster {
         }
     }
 }
+
+pub mod proxy;
+pub mod repl;
+
+/// Waits until process `pid` is gone (or a zombie waiting to be reaped).
+pub fn wait_pid_exit(pid: i32, what: &str) {
+    wait_until(Duration::from_secs(30), what, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        matches!(state, None | Some("Z") | Some("X")).then_some(())
+    });
+}
+
+impl Cluster {
+    /// Sends `signal` to `node`'s agent (SIGTERM: an orderly stop) and waits until it is gone.
+    pub fn stop_agent(&self, node: &str, signal: i32) {
+        let pid = self.agent_pid(node).expect("agent.pid");
+        // SAFETY: signalling an agent of this test's cluster.
+        unsafe { libc::kill(pid, signal) };
+        wait_pid_exit(pid, &format!("the agent of {node} to exit"));
+    }
+
+    /// Sets a top-level key of `node`'s `agent.toml` (takes effect at the agent's next start).
+    pub fn set_agent_config(&self, node: &str, key: &str, value: toml::Value) {
+        let path = self.node_dir(node).join("agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut table: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        table.insert(key.to_string(), value);
+        std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+    }
+
+    /// `node list -o json` as (name, node id, replication address), sorted by node id.
+    pub fn repl_nodes(&self) -> Vec<(String, u8, String)> {
+        let nodes = self.json(&["node", "list"]);
+        let mut v: Vec<(String, u8, String)> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_string(),
+                    n["node_id"].as_u64().expect("node id") as u8,
+                    n["repl_addr"].as_str().expect("repl_addr").to_string(),
+                )
+            })
+            .collect();
+        v.sort_by_key(|n| n.1);
+        v
+    }
+
+    /// The agent log of `node` (the agents `tandem up` started and the ones restarted by hand
+    /// append to the same file).
+    /// ANSI colour codes are removed (the daemons log with them).
+    pub fn agent_log(&self, node: &str) -> String {
+        strip_ansi(
+            &std::fs::read_to_string(self.node_dir(node).join("agent.log")).unwrap_or_default(),
+        )
+    }
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(ch);
+    }
+    out
+}
