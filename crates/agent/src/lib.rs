@@ -116,6 +116,9 @@ pub const CLUSTER_ID_FILE: &str = "cluster_id";
 pub const NODE_ID_FILE: &str = "node_id";
 /// Name of the file in `state_dir` holding the cluster secret (hex, mode 0600).
 pub const CLUSTER_SECRET_FILE: &str = "cluster_secret";
+/// Name of the file in `state_dir` holding the last desired state applied (without the
+/// secret): replicated volumes restart from it when the controller is unreachable.
+pub const DESIRED_FILE: &str = "desired.json";
 
 /// State shared by the sync loop and the NBD registry.
 pub(crate) struct Agent {

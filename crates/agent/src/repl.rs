@@ -3,8 +3,13 @@
 //! A diskful replica is exported over NBD through its driver's block device instead of the
 //! raw file; a diskless placement (witness) runs a diskless voter keeping only its metadata in
 //! `state_dir/witness/`. A change of a replica's peers restarts its driver. The placement the
-//! controller marks `primary` is promoted until the engine accepts it. Single-replica volumes
-//! are not touched (raw `FileDevice` exports).
+//! controller marks `primary` is promoted until the engine accepts it; a Primary the controller
+//! no longer marks is demoted. The refusal, if any, is reported (`role_error`). Single-replica
+//! volumes are not touched (raw `FileDevice` exports).
+//!
+//! The last desired state is kept in `state_dir/desired.json` (without the cluster secret, which
+//! has its own file): an agent restarted while the controller is unreachable starts the drivers
+//! of its replicated volumes from it, so the data plane never waits for the controller.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,7 +35,7 @@ struct Running {
     primary: bool,
     /// Node name of each peer id (for reports).
     peer_names: BTreeMap<u8, String>,
-    /// Last promotion refusal logged (to log each reason once).
+    /// Last refusal of the role the controller asks for (logged once, reported).
     last_refusal: Option<String>,
 }
 
@@ -104,43 +109,72 @@ impl Replication {
         if let Some(f) = st.failed {
             r.last_error = Some(format!("replication driver failed: {f}"));
         }
+        r.role_error = lock(&self.drivers)
+            .get(&r.volume)
+            .and_then(|run| run.last_refusal.clone());
     }
 
-    /// Promotes every replica the controller marks Primary that is not Primary yet.
-    /// Blocking (driver calls).
+    /// Brings every replica to the role the controller asks for: promotes the one it marks
+    /// Primary, demotes a Primary it no longer marks. Demotions run first, so a switchover
+    /// between two replicas on this node cannot meet itself. Blocking (driver calls).
     pub(crate) fn promote_pending(&self) {
-        let todo: Vec<(String, Arc<VolumeDriver>)> = lock(&self.drivers)
+        let all: Vec<(String, Arc<VolumeDriver>, bool)> = lock(&self.drivers)
             .iter()
-            .filter(|(_, r)| r.primary)
-            .map(|(n, r)| (n.clone(), r.driver.clone()))
+            .filter(|(_, r)| r.spec.diskful)
+            .map(|(n, r)| (n.clone(), r.driver.clone(), r.primary))
             .collect();
-        for (name, driver) in todo {
-            let is_primary = driver
-                .status()
-                .map(|s| format!("{:?}", s.role) == "Primary")
-                .unwrap_or(false);
-            if is_primary {
-                continue;
-            }
-            let res = driver.promote();
+        let mut todo: Vec<(String, Arc<VolumeDriver>, bool)> = all
+            .into_iter()
+            .filter(|(_, driver, want)| {
+                let is_primary = driver
+                    .status()
+                    .map(|s| format!("{:?}", s.role) == "Primary")
+                    .unwrap_or(false);
+                is_primary != *want
+            })
+            .collect();
+        todo.sort_by_key(|(_, _, want)| *want);
+        for (name, driver, want) in todo {
+            // The driver's errors read "promotion refused: ..." / "demotion refused: ...".
+            let res = if want {
+                driver.promote()
+            } else {
+                driver.demote()
+            };
             let mut d = lock(&self.drivers);
             let Some(run) = d.get_mut(&name) else {
                 continue;
             };
             match res {
                 Ok(()) => {
-                    info!(volume = %name, "promoted to Primary");
+                    info!(volume = %name, "{}", if want { "promoted to Primary" } else { "demoted to Secondary" });
                     run.last_refusal = None;
                 }
                 Err(e) => {
                     let msg = e.to_string();
                     if run.last_refusal.as_deref() != Some(msg.as_str()) {
-                        info!(volume = %name, "promotion refused (retrying): {msg}");
+                        info!(volume = %name, "{msg} (retrying)");
                         run.last_refusal = Some(msg);
                     } else {
-                        debug!(volume = %name, "promotion refused: {msg}");
+                        debug!(volume = %name, "{msg}");
                     }
                 }
+            }
+        }
+        // A role that needs no change any more (e.g. the controller changed its mind, or a
+        // peer demoted) clears its refusal. Driver calls outside the table lock.
+        let refused: Vec<(String, Arc<VolumeDriver>, bool)> = lock(&self.drivers)
+            .iter()
+            .filter(|(_, r)| r.last_refusal.is_some())
+            .map(|(n, r)| (n.clone(), r.driver.clone(), r.primary))
+            .collect();
+        for (name, driver, want) in refused {
+            let settled = driver
+                .status()
+                .map(|s| (format!("{:?}", s.role) == "Primary") == want)
+                .unwrap_or(false);
+            if settled && let Some(run) = lock(&self.drivers).get_mut(&name) {
+                run.last_refusal = None;
             }
         }
     }

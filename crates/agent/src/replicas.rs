@@ -637,6 +637,7 @@ impl Ctx<'_> {
                 resync_bytes_per_sec: 0,
                 last_resync_bytes: 0,
                 quorum: None,
+                role_error: None,
             })
             .collect();
         let t = read(self.table);
@@ -677,6 +678,7 @@ impl Ctx<'_> {
                 resync_bytes_per_sec: 0,
                 last_resync_bytes: 0,
                 quorum: None,
+                role_error: None,
             })
             .collect();
         drop(t);

@@ -79,6 +79,18 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
     // Set while the controller belongs to another cluster: report nothing to it.
     let mut foreign = false;
     let mut secret_warned = false;
+    // The data plane does not wait for the controller: replicated volumes come back from the
+    // last desired state this agent applied.
+    if let Some(last) = load_desired(&agent) {
+        info!(
+            revision = last.revision,
+            "starting replicated volumes from the last desired state (before asking the controller)"
+        );
+        crate::repl::start_wanted(&agent, &last).await;
+        let a = agent.clone();
+        let _ = tokio::task::spawn_blocking(move || a.repl.promote_pending()).await;
+    }
+    let mut saved_revision = None;
     loop {
         if *stop.borrow() {
             return;
@@ -223,6 +235,15 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
             debug!(revision = desired.revision, "applying desired state");
         }
         let revision = desired.revision;
+        if saved_revision != Some(revision) {
+            let a = agent.clone();
+            let d = desired.clone();
+            match tokio::task::spawn_blocking(move || save_desired(&a, &d)).await {
+                Ok(Ok(())) => saved_revision = Some(revision),
+                Ok(Err(e)) => warn!("cannot keep a local copy of the desired state: {e}"),
+                Err(e) => warn!("saving the desired state: {e}"),
+            }
+        }
         crate::repl::stop_unwanted(&agent, &desired).await;
         let desired = Arc::new(desired);
         {
@@ -246,6 +267,59 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
             return;
         }
     }
+}
+
+/// Writes the desired state (without the cluster secret) to `state_dir/desired.json`,
+/// atomically (temp file, fsync, rename, fsync of the directory).
+fn save_desired(agent: &Agent, desired: &DesiredState) -> std::io::Result<()> {
+    let mut d = desired.clone();
+    d.cluster_secret = None;
+    let bytes = serde_json::to_vec_pretty(&d).map_err(std::io::Error::other)?;
+    let dir = &agent.config.state_dir;
+    let tmp = dir.join(format!("{}.tmp", crate::DESIRED_FILE));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(crate::DESIRED_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The desired state kept by [`save_desired`], if there is one of this agent's cluster.
+fn load_desired(agent: &Agent) -> Option<DesiredState> {
+    let path = agent.config.state_dir.join(crate::DESIRED_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!("reading {}: {e}", path.display());
+            return None;
+        }
+    };
+    let d: DesiredState = match serde_json::from_slice(&bytes) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("ignoring {}: {e}", path.display());
+            return None;
+        }
+    };
+    let ours = agent
+        .cluster_id
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if ours.as_deref() != Some(d.cluster_id.as_str()) {
+        warn!(
+            "ignoring {}: it is of cluster {}, this agent belongs to {:?}",
+            path.display(),
+            d.cluster_id,
+            ours
+        );
+        return None;
+    }
+    Some(d)
 }
 
 fn build_report(agent: &Agent, applied_revision: u64, foreign: bool) -> AgentReport {

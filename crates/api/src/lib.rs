@@ -171,6 +171,10 @@ pub struct Replica {
     /// driver reports it; `null` when not reported.
     #[serde(default)]
     pub quorum: Option<bool>,
+    /// Why the replication engine refuses the role the controller asks for (e.g.
+    /// "promotion refused: no quorum"), as the agent reports it; `null` when none.
+    #[serde(default)]
+    pub role_error: Option<String>,
 }
 
 /// Replication state of one replica towards one peer.
@@ -267,6 +271,22 @@ pub struct Volume {
     pub quorum: bool,
     pub replicas: Vec<Replica>,
     pub operations: Vec<Operation>,
+    /// The node the controller wants Primary (multi-replica volumes; `null`: none, e.g.
+    /// after `volume demote`). Each replica's `role` is what its agent reports.
+    #[serde(default)]
+    pub primary_node: Option<String>,
+}
+
+/// Body of `POST /v1/volumes/{name}/promote` and `POST /v1/volumes/{name}/demote`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChange {
+    /// The node whose replica changes role.
+    pub node: String,
+    /// Go ahead although consumers have the volume open on the node losing the Primary role
+    /// (their further I/O fails there).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `GET /v1/volumes/{name}/connect`.
@@ -377,6 +397,13 @@ pub struct VolumeSpec {
     pub operations: Vec<Operation>,
     #[serde(default)]
     pub created_unix: u64,
+    /// The node chosen Primary by `volume promote` / `volume demote` (`primary_explicit`
+    /// true; `null` then means: no Primary). Without `primary_explicit` the first diskful
+    /// placement of a multi-replica volume is its Primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_node: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub primary_explicit: bool,
 }
 
 /// Answer of `POST /v1/state`.
@@ -449,6 +476,10 @@ pub struct ReplicaReport {
     /// driver reports it.
     #[serde(default)]
     pub quorum: Option<bool>,
+    /// Why the replication engine refuses the role the controller asks for; `null` when
+    /// none.
+    #[serde(default)]
+    pub role_error: Option<String>,
 }
 
 fn default_true() -> bool {

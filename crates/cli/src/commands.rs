@@ -80,9 +80,39 @@ pub enum VolumeCmd {
     /// Print the NBD URI of a volume (for qemu, qemu-img, nbdinfo, nbdcopy).
     Connect {
         name: String,
-        /// Node whose export to use (default: the Primary, i.e. the first diskful replica).
+        /// Node whose export to use (default: the Primary).
         #[arg(long)]
         node: Option<String>,
+    },
+    /// Make a node's replica the volume's Primary (the one that accepts consumer I/O) and
+    /// wait until it is. The current Primary is demoted first. Refused when the replica is
+    /// not UpToDate, its node has no quorum, or consumers have the volume open on the current
+    /// Primary (unless --force).
+    Promote {
+        name: String,
+        /// Node to promote.
+        #[arg(long)]
+        node: String,
+        /// Take the Primary role away from a node although consumers are connected there
+        /// (their further I/O fails), e.g. when that node is known to be dead.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the agent to report the role.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Make a node's replica Secondary (the volume then has no Primary) and wait until it is.
+    Demote {
+        name: String,
+        /// Node to demote.
+        #[arg(long)]
+        node: String,
+        /// Demote although consumers are connected (their further I/O fails).
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the agent to report the role.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
 }
 
@@ -213,6 +243,18 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
+        VolumeCmd::Promote {
+            name,
+            node,
+            force,
+            timeout,
+        } => change_role(client, json, name, node, true, *force, *timeout),
+        VolumeCmd::Demote {
+            name,
+            node,
+            force,
+            timeout,
+        } => change_role(client, json, name, node, false, *force, *timeout),
         VolumeCmd::Connect { name, node } => {
             let mut path = format!("/v1/volumes/{}/connect", path_segment(name));
             if let Some(n) = node {
@@ -226,6 +268,76 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
+    }
+}
+
+/// `volume promote` / `volume demote`: records the wish, then waits until the node's agent
+/// reports the role (or says why its replication engine refuses it).
+fn change_role(
+    client: &Client,
+    json: bool,
+    name: &str,
+    node: &str,
+    promote: bool,
+    force: bool,
+    timeout: u64,
+) -> Result<()> {
+    let verb = if promote { "promote" } else { "demote" };
+    let path = format!("/v1/volumes/{}/{verb}", path_segment(name));
+    let _: Volume = client.post(
+        &path,
+        &tandem_api::RoleChange {
+            node: node.to_string(),
+            force,
+        },
+    )?;
+    let want = if promote {
+        tandem_api::Role::Primary
+    } else {
+        tandem_api::Role::Secondary
+    };
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let show = format!("/v1/volumes/{}", path_segment(name));
+    let mut last_refusal: Option<String> = None;
+    loop {
+        let v: Volume = client.get(&show)?;
+        let r = v.replicas.iter().find(|r| r.node == node);
+        if let Some(r) = r {
+            if r.role == want {
+                return emit(json, &v, |v| {
+                    format!(
+                        "Volume {} on node {node} is {}.\n",
+                        v.name,
+                        if promote { "Primary" } else { "Secondary" }
+                    )
+                });
+            }
+            if let Some(e) = &r.role_error
+                && last_refusal.as_deref() != Some(e.as_str())
+            {
+                if !json {
+                    eprintln!("node {node}: {e} (still trying)");
+                }
+                last_refusal = Some(e.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "volume {name} on node {node} is not {} after {timeout}s{}; the controller keeps \
+                 asking for it: `tandem volume show {name}` shows the replicas{}",
+                if promote { "Primary" } else { "Secondary" },
+                match &last_refusal {
+                    Some(e) => format!(" ({e})"),
+                    None => String::new(),
+                },
+                if promote {
+                    format!(", `tandem volume promote {name} --node OTHER` chooses another node")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -146,7 +146,14 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
         "Quorum:    {}\n",
         if v.quorum { "yes" } else { "NO" }
     ));
-    out.push_str(&format!("Replicas:  {} wanted\n\n", v.replica_count));
+    out.push_str(&format!("Replicas:  {} wanted\n", v.replica_count));
+    if v.replicas.len() > 1 {
+        out.push_str(&format!(
+            "Primary:   {}\n",
+            v.primary_node.as_deref().unwrap_or("none (volume demote)")
+        ));
+    }
+    out.push('\n');
     let mut t = Table::new(&[
         "NODE",
         "POOL",
@@ -174,6 +181,13 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
         ]);
     }
     out.push_str(&t.render());
+    for r in v.replicas.iter().filter(|r| r.role_error.is_some()) {
+        out.push_str(&format!(
+            "{}: {}\n",
+            r.node,
+            r.role_error.as_deref().unwrap_or_default()
+        ));
+    }
     if v.replicas.iter().any(|r| !r.peers.is_empty()) {
         out.push('\n');
         let mut t = Table::new(&["NODE", "PEER", "REPLICATION", "OUT OF SYNC"]);
@@ -442,6 +456,7 @@ mod tests {
             connections: 0,
             peers,
             quorum: Some(true),
+            role_error: None,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -458,6 +473,7 @@ mod tests {
             quorum: true,
             replicas: vec![replica("n1", vec![]), replica("n2", vec![])],
             operations: vec![],
+            primary_node: Some("n1".into()),
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];

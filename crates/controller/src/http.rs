@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_api::{
     AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, Pool, ReconcileReport,
-    StateDocument, StateImportResult, Volume, VolumeCreate,
+    RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -232,6 +232,46 @@ async fn delete_volume(
     Ok((StatusCode::ACCEPTED, axum::Json(v)))
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = RoleChange,
+    responses((status = 200, description = "Recorded: the node becomes Primary (watch its replica's `role`)", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume or node", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError),
+              (status = 409, description = "Refused: `not_replicated`, `no_replica`, `diskless`, `node_offline`, `not_ready`, `not_up_to_date`, `no_quorum`, `in_use`", body = ApiError)))]
+async fn promote_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<RoleChange>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| {
+        c.set_primary(&name, &req.node, true, req.force)
+    })
+    .await
+    .map(axum::Json)
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/demote", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = RoleChange,
+    responses((status = 200, description = "Recorded: the node is not Primary (the volume then has none)", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume or node", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError),
+              (status = 409, description = "Refused: `not_replicated`, `no_replica`, `in_use`", body = ApiError)))]
+async fn demote_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<RoleChange>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| {
+        c.set_primary(&name, &req.node, false, req.force)
+    })
+    .await
+    .map(axum::Json)
+}
+
 /// Query of `GET /v1/volumes/{name}/connect`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -382,6 +422,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/connect", get(connect))
+        .route("/v1/volumes/{name}/promote", post(promote_volume))
+        .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/agents/{node}/sync", post(agent_sync))
         .route("/v1/reconcile", get(reconcile))
         .route(
@@ -403,7 +445,7 @@ pub fn router(state: AppState) -> Router {
         license(name = "Apache-2.0")
     ),
     paths(health, openapi, status, nodes, pools, list_volumes, create_volume, show_volume,
-          delete_volume, connect, agent_sync, reconcile, export_state, import_state),
+          delete_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

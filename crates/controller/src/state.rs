@@ -136,9 +136,34 @@ pub struct VolumeRecord {
     pub placements: Vec<Placement>,
     pub operations: Vec<Operation>,
     pub created_unix: u64,
+    /// The node that should be Primary (multi-replica volumes), set by `volume promote` /
+    /// `volume demote` (`primary_explicit`). Records written before those commands existed
+    /// have `primary_explicit == false`: the first diskful placement is the Primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_node: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub primary_explicit: bool,
 }
 
 impl VolumeRecord {
+    /// The node the controller wants Primary, if any (only volumes with several placements
+    /// have one).
+    pub fn desired_primary(&self) -> Option<&str> {
+        if self.placements.len() < 2 {
+            return None;
+        }
+        if self.primary_explicit {
+            return self
+                .primary_node
+                .as_deref()
+                .filter(|n| self.placements.iter().any(|p| &p.node == n && !p.diskless));
+        }
+        self.placements
+            .iter()
+            .find(|p| !p.diskless)
+            .map(|p| p.node.as_str())
+    }
+
     /// The newest unfinished operation of this kind.
     fn open_operation_mut(&mut self, kind: &str) -> Option<&mut Operation> {
         self.operations
@@ -521,6 +546,7 @@ impl Controller {
                     connections: report.map(|r| r.connections).unwrap_or(0),
                     peers,
                     quorum: report.and_then(|r| r.quorum),
+                    role_error: report.and_then(|r| r.role_error.clone()),
                 }
             })
             .collect();
@@ -547,6 +573,7 @@ impl Controller {
             quorum,
             replicas,
             operations: v.operations.clone(),
+            primary_node: v.desired_primary().map(str::to_string),
         }
     }
 
@@ -653,11 +680,12 @@ impl Controller {
                     )
                 })?
             }
-            // The designated Primary (first diskful placement), where writes are accepted.
+            // The designated Primary, where writes are accepted (else the first diskful
+            // placement).
             None => v
-                .placements
-                .iter()
-                .find(|p| !p.diskless)
+                .desired_primary()
+                .and_then(|n| v.placements.iter().find(|p| p.node == n))
+                .or_else(|| v.placements.iter().find(|p| !p.diskless))
                 .or(v.placements.first())
                 .ok_or_else(|| {
                     Failure::conflict("not_ready", format!("volume '{name}' has no replica"))
@@ -938,6 +966,8 @@ impl Controller {
             placements: placements.clone(),
             operations: vec![ops::new("create", steps, now)],
             created_unix: now,
+            primary_node: None,
+            primary_explicit: false,
         };
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
@@ -1008,6 +1038,150 @@ impl Controller {
         self.store.txn(ops)?;
         self.notify();
         tracing::info!(volume = name, force, "volume deletion requested");
+        Ok(Self::volume_view(&v, &nodes))
+    }
+
+    /// `volume promote` (`promote == true`: make `node` the Primary) and `volume demote`
+    /// (`node` should not be Primary; the volume then has none). Records the intent; the
+    /// agents carry it out (the old Primary demotes, then the new one promotes once its
+    /// replication engine allows it) and report the roles. Refused up front when the
+    /// reports already show it cannot work: a witness, a replica that is not UpToDate, a
+    /// node without quorum, an offline node, or consumers connected to the Primary that
+    /// would lose it (unless `force`).
+    pub fn set_primary(
+        &self,
+        name: &str,
+        node: &str,
+        promote: bool,
+        force: bool,
+    ) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        validate_name("node", node)?;
+        let _guard = self.write_guard();
+        let (rev, mut v) = self
+            .volume_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        let nodes = self.nodes_by_name()?;
+        if v.state == VolumeState::Deleting {
+            return Err(Failure::conflict(
+                "not_ready",
+                format!("volume '{name}' is being deleted"),
+            ));
+        }
+        if v.placements.len() < 2 {
+            return Err(Failure::conflict(
+                "not_replicated",
+                format!(
+                    "volume '{name}' has a single replica (on '{}'): it has no Primary/Secondary \
+                     roles; its node always serves it",
+                    v.placements.first().map(|p| p.node.as_str()).unwrap_or("?")
+                ),
+            ));
+        }
+        if !nodes.contains_key(node) {
+            return Err(Failure::not_found(format!(
+                "node '{node}' is not registered"
+            )));
+        }
+        let placement = v
+            .placements
+            .iter()
+            .find(|p| p.node == node)
+            .ok_or_else(|| {
+                let holders: Vec<&str> = v.placements.iter().map(|p| p.node.as_str()).collect();
+                Failure::conflict(
+                    "no_replica",
+                    format!(
+                        "volume '{name}' has no replica on node '{node}' (it is on: {})",
+                        holders.join(", ")
+                    ),
+                )
+            })?;
+        let current = v.desired_primary().map(str::to_string);
+        let target = if promote {
+            if placement.diskless {
+                return Err(Failure::conflict(
+                    "diskless",
+                    format!(
+                        "node '{node}' is a witness of volume '{name}' (no data): only a diskful \
+                         replica can be Primary"
+                    ),
+                ));
+            }
+            Some(node.to_string())
+        } else if current.as_deref() == Some(node) {
+            None
+        } else {
+            current.clone()
+        };
+        if target == current {
+            // Nothing to change (repeating the command is harmless).
+            return Ok(Self::volume_view(&v, &nodes));
+        }
+        if promote {
+            let report = nodes.get(node).and_then(|n| n.replica(&v.name, &v.uuid));
+            if self.liveness(node).0 != NodeState::Online {
+                return Err(Failure::conflict(
+                    "node_offline",
+                    format!("node '{node}' is offline: its agent cannot take the Primary role"),
+                ));
+            }
+            let Some(report) = report else {
+                return Err(Failure::conflict(
+                    "not_ready",
+                    format!("the agent on node '{node}' has not reported volume '{name}' yet"),
+                ));
+            };
+            if report.disk_state != DiskState::UpToDate {
+                return Err(Failure::conflict(
+                    "not_up_to_date",
+                    format!(
+                        "the replica of volume '{name}' on node '{node}' is {:?}, not UpToDate \
+                         ({} out of sync): it cannot be Primary until its resync finishes",
+                        report.disk_state,
+                        tandem_types::format_size(report.out_of_sync_bytes)
+                    ),
+                ));
+            }
+            if report.quorum == Some(false) {
+                return Err(Failure::conflict(
+                    "no_quorum",
+                    format!(
+                        "node '{node}' does not reach a majority of the voters of volume \
+                         '{name}': a Primary without quorum could diverge"
+                    ),
+                ));
+            }
+        }
+        // Consumers on the node that loses the Primary role.
+        if let Some(old) = current.as_deref()
+            && !force
+            && self.liveness(old).0 == NodeState::Online
+            && let Some(r) = nodes.get(old).and_then(|n| n.replica(&v.name, &v.uuid))
+            && r.connections > 0
+        {
+            return Err(Failure::conflict(
+                "in_use",
+                format!(
+                    "volume '{name}' is open by {} consumer(s) on node '{old}', its Primary; \
+                     disconnect them first, or use --force (their further I/O fails there)",
+                    r.connections
+                ),
+            ));
+        }
+        v.primary_node = target.clone();
+        v.primary_explicit = true;
+        let mut ops = vec![TxnOp::put(
+            format!("{VOLUMES}{name}"),
+            encode(&v)?,
+            Expect::Revision(rev),
+        )];
+        for p in &v.placements {
+            ops.push(Self::bump(&p.node));
+        }
+        self.store.txn(ops)?;
+        self.notify();
+        tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
         Ok(Self::volume_view(&v, &nodes))
     }
 
@@ -1411,6 +1585,8 @@ impl Controller {
                             now,
                         )],
                         created_unix: now,
+                        primary_node: None,
+                        primary_explicit: false,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -1533,9 +1709,7 @@ impl Controller {
                     protocol: v.protocol,
                     node_id,
                     peers,
-                    primary: v.placements.len() > 1
-                        && v.placements.iter().find(|q| !q.diskless).map(|q| &q.node)
-                            == Some(&p.node),
+                    primary: v.desired_primary() == Some(p.node.as_str()),
                 });
             }
         }

@@ -55,6 +55,8 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
             .collect(),
         operations: v.operations.clone(),
         created_unix: v.created_unix,
+        primary_node: v.primary_node.clone(),
+        primary_explicit: v.primary_explicit,
     }
 }
 
@@ -77,6 +79,8 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
             .collect(),
         operations: v.operations.clone(),
         created_unix: v.created_unix,
+        primary_node: v.primary_node.clone(),
+        primary_explicit: v.primary_explicit,
     }
 }
 
@@ -176,6 +180,14 @@ pub fn validate(doc: &StateDocument) -> Result<(), Failure> {
                     v.name, p.node
                 )));
             }
+        }
+        if let Some(n) = &v.primary_node
+            && !v.placements.iter().any(|p| &p.node == n && !p.diskless)
+        {
+            return Err(invalid(format!(
+                "volume '{}': primary_node '{n}' holds no diskful placement of it",
+                v.name
+            )));
         }
         for o in &v.operations {
             if !(0.0..=1.0).contains(&o.progress) {

@@ -333,3 +333,114 @@ fn rebuild_adopts_every_replica_of_a_volume_reported_by_several_nodes() {
     assert_eq!(d.replicas[0].peers.len(), 1);
     assert_eq!(d.replicas[0].peers[0].node, "n2");
 }
+
+#[test]
+fn promote_and_demote_move_the_primary_and_refuse_what_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    register(&s, &[("n1", 30), ("n2", 10), ("n3", 20)]);
+    let (status, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(status, 201, "{v}");
+    let (status, single) = create(&s, json!({"name": "one", "size_bytes": GIB}));
+    assert_eq!(status, 201, "{single}");
+    let v: Volume = serde_json::from_value(v).unwrap();
+    assert_eq!(v.primary_node.as_deref(), Some("n1"));
+    // What each node reports (state, consumers, quorum); every sync re-sends it.
+    let reports = std::cell::RefCell::new(std::collections::BTreeMap::new());
+    let send = |node: &str| {
+        let (state, connections, quorum) = reports.borrow()[node];
+        let mut r = report(node, 0);
+        let mut rep = replica("a", &v.uuid, GIB, state);
+        rep.connections = connections;
+        rep.quorum = Some(quorum);
+        if node == "n2" {
+            rep.pool = String::new();
+            rep.diskless = true;
+            rep.on_disk = false;
+        }
+        r.replicas = vec![rep];
+        s.sync(&r, 0)
+    };
+    let up = |node: &str, state: DiskState, connections: u32| {
+        reports
+            .borrow_mut()
+            .insert(node.to_string(), (state, connections, true));
+        send(node);
+    };
+    let primary_of = |node: &str| {
+        let d = send(node);
+        d.replicas.iter().find(|r| r.volume == "a").unwrap().primary
+    };
+    up("n1", DiskState::UpToDate, 1);
+    up("n2", DiskState::Diskless, 0);
+    up("n3", DiskState::Inconsistent, 0);
+
+    let promote = |node: &str, force: bool| {
+        s.post(
+            "/v1/volumes/a/promote",
+            &json!({"node": node, "force": force}),
+        )
+    };
+    // Refusals, each with its stable code; nothing changes.
+    let (st, e) = promote("n2", false);
+    assert_api_error(st, &e, 409, "diskless");
+    let (st, e) = promote("n3", false);
+    assert_api_error(st, &e, 409, "not_up_to_date");
+    assert!(
+        e["message"].as_str().unwrap().contains("Inconsistent"),
+        "{e}"
+    );
+    up("n3", DiskState::UpToDate, 0);
+    let (st, e) = promote("n3", false);
+    assert_api_error(st, &e, 409, "in_use");
+    assert!(e["message"].as_str().unwrap().contains("n1"), "{e}");
+    let (st, e) = promote("nope", false);
+    assert_api_error(st, &e, 404, "not_found");
+    let (st, e) = s.post("/v1/volumes/one/promote", &json!({"node": "n1"}));
+    assert_api_error(st, &e, 409, "not_replicated");
+    let (st, e) = s.post("/v1/volumes/a/promote", &json!({"node": "n3", "extra": 1}));
+    assert_api_error(st, &e, 422, "invalid_body");
+    assert!(primary_of("n1") && !primary_of("n3"));
+
+    // --force moves it: n1 is asked to demote, n3 to promote; connect follows.
+    let (st, v2) = promote("n3", true);
+    assert_eq!(st, 200, "{v2}");
+    assert_eq!(v2["primary_node"], "n3");
+    assert!(!primary_of("n1") && primary_of("n3"));
+    let ci: tandem_api::ConnectInfo = s.get_ok("/v1/volumes/a/connect");
+    assert_eq!(ci.node, "n3");
+    // Repeating is harmless.
+    let (st, _) = promote("n3", false);
+    assert_eq!(st, 200);
+
+    // Demoting another node changes nothing; demoting the Primary leaves none.
+    let (st, v3) = s.post("/v1/volumes/a/demote", &json!({"node": "n1"}));
+    assert_eq!(st, 200, "{v3}");
+    assert_eq!(v3["primary_node"], "n3");
+    let (st, v3) = s.post("/v1/volumes/a/demote", &json!({"node": "n3"}));
+    assert_eq!(st, 200, "{v3}");
+    assert!(v3["primary_node"].is_null(), "{v3}");
+    assert!(!primary_of("n1") && !primary_of("n3"));
+
+    // A node without quorum is refused.
+    reports
+        .borrow_mut()
+        .insert("n1".into(), (DiskState::UpToDate, 0, false));
+    send("n1");
+    let (st, e) = promote("n1", false);
+    assert_api_error(st, &e, 409, "no_quorum");
+
+    // The choice survives export/import.
+    up("n1", DiskState::UpToDate, 0);
+    let (st, _) = promote("n1", false);
+    assert_eq!(st, 200);
+    let doc: serde_json::Value = s.get_ok("/v1/state");
+    let a = doc["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "a")
+        .unwrap();
+    assert_eq!(a["primary_node"], "n1");
+    assert_eq!(a["primary_explicit"], true);
+}

@@ -256,5 +256,6 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         resync_bytes_per_sec: 0,
         last_resync_bytes: 0,
         quorum: None,
+        role_error: None,
     }
 }

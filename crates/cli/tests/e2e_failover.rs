@@ -1,0 +1,337 @@
+//! End to end with real processes: failover. A checker (libnbd, `tests/tools/acked_writes.py`)
+//! writes numbered blocks through the Primary, 16 in flight, and records every acknowledged
+//! write; the Primary's agent is SIGKILLed mid-stream; `tandem volume promote` makes the other
+//! diskful node Primary; every acknowledged write reads back from it. The old Primary comes
+//! back as Secondary and resyncs; `volume demote`/`promote` switch the role back and forth; an
+//! agent restarted while the controller is down serves its replicated volume again from its
+//! local copy of the desired state.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const BLOCK: usize = 4096;
+/// Blocks the checker cycles through (8 MiB): each is rewritten several times.
+const BLOCKS: u64 = 2048;
+
+fn replica<'a>(v: &'a Value, node: &str) -> &'a Value {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node)
+        .unwrap_or_else(|| panic!("no replica on {node}: {v:#}"))
+}
+
+fn diskful_nodes(v: &Value) -> Vec<String> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["diskless"] == false)
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `node` is Primary with quorum, `other` Secondary, both UpToDate, connected, nothing out of
+/// sync (as both agents report it).
+fn settled(v: &Value, primary: &str, other: &str) -> bool {
+    let p = replica(v, primary);
+    let s = replica(v, other);
+    let linked = |r: &Value| {
+        r["peers"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["repl_state"] == "Established"))
+    };
+    p["role"] == "Primary"
+        && p["quorum"] == true
+        && s["role"] == "Secondary"
+        && [p, s]
+            .iter()
+            .all(|r| r["disk_state"] == "UpToDate" && r["out_of_sync_bytes"] == 0 && linked(r))
+}
+
+fn signal_and_wait(pid: i32, signal: i32) {
+    // SAFETY: signalling a daemon of this test's cluster.
+    unsafe { libc::kill(pid, signal) };
+    wait_until(Duration::from_secs(30), "the process to exit", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        matches!(state, None | Some("Z") | Some("X")).then_some(())
+    });
+}
+
+/// The sequence number a block holds (`None`: never written, all zeros); panics on a torn or
+/// foreign block.
+fn seq_of(block: &[u8], index: u64) -> Option<u64> {
+    if block.iter().all(|b| *b == 0) {
+        return None;
+    }
+    let head = std::str::from_utf8(&block[..28]).unwrap_or("");
+    let seq: u64 = head
+        .strip_prefix("tandem-seq=")
+        .and_then(|s| s.strip_suffix(';'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("block {index} holds something else: {:?}", &block[..32]));
+    let unit = format!("tandem-seq={seq:016};");
+    let want: Vec<u8> = unit.bytes().cycle().take(BLOCK).collect();
+    assert!(
+        block == want.as_slice(),
+        "block {index} is torn (seq {seq})"
+    );
+    assert_eq!(seq % BLOCKS, index, "block {index} holds write {seq}");
+    Some(seq)
+}
+
+/// Copies the export at `uri` into `file` (nbdcopy) and returns its bytes.
+fn copy_out(uri: &str, file: &Path) -> Vec<u8> {
+    check(Command::new(tool("nbdcopy")).arg(uri).arg(file));
+    std::fs::read(file).unwrap()
+}
+
+fn same_files(c: &Cluster, a: &str, b: &str, volume: &str) {
+    let fa = std::fs::read(c.node_dir(a).join("pool").join(format!("{volume}.data"))).unwrap();
+    let fb = std::fs::read(c.node_dir(b).join("pool").join(format!("{volume}.data"))).unwrap();
+    assert_eq!(fa.len(), fb.len());
+    let first = fa.iter().zip(&fb).position(|(x, y)| x != y);
+    assert!(first.is_none(), "{a} and {b} differ at byte {first:?}");
+}
+
+#[test]
+fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
+    let python = "/usr/bin/python3";
+    assert!(
+        Path::new(python).exists(),
+        "{python} is missing; ./scripts/test installs python3-libnbd"
+    );
+    let checker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/acked_writes.py");
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "f", "32MiB", "--replicas", "2"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    let p = v["primary_node"]
+        .as_str()
+        .expect("primary_node")
+        .to_string();
+    let s = diskful_nodes(&v)
+        .into_iter()
+        .find(|n| *n != p)
+        .expect("a second diskful replica");
+    c.wait_json(&["volume", "show", "f"], "replicas in sync", |v| {
+        settled(v, &p, &s)
+    });
+
+    // The checker writes through the Primary until it fails.
+    let uri = c.connect("f");
+    assert!(uri.contains(&p), "{uri} should name {p}'s socket");
+    let mut child = die_with_parent(
+        Command::new(python)
+            .arg(&checker)
+            .arg(&uri)
+            .arg(BLOCKS.to_string())
+            .arg("1000000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut issued: BTreeMap<u64, Vec<u64>> = BTreeMap::new(); // block -> seqs issued
+    let mut acked: BTreeMap<u64, u64> = BTreeMap::new(); // block -> last acknowledged seq
+    let mut n_acked = 0u64;
+    let mut killed = false;
+    let mut end = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let (kind, rest) = line.split_at(1);
+        let rest = rest.trim();
+        match kind {
+            "I" => {
+                let seq: u64 = rest.parse().unwrap();
+                issued.entry(seq % BLOCKS).or_default().push(seq);
+            }
+            "A" => {
+                let seq: u64 = rest.parse().unwrap();
+                let e = acked.entry(seq % BLOCKS).or_default();
+                *e = (*e).max(seq);
+                n_acked += 1;
+                // Every block rewritten a few times, and the controller has seen the
+                // consumer: kill the Primary mid-stream.
+                if n_acked >= 3 * BLOCKS && n_acked.is_multiple_of(256) && !killed {
+                    let v = c.json(&["volume", "show", "f"]);
+                    if replica(&v, &p)["connections"].as_u64().unwrap_or(0) > 0 {
+                        signal_and_wait(c.agent_pid(&p).expect("agent.pid"), libc::SIGKILL);
+                        killed = true;
+                    }
+                }
+            }
+            _ => {
+                end = Some(line.clone());
+                break;
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        killed,
+        "the checker ended before the kill: {end:?} {status}"
+    );
+    let end = end.unwrap_or_default();
+    assert!(
+        end.starts_with('E'),
+        "the checker should see the Primary die: {end}"
+    );
+    eprintln!("{n_acked} writes acknowledged before the Primary died; checker: {end}");
+
+    // Promote the survivor. Its old Primary still has a consumer in its last report, so this
+    // needs --force (the operator knows the node is dead).
+    let out = run(c.cli().args(["volume", "promote", "f", "--node", &s]));
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "promotion must be refused without --force"
+    );
+    assert!(text.contains("--force") && text.contains(&p), "{text}");
+    let text = c.tandem(&["volume", "promote", "f", "--node", &s, "--force"]);
+    assert!(text.contains("Primary"), "{text}");
+
+    // Every acknowledged write reads back from the new Primary; blocks written in flight at
+    // the kill hold either their last acknowledged write or one issued after it.
+    let uri_s = c.connect("f");
+    assert!(uri_s.contains(&s), "connect follows the Primary: {uri_s}");
+    let data = copy_out(&uri_s, &c.path().join("after-failover.img"));
+    let mut checked = 0;
+    for b in 0..BLOCKS {
+        let got = seq_of(&data[b as usize * BLOCK..(b as usize + 1) * BLOCK], b);
+        let last = acked.get(&b).copied();
+        match (got, last) {
+            (None, None) => {}
+            (None, Some(a)) => panic!("block {b}: acknowledged write {a} lost (zeros)"),
+            (Some(g), last) => {
+                let later_issued = issued
+                    .get(&b)
+                    .is_some_and(|i| i.contains(&g) && Some(g) > last);
+                assert!(
+                    Some(g) == last || later_issued,
+                    "block {b}: holds write {g}, last acknowledged {last:?}"
+                );
+            }
+        }
+        if last.is_some() {
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, BLOCKS, "every block had an acknowledged write");
+
+    // New writes on the new Primary while the old one is down.
+    let qemu_io = |uri: &str, cmds: &[&str]| {
+        let mut cmd = Command::new(tool("qemu-io"));
+        cmd.args(["-f", "raw"]);
+        for c in cmds {
+            cmd.arg("-c").arg(c);
+        }
+        let out = check(cmd.arg(uri));
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        out
+    };
+    qemu_io(&uri_s, &["write -P 0x5a 16M 1M", "flush"]);
+
+    // The old Primary comes back as Secondary (it crashed as Primary) and catches up.
+    c.restart_agent(&p);
+    let v = c.wait_json(
+        &["volume", "show", "f"],
+        "the old Primary back as an UpToDate Secondary",
+        |v| settled(v, &s, &p),
+    );
+    assert_eq!(v["primary_node"], s.as_str());
+    let resynced = replica(&v, &p)["last_resync_bytes"].as_u64().unwrap();
+    assert!(
+        ((1 << 20)..(16 << 20)).contains(&resynced),
+        "the old Primary resyncs what it missed (1 MiB + its activity log), not 32 MiB: {resynced}"
+    );
+    same_files(&c, &p, &s, "f");
+
+    // Switch back in an orderly way: demote, then promote.
+    c.tandem(&["volume", "demote", "f", "--node", &s]);
+    let v = c.json(&["volume", "show", "f"]);
+    assert!(v["primary_node"].is_null(), "{v:#}");
+    assert_eq!(replica(&v, &s)["role"], "Secondary");
+    c.tandem(&["volume", "promote", "f", "--node", &p]);
+    c.wait_json(
+        &["volume", "show", "f"],
+        "the old Primary Primary again",
+        |v| settled(v, &p, &s),
+    );
+    let uri = c.wait_export("f");
+    assert!(uri.contains(&p), "{uri}");
+    qemu_io(
+        &uri,
+        &["read -P 0x5a 16M 1M", "write -P 0x6b 20M 64k", "flush"],
+    );
+
+    // A witness cannot be promoted; the refusal says why.
+    let w = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["diskless"] == true)
+        .and_then(|r| r["node"].as_str())
+        .unwrap()
+        .to_string();
+    let out = run(c.cli().args(["volume", "promote", "f", "--node", &w]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("witness"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The data plane does not wait for the controller: with the controller dead, the
+    // Primary's agent stops (orderly) and starts again; it serves the volume from its local
+    // copy of the desired state, Primary again, data intact, writes replicated.
+    c.kill_controller(libc::SIGKILL);
+    signal_and_wait(c.agent_pid(&p).expect("agent.pid"), libc::SIGTERM);
+    c.restart_agent(&p);
+    wait_until(
+        Duration::from_secs(60),
+        "the export to serve reads and writes again",
+        || {
+            let out = Command::new(tool("qemu-io"))
+                .args(["-f", "raw", "-c", "read -P 0x6b 20M 64k", "-c"])
+                .arg("write -P 0x7c 24M 64k")
+                .arg(&uri)
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            (out.status.success()
+                && !text.contains("error")
+                && !text.contains("failed")
+                && text.contains("wrote"))
+            .then_some(())
+        },
+    );
+    qemu_io(&uri, &["flush"]);
+    // Replicated to the Secondary: the same bytes in its data file.
+    let sec_file = c.node_dir(&s).join("pool/f.data");
+    wait_until(
+        Duration::from_secs(30),
+        "the write on the Secondary",
+        || {
+            let d = std::fs::read(&sec_file).ok()?;
+            let at = 24 << 20;
+            d[at..at + 65536].iter().all(|b| *b == 0x7c).then_some(())
+        },
+    );
+}
