@@ -1,0 +1,359 @@
+//! End to end with real processes: network partitions of a 2-replica volume + witness on three
+//! nodes. Every agent advertises (`repl_advertise`) a fault-injecting proxy in front of its
+//! replication listener (`common::proxy`); the proxy reads each dialer's `Hello` to know which
+//! node a link belongs to, so it can cut one node off from all its peers and heal. The agents'
+//! links to the controller (HTTP) are not cut.
+//!
+//! * The Secondary cut off: the Primary keeps quorum with the witness and keeps writing; after
+//!   the heal the Secondary resyncs only what it missed.
+//! * The Primary cut off: writes through it fail (no quorum); the other diskful node is
+//!   promoted and takes writes; after the heal the old Primary is Secondary and resyncs from
+//!   the new one, without split brain.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::proxy::Net;
+use common::repl::*;
+use common::*;
+use serde_json::Value;
+
+const SIZE: u64 = 64 << 20;
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+
+/// A cluster whose agents advertise proxies; node name -> node id.
+struct Proxied {
+    // Field order = drop order: the cluster (daemons) first, then the proxies.
+    c: Cluster,
+    net: Net,
+    ids: BTreeMap<String, u8>,
+}
+
+impl Proxied {
+    fn start() -> Proxied {
+        let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+        let mut net = Net::new();
+        let mut ids = BTreeMap::new();
+        let mut want = BTreeMap::new();
+        for (name, id, addr) in c.repl_nodes() {
+            let proxy = net.add(id, addr.parse().unwrap());
+            // An orderly stop, the config key, a start by hand (as an operator would).
+            c.stop_agent(&name, libc::SIGTERM);
+            c.set_agent_config(
+                &name,
+                "repl_advertise",
+                toml::Value::String(proxy.to_string()),
+            );
+            c.restart_agent(&name);
+            ids.insert(name.clone(), id);
+            want.insert(name, proxy.to_string());
+        }
+        c.wait_json(
+            &["node", "list"],
+            "every agent online and advertising its proxy",
+            |v| {
+                v.as_array().unwrap().iter().all(|n| {
+                    n["state"] == "online"
+                        && want.get(n["name"].as_str().unwrap()).map(String::as_str)
+                            == n["repl_addr"].as_str()
+                })
+            },
+        );
+        Proxied { c, net, ids }
+    }
+
+    fn id(&self, node: &str) -> u8 {
+        self.ids[node]
+    }
+
+    /// Creates a 64 MiB volume with 2 replicas and waits until it is in sync and every link
+    /// between its three placements runs through the proxies.
+    fn volume(&self, name: &str) -> Value {
+        let v = self
+            .c
+            .json(&["volume", "create", name, "64MiB", "--replicas", "2"]);
+        assert_eq!(v["state"], "ready", "{v:#}");
+        let v = self
+            .c
+            .wait_json(&["volume", "show", name], "in sync", in_sync);
+        let mut all: Vec<u8> = self.ids.values().copied().collect();
+        all.sort();
+        let pairs = vec![(all[0], all[1]), (all[0], all[2]), (all[1], all[2])];
+        wait_until(
+            Duration::from_secs(30),
+            "the three links to run through the proxies",
+            || (self.net.open_links() == pairs).then_some(()),
+        );
+        for r in self.net.records() {
+            assert!(r.from < r.to, "{r:?}: the lower node id dials");
+        }
+        v
+    }
+
+    fn show(&self, name: &str) -> Value {
+        self.c.json(&["volume", "show", name])
+    }
+}
+
+fn peer<'a>(r: &'a Value, node: &str) -> &'a Value {
+    r["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == node)
+        .unwrap_or_else(|| panic!("no peer {node} in {r:#}"))
+}
+
+fn established(r: &Value, node: &str) -> bool {
+    peer(r, node)["repl_state"] == "Established"
+}
+
+fn data_at(c: &Cluster, node: &str, volume: &str, offset: u64, len: u64) -> Vec<u8> {
+    let f = std::fs::read(c.node_dir(node).join("pool").join(format!("{volume}.data"))).unwrap();
+    f[offset as usize..(offset + len) as usize].to_vec()
+}
+
+/// No agent logged a split-brain decision (rules `SplitBrain...`).
+fn no_split_brain(c: &Cluster) {
+    for n in ["node1", "node2", "node3"] {
+        let log = c.agent_log(n);
+        let sb: Vec<&str> = log
+            .lines()
+            .filter(|l| l.to_lowercase().contains("splitbrain") || l.contains("split brain"))
+            .collect();
+        assert!(sb.is_empty(), "{n} logged split brain:\n{}", sb.join("\n"));
+    }
+}
+
+#[test]
+fn secondary_cut_off_primary_keeps_writing_and_the_secondary_resyncs_what_it_missed() {
+    let p = Proxied::start();
+    let c = &p.c;
+    let v = p.volume("ps");
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let witness = witness_of(&v).to_string();
+    let uri = c.connect("ps");
+    assert!(uri.contains(&primary), "{uri}");
+    let before = [(0, 64 * KIB, 0x11), (MIB, 64 * KIB, 0x12)];
+    qemu_io_ok(&uri, &writes(&before));
+    c.wait_json(&["volume", "show", "ps"], "in sync after writes", in_sync);
+    let resync_before = replica(&p.show("ps"), &secondary)["last_resync_bytes"]
+        .as_u64()
+        .unwrap();
+
+    // Cut the Secondary off: both its links (to the Primary and to the witness) go down.
+    let sec_id = p.id(&secondary);
+    assert_eq!(p.net.isolate(sec_id), 2, "the Secondary's two links");
+    let v = c.wait_json(
+        &["volume", "show", "ps"],
+        "the Primary with quorum (witness), the Secondary without",
+        |v| {
+            let pr = replica(v, &primary);
+            let se = replica(v, &secondary);
+            pr["role"] == "Primary"
+                && pr["quorum"] == true
+                && established(pr, &witness)
+                && !established(pr, &secondary)
+                && se["quorum"] == false
+                && se["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|x| x["repl_state"] != "Established")
+        },
+    );
+    eprintln!("Secondary cut off:\n{v:#}");
+
+    // The Primary keeps writing.
+    let during = [
+        (8 * MIB, 128 * KIB, 0x61),
+        (20 * MIB, 128 * KIB, 0x62),
+        (40 * MIB, 256 * KIB, 0x63),
+    ];
+    let written: u64 = during.iter().map(|b| b.1).sum();
+    qemu_io_ok(&uri, &writes(&during));
+    qemu_io_ok(&uri, &reads(&during));
+    let v = c.wait_json(
+        &["volume", "show", "ps"],
+        "the Primary to report what the Secondary missed",
+        |v| {
+            peer(replica(v, &primary), &secondary)["out_of_sync_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+                >= written
+        },
+    );
+    let oos = peer(replica(&v, &primary), &secondary)["out_of_sync_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(oos <= written + MIB, "out of sync {oos}, written {written}");
+    // Nothing reached the Secondary, and its agent kept trying: links refused by the proxies.
+    for (o, l, _) in &during {
+        assert!(
+            data_at(c, &secondary, "ps", *o, *l).iter().all(|b| *b == 0),
+            "a write reached the cut-off Secondary at {o}"
+        );
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "a reconnect of the Secondary refused",
+        || {
+            p.net
+                .records()
+                .iter()
+                .any(|r| r.refused && (r.from == sec_id || r.to == sec_id))
+                .then_some(())
+        },
+    );
+
+    // Heal: the Secondary reconnects and resyncs what it missed, nothing more.
+    p.net.heal();
+    let v = c.wait_json(
+        &["volume", "show", "ps"],
+        "the Secondary UpToDate again after a resync",
+        |v| {
+            in_sync(v)
+                && replica(v, &secondary)["last_resync_bytes"]
+                    .as_u64()
+                    .is_some_and(|b| b != resync_before && b > 0)
+        },
+    );
+    assert_eq!(node_of(&v, "Primary"), primary, "{v:#}");
+    let resynced = replica(&v, &secondary)["last_resync_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        resynced >= written && resynced <= written + MIB && resynced < SIZE / 8,
+        "last_resync_bytes {resynced}, written while cut off {written}: {v:#}"
+    );
+    eprintln!(
+        "written while the Secondary was cut off: {written}, out of sync on the Primary: {oos}, resynced: {resynced}"
+    );
+    same_files(c, &primary, &secondary, "ps");
+    qemu_io_ok(&uri, &reads(&before));
+    qemu_io_ok(&uri, &reads(&during));
+    no_split_brain(c);
+    eprintln!("{}", c.tandem(&["volume", "show", "ps"]));
+}
+
+#[test]
+fn primary_cut_off_writes_fail_the_other_side_is_promoted_and_the_old_primary_resyncs() {
+    let p = Proxied::start();
+    let c = &p.c;
+    let v = p.volume("pp");
+    let old = node_of(&v, "Primary").to_string();
+    let new = node_of(&v, "Secondary").to_string();
+    let witness = witness_of(&v).to_string();
+    let old_uri = c.connect("pp");
+    assert!(old_uri.contains(&old), "{old_uri}");
+    let before = [(0, 64 * KIB, 0x21), (8 * MIB, 64 * KIB, 0x22)];
+    qemu_io_ok(&old_uri, &writes(&before));
+    c.wait_json(&["volume", "show", "pp"], "in sync after writes", in_sync);
+
+    // Cut the Primary off. A write right away must not complete (its peers are gone), nor
+    // one after the Primary saw that it lost quorum; reads fail too.
+    let old_id = p.id(&old);
+    assert_eq!(p.net.isolate(old_id), 2, "the Primary's two links");
+    let lost = [(12 * MIB, 64 * KIB, 0x77)];
+    let r = qemu_io_within(&old_uri, &writes(&lost), Duration::from_secs(60));
+    assert!(
+        !r.ok(),
+        "a write through the cut-off Primary completed: {}",
+        r.text
+    );
+    eprintln!("write through the cut-off Primary: {}", r.text.trim());
+    let v = c.wait_json(
+        &["volume", "show", "pp"],
+        "the old Primary without quorum, the other side with",
+        |v| {
+            let o = replica(v, &old);
+            let n = replica(v, &new);
+            o["quorum"] == false
+                && n["quorum"] == true
+                && established(n, &witness)
+                && !established(n, &old)
+        },
+    );
+    eprintln!("Primary cut off:\n{v:#}");
+    let lost2 = [(16 * MIB, 64 * KIB, 0x78)];
+    let r = qemu_io_within(&old_uri, &writes(&lost2), Duration::from_secs(60));
+    assert!(
+        !r.ok(),
+        "a write through the Primary without quorum completed: {}",
+        r.text
+    );
+    let r = qemu_io_within(&old_uri, &reads(&before), Duration::from_secs(60));
+    assert!(
+        !r.ok(),
+        "a read through the Primary without quorum completed: {}",
+        r.text
+    );
+
+    // Promote the other diskful node; writes through it succeed.
+    let out = run(c.cli().args(["volume", "promote", "pp", "--node", &new]));
+    assert!(
+        out.status.success(),
+        "promote {new} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = c.wait_json(&["volume", "show", "pp"], "the new Primary", |v| {
+        let n = replica(v, &new);
+        n["role"] == "Primary" && n["quorum"] == true
+    });
+    eprintln!("after promote:\n{v:#}");
+    let new_uri = c.connect("pp");
+    assert!(
+        new_uri.contains(&new),
+        "connect should point at {new}: {new_uri}"
+    );
+    let after = [
+        (8 * MIB, 64 * KIB, 0x31),
+        (30 * MIB, 128 * KIB, 0x32),
+        (50 * MIB, 64 * KIB, 0x33),
+    ];
+    qemu_io_ok(&new_uri, &writes(&after));
+    qemu_io_ok(&new_uri, &reads(&after));
+    qemu_io_ok(&new_uri, &reads(&before[..1]));
+
+    // Heal: the old Primary ends Secondary and resyncs from the new one, no split brain.
+    p.net.heal();
+    let v = c.wait_json(
+        &["volume", "show", "pp"],
+        "in sync with the new Primary, the old one Secondary after a resync",
+        |v| {
+            in_sync(v)
+                && replica(v, &new)["role"] == "Primary"
+                && replica(v, &old)["role"] == "Secondary"
+                && replica(v, &old)["last_resync_bytes"]
+                    .as_u64()
+                    .is_some_and(|b| b > 0)
+        },
+    );
+    eprintln!("healed:\n{v:#}");
+    for r in v["replicas"].as_array().unwrap() {
+        assert!(
+            r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless",
+            "{v:#}"
+        );
+    }
+    let resynced = replica(&v, &old)["last_resync_bytes"].as_u64().unwrap();
+    let written: u64 = after.iter().map(|b| b.1).sum();
+    assert!(
+        resynced >= written && resynced < SIZE / 8,
+        "last_resync_bytes {resynced}, written on the new Primary {written}: {v:#}"
+    );
+    eprintln!("written on the new Primary: {written}, resynced into the old one: {resynced}");
+    no_split_brain(c);
+    same_files(c, &old, &new, "pp");
+    // What the new Primary wrote reads back; what failed on the old one never appears.
+    qemu_io_ok(&new_uri, &reads(&after));
+    qemu_io_ok(&new_uri, &reads(&before[..1]));
+    let zeros: Vec<(u64, u64, u8)> = lost.iter().chain(&lost2).map(|b| (b.0, b.1, 0)).collect();
+    qemu_io_ok(&new_uri, &reads(&zeros));
+    eprintln!("{}", c.tandem(&["volume", "show", "pp"]));
+}
