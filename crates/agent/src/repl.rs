@@ -37,6 +37,18 @@ struct Running {
     peer_names: BTreeMap<u8, String>,
     /// Last refusal of the role the controller asks for (logged once, reported).
     last_refusal: Option<String>,
+    /// Resync progress sample (when, bytes done) and the rate measured from the previous
+    /// one, for `resync_bytes_per_sec` and the ETA.
+    resync_sample: Option<(std::time::Instant, u64)>,
+    resync_rate: u64,
+}
+
+/// Whether two specs differ in more than the options a running driver takes without a
+/// restart (the resync rate).
+fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
+    let mut w = want.clone();
+    w.options.resync_rate = have.options.resync_rate;
+    w != *have
 }
 
 /// The agent's replication state.
@@ -92,8 +104,36 @@ impl Replication {
         };
         r.quorum = Some(st.quorum);
         r.out_of_sync_bytes = st.out_of_sync_bytes;
-        r.resync_bytes_per_sec = st.resync_rate;
         r.last_resync_bytes = st.last_resync_bytes;
+        r.resync_bytes_left = st.resync_bytes_left;
+        {
+            // Measured rate: bytes done between two reports at least a second apart.
+            let now = std::time::Instant::now();
+            let done = st.engine.resync_bytes_done;
+            let mut d = lock(&self.drivers);
+            if let Some(run) = d.get_mut(&r.volume) {
+                if st.resync_bytes_left.is_none() {
+                    run.resync_sample = None;
+                    run.resync_rate = 0;
+                } else {
+                    match run.resync_sample {
+                        Some((t, d0)) if done >= d0 => {
+                            let secs = now.duration_since(t).as_secs_f64();
+                            if secs >= 1.0 {
+                                run.resync_rate = ((done - d0) as f64 / secs) as u64;
+                                run.resync_sample = Some((now, done));
+                            }
+                        }
+                        _ => run.resync_sample = Some((now, done)),
+                    }
+                }
+                r.resync_bytes_per_sec = run.resync_rate;
+                r.resync_eta_secs = match (st.resync_bytes_left, run.resync_rate) {
+                    (Some(left), rate) if rate > 0 => Some(left.div_ceil(rate)),
+                    _ => None,
+                };
+            }
+        }
         r.peers = st
             .peers
             .iter()
@@ -270,7 +310,7 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
                 tandem_api::Protocol::C => Protocol::C,
                 tandem_api::Protocol::A => Protocol::A,
             },
-            resync_rate: 0,
+            resync_rate: d.resync_rate_bytes_per_sec,
         },
     })
 }
@@ -293,8 +333,9 @@ pub(crate) async fn stop_unwanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 match wanted(desired).find(|w| &w.volume == *name) {
                     None => true,
                     Some(w) => match spec_for(agent, w) {
-                        // Restart on any change of what the driver was started with.
-                        Ok(spec) => spec != run.spec,
+                        // Restart on any change of what the driver was started with,
+                        // except options it takes while running.
+                        Ok(spec) => needs_restart(&spec, &run.spec),
                         // Peer address unknown now: keep running with the old one.
                         Err(_) => w.volume_uuid != run.spec.uuid,
                     },
@@ -361,6 +402,16 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
     for d in wanted(desired) {
         if let Some(run) = lock(&agent.repl.drivers).get_mut(&d.volume) {
             run.primary = d.primary;
+            let rate = d.resync_rate_bytes_per_sec;
+            if run.spec.options.resync_rate != rate {
+                match run.driver.set_resync_rate(rate) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, bytes_per_sec = rate, "resync rate limit set (0: unlimited)");
+                        run.spec.options.resync_rate = rate;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting the resync rate: {e}"),
+                }
+            }
             continue;
         }
         let spec = match spec_for(agent, d) {
@@ -431,6 +482,8 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 primary: d.primary,
                 peer_names,
                 last_refusal: None,
+                resync_sample: None,
+                resync_rate: 0,
             },
         );
     }

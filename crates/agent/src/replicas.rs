@@ -638,6 +638,8 @@ impl Ctx<'_> {
                 last_resync_bytes: 0,
                 quorum: None,
                 role_error: None,
+                resync_bytes_left: None,
+                resync_eta_secs: None,
             })
             .collect();
         let t = read(self.table);
@@ -679,6 +681,8 @@ impl Ctx<'_> {
                 last_resync_bytes: 0,
                 quorum: None,
                 role_error: None,
+                resync_bytes_left: None,
+                resync_eta_secs: None,
             })
             .collect();
         drop(t);

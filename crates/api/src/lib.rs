@@ -113,6 +113,20 @@ pub struct VolumeCreate {
     pub nodes: Option<Vec<String>>,
     #[serde(default)]
     pub protocol: Option<Protocol>,
+    /// Resync rate limit, bytes per second (default 0: unlimited).
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: Option<u64>,
+}
+
+/// Body of `PATCH /v1/volumes/{name}`: options changeable while the volume runs. Absent
+/// fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeUpdate {
+    /// Resync rate limit, bytes per second; 0 = unlimited. Takes effect at once, also for a
+    /// resync that is running.
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -156,6 +170,7 @@ pub struct Replica {
     /// Replication state towards peers (`StandAlone` while the volume has one replica).
     pub repl_state: String,
     pub out_of_sync_bytes: u64,
+    /// Measured rate of the resync running into this replica (0 when none runs).
     pub resync_bytes_per_sec: u64,
     /// Bytes the most recent resync into this replica transferred.
     pub last_resync_bytes: u64,
@@ -175,6 +190,12 @@ pub struct Replica {
     /// "promotion refused: no quorum"), as the agent reports it; `null` when none.
     #[serde(default)]
     pub role_error: Option<String>,
+    /// Bytes still to copy into this replica by the running resync (`null`: none runs).
+    #[serde(default)]
+    pub resync_bytes_left: Option<u64>,
+    /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
+    #[serde(default)]
+    pub resync_eta_secs: Option<u64>,
 }
 
 /// Replication state of one replica towards one peer.
@@ -275,6 +296,9 @@ pub struct Volume {
     /// after `volume demote`). Each replica's `role` is what its agent reports.
     #[serde(default)]
     pub primary_node: Option<String>,
+    /// Resync rate limit, bytes per second (0: unlimited); `volume set --resync-rate`.
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: u64,
 }
 
 /// Body of `POST /v1/volumes/{name}/promote` and `POST /v1/volumes/{name}/demote`.
@@ -404,6 +428,9 @@ pub struct VolumeSpec {
     pub primary_node: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub primary_explicit: bool,
+    /// Resync rate limit, bytes per second (0: unlimited).
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: u64,
 }
 
 /// Answer of `POST /v1/state`.
@@ -466,7 +493,8 @@ pub struct ReplicaReport {
     /// Bytes out of sync with any peer (filled by the replication driver).
     #[serde(default)]
     pub out_of_sync_bytes: u64,
-    /// Current resync rate into or out of this replica, bytes per second.
+    /// Measured rate of the resync running into this replica, bytes per second (0 when
+    /// none runs).
     #[serde(default)]
     pub resync_bytes_per_sec: u64,
     /// Bytes the most recent resync into this replica transferred.
@@ -480,6 +508,12 @@ pub struct ReplicaReport {
     /// none.
     #[serde(default)]
     pub role_error: Option<String>,
+    /// Bytes still to copy into this replica by the running resync (`null`: none runs).
+    #[serde(default)]
+    pub resync_bytes_left: Option<u64>,
+    /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
+    #[serde(default)]
+    pub resync_eta_secs: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -534,10 +568,14 @@ pub struct DesiredReplica {
     /// Every other placement of the volume.
     #[serde(default)]
     pub peers: Vec<DesiredPeer>,
-    /// This placement should be the volume's Primary (multi-replica volumes: the first
-    /// diskful placement); the agent promotes it once the replication engine allows it.
+    /// This placement should be the volume's Primary (`volume promote`; at creation the
+    /// first diskful placement); the agent promotes it once the replication engine allows it
+    /// and demotes a Primary not marked so.
     #[serde(default)]
     pub primary: bool,
+    /// Resync rate limit, bytes per second (0: unlimited); applied to a running driver.
+    #[serde(default)]
+    pub resync_rate_bytes_per_sec: u64,
 }
 
 /// Another placement of a volume, as the agents of its replicas must know it.

@@ -85,6 +85,19 @@ impl Client {
         self.decode(resp)
     }
 
+    pub fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let resp = self
+            .agent
+            .patch(format!("{}{path}", self.base))
+            .send_json(body)
+            .map_err(|e| self.transport(e))?;
+        self.decode(resp)
+    }
+
     pub fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,

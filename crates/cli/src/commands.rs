@@ -60,9 +60,20 @@ pub enum VolumeCmd {
         /// Replication protocol: C (synchronous, default) or A (asynchronous).
         #[arg(long)]
         protocol: Option<String>,
+        /// Resync rate limit per second, e.g. 100MiB (default: unlimited).
+        #[arg(long)]
+        resync_rate: Option<String>,
         /// Return at once instead of waiting for the replicas.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Change options of a volume while it runs.
+    Set {
+        name: String,
+        /// Resync rate limit per second: a size with an explicit unit, e.g. 50MiB (or
+        /// 50MiB/s), or `unlimited` (same as 0). Applies at once, also to a running resync.
+        #[arg(long)]
+        resync_rate: Option<String>,
     },
     /// List volumes.
     List,
@@ -178,9 +189,11 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             pool,
             nodes,
             protocol,
+            resync_rate,
             no_wait,
         } => {
             let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
+            let resync_rate = resync_rate.as_deref().map(parse_rate).transpose()?;
             let protocol = match protocol.as_deref() {
                 None => None,
                 Some("C") | Some("c") => Some(Protocol::C),
@@ -196,6 +209,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 pool: pool.clone(),
                 nodes: nodes.clone(),
                 protocol,
+                resync_rate_bytes_per_sec: resync_rate,
             };
             let mut v: Volume = client.post("/v1/volumes", &req)?;
             if !no_wait {
@@ -243,6 +257,22 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
+        VolumeCmd::Set { name, resync_rate } => {
+            let Some(rate) = resync_rate else {
+                bail!("nothing to set: name an option, e.g. --resync-rate 100MiB");
+            };
+            let req = tandem_api::VolumeUpdate {
+                resync_rate_bytes_per_sec: Some(parse_rate(rate)?),
+            };
+            let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
+            emit(json, &v, |v| {
+                format!(
+                    "Volume {}: resync rate limit {}.\n",
+                    v.name,
+                    rate_text(v.resync_rate_bytes_per_sec)
+                )
+            })
+        }
         VolumeCmd::Promote {
             name,
             node,
@@ -268,6 +298,27 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
+    }
+}
+
+/// A rate per second: a size with an explicit unit (optionally followed by `/s`), or
+/// `unlimited` / `0`.
+fn parse_rate(s: &str) -> Result<u64> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("unlimited") {
+        return Ok(0);
+    }
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    parse_size(t).with_context(|| {
+        format!("invalid rate '{s}': use a size per second such as 100MiB, or 'unlimited'")
+    })
+}
+
+pub(crate) fn rate_text(bytes_per_sec: u64) -> String {
+    if bytes_per_sec == 0 {
+        "unlimited".to_string()
+    } else {
+        format!("{}/s", format_size(bytes_per_sec))
     }
 }
 

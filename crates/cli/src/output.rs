@@ -152,6 +152,10 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
             "Primary:   {}\n",
             v.primary_node.as_deref().unwrap_or("none (volume demote)")
         ));
+        out.push_str(&format!(
+            "Resync:    limit {}\n",
+            crate::commands::rate_text(v.resync_rate_bytes_per_sec)
+        ));
     }
     out.push('\n');
     let mut t = Table::new(&[
@@ -181,6 +185,23 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
         ]);
     }
     out.push_str(&t.render());
+    for r in &v.replicas {
+        if let Some(left) = r.resync_bytes_left {
+            out.push_str(&format!(
+                "{}: resyncing, {} left at {}, ETA {}\n",
+                r.node,
+                format_size(left),
+                if r.resync_bytes_per_sec > 0 {
+                    format!("{}/s", format_size(r.resync_bytes_per_sec))
+                } else {
+                    "(measuring)".to_string()
+                },
+                r.resync_eta_secs
+                    .map(|s| format!("{s} s"))
+                    .unwrap_or_else(|| "unknown".into())
+            ));
+        }
+    }
     for r in v.replicas.iter().filter(|r| r.role_error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",
@@ -457,6 +478,8 @@ mod tests {
             peers,
             quorum: Some(true),
             role_error: None,
+            resync_bytes_left: None,
+            resync_eta_secs: None,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -474,6 +497,7 @@ mod tests {
             replicas: vec![replica("n1", vec![]), replica("n2", vec![])],
             operations: vec![],
             primary_node: Some("n1".into()),
+            resync_rate_bytes_per_sec: 0,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];

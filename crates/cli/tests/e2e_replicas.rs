@@ -319,3 +319,100 @@ fn node_of_opt<'a>(v: &'a Value, role: &str) -> Option<&'a str> {
         .find(|r| r["role"] == role)
         .and_then(|r| r["node"].as_str())
 }
+
+#[test]
+fn resync_rate_limit_is_set_at_creation_and_changed_while_resyncing() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&[
+        "volume",
+        "create",
+        "t",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--resync-rate",
+        "1MiB",
+    ]);
+    assert_eq!(v["resync_rate_bytes_per_sec"], 1 << 20, "{v:#}");
+    let v = c.wait_json(&["volume", "show", "t"], "in sync", in_sync);
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let uri = c.connect("t");
+
+    // 16 MiB written while the Secondary is down: at 1 MiB/s its resync takes ~16 s.
+    let pid = c.agent_pid(&secondary).expect("agent.pid");
+    // SAFETY: signalling an agent of this test's cluster.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until(Duration::from_secs(30), "the agent to die", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        matches!(state, None | Some("Z") | Some("X")).then_some(())
+    });
+    qemu_io(&uri, &["write -P 0x33 0 16M".into(), "flush".into()]);
+    c.wait_json(
+        &["volume", "show", "t"],
+        "the Primary to count 16 MiB out of sync",
+        |v| {
+            diskful(v).iter().any(|r| {
+                r["node"] == primary.as_str()
+                    && r["out_of_sync_bytes"].as_u64().unwrap_or(0) >= 16 << 20
+            })
+        },
+    );
+    c.restart_agent(&secondary);
+    // The throttled resync is seen running, with a measured rate and an ETA.
+    let v = c.wait_json(
+        &["volume", "show", "t"],
+        "a throttled resync in progress with rate and ETA",
+        |v| {
+            diskful(v).iter().any(|r| {
+                r["node"] == secondary.as_str()
+                    && r["resync_bytes_left"].as_u64().unwrap_or(0) > 0
+                    && r["resync_bytes_per_sec"].as_u64().unwrap_or(0) > 0
+                    && r["resync_eta_secs"].as_u64().is_some()
+            })
+        },
+    );
+    eprintln!("{v:#}");
+    let text = c.tandem(&["volume", "show", "t"]);
+    assert!(
+        text.contains("Resync:    limit 1048576 B (1.00 MiB)/s"),
+        "{text}"
+    );
+    // Lifting the limit while it runs lets it finish.
+    let out = c.tandem(&["volume", "set", "t", "--resync-rate", "unlimited"]);
+    assert!(out.contains("unlimited"), "{out}");
+    let v = c.wait_json(
+        &["volume", "show", "t"],
+        "the resync to finish after the limit is lifted",
+        |v| {
+            in_sync(v)
+                && diskful(v).iter().any(|r| {
+                    r["node"] == secondary.as_str()
+                        && r["last_resync_bytes"].as_u64().unwrap_or(0) >= 16 << 20
+                })
+        },
+    );
+    assert_eq!(v["resync_rate_bytes_per_sec"], 0);
+    let resynced = diskful(&v)
+        .into_iter()
+        .find(|r| r["node"] == secondary.as_str())
+        .unwrap()["last_resync_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(resynced < 32 << 20, "only what was missed: {resynced}");
+    same_files(&c, &primary, &secondary, "t");
+    // Bad rates are refused before anything is sent.
+    let out = run(c.cli().args(["volume", "set", "t", "--resync-rate", "10G"]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("GiB"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_api::{
     AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, Pool, ReconcileReport,
-    RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
+    RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate, VolumeUpdate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -232,6 +232,24 @@ async fn delete_volume(
     Ok((StatusCode::ACCEPTED, axum::Json(v)))
 }
 
+#[utoipa::path(patch, path = "/v1/volumes/{name}", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = VolumeUpdate,
+    responses((status = 200, description = "Options changed (the agents apply them at once)", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 409, description = "The volume is being deleted", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError)))]
+async fn update_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<VolumeUpdate>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.update_volume(&name, &req))
+        .await
+        .map(axum::Json)
+}
+
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = RoleChange,
@@ -420,7 +438,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/pools", get(pools))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(show_volume).delete(delete_volume).patch(update_volume),
+        )
         .route("/v1/volumes/{name}/connect", get(connect))
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
@@ -445,7 +466,7 @@ pub fn router(state: AppState) -> Router {
         license(name = "Apache-2.0")
     ),
     paths(health, openapi, status, nodes, pools, list_volumes, create_volume, show_volume,
-          delete_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
     Node, NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, ReconcileIssue,
-    ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate, VolumeState,
+    ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate, VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -143,6 +143,9 @@ pub struct VolumeRecord {
     pub primary_node: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub primary_explicit: bool,
+    /// Resync rate limit, bytes per second (0: unlimited).
+    #[serde(default)]
+    pub resync_rate: u64,
 }
 
 impl VolumeRecord {
@@ -547,6 +550,8 @@ impl Controller {
                     peers,
                     quorum: report.and_then(|r| r.quorum),
                     role_error: report.and_then(|r| r.role_error.clone()),
+                    resync_bytes_left: report.and_then(|r| r.resync_bytes_left),
+                    resync_eta_secs: report.and_then(|r| r.resync_eta_secs),
                 }
             })
             .collect();
@@ -574,6 +579,7 @@ impl Controller {
             replicas,
             operations: v.operations.clone(),
             primary_node: v.desired_primary().map(str::to_string),
+            resync_rate_bytes_per_sec: v.resync_rate,
         }
     }
 
@@ -968,6 +974,7 @@ impl Controller {
             created_unix: now,
             primary_node: None,
             primary_explicit: false,
+            resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
         };
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
@@ -1182,6 +1189,49 @@ impl Controller {
         self.store.txn(ops)?;
         self.notify();
         tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
+        Ok(Self::volume_view(&v, &nodes))
+    }
+
+    /// `volume set`: changes options of a running volume (the resync rate limit); the
+    /// agents apply them without restarting anything.
+    pub fn update_volume(&self, name: &str, req: &VolumeUpdate) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        let _guard = self.write_guard();
+        let (rev, mut v) = self
+            .volume_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        let nodes = self.nodes_by_name()?;
+        if v.state == VolumeState::Deleting {
+            return Err(Failure::conflict(
+                "not_ready",
+                format!("volume '{name}' is being deleted"),
+            ));
+        }
+        let mut changed = false;
+        if let Some(rate) = req.resync_rate_bytes_per_sec
+            && rate != v.resync_rate
+        {
+            tracing::info!(
+                volume = name,
+                from = v.resync_rate,
+                to = rate,
+                "resync rate changed"
+            );
+            v.resync_rate = rate;
+            changed = true;
+        }
+        if changed {
+            let mut ops = vec![TxnOp::put(
+                format!("{VOLUMES}{name}"),
+                encode(&v)?,
+                Expect::Revision(rev),
+            )];
+            for p in &v.placements {
+                ops.push(Self::bump(&p.node));
+            }
+            self.store.txn(ops)?;
+            self.notify();
+        }
         Ok(Self::volume_view(&v, &nodes))
     }
 
@@ -1587,6 +1637,7 @@ impl Controller {
                         created_unix: now,
                         primary_node: None,
                         primary_explicit: false,
+                        resync_rate: 0,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -1710,6 +1761,7 @@ impl Controller {
                     node_id,
                     peers,
                     primary: v.desired_primary() == Some(p.node.as_str()),
+                    resync_rate_bytes_per_sec: v.resync_rate,
                 });
             }
         }

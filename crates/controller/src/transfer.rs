@@ -57,6 +57,7 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         created_unix: v.created_unix,
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
+        resync_rate_bytes_per_sec: v.resync_rate,
     }
 }
 
@@ -81,6 +82,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         created_unix: v.created_unix,
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
+        resync_rate: v.resync_rate_bytes_per_sec,
     }
 }
 

@@ -444,3 +444,41 @@ fn promote_and_demote_move_the_primary_and_refuse_what_cannot_work() {
     assert_eq!(a["primary_node"], "n1");
     assert_eq!(a["primary_explicit"], true);
 }
+
+#[test]
+fn volume_set_changes_the_resync_rate_for_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    register(&s, &[("n1", 30), ("n2", 10), ("n3", 20)]);
+    let (status, v) = create(
+        &s,
+        json!({"name": "a", "size_bytes": GIB, "replicas": 2, "resync_rate_bytes_per_sec": 1000}),
+    );
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["resync_rate_bytes_per_sec"], 1000);
+    let rate_of = |node: &str| {
+        let d = s.sync(&report(node, 0), 0);
+        d.replicas[0].resync_rate_bytes_per_sec
+    };
+    assert_eq!(rate_of("n1"), 1000);
+    let before = s.sync(&report("n2", 0), 0).revision;
+    let (st, v) = s.patch(
+        "/v1/volumes/a",
+        &json!({"resync_rate_bytes_per_sec": 50 << 20}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["resync_rate_bytes_per_sec"], 50 << 20);
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(rate_of(n), 50 << 20, "{n}");
+    }
+    assert!(s.sync(&report("n2", 0), 0).revision > before);
+    // Bad bodies and names.
+    let (st, e) = s.patch("/v1/volumes/a", &json!({"resync_rate": 1}));
+    assert_api_error(st, &e, 422, "invalid_body");
+    let (st, e) = s.patch("/v1/volumes/a", &json!({"resync_rate_bytes_per_sec": -1}));
+    assert_api_error(st, &e, 422, "invalid_body");
+    let (st, e) = s.patch("/v1/volumes/nope", &json!({}));
+    assert_api_error(st, &e, 404, "not_found");
+    let doc: serde_json::Value = s.get_ok("/v1/state");
+    assert_eq!(doc["volumes"][0]["resync_rate_bytes_per_sec"], 50 << 20);
+}

@@ -128,6 +128,10 @@ impl Server {
         Self::finish(self.http.post(&self.url(path)).send_json(body))
     }
 
+    pub fn patch<T: Serialize>(&self, path: &str, body: &T) -> (u16, Value) {
+        Self::finish(self.http.patch(&self.url(path)).send_json(body))
+    }
+
     pub fn delete(&self, path: &str) -> (u16, Value) {
         Self::finish(self.http.delete(&self.url(path)).call())
     }
@@ -257,5 +261,7 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         last_resync_bytes: 0,
         quorum: None,
         role_error: None,
+        resync_bytes_left: None,
+        resync_eta_secs: None,
     }
 }
