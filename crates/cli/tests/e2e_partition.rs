@@ -9,6 +9,9 @@
 //! * The Primary cut off: writes through it fail (no quorum); the other diskful node is
 //!   promoted and takes writes; after the heal the old Primary is Secondary and resyncs from
 //!   the new one, without split brain.
+//! * The Primary black-holed (links open, nothing forwarded; only keepalive timeouts notice):
+//!   a write through it fails once its links time out, it does not hang and does not
+//!   complete; after the heal it has quorum again and the replicas converge.
 
 mod common;
 
@@ -128,6 +131,17 @@ fn no_split_brain(c: &Cluster) {
     }
 }
 
+/// The latest sync decision `node`'s engine logged for its link to node id `peer` (e.g.
+/// "BitmapTarget by rule EqualBitsPrimary").
+fn last_decision(c: &Cluster, node: &str, peer: u8) -> String {
+    let needle = format!("handshake with node {peer}: ");
+    c.agent_log(node)
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(needle.as_str()).map(|(_, d)| d.to_string()))
+        .unwrap_or_else(|| panic!("{node} logged no handshake decision with node {peer}"))
+}
+
 #[test]
 fn secondary_cut_off_primary_keeps_writing_and_the_secondary_resyncs_what_it_missed() {
     let p = Proxied::start();
@@ -233,6 +247,11 @@ fn secondary_cut_off_primary_keeps_writing_and_the_secondary_resyncs_what_it_mis
     eprintln!(
         "written while the Secondary was cut off: {written}, out of sync on the Primary: {oos}, resynced: {resynced}"
     );
+    // A bitmap resync from the Primary, decided on both ends.
+    let d = last_decision(c, &secondary, p.id(&primary));
+    assert!(d.starts_with("BitmapTarget "), "{secondary}: {d}");
+    let d = last_decision(c, &primary, sec_id);
+    assert!(d.starts_with("BitmapSource "), "{primary}: {d}");
     same_files(c, &primary, &secondary, "ps");
     qemu_io_ok(&uri, &reads(&before));
     qemu_io_ok(&uri, &reads(&during));
@@ -293,7 +312,14 @@ fn primary_cut_off_writes_fail_the_other_side_is_promoted_and_the_old_primary_re
         r.text
     );
 
-    // Promote the other diskful node; writes through it succeed.
+    // Promote the other diskful node; writes through it succeed. (`promote` refuses while
+    // consumers are connected to the old Primary: wait until its report no longer counts the
+    // qemu-io runs above.)
+    c.wait_json(
+        &["volume", "show", "pp"],
+        "no consumer left on the old Primary",
+        |v| replica(v, &old)["connections"] == 0,
+    );
     let out = run(c.cli().args(["volume", "promote", "pp", "--node", &new]));
     assert!(
         out.status.success(),
@@ -306,6 +332,7 @@ fn primary_cut_off_writes_fail_the_other_side_is_promoted_and_the_old_primary_re
         n["role"] == "Primary" && n["quorum"] == true
     });
     eprintln!("after promote:\n{v:#}");
+    assert_eq!(v["primary_node"], new.as_str(), "{v:#}");
     let new_uri = c.connect("pp");
     assert!(
         new_uri.contains(&new),
@@ -349,6 +376,10 @@ fn primary_cut_off_writes_fail_the_other_side_is_promoted_and_the_old_primary_re
     );
     eprintln!("written on the new Primary: {written}, resynced into the old one: {resynced}");
     no_split_brain(c);
+    let d = last_decision(c, &old, p.id(&new));
+    assert!(d.starts_with("BitmapTarget "), "{old}: {d}");
+    let d = last_decision(c, &new, old_id);
+    assert!(d.starts_with("BitmapSource "), "{new}: {d}");
     same_files(c, &old, &new, "pp");
     // What the new Primary wrote reads back; what failed on the old one never appears.
     qemu_io_ok(&new_uri, &reads(&after));
@@ -356,4 +387,74 @@ fn primary_cut_off_writes_fail_the_other_side_is_promoted_and_the_old_primary_re
     let zeros: Vec<(u64, u64, u8)> = lost.iter().chain(&lost2).map(|b| (b.0, b.1, 0)).collect();
     qemu_io_ok(&new_uri, &reads(&zeros));
     eprintln!("{}", c.tandem(&["volume", "show", "pp"]));
+}
+
+#[test]
+fn primary_black_holed_writes_fail_instead_of_hanging_and_it_recovers_after_the_heal() {
+    let p = Proxied::start();
+    let c = &p.c;
+    let v = p.volume("pf");
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let witness = witness_of(&v).to_string();
+    let uri = c.connect("pf");
+    let before = [(0, 64 * KIB, 0x41)];
+    qemu_io_ok(&uri, &writes(&before));
+    c.wait_json(&["volume", "show", "pf"], "in sync after writes", in_sync);
+
+    // A black hole around the Primary: its links stay open but carry nothing, so only the
+    // keepalive timeouts notice. A write through it must fail once quorum is gone, not hang
+    // and not complete.
+    let pid = p.id(&primary);
+    p.net.freeze(pid);
+    let lost = [(12 * MIB, 64 * KIB, 0x51)];
+    let t0 = std::time::Instant::now();
+    let r = qemu_io_within(&uri, &writes(&lost), Duration::from_secs(60));
+    assert!(
+        !r.ok(),
+        "a write through the black-holed Primary completed: {}",
+        r.text
+    );
+    eprintln!(
+        "write through the black-holed Primary failed after {:?}: {}",
+        t0.elapsed(),
+        r.text.trim()
+    );
+    c.wait_json(
+        &["volume", "show", "pf"],
+        "the Primary without quorum, the Secondary with the witness",
+        |v| {
+            let pr = replica(v, &primary);
+            let se = replica(v, &secondary);
+            pr["quorum"] == false
+                && se["quorum"] == true
+                && established(se, &witness)
+                && !established(se, &primary)
+        },
+    );
+    assert!(
+        data_at(c, &secondary, "pf", lost[0].0, lost[0].1)
+            .iter()
+            .all(|b| *b == 0),
+        "the failed write reached the Secondary"
+    );
+    assert!(
+        p.net.records().iter().any(|r| r.held),
+        "no reconnect was held by the black hole: {:?}",
+        p.net.records()
+    );
+
+    // Heal: the links come back, the Primary regains quorum and writes again; the replicas
+    // converge (whatever the failed write left on the Primary is resynced or was never there).
+    p.net.heal();
+    c.wait_json(&["volume", "show", "pf"], "in sync after the heal", |v| {
+        in_sync(v) && node_of_opt(v, "Primary") == Some(primary.as_str())
+    });
+    let after = [(20 * MIB, 64 * KIB, 0x52)];
+    qemu_io_ok(&uri, &writes(&after));
+    qemu_io_ok(&uri, &reads(&after));
+    qemu_io_ok(&uri, &reads(&before));
+    c.wait_json(&["volume", "show", "pf"], "in sync after writes", in_sync);
+    no_split_brain(c);
+    same_files(c, &primary, &secondary, "pf");
 }

@@ -5,16 +5,18 @@
 //! The lower node id dials the higher one, so one node's proxy carries links from several
 //! dialers. The proxy reads the dialer's first frame (the handshake's `Hello`, decoded with
 //! `tandem-repl-proto`), which names the dialing node, the node it wants and the volume, and
-//! only then connects to the agent. A [`Net`] holds the proxies of one cluster and a set of
-//! isolated nodes: a link is refused (closed right after its `Hello`) or cut (both sockets shut
-//! down) when either end is isolated. The controller link is HTTP and never passes through a
-//! proxy. Everything is torn down on drop (every socket shut down, every thread joined).
+//! only then connects to the agent. A [`Net`] holds the proxies of one cluster and the faults
+//! they share, per node: *isolated* (a link with that node at either end is cut, both sockets
+//! shut down, and new ones are refused right after their `Hello`) or *frozen* (a black hole:
+//! its links stay open but nothing is forwarded, so only keepalive timeouts notice; new ones
+//! are held without an answer). The controller link is HTTP and never passes through a proxy.
+//! Everything is torn down on drop (every socket shut down, every thread joined).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -37,19 +39,41 @@ pub struct LinkRecord {
     pub volume: String,
     /// Refused at once because one end was isolated.
     pub refused: bool,
+    /// Held without an answer because one end was frozen.
+    pub held: bool,
 }
+
+/// Faults shared by the proxies of one [`Net`].
+#[derive(Default)]
+struct Faults {
+    isolated: BTreeSet<u8>,
+    frozen: BTreeSet<u8>,
+}
+
+impl Faults {
+    fn cut(&self, a: u8, b: u8) -> bool {
+        self.isolated.contains(&a) || self.isolated.contains(&b)
+    }
+    fn frozen(&self, a: u8, b: u8) -> bool {
+        self.frozen.contains(&a) || self.frozen.contains(&b)
+    }
+}
+
+/// The faults and a condition variable notified on every change (and on teardown).
+type SharedFaults = Arc<(Mutex<Faults>, Condvar)>;
 
 struct Conn {
     id: u64,
     from: u8,
     sockets: [TcpStream; 2],
+    closed: Arc<AtomicBool>,
 }
 
 struct Shared {
     /// Node id of the agent behind this proxy.
     node: u8,
     target: SocketAddr,
-    isolated: Arc<Mutex<BTreeSet<u8>>>,
+    faults: SharedFaults,
     stop: AtomicBool,
     /// Forwarded connections still open.
     conns: Mutex<Vec<Conn>>,
@@ -61,8 +85,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn blocked(&self, set: &BTreeSet<u8>, from: u8) -> bool {
-        set.contains(&from) || set.contains(&self.node)
+    fn faults(&self) -> MutexGuard<'_, Faults> {
+        lock(&self.faults.0)
     }
 
     /// Shuts down every forwarded connection that `pred` selects.
@@ -71,6 +95,7 @@ impl Shared {
         let mut n = 0;
         conns.retain(|c| {
             if pred(c) {
+                c.closed.store(true, Ordering::SeqCst);
                 for s in &c.sockets {
                     let _ = s.shutdown(Shutdown::Both);
                 }
@@ -80,7 +105,30 @@ impl Shared {
                 true
             }
         });
+        drop(conns);
+        self.faults.1.notify_all();
         n
+    }
+
+    /// Blocks while a link between `from` and this node is frozen; false when it should end
+    /// instead (closed, or the proxy stops).
+    fn wait_unfrozen(&self, from: u8, closed: &AtomicBool) -> bool {
+        let mut f = self.faults();
+        loop {
+            if closed.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            if !f.frozen(from, self.node) {
+                return true;
+            }
+            // The timeout is a safety net only: every change notifies.
+            f = self
+                .faults
+                .1
+                .wait_timeout(f, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     fn spawn(self: &Arc<Self>, f: impl FnOnce() + Send + 'static) {
@@ -97,13 +145,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    fn start(node: u8, target: SocketAddr, isolated: Arc<Mutex<BTreeSet<u8>>>) -> Proxy {
+    fn start(node: u8, target: SocketAddr, faults: SharedFaults) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             node,
             target,
-            isolated,
+            faults,
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             next_id: Mutex::new(0),
@@ -180,18 +228,29 @@ fn handle(s: Arc<Shared>, mut client: TcpStream) {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };
-    let record = |refused| LinkRecord {
-        from: hello.from_node,
+    let from = hello.from_node;
+    let record = |refused, held| LinkRecord {
+        from,
         to: hello.to_node,
         volume: hello.volume_name.clone(),
         refused,
+        held,
     };
     let refuse = |s: &Shared, client: &TcpStream| {
-        lock(&s.records).push(record(true));
+        lock(&s.records).push(record(true, false));
         let _ = client.shutdown(Shutdown::Both);
     };
-    if s.blocked(&lock(&s.isolated), hello.from_node) {
+    if s.faults().cut(from, s.node) {
         return refuse(&s, &client);
+    }
+    if s.faults().frozen(from, s.node) {
+        // A black hole: no answer; the dialer's handshake times out. Closed once the fault is
+        // gone (the dialer has long given up) or at teardown.
+        lock(&s.records).push(record(false, true));
+        let closed = AtomicBool::new(false);
+        s.wait_unfrozen(from, &closed);
+        let _ = client.shutdown(Shutdown::Both);
+        return;
     }
     let Ok(mut server) = TcpStream::connect(s.target) else {
         let _ = client.shutdown(Shutdown::Both);
@@ -210,11 +269,12 @@ fn handle(s: Arc<Shared>, mut client: TcpStream) {
     let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
-    // Check and register under the connection lock: `Net::isolate` first adds the node to the
-    // set, then cuts under this lock, so no connection slips between the two.
+    let closed = Arc::new(AtomicBool::new(false));
+    // Check and register under the connection lock: `Net::isolate` first records the fault,
+    // then cuts under this lock, so no connection slips between the two.
     let id = {
         let mut conns = lock(&s.conns);
-        if s.stop.load(Ordering::SeqCst) || s.blocked(&lock(&s.isolated), hello.from_node) {
+        if s.stop.load(Ordering::SeqCst) || s.faults().cut(from, s.node) {
             drop(conns);
             let _ = server.shutdown(Shutdown::Both);
             return refuse(&s, &client);
@@ -226,35 +286,46 @@ fn handle(s: Arc<Shared>, mut client: TcpStream) {
         };
         conns.push(Conn {
             id,
-            from: hello.from_node,
+            from,
             sockets: [c2, s2],
+            closed: closed.clone(),
         });
-        lock(&s.records).push(record(false));
+        lock(&s.records).push(record(false, false));
         id
     };
     let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
-    let sh = s.clone();
-    s.spawn(move || pump(sh, id, c3, s3));
-    pump(s, id, server, client);
+    let (sh, cl) = (s.clone(), closed.clone());
+    s.spawn(move || pump(sh, id, from, cl, c3, s3));
+    pump(s, id, from, closed, server, client);
 }
 
-/// Copies `from` to `to` until either ends; then closes the whole connection.
-fn pump(s: Arc<Shared>, id: u64, mut from: TcpStream, mut to: TcpStream) {
+/// Copies `src` to `dst` (not while the link is frozen) until either ends; then closes the
+/// whole connection.
+fn pump(
+    s: Arc<Shared>,
+    id: u64,
+    from_node: u8,
+    closed: Arc<AtomicBool>,
+    mut src: TcpStream,
+    mut dst: TcpStream,
+) {
     let mut buf = vec![0u8; 256 << 10];
-    loop {
-        match from.read(&mut buf) {
+    while s.wait_unfrozen(from_node, &closed) {
+        match src.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
+                // Bytes that arrive after a freeze are held until the heal (as TCP would
+                // retransmit them), never delivered during it.
+                if !s.wait_unfrozen(from_node, &closed) || dst.write_all(&buf[..n]).is_err() {
                     break;
                 }
             }
         }
     }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
+    let _ = src.shutdown(Shutdown::Both);
+    let _ = dst.shutdown(Shutdown::Both);
     s.cut_where(|c| c.id == id);
 }
 
@@ -262,6 +333,7 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let s = &self.shared;
         s.stop.store(true, Ordering::SeqCst);
+        s.faults.1.notify_all();
         // Wake the accept loop.
         let _ = TcpStream::connect(self.addr);
         if let Some(h) = self.accept.take() {
@@ -283,23 +355,23 @@ impl Drop for Proxy {
     }
 }
 
-/// The proxies of one cluster and the set of isolated nodes they share.
+/// The proxies of one cluster and the faults they share.
 pub struct Net {
-    isolated: Arc<Mutex<BTreeSet<u8>>>,
+    faults: SharedFaults,
     pub proxies: Vec<Proxy>,
 }
 
 impl Net {
     pub fn new() -> Net {
         Net {
-            isolated: Arc::default(),
+            faults: Arc::default(),
             proxies: Vec::new(),
         }
     }
 
     /// Starts a proxy for node `node` whose agent listens on `target`; returns its address.
     pub fn add(&mut self, node: u8, target: SocketAddr) -> SocketAddr {
-        let p = Proxy::start(node, target, self.isolated.clone());
+        let p = Proxy::start(node, target, self.faults.clone());
         let a = p.addr;
         self.proxies.push(p);
         a
@@ -315,16 +387,28 @@ impl Net {
     /// Cuts `node` off from every peer: its open links are shut down (both directions, at
     /// once) and new ones are refused until [`Net::heal`]. Returns how many links were cut.
     pub fn isolate(&self, node: u8) -> usize {
-        lock(&self.isolated).insert(node);
+        lock(&self.faults.0).isolated.insert(node);
         self.proxies
             .iter()
             .map(|p| p.shared.cut_where(|c| c.from == node || p.node() == node))
             .sum()
     }
 
-    /// Lets every link through again (dialers reconnect on their own).
+    /// Makes `node` a black hole until [`Net::heal`]: its open links stay open but carry
+    /// nothing (TCP back-pressure holds what the ends write); new ones get no answer.
+    pub fn freeze(&self, node: u8) {
+        lock(&self.faults.0).frozen.insert(node);
+        self.faults.1.notify_all();
+    }
+
+    /// Lets every link through again: frozen links resume with what their ends wrote
+    /// meanwhile, dialers reconnect on their own.
     pub fn heal(&self) {
-        lock(&self.isolated).clear();
+        let mut f = lock(&self.faults.0);
+        f.isolated.clear();
+        f.frozen.clear();
+        drop(f);
+        self.faults.1.notify_all();
     }
 
     /// Every link record of every proxy.
