@@ -1,0 +1,1 @@
+//! FUSE file view (in progress).
