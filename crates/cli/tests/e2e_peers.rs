@@ -1,7 +1,8 @@
 //! End to end with real processes: wrong peers on the agents' replication ports (garbage, a
 //! well-formed handshake from another cluster, the right cluster with a wrong secret, a wrong
-//! volume, an unknown node, a connection that says nothing) are refused, each with a logged
-//! reason, while a replicated volume keeps serving writes through its Primary.
+//! volume, an unknown node, a connection that says nothing, a real transport without the
+//! secret that keeps redialing) are refused, each with a logged reason, while a replicated
+//! volume keeps serving writes through its Primary.
 
 mod common;
 
@@ -143,6 +144,18 @@ fn refusal_logged(c: &Cluster, node: &str, client: SocketAddr, reason: &str, tex
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Refusals for a bad MAC on volume `pv` that `node`'s agent logged so far.
+fn bad_macs(c: &Cluster, node: &str) -> usize {
+    c.agent_log(node)
+        .lines()
+        .filter(|l| {
+            l.contains("refused replication connection")
+                && l.contains("reason=\"bad_mac\"")
+                && l.contains("volume=\"pv\"")
+        })
+        .count()
 }
 
 /// qemu-io rounds through the Primary in a thread until stopped: each writes a pattern to one
@@ -375,6 +388,67 @@ fn wrong_peers_are_refused_and_the_volume_keeps_serving() {
             refusal_logged(&c, name, s.local_addr().unwrap(), logged, &text);
         }
     }
+
+    // (f) A real transport that knows the cluster id and the volume but not the secret,
+    // posing as the lowest node and dialing the highest one again and again (with its
+    // backoff): refused every time, never a link.
+    let (target, target_id, target_addr) = nodes.last().unwrap().clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let before_rogue = bad_macs(&c, &target);
+    let mut cfg = tandem_transport::TransportConfig::new(
+        cluster_id.clone(),
+        ClusterSecret::new(b"the rogue's own secret, 32 bytes".to_vec()).unwrap(),
+        lowest,
+        "rogue",
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.timers.dial_backoff_max = Duration::from_millis(400);
+    let (rogue, mut events) = rt
+        .block_on(tandem_transport::Transport::start(cfg))
+        .unwrap();
+    {
+        let _rt = rt.enter();
+        rogue
+            .set_volume(tandem_transport::VolumeConfig {
+                name: "pv".into(),
+                uuid: uuid.clone(),
+                peers: vec![tandem_transport::PeerConfig {
+                    node_id: target_id,
+                    name: target.clone(),
+                    addr: target_addr.clone(),
+                }],
+            })
+            .unwrap();
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the rogue transport to be refused 4 times",
+        || {
+            (rogue
+                .stats()
+                .refused(tandem_transport::RefusalReason::RefusedByPeer)
+                >= 4)
+                .then_some(())
+        },
+    );
+    rt.block_on(rogue.shutdown());
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, tandem_transport::Event::PeerUp { .. }),
+            "the rogue got a link: {e:?}"
+        );
+    }
+    assert_eq!(rogue.stats().links_up, 0);
+    let logged = bad_macs(&c, &target) - before_rogue;
+    assert!(
+        logged >= 4,
+        "{target} logged {logged} bad-MAC refusals of the rogue"
+    );
+    drop(rt);
 
     for (name, mut s) in silent {
         let local = s.local_addr().unwrap();
