@@ -95,6 +95,19 @@ pub enum VolumeCmd {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Show the volume and each partition in it as regular files in DIR (FUSE; I/O goes
+    /// through the volume's NBD export). Stays in the foreground until Ctrl-C / SIGTERM or
+    /// `fusermount3 -u DIR`.
+    Mount {
+        name: String,
+        dir: std::path::PathBuf,
+        /// Node whose export to use (default: the Primary).
+        #[arg(long)]
+        node: Option<String>,
+        /// Files are read-only (0400), writes are refused.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Make a node's replica the volume's Primary (the one that accepts consumer I/O) and
     /// wait until it is. The current Primary is demoted first. Refused when the replica is
     /// not UpToDate, its node has no quorum, or consumers have the volume open on the current
@@ -285,6 +298,12 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             force,
             timeout,
         } => change_role(client, json, name, node, false, *force, *timeout),
+        VolumeCmd::Mount {
+            name,
+            dir,
+            node,
+            read_only,
+        } => crate::mount::run(client, json, name, dir, node.as_deref(), *read_only),
         VolumeCmd::Connect { name, node } => {
             let mut path = format!("/v1/volumes/{}/connect", path_segment(name));
             if let Some(n) = node {
