@@ -80,6 +80,13 @@ pub enum Rule {
     /// Equal generations with bits: the crashed Primary is the target (its activity-log
     /// regions may have lost acknowledged writes that the peer has).
     EqualBitsCrashedPrimary,
+    /// Equal generations with bits: one side lost its link to a Primary at this generation
+    /// (it may lack that Primary's last writes), the other did not: the other is the source.
+    EqualBitsLostPrimary,
+    /// Equal generations with bits: only one side has a bitmap generation toward the other
+    /// (it recorded that the other side missed writes, and the other side caught up through
+    /// a third node since, which may not have known all of them): it is the source.
+    EqualBitsPeerMissedWrites,
     /// Equal generations, only one side has bits: it is the source.
     EqualBitsOneSide,
     /// Equal generations, both have bits: the lower node id is the source.
@@ -167,6 +174,33 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
                     BitmapSource
                 },
                 Rule::EqualBitsCrashedPrimary,
+            );
+        }
+        // A side that lost its link to a Primary at this generation (its bitmap generation
+        // toward the peer or a third node is its own current) may lack that Primary's last
+        // writes; the other side is the better source.
+        let lost_primary = |s: &SideView| {
+            nz(s.current) && (s.bitmap == s.current || s.other_bitmaps.contains(&s.current))
+        };
+        if lost_primary(me) != lost_primary(peer) {
+            return (
+                if lost_primary(me) {
+                    BitmapTarget
+                } else {
+                    BitmapSource
+                },
+                Rule::EqualBitsLostPrimary,
+            );
+        }
+        let knows_missed = |s: &SideView| s.has_bits && nz(s.bitmap) && s.bitmap != s.current;
+        if knows_missed(me) != knows_missed(peer) {
+            return (
+                if knows_missed(me) {
+                    BitmapSource
+                } else {
+                    BitmapTarget
+                },
+                Rule::EqualBitsPeerMissedWrites,
             );
         }
         if me.has_bits != peer.has_bits {
@@ -278,6 +312,12 @@ mod tests {
         b_incons.up_to_date = false;
         let mut third_a = side(1, 20, 0, [10, 0]);
         third_a.other_bitmaps = vec![5];
+        let mut missed_a = a_bits.clone();
+        missed_a.bitmap = 7;
+        let mut lost_primary_b = b_bits.clone();
+        lost_primary_b.other_bitmaps = vec![10];
+        let mut lost_primary_a = missed_a.clone();
+        lost_primary_a.bitmap = 10;
         let mut stale_incons_source = side(2, 20, 10, [10, 0]);
         stale_incons_source.up_to_date = false;
         vec![
@@ -315,6 +355,27 @@ mod tests {
                 b_bits.clone(),
                 BitmapTarget,
                 Rule::EqualBitsOneSide,
+            ),
+            (
+                "peer caught up elsewhere, we know what it missed",
+                missed_a.clone(),
+                b_bits.clone(),
+                BitmapSource,
+                Rule::EqualBitsPeerMissedWrites,
+            ),
+            (
+                "peer lost its Primary at this generation",
+                missed_a,
+                lost_primary_b.clone(),
+                BitmapSource,
+                Rule::EqualBitsLostPrimary,
+            ),
+            (
+                "we lost the peer as our Primary at this generation",
+                lost_primary_a,
+                b_bits.clone(),
+                BitmapTarget,
+                Rule::EqualBitsLostPrimary,
             ),
             (
                 "both bits lower id",

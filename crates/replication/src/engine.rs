@@ -134,6 +134,11 @@ struct ResyncTarget {
     /// Blocks (bits) a replicated write covered during this resync: current now, so resync
     /// data already in flight for them is stale and dropped.
     fenced: BTreeSet<u64>,
+    /// The source confirmed with `ResyncBegin`. Only then do we become Inconsistent and may
+    /// finish: if both ends decided from different snapshots and both think they are the
+    /// target, our requests make the other end disconnect before either side gave up its
+    /// good data.
+    begun: bool,
 }
 
 #[derive(Debug)]
@@ -571,6 +576,26 @@ impl Engine {
                 self.set_bits(id, offset, len);
             }
         }
+    }
+
+    /// Diskful peers that would look equal to us after our next write unless we start a new
+    /// generation first: not in sync, not receiving our writes, and not yet recorded as behind
+    /// an older generation (bitmap generation 0, or our current: we lost it as Secondary and
+    /// have not written since). A peer already recorded as behind keeps its bitmap generation
+    /// and collects bits; minting again for it would only push generations out of the short
+    /// history (peers that catch up elsewhere would then look unrelated).
+    fn peers_needing_new_generation(&self) -> Vec<NodeId> {
+        self.diskful_ids()
+            .into_iter()
+            .filter(|id| {
+                !self.in_sync(*id)
+                    && !self.peers.get(id).is_some_and(|p| self.receives_writes(p))
+                    && matches!(
+                        self.meta.peer_bitmap_gens.get(id).copied().unwrap_or(0),
+                        g if g == 0 || g == self.meta.current
+                    )
+            })
+            .collect()
     }
 
     fn mint(&mut self, why: &str) {
@@ -1119,11 +1144,7 @@ impl Engine {
         let len = data.len() as u64;
         if self.mint_pending {
             self.mint_pending = false;
-            let missing: Vec<NodeId> = self
-                .diskful_ids()
-                .into_iter()
-                .filter(|id| !self.in_sync(*id))
-                .collect();
+            let missing = self.peers_needing_new_generation();
             if !missing.is_empty() {
                 self.mint(&format!(
                     "first write without diskful nodes {missing:?} in sync"
@@ -1339,11 +1360,7 @@ impl Engine {
         // a new generation (persisted before the completion), or that peer would later look
         // equal to us.
         if result.is_ok() && self.mint_pending {
-            let missing: Vec<NodeId> = self
-                .diskful_ids()
-                .into_iter()
-                .filter(|id| !self.in_sync(*id))
-                .collect();
+            let missing = self.peers_needing_new_generation();
             if !missing.is_empty() {
                 self.mint_pending = false;
                 self.mint(&format!(
@@ -1387,7 +1404,14 @@ impl Engine {
         let Some(op) = self.active.get(&key).cloned() else {
             return;
         };
+        // Answer first, then release the ops that waited for this read: a waiting write of
+        // the same blocks sends its `Write` on the same link, and it must arrive after the
+        // (older) data read here, or the peer applies the older data last.
+        self.answer_read(&op, result);
         self.finish_op(key);
+    }
+
+    fn answer_read(&mut self, op: &Op, result: Result<Bytes, DiskError>) {
         match op.kind {
             OpKind::ClientRead { id } => {
                 let r = match result {
@@ -1589,6 +1613,18 @@ impl Engine {
             let upto = self.al_ctr;
             let io = self.io(IoPurpose::AlFlush { upto });
             self.out.push(Action::DiskFlush { io });
+            // Its writes after the break (and those in flight) are missing here: record that
+            // we left it at our current generation. Our reports then tell third nodes that we
+            // may be behind that Primary (see `Rule::EqualBitsLostPrimary`), and a resync
+            // target that copies our view learns the same.
+            if diskful {
+                let current = self.meta.current;
+                let g = self.meta.peer_bitmap_gens.entry(peer).or_insert(0);
+                if *g == 0 {
+                    *g = current;
+                    self.persist_meta();
+                }
+            }
         }
         // Writes it did not ack, and writes it acked that no flush made durable there, may be
         // missing on it.
@@ -1627,6 +1663,28 @@ impl Engine {
             self.broadcast_report(false);
         }
         self.recheck_quorum_wait();
+        if conn.resync.is_some() {
+            // Links that waited for this resync (paused), or were decided while we were still
+            // UpToDate (we are Inconsistent now), must compare again or they never resume.
+            let stale: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.cfg.diskful
+                        && p.conn.as_ref().is_some_and(|c| {
+                            matches!(c.state, ReplState::PausedSync | ReplState::Established)
+                        })
+                })
+                .map(|p| p.cfg.node_id)
+                .collect();
+            for id in stale {
+                self.disconnect(
+                    id,
+                    DisconnectReason::ConfigChanged,
+                    format!("resync from node {peer} interrupted; reconnect to compare"),
+                );
+            }
+        }
     }
 
     fn tick(&mut self) {
@@ -1818,6 +1876,19 @@ impl Engine {
                         "node {peer} starts a resync of {bytes} bytes toward us (generation {generation:016x})"
                     ),
                 );
+                let confirmed = self
+                    .conn_mut(peer)
+                    .and_then(|c| c.resync.as_mut())
+                    .map(|rs| rs.begun = true)
+                    .is_some();
+                // The source agrees: from now on our data is being replaced (persisted before
+                // the first resync write: its data follows this message on the link).
+                if confirmed && self.meta.disk_state != DiskState::Inconsistent {
+                    self.meta.disk_state = DiskState::Inconsistent;
+                    self.persist_meta();
+                    self.broadcast_report(false);
+                }
+                self.pump_resync();
             }
             Message::ResyncEnd { status, .. } => {
                 self.log(
@@ -1855,7 +1926,7 @@ impl Engine {
                     return Ok(());
                 };
                 let epoch = c.epoch;
-                let Some(rs) = c.resync.as_ref() else {
+                let Some(rs) = c.resync.as_ref().filter(|rs| rs.begun) else {
                     return Err(ProtocolError::Unexpected("ResyncData", peer));
                 };
                 if rs.inflight.get(&id) != Some(&(offset, u64::from(len))) {
@@ -2052,6 +2123,22 @@ impl Engine {
                     }
                 }
             }
+            Some(ReplState::Established)
+                if peer_diskful
+                    && self.cfg.diskful
+                    && r.disk_state == DiskState::UpToDate
+                    && r.generations.current == self.meta.current =>
+            {
+                // We recorded it as behind since `g` only because its report still showed `g`
+                // when we adopted a Primary's new generation; it adopted the same one over its
+                // own link to that Primary (same generation, `g` its previous one) while our
+                // link stayed established: it missed nothing.
+                let g = self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0);
+                if g != 0 && g != self.meta.current && r.generations.history.contains(&g) {
+                    self.meta.peer_bitmap_gens.insert(peer, 0);
+                    self.persist_meta();
+                }
+            }
             Some(ReplState::SyncSource)
                 if r.disk_state == DiskState::UpToDate
                     && r.generations.current == self.meta.current =>
@@ -2162,7 +2249,19 @@ impl Engine {
             c.decision = Some((d, rule));
         }
         match d {
-            SyncDecision::NoSync => self.set_state(peer, ReplState::Established),
+            SyncDecision::NoSync => {
+                // Identical: whatever we recorded about this peer is settled.
+                if self
+                    .meta
+                    .peer_bitmap_gens
+                    .get(&peer)
+                    .is_some_and(|g| *g != 0)
+                {
+                    self.meta.peer_bitmap_gens.insert(peer, 0);
+                    self.persist_meta();
+                }
+                self.set_state(peer, ReplState::Established)
+            }
             SyncDecision::SplitBrain => {
                 self.disconnect(
                     peer,
@@ -2215,11 +2314,7 @@ impl Engine {
                 }
                 self.merge_bits(peer, d == SyncDecision::FullTarget);
                 self.skip_primary_fresh(peer);
-                if self.meta.disk_state != DiskState::Inconsistent {
-                    self.meta.disk_state = DiskState::Inconsistent;
-                    self.persist_meta();
-                    self.broadcast_report(false);
-                }
+                // Inconsistent only once the source confirms (`ResyncBegin`), see `begun`.
                 let total = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
                 let now = self.now;
                 let chunk = u64::from(self.cfg.resync_chunk);
@@ -2235,6 +2330,7 @@ impl Engine {
                         done: 0,
                         finishing: false,
                         fenced: BTreeSet::new(),
+                        begun: false,
                     });
                 }
                 self.log(
@@ -2303,7 +2399,7 @@ impl Engine {
                 let g = b.granularity();
                 while rs.inflight.len() < max_inflight && !rs.finishing {
                     let Some(first) = b.next_set(rs.cursor) else {
-                        if rs.inflight.is_empty() {
+                        if rs.inflight.is_empty() && rs.begun {
                             if b.count() == 0 {
                                 rs.finishing = true;
                                 finish = Some(epoch);
@@ -2352,14 +2448,24 @@ impl Engine {
         let Some(r) = c.report.clone() else { return };
         self.last_resync_bytes = rs.done;
         self.crashed_primary = false;
+        let old_current = self.meta.current;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
         self.meta.disk_state = DiskState::UpToDate;
         self.meta.peer_bitmap_gens.insert(peer, 0);
-        // Toward third nodes we now know as much as the source does.
-        for pb in &r.peer_bitmaps {
-            if pb.node != self.cfg.node_id && self.meta.peer_bitmap_gens.contains_key(&pb.node) {
-                self.meta.peer_bitmap_gens.insert(pb.node, pb.generation);
+        // Toward third nodes: where the source recorded a node as behind, so are we now (our
+        // data is its data). Where it lists none (in sync with it) we keep what we recorded
+        // ourselves (it may know less than we do: e.g. writes that node lost in a crash that
+        // only we saw), except our own "lost our Primary at this generation" mark: the
+        // source's data includes that Primary's writes.
+        for (id, g) in self.meta.peer_bitmap_gens.iter_mut() {
+            if *id == peer {
+                continue;
+            }
+            match r.peer_bitmaps.iter().find(|pb| pb.node == *id) {
+                Some(pb) => *g = pb.generation,
+                None if *g == old_current => *g = 0,
+                None => {}
             }
         }
         self.persist_meta();

@@ -83,3 +83,63 @@ fn mismatched_decisions_reconnect() {
 fn resync_from_secondary_keeps_blocks_the_primary_wrote() {
     seed(135, Topology::Three);
 }
+
+/// Three diskful: a Secondary crashed (losing unflushed writes) just as the Primary was
+/// switched over; only the old Primary's bitmap recorded the loss. The crashed node resynced
+/// from the new Primary, then equal generations with bits on both sides picked the source by
+/// node id and spread its stale blocks. The side that recorded the peer as behind (bitmap
+/// generation toward it) is now the source (`EqualBitsPeerMissedWrites`). (First seen as seeds
+/// 68 and 101.)
+#[test]
+fn equal_generations_source_is_the_side_that_recorded_missed_writes() {
+    seed(3326, Topology::Three);
+}
+
+/// Three diskful: a sync source answered a resync read only after releasing the write that
+/// waited for it, so the newer `Write` went out on the link before the older `ResyncData` and
+/// the target applied the older data last. (First seen as seeds 207, 101.)
+#[test]
+fn resync_data_is_sent_before_the_write_that_waited_for_it() {
+    seed(1179, Topology::Three);
+}
+
+/// Three diskful: the Primary started a new generation at every write after each link churn,
+/// even for peers it had already recorded as behind; a node that caught up elsewhere found its
+/// generation pushed out of the two-entry history and saw split brain. A new generation is
+/// now started only for peers not yet recorded as behind. (Also the original seed 1089.)
+#[test]
+fn no_new_generation_for_peers_already_behind() {
+    seed(499, Topology::Three);
+}
+
+/// Same cause as `no_new_generation_for_peers_already_behind`, another schedule.
+#[test]
+fn no_generation_churn_split_brain() {
+    seed(613, Topology::Three);
+}
+
+/// Three diskful: a Secondary that had lost its link to the Primary (missing its last writes)
+/// became the sync source of a node that had just resynced from that Primary, equal
+/// generations. A Secondary that loses its Primary now records it (bitmap generation = its
+/// current), and the other side is preferred (`EqualBitsLostPrimary`). (First seen as seed
+/// 5798.)
+#[test]
+fn secondary_that_lost_its_primary_is_not_the_source() {
+    seed(311, Topology::Three);
+}
+
+/// Three diskful: a resync was interrupted while another link was paused behind it (or had
+/// been decided while we were still UpToDate); those links never resumed and the cluster
+/// stayed Inconsistent. They now reconnect and compare again.
+#[test]
+fn interrupted_resync_resumes_paused_links() {
+    seed(16076, Topology::Three);
+}
+
+/// Three diskful: both ends of a link decided from different snapshots that each was the sync
+/// target and became Inconsistent at once; the crossed requests broke the link and no node
+/// kept good data. A target now becomes Inconsistent only after the source's `ResyncBegin`.
+#[test]
+fn sync_target_waits_for_the_source_before_going_inconsistent() {
+    seed(7197, Topology::Three);
+}
