@@ -414,3 +414,40 @@ fn read_only_export_forces_a_read_only_view() {
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     view.unmount();
 }
+
+#[test]
+fn busy_view_is_detached_lazily_and_serves_open_files_until_closed() {
+    let tmp = tempfile::Builder::new()
+        .prefix("tfuse")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let img = tmp.path().join("disk.img");
+    std::fs::write(&img, pattern(11, (2 * MIB) as usize)).unwrap();
+    let srv = NbdServer::start(&img, tmp.path().join("nbd.sock"), false);
+    let mnt = tmp.path().join("view");
+    std::fs::create_dir(&mnt).unwrap();
+    let (mut view, _) = Mount::new(&srv.sock, &mnt, false);
+    let f = std::fs::File::open(mnt.join("vol")).unwrap();
+
+    // Busy: detached from the tree at once, the session keeps serving the open file.
+    assert_eq!(tandem_fuse::unmount(&view.dir).unwrap(), Unmounted::Lazy);
+    assert!(!tandem_fuse::is_mounted(&view.dir));
+    assert!(names(&mnt).is_empty());
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, MIB).unwrap();
+    assert_eq!(buf, pattern(11, (2 * MIB) as usize)[MIB as usize..][..4096]);
+    let t = view.thread.take().unwrap();
+    assert!(!t.is_finished(), "session ended while a file was open");
+
+    // The last close releases the mount and ends the session.
+    drop(f);
+    let start = Instant::now();
+    while !t.is_finished() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "session did not end after the last close"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.join().unwrap().unwrap();
+}
