@@ -136,8 +136,9 @@ pub(crate) struct Agent {
     pub node_id: Mutex<Option<u8>>,
     /// Diskless placements (witnesses) the controller wants here: nothing on disk.
     pub diskless: replicas::DisklessSet,
-    /// Replication transport and volume drivers of multi-replica volumes.
-    pub repl: repl::Replication,
+    /// Replication transport and volume drivers of multi-replica volumes (shared with the
+    /// NBD registry for auto-promote).
+    pub repl: Arc<repl::Replication>,
 }
 
 impl Agent {
@@ -181,7 +182,8 @@ pub async fn run(
     let (repl_listener, repl_addr) = bind_repl(&config)?;
     info!(addr = %repl_addr, node_id = ?node_id, "replication listener bound (accepting once the node has an id, a cluster and a multi-replica volume)");
 
-    let server = Server::new(Arc::new(replicas::Registry(table.clone())));
+    let repl = Arc::new(repl::Replication::default());
+    let server = Server::new(Arc::new(replicas::Registry(table.clone(), repl.clone())));
     let unix = bind_unix(&config.nbd_socket)?;
     let tcp = match &config.nbd_tcp {
         Some(addr) => Some(bind_tcp(addr).await?),
@@ -219,7 +221,7 @@ pub async fn run(
         repl_addr: Some(repl_addr),
         node_id: Mutex::new(node_id),
         diskless: Default::default(),
-        repl: Default::default(),
+        repl,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sync_task = tokio::spawn(sync::sync_loop(agent.clone(), stop_rx.clone()));

@@ -41,7 +41,23 @@ struct Running {
     /// one, for `resync_bytes_per_sec` and the ETA.
     resync_sample: Option<(std::time::Instant, u64)>,
     resync_rate: u64,
+    /// When a consumer opening the export here promoted it (auto-promote); demoted again
+    /// when the last consumer is gone (after [`AUTO_GRACE`]), unless the controller wants it
+    /// Primary.
+    auto: Option<std::time::Instant>,
+    /// The last auto-promote refusal and when (reported for [`AUTO_REFUSAL_SHOWN`]).
+    auto_refusal: Option<(std::time::Instant, String)>,
 }
+
+/// How long an auto-promote refusal stays in the reports.
+const AUTO_REFUSAL_SHOWN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long an auto-promoted replica stays Primary without a counted consumer: the NBD
+/// server counts a connection only after its handshake, which the promotion is part of.
+const AUTO_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long an open waits for its auto-promotion (DRBD's auto-promote-timeout): longer than
+/// the other node's auto-demote takes after its consumer closed (grace + the 500 ms loop).
+const AUTO_PROMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Whether two specs differ in more than the options a running driver takes without a
 /// restart (the resync rate).
@@ -149,20 +165,93 @@ impl Replication {
         if let Some(f) = st.failed {
             r.last_error = Some(format!("replication driver failed: {f}"));
         }
-        r.role_error = lock(&self.drivers)
-            .get(&r.volume)
-            .and_then(|run| run.last_refusal.clone());
+        r.role_error = lock(&self.drivers).get(&r.volume).and_then(|run| {
+            run.last_refusal.clone().or_else(|| {
+                run.auto_refusal
+                    .as_ref()
+                    .filter(|(t, _)| t.elapsed() < AUTO_REFUSAL_SHOWN)
+                    .map(|(_, m)| m.clone())
+            })
+        });
     }
 
-    /// Brings every replica to the role the controller asks for: promotes the one it marks
-    /// Primary, demotes a Primary it no longer marks. Demotions run first, so a switchover
-    /// between two replicas on this node cannot meet itself. Blocking (driver calls).
-    pub(crate) fn promote_pending(&self) {
-        let all: Vec<(String, Arc<VolumeDriver>, bool)> = lock(&self.drivers)
-            .iter()
-            .filter(|(_, r)| r.spec.diskful)
-            .map(|(n, r)| (n.clone(), r.driver.clone(), r.primary))
-            .collect();
+    /// Auto-promote: a consumer opens the export of `volume` here (NBD_OPT_GO). A diskful
+    /// Secondary tries to become Primary, for up to [`AUTO_PROMOTE_WAIT`] while the engine
+    /// refuses (another node still Primary, e.g. a VM just stopped there and its node has not
+    /// auto-demoted yet; no quorum yet; not UpToDate). A refusal that outlasts the wait is
+    /// reported as `role_error`, and the consumer's I/O fails with EIO. Blocking; inside a
+    /// multi-threaded runtime the wait runs under `block_in_place`.
+    pub(crate) fn consumer_opens(&self, volume: &str) {
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi {
+            tokio::task::block_in_place(|| self.auto_promote(volume));
+        } else {
+            self.auto_promote(volume);
+        }
+    }
+
+    fn auto_promote(&self, volume: &str) {
+        let deadline = std::time::Instant::now() + AUTO_PROMOTE_WAIT;
+        loop {
+            let driver = match lock(&self.drivers).get(volume) {
+                Some(run) if run.spec.diskful => run.driver.clone(),
+                _ => return,
+            };
+            let is_primary = driver
+                .status()
+                .map(|s| format!("{:?}", s.role) == "Primary")
+                .unwrap_or(true);
+            if is_primary {
+                return;
+            }
+            let res = driver.promote();
+            let mut d = lock(&self.drivers);
+            let Some(run) = d.get_mut(volume) else {
+                return;
+            };
+            match res {
+                Ok(()) => {
+                    info!(volume, "auto-promoted: a consumer opened the export");
+                    run.auto = Some(std::time::Instant::now());
+                    run.last_refusal = None;
+                    run.auto_refusal = None;
+                    return;
+                }
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    let msg = format!("auto-promote: {e}");
+                    info!(volume, "{msg}");
+                    run.auto_refusal = Some((std::time::Instant::now(), msg));
+                    return;
+                }
+                Err(_) => {}
+            }
+            drop(d);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Brings every replica to the role wanted: Primary when the controller marks it so or
+    /// when it was auto-promoted and consumers are still connected (`connections`), else
+    /// Secondary (auto-demote after the last consumer left). Demotions run first, so a
+    /// switchover between two replicas on this node cannot meet itself. Blocking (driver
+    /// calls).
+    pub(crate) fn promote_pending(&self, connections: &dyn Fn(&str) -> u32) {
+        let all: Vec<(String, Arc<VolumeDriver>, bool)> = {
+            let mut d = lock(&self.drivers);
+            d.iter_mut()
+                .filter(|(_, r)| r.spec.diskful)
+                .map(|(n, r)| {
+                    if r.auto.is_some_and(|t| t.elapsed() >= AUTO_GRACE) && connections(n) == 0 {
+                        if !r.primary {
+                            info!(volume = %n, "the last consumer left: auto-demote");
+                        }
+                        r.auto = None;
+                    }
+                    (n.clone(), r.driver.clone(), r.primary || r.auto.is_some())
+                })
+                .collect()
+        };
         let mut todo: Vec<(String, Arc<VolumeDriver>, bool)> = all
             .into_iter()
             .filter(|(_, driver, want)| {
@@ -484,6 +573,8 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 last_refusal: None,
                 resync_sample: None,
                 resync_rate: 0,
+                auto: None,
+                auto_refusal: None,
             },
         );
     }

@@ -87,11 +87,20 @@ pub(crate) fn write(t: &SharedTable) -> std::sync::RwLockWriteGuard<'_, Table> {
 }
 
 /// The NBD server's view of the table: exports appear and disappear with replicas.
-pub(crate) struct Registry(pub SharedTable);
+pub(crate) struct Registry(pub SharedTable, pub Arc<crate::repl::Replication>);
 
 impl ExportRegistry for Registry {
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
-        read(&self.0).exported(name).and_then(|e| e.export.clone())
+        let (export, replicated) = {
+            let t = read(&self.0);
+            let e = t.exported(name)?;
+            (e.export.clone()?, e.replicated)
+        };
+        if replicated {
+            // A consumer opens a replicated volume here: auto-promote (DRBD's auto-promote).
+            self.1.consumer_opens(name);
+        }
+        Some(export)
     }
     fn list(&self) -> Vec<String> {
         read(&self.0)

@@ -88,7 +88,10 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
         );
         crate::repl::start_wanted(&agent, &last).await;
         let a = agent.clone();
-        let _ = tokio::task::spawn_blocking(move || a.repl.promote_pending()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            a.repl.promote_pending(&|v| a.server.connections(v))
+        })
+        .await;
     }
     let mut saved_revision = None;
     loop {
@@ -260,7 +263,10 @@ pub(crate) async fn sync_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bool>
         crate::repl::start_wanted(&agent, &desired).await;
         {
             let agent = agent.clone();
-            let _ = tokio::task::spawn_blocking(move || agent.repl.promote_pending()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                agent.repl.promote_pending(&|v| agent.server.connections(v))
+            })
+            .await;
         }
         applied_revision = revision;
         if !changed && started.elapsed() < MIN_POLL && !pause(MIN_POLL, &mut stop).await {
@@ -362,6 +368,9 @@ pub(crate) async fn promote_loop(agent: Arc<Agent>, mut stop: watch::Receiver<bo
             return;
         }
         let a = agent.clone();
-        let _ = tokio::task::spawn_blocking(move || a.repl.promote_pending()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            a.repl.promote_pending(&|v| a.server.connections(v))
+        })
+        .await;
     }
 }

@@ -303,25 +303,30 @@ fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
     c.kill_controller(libc::SIGKILL);
     signal_and_wait(c.agent_pid(&p).expect("agent.pid"), libc::SIGTERM);
     c.restart_agent(&p);
-    wait_until(
-        Duration::from_secs(60),
-        "the export to serve reads and writes again",
-        || {
-            let out = Command::new(tool("qemu-io"))
-                .args(["-f", "raw", "-c", "read -P 0x6b 20M 64k", "-c"])
-                .arg("write -P 0x7c 24M 64k")
-                .arg(&uri)
-                .output()
-                .ok()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            (out.status.success()
-                && !text.contains("error")
-                && !text.contains("failed")
-                && text.contains("wrote"))
-            .then_some(())
-        },
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let served = || {
+        let out = Command::new(tool("qemu-io"))
+            .args(["-f", "raw", "-c", "read -P 0x6b 20M 64k", "-c"])
+            .arg("write -P 0x7c 24M 64k")
+            .arg(&uri)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success()
+            && !text.contains("error")
+            && !text.contains("failed")
+            && text.contains("wrote"))
+        .then_some(())
+    };
+    while served().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted agent does not serve the export again without the controller:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     qemu_io(&uri, &["flush"]);
     // Replicated to the Secondary: the same bytes in its data file.
     let sec_file = c.node_dir(&s).join("pool/f.data");
@@ -334,4 +339,122 @@ fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
             d[at..at + 65536].iter().all(|b| *b == 0x7c).then_some(())
         },
     );
+}
+
+/// A consumer holding an NBD connection open (libnbd) until dropped.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn open(uri: &str) -> Holder {
+        let mut child = die_with_parent(
+            Command::new("/usr/bin/python3")
+                .args([
+                    "-c",
+                    "import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+                     h.pwrite(b'h' * 4096, 0)\nprint('open', flush=True)\nsys.stdin.read()\n",
+                ])
+                .arg(uri)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        )
+        .spawn()
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "open",
+            "the holder could not open and write {uri}"
+        );
+        Holder(child)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn auto_promote_on_open_and_auto_demote_on_last_close() {
+    let c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "a", "16MiB", "--replicas", "2"]);
+    let p = v["primary_node"].as_str().unwrap().to_string();
+    let s = diskful_nodes(&v).into_iter().find(|n| *n != p).unwrap();
+    c.wait_json(&["volume", "show", "a"], "in sync", |v| settled(v, &p, &s));
+    // Nobody held Primary: the consumer decides where the volume is Primary.
+    c.tandem(&["volume", "demote", "a", "--node", &p]);
+    let uri = |n: &str| {
+        c.tandem(&["volume", "connect", "a", "--node", n])
+            .trim()
+            .to_string()
+    };
+    let (uri_p, uri_s) = (uri(&p), uri(&s));
+    let qemu_io = |uri: &str, cmds: &[&str]| {
+        let mut cmd = Command::new(tool("qemu-io"));
+        cmd.args(["-f", "raw"]);
+        for c in cmds {
+            cmd.arg("-c").arg(c);
+        }
+        let out = run(cmd.arg(uri));
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let ok = |text: &str| !text.contains("error") && !text.contains("failed");
+
+    // Opening the export on the Secondary promotes it; closing demotes it again.
+    let out = qemu_io(&uri_s, &["write -P 0x11 1M 64k", "flush"]);
+    assert!(ok(&out), "{out}");
+    let v = c.wait_json(&["volume", "show", "a"], "auto-demote after close", |v| {
+        replica(v, &s)["role"] == "Secondary" && replica(v, &p)["role"] == "Secondary"
+    });
+    assert!(v["primary_node"].is_null(), "{v:#}");
+    // The other node, the same way; it reads what the first wrote.
+    let out = qemu_io(&uri_p, &["read -P 0x11 1M 64k", "write -P 0x22 2M 64k"]);
+    assert!(ok(&out) && out.contains("read 65536"), "{out}");
+
+    // While a consumer holds the volume on one node, an open on the other cannot promote:
+    // its I/O fails and the refusal is reported.
+    let holder = Holder::open(&uri_p);
+    c.wait_json(&["volume", "show", "a"], "the holder's node Primary", |v| {
+        replica(v, &p)["role"] == "Primary" && replica(v, &p)["connections"] == 1
+    });
+    let out = qemu_io(&uri_s, &["write -P 0x33 3M 64k"]);
+    assert!(!ok(&out), "a second Primary must be refused: {out}");
+    let v = c.wait_json(&["volume", "show", "a"], "the refusal reported", |v| {
+        replica(v, &s)["role_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("auto-promote"))
+    });
+    eprintln!("{}", replica(&v, &s)["role_error"]);
+    assert_eq!(replica(&v, &s)["role"], "Secondary");
+    drop(holder);
+    c.wait_json(
+        &["volume", "show", "a"],
+        "auto-demote after the holder left",
+        |v| replica(v, &p)["role"] == "Secondary",
+    );
+    // Now the other node can have it; nothing of the refused write landed.
+    let out = qemu_io(
+        &uri_s,
+        &[
+            "read -P 0 3M 64k",
+            "read -P 0x22 2M 64k",
+            "read -P 0x68 0 4k",
+        ],
+    );
+    assert!(
+        ok(&out) && !out.contains("Pattern verification failed"),
+        "{out}"
+    );
+    c.wait_json(&["volume", "show", "a"], "in sync, nobody Primary", |v| {
+        [&p, &s].iter().all(|n| {
+            let r = replica(v, n);
+            r["role"] == "Secondary" && r["disk_state"] == "UpToDate" && r["out_of_sync_bytes"] == 0
+        })
+    });
+    same_files(&c, &p, &s, "a");
 }

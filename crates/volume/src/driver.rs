@@ -230,6 +230,7 @@ impl VolumeDriver {
             next_id: 1,
             failed: failed.clone(),
             last_status: last_status.clone(),
+            demote_waiters: Vec::new(),
         };
         if let Err(e) = lp.execute(first) {
             node.routes.lock().expect("routes").remove(&spec.name);
@@ -422,7 +423,13 @@ struct Loop {
     next_id: RequestId,
     failed: Arc<Mutex<Option<String>>>,
     last_status: Arc<Mutex<Option<Status>>>,
+    /// `demote()` callers waiting until the demotion is recorded in the metadata (the engine
+    /// records it after a local flush), with when they started waiting.
+    demote_waiters: Vec<(Instant, SyncSender<Result<(), VolumeError>>)>,
 }
+
+/// Longest a `demote()` waits for the demotion to reach the metadata (the flush before it).
+const DEMOTE_PERSIST_WAIT: Duration = Duration::from_secs(30);
 
 impl Loop {
     fn now(&self) -> u64 {
@@ -461,6 +468,7 @@ impl Loop {
                 Ok(input) => self.input(input),
                 Err(RecvTimeoutError::Timeout) => Ok(()),
             };
+            self.settle_demotes();
             let r = r.and_then(|_| {
                 if Instant::now() >= next_tick {
                     next_tick = Instant::now() + TICK;
@@ -491,6 +499,29 @@ impl Loop {
         while let Ok(input) = rx.try_recv() {
             if let Input::Consumer(_, c) = input {
                 let _ = c.send(Err(RequestError::Io(reason.clone())));
+            }
+        }
+    }
+
+    /// Answers `demote()` callers once the demotion is persisted, or after
+    /// [`DEMOTE_PERSIST_WAIT`] with an error (the flush before it did not complete).
+    fn settle_demotes(&mut self) {
+        if self.demote_waiters.is_empty() {
+            return;
+        }
+        let recorded = !self.engine.meta().primary;
+        let role_back = format!("{:?}", self.engine.role()) == "Primary";
+        for (since, r) in std::mem::take(&mut self.demote_waiters) {
+            if recorded || role_back {
+                // Promoted again meanwhile: the demotion itself did happen.
+                let _ = r.send(Ok(()));
+            } else if since.elapsed() >= DEMOTE_PERSIST_WAIT {
+                let _ = r.send(Err(VolumeError::Stopped(
+                    "demoted, but the flush before recording it in the metadata did not complete"
+                        .into(),
+                )));
+            } else {
+                self.demote_waiters.push((since, r));
             }
         }
     }
@@ -530,7 +561,13 @@ impl Loop {
             Input::Demote(r) => match self.engine.demote(now) {
                 Ok(a) => {
                     let res = self.execute(a);
-                    let _ = r.send(res.clone());
+                    if res.is_ok() && self.engine.meta().primary {
+                        // Answered once the metadata says Secondary (see `settle_demotes`),
+                        // so a stop right after `demote()` is not a crash as Primary.
+                        self.demote_waiters.push((Instant::now(), r));
+                    } else {
+                        let _ = r.send(res.clone());
+                    }
                     return res;
                 }
                 Err(e) => {

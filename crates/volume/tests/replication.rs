@@ -200,8 +200,11 @@ fn two_diskful_without_witness_replicate_and_refuse_a_second_primary() {
     // A Secondary refuses consumer I/O.
     let e = c.d(2).block_device().write_at(&[1; 512], 0).unwrap_err();
     assert!(format!("{:?}", e).contains("not Primary"), "{e:?}");
-    // Orderly switchover.
+    // Orderly switchover. `demote()` returns once the demotion is in the metadata, so a
+    // stop right after it is not a crash as Primary.
+    assert_eq!(c.meta(1).role, tandem_meta::Role::Primary);
     c.d(1).demote().unwrap();
+    assert_eq!(c.meta(1).role, tandem_meta::Role::Secondary);
     promote(&c, 2);
     let dev2 = c.d(2).block_device();
     let mut b = vec![0u8; 3 * 4096];

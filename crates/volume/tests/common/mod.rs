@@ -178,6 +178,13 @@ impl Cluster {
         ReplicaFiles::new(&self.defs[usize::from(id) - 1].dir, VOL).data()
     }
 
+    /// The replica metadata of node `id` as it is on disk now.
+    pub fn meta(&self, id: u8) -> tandem_meta::ReplicaMeta {
+        ReplicaFiles::new(&self.defs[usize::from(id) - 1].dir, VOL)
+            .read_meta()
+            .unwrap()
+    }
+
     pub fn data(&self, id: u8) -> Vec<u8> {
         std::fs::read(self.data_path(id)).unwrap()
     }
