@@ -361,3 +361,124 @@ fn crashed_primary_marks_its_activity_log() {
             .any(|a| matches!(a, Action::PersistMeta(m) if !m.primary))
     );
 }
+
+/// PeerUp, a StateReport (same generation, UpToDate Secondary) and a bitmap with one block
+/// out of sync from `peer`: with no bits of our own we are its sync target
+/// (`EqualBitsOneSide`).
+fn connect_as_target(e: &mut Engine, peer: u8) -> Vec<Action> {
+    let mut out = e.handle(1, Event::PeerUp { peer });
+    let report = tandem_repl_proto::StateReport {
+        seq: 1,
+        node_id: peer,
+        role: Role::Secondary,
+        disk_state: tandem_repl_proto::DiskState::UpToDate,
+        quorum: Default::default(),
+        flags: 0,
+        size_bytes: SIZE,
+        generations: tandem_repl_proto::Generations {
+            current: 77,
+            ..Default::default()
+        },
+        peer_bitmaps: vec![],
+    };
+    for msg in [
+        Message::StateReport(Box::new(report)),
+        Message::OutOfSync {
+            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+            ranges: vec![tandem_repl_proto::ByteRange {
+                offset: 0,
+                len: 4096,
+            }],
+        },
+    ] {
+        out.extend(e.handle(2, Event::PeerMessage { peer, msg }));
+    }
+    out
+}
+
+fn disconnects(a: &[Action]) -> Vec<(u8, DisconnectReason)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Disconnect { peer, reason, .. } => Some((*peer, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn sync_target_stays_up_to_date_until_the_source_confirms() {
+    use tandem_repl_proto::DiskState;
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    let out = connect_as_target(&mut e, 1);
+    assert_eq!(
+        e.status().peers[0].last_decision,
+        Some((SyncDecision::BitmapTarget, Rule::EqualBitsOneSide))
+    );
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: Message::ResyncRequest { .. },
+            ..
+        }
+    )));
+    assert_eq!(e.status().disk_state, DiskState::UpToDate);
+    // The other end decided "target" too (a different snapshot): its request breaks the link
+    // and we still hold good data.
+    let out = e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncRequest {
+                id: 1,
+                offset: 0,
+                len: 4096,
+            },
+        },
+    );
+    assert_eq!(
+        disconnects(&out),
+        vec![(1, DisconnectReason::ProtocolError)]
+    );
+    assert_eq!(e.status().disk_state, DiskState::UpToDate);
+    // With a source that confirms, we become Inconsistent (persisted) before its data.
+    connect_as_target(&mut e, 2);
+    let out = e.handle(
+        5,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::PersistMeta(m) if m.disk_state == DiskState::Inconsistent
+    )));
+    assert_eq!(e.status().disk_state, DiskState::Inconsistent);
+}
+
+#[test]
+fn interrupted_resync_makes_paused_links_compare_again() {
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    connect_as_target(&mut e, 1);
+    e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    // A second source while the first resync runs: paused.
+    connect_as_target(&mut e, 2);
+    assert_eq!(e.status().peers[1].repl_state, ReplState::PausedSync);
+    let out = e.handle(4, Event::PeerDown { peer: 1 });
+    assert_eq!(
+        disconnects(&out),
+        vec![(2, DisconnectReason::ConfigChanged)]
+    );
+}
