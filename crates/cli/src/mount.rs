@@ -14,6 +14,10 @@ use tandem_types::format_size;
 
 use crate::client::Client;
 
+/// How long I/O waits for the export to come back after the connection broke (agent restart)
+/// before it fails with EIO.
+const RECONNECT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Serialize)]
 struct MountInfo<'a> {
     volume: &'a str,
@@ -74,6 +78,10 @@ pub fn run(
     // Before any thread exists, so every thread inherits the mask and only the waiter below
     // takes the signals.
     let set = block_signals();
+    // main() restores SIGPIPE's default for client commands; this one writes to an NBD
+    // socket that may close under it (agent restart) and must see EPIPE, not die.
+    // SAFETY: changing one signal's disposition; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 
     let mut path = format!("/v1/volumes/{}/connect", segment(name));
     if let Some(n) = node {
@@ -81,7 +89,8 @@ pub fn run(
     }
     let info: ConnectInfo = client.get(&path)?;
     let nbd = NbdClient::connect_uri(&info.uri)
-        .with_context(|| format!("connecting to the export of volume '{name}'"))?;
+        .with_context(|| format!("connecting to the export of volume '{name}'"))?
+        .with_reconnect(RECONNECT);
     let mounted = tandem_fuse::mount(
         nbd,
         name,

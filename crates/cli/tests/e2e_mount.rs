@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -173,7 +174,7 @@ fn mount_shows_volume_and_partitions_to_real_tools() {
         "/dev/fuse is missing: the FUSE view needs the fuse kernel module (./scripts/test installs fuse3)"
     );
     tool("fusermount3");
-    let c = Cluster::start(1);
+    let mut c = Cluster::start(1);
     c.tandem(&["volume", "create", "fv", "64MiB"]);
     let uri = c.connect("fv");
 
@@ -293,6 +294,33 @@ fn mount_shows_volume_and_partitions_to_real_tools() {
         Command::new("qemu-io")
             .args(["-f", "raw", "-c"])
             .arg(format!("read -P 0 {} 65536", off + 65536))
+            .arg(&uri),
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+
+    // The agent is killed and restarted under the mount: the view redials the export and
+    // I/O goes on through the same open file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("fv"))
+        .unwrap();
+    c.stop_agent("node1", libc::SIGKILL);
+    c.restart_agent("node1");
+    let mut back = vec![0u8; 65536];
+    f.read_exact_at(&mut back, off).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0xAB),
+        "data after the agent restart differs"
+    );
+    f.write_all_at(&[0xCDu8; 4096], off).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let uri = c.wait_export("fv");
+    let out = check(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c"])
+            .arg(format!("read -P 0xcd {off} 4096"))
             .arg(&uri),
     );
     assert!(!out.contains("verification failed"), "{out}");

@@ -13,7 +13,9 @@
 //! [`Client`] holds one connection behind a mutex: every method takes `&self` and may be called
 //! from many threads; requests are serialised. A transport error (the connection broke, or the
 //! server sent something unparseable) poisons the connection: every later call fails with
-//! [`NbdError::Broken`] instead of reading a reply that belongs to another request.
+//! [`NbdError::Broken`] instead of reading a reply that belongs to another request. With
+//! [`Client::with_reconnect`] the client instead redials the same URI (for a time window) and
+//! resends the request, so a consumer survives a server restart.
 //!
 //! [`Client`] implements [`tandem_blockdev::BlockDevice`], so code written against a device
 //! (for example `tandem-grow`'s partition probe) runs over NBD unchanged.
@@ -24,6 +26,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent};
 use thiserror::Error;
@@ -216,13 +219,18 @@ impl<T: Read + Write + Send> Stream for T {}
 struct Conn {
     stream: Box<dyn Stream>,
     next_handle: u64,
-    /// Why the connection cannot be used any more.
+    /// Why the connection cannot be used any more (it is redialed when reconnecting is on).
     broken: Option<String>,
+    /// [`Client::disconnect`] was called: never redial.
+    closed: bool,
 }
 
 /// One connection to one export.
 pub struct Client {
     conn: Mutex<Conn>,
+    uri: NbdUri,
+    /// How long to keep redialing after the connection broke (None: fail at once).
+    reconnect: Option<Duration>,
     export: String,
     size: u64,
     flags: Flags,
@@ -242,12 +250,8 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connects to the server and export an NBD URI names.
     pub fn connect(uri: &NbdUri) -> Result<Client> {
-        match uri {
-            NbdUri::Unix { socket, export } => Client::connect_unix(socket, export),
-            NbdUri::Tcp { host, port, export } => {
-                Client::connect_tcp(&format!("{host}:{port}"), export)
-            }
-        }
+        let (stream, size, flags, max_block) = open(uri)?;
+        Ok(Client::new(stream, uri.clone(), size, flags, max_block))
     }
 
     /// Parses `uri` and connects.
@@ -256,132 +260,41 @@ impl Client {
     }
 
     pub fn connect_unix(socket: &std::path::Path, export: &str) -> Result<Client> {
-        let s = UnixStream::connect(socket).map_err(|source| NbdError::Connect {
-            target: socket.display().to_string(),
-            source,
-        })?;
-        Client::handshake(Box::new(s), export)
+        Client::connect(&NbdUri::Unix {
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
+        })
     }
 
-    /// `addr`: `HOST:PORT` (names are resolved; IPv6 literals in brackets).
-    pub fn connect_tcp(addr: &str, export: &str) -> Result<Client> {
-        let s = TcpStream::connect(addr).map_err(|source| NbdError::Connect {
-            target: addr.to_string(),
-            source,
-        })?;
-        s.set_nodelay(true)?;
-        Client::handshake(Box::new(s), export)
+    /// `host`, `port`: as in `nbd://HOST:PORT/EXPORT` (names are resolved).
+    pub fn connect_tcp(host: &str, port: u16, export: &str) -> Result<Client> {
+        Client::connect(&NbdUri::Tcp {
+            host: host.to_string(),
+            port,
+            export: export.to_string(),
+        })
     }
 
-    fn handshake(mut s: Box<dyn Stream>, export: &str) -> Result<Client> {
-        let magic = read_u64(&mut s)?;
-        if magic != NBDMAGIC {
-            return Err(NbdError::Protocol(format!(
-                "not an NBD server (greeting {magic:#018x})"
-            )));
-        }
-        let second = read_u64(&mut s)?;
-        if second != IHAVEOPT {
-            return Err(NbdError::Protocol(
-                "the server speaks the oldstyle handshake, which is not supported".into(),
-            ));
-        }
-        let hflags = read_u16(&mut s)?;
-        if hflags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(NbdError::Protocol(
-                "the server does not offer fixed newstyle negotiation".into(),
-            ));
-        }
-        let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
-        let cflags: u32 = FLAG_FIXED_NEWSTYLE as u32 | if no_zeroes { 2 } else { 0 };
-        s.write_all(&cflags.to_be_bytes())?;
-
-        // NBD_OPT_GO: name length, name, and the information requests.
-        let mut data = Vec::with_capacity(8 + export.len());
-        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&1u16.to_be_bytes());
-        data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        send_option(&mut s, OPT_GO, &data)?;
-
-        let mut size_flags: Option<(u64, u16)> = None;
-        let mut max_block: Option<u32> = None;
-        loop {
-            let (rtype, payload) = read_option_reply(&mut s, OPT_GO)?;
-            match rtype {
-                REP_ACK => break,
-                REP_INFO => {
-                    if payload.len() < 2 {
-                        return Err(NbdError::Protocol("NBD_REP_INFO too short".into()));
-                    }
-                    let itype = u16::from_be_bytes([payload[0], payload[1]]);
-                    match itype {
-                        INFO_EXPORT if payload.len() == 12 => {
-                            let size = u64::from_be_bytes(payload[2..10].try_into().unwrap());
-                            let flags = u16::from_be_bytes([payload[10], payload[11]]);
-                            size_flags = Some((size, flags));
-                        }
-                        INFO_BLOCK_SIZE if payload.len() == 14 => {
-                            let max = u32::from_be_bytes(payload[10..14].try_into().unwrap());
-                            max_block = Some(max);
-                        }
-                        INFO_EXPORT | INFO_BLOCK_SIZE => {
-                            return Err(NbdError::Protocol(format!(
-                                "NBD_REP_INFO type {itype} with {} bytes",
-                                payload.len()
-                            )));
-                        }
-                        _ => {} // NAME, DESCRIPTION, future types: ignore.
-                    }
-                }
-                t if t == REP_FLAG_ERROR | 1 => {
-                    // NBD_REP_ERR_UNSUP: a server without GO; fall back to EXPORT_NAME, whose
-                    // failure is a disconnect (no message).
-                    return Client::export_name(s, export, no_zeroes);
-                }
-                t if t & REP_FLAG_ERROR != 0 => {
-                    return Err(NbdError::Refused {
-                        export: export.to_string(),
-                        code: t,
-                        kind: rep_err_name(t),
-                        message: String::from_utf8_lossy(&payload).trim().to_string(),
-                    });
-                }
-                t => {
-                    return Err(NbdError::Protocol(format!(
-                        "unexpected reply type {t:#x} to NBD_OPT_GO"
-                    )));
-                }
-            }
-        }
-        let (size, flags) = size_flags.ok_or_else(|| {
-            NbdError::Protocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into())
-        })?;
-        Ok(Client::new(s, export, size, flags, max_block))
+    /// When the connection breaks (server restarted, connection closed), redial the same URI
+    /// for up to `window` and resend the request that failed, instead of failing every later
+    /// call. Requests wait meanwhile. The export must come back with the same size. Resending
+    /// is safe: reads and writes are idempotent, and a FLUSH on the new connection covers the
+    /// writes the server acknowledged before (NBD_FLAG_CAN_MULTI_CONN semantics of tandem's
+    /// exports; with other servers a write acknowledged but not flushed before a server crash
+    /// may be lost, as with any NBD client).
+    pub fn with_reconnect(mut self, window: Duration) -> Client {
+        self.reconnect = Some(window);
+        self
     }
 
-    fn export_name(mut s: Box<dyn Stream>, export: &str, no_zeroes: bool) -> Result<Client> {
-        send_option(&mut s, OPT_EXPORT_NAME, export.as_bytes())?;
-        let size = read_u64(&mut s).map_err(|e| match e {
-            NbdError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => NbdError::Refused {
-                export: export.to_string(),
-                code: 0,
-                kind: "disconnected after NBD_OPT_EXPORT_NAME",
-                message: "the export probably does not exist".into(),
-            },
-            e => e,
-        })?;
-        let flags = read_u16(&mut s)?;
-        if !no_zeroes {
-            let mut z = [0u8; 124];
-            s.read_exact(&mut z)?;
-        }
-        Ok(Client::new(s, export, size, flags, None))
+    /// The URI this client dials.
+    pub fn uri(&self) -> &NbdUri {
+        &self.uri
     }
 
     fn new(
         stream: Box<dyn Stream>,
-        export: &str,
+        uri: NbdUri,
         size: u64,
         flags: u16,
         max_block: Option<u32>,
@@ -395,8 +308,11 @@ impl Client {
                 stream,
                 next_handle: 1,
                 broken: None,
+                closed: false,
             }),
-            export: export.to_string(),
+            export: uri.export().to_string(),
+            uri,
+            reconnect: None,
             size,
             flags: Flags(flags),
             max_request,
@@ -530,12 +446,15 @@ impl Client {
     /// Sends NBD_CMD_DISC and closes the connection. Dropping the client does the same.
     pub fn disconnect(&self) {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if c.broken.is_some() {
+        if c.closed {
             return;
         }
-        let h = c.next_handle;
-        let _ = send_request(&mut c.stream, CMD_DISC, 0, h, 0, 0, &[]);
-        let _ = c.stream.flush();
+        c.closed = true;
+        if c.broken.is_none() {
+            let h = c.next_handle;
+            let _ = send_request(&mut c.stream, CMD_DISC, 0, h, 0, 0, &[]);
+            let _ = c.stream.flush();
+        }
         c.broken = Some("disconnected".into());
     }
 
@@ -546,34 +465,79 @@ impl Client {
         offset: u64,
         len: u32,
         payload: &[u8],
-        read_into: Option<&mut [u8]>,
+        mut read_into: Option<&mut [u8]>,
     ) -> Result<()> {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = &c.broken {
-            return Err(NbdError::Broken(why.clone()));
-        }
-        let handle = c.next_handle;
-        c.next_handle = c.next_handle.wrapping_add(1);
-        match exchange(
-            &mut c.stream,
-            cmd,
-            flags,
-            handle,
-            offset,
-            len,
-            payload,
-            read_into,
-        ) {
-            Ok(0) => Ok(()),
-            Ok(errno) => Err(NbdError::Command {
-                op: cmd_name(cmd),
+        loop {
+            if let Some(why) = c.broken.clone() {
+                match self.reconnect {
+                    Some(window) if !c.closed => self.redial(&mut c, &why, window)?,
+                    _ => return Err(NbdError::Broken(why)),
+                }
+            }
+            let handle = c.next_handle;
+            c.next_handle = c.next_handle.wrapping_add(1);
+            match exchange(
+                &mut c.stream,
+                cmd,
+                flags,
+                handle,
                 offset,
-                len: len as u64,
-                errno,
-            }),
-            Err(e) => {
-                c.broken = Some(e.to_string());
-                Err(e)
+                len,
+                payload,
+                read_into.as_deref_mut(),
+            ) {
+                Ok(0) => return Ok(()),
+                Ok(errno) => {
+                    return Err(NbdError::Command {
+                        op: cmd_name(cmd),
+                        offset,
+                        len: len as u64,
+                        errno,
+                    });
+                }
+                Err(e) => {
+                    c.broken = Some(e.to_string());
+                    if self.reconnect.is_none() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dials the URI again until it answers with the same export size or `window` passed.
+    fn redial(&self, c: &mut Conn, why: &str, window: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match open(&self.uri) {
+                Ok((stream, size, flags, _)) => {
+                    if size != self.size {
+                        return Err(NbdError::Broken(format!(
+                            "{why}; the export came back with {size} bytes instead of {}",
+                            self.size
+                        )));
+                    }
+                    if flags & Flags::READ_ONLY != 0 && !self.flags.read_only() {
+                        return Err(NbdError::Broken(format!(
+                            "{why}; the export came back read-only"
+                        )));
+                    }
+                    c.stream = stream;
+                    c.broken = None;
+                    return Ok(());
+                }
+                Err(e) if start.elapsed() >= window => {
+                    return Err(NbdError::Broken(format!(
+                        "{why}; reconnecting to {} for {window:?} failed: {e}",
+                        self.uri
+                    )));
+                }
+                Err(_) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
             }
         }
     }
@@ -583,6 +547,139 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.disconnect();
     }
+}
+
+type Opened = (Box<dyn Stream>, u64, u16, Option<u32>);
+
+/// Dials `uri` and negotiates its export: (stream, size, transmission flags, max block size).
+fn open(uri: &NbdUri) -> Result<Opened> {
+    let s: Box<dyn Stream> =
+        match uri {
+            NbdUri::Unix { socket, .. } => Box::new(UnixStream::connect(socket).map_err(
+                |source| NbdError::Connect {
+                    target: socket.display().to_string(),
+                    source,
+                },
+            )?),
+            NbdUri::Tcp { host, port, .. } => {
+                let target = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                let t = TcpStream::connect(&target)
+                    .map_err(|source| NbdError::Connect { target, source })?;
+                t.set_nodelay(true)?;
+                Box::new(t)
+            }
+        };
+    handshake(s, uri.export())
+}
+
+fn handshake(mut s: Box<dyn Stream>, export: &str) -> Result<Opened> {
+    let magic = read_u64(&mut s)?;
+    if magic != NBDMAGIC {
+        return Err(NbdError::Protocol(format!(
+            "not an NBD server (greeting {magic:#018x})"
+        )));
+    }
+    let second = read_u64(&mut s)?;
+    if second != IHAVEOPT {
+        return Err(NbdError::Protocol(
+            "the server speaks the oldstyle handshake, which is not supported".into(),
+        ));
+    }
+    let hflags = read_u16(&mut s)?;
+    if hflags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::Protocol(
+            "the server does not offer fixed newstyle negotiation".into(),
+        ));
+    }
+    let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
+    let cflags: u32 = FLAG_FIXED_NEWSTYLE as u32 | if no_zeroes { 2 } else { 0 };
+    s.write_all(&cflags.to_be_bytes())?;
+
+    // NBD_OPT_GO: name length, name, and the information requests.
+    let mut data = Vec::with_capacity(8 + export.len());
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&1u16.to_be_bytes());
+    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    send_option(&mut s, OPT_GO, &data)?;
+
+    let mut size_flags: Option<(u64, u16)> = None;
+    let mut max_block: Option<u32> = None;
+    loop {
+        let (rtype, payload) = read_option_reply(&mut s, OPT_GO)?;
+        match rtype {
+            REP_ACK => break,
+            REP_INFO => {
+                if payload.len() < 2 {
+                    return Err(NbdError::Protocol("NBD_REP_INFO too short".into()));
+                }
+                let itype = u16::from_be_bytes([payload[0], payload[1]]);
+                match itype {
+                    INFO_EXPORT if payload.len() == 12 => {
+                        let size = u64::from_be_bytes(payload[2..10].try_into().unwrap());
+                        let flags = u16::from_be_bytes([payload[10], payload[11]]);
+                        size_flags = Some((size, flags));
+                    }
+                    INFO_BLOCK_SIZE if payload.len() == 14 => {
+                        let max = u32::from_be_bytes(payload[10..14].try_into().unwrap());
+                        max_block = Some(max);
+                    }
+                    INFO_EXPORT | INFO_BLOCK_SIZE => {
+                        return Err(NbdError::Protocol(format!(
+                            "NBD_REP_INFO type {itype} with {} bytes",
+                            payload.len()
+                        )));
+                    }
+                    _ => {} // NAME, DESCRIPTION, future types: ignore.
+                }
+            }
+            t if t == REP_FLAG_ERROR | 1 => {
+                // NBD_REP_ERR_UNSUP: a server without GO; fall back to EXPORT_NAME, whose
+                // failure is a disconnect (no message).
+                return export_name(s, export, no_zeroes);
+            }
+            t if t & REP_FLAG_ERROR != 0 => {
+                return Err(NbdError::Refused {
+                    export: export.to_string(),
+                    code: t,
+                    kind: rep_err_name(t),
+                    message: String::from_utf8_lossy(&payload).trim().to_string(),
+                });
+            }
+            t => {
+                return Err(NbdError::Protocol(format!(
+                    "unexpected reply type {t:#x} to NBD_OPT_GO"
+                )));
+            }
+        }
+    }
+    let (size, flags) = size_flags.ok_or_else(|| {
+        NbdError::Protocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into())
+    })?;
+    Ok((s, size, flags, max_block))
+}
+
+fn export_name(mut s: Box<dyn Stream>, export: &str, no_zeroes: bool) -> Result<Opened> {
+    send_option(&mut s, OPT_EXPORT_NAME, export.as_bytes())?;
+    let size = read_u64(&mut s).map_err(|e| match e {
+        NbdError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => NbdError::Refused {
+            export: export.to_string(),
+            code: 0,
+            kind: "disconnected after NBD_OPT_EXPORT_NAME",
+            message: "the export probably does not exist".into(),
+        },
+        e => e,
+    })?;
+    let flags = read_u16(&mut s)?;
+    if !no_zeroes {
+        let mut z = [0u8; 124];
+        s.read_exact(&mut z)?;
+    }
+    Ok((s, size, flags, None))
 }
 
 fn cmd_name(cmd: u16) -> &'static str {

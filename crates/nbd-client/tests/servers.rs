@@ -396,3 +396,55 @@ fn grow_probe_runs_over_nbd() {
     assert_eq!(g.partitions[0].last_lba, 2048 + 8 * 2048 - 1);
     assert!(g.backup_header_valid);
 }
+
+#[test]
+fn reconnects_after_the_server_drops_the_connection() {
+    let t = Tandem::start(16 * MIB);
+    let plain = Client::connect_unix(&t.sock, "vol").unwrap();
+    let c = Client::connect_unix(&t.sock, "vol")
+        .unwrap()
+        .with_reconnect(Duration::from_secs(20));
+    let data = pattern(21, 65536);
+    c.write(&data, MIB, false).unwrap();
+
+    // The server closes every connection of the export (as an agent restart would).
+    t.server.disconnect_export("vol");
+    let start = Instant::now();
+    while t.server.connections("vol") > 0 {
+        assert!(start.elapsed() < DEADLINE, "connections not closed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Without reconnecting: the first request fails, later ones say why the connection is gone.
+    let mut b = vec![0u8; 4096];
+    let e = plain.read(&mut b, 0).unwrap_err();
+    assert!(matches!(e, NbdError::Io(_)), "{e}");
+    let e = plain.read(&mut b, 0).unwrap_err();
+    assert!(matches!(e, NbdError::Broken(_)), "{e}");
+
+    // With reconnecting: the request is resent on a new connection, data intact.
+    let mut back = vec![0u8; data.len()];
+    c.read(&mut back, MIB).unwrap();
+    assert!(back == data, "data read after reconnect differs");
+    c.write(&pattern(22, 4096), 0, true).unwrap();
+    c.flush().unwrap();
+    assert_eq!(t.server.connections("vol"), 1);
+
+    // A server that stays away: the request fails once the window has passed.
+    let c = c.with_reconnect(Duration::from_millis(300));
+    t.server.shutdown();
+    let start = Instant::now();
+    loop {
+        match c.read(&mut b, 0) {
+            Ok(()) => {
+                assert!(start.elapsed() < DEADLINE, "server still answering");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(NbdError::Broken(why)) => {
+                assert!(why.contains("reconnecting"), "{why}");
+                break;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+}
