@@ -451,3 +451,121 @@ fn busy_view_is_detached_lazily_and_serves_open_files_until_closed() {
     }
     t.join().unwrap().unwrap();
 }
+
+/// `partx -g -o NR,START,SECTORS,TYPE`: the partitions as the kernel would number them.
+fn partx(img: &Path) -> Vec<(u32, u64, u64, String)> {
+    check(
+        Command::new(tool("partx"))
+            .args(["-g", "-o", "NR,START,SECTORS,TYPE"])
+            .arg(img),
+    )
+    .lines()
+    .map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+            f[3].to_string(),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn mbr_logical_partitions_numbered_like_linux_and_resize2fs_through_the_view() {
+    let tmp = tempfile::Builder::new()
+        .prefix("tfuse")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let img = tmp.path().join("mbr.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    check(Command::new(tool("parted")).arg("-s").arg(&img).args([
+        "mklabel", "msdos", "mkpart", "primary", "ext4", "1MiB", "9MiB", "mkpart", "extended",
+        "9MiB", "63MiB", "mkpart", "logical", "ext4", "10MiB", "20MiB", "mkpart", "logical",
+        "ext4", "21MiB", "62MiB",
+    ]));
+    let linux = partx(&img);
+    // A marker at the start of partition 6 that nothing may overwrite.
+    let p6 = linux.iter().find(|p| p.0 == 6).expect("partition 6").1 * 512;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&pattern(77, 4096), p6)
+        .unwrap();
+
+    // The bytes right after partition 5 (EBR space), to check they stay untouched.
+    let mut gap = vec![0u8; 4096];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut gap, 20 * MIB)
+        .unwrap();
+
+    let srv = NbdServer::start(&img, tmp.path().join("nbd.sock"), false);
+    let mnt = tmp.path().join("view");
+    std::fs::create_dir(&mnt).unwrap();
+    let (mut view, layout) = Mount::new(&srv.sock, &mnt, false);
+    assert_eq!(layout.table, "mbr");
+    // Every partition partx lists except the extended container, same numbers and ranges.
+    let want: Vec<(String, u64, u64)> = linux
+        .iter()
+        .filter(|p| p.3 != "0x5" && p.3 != "0xf")
+        .map(|p| (format!("vol-part{}", p.0), p.1 * 512, p.2 * 512))
+        .collect();
+    assert_eq!(want.len(), 3, "{linux:?}");
+    let got: Vec<(String, u64, u64)> = layout.files[1..]
+        .iter()
+        .map(|f| (f.name.clone(), f.offset_bytes, f.size_bytes))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(names(&mnt), ["vol", "vol-part1", "vol-part5", "vol-part6"]);
+
+    // The grow flow's filesystem step with the real tools through the view: a 4 MiB ext4 in
+    // the 10 MiB partition 5, grown by resize2fs to fill it.
+    let p5 = mnt.join("vol-part5");
+    check(
+        Command::new(tool("mkfs.ext4"))
+            .args(["-F", "-q", "-b", "1024"])
+            .arg(&p5)
+            .arg("4096"),
+    );
+    check(Command::new("e2fsck").arg("-fn").arg(&p5));
+    check(Command::new(tool("resize2fs")).arg(&p5));
+    check(Command::new("e2fsck").arg("-fn").arg(&p5));
+    let h = check(Command::new(tool("dumpe2fs")).arg("-h").arg(&p5));
+    let count: u64 = h
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{h}"));
+    assert_eq!(
+        count * 1024,
+        10 * MIB,
+        "resize2fs did not fill the partition"
+    );
+    // Nothing outside partition 5 changed.
+    let mut b = vec![0u8; 4096];
+    std::fs::File::open(mnt.join("vol-part6"))
+        .unwrap()
+        .read_exact_at(&mut b, 0)
+        .unwrap();
+    assert!(b == pattern(77, 4096), "partition 6 was overwritten");
+    let mut after = vec![1u8; 4096];
+    std::fs::File::open(mnt.join("vol"))
+        .unwrap()
+        .read_exact_at(&mut after, 20 * MIB)
+        .unwrap();
+    assert!(after == gap, "bytes after partition 5 changed");
+    view.unmount();
+    // The filesystem is in the image at partition 5's offset (the server's file).
+    let mut sb = [0u8; 2];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut sb, want[1].1 + 1024 + 56)
+        .unwrap();
+    assert_eq!(sb, [0x53, 0xEF]);
+}
