@@ -773,25 +773,32 @@ impl Controller {
                 ),
             ));
         }
-        // Space promised to replicas the agents have not created yet counts as used.
+        // Space promised to replicas counts as used: the whole size of replicas the agents
+        // have not created yet, and the part of thin (sparse) replicas not allocated yet, which
+        // their consumers may still write. Without the latter every new volume would land on
+        // the same nodes of pools that share a filesystem (same free space).
         let mut pending: HashMap<(String, String), u64> = HashMap::new();
         for (_, v) in self.volume_records()? {
+            if v.state == VolumeState::Deleting {
+                continue;
+            }
             for p in v.placements.iter().filter(|p| !p.diskless) {
-                let reported = nodes
+                let allocated = nodes
                     .iter()
                     .find(|n| n.name == p.node)
-                    .is_some_and(|n| n.replica(&v.name, &v.uuid).is_some());
-                if !reported && v.state != VolumeState::Deleting {
-                    *pending.entry((p.node.clone(), p.pool.clone())).or_default() += v.size_bytes;
-                }
+                    .and_then(|n| n.replica(&v.name, &v.uuid))
+                    .map(|r| r.allocated_bytes)
+                    .unwrap_or(0);
+                *pending.entry((p.node.clone(), p.pool.clone())).or_default() +=
+                    v.size_bytes.saturating_sub(allocated);
             }
         }
         // The best pool of every candidate node: (free, node, pool).
-        let mut best: Vec<(u64, &NodeRecord, &PoolReport)> = Vec::new();
+        let mut best: Vec<(i128, &NodeRecord, &PoolReport)> = Vec::new();
         let mut largest = 0u64;
         let mut pools_seen = 0usize;
         for n in &candidates {
-            let mut node_best: Option<(u64, &PoolReport)> = None;
+            let mut node_best: Option<(i128, &PoolReport)> = None;
             for p in &n.pools {
                 if req.pool.as_ref().is_some_and(|w| w != &p.name) {
                     continue;
@@ -803,12 +810,14 @@ impl Controller {
                 if p.capacity_bytes < req.size_bytes {
                     continue;
                 }
-                let free = p.free_bytes.saturating_sub(
-                    pending
-                        .get(&(n.name.clone(), p.name.clone()))
-                        .copied()
-                        .unwrap_or(0),
-                );
+                // Signed: overcommitted pools still compare by how far they are committed.
+                let free = i128::from(p.free_bytes)
+                    - i128::from(
+                        pending
+                            .get(&(n.name.clone(), p.name.clone()))
+                            .copied()
+                            .unwrap_or(0),
+                    );
                 let better = match &node_best {
                     None => true,
                     Some((bf, bp)) => free > *bf || (free == *bf && p.name < bp.name),

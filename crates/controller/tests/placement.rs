@@ -482,3 +482,35 @@ fn volume_set_changes_the_resync_rate_for_every_replica() {
     let doc: serde_json::Value = s.get_ok("/v1/state");
     assert_eq!(doc["volumes"][0]["resync_rate_bytes_per_sec"], 50 << 20);
 }
+
+#[test]
+fn equal_pools_share_replicas_evenly_and_every_pair_gets_a_witness() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    // Three pools with the same free space (as pools on one filesystem report it).
+    register(&s, &[("n1", 100), ("n2", 100), ("n3", 100)]);
+    let mut diskful: std::collections::BTreeMap<String, u32> = Default::default();
+    for i in 0..12 {
+        let (st, v) = create(
+            &s,
+            json!({"name": format!("v{i}"), "size_bytes": 10 * GIB, "replicas": 2}),
+        );
+        assert_eq!(st, 201, "{v}");
+        let v: Volume = serde_json::from_value(v).unwrap();
+        let nodes: BTreeSet<&str> = v.replicas.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(
+            nodes.len(),
+            3,
+            "two diskful + a witness on distinct nodes: {v:?}"
+        );
+        assert_eq!(v.replicas.iter().filter(|r| r.diskless).count(), 1);
+        for r in v.replicas.iter().filter(|r| !r.diskless) {
+            *diskful.entry(r.node.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        diskful.values().copied().collect::<Vec<_>>(),
+        vec![8, 8, 8],
+        "24 diskful replicas over 3 equal pools: {diskful:?}"
+    );
+}
