@@ -569,3 +569,82 @@ fn mbr_logical_partitions_numbered_like_linux_and_resize2fs_through_the_view() {
         .unwrap();
     assert_eq!(sb, [0x53, 0xEF]);
 }
+
+#[test]
+fn xfs_created_checked_and_grown_through_the_view() {
+    let tmp = tempfile::Builder::new()
+        .prefix("tfuse")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let img = tmp.path().join("xfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(512 * MIB)
+        .unwrap();
+    check(
+        Command::new(tool("sgdisk"))
+            .args(["-n", "1:2048:0", "-t", "1:8300"])
+            .arg(&img),
+    );
+    let srv = NbdServer::start(&img, tmp.path().join("nbd.sock"), false);
+    let mnt = tmp.path().join("view");
+    std::fs::create_dir(&mnt).unwrap();
+    let (mut view, layout) = Mount::new(&srv.sock, &mnt, false);
+    let part = mnt.join("vol-part1");
+    let part_bytes = layout.files[1].size_bytes;
+
+    // A 300 MiB xfs in the ~511 MiB partition, made through the view.
+    check(
+        Command::new(tool("mkfs.xfs"))
+            .args(["-q", "-d", "size=300m"])
+            .arg(&part),
+    );
+    check(Command::new("xfs_repair").arg("-n").arg(&part));
+
+    // Loop-mounted read-write: a file goes in, then xfs_growfs fills the partition.
+    let lmnt = tmp.path().join("loop");
+    std::fs::create_dir(&lmnt).unwrap();
+    check(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&part)
+            .arg(&lmnt),
+    );
+    let lguard = LoopMount(lmnt.clone());
+    let data = tmp.path().join("data.bin");
+    std::fs::write(&data, pattern(5, 1 << 20)).unwrap();
+    let want = sha256(&data);
+    std::fs::copy(&data, lmnt.join("data.bin")).unwrap();
+    check(Command::new(tool("xfs_growfs")).arg(&lmnt));
+    let info = check(Command::new("xfs_info").arg(&lmnt));
+    // "data     =                       bsize=4096   blocks=130560, imaxpct=25"
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("data "))
+        .unwrap_or_else(|| panic!("{info}"));
+    let field = |k: &str| -> u64 {
+        line.split([' ', ','])
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let fs_bytes = field("bsize=") * field("blocks=");
+    assert!(
+        fs_bytes > 500 * MIB && fs_bytes <= part_bytes,
+        "xfs is {fs_bytes} bytes after xfs_growfs, partition {part_bytes}"
+    );
+    check(Command::new("umount").arg(&lmnt));
+    drop(lguard);
+    check(Command::new("xfs_repair").arg("-n").arg(&part));
+    check(
+        Command::new("mount")
+            .args(["-o", "loop,ro"])
+            .arg(&part)
+            .arg(&lmnt),
+    );
+    let lguard = LoopMount(lmnt.clone());
+    assert_eq!(sha256(&lmnt.join("data.bin")), want);
+    check(Command::new("umount").arg(&lmnt));
+    drop(lguard);
+    view.unmount();
+}
