@@ -328,6 +328,15 @@ fn gpt_ext4_image_through_the_view() {
         "write through vol-part1 not visible on the export"
     );
 
+    // The set of files is fixed.
+    let e = std::fs::File::create(mnt.join("new")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let e = std::fs::remove_file(mnt.join("vol-part1")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    let e = std::fs::rename(mnt.join("vol-part1"), mnt.join("x")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    assert_eq!(names(&mnt), ["vol", "vol-part1", "vol-part2"]);
+
     // Sizes are fixed: truncate and writes past the end are refused, the file is unchanged.
     let t = run(Command::new("truncate")
         .args(["-s", "1M"])
