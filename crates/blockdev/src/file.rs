@@ -193,6 +193,11 @@ impl BlockDevice for FileDevice {
         self.size
     }
 
+    /// Buffered writes land in the page cache (unless writeback throttles them).
+    fn quick_writes(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range("read", offset, buf.len() as u64)?;
         self.file

@@ -130,6 +130,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// True when a small [`BlockDevice::write_at`] normally completes without waiting (it lands
+    /// in memory, e.g. the page cache), so a front end may run several back to back on one
+    /// thread instead of spreading them over threads (fewer thread hand-offs, no contention on
+    /// the file). False (the default) when a write waits for something slow, such as a
+    /// replication round trip: such writes must run concurrently.
+    fn quick_writes(&self) -> bool {
+        false
+    }
+
     /// Checks that `[offset, offset+len)` lies inside the device.
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
@@ -166,5 +175,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn try_write_at_nowait(&self, buf: &[u8], offset: u64) -> Result<bool> {
         (**self).try_write_at_nowait(buf, offset)
+    }
+    fn quick_writes(&self) -> bool {
+        (**self).quick_writes()
     }
 }

@@ -46,6 +46,10 @@ impl BlockDevice for MemDevice {
         self.size
     }
 
+    fn quick_writes(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range("read", offset, buf.len() as u64)?;
         self.for_each_page(offset, buf.len() as u64, |page, at, n, b| match page {

@@ -32,8 +32,10 @@
 //!   write payload over 32 MiB, a bad request magic or a truncated request closes that connection
 //!   only. Device errors map to `EIO`/`ENOSPC`.
 //! * Concurrency: many requests in flight per connection (up to 128 requests / 128 MiB),
-//!   executed on a fixed pool of worker threads (4 per CPU, 8 to 64), replies out of order through one writer task that batches
-//!   them into vectored writes.
+//!   executed on a fixed pool of worker threads (4 per CPU, 8 to 64); small writes that arrive
+//!   together run as one batch on one worker when the device has quick writes (files); replies
+//!   leave out of order, sent by the workers themselves when the socket has room, else through
+//!   one writer task that batches them into vectored writes.
 //!
 //! Not supported: TLS, extended headers, oldstyle or non-fixed newstyle handshakes.
 

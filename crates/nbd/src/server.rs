@@ -2,15 +2,19 @@
 //! [`crate::transmission`].
 //!
 //! Per connection: the connection task runs the handshake, then reads request headers (and write
-//! payloads) and hands each request to tokio's blocking pool, so many requests are in flight at
-//! once; completed requests send their encoded reply to a single writer task over a channel, which
-//! writes whatever has queued up with one vectored write (replies leave out of order, payloads
-//! are never copied). In-flight work per connection is bounded (count and bytes) by semaphores
-//! whose permits travel with the reply and are released once it is written: a client that stops
+//! payloads) and hands requests to a fixed pool of I/O threads, so many requests are in flight at
+//! once. Small cached reads are served inline (`RWF_NOWAIT`); small writes to a device with quick
+//! writes that arrive together are handed over as one batch, run back to back by one thread. A
+//! worker sends its replies straight on the socket when the writer task is idle and the socket
+//! has room; otherwise replies go over a channel to the connection's writer task, which writes
+//! whatever has queued up with one vectored write (replies leave out of order, payloads are never
+//! copied). In-flight work per connection is bounded (count and bytes) by semaphores whose
+//! permits travel with the reply and are released once it is written: a client that stops
 //! reading replies stops being read from.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -103,8 +107,9 @@ impl Server {
             };
             match accepted {
                 Ok((stream, _)) => {
+                    let fd = stream.as_raw_fd();
                     let (r, w) = stream.into_split();
-                    self.spawn_connection(r, w, "unix".to_string());
+                    self.spawn_connection(r, w, Some(fd), "unix".to_string());
                 }
                 Err(e) => transient_accept_error(e).await?,
             }
@@ -126,8 +131,9 @@ impl Server {
                     if let Err(e) = stream.set_nodelay(true) {
                         warn!(%peer, "nbd: cannot set TCP_NODELAY: {e}");
                     }
+                    let fd = stream.as_raw_fd();
                     let (r, w) = stream.into_split();
-                    self.spawn_connection(r, w, peer.to_string());
+                    self.spawn_connection(r, w, Some(fd), peer.to_string());
                 }
                 Err(e) => transient_accept_error(e).await?,
             }
@@ -169,7 +175,9 @@ impl Server {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn_connection<R, W>(self: &Arc<Self>, read: R, write: W, peer: String)
+    /// `fd`: the socket under `write`, when there is one: I/O workers then send replies on it
+    /// themselves while the writer task is idle (see [`Direct`]).
+    fn spawn_connection<R, W>(self: &Arc<Self>, read: R, write: W, fd: Option<RawFd>, peer: String)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -189,7 +197,7 @@ impl Server {
                 server: server.clone(),
                 id,
             };
-            match run_connection(&server, id, read, write, kill_rx).await {
+            match run_connection(&server, id, read, write, fd, kill_rx).await {
                 Ok(()) => debug!(conn = id, %peer, "nbd: client disconnected"),
                 Err(e) => warn!(conn = id, %peer, "nbd: closing client connection: {e}"),
             }
@@ -324,6 +332,7 @@ async fn run_connection<R, W>(
     id: u64,
     mut read: R,
     mut write: W,
+    fd: Option<RawFd>,
     mut kill: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
@@ -364,7 +373,7 @@ where
            "nbd: client entered transmission");
     let leftover = hs.take_leftover();
     let reader = BufReader::with_capacity(256 << 10, io::Cursor::new(leftover).chain(read));
-    transmission(reader, write, *negotiated, kill, server.workers.clone()).await
+    transmission(reader, write, fd, *negotiated, kill, server.workers.clone()).await
 }
 
 /// A piece of an encoded reply.
@@ -393,10 +402,33 @@ impl Part {
     }
 }
 
-/// One reply on its way to the writer, holding the in-flight permits it consumed.
+/// One reply (or the replies of one batch) on its way to the writer, holding the in-flight
+/// permits the requests consumed.
 struct Out {
     parts: Vec<Part>,
-    _permits: Permits,
+    /// `None` only for the empty message that wakes the writer task for a `front` reply.
+    _permits: Option<Permits>,
+    /// The other requests' permits when `parts` holds the replies of a batch.
+    _more: Vec<Permits>,
+}
+
+impl Out {
+    fn one(parts: Vec<Part>, permits: Permits) -> Out {
+        Out {
+            parts,
+            _permits: Some(permits),
+            _more: Vec::new(),
+        }
+    }
+
+    /// Returns the data buffers to the pool (the permits go when `self` is dropped).
+    fn recycle(self, pool: &BufPool) {
+        for p in self.parts {
+            if let Part::Data(v) = p {
+                pool.put(v);
+            }
+        }
+    }
 }
 
 struct Permits {
@@ -458,11 +490,120 @@ struct Shared {
     export: Arc<Export>,
     session: Session,
     pool: BufPool,
+    direct: Option<Direct>,
+}
+
+/// Replies sent by the I/O workers straight onto the socket, saving the hop through the writer
+/// task (a thread wake-up per reply at low queue depth).
+///
+/// A worker sends with a non-blocking `sendmsg` while holding `state`, and only when the writer
+/// task is not writing (`busy`), so replies never interleave. What does not fit goes to the
+/// writer task: untouched replies through the channel as usual; the rest of a partly sent one in
+/// `front`, which the writer sends before anything else (and no worker sends meanwhile). The
+/// writer task sets `closed` before the socket can be closed, so the fd is never used after.
+struct Direct {
+    fd: RawFd,
+    state: Mutex<DirectState>,
+}
+
+#[derive(Default)]
+struct DirectState {
+    busy: bool,
+    closed: bool,
+    /// A reply a worker sent in part, and how many of its bytes are out.
+    front: Option<(Out, usize)>,
+}
+
+impl Direct {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DirectState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Largest reply a worker sends itself; larger ones (1 MiB reads) rarely fit the socket buffer
+/// at once and go to the writer task, which waits for room without holding a thread.
+const DIRECT_MAX: usize = 256 << 10;
+
+/// Sends a reply from an I/O worker: directly on the socket when possible, else via the writer.
+fn reply(sh: &Shared, out_tx: &mpsc::UnboundedSender<Out>, out: Out) {
+    let Some(d) = &sh.direct else {
+        let _ = out_tx.send(out);
+        return;
+    };
+    let total: usize = out.parts.iter().map(|p| p.bytes().len()).sum();
+    let mut st = d.lock();
+    if st.busy || st.closed || total > DIRECT_MAX {
+        drop(st);
+        let _ = out_tx.send(out);
+        return;
+    }
+    match send_nonblocking(d.fd, &out.parts) {
+        Ok(n) if n == total => {
+            drop(st);
+            out.recycle(&sh.pool);
+        }
+        Ok(n) if n > 0 => {
+            // The socket is full mid-reply: the writer task sends the rest first, when the
+            // client reads again.
+            st.front = Some((out, n));
+            st.busy = true;
+            drop(st);
+            let _ = out_tx.send(Out {
+                parts: Vec::new(),
+                _permits: None,
+                _more: Vec::new(),
+            });
+        }
+        // Nothing sent (socket full, or an error the writer task will meet and report).
+        _ => {
+            drop(st);
+            let _ = out_tx.send(out);
+        }
+    }
+}
+
+/// One non-blocking `sendmsg` of `parts`; bytes sent (0 when the socket buffer is full).
+fn send_nonblocking(fd: RawFd, parts: &[Part]) -> io::Result<usize> {
+    let iov: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| p.bytes())
+        .filter(|b| !b.is_empty())
+        .take(1024)
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    loop {
+        // SAFETY: a zeroed msghdr is valid (no name, no control data); it points at `iov`,
+        // whose entries point at buffers `parts` keeps alive for the call and that the kernel
+        // only reads. `fd` is the connection's socket, open while the caller holds the
+        // `Direct` lock with `closed` unset.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_ptr().cast_mut();
+            msg.msg_iovlen = iov.len() as _;
+            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(0),
+            _ => return Err(e),
+        }
+    }
 }
 
 async fn transmission<R, W>(
-    mut reader: R,
+    mut reader: BufReader<R>,
     write: W,
+    fd: Option<RawFd>,
     neg: Negotiated<Arc<Export>>,
     mut kill: watch::Receiver<bool>,
     workers: WorkerPool,
@@ -480,6 +621,10 @@ where
         },
         export: neg.export,
         pool: BufPool::default(),
+        direct: fd.map(|fd| Direct {
+            fd,
+            state: Mutex::new(DirectState::default()),
+        }),
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Out>();
     let (werr_tx, mut werr_rx) = oneshot::channel::<io::Error>();
@@ -487,8 +632,18 @@ where
     let count = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
     let bytes = Arc::new(Semaphore::new(MAX_INFLIGHT_BYTES / BYTE_UNIT));
 
+    // Small writes on a device with quick writes are collected while the next request is
+    // already buffered, then run back to back by one worker (one hand-off and one reply wake-up
+    // per batch instead of per request, and no threads contending for the file's lock).
+    let batching = shared.export.device.quick_writes();
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut batch_bytes = 0usize;
     let result: Result<(), ConnError> = async {
         loop {
+            if !batch.is_empty() && !next_request_buffered(reader.buffer()) {
+                submit_batch(&workers, &shared, &out_tx, &mut batch);
+                batch_bytes = 0;
+            }
             let mut hdr = [0u8; REQUEST_HEADER_LEN];
             let got = tokio::select! {
                 r = read_header(&mut reader, &mut hdr) => r?,
@@ -513,6 +668,14 @@ where
                 }
                 _ => 1,
             };
+            if !batch.is_empty()
+                && (count.available_permits() == 0
+                    || bytes.available_permits() < cost.min(MAX_INFLIGHT_BYTES / BYTE_UNIT))
+            {
+                // Waiting for permits while holding queued writes' permits could wait forever.
+                submit_batch(&workers, &shared, &out_tx, &mut batch);
+                batch_bytes = 0;
+            }
             let permits = tokio::select! {
                 p = acquire(&count, &bytes, cost) => p,
                 _ = kill.wait_for(|k| *k) => return Ok(()),
@@ -543,10 +706,7 @@ where
                         }
                     }
                     let reply = tx::error_reply(shared.session.structured, h.handle, errno, reason);
-                    let _ = out_tx.send(Out {
-                        parts: vec![Part::Data(reply)],
-                        _permits: permits,
-                    });
+                    let _ = out_tx.send(Out::one(vec![Part::Data(reply)], permits));
                 }
                 Decoded::Ok(Command::Disconnect) => return Ok(()),
                 Decoded::Ok(cmd) => {
@@ -566,20 +726,36 @@ where
                     let handle = h.handle;
                     let (payload, inline) = try_inline(&shared, &cmd, handle, payload);
                     if let Some(parts) = inline {
-                        let _ = out_tx.send(Out {
-                            parts,
-                            _permits: permits,
+                        let _ = out_tx.send(Out::one(parts, permits));
+                        continue;
+                    }
+                    if let (
+                        true,
+                        Command::Write {
+                            offset, fua: false, ..
+                        },
+                        Some(data),
+                    ) = (batching, &cmd, &payload)
+                        && data.len() <= BATCH_WRITE_MAX
+                    {
+                        batch_bytes += data.len();
+                        batch.push(Queued {
+                            handle,
+                            offset: *offset,
+                            data: payload.unwrap_or_default(),
+                            permits,
                         });
+                        if batch.len() >= BATCH_MAX_WRITES || batch_bytes >= BATCH_MAX_BYTES {
+                            submit_batch(&workers, &shared, &out_tx, &mut batch);
+                            batch_bytes = 0;
+                        }
                         continue;
                     }
                     let shared = shared.clone();
                     let out_tx = out_tx.clone();
                     workers.submit(Box::new(move || {
                         let parts = execute(&shared, cmd, handle, payload);
-                        let _ = out_tx.send(Out {
-                            parts,
-                            _permits: permits,
-                        });
+                        reply(&shared, &out_tx, Out::one(parts, permits));
                     }));
                 }
             }
@@ -587,6 +763,10 @@ where
     }
     .await;
 
+    // Queued writes run and are answered like every request already read.
+    if !batch.is_empty() {
+        submit_batch(&workers, &shared, &out_tx, &mut batch);
+    }
     // Let running requests finish and their replies go out, then close.
     drop(out_tx);
     match writer.await {
@@ -596,6 +776,85 @@ where
         Err(e) => warn!("nbd: reply writer task failed: {e}"),
     }
     result
+}
+
+/// Most writes per batch, and most payload bytes.
+const BATCH_MAX_WRITES: usize = 64;
+const BATCH_MAX_BYTES: usize = 1 << 20;
+/// Largest write that joins a batch; larger ones run on their own worker, concurrently.
+const BATCH_WRITE_MAX: usize = 64 << 10;
+
+/// A small write waiting for its batch to be submitted.
+struct Queued {
+    handle: u64,
+    offset: u64,
+    data: Vec<u8>,
+    permits: Permits,
+}
+
+/// Whether the next request (header and, for a write, its payload) is already in the read
+/// buffer, so reading it will not wait for the client.
+fn next_request_buffered(buf: &[u8]) -> bool {
+    if buf.len() < REQUEST_HEADER_LEN {
+        return false;
+    }
+    let kind = u16::from_be_bytes([buf[6], buf[7]]);
+    if kind != proto::CMD_WRITE {
+        return true;
+    }
+    let len = u32::from_be_bytes([buf[24], buf[25], buf[26], buf[27]]) as usize;
+    buf.len() - REQUEST_HEADER_LEN >= len
+}
+
+/// Hands the queued writes to one worker, which writes them in order and sends all their
+/// replies at once.
+fn submit_batch(
+    workers: &WorkerPool,
+    shared: &Arc<Shared>,
+    out_tx: &mpsc::UnboundedSender<Out>,
+    batch: &mut Vec<Queued>,
+) {
+    let jobs = std::mem::take(batch);
+    if jobs.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    let out_tx = out_tx.clone();
+    workers.submit(Box::new(move || {
+        let dev = &*shared.export.device;
+        let structured = shared.session.structured;
+        let mut parts = Vec::with_capacity(jobs.len());
+        let mut more = Vec::with_capacity(jobs.len());
+        for q in jobs {
+            let r = dev.write_at(&q.data, q.offset);
+            shared.pool.put(q.data);
+            parts.push(status_part(structured, q.handle, r));
+            more.push(q.permits);
+        }
+        let out = Out {
+            parts,
+            _permits: None,
+            _more: more,
+        };
+        reply(&shared, &out_tx, out);
+    }));
+}
+
+/// The reply to a request that returns no data: OK or the device error.
+fn status_part(structured: bool, handle: u64, r: tandem_blockdev::Result<()>) -> Part {
+    match r {
+        Ok(()) if structured => Part::head(&tx::none_chunk(handle)),
+        Ok(()) => Part::head(&tx::simple_reply(handle, 0)),
+        Err(e) => {
+            warn!("nbd: device error: {e}");
+            Part::Data(tx::error_reply(
+                structured,
+                handle,
+                nbd_errno(&e),
+                &e.to_string(),
+            ))
+        }
+    }
 }
 
 async fn acquire(count: &Arc<Semaphore>, bytes: &Arc<Semaphore>, cost: usize) -> Permits {
@@ -666,27 +925,49 @@ async fn writer_loop<W: AsyncWrite + Unpin>(
                     Err(_) => break,
                 }
             }
-            write_all_vectored(&mut w, &batch).await?;
-            for out in batch.drain(..) {
-                for p in out.parts {
-                    if let Part::Data(v) = p {
-                        shared.pool.put(v);
-                    }
+            let mut sent = 0;
+            if let Some(d) = &shared.direct {
+                // Workers stop sending directly until this batch is out; a reply one of them
+                // sent in part goes first, from where it stopped.
+                let mut st = d.lock();
+                st.busy = true;
+                if let Some((f, n)) = st.front.take() {
+                    batch.insert(0, f);
+                    sent = n;
                 }
             }
+            write_all_vectored(&mut w, &batch, sent).await?;
+            for out in batch.drain(..) {
+                out.recycle(&shared.pool);
+            }
+            if let Some(d) = &shared.direct {
+                d.lock().busy = false;
+            }
+        }
+        if let Some(d) = &shared.direct {
+            d.lock().closed = true;
         }
         w.flush().await?;
         let _ = w.shutdown().await;
         Ok(())
     }
     .await;
+    // From here on the socket may close: no worker may send on it any more.
+    if let Some(d) = &shared.direct {
+        d.lock().closed = true;
+    }
     if let Err(e) = &result {
         let _ = werr.send(io::Error::new(e.kind(), e.to_string()));
     }
     result
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Out]) -> io::Result<()> {
+/// Writes `batch` except its first `sent` bytes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &[Out],
+    sent: usize,
+) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = batch
         .iter()
         .flat_map(|o| o.parts.iter())
@@ -694,6 +975,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Out]) -> 
         .filter(|s| !s.is_empty())
         .collect();
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut rest, sent);
     while !rest.is_empty() {
         let n = w.write_vectored(rest).await?;
         if n == 0 {
@@ -750,10 +1032,7 @@ fn try_inline(
                     sh.pool.put(buf);
                     (
                         None,
-                        Some(vec![Part::Data(tx::ok_reply(
-                            sh.session.structured,
-                            handle,
-                        ))]),
+                        Some(vec![status_part(sh.session.structured, handle, Ok(()))]),
                     )
                 }
                 Ok(false) | Err(_) => (Some(buf), None),
@@ -777,18 +1056,7 @@ fn nbd_errno(e: &BlockError) -> u32 {
 fn execute(sh: &Shared, cmd: Command, handle: u64, payload: Option<Vec<u8>>) -> Vec<Part> {
     let dev = &*sh.export.device;
     let structured = sh.session.structured;
-    let status = |r: tandem_blockdev::Result<()>| match r {
-        Ok(()) => vec![Part::Data(tx::ok_reply(structured, handle))],
-        Err(e) => {
-            warn!("nbd: device error: {e}");
-            vec![Part::Data(tx::error_reply(
-                structured,
-                handle,
-                nbd_errno(&e),
-                &e.to_string(),
-            ))]
-        }
-    };
+    let status = |r: tandem_blockdev::Result<()>| vec![status_part(structured, handle, r)];
     let fua_flush = |fua: bool| if fua { dev.flush() } else { Ok(()) };
     match cmd {
         Command::Read { offset, len, df } => read(sh, handle, offset, len, df),

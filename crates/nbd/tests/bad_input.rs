@@ -485,6 +485,98 @@ fn disc_answers_outstanding_requests_then_closes() {
 }
 
 #[test]
+fn pipelined_small_writes_then_disc_are_all_applied_and_answered() {
+    // Small non-FUA writes sent back to back reach the server together, so they are run as
+    // batches; a DISC right behind them must still see every one applied and answered, and
+    // reads and a flush in between are answered too.
+    let h = Harness::start(64 * MIB);
+    with_witness(&h, |h| {
+        let mut r = Raw::go(h, "disk", false);
+        let mut burst = Vec::new();
+        for i in 0..100u64 {
+            burst.extend_from_slice(&encode_request(&RequestHeader {
+                flags: 0,
+                kind: CMD_WRITE,
+                handle: i,
+                offset: 20 * MIB + i * 8192,
+                length: 4096,
+            }));
+            burst.extend_from_slice(&[(i % 251) as u8 + 1; 4096]);
+            if i == 50 {
+                burst.extend_from_slice(&encode_request(&RequestHeader {
+                    flags: 0,
+                    kind: CMD_FLUSH,
+                    handle: 1000,
+                    offset: 0,
+                    length: 0,
+                }));
+            }
+        }
+        burst.extend_from_slice(&encode_request(&RequestHeader {
+            flags: 0,
+            kind: CMD_DISC,
+            handle: 2000,
+            offset: 0,
+            length: 0,
+        }));
+        r.send(&burst);
+        let mut seen: Vec<u64> = (0..101)
+            .map(|_| {
+                let (e, hd) = r.simple();
+                assert_eq!(e, 0, "handle {hd}");
+                hd
+            })
+            .collect();
+        r.assert_closed();
+        seen.sort();
+        let mut want: Vec<u64> = (0..100).collect();
+        want.push(1000);
+        assert_eq!(seen, want);
+    });
+    for i in 0..100u64 {
+        let mut b = vec![0u8; 8192];
+        h.disk.read_at(&mut b, 20 * MIB + i * 8192).unwrap();
+        assert!(
+            b[..4096].iter().all(|x| *x == (i % 251) as u8 + 1),
+            "write {i}"
+        );
+        assert!(b[4096..].iter().all(|x| *x == 0), "after write {i}");
+    }
+}
+
+#[test]
+fn replies_to_a_client_that_reads_them_late_arrive_whole_and_in_one_piece_each() {
+    // Large reads run on the I/O workers, which send their replies straight on the socket while
+    // it has room; a client that does not read for a while fills it mid-reply, and the rest must
+    // follow before any other reply.
+    let h = Harness::start(64 * MIB);
+    let data = pattern_bytes(32 << 20, 7);
+    h.disk.write_at(&data, 0).unwrap();
+    with_witness(&h, |h| {
+        let mut r = Raw::go(h, "disk", false);
+        const LEN: u32 = 128 << 10;
+        let n = 96u64;
+        for i in 0..n {
+            r.request(CMD_READ, 0, i, (i * 331 * 1024) % (31 << 20), LEN);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let (e, hd) = r.simple();
+            assert_eq!(e, 0);
+            let got = r.read_n(LEN as usize);
+            let off = ((hd * 331 * 1024) % (31 << 20)) as usize;
+            assert!(got == data[off..off + LEN as usize], "reply {hd}");
+            seen.push(hd);
+        }
+        seen.sort();
+        assert_eq!(seen, (0..n).collect::<Vec<_>>());
+        r.request(CMD_DISC, 0, 999, 0, 0);
+        r.assert_closed();
+    });
+}
+
+#[test]
 fn connection_counting_disconnect_export_and_shutdown() {
     let h = Harness::start(64 * MIB);
     let mut a = Raw::go(&h, "disk", false);
