@@ -504,6 +504,12 @@ impl Ctx<'_> {
         for (slot, id) in meta.peers.iter_mut().zip(&diskful_peers) {
             slot.node_id = *id;
         }
+        if d.join {
+            // A new member of an existing volume holds none of its data: Inconsistent and
+            // without a generation, so its peers resync everything into it (rule NewMember).
+            meta.disk_state = tandem_meta::DiskState::Inconsistent;
+            meta.current_gen = tandem_meta::GenerationId::NONE;
+        }
         if let Err(e) = meta.validate() {
             let _ = std::fs::remove_file(files.data_creating());
             return Err(format!("metadata for this placement: {e}"));

@@ -576,6 +576,25 @@ pub struct DesiredReplica {
     /// Resync rate limit, bytes per second (0: unlimited); applied to a running driver.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// A replica added to an existing volume: create it without data (Inconsistent, no
+    /// generation), so it receives a full resync instead of counting as in sync.
+    #[serde(default)]
+    pub join: bool,
+}
+
+/// Answer of `POST /v1/nodes/{name}/lost`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct NodeLostResult {
+    pub node: String,
+    /// Every volume that had a replica or witness there, with what was done for it.
+    pub volumes: Vec<NodeLostVolume>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct NodeLostVolume {
+    pub volume: String,
+    /// E.g. "new replica on node4:default", "new witness on node3", "Primary moves to node2".
+    pub actions: Vec<String>,
 }
 
 /// Another placement of a volume, as the agents of its replicas must know it.

@@ -19,6 +19,18 @@ use crate::{Cli, Command, Format};
 pub enum NodeCmd {
     /// List nodes.
     List,
+    /// Declare a node gone for good (its agent must be down): its replicas are dropped, every
+    /// affected volume gets a new replica on another node, resynced fully, and a new witness
+    /// when needed; waits until they are all in sync.
+    Lost {
+        name: String,
+        /// Return once the controller has replanned, without waiting for the resyncs.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for the resyncs.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -184,6 +196,14 @@ pub fn run(cli: &Cli) -> Result<()> {
             let n: Vec<Node> = client.get("/v1/nodes")?;
             emit(json, &n[..], output::nodes_table)
         }
+        Command::Node {
+            cmd:
+                NodeCmd::Lost {
+                    name,
+                    no_wait,
+                    timeout,
+                },
+        } => node_lost(&client, json, name, *no_wait, *timeout),
         Command::Pool { cmd: PoolCmd::List } => {
             let p: Vec<Pool> = client.get("/v1/pools")?;
             emit(json, &p[..], output::pools_table)
@@ -318,6 +338,67 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             }
         }
     }
+}
+
+/// `node lost`: replan, then wait until every affected volume is whole and in sync again.
+fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u64) -> Result<()> {
+    let r: tandem_api::NodeLostResult =
+        client.post(&format!("/v1/nodes/{}/lost", path_segment(name)), &())?;
+    if !json {
+        println!(
+            "Node {name} declared lost; {} volume(s) affected.",
+            r.volumes.len()
+        );
+        for v in &r.volumes {
+            println!("  {}: {}", v.volume, v.actions.join("; "));
+        }
+    }
+    if !no_wait {
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        let mut last = String::new();
+        for v in &r.volumes {
+            let path = format!("/v1/volumes/{}", path_segment(&v.volume));
+            loop {
+                let vol: Volume = client.get(&path)?;
+                let whole = vol.replicas.iter().all(|r| {
+                    if r.diskless {
+                        r.disk_state == tandem_api::DiskState::Diskless
+                    } else {
+                        r.disk_state == tandem_api::DiskState::UpToDate && r.out_of_sync_bytes == 0
+                    }
+                });
+                if whole {
+                    break;
+                }
+                let progress: Vec<String> = vol
+                    .replicas
+                    .iter()
+                    .filter_map(|r| {
+                        r.resync_bytes_left
+                            .map(|left| format!("{} {} left", r.node, format_size(left)))
+                    })
+                    .collect();
+                let line = format!("  {}: resyncing {}", vol.name, progress.join(", "));
+                if !json && line != last && !progress.is_empty() {
+                    eprintln!("{line}");
+                    last = line;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "volume {} is not back in sync after {timeout}s; `tandem volume show {}` \
+                         shows its replicas (the resync goes on)",
+                        vol.name,
+                        vol.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            if !json {
+                println!("  {}: in sync", v.volume);
+            }
+        }
+    }
+    if json { print_json(&r) } else { Ok(()) }
 }
 
 /// A rate per second: a size with an explicit unit (optionally followed by `/s`), or

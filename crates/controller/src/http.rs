@@ -14,8 +14,9 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_api::{
-    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, Pool, ReconcileReport,
-    RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate, VolumeUpdate,
+    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, NodeLostResult, Pool,
+    ReconcileReport, RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
+    VolumeUpdate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -232,6 +233,21 @@ async fn delete_volume(
     Ok((StatusCode::ACCEPTED, axum::Json(v)))
 }
 
+#[utoipa::path(post, path = "/v1/nodes/{name}/lost", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, description = "The node is forgotten; every affected volume gets its replica count back elsewhere", body = NodeLostResult),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such node", body = ApiError),
+              (status = 409, description = "The node is online (`node_online`)", body = ApiError)))]
+async fn node_lost(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<axum::Json<NodeLostResult>, Failure> {
+    blocking(&s, move |c| c.node_lost(&name))
+        .await
+        .map(axum::Json)
+}
+
 #[utoipa::path(patch, path = "/v1/volumes/{name}", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = VolumeUpdate,
@@ -436,6 +452,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/lost", post(node_lost))
         .route("/v1/pools", get(pools))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
@@ -465,7 +482,7 @@ pub fn router(state: AppState) -> Router {
         description = "REST API of the tandem controller. Every error is an ApiError body with a stable `code`.",
         license(name = "Apache-2.0")
     ),
-    paths(health, openapi, status, nodes, pools, list_volumes, create_volume, show_volume,
+    paths(health, openapi, status, nodes, node_lost, pools, list_volumes, create_volume, show_volume,
           delete_volume, update_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(

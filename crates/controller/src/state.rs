@@ -26,8 +26,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
-    Node, NodeRole, NodeState, Operation, Pool, PoolReport, Protocol, ReconcileIssue,
-    ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate, VolumeState, VolumeUpdate,
+    Node, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool, PoolReport,
+    Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate,
+    VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -123,6 +124,10 @@ pub struct Placement {
     pub node: String,
     pub pool: String,
     pub diskless: bool,
+    /// A replica added to an existing volume (`node lost`): its agent creates it without data
+    /// (Inconsistent, no generation) and it receives a full resync from its peers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -860,6 +865,7 @@ impl Controller {
                 node: n.name.clone(),
                 pool: p.name.clone(),
                 diskless: false,
+                join: false,
             })
             .collect();
         if replicas.is_multiple_of(2) {
@@ -893,6 +899,7 @@ impl Controller {
                 node: w.name.clone(),
                 pool: String::new(),
                 diskless: true,
+                join: false,
             });
         }
         Ok(out)
@@ -1242,6 +1249,185 @@ impl Controller {
             self.notify();
         }
         Ok(Self::volume_view(&v, &nodes))
+    }
+
+    /// `node lost NAME`: the node is gone for good. Its replicas are dropped from every
+    /// volume; each volume gets a new diskful replica on another online node (most free
+    /// space) that joins with a full resync, and a new witness when its witness was there;
+    /// a Primary there moves to a surviving UpToDate replica. The node record is removed.
+    /// Refused while the node is online (that is `node evacuate`, not this).
+    pub fn node_lost(&self, name: &str) -> Result<NodeLostResult, Failure> {
+        validate_name("node", name)?;
+        let _guard = self.write_guard();
+        let (node_rev, _) = self
+            .node_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("node '{name}' is not registered")))?;
+        if self.liveness(name).0 == NodeState::Online {
+            return Err(Failure::conflict(
+                "node_online",
+                format!(
+                    "node '{name}' is online (its agent syncs): a node is declared lost only when \
+                     it is gone; stop its agent first"
+                ),
+            ));
+        }
+        let nodes = self.nodes_by_name()?;
+        let now = now_unix();
+        let mut txn = vec![
+            TxnOp::delete(format!("{NODES}{name}"), Expect::Revision(node_rev)),
+            TxnOp::delete(format!("{DESIRED}{name}"), Expect::Any),
+        ];
+        let mut result = NodeLostResult {
+            node: name.to_string(),
+            volumes: Vec::new(),
+        };
+        // Space promised per (node, pool) by this call's new placements.
+        let mut promised: HashMap<(String, String), u64> = HashMap::new();
+        for (rev, mut v) in self.volume_records()? {
+            let Some(idx) = v.placements.iter().position(|p| p.node == name) else {
+                continue;
+            };
+            if v.state == VolumeState::Deleting {
+                v.placements.remove(idx);
+                txn.push(TxnOp::put(
+                    format!("{VOLUMES}{}", v.name),
+                    encode(&v)?,
+                    Expect::Revision(rev),
+                ));
+                continue;
+            }
+            let primary_before = v.desired_primary().map(str::to_string);
+            let lost = v.placements.remove(idx);
+            let mut steps = vec![ops::step(
+                format!(
+                    "drop the {} on {name}",
+                    if lost.diskless { "witness" } else { "replica" }
+                ),
+                None,
+                ops::DONE,
+            )];
+            let mut note = Vec::new();
+            let used = |v: &VolumeRecord, n: &str| v.placements.iter().any(|p| p.node == n);
+            if !lost.diskless {
+                // The best pool on an online diskful node without a placement of this volume.
+                let mut best: Option<(i128, String, String)> = None;
+                for n in nodes.values() {
+                    if n.name == name
+                        || n.role != NodeRole::Diskful
+                        || used(&v, &n.name)
+                        || !self.is_online(&n.name)
+                    {
+                        continue;
+                    }
+                    for p in n.pools.iter().filter(|p| p.capacity_bytes >= v.size_bytes) {
+                        let free = i128::from(p.free_bytes)
+                            - i128::from(
+                                promised
+                                    .get(&(n.name.clone(), p.name.clone()))
+                                    .copied()
+                                    .unwrap_or(0),
+                            );
+                        if best.as_ref().is_none_or(|b| free > b.0) {
+                            best = Some((free, n.name.clone(), p.name.clone()));
+                        }
+                    }
+                }
+                match best {
+                    Some((_, node, pool)) => {
+                        *promised.entry((node.clone(), pool.clone())).or_default() += v.size_bytes;
+                        steps.push(ops::step(
+                            format!("create a replica on {node}:{pool} and resync it fully"),
+                            Some(&node),
+                            ops::RUNNING,
+                        ));
+                        note.push(format!("new replica on {node}:{pool}"));
+                        v.placements.push(Placement {
+                            node,
+                            pool,
+                            diskless: false,
+                            join: true,
+                        });
+                    }
+                    None => note.push(
+                        "no online diskful node without a replica of it: the volume stays one \
+                         replica short"
+                            .to_string(),
+                    ),
+                }
+            }
+            let diskful = v.placements.iter().filter(|p| !p.diskless).count();
+            let witnesses = v.placements.iter().filter(|p| p.diskless).count();
+            if diskful % 2 == 0 && witnesses == 0 {
+                let mut others: Vec<&NodeRecord> = nodes
+                    .values()
+                    .filter(|n| n.name != name && !used(&v, &n.name) && self.is_online(&n.name))
+                    .collect();
+                others.sort_by_key(|n| (n.role != NodeRole::Witness, n.name.clone()));
+                match others.first() {
+                    Some(w) => {
+                        steps.push(ops::step(
+                            format!("add a witness on {}", w.name),
+                            Some(&w.name),
+                            ops::RUNNING,
+                        ));
+                        note.push(format!("new witness on {}", w.name));
+                        v.placements.push(Placement {
+                            node: w.name.clone(),
+                            pool: String::new(),
+                            diskless: true,
+                            join: false,
+                        });
+                    }
+                    None => note.push("no online node left for a witness".to_string()),
+                }
+            }
+            if v.desired_primary().is_none() && v.primary_node.as_deref() == Some(name)
+                || (!v.primary_explicit && lost.node == name && !lost.diskless)
+            {
+                // The Primary was there: the first surviving UpToDate diskful replica.
+                let survivor = v
+                    .placements
+                    .iter()
+                    .filter(|p| !p.diskless && !p.join)
+                    .find(|p| {
+                        nodes
+                            .get(&p.node)
+                            .and_then(|n| n.replica(&v.name, &v.uuid))
+                            .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+                    })
+                    .map(|p| p.node.clone());
+                if let Some(s) = &survivor
+                    && primary_before.as_deref() != Some(s.as_str())
+                {
+                    note.push(format!("Primary moves to {s}"));
+                }
+                v.primary_node = survivor;
+                v.primary_explicit = true;
+            }
+            v.operations.push(ops::new("node-lost", steps, now));
+            for p in &v.placements {
+                txn.push(Self::bump(&p.node));
+            }
+            txn.push(TxnOp::put(
+                format!("{VOLUMES}{}", v.name),
+                encode(&v)?,
+                Expect::Revision(rev),
+            ));
+            tracing::warn!(volume = %v.name, node = name, "replica on a lost node dropped: {}", note.join("; "));
+            result.volumes.push(NodeLostVolume {
+                volume: v.name.clone(),
+                actions: note,
+            });
+        }
+        self.store.txn(txn)?;
+        self.live_lock().remove(name);
+        self.notify();
+        tracing::warn!(
+            node = name,
+            volumes = result.volumes.len(),
+            "node declared lost"
+        );
+        Ok(result)
     }
 
     // ----- agents --------------------------------------------------------------------------
@@ -1633,6 +1819,7 @@ impl Controller {
                             node: node.to_string(),
                             pool: r.pool.clone(),
                             diskless: false,
+                            join: false,
                         }],
                         operations: vec![ops::new(
                             "adopt",
@@ -1683,6 +1870,7 @@ impl Controller {
             node: node.to_string(),
             pool: r.pool.clone(),
             diskless: false,
+            join: false,
         });
         v.replica_count = v.placements.iter().filter(|p| !p.diskless).count() as u32;
         if let Some(op) = v.operations.first_mut() {
@@ -1770,6 +1958,7 @@ impl Controller {
                     node_id,
                     peers,
                     primary: v.desired_primary() == Some(p.node.as_str()),
+                    join: p.join,
                     resync_rate_bytes_per_sec: v.resync_rate,
                 });
             }

@@ -76,6 +76,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
                 node: p.node.clone(),
                 pool: p.pool.clone(),
                 diskless: p.diskless,
+                join: false,
             })
             .collect(),
         operations: v.operations.clone(),

@@ -70,6 +70,9 @@ impl SyncDecision {
 pub enum Rule {
     /// Both Inconsistent.
     BothInconsistent,
+    /// One side is a new member of an existing volume (Inconsistent, no generation at all:
+    /// it never held data of this volume): it receives everything.
+    NewMember,
     /// Equal current generations, no bits anywhere, both UpToDate.
     EqualNoBits,
     /// Equal current generations, exactly one side Inconsistent (interrupted resync): it is
@@ -140,6 +143,13 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
     use SyncDecision::*;
     if !me.up_to_date && !peer.up_to_date {
         return (NoGoodData, Rule::BothInconsistent);
+    }
+    let new_member = |s: &SideView| !s.up_to_date && s.current == 0;
+    if new_member(me) {
+        return (FullTarget, Rule::NewMember);
+    }
+    if new_member(peer) {
+        return (FullSource, Rule::NewMember);
     }
     if me.current == peer.current && nz(me.current) {
         if me.up_to_date != peer.up_to_date {
@@ -397,6 +407,16 @@ mod tests {
                 b_incons,
                 NoGoodData,
                 Rule::BothInconsistent,
+            ),
+            (
+                "a new member receives everything",
+                SideView {
+                    up_to_date: false,
+                    ..side(1, 0, 0, [0, 0])
+                },
+                side(2, 20, 10, [10, 0]),
+                FullTarget,
+                Rule::NewMember,
             ),
             (
                 "peer wrote while we were away",
