@@ -61,7 +61,13 @@ impl Client {
             .read_to_string()
             .map_err(|e| ClientError::Transport(format!("reading the controller's answer: {e}")))?;
         if (200..300).contains(&status) {
-            serde_json::from_str(&body).map_err(|e| {
+            // An empty answer (204) decodes as JSON null, e.g. into `()`.
+            let body = if body.trim().is_empty() {
+                "null"
+            } else {
+                body.as_str()
+            };
+            serde_json::from_str(body).map_err(|e| {
                 ClientError::Transport(format!(
                     "the controller at {} answered something unexpected ({e}): {body}",
                     self.base

@@ -19,6 +19,8 @@ use crate::{Cli, Command, Format};
 pub enum NodeCmd {
     /// List nodes.
     List,
+    /// Forget a node that holds no replica and no witness (e.g. a decommissioned host).
+    Remove { name: String },
     /// Declare a node gone for good (its agent must be down): its replicas are dropped, every
     /// affected volume gets a new replica on another node, resynced fully, and a new witness
     /// when needed; waits until they are all in sync.
@@ -195,6 +197,17 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Node { cmd: NodeCmd::List } => {
             let n: Vec<Node> = client.get("/v1/nodes")?;
             emit(json, &n[..], output::nodes_table)
+        }
+        Command::Node {
+            cmd: NodeCmd::Remove { name },
+        } => {
+            let () = client.delete(&format!("/v1/nodes/{}", path_segment(name)))?;
+            if json {
+                print_json(&serde_json::json!({ "node": name, "removed": true }))
+            } else {
+                println!("Removed node {name}.");
+                Ok(())
+            }
         }
         Command::Node {
             cmd:

@@ -124,6 +124,14 @@ fn node_lost_restores_the_replica_count_elsewhere_with_a_full_resync() {
             .any(|n| n["name"] == lost.as_str()),
         "{node_list:#}"
     );
+    // A node that holds replicas cannot simply be removed.
+    let out = run(c.cli().args(["node", "remove", &primary]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node_in_use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The data: identical files, patterns read back, writes replicate to the new member.
     let file = |n: &str| std::fs::read(c.node_dir(n).join("pool/r.data")).unwrap();
     assert!(file(&primary) == file(&spare), "replicas differ");

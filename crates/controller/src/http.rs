@@ -233,6 +233,20 @@ async fn delete_volume(
     Ok((StatusCode::ACCEPTED, axum::Json(v)))
 }
 
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 204, description = "The node is forgotten"),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such node", body = ApiError),
+              (status = 409, description = "The node holds replicas or witnesses (`node_in_use`)", body = ApiError)))]
+async fn node_remove(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, Failure> {
+    blocking(&s, move |c| c.node_remove(&name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(post, path = "/v1/nodes/{name}/lost", tag = "nodes",
     params(("name" = String, Path, description = "Node name")),
     responses((status = 200, description = "The node is forgotten; every affected volume gets its replica count back elsewhere", body = NodeLostResult),
@@ -452,6 +466,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}", axum::routing::delete(node_remove))
         .route("/v1/nodes/{name}/lost", post(node_lost))
         .route("/v1/pools", get(pools))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -482,7 +497,7 @@ pub fn router(state: AppState) -> Router {
         description = "REST API of the tandem controller. Every error is an ApiError body with a stable `code`.",
         license(name = "Apache-2.0")
     ),
-    paths(health, openapi, status, nodes, node_lost, pools, list_volumes, create_volume, show_volume,
+    paths(health, openapi, status, nodes, node_remove, node_lost, pools, list_volumes, create_volume, show_volume,
           delete_volume, update_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(

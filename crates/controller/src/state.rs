@@ -1251,6 +1251,48 @@ impl Controller {
         Ok(Self::volume_view(&v, &nodes))
     }
 
+    /// `node remove NAME`: forgets a node that holds nothing (no replica, no witness of any
+    /// volume). Refused otherwise, naming the volumes (move them first, or `node lost` for a
+    /// dead node). An agent still running there registers again at its next sync.
+    pub fn node_remove(&self, name: &str) -> Result<(), Failure> {
+        validate_name("node", name)?;
+        let _guard = self.write_guard();
+        let (node_rev, _) = self
+            .node_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("node '{name}' is not registered")))?;
+        let held: Vec<String> = self
+            .volume_records()?
+            .into_iter()
+            .filter(|(_, v)| v.placements.iter().any(|p| p.node == name))
+            .map(|(_, v)| v.name)
+            .collect();
+        if !held.is_empty() {
+            let shown: Vec<&str> = held.iter().take(10).map(String::as_str).collect();
+            return Err(Failure::conflict(
+                "node_in_use",
+                format!(
+                    "node '{name}' holds replicas or witnesses of {} volume(s) ({}{}): delete or \
+                     move them first, or declare a dead node lost (`tandem node lost {name}`)",
+                    held.len(),
+                    shown.join(", "),
+                    if held.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        self.store.txn(vec![
+            TxnOp::delete(format!("{NODES}{name}"), Expect::Revision(node_rev)),
+            TxnOp::delete(format!("{DESIRED}{name}"), Expect::Any),
+        ])?;
+        self.live_lock().remove(name);
+        self.notify();
+        tracing::info!(node = name, "node removed");
+        Ok(())
+    }
+
     /// `node lost NAME`: the node is gone for good. Its replicas are dropped from every
     /// volume; each volume gets a new diskful replica on another online node (most free
     /// space) that joins with a full resync, and a new witness when its witness was there;

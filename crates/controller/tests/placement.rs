@@ -514,3 +514,24 @@ fn equal_pools_share_replicas_evenly_and_every_pair_gets_a_witness() {
         "24 diskful replicas over 3 equal pools: {diskful:?}"
     );
 }
+
+#[test]
+fn node_remove_refuses_a_node_that_holds_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_experimental(dir.path());
+    register(&s, &[("n1", 30), ("n2", 20), ("n3", 10), ("n4", 5)]);
+    let (st, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(st, 201, "{v}");
+    for n in ["n1", "n2", "n3"] {
+        let (st, e) = s.delete(&format!("/v1/nodes/{n}"));
+        assert_api_error(st, &e, 409, "node_in_use");
+        assert!(e["message"].as_str().unwrap().contains("a"), "{e}");
+    }
+    let (st, e) = s.delete("/v1/nodes/n4");
+    assert_eq!(st, 204, "{e}");
+    assert!(nodes(&s).iter().all(|n| n.name != "n4"));
+    let (st, e) = s.delete("/v1/nodes/n4");
+    assert_api_error(st, &e, 404, "not_found");
+    let (st, e) = s.delete("/v1/nodes/bad%2Fname");
+    assert_eq!(st, 400, "{e}");
+}

@@ -115,6 +115,9 @@ impl Server {
         let mut resp = r.expect("HTTP request failed");
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().expect("body");
+        if status == 204 && text.is_empty() {
+            return (status, Value::Null);
+        }
         let v = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
         (status, v)
