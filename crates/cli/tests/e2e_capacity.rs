@@ -105,7 +105,10 @@ fn a_full_pool_gives_enospc_keeps_data_and_is_avoided_by_placement() {
 
     // Space freed: writes work again, no restart.
     std::fs::remove_file(small_dir.join("filler")).unwrap();
-    let (ok, out) = qemu_io(&uri, &["write -P 0x66 8M 16M", "flush", "read -P 0x44 0 8M"]);
+    let (ok, out) = qemu_io(
+        &uri,
+        &["write -P 0x66 8M 16M", "flush", "read -P 0x44 0 8M"],
+    );
     assert!(ok, "{out}");
     let (ok, out) = qemu_io(&uri, &["read -P 0x66 8M 16M"]);
     assert!(ok, "{out}");
