@@ -61,16 +61,7 @@ fn settled(v: &Value, primary: &str, other: &str) -> bool {
 fn signal_and_wait(pid: i32, signal: i32) {
     // SAFETY: signalling a daemon of this test's cluster.
     unsafe { libc::kill(pid, signal) };
-    wait_until(Duration::from_secs(30), "the process to exit", || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        matches!(state, None | Some("Z") | Some("X")).then_some(())
-    });
+    wait_pid_exit(pid, "the process to exit");
 }
 
 /// The sequence number a block holds (`None`: never written, all zeros); panics on a torn or

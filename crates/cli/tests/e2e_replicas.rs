@@ -177,16 +177,7 @@ fn replicated_writes_and_resync_after_a_secondary_crash() {
     let pid = c.agent_pid(&secondary).expect("agent.pid");
     // SAFETY: signalling an agent of this test's cluster.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_until(Duration::from_secs(30), "the agent to die", || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        matches!(state, None | Some("Z") | Some("X")).then_some(())
-    });
+    wait_pid_exit(pid, "the agent to die");
     let more: Vec<u64> = vec![8 << 20, 40 << 20];
     let mut cmds: Vec<String> = more
         .iter()
@@ -286,16 +277,7 @@ fn primary_agent_orderly_restart_is_primary_again() {
     let pid = c.agent_pid(&primary).expect("agent.pid");
     // SAFETY: signalling an agent of this test's cluster.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    wait_until(Duration::from_secs(30), "the agent to exit", || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        matches!(state, None | Some("Z") | Some("X")).then_some(())
-    });
+    wait_pid_exit(pid, "the agent to exit");
     c.restart_agent(&primary);
     let v = c.wait_json(&["volume", "show", "p"], "Primary again and in sync", |v| {
         in_sync(v) && node_of_opt(v, "Primary") == Some(primary.as_str())
@@ -343,16 +325,7 @@ fn resync_rate_limit_is_set_at_creation_and_changed_while_resyncing() {
     let pid = c.agent_pid(&secondary).expect("agent.pid");
     // SAFETY: signalling an agent of this test's cluster.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_until(Duration::from_secs(30), "the agent to die", || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        matches!(state, None | Some("Z") | Some("X")).then_some(())
-    });
+    wait_pid_exit(pid, "the agent to die");
     qemu_io(&uri, &["write -P 0x33 0 16M".into(), "flush".into()]);
     c.wait_json(
         &["volume", "show", "t"],

@@ -279,16 +279,7 @@ impl Cluster {
         let pid = self.controller_pid().expect("controller.pid");
         // SAFETY: signalling a daemon of this test's cluster.
         unsafe { libc::kill(pid, signal) };
-        wait_until(Duration::from_secs(30), "the controller to exit", || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            matches!(state, None | Some("Z") | Some("X")).then_some(())
-        });
+        wait_pid_exit(pid, "the controller to exit");
     }
 
     /// Starts the controller by hand (as an operator would after it died) with the config
