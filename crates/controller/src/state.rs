@@ -529,12 +529,17 @@ impl Controller {
         }
     }
 
-    fn volume_view(v: &VolumeRecord, nodes: &BTreeMap<String, NodeRecord>) -> Volume {
+    fn volume_view(&self, v: &VolumeRecord, nodes: &BTreeMap<String, NodeRecord>) -> Volume {
         let replicas: Vec<Replica> = v
             .placements
             .iter()
             .map(|p| {
-                let report = nodes.get(&p.node).and_then(|n| n.replica(&v.name, &v.uuid));
+                // An offline node's last report is history, not state: its replica shows
+                // Unknown (role, disk state) until its agent syncs again.
+                let report = nodes
+                    .get(&p.node)
+                    .filter(|_| self.is_online(&p.node))
+                    .and_then(|n| n.replica(&v.name, &v.uuid));
                 let peers = report.map(|r| r.peers.clone()).unwrap_or_default();
                 Replica {
                     node: p.node.clone(),
@@ -637,7 +642,7 @@ impl Controller {
         Ok(self
             .volume_records()?
             .iter()
-            .map(|(_, v)| Self::volume_view(v, &nodes))
+            .map(|(_, v)| self.volume_view(v, &nodes))
             .collect())
     }
 
@@ -646,7 +651,7 @@ impl Controller {
         let (_, v) = self
             .volume_record(name)?
             .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
-        Ok(Self::volume_view(&v, &self.nodes_by_name()?))
+        Ok(self.volume_view(&v, &self.nodes_by_name()?))
     }
 
     pub fn status(&self) -> Result<ClusterStatus, Failure> {
@@ -1003,7 +1008,7 @@ impl Controller {
         tracing::info!(volume = %record.name,
             placement = %placements.iter().map(where_).collect::<Vec<_>>().join(", "),
             size = record.size_bytes, "volume created");
-        Ok(Self::volume_view(&record, &self.nodes_by_name()?))
+        Ok(self.volume_view(&record, &self.nodes_by_name()?))
     }
 
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<Volume, Failure> {
@@ -1014,7 +1019,7 @@ impl Controller {
             .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
         let nodes = self.nodes_by_name()?;
         if v.state == VolumeState::Deleting {
-            return Ok(Self::volume_view(&v, &nodes));
+            return Ok(self.volume_view(&v, &nodes));
         }
         if !force {
             for p in &v.placements {
@@ -1061,7 +1066,7 @@ impl Controller {
         self.store.txn(ops)?;
         self.notify();
         tracing::info!(volume = name, force, "volume deletion requested");
-        Ok(Self::volume_view(&v, &nodes))
+        Ok(self.volume_view(&v, &nodes))
     }
 
     /// `volume promote` (`promote == true`: make `node` the Primary) and `volume demote`
@@ -1139,7 +1144,7 @@ impl Controller {
         };
         if target == current {
             // Nothing to change (repeating the command is harmless).
-            return Ok(Self::volume_view(&v, &nodes));
+            return Ok(self.volume_view(&v, &nodes));
         }
         if promote {
             let report = nodes.get(node).and_then(|n| n.replica(&v.name, &v.uuid));
@@ -1205,7 +1210,7 @@ impl Controller {
         self.store.txn(ops)?;
         self.notify();
         tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
-        Ok(Self::volume_view(&v, &nodes))
+        Ok(self.volume_view(&v, &nodes))
     }
 
     /// `volume set`: changes options of a running volume (the resync rate limit); the
@@ -1248,7 +1253,7 @@ impl Controller {
             self.store.txn(ops)?;
             self.notify();
         }
-        Ok(Self::volume_view(&v, &nodes))
+        Ok(self.volume_view(&v, &nodes))
     }
 
     /// `node remove NAME`: forgets a node that holds nothing (no replica, no witness of any

@@ -535,3 +535,33 @@ fn node_remove_refuses_a_node_that_holds_replicas() {
     let (st, e) = s.delete("/v1/nodes/bad%2Fname");
     assert_eq!(st, 400, "{e}");
 }
+
+#[test]
+fn an_offline_nodes_last_report_is_not_shown_as_its_replica_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_opts(dir.path(), 1, true);
+    register(&s, &[("n1", 30), ("n2", 20), ("n3", 10)]);
+    let (st, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
+    assert_eq!(st, 201, "{v}");
+    let v: Volume = serde_json::from_value(v).unwrap();
+    let mut r = report("n2", 0);
+    let mut rep = replica("a", &v.uuid, GIB, DiskState::UpToDate);
+    rep.role = tandem_api::Role::Primary;
+    r.replicas = vec![rep];
+    s.sync(&r, 0);
+    let shown = |s: &Server| {
+        let v: Volume = s.get_ok("/v1/volumes/a");
+        let r = v.replicas.iter().find(|r| r.node == "n2").unwrap().clone();
+        (r.role, r.disk_state)
+    };
+    assert_eq!(shown(&s), (tandem_api::Role::Primary, DiskState::UpToDate));
+    // n2 stops syncing: once it is offline its old report no longer speaks for it.
+    wait_for("n2 shown Unknown once offline", || {
+        shown(&s) == (tandem_api::Role::Unknown, DiskState::Unknown)
+    });
+    assert!(
+        nodes(&s)
+            .iter()
+            .any(|n| n.name == "n2" && n.state == tandem_api::NodeState::Offline)
+    );
+}
