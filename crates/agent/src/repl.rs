@@ -59,6 +59,34 @@ const AUTO_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// the other node's auto-demote takes after its consumer closed (grace + the 500 ms loop).
 const AUTO_PROMOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// The engine names peers by node id ("node 0 is Primary"); operators know them by name:
+/// "node 0" becomes "node1 (node id 0)" for every peer in `names`.
+fn name_nodes(msg: &str, names: &BTreeMap<u8, String>) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("node ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 5..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits]
+            .parse::<u8>()
+            .ok()
+            .and_then(|id| names.get(&id).map(|n| (id, n)))
+        {
+            Some((id, name)) if digits > 0 => {
+                out.push_str(&format!("{name} (node id {id})"));
+                rest = &after[digits..];
+            }
+            _ => {
+                out.push_str("node ");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Whether two specs differ in more than the options a running driver takes without a
 /// restart (the resync rate).
 fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
@@ -219,7 +247,7 @@ impl Replication {
                     return;
                 }
                 Err(e) if std::time::Instant::now() >= deadline => {
-                    let msg = format!("auto-promote: {e}");
+                    let msg = name_nodes(&format!("auto-promote: {e}"), &run.peer_names);
                     info!(volume, "{msg}");
                     run.auto_refusal = Some((std::time::Instant::now(), msg));
                     return;
@@ -280,7 +308,7 @@ impl Replication {
                     run.last_refusal = None;
                 }
                 Err(e) => {
-                    let msg = e.to_string();
+                    let msg = name_nodes(&e.to_string(), &run.peer_names);
                     if run.last_refusal.as_deref() != Some(msg.as_str()) {
                         info!(volume = %name, "{msg} (retrying)");
                         run.last_refusal = Some(msg);
@@ -631,5 +659,26 @@ fn note_node_failure(agent: &Agent, msg: String) {
     if f.as_deref() != Some(msg.as_str()) {
         error!("replication cannot start: {msg}");
         *f = Some(msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_messages_name_peers() {
+        let names: BTreeMap<u8, String> = [(0, "node1".to_string()), (2, "node3".to_string())]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            name_nodes("promotion refused: node 0 is Primary", &names),
+            "promotion refused: node1 (node id 0) is Primary"
+        );
+        assert_eq!(
+            name_nodes("node 2 and node 7 and node 20, nodes", &names),
+            "node3 (node id 2) and node 7 and node 20, nodes"
+        );
+        assert_eq!(name_nodes("no quorum: 1 of 3", &names), "no quorum: 1 of 3");
     }
 }
