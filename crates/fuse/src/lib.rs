@@ -484,9 +484,14 @@ impl Mounted {
     }
 
     /// Serves kernel requests until the directory is unmounted ([`unmount`], `fusermount3 -u`,
-    /// `umount`). Requests are handled one at a time.
+    /// `umount`). Requests are handled one at a time. A connection the kernel aborted
+    /// (`ECONNABORTED` from `/dev/fuse`, seen after a lazy unmount once the last open file
+    /// closed) is an end like `ENODEV`: the mount is gone either way.
     pub fn run(mut self) -> io::Result<()> {
-        self.session.run()
+        match self.session.run() {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+            r => r,
+        }
     }
 }
 
