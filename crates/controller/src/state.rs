@@ -1069,6 +1069,34 @@ impl Controller {
         Ok(self.volume_view(&v, &nodes))
     }
 
+    /// A volume a command may change: it exists and is not being deleted.
+    fn volume_to_change(&self, name: &str) -> Result<(u64, VolumeRecord), Failure> {
+        let (rev, v) = self
+            .volume_record(name)?
+            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        if v.state == VolumeState::Deleting {
+            return Err(Failure::conflict(
+                "not_ready",
+                format!("volume '{name}' is being deleted"),
+            ));
+        }
+        Ok((rev, v))
+    }
+
+    /// Writes a changed volume record (compare-and-swap on `rev`) and bumps the desired
+    /// revision of every node it is placed on, so their agents pick it up.
+    fn write_volume(&self, rev: u64, v: &VolumeRecord) -> Result<(), Failure> {
+        let mut ops = vec![TxnOp::put(
+            format!("{VOLUMES}{}", v.name),
+            encode(v)?,
+            Expect::Revision(rev),
+        )];
+        ops.extend(v.placements.iter().map(|p| Self::bump(&p.node)));
+        self.store.txn(ops)?;
+        self.notify();
+        Ok(())
+    }
+
     /// `volume promote` (`promote == true`: make `node` the Primary) and `volume demote`
     /// (`node` should not be Primary; the volume then has none). Records the intent; the
     /// agents carry it out (the old Primary demotes, then the new one promotes once its
@@ -1086,16 +1114,8 @@ impl Controller {
         validate_name("volume", name)?;
         validate_name("node", node)?;
         let _guard = self.write_guard();
-        let (rev, mut v) = self
-            .volume_record(name)?
-            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        let (rev, mut v) = self.volume_to_change(name)?;
         let nodes = self.nodes_by_name()?;
-        if v.state == VolumeState::Deleting {
-            return Err(Failure::conflict(
-                "not_ready",
-                format!("volume '{name}' is being deleted"),
-            ));
-        }
         if v.placements.len() < 2 {
             return Err(Failure::conflict(
                 "not_replicated",
@@ -1199,16 +1219,7 @@ impl Controller {
         }
         v.primary_node = target.clone();
         v.primary_explicit = true;
-        let mut ops = vec![TxnOp::put(
-            format!("{VOLUMES}{name}"),
-            encode(&v)?,
-            Expect::Revision(rev),
-        )];
-        for p in &v.placements {
-            ops.push(Self::bump(&p.node));
-        }
-        self.store.txn(ops)?;
-        self.notify();
+        self.write_volume(rev, &v)?;
         tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
         Ok(self.volume_view(&v, &nodes))
     }
@@ -1218,16 +1229,8 @@ impl Controller {
     pub fn update_volume(&self, name: &str, req: &VolumeUpdate) -> Result<Volume, Failure> {
         validate_name("volume", name)?;
         let _guard = self.write_guard();
-        let (rev, mut v) = self
-            .volume_record(name)?
-            .ok_or_else(|| Failure::not_found(format!("volume '{name}' does not exist")))?;
+        let (rev, mut v) = self.volume_to_change(name)?;
         let nodes = self.nodes_by_name()?;
-        if v.state == VolumeState::Deleting {
-            return Err(Failure::conflict(
-                "not_ready",
-                format!("volume '{name}' is being deleted"),
-            ));
-        }
         let mut changed = false;
         if let Some(rate) = req.resync_rate_bytes_per_sec
             && rate != v.resync_rate
@@ -1242,16 +1245,7 @@ impl Controller {
             changed = true;
         }
         if changed {
-            let mut ops = vec![TxnOp::put(
-                format!("{VOLUMES}{name}"),
-                encode(&v)?,
-                Expect::Revision(rev),
-            )];
-            for p in &v.placements {
-                ops.push(Self::bump(&p.node));
-            }
-            self.store.txn(ops)?;
-            self.notify();
+            self.write_volume(rev, &v)?;
         }
         Ok(self.volume_view(&v, &nodes))
     }
