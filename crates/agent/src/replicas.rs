@@ -722,7 +722,9 @@ fn delete_files(files: &ReplicaFiles) -> Result<(), String> {
     std::fs::remove_file(files.meta())
         .map_err(|e| format!("remove {}: {e}", files.meta().display()))?;
     sync()?;
-    for p in [files.bitmap(), files.data_deleting()] {
+    // The activity log (`V.al`, kept by the replication driver) goes with the replica.
+    let al = files.meta().with_extension("al");
+    for p in [files.bitmap(), files.data_deleting(), al] {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

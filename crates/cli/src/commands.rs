@@ -33,6 +33,19 @@ pub enum NodeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// Move every replica and witness off a node, online: each volume gets a new replica (or
+    /// witness) elsewhere, resynced fully, the Primary moves to a replica that stays, then the
+    /// node's copy is deleted. Waits until the node holds nothing; fails naming the volumes
+    /// that could not move.
+    Evacuate {
+        name: String,
+        /// Return once the controller has planned the moves.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for the moves.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -217,6 +230,14 @@ pub fn run(cli: &Cli) -> Result<()> {
                     timeout,
                 },
         } => node_lost(&client, json, name, *no_wait, *timeout),
+        Command::Node {
+            cmd:
+                NodeCmd::Evacuate {
+                    name,
+                    no_wait,
+                    timeout,
+                },
+        } => node_evacuate(&client, json, name, *no_wait, *timeout),
         Command::Pool { cmd: PoolCmd::List } => {
             let p: Vec<Pool> = client.get("/v1/pools")?;
             emit(json, &p[..], output::pools_table)
@@ -412,6 +433,107 @@ fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u6
         }
     }
     if json { print_json(&r) } else { Ok(()) }
+}
+
+/// `node evacuate`: plan the moves, then wait until every volume that moves has finished its
+/// evacuate operation (new members in sync, the node's copy deleted).
+fn node_evacuate(
+    client: &Client,
+    json: bool,
+    name: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let r: tandem_api::NodeLostResult =
+        client.post(&format!("/v1/nodes/{}/evacuate", path_segment(name)), &())?;
+    let stuck: Vec<&tandem_api::NodeLostVolume> = r
+        .volumes
+        .iter()
+        .filter(|v| v.actions.iter().any(|a| a.starts_with("not moved")))
+        .collect();
+    if !json {
+        println!("Evacuating node {name}: {} volume(s).", r.volumes.len());
+        for v in &r.volumes {
+            println!("  {}: {}", v.volume, v.actions.join("; "));
+        }
+    }
+    if !no_wait {
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        let mut last = String::new();
+        for v in r
+            .volumes
+            .iter()
+            .filter(|v| !stuck.iter().any(|s| s.volume == v.volume))
+        {
+            let path = format!("/v1/volumes/{}", path_segment(&v.volume));
+            loop {
+                let vol: Volume = client.get(&path)?;
+                let open = vol
+                    .operations
+                    .iter()
+                    .rev()
+                    .find(|o| o.kind == "evacuate" && o.state != "done" && o.state != "failed");
+                let Some(op) = open else { break };
+                let step = op
+                    .steps
+                    .iter()
+                    .find(|s| s.state != "done")
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
+                let resync: Vec<String> = vol
+                    .replicas
+                    .iter()
+                    .filter_map(|r| {
+                        r.resync_bytes_left
+                            .map(|left| format!("{} {} left", r.node, format_size(left)))
+                    })
+                    .collect();
+                let mut line = format!("  {}: {step}", vol.name);
+                if !resync.is_empty() {
+                    line.push_str(&format!(" (resync: {})", resync.join(", ")));
+                }
+                if let Some(e) = &op.last_error {
+                    line.push_str(&format!(" [last error: {e}]"));
+                }
+                if !json && line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "volume {} has not left {name} after {timeout}s (now: {step}); `tandem \
+                         volume show {}` shows the operation (it goes on)",
+                        vol.name,
+                        vol.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            if !json {
+                println!("  {}: moved", v.volume);
+            }
+        }
+    }
+    if json {
+        print_json(&r)?;
+    }
+    if !stuck.is_empty() {
+        bail!(
+            "node {name} still holds {} volume(s) that could not move: {}",
+            stuck.len(),
+            stuck
+                .iter()
+                .map(|v| v.volume.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !json && !no_wait {
+        println!(
+            "Node {name} holds no replica any more: stop its agent, then `tandem node remove {name}` forgets it."
+        );
+    }
+    Ok(())
 }
 
 /// A rate per second: a size with an explicit unit (optionally followed by `/s`), or

@@ -150,4 +150,23 @@ fn node_lost_restores_the_replica_count_elsewhere_with_a_full_resync() {
         "the new write on the new member",
         || (file(&primary) == file(&spare)).then_some(()),
     );
+    // The node-lost operation finished: its steps completed as the new member got in sync.
+    let v = c.wait_json(
+        &["volume", "show", "r"],
+        "the node-lost operation done",
+        |v| {
+            v["operations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["kind"] == "node-lost" && o["state"] == "done")
+        },
+    );
+    let op = v["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == "node-lost")
+        .unwrap();
+    assert_eq!(op["progress"].as_f64(), Some(1.0), "{op:#}");
 }

@@ -262,6 +262,20 @@ async fn node_lost(
         .map(axum::Json)
 }
 
+#[utoipa::path(post, path = "/v1/nodes/{name}/evacuate", tag = "nodes",
+    params(("name" = String, Path, description = "Node name")),
+    responses((status = 200, description = "Every volume that can move got a new replica (or witness) elsewhere; the old one goes once the new one is in sync. Volumes that cannot move are listed with the reason", body = NodeLostResult),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such node", body = ApiError)))]
+async fn node_evacuate(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<axum::Json<NodeLostResult>, Failure> {
+    blocking(&s, move |c| c.node_evacuate(&name))
+        .await
+        .map(axum::Json)
+}
+
 #[utoipa::path(patch, path = "/v1/volumes/{name}", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = VolumeUpdate,
@@ -468,6 +482,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", axum::routing::delete(node_remove))
         .route("/v1/nodes/{name}/lost", post(node_lost))
+        .route("/v1/nodes/{name}/evacuate", post(node_evacuate))
         .route("/v1/pools", get(pools))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
@@ -497,7 +512,7 @@ pub fn router(state: AppState) -> Router {
         description = "REST API of the tandem controller. Every error is an ApiError body with a stable `code`.",
         license(name = "Apache-2.0")
     ),
-    paths(health, openapi, status, nodes, node_remove, node_lost, pools, list_volumes, create_volume, show_volume,
+    paths(health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
           delete_volume, update_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(

@@ -128,6 +128,10 @@ pub struct Placement {
     /// (Inconsistent, no generation) and it receives a full resync from its peers.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
+    /// Being moved off its node (`node evacuate`): still a full member until the replicas
+    /// replacing it are in sync, then it moves to [`VolumeRecord::removing`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -151,6 +155,10 @@ pub struct VolumeRecord {
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate: u64,
+    /// Former placements (evacuated) whose replica or witness their node must delete; no
+    /// longer members (no peer lists name them). Dropped once their node reports it gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removing: Vec<Placement>,
 }
 
 impl VolumeRecord {
@@ -172,6 +180,122 @@ impl VolumeRecord {
             .map(|p| p.node.as_str())
     }
 
+    /// Advances the open `node-lost` / `evacuate` operations with what `node` reported
+    /// (`reported`: its replica of this volume, if any; `current`: the report reflects the
+    /// node's current desired state). Steps: a joining replica is done once UpToDate (its
+    /// `join` mark goes), a new witness once Diskless, a Primary move once that node is
+    /// Primary; when every such step of an evacuation is done, the leaving placements move to
+    /// `removing` and their removal steps start, done once their node no longer reports them.
+    /// Returns true when the membership changed (every node's desired state must be bumped).
+    fn advance_membership(
+        &mut self,
+        node: &str,
+        reported: Option<&ReplicaReport>,
+        current: bool,
+        now: u64,
+    ) -> bool {
+        let mut membership = false;
+        let mut joined = false;
+        for op in self
+            .operations
+            .iter_mut()
+            .filter(|o| (o.kind == OP_NODE_LOST || o.kind == OP_EVACUATE) && !ops::is_finished(o))
+        {
+            for idx in 0..op.steps.len() {
+                let st = &op.steps[idx];
+                if st.node.as_deref() != Some(node)
+                    || st.state == ops::DONE
+                    || st.state == ops::PENDING
+                {
+                    continue;
+                }
+                let name = st.name.clone();
+                let done = if name.starts_with(STEP_CREATE) {
+                    reported.is_some_and(|r| r.disk_state == DiskState::UpToDate)
+                } else if name.starts_with(STEP_WITNESS) {
+                    reported.is_some_and(|r| r.disk_state == DiskState::Diskless)
+                } else if name.starts_with(STEP_PRIMARY) {
+                    reported.is_some_and(|r| r.role == Role::Primary)
+                } else if name.starts_with(STEP_REMOVE) {
+                    reported.is_none() && current
+                } else {
+                    false
+                };
+                if done {
+                    ops::step_done(op, idx, now);
+                    joined |= name.starts_with(STEP_CREATE);
+                } else if let Some(err) = reported
+                    .and_then(|r| r.last_error.clone().or_else(|| r.role_error.clone()))
+                    .filter(|_| !name.starts_with(STEP_REMOVE))
+                {
+                    op.steps[idx].last_error = Some(err.clone());
+                    op.last_error = Some(err);
+                }
+            }
+        }
+        if joined {
+            for p in self.placements.iter_mut().filter(|p| p.node == node) {
+                p.join = false;
+            }
+        }
+        // A Primary move whose turn came (the new replica is in sync).
+        let target = self
+            .operations
+            .iter()
+            .filter(|o| o.kind == OP_EVACUATE && !ops::is_finished(o))
+            .flat_map(|o| o.steps.iter())
+            .find(|s| s.name.starts_with(STEP_PRIMARY) && s.state == ops::RUNNING)
+            .and_then(|s| s.node.clone());
+        if let Some(t) = target
+            && self.desired_primary() != Some(t.as_str())
+        {
+            self.primary_node = Some(t);
+            self.primary_explicit = true;
+            membership = true;
+        }
+        if reported.is_none() && current {
+            let before = self.removing.len();
+            self.removing.retain(|p| p.node != node);
+            membership |= before != self.removing.len();
+        }
+        // An evacuation whose new members are in sync: the leaving placements go.
+        let ready = self
+            .operations
+            .iter()
+            .filter(|o| o.kind == OP_EVACUATE && !ops::is_finished(o))
+            .any(|o| {
+                o.steps
+                    .iter()
+                    .filter(|s| !s.name.starts_with(STEP_REMOVE))
+                    .all(|s| s.state == ops::DONE)
+            })
+            && self.placements.iter().any(|p| p.leaving);
+        if ready
+            && self
+                .desired_primary()
+                .is_none_or(|p| !self.placements.iter().any(|q| q.node == p && q.leaving))
+        {
+            let (gone, stay): (Vec<Placement>, Vec<Placement>) =
+                self.placements.drain(..).partition(|p| p.leaving);
+            self.placements = stay;
+            for mut p in gone {
+                p.leaving = false;
+                self.removing.push(p);
+            }
+            for op in self
+                .operations
+                .iter_mut()
+                .filter(|o| o.kind == OP_EVACUATE && !ops::is_finished(o))
+            {
+                for st in op.steps.iter_mut().filter(|s| s.state == ops::PENDING) {
+                    st.state = ops::RUNNING.to_string();
+                }
+            }
+            membership = true;
+        }
+        membership
+    }
+
     /// The newest unfinished operation of this kind.
     fn open_operation_mut(&mut self, kind: &str) -> Option<&mut Operation> {
         self.operations
@@ -180,6 +304,14 @@ impl VolumeRecord {
             .find(|o| o.kind == kind && !ops::is_finished(o))
     }
 }
+
+const OP_NODE_LOST: &str = "node-lost";
+const OP_EVACUATE: &str = "evacuate";
+/// Step name prefixes of membership operations (matched by [`VolumeRecord::advance_membership`]).
+const STEP_CREATE: &str = "create a replica on ";
+const STEP_WITNESS: &str = "add a witness on ";
+const STEP_PRIMARY: &str = "move the Primary to ";
+const STEP_REMOVE: &str = "remove the ";
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Liveness {
@@ -871,6 +1003,7 @@ impl Controller {
                 pool: p.name.clone(),
                 diskless: false,
                 join: false,
+                leaving: false,
             })
             .collect();
         if replicas.is_multiple_of(2) {
@@ -905,6 +1038,7 @@ impl Controller {
                 pool: String::new(),
                 diskless: true,
                 join: false,
+                leaving: false,
             });
         }
         Ok(out)
@@ -996,6 +1130,7 @@ impl Controller {
             primary_node: None,
             primary_explicit: false,
             resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
+            removing: Vec::new(),
         };
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
@@ -1262,7 +1397,12 @@ impl Controller {
         let held: Vec<String> = self
             .volume_records()?
             .into_iter()
-            .filter(|(_, v)| v.placements.iter().any(|p| p.node == name))
+            .filter(|(_, v)| {
+                v.placements
+                    .iter()
+                    .chain(&v.removing)
+                    .any(|p| p.node == name)
+            })
             .map(|(_, v)| v.name)
             .collect();
         if !held.is_empty() {
@@ -1350,31 +1490,9 @@ impl Controller {
             let mut note = Vec::new();
             let used = |v: &VolumeRecord, n: &str| v.placements.iter().any(|p| p.node == n);
             if !lost.diskless {
-                // The best pool on an online diskful node without a placement of this volume.
-                let mut best: Option<(i128, String, String)> = None;
-                for n in nodes.values() {
-                    if n.name == name
-                        || n.role != NodeRole::Diskful
-                        || used(&v, &n.name)
-                        || !self.is_online(&n.name)
-                    {
-                        continue;
-                    }
-                    for p in n.pools.iter().filter(|p| p.capacity_bytes >= v.size_bytes) {
-                        let free = i128::from(p.free_bytes)
-                            - i128::from(
-                                promised
-                                    .get(&(n.name.clone(), p.name.clone()))
-                                    .copied()
-                                    .unwrap_or(0),
-                            );
-                        if best.as_ref().is_none_or(|b| free > b.0) {
-                            best = Some((free, n.name.clone(), p.name.clone()));
-                        }
-                    }
-                }
+                let best = self.best_pool(&nodes, &v, &promised, name);
                 match best {
-                    Some((_, node, pool)) => {
+                    Some((node, pool)) => {
                         *promised.entry((node.clone(), pool.clone())).or_default() += v.size_bytes;
                         steps.push(ops::step(
                             format!("create a replica on {node}:{pool} and resync it fully"),
@@ -1387,6 +1505,7 @@ impl Controller {
                             pool,
                             diskless: false,
                             join: true,
+                            leaving: false,
                         });
                     }
                     None => note.push(
@@ -1417,6 +1536,7 @@ impl Controller {
                             pool: String::new(),
                             diskless: true,
                             join: false,
+                            leaving: false,
                         });
                     }
                     None => note.push("no online node left for a witness".to_string()),
@@ -1445,7 +1565,7 @@ impl Controller {
                 v.primary_node = survivor;
                 v.primary_explicit = true;
             }
-            v.operations.push(ops::new("node-lost", steps, now));
+            v.operations.push(ops::new(OP_NODE_LOST, steps, now));
             for p in &v.placements {
                 txn.push(Self::bump(&p.node));
             }
@@ -1468,6 +1588,217 @@ impl Controller {
             volumes = result.volumes.len(),
             "node declared lost"
         );
+        Ok(result)
+    }
+
+    /// The pool with most free space (less what `promised` already reserves) on an online
+    /// diskful node other than `exclude` that holds no placement of `v` and fits its size.
+    fn best_pool(
+        &self,
+        nodes: &BTreeMap<String, NodeRecord>,
+        v: &VolumeRecord,
+        promised: &HashMap<(String, String), u64>,
+        exclude: &str,
+    ) -> Option<(String, String)> {
+        let mut best: Option<(i128, String, String)> = None;
+        for n in nodes.values() {
+            if n.name == exclude
+                || n.role != NodeRole::Diskful
+                || v.placements.iter().any(|p| p.node == n.name)
+                || v.removing.iter().any(|p| p.node == n.name)
+                || !self.is_online(&n.name)
+            {
+                continue;
+            }
+            for p in n.pools.iter().filter(|p| p.capacity_bytes >= v.size_bytes) {
+                let free = i128::from(p.free_bytes)
+                    - i128::from(
+                        promised
+                            .get(&(n.name.clone(), p.name.clone()))
+                            .copied()
+                            .unwrap_or(0),
+                    );
+                if best.as_ref().is_none_or(|b| free > b.0) {
+                    best = Some((free, n.name.clone(), p.name.clone()));
+                }
+            }
+        }
+        best.map(|(_, n, p)| (n, p))
+    }
+
+    /// `node evacuate NAME`: moves every replica and witness off a node, online. Per volume:
+    /// a new replica on the online diskful node with most free space joins with a full
+    /// resync (a witness moves to another online node), the Primary moves to a replica that
+    /// stays, and once the new members are in sync the old placement is removed from the
+    /// volume and its node deletes it. Volumes that cannot move are listed and left alone:
+    /// a single-replica volume, or no node to move to.
+    pub fn node_evacuate(&self, name: &str) -> Result<NodeLostResult, Failure> {
+        validate_name("node", name)?;
+        let _guard = self.write_guard();
+        if self.node_record(name)?.is_none() {
+            return Err(Failure::not_found(format!(
+                "node '{name}' is not registered"
+            )));
+        }
+        let nodes = self.nodes_by_name()?;
+        let now = now_unix();
+        let mut txn = Vec::new();
+        let mut result = NodeLostResult {
+            node: name.to_string(),
+            volumes: Vec::new(),
+        };
+        let mut promised: HashMap<(String, String), u64> = HashMap::new();
+        for (rev, mut v) in self.volume_records()? {
+            let Some(idx) = v.placements.iter().position(|p| p.node == name) else {
+                continue;
+            };
+            if v.state == VolumeState::Deleting {
+                continue;
+            }
+            let mut note = Vec::new();
+            if v.placements[idx].leaving {
+                note.push("already being evacuated".to_string());
+                result.volumes.push(NodeLostVolume {
+                    volume: v.name.clone(),
+                    actions: note,
+                });
+                continue;
+            }
+            let diskless = v.placements[idx].diskless;
+            let mut steps = Vec::new();
+            if !diskless {
+                if v.placements.iter().filter(|p| !p.diskless).count() < 2 {
+                    note.push(format!(
+                        "not moved: its only replica is on {name} (single-replica volumes \
+                         cannot move yet)"
+                    ));
+                    result.volumes.push(NodeLostVolume {
+                        volume: v.name.clone(),
+                        actions: note,
+                    });
+                    continue;
+                }
+                let mut primary_to = None;
+                let Some((node, pool)) = self.best_pool(&nodes, &v, &promised, name) else {
+                    note.push(
+                        "not moved: no online diskful node without a replica of it".to_string(),
+                    );
+                    result.volumes.push(NodeLostVolume {
+                        volume: v.name.clone(),
+                        actions: note,
+                    });
+                    continue;
+                };
+                // The Primary moves to a replica that stays and is UpToDate now.
+                if v.desired_primary() == Some(name) {
+                    let stays = v
+                        .placements
+                        .iter()
+                        .filter(|p| !p.diskless && !p.join && !p.leaving && p.node != name)
+                        .find(|p| {
+                            nodes
+                                .get(&p.node)
+                                .and_then(|n| n.replica(&v.name, &v.uuid))
+                                .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+                        })
+                        .map(|p| p.node.clone());
+                    let Some(to) = stays else {
+                        note.push(format!(
+                            "not moved: the Primary is on {name} and no other replica is UpToDate"
+                        ));
+                        result.volumes.push(NodeLostVolume {
+                            volume: v.name.clone(),
+                            actions: note,
+                        });
+                        continue;
+                    };
+                    primary_to = Some(to);
+                }
+                *promised.entry((node.clone(), pool.clone())).or_default() += v.size_bytes;
+                steps.push(ops::step(
+                    format!("{STEP_CREATE}{node}:{pool} and resync it fully"),
+                    Some(&node),
+                    ops::RUNNING,
+                ));
+                note.push(format!("new replica on {node}:{pool}"));
+                v.placements.push(Placement {
+                    node,
+                    pool,
+                    diskless: false,
+                    join: true,
+                    leaving: false,
+                });
+                // Once the new replica is in sync (moving it earlier would restart the full
+                // resync of the new member under a new Primary).
+                if let Some(to) = primary_to {
+                    steps.push(ops::step(
+                        format!("{STEP_PRIMARY}{to}"),
+                        Some(&to),
+                        ops::PENDING,
+                    ));
+                    note.push(format!("then the Primary moves to {to}"));
+                }
+            } else {
+                let mut others: Vec<&NodeRecord> = nodes
+                    .values()
+                    .filter(|n| {
+                        n.name != name
+                            && !v.placements.iter().any(|p| p.node == n.name)
+                            && !v.removing.iter().any(|p| p.node == n.name)
+                            && self.is_online(&n.name)
+                    })
+                    .collect();
+                others.sort_by_key(|n| (n.role != NodeRole::Witness, n.name.clone()));
+                let Some(w) = others.first() else {
+                    note.push("not moved: no online node left for its witness".to_string());
+                    result.volumes.push(NodeLostVolume {
+                        volume: v.name.clone(),
+                        actions: note,
+                    });
+                    continue;
+                };
+                steps.push(ops::step(
+                    format!("{STEP_WITNESS}{}", w.name),
+                    Some(&w.name),
+                    ops::RUNNING,
+                ));
+                note.push(format!("new witness on {}", w.name));
+                v.placements.push(Placement {
+                    node: w.name.clone(),
+                    pool: String::new(),
+                    diskless: true,
+                    join: false,
+                    leaving: false,
+                });
+            }
+            steps.push(ops::step(
+                format!(
+                    "{STEP_REMOVE}{} on {name}",
+                    if diskless { "witness" } else { "replica" }
+                ),
+                Some(name),
+                ops::PENDING,
+            ));
+            v.placements[idx].leaving = true;
+            v.operations.push(ops::new(OP_EVACUATE, steps, now));
+            for p in &v.placements {
+                txn.push(Self::bump(&p.node));
+            }
+            txn.push(TxnOp::put(
+                format!("{VOLUMES}{}", v.name),
+                encode(&v)?,
+                Expect::Revision(rev),
+            ));
+            tracing::info!(volume = %v.name, node = name, "evacuating: {}", note.join("; "));
+            result.volumes.push(NodeLostVolume {
+                volume: v.name.clone(),
+                actions: note,
+            });
+        }
+        if !txn.is_empty() {
+            self.store.txn(txn)?;
+            self.notify();
+        }
         Ok(result)
     }
 
@@ -1658,9 +1989,41 @@ impl Controller {
                 (
                     v.uuid.clone(),
                     v.size_bytes,
-                    v.placements.iter().map(|p| p.node.clone()).collect(),
+                    v.placements
+                        .iter()
+                        .chain(&v.removing)
+                        .map(|p| p.node.clone())
+                        .collect(),
                 ),
             );
+            if v.state != VolumeState::Deleting
+                && (here || v.removing.iter().any(|p| p.node == node))
+            {
+                let orig = v.clone();
+                if v.advance_membership(node, reported, current, now) {
+                    // Members changed: every node of the volume (old and new) re-applies.
+                    let mut txn =
+                        vec![TxnOp::put(vkey.clone(), encode(&v)?, Expect::Revision(rev))];
+                    let mut nodes: Vec<&str> = orig
+                        .placements
+                        .iter()
+                        .chain(&orig.removing)
+                        .chain(&v.placements)
+                        .map(|p| p.node.as_str())
+                        .collect();
+                    nodes.sort();
+                    nodes.dedup();
+                    txn.extend(nodes.into_iter().map(Self::bump));
+                    self.store.txn(txn)?;
+                    changed_desired = true;
+                    tracing::info!(volume = %v.name, node, "membership changed");
+                    // The next report continues from the stored record.
+                    continue;
+                } else if orig != v {
+                    self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
+                    continue;
+                }
+            }
             let Some(r) = reported.filter(|_| here) else {
                 // Something else of this name is in the way on this node (files without
                 // metadata, an older volume's replica): the create step fails with its error.
@@ -1861,6 +2224,7 @@ impl Controller {
                             pool: r.pool.clone(),
                             diskless: false,
                             join: false,
+                            leaving: false,
                         }],
                         operations: vec![ops::new(
                             "adopt",
@@ -1875,6 +2239,7 @@ impl Controller {
                         primary_node: None,
                         primary_explicit: false,
                         resync_rate: 0,
+                        removing: Vec::new(),
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -1912,6 +2277,7 @@ impl Controller {
             pool: r.pool.clone(),
             diskless: false,
             join: false,
+            leaving: false,
         });
         v.replica_count = v.placements.iter().filter(|p| !p.diskless).count() as u32;
         if let Some(op) = v.operations.first_mut() {
@@ -1973,6 +2339,23 @@ impl Controller {
         let node_id = nodes.get(node).and_then(|n| n.node_id);
         let mut replicas = Vec::new();
         for (_, v) in self.volume_records()? {
+            // Evacuated from this node: delete it here (no peers: it is no member any more).
+            for p in v.removing.iter().filter(|p| p.node == node) {
+                replicas.push(DesiredReplica {
+                    volume: v.name.clone(),
+                    volume_uuid: v.uuid.clone(),
+                    pool: p.pool.clone(),
+                    size_bytes: v.size_bytes,
+                    present: false,
+                    diskless: p.diskless,
+                    protocol: v.protocol,
+                    node_id,
+                    peers: Vec::new(),
+                    primary: false,
+                    join: false,
+                    resync_rate_bytes_per_sec: v.resync_rate,
+                });
+            }
             for p in v.placements.iter().filter(|p| p.node == node) {
                 let mut peers = Vec::new();
                 for o in v.placements.iter().filter(|o| o.node != node) {

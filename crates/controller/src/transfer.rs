@@ -77,6 +77,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
                 pool: p.pool.clone(),
                 diskless: p.diskless,
                 join: false,
+                leaving: false,
             })
             .collect(),
         operations: v.operations.clone(),
@@ -84,6 +85,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
         resync_rate: v.resync_rate_bytes_per_sec,
+        removing: Vec::new(),
     }
 }
 
