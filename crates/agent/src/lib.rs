@@ -62,9 +62,21 @@ pub struct Config {
     /// the bound address (NAT, a forwarding proxy). Default: the bound address.
     #[serde(default)]
     pub repl_advertise: Option<String>,
+    /// Threads running NBD requests against the volumes (shared by all exports). A replicated
+    /// write holds its thread for a network round trip, so this bounds the replicated
+    /// requests in flight on this node (default 64).
+    #[serde(default = "default_nbd_io_threads")]
+    pub nbd_io_threads: usize,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
 }
+
+fn default_nbd_io_threads() -> usize {
+    DEFAULT_NBD_IO_THREADS
+}
+
+/// Default of [`Config::nbd_io_threads`].
+pub const DEFAULT_NBD_IO_THREADS: usize = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -183,7 +195,10 @@ pub async fn run(
     info!(addr = %repl_addr, node_id = ?node_id, "replication listener bound (accepting once the node has an id, a cluster and a multi-replica volume)");
 
     let repl = Arc::new(repl::Replication::default());
-    let server = Server::new(Arc::new(replicas::Registry(table.clone(), repl.clone())));
+    let server = Server::with_workers(
+        Arc::new(replicas::Registry(table.clone(), repl.clone())),
+        config.nbd_io_threads.clamp(1, 1024),
+    );
     let unix = bind_unix(&config.nbd_socket)?;
     let tcp = match &config.nbd_tcp {
         Some(addr) => Some(bind_tcp(addr).await?),

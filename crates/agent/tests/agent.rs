@@ -140,6 +140,7 @@ impl Node {
             nbd_tcp: None,
             repl_listen: None,
             repl_advertise: None,
+            nbd_io_threads: tandem_agent::DEFAULT_NBD_IO_THREADS,
             pools: vec![PoolConfig {
                 name: "p1".into(),
                 path: dir.join("pool1"),

@@ -72,6 +72,10 @@ pub struct AgentRunArgs {
     /// default: the bound address).
     #[arg(long)]
     pub repl_advertise: Option<String>,
+    /// Threads running NBD requests (overrides the config; default 64): bounds the
+    /// replicated requests in flight on this node.
+    #[arg(long)]
+    pub nbd_io_threads: Option<usize>,
     /// Add a pool: NAME=DIR (repeatable; adds to the config's pools).
     #[arg(long = "pool")]
     pub pools: Vec<String>,
@@ -206,6 +210,9 @@ pub fn agent(cmd: &AgentCmd) -> Result<()> {
     }
     if let Some(v) = &args.repl_advertise {
         config.repl_advertise = Some(v.clone());
+    }
+    if let Some(v) = args.nbd_io_threads {
+        config.nbd_io_threads = v;
     }
     for p in &args.pools {
         let Some((name, dir)) = p.split_once('=') else {
