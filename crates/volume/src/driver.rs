@@ -26,7 +26,7 @@ use crate::store::ReplicaStore;
 const TICK: Duration = Duration::from_millis(20);
 /// Disk worker threads per volume.
 const DISK_WORKERS: usize = 4;
-/// Largest read or write tried on the loop thread (RWF_NOWAIT) before the workers.
+/// Largest read or write done on the loop thread instead of the workers.
 const INLINE_MAX: usize = 64 * 1024;
 
 /// Another node of the volume.
@@ -716,8 +716,9 @@ impl Loop {
         Ok(())
     }
 
-    /// Small requests that the page cache can serve without waiting run here: pwritev2 /
-    /// preadv2 with RWF_NOWAIT; anything that would block goes to the workers.
+    /// Small requests that the page cache can serve without waiting run here: buffered
+    /// writes of at most [`INLINE_MAX`] bytes without FUA, and reads that preadv2 with
+    /// RWF_NOWAIT serves from the cache; everything else goes to the workers.
     fn try_inline(&mut self, job: DiskJob) -> Option<DiskJob> {
         let Some(dev) = &self.device else {
             return Some(job);
@@ -728,18 +729,15 @@ impl Loop {
                 offset,
                 data,
                 fua: false,
-            } if data.len() <= INLINE_MAX => match dev.try_write_at_nowait(&data, offset) {
-                Ok(true) => {
-                    self.inline_done.push(Event::DiskWriteDone { io, result: Ok(()) });
-                    None
-                }
-                _ => Some(DiskJob::Write {
-                    io,
-                    offset,
-                    data,
-                    fua: false,
-                }),
-            },
+            } if data.len() <= INLINE_MAX && dev.quick_writes() => {
+                // A small buffered write lands in the page cache (the same bet the
+                // single-replica NBD path makes); RWF_NOWAIT is not used for writes because
+                // ext4 refuses it for buffered writes (EOPNOTSUPP), which would send every
+                // write to the workers.
+                let result = dev.write_at(&data, offset).map_err(disk_err);
+                self.inline_done.push(Event::DiskWriteDone { io, result });
+                None
+            }
             DiskJob::Read { io, offset, len } if len as usize <= INLINE_MAX => {
                 let mut buf = vec![0u8; len as usize];
                 match dev.try_read_at_nowait(&mut buf, offset) {
