@@ -14,6 +14,9 @@ use crate::decide::{Rule, SideView, SyncDecision, decide};
 use crate::quorum::has_majority;
 use crate::types::*;
 
+mod verify;
+pub use verify::VerifyError;
+
 /// Most ranges put in one `OutOfSync` message by the engine.
 const OOS_CHUNK: usize = 4096;
 
@@ -80,6 +83,17 @@ enum OpKind {
         peer: NodeId,
         epoch: u64,
         id: u64,
+    },
+    /// Online verify: our digests of a chunk (see `verify`).
+    VerifyLocal {
+        req: u64,
+    },
+    /// Digests of our copy for a peer's `ChecksumRequest`.
+    ChecksumAnswer {
+        peer: NodeId,
+        epoch: u64,
+        id: u64,
+        block_size: u32,
     },
 }
 
@@ -224,6 +238,8 @@ pub struct Engine {
     last_resync_bytes: u64,
     /// See [`PrimaryFresh`].
     primary_fresh: Option<PrimaryFresh>,
+    /// Online verify (`verify`).
+    verify: verify::VerifyState,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -304,6 +320,7 @@ impl Engine {
             al_flush_pending: false,
             last_resync_bytes: 0,
             primary_fresh: None,
+            verify: Default::default(),
         };
         if e.meta.primary {
             e.crashed_primary = true;
@@ -457,6 +474,7 @@ impl Engine {
                 }
             })
             .collect();
+        let (verify, last_verify) = self.verify_status();
         Status {
             node_id: self.cfg.node_id,
             role: self.role,
@@ -473,6 +491,8 @@ impl Engine {
             last_resync_bytes: self.last_resync_bytes,
             crashed_primary: self.crashed_primary,
             activity_log_extents: self.al.len(),
+            verify,
+            last_verify,
         }
     }
 
@@ -797,6 +817,7 @@ impl Engine {
                 );
                 self.pump_resync();
             }
+            Event::DiskChecksumDone { io, result } => self.disk_checksum_done(io, result),
         }
     }
 
@@ -1028,6 +1049,14 @@ impl Engine {
                     offset: op.offset,
                     len: op.len as u32,
                 });
+            }
+            OpKind::VerifyLocal { req } => {
+                let req = *req;
+                self.start_verify_local(&op, req);
+            }
+            OpKind::ChecksumAnswer { block_size, .. } => {
+                let block_size = *block_size;
+                self.start_checksum_answer(&op, block_size);
             }
         }
     }
@@ -1596,6 +1625,7 @@ impl Engine {
         };
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
+        self.verify_peer_down(peer);
         if self
             .primary_fresh
             .as_ref()
@@ -1702,6 +1732,7 @@ impl Engine {
             }
         }
         self.pump_resync();
+        self.pump_verify();
     }
 
     // ------------------------------------------------------------------ peer messages
@@ -1731,6 +1762,13 @@ impl Engine {
             Message::StateReport(r) => self.on_report(peer, *r)?,
             Message::OutOfSync { flags, ranges } => {
                 let done = self.conn(peer).is_some_and(|c| c.bitmap_done);
+                let established = self
+                    .conn(peer)
+                    .is_some_and(|c| c.state == ReplState::Established);
+                if done && flags == 0 && established && self.cfg.diskful {
+                    // Verify findings of the peer (see `verify`).
+                    return self.on_verify_findings(peer, &ranges);
+                }
                 if done || !self.cfg.diskful {
                     return Err(ProtocolError::Unexpected("OutOfSync", peer));
                 }
@@ -1858,6 +1896,11 @@ impl Engine {
             ),
             Message::ResyncBegin { generation, bytes } => {
                 let state = self.conn(peer).map(|c| c.state);
+                if state == Some(ReplState::Established)
+                    && self.accept_online_resync(peer, generation)
+                {
+                    return Ok(());
+                }
                 if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
                     // Both ends decided from different snapshots (generations changed during
                     // the handshake): compare again.
@@ -1956,27 +1999,16 @@ impl Engine {
                     },
                 );
             }
-            Message::ChecksumRequest {
+            m @ Message::ChecksumRequest { .. } => self.on_checksum_request(peer, m)?,
+            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
+            Message::ChecksumReply {
                 id,
                 offset,
                 block_size,
-                alg,
+                status,
+                digests,
                 ..
-            } => self.send(
-                peer,
-                Message::ChecksumReply {
-                    id,
-                    offset,
-                    block_size,
-                    alg,
-                    status: WireStatus::NotSupported,
-                    digests: Vec::new(),
-                },
-            ),
-            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
-            Message::ChecksumReply { .. } => {
-                return Err(ProtocolError::Unexpected("ChecksumReply", peer));
-            }
+            } => self.on_checksum_reply(peer, id, offset, block_size, status, digests)?,
             Message::Hello(_)
             | Message::Challenge { .. }
             | Message::Auth { .. }
@@ -2059,6 +2091,7 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        self.verify_on_report(peer, &r);
         if r.role != Role::Primary
             && self
                 .primary_fresh
@@ -2141,7 +2174,8 @@ impl Engine {
             }
             Some(ReplState::SyncSource)
                 if r.disk_state == DiskState::UpToDate
-                    && r.generations.current == self.meta.current =>
+                    && r.generations.current == self.meta.current
+                    && !self.online_resync_unconfirmed(peer) =>
             {
                 self.resync_source_finished(peer);
             }

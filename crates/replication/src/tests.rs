@@ -482,3 +482,377 @@ fn interrupted_resync_makes_paused_links_compare_again() {
         vec![(2, DisconnectReason::ConfigChanged)]
     );
 }
+
+// ------------------------------------------------------------------ online verify
+
+fn checksum_jobs(a: &[Action]) -> Vec<(IoId, u64, u32)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::DiskChecksum {
+                io, offset, len, ..
+            } => Some((*io, *offset, *len)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn checksum_requests(a: &[Action], to: u8) -> Vec<(u64, u64, u32)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                peer,
+                msg:
+                    Message::ChecksumRequest {
+                        id, offset, len, ..
+                    },
+            } if *peer == to => Some((*id, *offset, *len)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn digests(len: u32, fill: u8) -> Vec<tandem_repl_proto::Digest> {
+    vec![[fill; 32]; (len as usize).div_ceil(4096)]
+}
+
+/// Runs a verify on `e` against peer 1 until it ends; the peer's digests come from `peer`
+/// (ours are all `[0; 32]`). Returns every action.
+fn run_verify(
+    e: &mut Engine,
+    resync: bool,
+    peer: impl Fn(u64, u32) -> Vec<tandem_repl_proto::Digest>,
+) -> Vec<Action> {
+    let mut all = Vec::new();
+    let mut pending = e.start_verify(20, resync).expect("verify starts");
+    let mut t = 21;
+    while !pending.is_empty() {
+        let batch = std::mem::take(&mut pending);
+        for (io, _, len) in checksum_jobs(&batch) {
+            pending.extend(e.handle(
+                t,
+                Event::DiskChecksumDone {
+                    io,
+                    result: Ok(digests(len, 0)),
+                },
+            ));
+        }
+        for (id, offset, len) in checksum_requests(&batch, 1) {
+            pending.extend(e.handle(
+                t,
+                Event::PeerMessage {
+                    peer: 1,
+                    msg: Message::ChecksumReply {
+                        id,
+                        offset,
+                        block_size: 4096,
+                        alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                        status: tandem_repl_proto::Status::Ok,
+                        digests: peer(offset, len),
+                    },
+                },
+            ));
+        }
+        t += 1;
+        all.extend(batch);
+    }
+    all
+}
+
+#[test]
+fn verify_of_identical_replicas_finds_nothing() {
+    let mut e = primary();
+    run_verify(&mut e, false, |_, len| digests(len, 0));
+    let st = e.status();
+    assert!(st.verify.is_none());
+    let r = st.last_verify.expect("a result");
+    assert_eq!(r.checked_bytes, SIZE);
+    assert_eq!(r.different_bytes, 0);
+    assert!(r.ranges.is_empty() && r.error.is_none());
+    assert_eq!(r.peers, vec![1]);
+    assert_eq!(e.bitmap(1).unwrap().count(), 0);
+}
+
+#[test]
+fn verify_marks_and_reports_exactly_the_differing_blocks() {
+    let mut e = primary();
+    // Blocks 3 and 4 of the volume differ on the peer.
+    let a = run_verify(&mut e, false, |offset, len| {
+        let mut d = digests(len, 0);
+        for b in [3u64, 4] {
+            if b * 4096 >= offset && b * 4096 < offset + u64::from(len) {
+                d[((b * 4096 - offset) / 4096) as usize] = [9; 32];
+            }
+        }
+        d
+    });
+    let r = e.status().last_verify.unwrap();
+    assert_eq!(r.checked_bytes, SIZE);
+    assert_eq!(r.different_bytes, 8192);
+    assert_eq!(r.ranges, vec![(3 * 4096, 8192)]);
+    assert_eq!(r.different_by_peer, vec![(1, 8192)]);
+    // Persisted out-of-sync bits toward the peer, and the peer is told.
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistBits {
+            peer: 1,
+            set: true,
+            first: 3,
+            count: 2
+        }
+    )));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 1, msg: Message::OutOfSync { flags: 0, ranges } }
+            if ranges == &vec![tandem_repl_proto::ByteRange { offset: 3 * 4096, len: 8192 }]
+    )));
+    assert_eq!(e.bitmap(1).unwrap().out_of_sync_bytes(), 8192);
+    assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
+    // Without --resync nothing else happens.
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Message::ResyncBegin { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn verify_with_resync_starts_an_online_resync_of_the_findings() {
+    let mut e = primary();
+    let a = run_verify(&mut e, true, |_, len| {
+        let mut d = digests(len, 0);
+        d[7] = [1; 32];
+        d
+    });
+    let r = e.status().last_verify.unwrap();
+    assert_eq!(r.resync_started, vec![1]);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            peer: 1,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096
+            }
+        }
+    )));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    // A stale UpToDate report (sent before the peer saw ResyncBegin) does not end it.
+    let report = |seq, disk_state| Event::PeerMessage {
+        peer: 1,
+        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq,
+            node_id: 1,
+            role: Role::Secondary,
+            disk_state,
+            quorum: Default::default(),
+            flags: 0,
+            size_bytes: SIZE,
+            generations: tandem_repl_proto::Generations {
+                current: 77,
+                ..Default::default()
+            },
+            peer_bitmaps: vec![],
+        })),
+    };
+    e.handle(40, report(5, tandem_repl_proto::DiskState::UpToDate));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    e.handle(41, report(6, tandem_repl_proto::DiskState::Inconsistent));
+    e.handle(42, report(7, tandem_repl_proto::DiskState::UpToDate));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
+    assert_eq!(e.bitmap(1).unwrap().count(), 0);
+}
+
+#[test]
+fn a_write_during_verify_is_ordered_around_the_checksums() {
+    let mut e = primary();
+    // A write in flight when verify starts: the chunk waits for it.
+    let w = e.handle(10, write(1, 8192, 4096));
+    let wio = disk_writes(&w)[0].0;
+    let wseq = sent_writes(&w, 1)[0].0;
+    let a = e.start_verify(11, false).unwrap();
+    assert!(
+        checksum_jobs(&a).is_empty(),
+        "waits for the write in flight"
+    );
+    assert!(checksum_requests(&a, 1).is_empty());
+    e.handle(
+        12,
+        Event::DiskWriteDone {
+            io: wio,
+            result: Ok(()),
+        },
+    );
+    let a = e.handle(
+        13,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::WriteAck {
+                seq: wseq,
+                status: tandem_repl_proto::Status::Ok,
+            },
+        },
+    );
+    let jobs = checksum_jobs(&a);
+    let reqs = checksum_requests(&a, 1);
+    assert_eq!((jobs.len(), reqs.len()), (1, 1));
+    // A write arriving now waits until our digests are taken, so the peer gets it after
+    // the ChecksumRequest.
+    let w2 = e.handle(14, write(2, 8192, 4096));
+    assert!(disk_writes(&w2).is_empty() && sent_writes(&w2, 1).is_empty());
+    let a = e.handle(
+        15,
+        Event::DiskChecksumDone {
+            io: jobs[0].0,
+            result: Ok(digests(jobs[0].2, 0)),
+        },
+    );
+    assert_eq!(disk_writes(&a).len(), 1);
+    assert_eq!(sent_writes(&a, 1).len(), 1);
+    let a = e.handle(
+        16,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ChecksumReply {
+                id: reqs[0].0,
+                offset: 0,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                status: tandem_repl_proto::Status::Ok,
+                digests: digests(reqs[0].2, 0),
+            },
+        },
+    );
+    assert!(a.is_empty() || e.status().last_verify.is_some());
+    assert_eq!(e.status().last_verify.unwrap().different_bytes, 0);
+}
+
+#[test]
+fn a_secondary_answers_checksums_behind_earlier_writes() {
+    let mut e = engine(1, &[(0, true), (2, false)]);
+    connect(&mut e, 0, true, Role::Primary);
+    let a = e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::Write {
+                seq: 1,
+                offset: 0,
+                flags: 0,
+                data: Bytes::from(vec![5u8; 4096]),
+            },
+        },
+    );
+    let wio = disk_writes(&a)[0].0;
+    let a = e.handle(
+        11,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ChecksumRequest {
+                id: 9,
+                offset: 0,
+                len: 65536,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                purpose: tandem_repl_proto::ChecksumPurpose::Verify,
+            },
+        },
+    );
+    assert!(checksum_jobs(&a).is_empty(), "behind the write");
+    let a = e.handle(
+        12,
+        Event::DiskWriteDone {
+            io: wio,
+            result: Ok(()),
+        },
+    );
+    let jobs = checksum_jobs(&a);
+    assert_eq!(jobs, vec![(jobs[0].0, 0, 65536)]);
+    let a = e.handle(
+        13,
+        Event::DiskChecksumDone {
+            io: jobs[0].0,
+            result: Ok(digests(65536, 3)),
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 0, msg: Message::ChecksumReply { id: 9, status: tandem_repl_proto::Status::Ok, digests, .. } }
+            if digests.len() == 16
+    )));
+    // Findings of the Primary's verify mark our bits; its ResyncBegin makes us sync target.
+    let a = e.handle(
+        14,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::OutOfSync {
+                flags: 0,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: 4096,
+                    len: 4096,
+                }],
+            },
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistBits {
+            peer: 0,
+            set: true,
+            first: 1,
+            count: 1
+        }
+    )));
+    let a = e.handle(
+        15,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(
+        e.status().disk_state,
+        tandem_repl_proto::DiskState::Inconsistent
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            peer: 0,
+            msg: Message::ResyncRequest {
+                offset: 4096,
+                len: 4096,
+                ..
+            }
+        }
+    )));
+}
+
+#[test]
+fn verify_refusals_are_typed() {
+    let mut e = engine(0, &[(1, true), (2, false)]);
+    assert_eq!(e.start_verify(1, false).unwrap_err(), VerifyError::NoPeer);
+    connect(&mut e, 1, true, Role::Primary);
+    assert_eq!(
+        e.start_verify(2, false).unwrap_err(),
+        VerifyError::PrimaryElsewhere(1)
+    );
+    let mut p = primary();
+    p.start_verify(3, false).unwrap();
+    assert!(matches!(
+        p.start_verify(4, false),
+        Err(VerifyError::Running { .. })
+    ));
+    // The peer goes away mid-run: the run ends with the reason.
+    p.handle(5, Event::PeerDown { peer: 1 });
+    let r = p.status().last_verify.unwrap();
+    assert!(
+        r.error.unwrap().contains("no peer left"),
+        "{:?}",
+        p.status()
+    );
+}

@@ -70,6 +70,11 @@ pub struct Outcome {
     pub link_breaks: u64,
     pub failovers: u64,
     pub resync_bytes: u64,
+    /// Online verifies started / finished (every one must find 0 differences: the simulator
+    /// never corrupts a replica behind the engine's back).
+    pub verifies: u64,
+    pub verifies_done: u64,
+    pub verified_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -97,6 +102,14 @@ enum Ev {
         inc: u64,
         io: u64,
         marker: u64,
+    },
+    DiskChecksumDone {
+        node: NodeId,
+        inc: u64,
+        io: u64,
+        offset: u64,
+        len: u32,
+        block_size: u32,
     },
     Close {
         a: NodeId,
@@ -172,6 +185,8 @@ struct World {
     opts: SimOptions,
     size: u64,
     workload: bool,
+    /// Last verify run checked per node.
+    seen_verify: BTreeMap<NodeId, u64>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -273,6 +288,7 @@ impl World {
             opts,
             size,
             workload: true,
+            seen_verify: BTreeMap::new(),
         }
     }
 
@@ -368,6 +384,7 @@ impl World {
                 }
                 self.tr(format!("{from}->{to} {}", short(&msg)));
                 self.feed(to, Event::PeerMessage { peer: from, msg })?;
+                self.check_verify(to)?;
             }
             Ev::DiskWriteDone { node, inc, io } => {
                 let n = &mut self.nodes[node as usize];
@@ -419,6 +436,32 @@ impl World {
                 n.disk.complete_flush(marker);
                 self.tr(format!("node {node} disk flush done (marker {marker})"));
                 self.feed(node, Event::DiskFlushDone { io, result: Ok(()) })?;
+            }
+            Ev::DiskChecksumDone {
+                node,
+                inc,
+                io,
+                offset,
+                len,
+                block_size,
+            } => {
+                let n = &self.nodes[node as usize];
+                if n.inc != inc {
+                    return Ok(());
+                }
+                let o = offset as usize;
+                let digests = n.disk.data[o..o + len as usize]
+                    .chunks(block_size as usize)
+                    .map(|b| tandem_repl_proto::ChecksumAlg::Blake3.digest(b))
+                    .collect();
+                self.feed(
+                    node,
+                    Event::DiskChecksumDone {
+                        io,
+                        result: Ok(digests),
+                    },
+                )?;
+                self.check_verify(node)?;
             }
             Ev::Close { a, b, link } => {
                 if self.links.get(&key(a, b)).copied().flatten() == Some(link) {
@@ -491,6 +534,26 @@ impl World {
                             inc,
                             io,
                             marker,
+                        },
+                    );
+                }
+                Action::DiskChecksum {
+                    io,
+                    offset,
+                    len,
+                    block_size,
+                } => {
+                    let inc = self.nodes[node as usize].inc;
+                    let t = self.now + self.rng.range(5 * US, 80 * US);
+                    self.at(
+                        t,
+                        Ev::DiskChecksumDone {
+                            node,
+                            inc,
+                            io,
+                            offset,
+                            len,
+                            block_size,
                         },
                     );
                 }
@@ -812,6 +875,20 @@ impl World {
                 }
             }
         }
+        // Online verify from the Primary while healthy, sometimes with resync of findings.
+        if self.workload && self.fault == Fault::None && self.converged() && self.rng.chance(0.01) {
+            let now = self.now;
+            let resync = self.rng.chance(0.5);
+            let e = self.nodes[p as usize].engine.as_mut().expect("live");
+            match e.start_verify(now, resync) {
+                Ok(actions) => {
+                    self.tr(format!("operator: verify from node {p} (resync {resync})"));
+                    self.out.verifies += 1;
+                    self.apply(p, actions)?;
+                }
+                Err(err) => self.tr(format!("operator: verify refused: {err}")),
+            }
+        }
         // Planned switchover: only while everything is connected and in sync (promoting a
         // node that missed writes is an operator error the engine cannot see without fencing).
         if self.workload && self.fault == Fault::None && self.converged() && self.rng.chance(0.003)
@@ -1018,6 +1095,45 @@ impl World {
     }
 
     // ------------------------------------------------------------------ invariants
+
+    /// Invariant 6: an online verify never finds a difference (nothing corrupts replicas
+    /// here; a write during verify must not be reported as one).
+    fn check_verify(&mut self, node: NodeId) -> Result<(), String> {
+        let Some(e) = self.nodes[node as usize].engine.as_ref() else {
+            return Ok(());
+        };
+        let st = e.status();
+        if let Some(v) = &st.verify
+            && v.different_bytes > 0
+        {
+            return Err(format!(
+                "invariant 6: verify {} on node {node} finds {} bytes different",
+                v.run, v.different_bytes
+            ));
+        }
+        if let Some(r) = st.last_verify
+            && self.seen_verify.get(&node) != Some(&r.run)
+        {
+            self.seen_verify.insert(node, r.run);
+            if r.different_bytes > 0 {
+                return Err(format!(
+                    "invariant 6: verify {} on node {node} found {} bytes different: {:?}",
+                    r.run, r.different_bytes, r.ranges
+                ));
+            }
+            self.out.verifies_done += 1;
+            self.out.verified_bytes += r.checked_bytes;
+            self.tr(format!(
+                "node {node} verify {} done: {} bytes compared{}",
+                r.run,
+                r.checked_bytes,
+                r.error
+                    .map(|e| format!(", ended early: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
 
     fn check_primaries(&self) -> Result<(), String> {
         let with_quorum: Vec<NodeId> = self

@@ -41,13 +41,16 @@ fn simulate_seeds() {
                 total.link_breaks += o.link_breaks;
                 total.failovers += o.failovers;
                 total.resync_bytes += o.resync_bytes;
+                total.verifies += o.verifies;
+                total.verifies_done += o.verifies_done;
+                total.verified_bytes += o.verified_bytes;
             }
             Err(e) => panic!("{e}"),
         }
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {} events, {} writes acked, {} failed, {} reads checked, {} crashes, {} partitions, {} link breaks, {} failovers, {} resync bytes",
+        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {} events, {} writes acked, {} failed, {} reads checked, {} crashes, {} partitions, {} link breaks, {} failovers, {} resync bytes, {} verifies ({} done, {} bytes compared, 0 differences)",
         n as f64 / secs,
         total.events,
         total.writes_acked,
@@ -57,7 +60,10 @@ fn simulate_seeds() {
         total.partitions,
         total.link_breaks,
         total.failovers,
-        total.resync_bytes
+        total.resync_bytes,
+        total.verifies,
+        total.verifies_done,
+        total.verified_bytes
     );
 }
 

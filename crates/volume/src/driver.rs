@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_blockdev::{BlockDevice, FileDevice};
 use tandem_meta::ReplicaFiles;
-use tandem_repl_proto::{DiskState, Message, NodeId};
+use tandem_repl_proto::{ChecksumAlg, DiskState, Message, NodeId};
 use tandem_replication::{
     Action, Config, DiskError, Engine, Event, IoId, Level, PeerConfig, PeerStatus, Protocol, Reply,
     RequestError, RequestId, Role, Status,
@@ -83,6 +83,10 @@ pub struct VolumeStatus {
     pub resync_rate: u64,
     pub resync_bytes_left: Option<u64>,
     pub last_resync_bytes: u64,
+    /// The online verify running from this node, if any.
+    pub verify: Option<tandem_replication::VerifyProgress>,
+    /// The last online verify this node ran since the driver started.
+    pub last_verify: Option<tandem_replication::VerifyResult>,
     /// The engine's full snapshot.
     pub engine: Status,
     /// Set when the driver stopped on a fatal error (metadata could not be persisted).
@@ -100,6 +104,7 @@ pub(crate) enum Input {
     Demote(SyncSender<Result<(), VolumeError>>),
     Status(SyncSender<Status>),
     SetResyncRate(u64),
+    Verify(bool, SyncSender<Result<(), VolumeError>>),
     Stop,
 }
 
@@ -124,6 +129,12 @@ enum DiskJob {
     },
     Flush {
         io: IoId,
+    },
+    Checksum {
+        io: IoId,
+        offset: u64,
+        len: u32,
+        block_size: u32,
     },
 }
 
@@ -292,6 +303,13 @@ impl VolumeDriver {
         self.call(Input::Demote)?
     }
 
+    /// Starts an online verify from this node (see `docs/replication.md`, "Online verify");
+    /// `resync`: resync the differing blocks toward each peer when done. Returns once started;
+    /// progress and result are in [`VolumeDriver::status`].
+    pub fn verify(&self, resync: bool) -> Result<(), VolumeError> {
+        self.call(|r| Input::Verify(resync, r))?
+    }
+
     /// Changes the resync rate (bytes/s, 0 = unlimited) while running.
     pub fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), VolumeError> {
         self.tx
@@ -318,6 +336,8 @@ impl VolumeDriver {
             resync_rate: st.resync_bytes_per_sec,
             resync_bytes_left: st.resync_bytes_left,
             last_resync_bytes: st.last_resync_bytes,
+            verify: st.verify.clone(),
+            last_verify: st.last_verify.clone(),
             peers: st.peers.clone(),
             engine: st,
             failed,
@@ -402,6 +422,23 @@ fn run_job(dev: &dyn BlockDevice, job: DiskJob) -> Event {
             io,
             result: dev.flush().map_err(disk_err),
         },
+        DiskJob::Checksum {
+            io,
+            offset,
+            len,
+            block_size,
+        } => {
+            let mut buf = vec![0u8; len as usize];
+            let r = dev
+                .read_at(&mut buf, offset)
+                .map(|_| {
+                    buf.chunks(block_size.max(1) as usize)
+                        .map(|b| ChecksumAlg::Blake3.digest(b))
+                        .collect()
+                })
+                .map_err(disk_err);
+            Event::DiskChecksumDone { io, result: r }
+        }
     }
 }
 
@@ -582,6 +619,17 @@ impl Loop {
             Input::SetResyncRate(b) => self
                 .engine
                 .handle(now, Event::SetResyncRate { bytes_per_sec: b }),
+            Input::Verify(resync, r) => match self.engine.start_verify(now, resync) {
+                Ok(a) => {
+                    let res = self.execute(a);
+                    let _ = r.send(res.clone());
+                    return res;
+                }
+                Err(e) => {
+                    let _ = r.send(Err(e.into()));
+                    return Ok(());
+                }
+            },
             Input::Stop => return Ok(()),
         };
         self.execute(actions)
@@ -658,6 +706,17 @@ impl Loop {
                     self.disk(DiskJob::Read { io, offset, len })
                 }
                 Action::DiskFlush { io } => self.disk(DiskJob::Flush { io }),
+                Action::DiskChecksum {
+                    io,
+                    offset,
+                    len,
+                    block_size,
+                } => self.disk(DiskJob::Checksum {
+                    io,
+                    offset,
+                    len,
+                    block_size,
+                }),
                 Action::Send { peer, msg } => self.send(peer, msg),
                 Action::Disconnect {
                     peer,
@@ -705,6 +764,10 @@ impl Loop {
             DiskJob::Write { io, .. } => Event::DiskWriteDone { io, result: err() },
             DiskJob::Flush { io } => Event::DiskFlushDone { io, result: err() },
             DiskJob::Read { io, .. } => Event::DiskReadDone {
+                io,
+                result: Err(DiskError("no local disk".into())),
+            },
+            DiskJob::Checksum { io, .. } => Event::DiskChecksumDone {
                 io,
                 result: Err(DiskError("no local disk".into())),
             },
