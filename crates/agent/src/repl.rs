@@ -47,6 +47,114 @@ struct Running {
     auto: Option<std::time::Instant>,
     /// The last auto-promote refusal and when (reported for [`AUTO_REFUSAL_SHOWN`]).
     auto_refusal: Option<(std::time::Instant, String)>,
+    /// The controller's latest verify request started here (see [`AgentVerify`]).
+    verify: Option<AgentVerify>,
+}
+
+/// A verify the controller asked for (`DesiredReplica::verify`), as this agent started it.
+#[derive(Debug, Clone)]
+struct AgentVerify {
+    /// The operation id.
+    id: String,
+    /// This node's name.
+    node: String,
+    resync: bool,
+    /// The engine's last verify run number before this one started: the first newer run is
+    /// this verify.
+    before: u64,
+    started_unix: u64,
+    /// The engine refused to start it.
+    refused: Option<String>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The report of verify `v` from the driver's status.
+fn verify_report(
+    v: &AgentVerify,
+    st: &tandem_volume::VolumeStatus,
+    names: &BTreeMap<u8, String>,
+    size: u64,
+) -> tandem_api::VerifyReport {
+    let name = |id: &u8| {
+        names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| format!("node-id-{id}"))
+    };
+    let mut r = tandem_api::VerifyReport {
+        id: v.id.clone(),
+        node: v.node.clone(),
+        state: "running".into(),
+        resync: v.resync,
+        peers: Vec::new(),
+        total_bytes: size,
+        checked_bytes: 0,
+        different_bytes: 0,
+        ranges: Vec::new(),
+        ranges_truncated: false,
+        resync_started: Vec::new(),
+        bytes_per_sec: 0,
+        eta_secs: None,
+        error: None,
+        started_unix: v.started_unix,
+        finished_unix: None,
+    };
+    if let Some(e) = &v.refused {
+        r.state = "failed".into();
+        r.error = Some(name_nodes(e, names));
+        r.finished_unix = Some(v.started_unix);
+        return r;
+    }
+    if let Some(p) = st.verify.as_ref().filter(|p| p.run > v.before) {
+        r.peers = p.peers.iter().map(name).collect();
+        r.total_bytes = p.bytes_total;
+        r.checked_bytes = p.bytes_done;
+        r.different_bytes = p.different_bytes;
+        let secs = p.elapsed_nanos as f64 / 1e9;
+        if secs > 0.0 {
+            r.bytes_per_sec = (p.bytes_done as f64 / secs) as u64;
+        }
+        if r.bytes_per_sec > 0 {
+            r.eta_secs = Some((p.bytes_total - p.bytes_done).div_ceil(r.bytes_per_sec));
+        }
+        return r;
+    }
+    match st.last_verify.as_ref().filter(|l| l.run > v.before) {
+        Some(l) => {
+            r.state = if l.error.is_some() { "failed" } else { "done" }.into();
+            r.peers = l.peers.iter().map(name).collect();
+            r.checked_bytes = l.checked_bytes;
+            r.different_bytes = l.different_bytes;
+            r.ranges = l
+                .ranges
+                .iter()
+                .map(|(offset, len)| tandem_api::ByteRange {
+                    offset: *offset,
+                    len: *len,
+                })
+                .collect();
+            r.ranges_truncated = l.ranges_truncated;
+            r.resync_started = l.resync_started.iter().map(name).collect();
+            let secs = l.elapsed_nanos as f64 / 1e9;
+            if secs > 0.0 {
+                r.bytes_per_sec = (l.checked_bytes as f64 / secs) as u64;
+            }
+            r.error = l.error.as_ref().map(|e| name_nodes(e, names));
+            r.finished_unix = Some(v.started_unix + l.elapsed_nanos / 1_000_000_000);
+        }
+        None => {
+            // Neither running nor finished: the driver restarted and lost it.
+            r.state = "failed".into();
+            r.error = Some("the replication driver restarted during the verify".into());
+        }
+    }
+    r
 }
 
 /// How long an auto-promote refusal stays in the reports.
@@ -190,6 +298,12 @@ impl Replication {
                 out_of_sync_bytes: p.out_of_sync_bytes,
             })
             .collect();
+        if let Some(v) = lock(&self.drivers)
+            .get(&r.volume)
+            .and_then(|run| run.verify.clone())
+        {
+            r.verify = Some(verify_report(&v, &st, &names, r.size_bytes));
+        }
         if let Some(f) = st.failed {
             r.last_error = Some(format!("replication driver failed: {f}"));
         }
@@ -529,6 +643,34 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                     Err(e) => warn!(volume = %d.volume, "setting the resync rate: {e}"),
                 }
             }
+            if let Some(want) = &d.verify
+                && run.verify.as_ref().map(|v| &v.id) != Some(&want.id)
+            {
+                let before = run
+                    .driver
+                    .status()
+                    .ok()
+                    .and_then(|s| s.last_verify.map(|l| l.run))
+                    .unwrap_or(0);
+                let refused = match run.driver.verify(want.resync) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, id = %want.id, resync = want.resync, "online verify started");
+                        None
+                    }
+                    Err(e) => {
+                        warn!(volume = %d.volume, id = %want.id, "online verify refused: {e}");
+                        Some(e.to_string())
+                    }
+                };
+                run.verify = Some(AgentVerify {
+                    id: want.id.clone(),
+                    node: agent.config.node.clone(),
+                    resync: want.resync,
+                    before,
+                    started_unix: unix_now(),
+                    refused,
+                });
+            }
             continue;
         }
         let spec = match spec_for(agent, d) {
@@ -603,6 +745,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 resync_rate: 0,
                 auto: None,
                 auto_refusal: None,
+                verify: None,
             },
         );
     }

@@ -655,6 +655,7 @@ impl Ctx<'_> {
                 role_error: None,
                 resync_bytes_left: None,
                 resync_eta_secs: None,
+                verify: None,
             })
             .collect();
         let t = read(self.table);
@@ -698,6 +699,7 @@ impl Ctx<'_> {
                 role_error: None,
                 resync_bytes_left: None,
                 resync_eta_secs: None,
+                verify: None,
             })
             .collect();
         drop(t);

@@ -120,6 +120,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         primary: false,
         resync_rate_bytes_per_sec: 0,
         join: false,
+        verify: None,
     }
 }
 

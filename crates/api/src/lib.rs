@@ -196,6 +196,82 @@ pub struct Replica {
     /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
     #[serde(default)]
     pub resync_eta_secs: Option<u64>,
+    /// The online verify this replica's node runs (or ran last) as verify source; `null`
+    /// when none.
+    #[serde(default)]
+    pub verify: Option<VerifyReport>,
+}
+
+/// Body of `POST /v1/volumes/{name}/verify`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// When the verify is done, resync the differing blocks from the verify source (the
+    /// Primary, else an UpToDate replica) to the replicas that differ. Without it they stay
+    /// marked out of sync (`out_of_sync_bytes`) until the next reconnect resyncs them.
+    #[serde(default)]
+    pub resync: bool,
+}
+
+/// A byte range of a volume.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// An online verify as its source node reports it: progress while it runs, the result after.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VerifyReport {
+    /// The id of the `verify` operation it belongs to.
+    pub id: String,
+    /// The verify source (its replica is compared with the others).
+    pub node: String,
+    /// `running`, `done` (compared the whole volume), `failed` (refused or ended early; see
+    /// `error`).
+    pub state: String,
+    /// Whether differing blocks are resynced when it is done.
+    #[serde(default)]
+    pub resync: bool,
+    /// Nodes compared with.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// The volume size.
+    pub total_bytes: u64,
+    /// Bytes compared so far (with every peer still in the run).
+    pub checked_bytes: u64,
+    /// Bytes found different on at least one peer (4 KiB blocks).
+    pub different_bytes: u64,
+    /// The first differing byte ranges (merged, at most 32).
+    #[serde(default)]
+    pub ranges: Vec<ByteRange>,
+    /// More differing ranges exist than `ranges` lists.
+    #[serde(default)]
+    pub ranges_truncated: bool,
+    /// Nodes a resync of the differences was started toward.
+    #[serde(default)]
+    pub resync_started: Vec<String>,
+    /// Compare rate, bytes per second.
+    #[serde(default)]
+    pub bytes_per_sec: u64,
+    /// Estimated seconds until done (`null` when unknown or finished).
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the verify started / finished (unix seconds).
+    #[serde(default)]
+    pub started_unix: u64,
+    #[serde(default)]
+    pub finished_unix: Option<u64>,
+}
+
+/// A verify the controller asks the agent of the verify source to run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DesiredVerify {
+    /// The `verify` operation's id (an agent runs each id once).
+    pub id: String,
+    pub resync: bool,
 }
 
 /// Replication state of one replica towards one peer.
@@ -299,6 +375,10 @@ pub struct Volume {
     /// Resync rate limit, bytes per second (0: unlimited); `volume set --resync-rate`.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// The result of the last finished online verify (`volume verify`); `null` before the
+    /// first one.
+    #[serde(default)]
+    pub last_verify: Option<VerifyReport>,
 }
 
 /// Body of `POST /v1/volumes/{name}/promote` and `POST /v1/volumes/{name}/demote`.
@@ -514,6 +594,10 @@ pub struct ReplicaReport {
     /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
     #[serde(default)]
     pub resync_eta_secs: Option<u64>,
+    /// The online verify this node runs or ran last as verify source (`null`: none since the
+    /// agent started).
+    #[serde(default)]
+    pub verify: Option<VerifyReport>,
 }
 
 fn default_true() -> bool {
@@ -580,6 +664,9 @@ pub struct DesiredReplica {
     /// generation), so it receives a full resync instead of counting as in sync.
     #[serde(default)]
     pub join: bool,
+    /// Run this online verify from this replica (once per id); `null`: none wanted.
+    #[serde(default)]
+    pub verify: Option<DesiredVerify>,
 }
 
 /// Answer of `POST /v1/nodes/{name}/lost`.

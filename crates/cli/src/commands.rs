@@ -139,6 +139,20 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Compare the replicas online, block by block (BLAKE3 per 4 KiB), from the Primary (or an
+    /// UpToDate replica when there is none), and wait for the result. Differing blocks are
+    /// marked out of sync (shown as `out_of_sync_bytes`); --resync copies them from the verify
+    /// source to the replicas that differ. Consumer I/O continues meanwhile. Exits 0 when the
+    /// verify compared the whole volume (whatever it found), 1 when it failed or timed out.
+    Verify {
+        name: String,
+        /// Resync the differing blocks from the verify source when done.
+        #[arg(long)]
+        resync: bool,
+        /// How long to wait for the result: seconds, or with a unit (90s, 10m, 2h).
+        #[arg(long, default_value = "24h")]
+        timeout: String,
+    },
     /// Make a node's replica Secondary (the volume then has no Primary) and wait until it is.
     Demote {
         name: String,
@@ -331,6 +345,11 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             force,
             timeout,
         } => change_role(client, json, name, node, false, *force, *timeout),
+        VolumeCmd::Verify {
+            name,
+            resync,
+            timeout,
+        } => verify(client, json, name, *resync, timeout),
         VolumeCmd::Mount {
             name,
             dir,
@@ -351,6 +370,105 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             }
         }
     }
+}
+
+/// `90`, `90s`, `10m`, `2h`.
+fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| {
+        format!("invalid duration {s:?}: use seconds or a number with s, m or h (e.g. 10m)")
+    })?;
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// `volume verify`: starts the verify operation and waits for its result.
+fn verify(client: &Client, json: bool, name: &str, resync: bool, timeout: &str) -> Result<()> {
+    let timeout = parse_duration(timeout)?;
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    let op: tandem_api::Operation = client.post(
+        &format!("{path}/verify"),
+        &tandem_api::VerifyRequest { resync },
+    )?;
+    if !json {
+        eprintln!(
+            "{} (operation {})",
+            op.steps
+                .first()
+                .map(|s| s.name.as_str())
+                .unwrap_or("verify"),
+            op.id
+        );
+    }
+    let deadline = Instant::now() + timeout;
+    let mut shown = Instant::now();
+    let v = loop {
+        let v: Volume = client.get(&path)?;
+        let finished = v
+            .operations
+            .iter()
+            .find(|o| o.id == op.id)
+            .is_none_or(|o| o.state == "done" || o.state == "failed");
+        if finished {
+            break v;
+        }
+        if !json && shown.elapsed() >= Duration::from_secs(2) {
+            shown = Instant::now();
+            if let Some(r) = v
+                .replicas
+                .iter()
+                .filter_map(|r| r.verify.as_ref())
+                .find(|r| r.id == op.id)
+            {
+                eprintln!(
+                    "  {} of {} compared, {}/s, {} different{}",
+                    format_size(r.checked_bytes),
+                    format_size(r.total_bytes),
+                    format_size(r.bytes_per_sec),
+                    format_size(r.different_bytes),
+                    r.eta_secs
+                        .map(|e| format!(", about {e} s left"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the verify of volume {name} is still running after {} s (operation {});                  `tandem volume show {name}` follows it",
+                timeout.as_secs(),
+                op.id
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let op_now = v.operations.iter().find(|o| o.id == op.id);
+    let result = v.last_verify.as_ref().filter(|r| r.id == op.id);
+    let Some(r) = result else {
+        let why = op_now
+            .and_then(|o| o.last_error.clone())
+            .unwrap_or_else(|| "the operation is gone".into());
+        bail!("the verify of volume {name} failed: {why}");
+    };
+    if json {
+        let mut out = serde_json::to_value(r)?;
+        out["volume"] = serde_json::Value::String(name.to_string());
+        out["operation_id"] = serde_json::Value::String(op.id.clone());
+        print_json(&out)?;
+    } else {
+        print!("{}", output::verify_result(name, r));
+    }
+    if r.state != "done" {
+        bail!(
+            "the verify of volume {name} ended early: {}",
+            r.error.as_deref().unwrap_or("unknown error")
+        );
+    }
+    Ok(())
 }
 
 /// `node lost`: replan, then wait until every affected volume is whole and in sync again.

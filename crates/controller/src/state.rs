@@ -37,6 +37,9 @@ use tokio::sync::watch;
 use crate::error::Failure;
 use crate::ops;
 
+mod verify;
+pub use verify::VerifyRecord;
+
 pub(crate) const CLUSTER_ID_KEY: &str = "cluster/id";
 pub(crate) const CLUSTER_SECRET_KEY: &str = "cluster/secret";
 /// Largest node id the controller assigns: replica metadata (`tandem_meta`) holds node
@@ -151,6 +154,12 @@ pub struct VolumeRecord {
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate: u64,
+    /// The verify its source's agent should run (`volume verify`), while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_request: Option<VerifyRecord>,
+    /// The result of the last finished verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<tandem_api::VerifyReport>,
 }
 
 impl VolumeRecord {
@@ -562,6 +571,7 @@ impl Controller {
                     role_error: report.and_then(|r| r.role_error.clone()),
                     resync_bytes_left: report.and_then(|r| r.resync_bytes_left),
                     resync_eta_secs: report.and_then(|r| r.resync_eta_secs),
+                    verify: verify::live_verify(report),
                 }
             })
             .collect();
@@ -590,6 +600,7 @@ impl Controller {
             operations: v.operations.clone(),
             primary_node: v.desired_primary().map(str::to_string),
             resync_rate_bytes_per_sec: v.resync_rate,
+            last_verify: v.last_verify.clone(),
         }
     }
 
@@ -996,6 +1007,8 @@ impl Controller {
             primary_node: None,
             primary_explicit: false,
             resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
+            verify_request: None,
+            last_verify: None,
         };
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
@@ -1730,6 +1743,7 @@ impl Controller {
                         v.state = VolumeState::Ready;
                         tracing::info!(volume = %v.name, node, "volume ready");
                     }
+                    Self::verify_progress(&mut v, node, r, current, now);
                 }
             }
             if before != v {
@@ -1875,6 +1889,8 @@ impl Controller {
                         primary_node: None,
                         primary_explicit: false,
                         resync_rate: 0,
+                        verify_request: None,
+                        last_verify: None,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -2001,6 +2017,7 @@ impl Controller {
                     primary: v.desired_primary() == Some(p.node.as_str()),
                     join: p.join,
                     resync_rate_bytes_per_sec: v.resync_rate,
+                    verify: Self::desired_verify(&v, node),
                 });
             }
         }

@@ -84,6 +84,8 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
         resync_rate: v.resync_rate_bytes_per_sec,
+        verify_request: None,
+        last_verify: None,
     }
 }
 
