@@ -49,6 +49,27 @@ struct Running {
     auto_refusal: Option<(std::time::Instant, String)>,
     /// The controller's latest verify request started here (see [`AgentVerify`]).
     verify: Option<AgentVerify>,
+    /// The last split-brain resolution carried out here (its id) and its refusal, if any.
+    resolved: Option<(String, Option<String>)>,
+}
+
+/// The engine's split-brain policy for the API's string (`disconnect`,
+/// `discard-zero-changes`, `discard-node:NODE`), node names resolved through `ids`.
+pub(crate) fn split_brain_policy(
+    s: &str,
+    ids: &BTreeMap<String, u8>,
+) -> Result<tandem_volume::SplitBrainPolicy, String> {
+    use tandem_volume::SplitBrainPolicy as P;
+    match s {
+        "" | "disconnect" => Ok(P::Disconnect),
+        "discard-zero-changes" => Ok(P::DiscardZeroChanges),
+        other => match other.strip_prefix("discard-node:") {
+            Some(n) => ids.get(n).map(|id| P::DiscardNode(*id)).ok_or_else(|| {
+                format!("split-brain policy names node '{n}', not one of the volume's")
+            }),
+            None => Err(format!("unknown split-brain policy '{other}'")),
+        },
+    }
 }
 
 /// A verify the controller asked for (`DesiredReplica::verify`), as this agent started it.
@@ -200,6 +221,7 @@ fn name_nodes(msg: &str, names: &BTreeMap<u8, String>) -> String {
 fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     let mut w = want.clone();
     w.options.resync_rate = have.options.resync_rate;
+    w.options.after_split_brain = have.options.after_split_brain;
     w != *have
 }
 
@@ -286,18 +308,51 @@ impl Replication {
                 };
             }
         }
+        let peer_name = |id: u8| {
+            names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("node-id-{id}"))
+        };
         r.peers = st
             .peers
             .iter()
             .map(|p| PeerReplState {
-                node: names
-                    .get(&p.node_id)
-                    .cloned()
-                    .unwrap_or_else(|| format!("node-id-{}", p.node_id)),
-                repl_state: format!("{:?}", p.repl_state),
+                node: peer_name(p.node_id),
+                repl_state: if !p.connected
+                    && p.split_brain
+                        .as_ref()
+                        .is_some_and(|s| s.resolution.is_none())
+                {
+                    "SplitBrain".into()
+                } else {
+                    format!("{:?}", p.repl_state)
+                },
                 out_of_sync_bytes: p.out_of_sync_bytes,
             })
             .collect();
+        r.split_brain = st
+            .peers
+            .iter()
+            .filter_map(|p| {
+                p.split_brain
+                    .as_ref()
+                    .map(|s| tandem_api::SplitBrainReport {
+                        peer: peer_name(p.node_id),
+                        rule: format!("{:?}", s.rule),
+                        our_bytes: s.our_bytes,
+                        peer_bytes: s.peer_bytes,
+                        resolution: s.resolution.as_ref().map(|m| name_nodes(m, &names)),
+                    })
+            })
+            .collect();
+        r.discard_pending = st.engine.discard_my_data;
+        if let Some((_, Some(e))) = lock(&self.drivers)
+            .get(&r.volume)
+            .and_then(|run| run.resolved.clone())
+        {
+            r.last_error = Some(e);
+        }
         if let Some(v) = lock(&self.drivers)
             .get(&r.volume)
             .and_then(|run| run.verify.clone())
@@ -542,6 +597,20 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
                 tandem_api::Protocol::A => Protocol::A,
             },
             resync_rate: d.resync_rate_bytes_per_sec,
+            after_split_brain: {
+                let mut ids: BTreeMap<String, u8> = d
+                    .peers
+                    .iter()
+                    .map(|p| (p.node.clone(), p.node_id))
+                    .collect();
+                if let Some(me) = d.node_id {
+                    ids.insert(agent.config.node.clone(), me);
+                }
+                split_brain_policy(&d.after_split_brain, &ids).unwrap_or_else(|e| {
+                    warn!(volume = %d.volume, "{e}; using disconnect");
+                    tandem_volume::SplitBrainPolicy::Disconnect
+                })
+            },
         },
     })
 }
@@ -642,6 +711,40 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                     }
                     Err(e) => warn!(volume = %d.volume, "setting the resync rate: {e}"),
                 }
+            }
+            if let Ok(spec) = spec_for(agent, d)
+                && spec.options.after_split_brain != run.spec.options.after_split_brain
+            {
+                let p = spec.options.after_split_brain;
+                match run.driver.set_split_brain_policy(p) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, policy = ?p, "split-brain policy set");
+                        run.spec.options.after_split_brain = p;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting the split-brain policy: {e}"),
+                }
+            }
+            if let Some(want) = &d.resolve_split_brain
+                && run.resolved.as_ref().map(|r| &r.0) != Some(&want.id)
+            {
+                if want.discard
+                    && run
+                        .driver
+                        .status()
+                        .is_ok_and(|s| format!("{:?}", s.role) == "Primary")
+                    && let Err(e) = run.driver.demote()
+                {
+                    warn!(volume = %d.volume, "demote before discarding our data: {e}");
+                }
+                let res = run.driver.resolve_split_brain(want.discard);
+                match &res {
+                    Ok(()) => info!(volume = %d.volume, discard = want.discard, id = %want.id,
+                        "split-brain resolution: {}", if want.discard { "discarding our changes since the split" } else { "reconnecting" }),
+                    Err(e) => {
+                        warn!(volume = %d.volume, id = %want.id, "split-brain resolution refused: {e}")
+                    }
+                }
+                run.resolved = Some((want.id.clone(), res.err().map(|e| e.to_string())));
             }
             if let Some(want) = &d.verify
                 && run.verify.as_ref().map(|v| &v.id) != Some(&want.id)
@@ -746,6 +849,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 auto: None,
                 auto_refusal: None,
                 verify: None,
+                resolved: None,
             },
         );
     }

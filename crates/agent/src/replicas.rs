@@ -656,6 +656,8 @@ impl Ctx<'_> {
                 resync_bytes_left: None,
                 resync_eta_secs: None,
                 verify: None,
+                split_brain: Vec::new(),
+                discard_pending: false,
             })
             .collect();
         let t = read(self.table);
@@ -700,6 +702,8 @@ impl Ctx<'_> {
                 resync_bytes_left: None,
                 resync_eta_secs: None,
                 verify: None,
+                split_brain: Vec::new(),
+                discard_pending: false,
             })
             .collect();
         drop(t);

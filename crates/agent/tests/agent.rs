@@ -121,6 +121,8 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         resync_rate_bytes_per_sec: 0,
         join: false,
         verify: None,
+        after_split_brain: "disconnect".into(),
+        resolve_split_brain: None,
     }
 }
 

@@ -116,6 +116,10 @@ pub struct VolumeCreate {
     /// Resync rate limit, bytes per second (default 0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: Option<u64>,
+    /// Automatic split-brain policy: `disconnect` (default), `discard-zero-changes`,
+    /// `discard-node:NODE`.
+    #[serde(default)]
+    pub after_split_brain: Option<String>,
 }
 
 /// Body of `PATCH /v1/volumes/{name}`: options changeable while the volume runs. Absent
@@ -127,6 +131,10 @@ pub struct VolumeUpdate {
     /// resync that is running.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: Option<u64>,
+    /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-node:NODE`; applies from the next handshake.
+    #[serde(default)]
+    pub after_split_brain: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -200,6 +208,43 @@ pub struct Replica {
     /// when none.
     #[serde(default)]
     pub verify: Option<VerifyReport>,
+    /// Split brains this replica found with its peers (until settled).
+    #[serde(default)]
+    pub split_brain: Vec<SplitBrainReport>,
+}
+
+/// A split brain between a replica and one peer, as the replica's node reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SplitBrainReport {
+    /// The peer's node name.
+    pub peer: String,
+    /// The handshake rule that found it (e.g. `SplitBrainSameBitmap`).
+    pub rule: String,
+    /// Bytes this replica's node wrote since the split (its out-of-sync bits toward the peer).
+    pub our_bytes: u64,
+    /// Bytes the peer wrote since the split.
+    pub peer_bytes: u64,
+    /// How it is being resolved (policy or manual resolution); `null`: disconnected, waiting
+    /// for `volume resolve-split-brain`.
+    #[serde(default)]
+    pub resolution: Option<String>,
+}
+
+/// Body of `POST /v1/volumes/{name}/resolve-split-brain`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveSplitBrain {
+    /// The node whose changes since the split are discarded (it becomes sync target).
+    pub discard: String,
+}
+
+/// A split-brain resolution the controller asks an agent to carry out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DesiredResolve {
+    /// Unique id (an agent acts on each id once).
+    pub id: String,
+    /// This node is the victim: discard its changes since the split.
+    pub discard: bool,
 }
 
 /// Body of `POST /v1/volumes/{name}/verify`.
@@ -379,6 +424,14 @@ pub struct Volume {
     /// first one.
     #[serde(default)]
     pub last_verify: Option<VerifyReport>,
+    /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-node:NODE`.
+    #[serde(default = "default_split_brain")]
+    pub after_split_brain: String,
+}
+
+fn default_split_brain() -> String {
+    "disconnect".into()
 }
 
 /// Body of `POST /v1/volumes/{name}/promote` and `POST /v1/volumes/{name}/demote`.
@@ -598,6 +651,13 @@ pub struct ReplicaReport {
     /// agent started).
     #[serde(default)]
     pub verify: Option<VerifyReport>,
+    /// Split brains found with peers (until settled).
+    #[serde(default)]
+    pub split_brain: Vec<SplitBrainReport>,
+    /// This node discards its changes at its next split-brain handshake (a resolution in
+    /// progress).
+    #[serde(default)]
+    pub discard_pending: bool,
 }
 
 fn default_true() -> bool {
@@ -667,6 +727,13 @@ pub struct DesiredReplica {
     /// Run this online verify from this replica (once per id); `null`: none wanted.
     #[serde(default)]
     pub verify: Option<DesiredVerify>,
+    /// The volume's split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-node:NODE` (a node name).
+    #[serde(default = "default_split_brain")]
+    pub after_split_brain: String,
+    /// A split-brain resolution to carry out (once per id).
+    #[serde(default)]
+    pub resolve_split_brain: Option<DesiredResolve>,
 }
 
 /// Answer of `POST /v1/nodes/{name}/lost`.

@@ -77,6 +77,12 @@ pub enum VolumeCmd {
         /// Resync rate limit per second, e.g. 100MiB (default: unlimited).
         #[arg(long)]
         resync_rate: Option<String>,
+        /// What a split brain does: `disconnect` (default: stay apart until `volume
+        /// resolve-split-brain`), `discard-zero-changes` (the side that wrote nothing since the
+        /// split resyncs from the other; if both wrote, disconnect), `discard-node:NODE` (that
+        /// node's changes are discarded).
+        #[arg(long)]
+        after_split_brain: Option<String>,
         /// Return at once instead of waiting for the replicas.
         #[arg(long)]
         no_wait: bool,
@@ -88,6 +94,23 @@ pub enum VolumeCmd {
         /// 50MiB/s), or `unlimited` (same as 0). Applies at once, also to a running resync.
         #[arg(long)]
         resync_rate: Option<String>,
+        /// Split-brain policy: `disconnect`, `discard-zero-changes`, `discard-node:NODE`
+        /// (from the next handshake).
+        #[arg(long)]
+        after_split_brain: Option<String>,
+    },
+    /// Resolve a split brain: NODE's changes since the split are discarded (it resyncs from
+    /// the other replicas, bitmap-based where the generations allow, else fully); the others
+    /// keep theirs. Refused without a split brain, or when NODE holds the only UpToDate data.
+    /// Waits until the replicas are in sync.
+    ResolveSplitBrain {
+        name: String,
+        /// The node whose changes are discarded.
+        #[arg(long)]
+        discard: String,
+        /// How long to wait: seconds, or with a unit (90s, 10m, 2h).
+        #[arg(long, default_value = "1h")]
+        timeout: String,
     },
     /// List volumes.
     List,
@@ -250,6 +273,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             nodes,
             protocol,
             resync_rate,
+            after_split_brain,
             no_wait,
         } => {
             let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
@@ -270,6 +294,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 nodes: nodes.clone(),
                 protocol,
                 resync_rate_bytes_per_sec: resync_rate,
+                after_split_brain: after_split_brain.as_deref().map(policy_arg),
             };
             let mut v: Volume = client.post("/v1/volumes", &req)?;
             if !no_wait {
@@ -317,22 +342,36 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
-        VolumeCmd::Set { name, resync_rate } => {
-            let Some(rate) = resync_rate else {
-                bail!("nothing to set: name an option, e.g. --resync-rate 100MiB");
-            };
+        VolumeCmd::Set {
+            name,
+            resync_rate,
+            after_split_brain,
+        } => {
+            if resync_rate.is_none() && after_split_brain.is_none() {
+                bail!(
+                    "nothing to set: name an option, e.g. --resync-rate 100MiB or \
+                     --after-split-brain discard-zero-changes"
+                );
+            }
             let req = tandem_api::VolumeUpdate {
-                resync_rate_bytes_per_sec: Some(parse_rate(rate)?),
+                resync_rate_bytes_per_sec: resync_rate.as_deref().map(parse_rate).transpose()?,
+                after_split_brain: after_split_brain.as_deref().map(policy_arg),
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             emit(json, &v, |v| {
                 format!(
-                    "Volume {}: resync rate limit {}.\n",
+                    "Volume {}: resync rate limit {}, after split brain: {}.\n",
                     v.name,
-                    rate_text(v.resync_rate_bytes_per_sec)
+                    rate_text(v.resync_rate_bytes_per_sec),
+                    v.after_split_brain
                 )
             })
         }
+        VolumeCmd::ResolveSplitBrain {
+            name,
+            discard,
+            timeout,
+        } => resolve_split_brain(client, json, name, discard, timeout),
         VolumeCmd::Promote {
             name,
             node,
@@ -370,6 +409,85 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             }
         }
     }
+}
+
+/// `discard-node NODE` may also be written `discard-node:NODE` or `discard-node=NODE`.
+fn policy_arg(s: &str) -> String {
+    let t = s.trim();
+    match t.strip_prefix("discard-node") {
+        Some(rest) => format!(
+            "discard-node:{}",
+            rest.trim_start_matches([':', '=', ' ']).trim()
+        ),
+        None => t.to_string(),
+    }
+}
+
+/// `volume resolve-split-brain`: starts the resolution, waits until the replicas are in sync.
+fn resolve_split_brain(
+    client: &Client,
+    json: bool,
+    name: &str,
+    discard: &str,
+    timeout: &str,
+) -> Result<()> {
+    let timeout = parse_duration(timeout)?;
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    let v: Volume = client.post(
+        &format!("{path}/resolve-split-brain"),
+        &tandem_api::ResolveSplitBrain {
+            discard: discard.to_string(),
+        },
+    )?;
+    let id = v
+        .operations
+        .iter()
+        .rev()
+        .find(|o| o.kind == "resolve-split-brain")
+        .map(|o| o.id.clone())
+        .unwrap_or_default();
+    if !json {
+        eprintln!(
+            "Discarding the changes of {discard} since the split; it resyncs from the other replicas (operation {id})."
+        );
+    }
+    let deadline = Instant::now() + timeout;
+    let v = loop {
+        let v: Volume = client.get(&path)?;
+        let op = v.operations.iter().find(|o| o.id == id);
+        if op.is_none_or(|o| o.state == "done" || o.state == "failed") {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "volume {name} is not in sync {} s after the resolution started (operation {id}{}); \
+                 `tandem volume show {name}` follows it",
+                timeout.as_secs(),
+                op.and_then(|o| o.last_error.as_deref())
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let op = v.operations.iter().find(|o| o.id == id);
+    if let Some(o) = op.filter(|o| o.state == "failed") {
+        bail!(
+            "the split-brain resolution of volume {name} failed: {}",
+            o.last_error.as_deref().unwrap_or("unknown error")
+        );
+    }
+    emit(json, &v, |v| {
+        format!(
+            "Split brain of volume {} resolved: {discard} resynced from the others ({} transferred).\n",
+            v.name,
+            v.replicas
+                .iter()
+                .find(|r| r.node == discard)
+                .map(|r| output::size_cell(r.last_resync_bytes))
+                .unwrap_or_default()
+        )
+    })
 }
 
 /// `90`, `90s`, `10m`, `2h`.

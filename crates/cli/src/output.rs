@@ -252,6 +252,27 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
             }
         ));
     }
+    for r in &v.replicas {
+        for sb in &r.split_brain {
+            out.push_str(&format!(
+                "SPLIT BRAIN {} / {} (rule {}): {} wrote {} since the split, {} wrote {}; {}\n",
+                r.node,
+                sb.peer,
+                sb.rule,
+                r.node,
+                size_cell(sb.our_bytes),
+                sb.peer,
+                size_cell(sb.peer_bytes),
+                sb.resolution.clone().unwrap_or_else(|| format!(
+                    "disconnected, data not merged: `tandem volume resolve-split-brain {} --discard NODE`",
+                    v.name
+                ))
+            ));
+        }
+    }
+    if v.replicas.len() > 1 && v.after_split_brain != "disconnect" {
+        out.push_str(&format!("After split brain: {}\n", v.after_split_brain));
+    }
     for r in v.replicas.iter().filter(|r| r.role_error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",
@@ -579,6 +600,7 @@ mod tests {
             resync_bytes_left: None,
             resync_eta_secs: None,
             verify: None,
+            split_brain: vec![],
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -598,6 +620,7 @@ mod tests {
             primary_node: Some("n1".into()),
             resync_rate_bytes_per_sec: 0,
             last_verify: None,
+            after_split_brain: "disconnect".into(),
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];

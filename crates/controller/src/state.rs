@@ -37,7 +37,9 @@ use tokio::sync::watch;
 use crate::error::Failure;
 use crate::ops;
 
+mod split_brain;
 mod verify;
+pub use split_brain::ResolveRecord;
 pub use verify::VerifyRecord;
 
 pub(crate) const CLUSTER_ID_KEY: &str = "cluster/id";
@@ -160,6 +162,16 @@ pub struct VolumeRecord {
     /// The result of the last finished verify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<tandem_api::VerifyReport>,
+    /// Split-brain policy (`disconnect`, `discard-zero-changes`, `discard-node:NODE`).
+    #[serde(default = "default_split_brain")]
+    pub after_split_brain: String,
+    /// The latest manual split-brain resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve: Option<ResolveRecord>,
+}
+
+fn default_split_brain() -> String {
+    "disconnect".into()
 }
 
 impl VolumeRecord {
@@ -572,6 +584,7 @@ impl Controller {
                     resync_bytes_left: report.and_then(|r| r.resync_bytes_left),
                     resync_eta_secs: report.and_then(|r| r.resync_eta_secs),
                     verify: verify::live_verify(report),
+                    split_brain: report.map(|r| r.split_brain.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -601,6 +614,7 @@ impl Controller {
             primary_node: v.desired_primary().map(str::to_string),
             resync_rate_bytes_per_sec: v.resync_rate,
             last_verify: v.last_verify.clone(),
+            after_split_brain: v.after_split_brain.clone(),
         }
     }
 
@@ -1009,7 +1023,13 @@ impl Controller {
             resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
             verify_request: None,
             last_verify: None,
+            after_split_brain: req
+                .after_split_brain
+                .clone()
+                .unwrap_or_else(default_split_brain),
+            resolve: None,
         };
+        split_brain::validate_policy(&record.after_split_brain, &record.placements)?;
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
             encode(&record)?,
@@ -1255,6 +1275,14 @@ impl Controller {
                 "resync rate changed"
             );
             v.resync_rate = rate;
+            changed = true;
+        }
+        if let Some(p) = &req.after_split_brain
+            && *p != v.after_split_brain
+        {
+            split_brain::validate_policy(p, &v.placements)?;
+            tracing::info!(volume = name, from = %v.after_split_brain, to = %p, "split-brain policy changed");
+            v.after_split_brain = p.clone();
             changed = true;
         }
         if changed {
@@ -1744,6 +1772,7 @@ impl Controller {
                         tracing::info!(volume = %v.name, node, "volume ready");
                     }
                     Self::verify_progress(&mut v, node, r, current, now);
+                    Self::resolve_progress(&mut v, node, r, now);
                 }
             }
             if before != v {
@@ -1891,6 +1920,8 @@ impl Controller {
                         resync_rate: 0,
                         verify_request: None,
                         last_verify: None,
+                        after_split_brain: default_split_brain(),
+                        resolve: None,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -2018,6 +2049,8 @@ impl Controller {
                     join: p.join,
                     resync_rate_bytes_per_sec: v.resync_rate,
                     verify: Self::desired_verify(&v, node),
+                    after_split_brain: v.after_split_brain.clone(),
+                    resolve_split_brain: Self::desired_resolve(&v, node),
                 });
             }
         }

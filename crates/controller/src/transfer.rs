@@ -86,6 +86,8 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         resync_rate: v.resync_rate_bytes_per_sec,
         verify_request: None,
         last_verify: None,
+        after_split_brain: "disconnect".into(),
+        resolve: None,
     }
 }
 

@@ -14,7 +14,9 @@ use crate::decide::{Rule, SideView, SyncDecision, decide};
 use crate::quorum::has_majority;
 use crate::types::*;
 
+mod split_brain;
 mod verify;
+pub use split_brain::ResolveError;
 pub use verify::VerifyError;
 
 /// Most ranges put in one `OutOfSync` message by the engine.
@@ -184,6 +186,8 @@ struct Peer {
     bitmap: Option<Bitmap>,
     conn: Option<Conn>,
     last_decision: Option<(SyncDecision, Rule)>,
+    /// See [`SplitBrainStatus`].
+    split_brain: Option<SplitBrainStatus>,
 }
 
 /// Blocks a Secondary received whole from the Primary over the current link to it. While
@@ -240,6 +244,8 @@ pub struct Engine {
     primary_fresh: Option<PrimaryFresh>,
     /// Online verify (`verify`).
     verify: verify::VerifyState,
+    /// Manual split-brain resolution: discard our changes at the next split-brain handshake.
+    discard_my_data: bool,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -287,6 +293,7 @@ impl Engine {
                     bitmap,
                     conn: None,
                     last_decision: None,
+                    split_brain: None,
                 },
             );
         }
@@ -321,6 +328,7 @@ impl Engine {
             last_resync_bytes: 0,
             primary_fresh: None,
             verify: Default::default(),
+            discard_my_data: false,
         };
         if e.meta.primary {
             e.crashed_primary = true;
@@ -471,6 +479,7 @@ impl Engine {
                         .map(|r| r.disk_state),
                     out_of_sync_bytes: p.bitmap.as_ref().map_or(0, |b| b.out_of_sync_bytes()),
                     last_decision: p.last_decision,
+                    split_brain: p.split_brain.clone(),
                 }
             })
             .collect();
@@ -493,6 +502,7 @@ impl Engine {
             activity_log_extents: self.al.len(),
             verify,
             last_verify,
+            discard_my_data: self.discard_my_data,
         }
     }
 
@@ -651,6 +661,9 @@ impl Engine {
         let mut flags = 0;
         if self.crashed_primary {
             flags |= state_flags::CRASHED_PRIMARY;
+        }
+        if self.discard_my_data {
+            flags |= state_flags::DISCARD_MY_DATA;
         }
         StateReport {
             seq: self.report_seq,
@@ -2271,7 +2284,14 @@ impl Engine {
             crashed_primary: r.flags & state_flags::CRASHED_PRIMARY != 0,
             has_bits: !c.bitmap_rx.is_empty(),
         };
-        let (d, rule) = decide(&me, &other);
+        let (mut d, rule) = decide(&me, &other);
+        if d == SyncDecision::SplitBrain {
+            if let Some(resolved) = self.resolve_split_brain(peer, rule, r.flags) {
+                d = resolved;
+            }
+        } else {
+            self.clear_split_brain(peer);
+        }
         self.log(
             Level::Info,
             format!("handshake with node {peer}: {d:?} by rule {rule:?}"),
@@ -2487,6 +2507,7 @@ impl Engine {
         self.meta.history = r.generations.history;
         self.meta.disk_state = DiskState::UpToDate;
         self.meta.peer_bitmap_gens.insert(peer, 0);
+        self.split_brain_resynced(peer);
         // Toward third nodes: where the source recorded a node as behind, so are we now (our
         // data is its data). Where it lists none (in sync with it) we keep what we recorded
         // ourselves (it may know less than we do: e.g. writes that node lost in a crash that

@@ -856,3 +856,229 @@ fn verify_refusals_are_typed() {
         p.status()
     );
 }
+
+// ------------------------------------------------------------------ split brain
+
+/// Node 0 with diskful peer 1 and witness 2 after a split: we are at generation 20 (wrote
+/// `our_blocks` blocks since generation 10, when we last were in sync with node 1).
+fn split_node(policy: SplitBrainPolicy, our_blocks: u64) -> Engine {
+    let peers = vec![
+        PeerConfig {
+            node_id: 1,
+            diskful: true,
+        },
+        PeerConfig {
+            node_id: 2,
+            diskful: false,
+        },
+    ];
+    let mut cfg = Config::new(0, true, peers, SIZE);
+    cfg.after_split_brain = policy;
+    let mut p = Persisted::new_volume(&cfg, 10);
+    p.meta.current = 20;
+    p.meta.history = [10, 0];
+    p.meta.peer_bitmap_gens.insert(1, 10);
+    if our_blocks > 0 {
+        p.bitmaps.get_mut(&1).unwrap().set_bits(0, our_blocks);
+    }
+    Engine::new(cfg, p, 0).0
+}
+
+/// The handshake with node 1, which wrote `peer_blocks` blocks (from block 100) since
+/// generation 10 and is now at generation 30; `flags` of its report.
+fn split_handshake(e: &mut Engine, peer_blocks: u64, flags: u32) -> Vec<Action> {
+    let mut out = e.handle(1, Event::PeerUp { peer: 1 });
+    out.extend(e.handle(
+        2,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                seq: 1,
+                node_id: 1,
+                role: Role::Secondary,
+                disk_state: tandem_repl_proto::DiskState::UpToDate,
+                quorum: Default::default(),
+                flags,
+                size_bytes: SIZE,
+                generations: tandem_repl_proto::Generations {
+                    current: 30,
+                    bitmap: 10,
+                    history: [10, 0],
+                },
+                peer_bitmaps: vec![],
+            })),
+        },
+    ));
+    let ranges = if peer_blocks > 0 {
+        vec![tandem_repl_proto::ByteRange {
+            offset: 100 * 4096,
+            len: peer_blocks * 4096,
+        }]
+    } else {
+        vec![]
+    };
+    out.extend(e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges,
+            },
+        },
+    ));
+    out
+}
+
+fn resync_begins(a: &[Action]) -> usize {
+    a.iter()
+        .filter(|x| {
+            matches!(
+                x,
+                Action::Send {
+                    peer: 1,
+                    msg: Message::ResyncBegin { .. }
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn split_brain_disconnect_policy_stays_split_and_shows_both_sides_changes() {
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Disconnect {
+            peer: 1,
+            reason: DisconnectReason::SplitBrain,
+            reconnect: false
+        }
+    )));
+    let p = &e.status().peers[0];
+    assert_eq!(
+        p.last_decision,
+        Some((SyncDecision::SplitBrain, Rule::SplitBrainSameBitmap))
+    );
+    let sb = p.split_brain.clone().expect("split brain shown");
+    assert_eq!((sb.our_bytes, sb.peer_bytes), (8192, 3 * 4096));
+    assert_eq!(sb.resolution, None);
+    assert_eq!(resync_begins(&a), 0);
+    // Nothing was merged: our data and state are untouched.
+    assert_eq!(
+        e.status().disk_state,
+        tandem_repl_proto::DiskState::UpToDate
+    );
+    assert!(disk_writes(&a).is_empty());
+}
+
+#[test]
+fn split_brain_discard_node_policy_picks_the_named_victim() {
+    // We are the victim: bitmap sync target of the union of both sides' blocks.
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(0), 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(disconnects(&a).is_empty());
+    let p = &e.status().peers[0];
+    assert_eq!(p.repl_state, ReplState::SyncTarget);
+    assert_eq!(
+        p.out_of_sync_bytes,
+        5 * 4096,
+        "union of both sides' changes"
+    );
+    assert!(
+        p.split_brain
+            .as_ref()
+            .unwrap()
+            .resolution
+            .as_ref()
+            .unwrap()
+            .contains("discard-node 0")
+    );
+    // The peer is the victim: we are source.
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(1), 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(resync_begins(&a), 1);
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    // A third node named: not this pair's business, stays split.
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(7), 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+}
+
+#[test]
+fn split_brain_discard_zero_changes_only_when_one_side_wrote_nothing() {
+    // We wrote nothing since the split: we are the target.
+    let mut e = split_node(SplitBrainPolicy::DiscardZeroChanges, 0);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    // The peer wrote nothing: we are the source.
+    let mut e = split_node(SplitBrainPolicy::DiscardZeroChanges, 2);
+    let a = split_handshake(&mut e, 0, 0);
+    assert_eq!(resync_begins(&a), 1);
+    // Both wrote: disconnect, nothing merged.
+    let mut e = split_node(SplitBrainPolicy::DiscardZeroChanges, 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+    assert_eq!(
+        e.status().peers[0].split_brain.as_ref().unwrap().resolution,
+        None
+    );
+}
+
+#[test]
+fn manual_resolution_discards_the_victims_changes() {
+    use tandem_repl_proto::message::state_flags::DISCARD_MY_DATA;
+    // On the victim: its reports say so, its next split-brain handshake makes it target.
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    e.discard_my_data(1).unwrap();
+    assert!(e.status().discard_my_data);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 1, msg: Message::StateReport(r) } if r.flags & DISCARD_MY_DATA != 0
+    )));
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    // On the survivor: the victim's flag makes it source, whatever the policy.
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    let a = split_handshake(&mut e, 3, DISCARD_MY_DATA);
+    assert_eq!(resync_begins(&a), 1);
+    assert!(
+        e.status().peers[0]
+            .split_brain
+            .as_ref()
+            .unwrap()
+            .resolution
+            .as_ref()
+            .unwrap()
+            .contains("node 1 discards")
+    );
+    // Both asked to discard: nothing to keep, stays split.
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    e.discard_my_data(1).unwrap();
+    let a = split_handshake(&mut e, 3, DISCARD_MY_DATA);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+    // Refusals.
+    let mut p = primary();
+    assert_eq!(p.discard_my_data(9).unwrap_err(), ResolveError::Primary);
+}
+
+#[test]
+fn a_primary_with_quorum_is_never_an_automatic_victim() {
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(0), 2);
+    connect(&mut e, 2, false, Role::Secondary);
+    e.promote(4).unwrap();
+    e.handle(
+        5,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::Pong { token: u64::MAX },
+        },
+    );
+    assert!(e.has_quorum());
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+    assert_eq!(e.role(), Role::Primary);
+}

@@ -69,6 +69,22 @@ pub struct Config {
     pub verify_chunk: u32,
     /// Online verify: requests in flight.
     pub verify_max_inflight: usize,
+    /// What a handshake that finds split brain does (both ends of a volume must use the same).
+    pub after_split_brain: SplitBrainPolicy,
+}
+
+/// Automatic split-brain policy (DRBD's `after-sb-*` in spirit). Whatever the policy, data is
+/// never merged: one side's changes since the split are discarded, or the link stays down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitBrainPolicy {
+    /// Stay disconnected (`reconnect: false`) until an operator resolves it.
+    #[default]
+    Disconnect,
+    /// The side that wrote nothing since the split (no out-of-sync bits toward the other)
+    /// becomes sync target; if both wrote, disconnect.
+    DiscardZeroChanges,
+    /// This node's changes are discarded whenever it is in a split brain.
+    DiscardNode(NodeId),
 }
 
 impl Config {
@@ -91,6 +107,7 @@ impl Config {
             entropy: 0,
             verify_chunk: 1 << 20,
             verify_max_inflight: 4,
+            after_split_brain: SplitBrainPolicy::Disconnect,
         }
     }
 }
@@ -338,6 +355,22 @@ pub struct PeerStatus {
     pub out_of_sync_bytes: u64,
     /// The decision of the last handshake and the rule that decided it.
     pub last_decision: Option<(SyncDecision, Rule)>,
+    /// The split brain the last handshake with it found, until settled.
+    pub split_brain: Option<SplitBrainStatus>,
+}
+
+/// A split brain with one peer, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitBrainStatus {
+    /// The rule that found it.
+    pub rule: Rule,
+    /// Bytes we wrote since the split (our out-of-sync bits toward the peer).
+    pub our_bytes: u64,
+    /// Bytes the peer wrote since the split (its bits toward us at that handshake).
+    pub peer_bytes: u64,
+    /// How it is being resolved (policy or manual), or `None`: disconnected, waiting for an
+    /// operator.
+    pub resolution: Option<String>,
 }
 
 /// A snapshot for `volume show` / `status`.
@@ -366,6 +399,8 @@ pub struct Status {
     pub verify: Option<VerifyProgress>,
     /// The last online verify this node ran (since the engine started).
     pub last_verify: Option<VerifyResult>,
+    /// This node discards its changes at its next split-brain handshake (manual resolution).
+    pub discard_my_data: bool,
 }
 
 /// Progress of a running online verify (this node is the verify source).

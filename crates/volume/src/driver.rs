@@ -13,7 +13,7 @@ use tandem_meta::ReplicaFiles;
 use tandem_repl_proto::{ChecksumAlg, DiskState, Message, NodeId};
 use tandem_replication::{
     Action, Config, DiskError, Engine, Event, IoId, Level, PeerConfig, PeerStatus, Protocol, Reply,
-    RequestError, RequestId, Role, Status,
+    RequestError, RequestId, Role, SplitBrainPolicy, Status,
 };
 use tandem_transport::{LinkId, SendError};
 
@@ -44,6 +44,8 @@ pub struct VolumeOptions {
     pub protocol: Protocol,
     /// Resync rate limit in bytes/s (0 = unlimited).
     pub resync_rate: u64,
+    /// What a handshake that finds split brain does.
+    pub after_split_brain: SplitBrainPolicy,
 }
 
 impl Default for VolumeOptions {
@@ -51,6 +53,7 @@ impl Default for VolumeOptions {
         VolumeOptions {
             protocol: Protocol::C,
             resync_rate: 0,
+            after_split_brain: SplitBrainPolicy::Disconnect,
         }
     }
 }
@@ -105,6 +108,8 @@ pub(crate) enum Input {
     Status(SyncSender<Status>),
     SetResyncRate(u64),
     Verify(bool, SyncSender<Result<(), VolumeError>>),
+    Resolve(bool, SyncSender<Result<(), VolumeError>>),
+    SetSplitBrainPolicy(SplitBrainPolicy),
     Stop,
 }
 
@@ -189,6 +194,7 @@ impl VolumeDriver {
         );
         cfg.protocol = spec.options.protocol;
         cfg.resync_rate = spec.options.resync_rate;
+        cfg.after_split_brain = spec.options.after_split_brain;
         cfg.entropy = u64::from_le_bytes(entropy);
 
         let device = if spec.diskful {
@@ -308,6 +314,20 @@ impl VolumeDriver {
     /// progress and result are in [`VolumeDriver::status`].
     pub fn verify(&self, resync: bool) -> Result<(), VolumeError> {
         self.call(|r| Input::Verify(resync, r))?
+    }
+
+    /// Split-brain resolution on this node: `discard` makes it the victim (its changes since
+    /// the split are discarded at the next handshake, see `Engine::discard_my_data`); every
+    /// node involved then reconnects the links it closed for good after the split brain.
+    pub fn resolve_split_brain(&self, discard: bool) -> Result<(), VolumeError> {
+        self.call(|r| Input::Resolve(discard, r))?
+    }
+
+    /// Changes the split-brain policy (from the next handshake).
+    pub fn set_split_brain_policy(&self, policy: SplitBrainPolicy) -> Result<(), VolumeError> {
+        self.tx
+            .send(Input::SetSplitBrainPolicy(policy))
+            .map_err(|_| VolumeError::Stopped("stopped".into()))
     }
 
     /// Changes the resync rate (bytes/s, 0 = unlimited) while running.
@@ -619,6 +639,42 @@ impl Loop {
             Input::SetResyncRate(b) => self
                 .engine
                 .handle(now, Event::SetResyncRate { bytes_per_sec: b }),
+            Input::SetSplitBrainPolicy(p) => {
+                self.engine.set_split_brain_policy(p);
+                return Ok(());
+            }
+            Input::Resolve(discard, r) => {
+                let res = if discard {
+                    match self.engine.discard_my_data(now) {
+                        Ok(a) => self.execute(a),
+                        Err(e) => Err(e.into()),
+                    }
+                } else {
+                    Ok(())
+                };
+                let res = res.and_then(|()| {
+                    // Links closed for good (split brain) come back.
+                    let gone: Vec<NodeId> = self
+                        .removed
+                        .iter()
+                        .filter(|(_, back)| !**back)
+                        .map(|(p, _)| *p)
+                        .collect();
+                    if gone.is_empty() {
+                        return Ok(());
+                    }
+                    for p in gone {
+                        tracing::info!(volume = %self.name, peer = p, "reconnecting after split brain");
+                        self.removed.remove(&p);
+                    }
+                    self.configure_transport()
+                });
+                let _ = r.send(res.clone());
+                return match res {
+                    Err(VolumeError::Resolve(_)) => Ok(()),
+                    other => other,
+                };
+            }
             Input::Verify(resync, r) => match self.engine.start_verify(now, resync) {
                 Ok(a) => {
                     let res = self.execute(a);

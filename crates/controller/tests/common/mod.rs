@@ -267,5 +267,7 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         resync_bytes_left: None,
         resync_eta_secs: None,
         verify: None,
+        split_brain: vec![],
+        discard_pending: false,
     }
 }
