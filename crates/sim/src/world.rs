@@ -40,6 +40,10 @@ pub struct SimOptions {
     pub faults: bool,
     /// Trace lines kept for the failure report.
     pub trace_len: usize,
+    /// Run the scripted split-brain scenario instead of the random schedule (see
+    /// `split_brain.rs`): two diskful nodes and a witness, a split made on purpose, resolved
+    /// by a policy or by the manual resolution.
+    pub split_brain: bool,
 }
 
 impl Default for SimOptions {
@@ -50,6 +54,7 @@ impl Default for SimOptions {
             size_blocks: 128,
             faults: true,
             trace_len: 80,
+            split_brain: false,
         }
     }
 }
@@ -75,10 +80,12 @@ pub struct Outcome {
     pub verifies: u64,
     pub verifies_done: u64,
     pub verified_bytes: u64,
+    /// Split-brain scenario: how it was resolved (`policy ...`, `manual ...`, `no split`).
+    pub split_brain: Option<String>,
 }
 
 #[derive(Debug)]
-enum Ev {
+pub(crate) enum Ev {
     Deliver {
         from: NodeId,
         to: NodeId,
@@ -123,17 +130,17 @@ enum Ev {
     Step,
 }
 
-struct Node {
-    id: NodeId,
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
     diskful: bool,
-    cfg: Config,
-    engine: Option<Engine>,
+    pub(crate) cfg: Config,
+    pub(crate) engine: Option<Engine>,
     inc: u64,
-    disk: SimDisk,
+    pub(crate) disk: SimDisk,
     persisted: Persisted,
     /// Disk writes started, not completed: io -> (offset, data, fua).
     writes_in_flight: BTreeMap<u64, (u64, Bytes, bool)>,
-    isolated: bool,
+    pub(crate) isolated: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -161,25 +168,25 @@ enum Fault {
     Link,
 }
 
-struct World {
+pub(crate) struct World {
     seed: u64,
-    rng: Rng,
-    now: Nanos,
+    pub(crate) rng: Rng,
+    pub(crate) now: Nanos,
     queue: BinaryHeap<Reverse<(Nanos, u64)>>,
     events: BTreeMap<u64, Ev>,
     next_ev: u64,
-    nodes: Vec<Node>,
+    pub(crate) nodes: Vec<Node>,
     /// Link generation per pair (a < b); None = down.
-    links: BTreeMap<(NodeId, NodeId), Option<u64>>,
+    pub(crate) links: BTreeMap<(NodeId, NodeId), Option<u64>>,
     link_gen: u64,
     fifo: BTreeMap<(NodeId, NodeId), Nanos>,
     drop_next: Option<(NodeId, NodeId)>,
     model: Model,
     reqs: BTreeMap<RequestId, (NodeId, u64, Req)>,
-    next_req: RequestId,
-    next_write: u64,
+    pub(crate) next_req: RequestId,
+    pub(crate) next_write: u64,
     trace: VecDeque<String>,
-    out: Outcome,
+    pub(crate) out: Outcome,
     fault: Fault,
     healthy_since: Option<Nanos>,
     opts: SimOptions,
@@ -187,6 +194,10 @@ struct World {
     workload: bool,
     /// Last verify run checked per node.
     seen_verify: BTreeMap<NodeId, u64>,
+    /// Pairs (a < b) that must not reconnect (scripted cut, or refused for good).
+    pub(crate) blocked: std::collections::BTreeSet<(NodeId, NodeId)>,
+    /// The split-brain scenario, when running it.
+    pub(crate) sb: Option<crate::split_brain::Scenario>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -203,7 +214,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<Outcome, String> {
     }
 }
 
-fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+pub(crate) fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
 }
 
@@ -212,10 +223,14 @@ impl World {
         let mut rng = Rng::new(seed);
         // Always drawn, so pinning the topology keeps the rest of a seed's schedule.
         let roll = rng.range(0, 10);
-        let topo = opts.topology.unwrap_or(match roll {
-            0..=7 => Topology::TwoPlusWitness,
-            _ => Topology::Two,
-        });
+        let topo = if opts.split_brain {
+            Topology::TwoPlusWitness
+        } else {
+            opts.topology.unwrap_or(match roll {
+                0..=7 => Topology::TwoPlusWitness,
+                _ => Topology::Two,
+            })
+        };
         let diskful: Vec<bool> = match topo {
             Topology::TwoPlusWitness => vec![true, true, false],
             Topology::Three => vec![true, true, true],
@@ -223,6 +238,9 @@ impl World {
         };
         let size = opts.size_blocks * BLOCK;
         let gen0 = rng.next_u64() | 1;
+        let sb = opts
+            .split_brain
+            .then(|| crate::split_brain::Scenario::new(&mut rng));
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -242,6 +260,9 @@ impl World {
             cfg.resync_rate = rng.range(20, 400) << 20;
             cfg.ping_interval = 0;
             cfg.entropy = rng.next_u64();
+            if let Some(sb) = &sb {
+                cfg.after_split_brain = sb.policy;
+            }
             let persisted = Persisted::new_volume(&cfg, gen0);
             let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);
             nodes.push(Node {
@@ -289,17 +310,23 @@ impl World {
             size,
             workload: true,
             seen_verify: BTreeMap::new(),
+            blocked: Default::default(),
+            sb,
         }
     }
 
-    fn tr(&mut self, s: String) {
+    pub(crate) fn reqs_empty(&self) -> bool {
+        self.reqs.is_empty()
+    }
+
+    pub(crate) fn tr(&mut self, s: String) {
         if self.trace.len() >= self.opts.trace_len {
             self.trace.pop_front();
         }
         self.trace.push_back(format!("{:>9}us {s}", self.now / US));
     }
 
-    fn at(&mut self, t: Nanos, ev: Ev) {
+    pub(crate) fn at(&mut self, t: Nanos, ev: Ev) {
         let id = self.next_ev;
         self.next_ev += 1;
         self.events.insert(id, ev);
@@ -329,7 +356,11 @@ impl World {
             self.dispatch(ev)?;
             self.check_primaries()?;
             if is_step {
-                if !self.workload
+                if let Some(sb) = &self.sb {
+                    if sb.done() && self.reqs.is_empty() && self.converged() {
+                        return self.sb_final_check();
+                    }
+                } else if !self.workload
                     && self.reqs.is_empty()
                     && self.fault == Fault::None
                     && self.converged()
@@ -471,7 +502,11 @@ impl World {
             Ev::Reconnect { a, b } => {
                 let up = self.links.get(&key(a, b)).copied().flatten().is_some();
                 let ok = |n: &Node| n.engine.is_some() && !n.isolated;
-                if !up && ok(&self.nodes[a as usize]) && ok(&self.nodes[b as usize]) {
+                if !up
+                    && !self.blocked.contains(&key(a, b))
+                    && ok(&self.nodes[a as usize])
+                    && ok(&self.nodes[b as usize])
+                {
                     self.link_gen += 1;
                     let g = self.link_gen;
                     self.links.insert(key(a, b), Some(g));
@@ -484,7 +519,7 @@ impl World {
         Ok(())
     }
 
-    fn feed(&mut self, node: NodeId, ev: Event) -> Result<(), String> {
+    pub(crate) fn feed(&mut self, node: NodeId, ev: Event) -> Result<(), String> {
         let now = self.now;
         let Some(e) = self.nodes[node as usize].engine.as_mut() else {
             return Ok(());
@@ -493,7 +528,7 @@ impl World {
         self.apply(node, actions)
     }
 
-    fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
+    pub(crate) fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
         for a in actions {
             match a {
                 Action::DiskWrite {
@@ -564,7 +599,13 @@ impl World {
                     reconnect,
                 } => {
                     self.tr(format!("node {node} disconnects {peer}: {reason:?}"));
-                    if !reconnect {
+                    if !reconnect && self.sb.is_some() {
+                        // The scenario expects it: the pair stays apart until resolved.
+                        self.blocked.insert(key(node, peer));
+                        if let Some(sb) = self.sb.as_mut() {
+                            sb.split_seen = true;
+                        }
+                    } else if !reconnect {
                         return Err(format!(
                             "node {node} refuses node {peer} for good ({reason:?}): split brain or unrelated data under at most one fault"
                         ));
@@ -632,7 +673,7 @@ impl World {
         );
     }
 
-    fn break_link(&mut self, a: NodeId, b: NodeId) -> Result<(), String> {
+    pub(crate) fn break_link(&mut self, a: NodeId, b: NodeId) -> Result<(), String> {
         if self.links.get(&key(a, b)).copied().flatten().is_none() {
             return Ok(());
         }
@@ -653,6 +694,9 @@ impl World {
         id: RequestId,
         result: Result<Reply, tandem_replication::RequestError>,
     ) -> Result<(), String> {
+        if self.sb_completed(node, id, &result)? {
+            return Ok(());
+        }
         let Some((rnode, _, req)) = self.reqs.remove(&id) else {
             return Err(format!("completion for unknown request {id}"));
         };
@@ -730,7 +774,7 @@ impl World {
             .map(|n| n.id)
     }
 
-    fn workload_step(&mut self) -> Result<(), String> {
+    pub(crate) fn workload_step(&mut self) -> Result<(), String> {
         let Some(p) = self.primary() else {
             return Ok(());
         };
@@ -804,6 +848,9 @@ impl World {
     fn step(&mut self) -> Result<(), String> {
         for i in 0..self.nodes.len() {
             self.feed(i as NodeId, Event::Tick)?;
+        }
+        if self.sb.is_some() {
+            return self.sb_step();
         }
         self.operator()?;
         if self.workload {
@@ -906,7 +953,7 @@ impl World {
         Ok(())
     }
 
-    fn converged(&self) -> bool {
+    pub(crate) fn converged(&self) -> bool {
         let links_up = self.links.values().all(|g| g.is_some());
         links_up
             && self.nodes.iter().all(|n| {
