@@ -1,5 +1,6 @@
 //! End to end with real processes: `tandem volume verify` of a 2-replica volume (+ witness).
-//! A healthy volume has no difference (also while qemu-io writes through the Primary); a 4 KiB
+//! A healthy volume has no difference (verify while a consumer writes is covered by
+//! `crates/volume/tests/verify.rs` and the simulator's invariant 6); a 4 KiB
 //! block corrupted behind tandem's back in the Secondary's `V.data` is reported exactly, marked
 //! out of sync and shown in `volume show`; `--resync` repairs it; a second verify finds nothing
 //! and the data files are byte-identical.
