@@ -564,6 +564,13 @@ pub struct VolumeSpec {
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// Split-brain policy (absent: `disconnect`).
+    #[serde(default = "default_split_brain", skip_serializing_if = "is_disconnect")]
+    pub after_split_brain: String,
+}
+
+fn is_disconnect(s: &String) -> bool {
+    s == "disconnect"
 }
 
 /// Answer of `POST /v1/state`.

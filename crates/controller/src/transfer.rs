@@ -58,6 +58,7 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
         resync_rate_bytes_per_sec: v.resync_rate,
+        after_split_brain: v.after_split_brain.clone(),
     }
 }
 
@@ -86,7 +87,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         resync_rate: v.resync_rate_bytes_per_sec,
         verify_request: None,
         last_verify: None,
-        after_split_brain: "disconnect".into(),
+        after_split_brain: v.after_split_brain.clone(),
         resolve: None,
     }
 }

@@ -265,4 +265,14 @@ fn split_brain_resolution_is_refused_unless_it_can_work_and_followed_to_the_end(
     assert_eq!(st, 200, "{v}");
     let d = t.send("n3", t.rep("n3", DiskState::UpToDate));
     assert_eq!(d.replicas[0].after_split_brain, "discard-zero-changes");
+    // State export keeps it.
+    let (st, doc) = t.s.get("/v1/state");
+    assert_eq!(st, 200);
+    let a = doc["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "a")
+        .unwrap();
+    assert_eq!(a["after_split_brain"], "discard-zero-changes", "{a}");
 }
