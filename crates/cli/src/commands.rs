@@ -358,13 +358,19 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
+            let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());
             emit(json, &v, |v| {
-                format!(
-                    "Volume {}: resync rate limit {}, after split brain: {}.\n",
-                    v.name,
-                    rate_text(v.resync_rate_bytes_per_sec),
-                    v.after_split_brain
-                )
+                let mut parts = Vec::new();
+                if rate_set {
+                    parts.push(format!(
+                        "resync rate limit {}",
+                        rate_text(v.resync_rate_bytes_per_sec)
+                    ));
+                }
+                if policy_set {
+                    parts.push(format!("after split brain: {}", v.after_split_brain));
+                }
+                format!("Volume {}: {}.\n", v.name, parts.join(", "))
             })
         }
         VolumeCmd::ResolveSplitBrain {
