@@ -222,6 +222,7 @@ fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     let mut w = want.clone();
     w.options.resync_rate = have.options.resync_rate;
     w.options.after_split_brain = have.options.after_split_brain;
+    w.options.resync_checksums = have.options.resync_checksums;
     w != *have
 }
 
@@ -347,6 +348,7 @@ impl Replication {
             })
             .collect();
         r.discard_pending = st.engine.discard_my_data;
+        r.last_resync_skipped_bytes = st.engine.last_resync_skipped_bytes;
         if let Some((_, Some(e))) = lock(&self.drivers)
             .get(&r.volume)
             .and_then(|run| run.resolved.clone())
@@ -611,6 +613,7 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
                     tandem_volume::SplitBrainPolicy::Disconnect
                 })
             },
+            resync_checksums: d.resync_checksums,
         },
     })
 }
@@ -722,6 +725,15 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                         run.spec.options.after_split_brain = p;
                     }
                     Err(e) => warn!(volume = %d.volume, "setting the split-brain policy: {e}"),
+                }
+            }
+            if run.spec.options.resync_checksums != d.resync_checksums {
+                match run.driver.set_resync_checksums(d.resync_checksums) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, on = d.resync_checksums, "checksum-based resync set");
+                        run.spec.options.resync_checksums = d.resync_checksums;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting checksum-based resync: {e}"),
                 }
             }
             if let Some(want) = &d.resolve_split_brain

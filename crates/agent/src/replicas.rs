@@ -658,6 +658,7 @@ impl Ctx<'_> {
                 verify: None,
                 split_brain: Vec::new(),
                 discard_pending: false,
+                last_resync_skipped_bytes: 0,
             })
             .collect();
         let t = read(self.table);
@@ -704,6 +705,7 @@ impl Ctx<'_> {
                 verify: None,
                 split_brain: Vec::new(),
                 discard_pending: false,
+                last_resync_skipped_bytes: 0,
             })
             .collect();
         drop(t);

@@ -123,6 +123,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         verify: None,
         after_split_brain: "disconnect".into(),
         resolve_split_brain: None,
+        resync_checksums: false,
     }
 }
 

@@ -120,6 +120,10 @@ pub struct VolumeCreate {
     /// `discard-node:NODE`.
     #[serde(default)]
     pub after_split_brain: Option<String>,
+    /// Checksum-based resync: compare BLAKE3 digests per 4 KiB block first and transfer only
+    /// the blocks that differ (default false).
+    #[serde(default)]
+    pub resync_checksums: Option<bool>,
 }
 
 /// Body of `PATCH /v1/volumes/{name}`: options changeable while the volume runs. Absent
@@ -135,6 +139,9 @@ pub struct VolumeUpdate {
     /// `discard-node:NODE`; applies from the next handshake.
     #[serde(default)]
     pub after_split_brain: Option<String>,
+    /// Checksum-based resync on or off; applies at once.
+    #[serde(default)]
+    pub resync_checksums: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -211,6 +218,10 @@ pub struct Replica {
     /// Split brains this replica found with its peers (until settled).
     #[serde(default)]
     pub split_brain: Vec<SplitBrainReport>,
+    /// Bytes the most recent checksum-based resync into this replica found identical and did
+    /// not transfer.
+    #[serde(default)]
+    pub last_resync_skipped_bytes: u64,
 }
 
 /// A split brain between a replica and one peer, as the replica's node reports it.
@@ -428,6 +439,9 @@ pub struct Volume {
     /// `discard-node:NODE`.
     #[serde(default = "default_split_brain")]
     pub after_split_brain: String,
+    /// Checksum-based resync (`volume set --resync-checksums`).
+    #[serde(default)]
+    pub resync_checksums: bool,
 }
 
 fn default_split_brain() -> String {
@@ -567,6 +581,9 @@ pub struct VolumeSpec {
     /// Split-brain policy (absent: `disconnect`).
     #[serde(default = "default_split_brain", skip_serializing_if = "is_disconnect")]
     pub after_split_brain: String,
+    /// Checksum-based resync (absent: off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_checksums: bool,
 }
 
 fn is_disconnect(s: &String) -> bool {
@@ -665,6 +682,9 @@ pub struct ReplicaReport {
     /// progress).
     #[serde(default)]
     pub discard_pending: bool,
+    /// Bytes the most recent checksum-based resync into this replica skipped (identical).
+    #[serde(default)]
+    pub last_resync_skipped_bytes: u64,
 }
 
 fn default_true() -> bool {
@@ -741,6 +761,9 @@ pub struct DesiredReplica {
     /// A split-brain resolution to carry out (once per id).
     #[serde(default)]
     pub resolve_split_brain: Option<DesiredResolve>,
+    /// Checksum-based resync.
+    #[serde(default)]
+    pub resync_checksums: bool,
 }
 
 /// Answer of `POST /v1/nodes/{name}/lost`.

@@ -83,6 +83,10 @@ pub enum VolumeCmd {
         /// node's changes are discarded).
         #[arg(long)]
         after_split_brain: Option<String>,
+        /// Checksum-based resync: compare digests per 4 KiB block with the source first and
+        /// transfer only the blocks that differ.
+        #[arg(long)]
+        resync_checksums: bool,
         /// Return at once instead of waiting for the replicas.
         #[arg(long)]
         no_wait: bool,
@@ -98,6 +102,9 @@ pub enum VolumeCmd {
         /// (from the next handshake).
         #[arg(long)]
         after_split_brain: Option<String>,
+        /// Checksum-based resync: `on` or `off` (applies at once).
+        #[arg(long)]
+        resync_checksums: Option<String>,
     },
     /// Resolve a split brain: NODE's changes since the split are discarded (it resyncs from
     /// the other replicas, bitmap-based where the generations allow, else fully); the others
@@ -274,6 +281,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             protocol,
             resync_rate,
             after_split_brain,
+            resync_checksums,
             no_wait,
         } => {
             let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
@@ -295,6 +303,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 protocol,
                 resync_rate_bytes_per_sec: resync_rate,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
+                resync_checksums: resync_checksums.then_some(true),
             };
             let mut v: Volume = client.post("/v1/volumes", &req)?;
             if !no_wait {
@@ -346,8 +355,15 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             name,
             resync_rate,
             after_split_brain,
+            resync_checksums,
         } => {
-            if resync_rate.is_none() && after_split_brain.is_none() {
+            let checksums = match resync_checksums.as_deref() {
+                None => None,
+                Some("on") | Some("true") => Some(true),
+                Some("off") | Some("false") => Some(false),
+                Some(other) => bail!("--resync-checksums takes on or off, not '{other}'"),
+            };
+            if resync_rate.is_none() && after_split_brain.is_none() && checksums.is_none() {
                 bail!(
                     "nothing to set: name an option, e.g. --resync-rate 100MiB or \
                      --after-split-brain discard-zero-changes"
@@ -356,6 +372,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             let req = tandem_api::VolumeUpdate {
                 resync_rate_bytes_per_sec: resync_rate.as_deref().map(parse_rate).transpose()?,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
+                resync_checksums: checksums,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());
@@ -369,6 +386,12 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 }
                 if policy_set {
                     parts.push(format!("after split brain: {}", v.after_split_brain));
+                }
+                if checksums.is_some() {
+                    parts.push(format!(
+                        "checksum-based resync {}",
+                        if v.resync_checksums { "on" } else { "off" }
+                    ));
                 }
                 format!("Volume {}: {}.\n", v.name, parts.join(", "))
             })

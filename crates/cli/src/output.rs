@@ -273,6 +273,9 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
     if v.replicas.len() > 1 && v.after_split_brain != "disconnect" {
         out.push_str(&format!("After split brain: {}\n", v.after_split_brain));
     }
+    if v.replicas.len() > 1 && v.resync_checksums {
+        out.push_str("Resync:    checksum-based (identical blocks are not transferred)\n");
+    }
     for r in v.replicas.iter().filter(|r| r.role_error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",
@@ -601,6 +604,7 @@ mod tests {
             resync_eta_secs: None,
             verify: None,
             split_brain: vec![],
+            last_resync_skipped_bytes: 0,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -621,6 +625,7 @@ mod tests {
             resync_rate_bytes_per_sec: 0,
             last_verify: None,
             after_split_brain: "disconnect".into(),
+            resync_checksums: false,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];

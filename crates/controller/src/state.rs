@@ -168,6 +168,9 @@ pub struct VolumeRecord {
     /// The latest manual split-brain resolution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolve: Option<ResolveRecord>,
+    /// Checksum-based resync.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_checksums: bool,
 }
 
 fn default_split_brain() -> String {
@@ -585,6 +588,9 @@ impl Controller {
                     resync_eta_secs: report.and_then(|r| r.resync_eta_secs),
                     verify: verify::live_verify(report),
                     split_brain: report.map(|r| r.split_brain.clone()).unwrap_or_default(),
+                    last_resync_skipped_bytes: report
+                        .map(|r| r.last_resync_skipped_bytes)
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -615,6 +621,7 @@ impl Controller {
             resync_rate_bytes_per_sec: v.resync_rate,
             last_verify: v.last_verify.clone(),
             after_split_brain: v.after_split_brain.clone(),
+            resync_checksums: v.resync_checksums,
         }
     }
 
@@ -1028,6 +1035,7 @@ impl Controller {
                 .clone()
                 .unwrap_or_else(default_split_brain),
             resolve: None,
+            resync_checksums: req.resync_checksums.unwrap_or(false),
         };
         split_brain::validate_policy(&record.after_split_brain, &record.placements)?;
         let mut txn = vec![TxnOp::put(
@@ -1283,6 +1291,13 @@ impl Controller {
             split_brain::validate_policy(p, &v.placements)?;
             tracing::info!(volume = name, from = %v.after_split_brain, to = %p, "split-brain policy changed");
             v.after_split_brain = p.clone();
+            changed = true;
+        }
+        if let Some(on) = req.resync_checksums
+            && on != v.resync_checksums
+        {
+            tracing::info!(volume = name, on, "checksum-based resync changed");
+            v.resync_checksums = on;
             changed = true;
         }
         if changed {
@@ -1922,6 +1937,7 @@ impl Controller {
                         last_verify: None,
                         after_split_brain: default_split_brain(),
                         resolve: None,
+                        resync_checksums: false,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -2051,6 +2067,7 @@ impl Controller {
                     verify: Self::desired_verify(&v, node),
                     after_split_brain: v.after_split_brain.clone(),
                     resolve_split_brain: Self::desired_resolve(&v, node),
+                    resync_checksums: v.resync_checksums,
                 });
             }
         }

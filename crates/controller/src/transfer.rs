@@ -59,6 +59,7 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         primary_explicit: v.primary_explicit,
         resync_rate_bytes_per_sec: v.resync_rate,
         after_split_brain: v.after_split_brain.clone(),
+        resync_checksums: v.resync_checksums,
     }
 }
 
@@ -89,6 +90,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         last_verify: None,
         after_split_brain: v.after_split_brain.clone(),
         resolve: None,
+        resync_checksums: v.resync_checksums,
     }
 }
 

@@ -90,6 +90,12 @@ enum OpKind {
     VerifyLocal {
         req: u64,
     },
+    /// Checksum resync: our digests of a chunk we are about to resync.
+    ResyncCheckLocal {
+        peer: NodeId,
+        epoch: u64,
+        id: u64,
+    },
     /// Digests of our copy for a peer's `ChecksumRequest`.
     ChecksumAnswer {
         peer: NodeId,
@@ -155,6 +161,13 @@ struct ResyncTarget {
     /// target, our requests make the other end disconnect before either side gave up its
     /// good data.
     begun: bool,
+    /// Checksum-based resync (`Config::resync_checksums`): chunks whose digests are being
+    /// compared before any data is requested (see `verify.rs`, "checksum resync").
+    checks: BTreeMap<u64, verify::ResyncCheck>,
+    /// The source answered a checksum request with a refusal: plain resync from now on.
+    no_checksums: bool,
+    /// Bytes found identical by checksum and not transferred.
+    skipped: u64,
 }
 
 #[derive(Debug)]
@@ -240,6 +253,7 @@ pub struct Engine {
     al_flush_pending: bool,
     resync_rate: u64,
     last_resync_bytes: u64,
+    last_resync_skipped: u64,
     /// See [`PrimaryFresh`].
     primary_fresh: Option<PrimaryFresh>,
     /// Online verify (`verify`).
@@ -326,6 +340,7 @@ impl Engine {
             al_lru: 0,
             al_flush_pending: false,
             last_resync_bytes: 0,
+            last_resync_skipped: 0,
             primary_fresh: None,
             verify: Default::default(),
             discard_my_data: false,
@@ -498,6 +513,7 @@ impl Engine {
             resync_bytes_done: resync_done,
             resync_bytes_total: resync_total,
             last_resync_bytes: self.last_resync_bytes,
+            last_resync_skipped_bytes: self.last_resync_skipped,
             crashed_primary: self.crashed_primary,
             activity_log_extents: self.al.len(),
             verify,
@@ -1070,6 +1086,10 @@ impl Engine {
             OpKind::ChecksumAnswer { block_size, .. } => {
                 let block_size = *block_size;
                 self.start_checksum_answer(&op, block_size);
+            }
+            OpKind::ResyncCheckLocal { .. } => {
+                let g = self.cfg.bitmap_granularity;
+                self.start_checksum_answer(&op, g);
             }
         }
     }
@@ -2385,6 +2405,9 @@ impl Engine {
                         finishing: false,
                         fenced: BTreeSet::new(),
                         begun: false,
+                        checks: BTreeMap::new(),
+                        no_checksums: false,
+                        skipped: 0,
                     });
                 }
                 self.log(
@@ -2426,8 +2449,10 @@ impl Engine {
         let chunk = u64::from(self.cfg.resync_chunk);
         let max_inflight = self.cfg.resync_max_inflight;
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        let checksums = self.cfg.resync_checksums;
         for id in ids {
             let mut requests = Vec::new();
+            let mut checks = Vec::new();
             let mut finish = None;
             {
                 let Some(p) = self.peers.get_mut(&id) else {
@@ -2478,15 +2503,33 @@ impl Engine {
                     let rid = rs.next_id;
                     rs.next_id += 1;
                     rs.inflight.insert(rid, (offset, len));
-                    requests.push(Message::ResyncRequest {
-                        id: rid,
-                        offset,
-                        len: len as u32,
-                    });
+                    if checksums && !rs.no_checksums {
+                        rs.checks.insert(rid, verify::ResyncCheck::new(offset, len));
+                        checks.push((rid, offset, len, epoch));
+                        requests.push(verify::resync_checksum_request(rid, offset, len, g));
+                    } else {
+                        requests.push(Message::ResyncRequest {
+                            id: rid,
+                            offset,
+                            len: len as u32,
+                        });
+                    }
                 }
             }
             for m in requests {
                 self.send(id, m);
+            }
+            for (rid, offset, len, epoch) in checks {
+                self.enqueue(
+                    offset,
+                    len,
+                    Access::Read,
+                    OpKind::ResyncCheckLocal {
+                        peer: id,
+                        epoch,
+                        id: rid,
+                    },
+                );
             }
             if let Some(epoch) = finish {
                 let io = self.io(IoPurpose::ResyncFinishFlush { peer: id, epoch });
@@ -2501,6 +2544,7 @@ impl Engine {
         c.state = ReplState::Established;
         let Some(r) = c.report.clone() else { return };
         self.last_resync_bytes = rs.done;
+        self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
         let old_current = self.meta.current;
         self.meta.current = r.generations.current;

@@ -1082,3 +1082,234 @@ fn a_primary_with_quorum_is_never_an_automatic_victim() {
     assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
     assert_eq!(e.role(), Role::Primary);
 }
+
+// ------------------------------------------------------------------ checksum-based resync
+
+#[test]
+fn checksum_resync_transfers_only_the_blocks_whose_digests_differ() {
+    let peers = vec![
+        PeerConfig {
+            node_id: 1,
+            diskful: true,
+        },
+        PeerConfig {
+            node_id: 2,
+            diskful: false,
+        },
+    ];
+    let mut cfg = Config::new(0, true, peers, SIZE);
+    cfg.resync_checksums = true;
+    let p = Persisted::new_volume(&cfg, 77);
+    let mut e = Engine::new(cfg, p, 0).0;
+    // The peer marks 8 blocks out of sync: we are the bitmap target.
+    let mut out = e.handle(1, Event::PeerUp { peer: 1 });
+    for msg in [
+        Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq: 1,
+            node_id: 1,
+            role: Role::Secondary,
+            disk_state: tandem_repl_proto::DiskState::UpToDate,
+            quorum: Default::default(),
+            flags: 0,
+            size_bytes: SIZE,
+            generations: tandem_repl_proto::Generations {
+                current: 77,
+                ..Default::default()
+            },
+            peer_bitmaps: vec![],
+        })),
+        Message::OutOfSync {
+            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+            ranges: vec![tandem_repl_proto::ByteRange {
+                offset: 0,
+                len: 8 * 4096,
+            }],
+        },
+        Message::ResyncBegin {
+            generation: 77,
+            bytes: 8 * 4096,
+        },
+    ] {
+        out.extend(e.handle(2, Event::PeerMessage { peer: 1, msg }));
+    }
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    // Digests first, no data request yet.
+    let req = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                peer: 1,
+                msg:
+                    Message::ChecksumRequest {
+                        id,
+                        offset: 0,
+                        len,
+                        purpose: tandem_repl_proto::ChecksumPurpose::Resync,
+                        ..
+                    },
+            } => Some((*id, *len)),
+            _ => None,
+        })
+        .expect("a checksum request");
+    assert_eq!(req.1, 8 * 4096);
+    assert!(!out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: Message::ResyncRequest { .. },
+            ..
+        }
+    )));
+    let jobs = checksum_jobs(&out);
+    assert_eq!(jobs.len(), 1);
+    let mut a = e.handle(
+        3,
+        Event::DiskChecksumDone {
+            io: jobs[0].0,
+            result: Ok(digests(8 * 4096, 0)),
+        },
+    );
+    // The source's blocks 2 and 3 differ.
+    let mut remote = digests(8 * 4096, 0);
+    remote[2] = [1; 32];
+    remote[3] = [1; 32];
+    a.extend(e.handle(
+        4,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ChecksumReply {
+                id: req.0,
+                offset: 0,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                status: tandem_repl_proto::Status::Ok,
+                digests: remote,
+            },
+        },
+    ));
+    let data_reqs: Vec<(u64, u64, u32)> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send {
+                peer: 1,
+                msg: Message::ResyncRequest { id, offset, len },
+            } => Some((*id, *offset, *len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data_reqs.len(), 1, "{a:?}");
+    assert_eq!((data_reqs[0].1, data_reqs[0].2), (2 * 4096, 2 * 4096));
+    assert_eq!(e.bitmap(1).unwrap().count(), 2, "identical blocks cleared");
+    // The data lands; the resync ends having transferred 8 KiB and skipped 24 KiB.
+    let a = e.handle(
+        5,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncData {
+                id: data_reqs[0].0,
+                offset: 2 * 4096,
+                status: tandem_repl_proto::Status::Ok,
+                flags: 0,
+                len: 2 * 4096,
+                data: Bytes::from(vec![7u8; 2 * 4096]),
+            },
+        },
+    );
+    let (io, _) = disk_writes(&a)[0];
+    let a = e.handle(6, Event::DiskWriteDone { io, result: Ok(()) });
+    let flush = a
+        .iter()
+        .find_map(|x| match x {
+            Action::DiskFlush { io } => Some(*io),
+            _ => None,
+        })
+        .expect("finishing flush");
+    e.handle(
+        7,
+        Event::DiskFlushDone {
+            io: flush,
+            result: Ok(()),
+        },
+    );
+    let st = e.status();
+    assert_eq!(st.disk_state, tandem_repl_proto::DiskState::UpToDate);
+    assert_eq!(
+        (st.last_resync_bytes, st.last_resync_skipped_bytes),
+        (8192, 6 * 4096)
+    );
+}
+
+#[test]
+fn checksum_resync_falls_back_to_data_when_the_source_refuses() {
+    let peers = vec![PeerConfig {
+        node_id: 1,
+        diskful: true,
+    }];
+    let mut cfg = Config::new(0, true, peers, SIZE);
+    cfg.resync_checksums = true;
+    let p = Persisted::new_volume(&cfg, 77);
+    let mut e = Engine::new(cfg, p, 0).0;
+    let out = connect_as_target(&mut e, 1);
+    let id = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                msg: Message::ChecksumRequest { id, .. },
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .expect("a checksum request");
+    let a = e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ChecksumReply {
+                id,
+                offset: 0,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                status: tandem_repl_proto::Status::NotSupported,
+                digests: vec![],
+            },
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Message::ResyncRequest {
+                offset: 0,
+                len: 4096,
+                ..
+            },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn resync_checksum_requests_are_refused_outside_a_resync() {
+    let mut e = engine(0, &[(1, true), (2, false)]);
+    let req = |id| Event::PeerMessage {
+        peer: 1,
+        msg: Message::ChecksumRequest {
+            id,
+            offset: 0,
+            len: 4096,
+            block_size: 4096,
+            alg: tandem_repl_proto::ChecksumAlg::Blake3,
+            purpose: tandem_repl_proto::ChecksumPurpose::Resync,
+        },
+    };
+    connect(&mut e, 1, true, Role::Secondary);
+    let a = e.handle(5, req(1));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Message::ChecksumReply {
+                status: tandem_repl_proto::Status::NotPermitted,
+                ..
+            },
+            ..
+        }
+    )));
+}

@@ -71,6 +71,10 @@ pub struct Config {
     pub verify_max_inflight: usize,
     /// What a handshake that finds split brain does (both ends of a volume must use the same).
     pub after_split_brain: SplitBrainPolicy,
+    /// Checksum-based resync (target side): compare digests of each chunk with the source's
+    /// first and transfer only the blocks that differ (DRBD's `csums-alg`). Saves bandwidth
+    /// when much of what is out of sync is in fact identical (full resyncs, lost bitmaps).
+    pub resync_checksums: bool,
 }
 
 /// Automatic split-brain policy (DRBD's `after-sb-*` in spirit). Whatever the policy, data is
@@ -108,6 +112,7 @@ impl Config {
             verify_chunk: 1 << 20,
             verify_max_inflight: 4,
             after_split_brain: SplitBrainPolicy::Disconnect,
+            resync_checksums: false,
         }
     }
 }
@@ -393,6 +398,8 @@ pub struct Status {
     pub resync_bytes_total: u64,
     /// Bytes the most recent completed resync into this replica transferred.
     pub last_resync_bytes: u64,
+    /// Bytes the most recent completed checksum-based resync found identical and skipped.
+    pub last_resync_skipped_bytes: u64,
     pub crashed_primary: bool,
     pub activity_log_extents: usize,
     /// The online verify running from this node, if any.

@@ -82,6 +82,10 @@ pub struct Outcome {
     pub verified_bytes: u64,
     /// Split-brain scenario: how it was resolved (`policy ...`, `manual ...`, `no split`).
     pub split_brain: Option<String>,
+    /// The run used checksum-based resync (`Config::resync_checksums`).
+    pub resync_checksums: bool,
+    /// Bytes checksum-based resyncs found identical and did not transfer.
+    pub resync_skipped_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -241,6 +245,7 @@ impl World {
         let sb = opts
             .split_brain
             .then(|| crate::split_brain::Scenario::new(&mut rng));
+        let checksums = rng.chance(0.5);
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -263,6 +268,7 @@ impl World {
             if let Some(sb) = &sb {
                 cfg.after_split_brain = sb.policy;
             }
+            cfg.resync_checksums = checksums;
             let persisted = Persisted::new_volume(&cfg, gen0);
             let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);
             nodes.push(Node {
@@ -302,6 +308,7 @@ impl World {
             trace: VecDeque::new(),
             out: Outcome {
                 topology: Some(topo),
+                resync_checksums: checksums,
                 ..Outcome::default()
             },
             fault: Fault::None,
@@ -1243,6 +1250,12 @@ impl World {
             .iter()
             .filter_map(|n| n.engine.as_ref())
             .map(|e| e.status().last_resync_bytes)
+            .sum();
+        self.out.resync_skipped_bytes = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .map(|e| e.status().last_resync_skipped_bytes)
             .sum();
         Ok(())
     }

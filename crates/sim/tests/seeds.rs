@@ -29,6 +29,7 @@ fn simulate_seeds() {
     let n = env("SIM_SEEDS").unwrap_or(3000);
     let start = Instant::now();
     let mut total = tandem_sim::Outcome::default();
+    let (mut checksum_runs, mut checksum_resync) = (0u64, 0u64);
     for seed in base..base + n {
         match run(seed, &opts) {
             Ok(o) => {
@@ -44,6 +45,11 @@ fn simulate_seeds() {
                 total.verifies += o.verifies;
                 total.verifies_done += o.verifies_done;
                 total.verified_bytes += o.verified_bytes;
+                if o.resync_checksums {
+                    checksum_runs += 1;
+                    checksum_resync += o.resync_bytes;
+                    total.resync_skipped_bytes += o.resync_skipped_bytes;
+                }
             }
             Err(e) => panic!("{e}"),
         }
@@ -64,6 +70,10 @@ fn simulate_seeds() {
         total.verifies,
         total.verifies_done,
         total.verified_bytes
+    );
+    eprintln!(
+        "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",
+        total.resync_skipped_bytes
     );
 }
 

@@ -46,6 +46,8 @@ pub struct VolumeOptions {
     pub resync_rate: u64,
     /// What a handshake that finds split brain does.
     pub after_split_brain: SplitBrainPolicy,
+    /// Checksum-based resync: transfer only blocks whose digests differ.
+    pub resync_checksums: bool,
 }
 
 impl Default for VolumeOptions {
@@ -54,6 +56,7 @@ impl Default for VolumeOptions {
             protocol: Protocol::C,
             resync_rate: 0,
             after_split_brain: SplitBrainPolicy::Disconnect,
+            resync_checksums: false,
         }
     }
 }
@@ -110,6 +113,7 @@ pub(crate) enum Input {
     Verify(bool, SyncSender<Result<(), VolumeError>>),
     Resolve(bool, SyncSender<Result<(), VolumeError>>),
     SetSplitBrainPolicy(SplitBrainPolicy),
+    SetResyncChecksums(bool),
     Stop,
 }
 
@@ -195,6 +199,7 @@ impl VolumeDriver {
         cfg.protocol = spec.options.protocol;
         cfg.resync_rate = spec.options.resync_rate;
         cfg.after_split_brain = spec.options.after_split_brain;
+        cfg.resync_checksums = spec.options.resync_checksums;
         cfg.entropy = u64::from_le_bytes(entropy);
 
         let device = if spec.diskful {
@@ -321,6 +326,13 @@ impl VolumeDriver {
     /// node involved then reconnects the links it closed for good after the split brain.
     pub fn resolve_split_brain(&self, discard: bool) -> Result<(), VolumeError> {
         self.call(|r| Input::Resolve(discard, r))?
+    }
+
+    /// Turns checksum-based resync on or off (from the next chunk).
+    pub fn set_resync_checksums(&self, on: bool) -> Result<(), VolumeError> {
+        self.tx
+            .send(Input::SetResyncChecksums(on))
+            .map_err(|_| VolumeError::Stopped("stopped".into()))
     }
 
     /// Changes the split-brain policy (from the next handshake).
@@ -641,6 +653,10 @@ impl Loop {
                 .handle(now, Event::SetResyncRate { bytes_per_sec: b }),
             Input::SetSplitBrainPolicy(p) => {
                 self.engine.set_split_brain_policy(p);
+                return Ok(());
+            }
+            Input::SetResyncChecksums(on) => {
+                self.engine.set_resync_checksums(on);
                 return Ok(());
             }
             Input::Resolve(discard, r) => {

@@ -269,5 +269,6 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         verify: None,
         split_brain: vec![],
         discard_pending: false,
+        last_resync_skipped_bytes: 0,
     }
 }

@@ -46,6 +46,12 @@ impl Engine {
         }
     }
 
+    /// Turns checksum-based resync on or off (`Config::resync_checksums`), from the next
+    /// chunk a resync target requests.
+    pub fn set_resync_checksums(&mut self, on: bool) {
+        self.cfg.resync_checksums = on;
+    }
+
     /// Whether this node will discard its data at the next split-brain handshake.
     pub fn discards_my_data(&self) -> bool {
         self.discard_my_data

@@ -286,6 +286,19 @@ impl Engine {
                 }
                 self.finish_op(key);
             }
+            OpKind::ResyncCheckLocal { peer, epoch, id } => {
+                self.finish_op(key);
+                if let Some(ck) = self
+                    .conn_mut(peer)
+                    .filter(|c| c.epoch == epoch)
+                    .and_then(|c| c.resync.as_mut())
+                    .and_then(|rs| rs.checks.get_mut(&id))
+                {
+                    // A local read error: the digests cannot match, so everything is fetched.
+                    ck.local = Some(result.unwrap_or_default());
+                }
+                self.resync_check_ready(peer, id);
+            }
             OpKind::VerifyLocal { req } => {
                 self.finish_op(key);
                 let mut failed = None;
@@ -333,9 +346,13 @@ impl Engine {
                 detail: "checksum request outside the volume".into(),
             });
         }
-        let refuse = if purpose != ChecksumPurpose::Verify || alg != ChecksumAlg::Blake3 {
+        let resync_source = self
+            .conn(peer)
+            .is_some_and(|c| c.state == ReplState::SyncSource);
+        let refuse = if alg != ChecksumAlg::Blake3 {
             Some(WireStatus::NotSupported)
-        } else if !self.cfg.diskful
+        } else if (purpose == ChecksumPurpose::Resync && !resync_source)
+            || !self.cfg.diskful
             || self.meta.disk_state != DiskState::UpToDate
             || !self.peers.get(&peer).is_some_and(|p| p.cfg.diskful)
         {
@@ -382,6 +399,13 @@ impl Engine {
         digests: Vec<Digest>,
     ) -> Result<(), ProtocolError> {
         let g = self.cfg.bitmap_granularity;
+        if self
+            .conn(peer)
+            .and_then(|c| c.resync.as_ref())
+            .is_some_and(|rs| rs.checks.contains_key(&id))
+        {
+            return self.on_resync_checksums(peer, id, offset, block_size, status, digests);
+        }
         let Some(c) = self
             .verify
             .run
@@ -699,6 +723,9 @@ impl Engine {
                 finishing: false,
                 fenced: BTreeSet::new(),
                 begun: true,
+                checks: BTreeMap::new(),
+                no_checksums: false,
+                skipped: 0,
             });
         }
         self.log(
@@ -737,6 +764,171 @@ impl Engine {
             self.set_bits(peer, r.offset, r.len);
         }
         Ok(())
+    }
+}
+
+/// A chunk of a checksum-based resync whose digests are being compared.
+#[derive(Debug)]
+pub(super) struct ResyncCheck {
+    offset: u64,
+    len: u64,
+    local: Option<Vec<Digest>>,
+    remote: Option<Vec<Digest>>,
+}
+
+impl ResyncCheck {
+    pub(super) fn new(offset: u64, len: u64) -> ResyncCheck {
+        ResyncCheck {
+            offset,
+            len,
+            local: None,
+            remote: None,
+        }
+    }
+}
+
+pub(super) fn resync_checksum_request(id: u64, offset: u64, len: u64, g: u64) -> Message {
+    Message::ChecksumRequest {
+        id,
+        offset,
+        len: len as u32,
+        block_size: g as u32,
+        alg: ChecksumAlg::Blake3,
+        purpose: ChecksumPurpose::Resync,
+    }
+}
+
+impl Engine {
+    /// Checksum resync, target side: the source's digests of a chunk.
+    fn on_resync_checksums(
+        &mut self,
+        peer: NodeId,
+        id: u64,
+        offset: u64,
+        block_size: u32,
+        status: WireStatus,
+        digests: Vec<Digest>,
+    ) -> Result<(), ProtocolError> {
+        let g = self.cfg.bitmap_granularity;
+        let Some(rs) = self.conn_mut(peer).and_then(|c| c.resync.as_mut()) else {
+            return Ok(());
+        };
+        let Some(ck) = rs.checks.get_mut(&id) else {
+            return Ok(());
+        };
+        if ck.remote.is_some() || ck.offset != offset || block_size != g {
+            return Err(ProtocolError::Invalid {
+                peer,
+                detail: format!("ChecksumReply {id} does not match the resync request"),
+            });
+        }
+        if status != WireStatus::Ok {
+            // The source cannot (an older build, a refusal): fetch this chunk and every later
+            // one as data. Its bits are still set; the walk starts over.
+            rs.no_checksums = true;
+            rs.checks.remove(&id);
+            rs.inflight.remove(&id);
+            rs.cursor = 0;
+            self.log(
+                Level::Info,
+                format!("node {peer} answers checksum requests with {status:?}: plain resync"),
+            );
+            self.pump_resync();
+            return Ok(());
+        }
+        if digests.len() as u64 != ck.len.div_ceil(u64::from(g)) {
+            return Err(ProtocolError::Invalid {
+                peer,
+                detail: format!("ChecksumReply {id}: wrong number of digests"),
+            });
+        }
+        ck.remote = Some(digests);
+        self.resync_check_ready(peer, id);
+        Ok(())
+    }
+
+    /// Both digests of a chunk are there: identical blocks are done (bits cleared, nothing
+    /// transferred); the others are requested as data.
+    fn resync_check_ready(&mut self, peer: NodeId, id: u64) {
+        let g = u64::from(self.cfg.bitmap_granularity);
+        let mut requests = Vec::new();
+        let mut cleared = Vec::new();
+        {
+            let Some(p) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            let (Some(c), Some(b)) = (p.conn.as_mut(), p.bitmap.as_mut()) else {
+                return;
+            };
+            let Some(rs) = c.resync.as_mut() else { return };
+            let ready = rs
+                .checks
+                .get(&id)
+                .is_some_and(|ck| ck.local.is_some() && ck.remote.is_some());
+            if !ready {
+                return;
+            }
+            let Some(ck) = rs.checks.remove(&id) else {
+                return;
+            };
+            rs.inflight.remove(&id);
+            let local = ck.local.unwrap_or_default();
+            let remote = ck.remote.unwrap_or_default();
+            let first = ck.offset / g;
+            let blocks = ck.len.div_ceil(g);
+            let mut run: Option<(u64, u64)> = None;
+            let mut flush_run = |run: &mut Option<(u64, u64)>, rs: &mut ResyncTarget| {
+                if let Some((off, len)) = run.take() {
+                    let rid = rs.next_id;
+                    rs.next_id += 1;
+                    rs.inflight.insert(rid, (off, len));
+                    requests.push(Message::ResyncRequest {
+                        id: rid,
+                        offset: off,
+                        len: len as u32,
+                    });
+                }
+            };
+            for i in 0..blocks {
+                let bit = first + i;
+                let off = bit * g;
+                let len = g.min(ck.offset + ck.len - off);
+                if !b.test(bit) {
+                    // Fenced by a replicated write meanwhile: current already.
+                    flush_run(&mut run, rs);
+                    continue;
+                }
+                let same = local.get(i as usize).is_some()
+                    && local.get(i as usize) == remote.get(i as usize);
+                if same {
+                    flush_run(&mut run, rs);
+                    b.clear_bits(bit, 1);
+                    cleared.push(bit);
+                    rs.skipped += len;
+                } else {
+                    match run.as_mut() {
+                        Some((o, l)) if *o + *l == off => *l += len,
+                        _ => {
+                            flush_run(&mut run, rs);
+                            run = Some((off, len));
+                        }
+                    }
+                }
+            }
+            flush_run(&mut run, rs);
+        }
+        for bit in cleared {
+            self.out.push(Action::PersistBits {
+                peer,
+                set: false,
+                first: bit,
+                count: 1,
+            });
+        }
+        for m in requests {
+            self.send(peer, m);
+        }
+        self.pump_resync();
     }
 }
 
