@@ -47,6 +47,135 @@ struct Running {
     auto: Option<std::time::Instant>,
     /// The last auto-promote refusal and when (reported for [`AUTO_REFUSAL_SHOWN`]).
     auto_refusal: Option<(std::time::Instant, String)>,
+    /// The controller's latest verify request started here (see [`AgentVerify`]).
+    verify: Option<AgentVerify>,
+    /// The last split-brain resolution carried out here (its id) and its refusal, if any.
+    resolved: Option<(String, Option<String>)>,
+}
+
+/// The engine's split-brain policy for the API's string (`disconnect`,
+/// `discard-zero-changes`, `discard-node:NODE`), node names resolved through `ids`.
+pub(crate) fn split_brain_policy(
+    s: &str,
+    ids: &BTreeMap<String, u8>,
+) -> Result<tandem_volume::SplitBrainPolicy, String> {
+    use tandem_volume::SplitBrainPolicy as P;
+    match s {
+        "" | "disconnect" => Ok(P::Disconnect),
+        "discard-zero-changes" => Ok(P::DiscardZeroChanges),
+        other => match other.strip_prefix("discard-node:") {
+            Some(n) => ids.get(n).map(|id| P::DiscardNode(*id)).ok_or_else(|| {
+                format!("split-brain policy names node '{n}', not one of the volume's")
+            }),
+            None => Err(format!("unknown split-brain policy '{other}'")),
+        },
+    }
+}
+
+/// A verify the controller asked for (`DesiredReplica::verify`), as this agent started it.
+#[derive(Debug, Clone)]
+struct AgentVerify {
+    /// The operation id.
+    id: String,
+    /// This node's name.
+    node: String,
+    resync: bool,
+    /// The engine's last verify run number before this one started: the first newer run is
+    /// this verify.
+    before: u64,
+    started_unix: u64,
+    /// The engine refused to start it.
+    refused: Option<String>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The report of verify `v` from the driver's status.
+fn verify_report(
+    v: &AgentVerify,
+    st: &tandem_volume::VolumeStatus,
+    names: &BTreeMap<u8, String>,
+    size: u64,
+) -> tandem_api::VerifyReport {
+    let name = |id: &u8| {
+        names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| format!("node-id-{id}"))
+    };
+    let mut r = tandem_api::VerifyReport {
+        id: v.id.clone(),
+        node: v.node.clone(),
+        state: "running".into(),
+        resync: v.resync,
+        peers: Vec::new(),
+        total_bytes: size,
+        checked_bytes: 0,
+        different_bytes: 0,
+        ranges: Vec::new(),
+        ranges_truncated: false,
+        resync_started: Vec::new(),
+        bytes_per_sec: 0,
+        eta_secs: None,
+        error: None,
+        started_unix: v.started_unix,
+        finished_unix: None,
+    };
+    if let Some(e) = &v.refused {
+        r.state = "failed".into();
+        r.error = Some(name_nodes(e, names));
+        r.finished_unix = Some(v.started_unix);
+        return r;
+    }
+    if let Some(p) = st.verify.as_ref().filter(|p| p.run > v.before) {
+        r.peers = p.peers.iter().map(name).collect();
+        r.total_bytes = p.bytes_total;
+        r.checked_bytes = p.bytes_done;
+        r.different_bytes = p.different_bytes;
+        let secs = p.elapsed_nanos as f64 / 1e9;
+        if secs > 0.0 {
+            r.bytes_per_sec = (p.bytes_done as f64 / secs) as u64;
+        }
+        if r.bytes_per_sec > 0 {
+            r.eta_secs = Some((p.bytes_total - p.bytes_done).div_ceil(r.bytes_per_sec));
+        }
+        return r;
+    }
+    match st.last_verify.as_ref().filter(|l| l.run > v.before) {
+        Some(l) => {
+            r.state = if l.error.is_some() { "failed" } else { "done" }.into();
+            r.peers = l.peers.iter().map(name).collect();
+            r.checked_bytes = l.checked_bytes;
+            r.different_bytes = l.different_bytes;
+            r.ranges = l
+                .ranges
+                .iter()
+                .map(|(offset, len)| tandem_api::ByteRange {
+                    offset: *offset,
+                    len: *len,
+                })
+                .collect();
+            r.ranges_truncated = l.ranges_truncated;
+            r.resync_started = l.resync_started.iter().map(name).collect();
+            let secs = l.elapsed_nanos as f64 / 1e9;
+            if secs > 0.0 {
+                r.bytes_per_sec = (l.checked_bytes as f64 / secs) as u64;
+            }
+            r.error = l.error.as_ref().map(|e| name_nodes(e, names));
+            r.finished_unix = Some(v.started_unix + l.elapsed_nanos / 1_000_000_000);
+        }
+        None => {
+            // Neither running nor finished: the driver restarted and lost it.
+            r.state = "failed".into();
+            r.error = Some("the replication driver restarted during the verify".into());
+        }
+    }
+    r
 }
 
 /// How long an auto-promote refusal stays in the reports.
@@ -92,6 +221,8 @@ fn name_nodes(msg: &str, names: &BTreeMap<u8, String>) -> String {
 fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     let mut w = want.clone();
     w.options.resync_rate = have.options.resync_rate;
+    w.options.after_split_brain = have.options.after_split_brain;
+    w.options.resync_checksums = have.options.resync_checksums;
     w != *have
 }
 
@@ -178,18 +309,58 @@ impl Replication {
                 };
             }
         }
+        let peer_name = |id: u8| {
+            names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("node-id-{id}"))
+        };
         r.peers = st
             .peers
             .iter()
             .map(|p| PeerReplState {
-                node: names
-                    .get(&p.node_id)
-                    .cloned()
-                    .unwrap_or_else(|| format!("node-id-{}", p.node_id)),
-                repl_state: format!("{:?}", p.repl_state),
+                node: peer_name(p.node_id),
+                repl_state: if !p.connected
+                    && p.split_brain
+                        .as_ref()
+                        .is_some_and(|s| s.resolution.is_none())
+                {
+                    "SplitBrain".into()
+                } else {
+                    format!("{:?}", p.repl_state)
+                },
                 out_of_sync_bytes: p.out_of_sync_bytes,
             })
             .collect();
+        r.split_brain = st
+            .peers
+            .iter()
+            .filter_map(|p| {
+                p.split_brain
+                    .as_ref()
+                    .map(|s| tandem_api::SplitBrainReport {
+                        peer: peer_name(p.node_id),
+                        rule: format!("{:?}", s.rule),
+                        our_bytes: s.our_bytes,
+                        peer_bytes: s.peer_bytes,
+                        resolution: s.resolution.as_ref().map(|m| name_nodes(m, &names)),
+                    })
+            })
+            .collect();
+        r.discard_pending = st.engine.discard_my_data;
+        r.last_resync_skipped_bytes = st.engine.last_resync_skipped_bytes;
+        if let Some((_, Some(e))) = lock(&self.drivers)
+            .get(&r.volume)
+            .and_then(|run| run.resolved.clone())
+        {
+            r.last_error = Some(e);
+        }
+        if let Some(v) = lock(&self.drivers)
+            .get(&r.volume)
+            .and_then(|run| run.verify.clone())
+        {
+            r.verify = Some(verify_report(&v, &st, &names, r.size_bytes));
+        }
         if let Some(f) = st.failed {
             r.last_error = Some(format!("replication driver failed: {f}"));
         }
@@ -428,6 +599,21 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
                 tandem_api::Protocol::A => Protocol::A,
             },
             resync_rate: d.resync_rate_bytes_per_sec,
+            after_split_brain: {
+                let mut ids: BTreeMap<String, u8> = d
+                    .peers
+                    .iter()
+                    .map(|p| (p.node.clone(), p.node_id))
+                    .collect();
+                if let Some(me) = d.node_id {
+                    ids.insert(agent.config.node.clone(), me);
+                }
+                split_brain_policy(&d.after_split_brain, &ids).unwrap_or_else(|e| {
+                    warn!(volume = %d.volume, "{e}; using disconnect");
+                    tandem_volume::SplitBrainPolicy::Disconnect
+                })
+            },
+            resync_checksums: d.resync_checksums,
         },
     })
 }
@@ -529,6 +715,77 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                     Err(e) => warn!(volume = %d.volume, "setting the resync rate: {e}"),
                 }
             }
+            if let Ok(spec) = spec_for(agent, d)
+                && spec.options.after_split_brain != run.spec.options.after_split_brain
+            {
+                let p = spec.options.after_split_brain;
+                match run.driver.set_split_brain_policy(p) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, policy = ?p, "split-brain policy set");
+                        run.spec.options.after_split_brain = p;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting the split-brain policy: {e}"),
+                }
+            }
+            if run.spec.options.resync_checksums != d.resync_checksums {
+                match run.driver.set_resync_checksums(d.resync_checksums) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, on = d.resync_checksums, "checksum-based resync set");
+                        run.spec.options.resync_checksums = d.resync_checksums;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting checksum-based resync: {e}"),
+                }
+            }
+            if let Some(want) = &d.resolve_split_brain
+                && run.resolved.as_ref().map(|r| &r.0) != Some(&want.id)
+            {
+                if want.discard
+                    && run
+                        .driver
+                        .status()
+                        .is_ok_and(|s| format!("{:?}", s.role) == "Primary")
+                    && let Err(e) = run.driver.demote()
+                {
+                    warn!(volume = %d.volume, "demote before discarding our data: {e}");
+                }
+                let res = run.driver.resolve_split_brain(want.discard);
+                match &res {
+                    Ok(()) => info!(volume = %d.volume, discard = want.discard, id = %want.id,
+                        "split-brain resolution: {}", if want.discard { "discarding our changes since the split" } else { "reconnecting" }),
+                    Err(e) => {
+                        warn!(volume = %d.volume, id = %want.id, "split-brain resolution refused: {e}")
+                    }
+                }
+                run.resolved = Some((want.id.clone(), res.err().map(|e| e.to_string())));
+            }
+            if let Some(want) = &d.verify
+                && run.verify.as_ref().map(|v| &v.id) != Some(&want.id)
+            {
+                let before = run
+                    .driver
+                    .status()
+                    .ok()
+                    .and_then(|s| s.last_verify.map(|l| l.run))
+                    .unwrap_or(0);
+                let refused = match run.driver.verify(want.resync) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, id = %want.id, resync = want.resync, "online verify started");
+                        None
+                    }
+                    Err(e) => {
+                        warn!(volume = %d.volume, id = %want.id, "online verify refused: {e}");
+                        Some(e.to_string())
+                    }
+                };
+                run.verify = Some(AgentVerify {
+                    id: want.id.clone(),
+                    node: agent.config.node.clone(),
+                    resync: want.resync,
+                    before,
+                    started_unix: unix_now(),
+                    refused,
+                });
+            }
             continue;
         }
         let spec = match spec_for(agent, d) {
@@ -603,6 +860,8 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 resync_rate: 0,
                 auto: None,
                 auto_refusal: None,
+                verify: None,
+                resolved: None,
             },
         );
     }

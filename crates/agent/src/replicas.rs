@@ -655,6 +655,10 @@ impl Ctx<'_> {
                 role_error: None,
                 resync_bytes_left: None,
                 resync_eta_secs: None,
+                verify: None,
+                split_brain: Vec::new(),
+                discard_pending: false,
+                last_resync_skipped_bytes: 0,
             })
             .collect();
         let t = read(self.table);
@@ -698,6 +702,10 @@ impl Ctx<'_> {
                 role_error: None,
                 resync_bytes_left: None,
                 resync_eta_secs: None,
+                verify: None,
+                split_brain: Vec::new(),
+                discard_pending: false,
+                last_resync_skipped_bytes: 0,
             })
             .collect();
         drop(t);

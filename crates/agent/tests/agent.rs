@@ -120,6 +120,10 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         primary: false,
         resync_rate_bytes_per_sec: 0,
         join: false,
+        verify: None,
+        after_split_brain: "disconnect".into(),
+        resolve_split_brain: None,
+        resync_checksums: false,
     }
 }
 

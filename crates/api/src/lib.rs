@@ -116,6 +116,14 @@ pub struct VolumeCreate {
     /// Resync rate limit, bytes per second (default 0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: Option<u64>,
+    /// Automatic split-brain policy: `disconnect` (default), `discard-zero-changes`,
+    /// `discard-node:NODE`.
+    #[serde(default)]
+    pub after_split_brain: Option<String>,
+    /// Checksum-based resync: compare BLAKE3 digests per 4 KiB block first and transfer only
+    /// the blocks that differ (default false).
+    #[serde(default)]
+    pub resync_checksums: Option<bool>,
 }
 
 /// Body of `PATCH /v1/volumes/{name}`: options changeable while the volume runs. Absent
@@ -127,6 +135,13 @@ pub struct VolumeUpdate {
     /// resync that is running.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: Option<u64>,
+    /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-node:NODE`; applies from the next handshake.
+    #[serde(default)]
+    pub after_split_brain: Option<String>,
+    /// Checksum-based resync on or off; applies at once.
+    #[serde(default)]
+    pub resync_checksums: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -196,6 +211,123 @@ pub struct Replica {
     /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
     #[serde(default)]
     pub resync_eta_secs: Option<u64>,
+    /// The online verify this replica's node runs (or ran last) as verify source; `null`
+    /// when none.
+    #[serde(default)]
+    pub verify: Option<VerifyReport>,
+    /// Split brains this replica found with its peers (until settled).
+    #[serde(default)]
+    pub split_brain: Vec<SplitBrainReport>,
+    /// Bytes the most recent checksum-based resync into this replica found identical and did
+    /// not transfer.
+    #[serde(default)]
+    pub last_resync_skipped_bytes: u64,
+}
+
+/// A split brain between a replica and one peer, as the replica's node reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SplitBrainReport {
+    /// The peer's node name.
+    pub peer: String,
+    /// The handshake rule that found it (e.g. `SplitBrainSameBitmap`).
+    pub rule: String,
+    /// Bytes this replica's node wrote since the split (its out-of-sync bits toward the peer).
+    pub our_bytes: u64,
+    /// Bytes the peer wrote since the split.
+    pub peer_bytes: u64,
+    /// How it is being resolved (policy or manual resolution); `null`: disconnected, waiting
+    /// for `volume resolve-split-brain`.
+    #[serde(default)]
+    pub resolution: Option<String>,
+}
+
+/// Body of `POST /v1/volumes/{name}/resolve-split-brain`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveSplitBrain {
+    /// The node whose changes since the split are discarded (it becomes sync target).
+    pub discard: String,
+}
+
+/// A split-brain resolution the controller asks an agent to carry out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DesiredResolve {
+    /// Unique id (an agent acts on each id once).
+    pub id: String,
+    /// This node is the victim: discard its changes since the split.
+    pub discard: bool,
+}
+
+/// Body of `POST /v1/volumes/{name}/verify`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// When the verify is done, resync the differing blocks from the verify source (the
+    /// Primary, else an UpToDate replica) to the replicas that differ. Without it they stay
+    /// marked out of sync (`out_of_sync_bytes`) until the next reconnect resyncs them.
+    #[serde(default)]
+    pub resync: bool,
+}
+
+/// A byte range of a volume.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// An online verify as its source node reports it: progress while it runs, the result after.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct VerifyReport {
+    /// The id of the `verify` operation it belongs to.
+    pub id: String,
+    /// The verify source (its replica is compared with the others).
+    pub node: String,
+    /// `running`, `done` (compared the whole volume), `failed` (refused or ended early; see
+    /// `error`).
+    pub state: String,
+    /// Whether differing blocks are resynced when it is done.
+    #[serde(default)]
+    pub resync: bool,
+    /// Nodes compared with.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// The volume size.
+    pub total_bytes: u64,
+    /// Bytes compared so far (with every peer still in the run).
+    pub checked_bytes: u64,
+    /// Bytes found different on at least one peer (4 KiB blocks).
+    pub different_bytes: u64,
+    /// The first differing byte ranges (merged, at most 32).
+    #[serde(default)]
+    pub ranges: Vec<ByteRange>,
+    /// More differing ranges exist than `ranges` lists.
+    #[serde(default)]
+    pub ranges_truncated: bool,
+    /// Nodes a resync of the differences was started toward.
+    #[serde(default)]
+    pub resync_started: Vec<String>,
+    /// Compare rate, bytes per second.
+    #[serde(default)]
+    pub bytes_per_sec: u64,
+    /// Estimated seconds until done (`null` when unknown or finished).
+    #[serde(default)]
+    pub eta_secs: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the verify started / finished (unix seconds).
+    #[serde(default)]
+    pub started_unix: u64,
+    #[serde(default)]
+    pub finished_unix: Option<u64>,
+}
+
+/// A verify the controller asks the agent of the verify source to run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DesiredVerify {
+    /// The `verify` operation's id (an agent runs each id once).
+    pub id: String,
+    pub resync: bool,
 }
 
 /// Replication state of one replica towards one peer.
@@ -299,6 +431,21 @@ pub struct Volume {
     /// Resync rate limit, bytes per second (0: unlimited); `volume set --resync-rate`.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// The result of the last finished online verify (`volume verify`); `null` before the
+    /// first one.
+    #[serde(default)]
+    pub last_verify: Option<VerifyReport>,
+    /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-node:NODE`.
+    #[serde(default = "default_split_brain")]
+    pub after_split_brain: String,
+    /// Checksum-based resync (`volume set --resync-checksums`).
+    #[serde(default)]
+    pub resync_checksums: bool,
+}
+
+fn default_split_brain() -> String {
+    "disconnect".into()
 }
 
 /// Body of `POST /v1/volumes/{name}/promote` and `POST /v1/volumes/{name}/demote`.
@@ -431,6 +578,16 @@ pub struct VolumeSpec {
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// Split-brain policy (absent: `disconnect`).
+    #[serde(default = "default_split_brain", skip_serializing_if = "is_disconnect")]
+    pub after_split_brain: String,
+    /// Checksum-based resync (absent: off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_checksums: bool,
+}
+
+fn is_disconnect(s: &String) -> bool {
+    s == "disconnect"
 }
 
 /// Answer of `POST /v1/state`.
@@ -514,6 +671,20 @@ pub struct ReplicaReport {
     /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
     #[serde(default)]
     pub resync_eta_secs: Option<u64>,
+    /// The online verify this node runs or ran last as verify source (`null`: none since the
+    /// agent started).
+    #[serde(default)]
+    pub verify: Option<VerifyReport>,
+    /// Split brains found with peers (until settled).
+    #[serde(default)]
+    pub split_brain: Vec<SplitBrainReport>,
+    /// This node discards its changes at its next split-brain handshake (a resolution in
+    /// progress).
+    #[serde(default)]
+    pub discard_pending: bool,
+    /// Bytes the most recent checksum-based resync into this replica skipped (identical).
+    #[serde(default)]
+    pub last_resync_skipped_bytes: u64,
 }
 
 fn default_true() -> bool {
@@ -580,6 +751,19 @@ pub struct DesiredReplica {
     /// generation), so it receives a full resync instead of counting as in sync.
     #[serde(default)]
     pub join: bool,
+    /// Run this online verify from this replica (once per id); `null`: none wanted.
+    #[serde(default)]
+    pub verify: Option<DesiredVerify>,
+    /// The volume's split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-node:NODE` (a node name).
+    #[serde(default = "default_split_brain")]
+    pub after_split_brain: String,
+    /// A split-brain resolution to carry out (once per id).
+    #[serde(default)]
+    pub resolve_split_brain: Option<DesiredResolve>,
+    /// Checksum-based resync.
+    #[serde(default)]
+    pub resync_checksums: bool,
 }
 
 /// Answer of `POST /v1/nodes/{name}/lost`.

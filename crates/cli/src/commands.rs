@@ -90,6 +90,16 @@ pub enum VolumeCmd {
         /// Resync rate limit per second, e.g. 100MiB (default: unlimited).
         #[arg(long)]
         resync_rate: Option<String>,
+        /// What a split brain does: `disconnect` (default: stay apart until `volume
+        /// resolve-split-brain`), `discard-zero-changes` (the side that wrote nothing since the
+        /// split resyncs from the other; if both wrote, disconnect), `discard-node:NODE` (that
+        /// node's changes are discarded).
+        #[arg(long)]
+        after_split_brain: Option<String>,
+        /// Checksum-based resync: compare digests per 4 KiB block with the source first and
+        /// transfer only the blocks that differ.
+        #[arg(long)]
+        resync_checksums: bool,
         /// Return at once instead of waiting for the replicas.
         #[arg(long)]
         no_wait: bool,
@@ -101,6 +111,26 @@ pub enum VolumeCmd {
         /// 50MiB/s), or `unlimited` (same as 0). Applies at once, also to a running resync.
         #[arg(long)]
         resync_rate: Option<String>,
+        /// Split-brain policy: `disconnect`, `discard-zero-changes`, `discard-node:NODE`
+        /// (from the next handshake).
+        #[arg(long)]
+        after_split_brain: Option<String>,
+        /// Checksum-based resync: `on` or `off` (applies at once).
+        #[arg(long)]
+        resync_checksums: Option<String>,
+    },
+    /// Resolve a split brain: NODE's changes since the split are discarded (it resyncs from
+    /// the other replicas, bitmap-based where the generations allow, else fully); the others
+    /// keep theirs. Refused without a split brain, or when NODE holds the only UpToDate data.
+    /// Waits until the replicas are in sync.
+    ResolveSplitBrain {
+        name: String,
+        /// The node whose changes are discarded.
+        #[arg(long)]
+        discard: String,
+        /// How long to wait: seconds, or with a unit (90s, 10m, 2h).
+        #[arg(long, default_value = "1h")]
+        timeout: String,
     },
     /// List volumes.
     List,
@@ -151,6 +181,20 @@ pub enum VolumeCmd {
         /// Seconds to wait for the agent to report the role.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+    /// Compare the replicas online, block by block (BLAKE3 per 4 KiB), from the Primary (or an
+    /// UpToDate replica when there is none), and wait for the result. Differing blocks are
+    /// marked out of sync (shown as `out_of_sync_bytes`); --resync copies them from the verify
+    /// source to the replicas that differ. Consumer I/O continues meanwhile. Exits 0 when the
+    /// verify compared the whole volume (whatever it found), 1 when it failed or timed out.
+    Verify {
+        name: String,
+        /// Resync the differing blocks from the verify source when done.
+        #[arg(long)]
+        resync: bool,
+        /// How long to wait for the result: seconds, or with a unit (90s, 10m, 2h).
+        #[arg(long, default_value = "24h")]
+        timeout: String,
     },
     /// Make a node's replica Secondary (the volume then has no Primary) and wait until it is.
     Demote {
@@ -257,6 +301,8 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             nodes,
             protocol,
             resync_rate,
+            after_split_brain,
+            resync_checksums,
             no_wait,
         } => {
             let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
@@ -277,6 +323,8 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 nodes: nodes.clone(),
                 protocol,
                 resync_rate_bytes_per_sec: resync_rate,
+                after_split_brain: after_split_brain.as_deref().map(policy_arg),
+                resync_checksums: resync_checksums.then_some(true),
             };
             let mut v: Volume = client.post("/v1/volumes", &req)?;
             if !no_wait {
@@ -324,22 +372,56 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
-        VolumeCmd::Set { name, resync_rate } => {
-            let Some(rate) = resync_rate else {
-                bail!("nothing to set: name an option, e.g. --resync-rate 100MiB");
+        VolumeCmd::Set {
+            name,
+            resync_rate,
+            after_split_brain,
+            resync_checksums,
+        } => {
+            let checksums = match resync_checksums.as_deref() {
+                None => None,
+                Some("on") | Some("true") => Some(true),
+                Some("off") | Some("false") => Some(false),
+                Some(other) => bail!("--resync-checksums takes on or off, not '{other}'"),
             };
+            if resync_rate.is_none() && after_split_brain.is_none() && checksums.is_none() {
+                bail!(
+                    "nothing to set: name an option, e.g. --resync-rate 100MiB or \
+                     --after-split-brain discard-zero-changes"
+                );
+            }
             let req = tandem_api::VolumeUpdate {
-                resync_rate_bytes_per_sec: Some(parse_rate(rate)?),
+                resync_rate_bytes_per_sec: resync_rate.as_deref().map(parse_rate).transpose()?,
+                after_split_brain: after_split_brain.as_deref().map(policy_arg),
+                resync_checksums: checksums,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
+            let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());
             emit(json, &v, |v| {
-                format!(
-                    "Volume {}: resync rate limit {}.\n",
-                    v.name,
-                    rate_text(v.resync_rate_bytes_per_sec)
-                )
+                let mut parts = Vec::new();
+                if rate_set {
+                    parts.push(format!(
+                        "resync rate limit {}",
+                        rate_text(v.resync_rate_bytes_per_sec)
+                    ));
+                }
+                if policy_set {
+                    parts.push(format!("after split brain: {}", v.after_split_brain));
+                }
+                if checksums.is_some() {
+                    parts.push(format!(
+                        "checksum-based resync {}",
+                        if v.resync_checksums { "on" } else { "off" }
+                    ));
+                }
+                format!("Volume {}: {}.\n", v.name, parts.join(", "))
             })
         }
+        VolumeCmd::ResolveSplitBrain {
+            name,
+            discard,
+            timeout,
+        } => resolve_split_brain(client, json, name, discard, timeout),
         VolumeCmd::Promote {
             name,
             node,
@@ -352,6 +434,11 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             force,
             timeout,
         } => change_role(client, json, name, node, false, *force, *timeout),
+        VolumeCmd::Verify {
+            name,
+            resync,
+            timeout,
+        } => verify(client, json, name, *resync, timeout),
         VolumeCmd::Mount {
             name,
             dir,
@@ -372,6 +459,184 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             }
         }
     }
+}
+
+/// `discard-node NODE` may also be written `discard-node:NODE` or `discard-node=NODE`.
+fn policy_arg(s: &str) -> String {
+    let t = s.trim();
+    match t.strip_prefix("discard-node") {
+        Some(rest) => format!(
+            "discard-node:{}",
+            rest.trim_start_matches([':', '=', ' ']).trim()
+        ),
+        None => t.to_string(),
+    }
+}
+
+/// `volume resolve-split-brain`: starts the resolution, waits until the replicas are in sync.
+fn resolve_split_brain(
+    client: &Client,
+    json: bool,
+    name: &str,
+    discard: &str,
+    timeout: &str,
+) -> Result<()> {
+    let timeout = parse_duration(timeout)?;
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    let v: Volume = client.post(
+        &format!("{path}/resolve-split-brain"),
+        &tandem_api::ResolveSplitBrain {
+            discard: discard.to_string(),
+        },
+    )?;
+    let id = v
+        .operations
+        .iter()
+        .rev()
+        .find(|o| o.kind == "resolve-split-brain")
+        .map(|o| o.id.clone())
+        .unwrap_or_default();
+    if !json {
+        eprintln!(
+            "Discarding the changes of {discard} since the split; it resyncs from the other replicas (operation {id})."
+        );
+    }
+    let deadline = Instant::now() + timeout;
+    let v = loop {
+        let v: Volume = client.get(&path)?;
+        let op = v.operations.iter().find(|o| o.id == id);
+        if op.is_none_or(|o| o.state == "done" || o.state == "failed") {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "volume {name} is not in sync {} s after the resolution started (operation {id}{}); \
+                 `tandem volume show {name}` follows it",
+                timeout.as_secs(),
+                op.and_then(|o| o.last_error.as_deref())
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let op = v.operations.iter().find(|o| o.id == id);
+    if let Some(o) = op.filter(|o| o.state == "failed") {
+        bail!(
+            "the split-brain resolution of volume {name} failed: {}",
+            o.last_error.as_deref().unwrap_or("unknown error")
+        );
+    }
+    emit(json, &v, |v| {
+        format!(
+            "Split brain of volume {} resolved: {discard} resynced from the others ({} transferred).\n",
+            v.name,
+            v.replicas
+                .iter()
+                .find(|r| r.node == discard)
+                .map(|r| output::size_cell(r.last_resync_bytes))
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// `90`, `90s`, `10m`, `2h`.
+fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| {
+        format!("invalid duration {s:?}: use seconds or a number with s, m or h (e.g. 10m)")
+    })?;
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// `volume verify`: starts the verify operation and waits for its result.
+fn verify(client: &Client, json: bool, name: &str, resync: bool, timeout: &str) -> Result<()> {
+    let timeout = parse_duration(timeout)?;
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    let op: tandem_api::Operation = client.post(
+        &format!("{path}/verify"),
+        &tandem_api::VerifyRequest { resync },
+    )?;
+    if !json {
+        eprintln!(
+            "{} (operation {})",
+            op.steps
+                .first()
+                .map(|s| s.name.as_str())
+                .unwrap_or("verify"),
+            op.id
+        );
+    }
+    let deadline = Instant::now() + timeout;
+    let mut shown = Instant::now();
+    let v = loop {
+        let v: Volume = client.get(&path)?;
+        let finished = v
+            .operations
+            .iter()
+            .find(|o| o.id == op.id)
+            .is_none_or(|o| o.state == "done" || o.state == "failed");
+        if finished {
+            break v;
+        }
+        if !json && shown.elapsed() >= Duration::from_secs(2) {
+            shown = Instant::now();
+            if let Some(r) = v
+                .replicas
+                .iter()
+                .filter_map(|r| r.verify.as_ref())
+                .find(|r| r.id == op.id)
+            {
+                eprintln!(
+                    "  {} of {} compared, {}/s, {} different{}",
+                    format_size(r.checked_bytes),
+                    format_size(r.total_bytes),
+                    format_size(r.bytes_per_sec),
+                    format_size(r.different_bytes),
+                    r.eta_secs
+                        .map(|e| format!(", about {e} s left"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the verify of volume {name} is still running after {} s (operation {});                  `tandem volume show {name}` follows it",
+                timeout.as_secs(),
+                op.id
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let op_now = v.operations.iter().find(|o| o.id == op.id);
+    let result = v.last_verify.as_ref().filter(|r| r.id == op.id);
+    let Some(r) = result else {
+        let why = op_now
+            .and_then(|o| o.last_error.clone())
+            .unwrap_or_else(|| "the operation is gone".into());
+        bail!("the verify of volume {name} failed: {why}");
+    };
+    if json {
+        let mut out = serde_json::to_value(r)?;
+        out["volume"] = serde_json::Value::String(name.to_string());
+        out["operation_id"] = serde_json::Value::String(op.id.clone());
+        print_json(&out)?;
+    } else {
+        print!("{}", output::verify_result(name, r));
+    }
+    if r.state != "done" {
+        bail!(
+            "the verify of volume {name} ended early: {}",
+            r.error.as_deref().unwrap_or("unknown error")
+        );
+    }
+    Ok(())
 }
 
 /// `node lost`: replan, then wait until every affected volume is whole and in sync again.

@@ -202,6 +202,80 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
             ));
         }
     }
+    for x in v
+        .replicas
+        .iter()
+        .filter_map(|r| r.verify.as_ref())
+        .filter(|x| x.state == "running")
+    {
+        out.push_str(&format!(
+            "{}: verifying, {} of {} compared at {}/s, {} different, ETA {}\n",
+            x.node,
+            format_size(x.checked_bytes),
+            format_size(x.total_bytes),
+            format_size(x.bytes_per_sec),
+            format_size(x.different_bytes),
+            x.eta_secs
+                .map(|s| format!("{s} s"))
+                .unwrap_or_else(|| "unknown".into())
+        ));
+    }
+    if let Some(x) = &v.last_verify {
+        out.push_str(&format!(
+            "Last verify: {} from {}: {} compared, {} different{}{}\n",
+            ago(x.finished_unix, now),
+            x.node,
+            size_cell(x.checked_bytes),
+            size_cell(x.different_bytes),
+            if x.ranges.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " at {}{}",
+                    x.ranges
+                        .iter()
+                        .take(4)
+                        .map(|r| format!("{}+{}", r.offset, r.len))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if x.ranges.len() > 4 || x.ranges_truncated {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                )
+            },
+            match (&x.error, x.resync_started.is_empty()) {
+                (Some(e), _) => format!(" (failed: {e})"),
+                (None, false) => format!("; resync toward {}", x.resync_started.join(", ")),
+                _ => String::new(),
+            }
+        ));
+    }
+    for r in &v.replicas {
+        for sb in &r.split_brain {
+            out.push_str(&format!(
+                "SPLIT BRAIN {} / {} (rule {}): {} wrote {} since the split, {} wrote {}; {}\n",
+                r.node,
+                sb.peer,
+                sb.rule,
+                r.node,
+                size_cell(sb.our_bytes),
+                sb.peer,
+                size_cell(sb.peer_bytes),
+                sb.resolution.clone().unwrap_or_else(|| format!(
+                    "disconnected, data not merged: `tandem volume resolve-split-brain {} --discard NODE`",
+                    v.name
+                ))
+            ));
+        }
+    }
+    if v.replicas.len() > 1 && v.after_split_brain != "disconnect" {
+        out.push_str(&format!("After split brain: {}\n", v.after_split_brain));
+    }
+    if v.replicas.len() > 1 && v.resync_checksums {
+        out.push_str("Resync:    checksum-based (identical blocks are not transferred)\n");
+    }
     for r in v.replicas.iter().filter(|r| r.role_error.is_some()) {
         out.push_str(&format!(
             "{}: {}\n",
@@ -443,6 +517,54 @@ pub fn status(s: &ClusterStatus, now: u64) -> String {
     out
 }
 
+/// The result of a verify, for people.
+pub fn verify_result(volume: &str, r: &tandem_api::VerifyReport) -> String {
+    let mut out = format!(
+        "Verify of volume {volume} from {} against {}: {} compared, {} different{}.\n",
+        r.node,
+        if r.peers.is_empty() {
+            "no peer".to_string()
+        } else {
+            r.peers.join(", ")
+        },
+        size_cell(r.checked_bytes),
+        size_cell(r.different_bytes),
+        if r.state == "done" {
+            String::new()
+        } else {
+            format!(
+                " ({}: {})",
+                r.state,
+                r.error.as_deref().unwrap_or("no details")
+            )
+        }
+    );
+    if !r.ranges.is_empty() {
+        out.push_str("Differing ranges (offset, length):\n");
+        for x in &r.ranges {
+            out.push_str(&format!("  {} +{}\n", x.offset, size_cell(x.len)));
+        }
+        if r.ranges_truncated {
+            out.push_str("  ... (more)\n");
+        }
+    }
+    if r.different_bytes > 0 {
+        if r.resync_started.is_empty() {
+            out.push_str(&format!(
+                "The differing blocks are marked out of sync; `tandem volume verify {volume} --resync` copies them from {}.\n",
+                r.node
+            ));
+        } else {
+            out.push_str(&format!(
+                "Resync from {} started toward {}.\n",
+                r.node,
+                r.resync_started.join(", ")
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +602,9 @@ mod tests {
             role_error: None,
             resync_bytes_left: None,
             resync_eta_secs: None,
+            verify: None,
+            split_brain: vec![],
+            last_resync_skipped_bytes: 0,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -498,6 +623,9 @@ mod tests {
             operations: vec![],
             primary_node: Some("n1".into()),
             resync_rate_bytes_per_sec: 0,
+            last_verify: None,
+            after_split_brain: "disconnect".into(),
+            resync_checksums: false,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];

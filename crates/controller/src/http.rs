@@ -334,6 +334,41 @@ async fn demote_volume(
     .map(axum::Json)
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/verify", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = tandem_api::VerifyRequest,
+    responses((status = 202, description = "Started: the `verify` operation (follow it in the volume's `operations`; the result becomes its `last_verify`)", body = tandem_api::Operation),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError),
+              (status = 409, description = "Refused: `not_replicated` (one diskful replica), `verify_running`, `not_ready` (no replica online and UpToDate)", body = ApiError)))]
+async fn verify_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<tandem_api::VerifyRequest>,
+) -> Result<(StatusCode, axum::Json<tandem_api::Operation>), Failure> {
+    let op = blocking(&s, move |c| c.start_verify(&name, &req)).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(op)))
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/resolve-split-brain", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = tandem_api::ResolveSplitBrain,
+    responses((status = 200, description = "Started: the node's changes since the split are discarded, it resyncs from the others (a `resolve-split-brain` operation follows it)", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError),
+              (status = 409, description = "Refused: `no_replica`, `no_split_brain`, `only_up_to_date` (discarding would drop the only UpToDate data)", body = ApiError)))]
+async fn resolve_split_brain(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<tandem_api::ResolveSplitBrain>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.resolve_split_brain(&name, &req))
+        .await
+        .map(axum::Json)
+}
+
 /// Query of `GET /v1/volumes/{name}/connect`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -492,6 +527,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/volumes/{name}/connect", get(connect))
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
+        .route("/v1/volumes/{name}/verify", post(verify_volume))
+        .route(
+            "/v1/volumes/{name}/resolve-split-brain",
+            post(resolve_split_brain),
+        )
         .route("/v1/agents/{node}/sync", post(agent_sync))
         .route("/v1/reconcile", get(reconcile))
         .route(
@@ -513,7 +553,7 @@ pub fn router(state: AppState) -> Router {
         license(name = "Apache-2.0")
     ),
     paths(health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
-          delete_volume, update_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

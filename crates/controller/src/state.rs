@@ -37,6 +37,11 @@ use tokio::sync::watch;
 use crate::error::Failure;
 use crate::ops;
 
+mod split_brain;
+mod verify;
+pub use split_brain::ResolveRecord;
+pub use verify::VerifyRecord;
+
 pub(crate) const CLUSTER_ID_KEY: &str = "cluster/id";
 pub(crate) const CLUSTER_SECRET_KEY: &str = "cluster/secret";
 /// Largest node id the controller assigns: replica metadata (`tandem_meta`) holds node
@@ -159,6 +164,25 @@ pub struct VolumeRecord {
     /// longer members (no peer lists name them). Dropped once their node reports it gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removing: Vec<Placement>,
+    /// The verify its source's agent should run (`volume verify`), while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_request: Option<VerifyRecord>,
+    /// The result of the last finished verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<tandem_api::VerifyReport>,
+    /// Split-brain policy (`disconnect`, `discard-zero-changes`, `discard-node:NODE`).
+    #[serde(default = "default_split_brain")]
+    pub after_split_brain: String,
+    /// The latest manual split-brain resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve: Option<ResolveRecord>,
+    /// Checksum-based resync.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_checksums: bool,
+}
+
+fn default_split_brain() -> String {
+    "disconnect".into()
 }
 
 impl VolumeRecord {
@@ -694,6 +718,11 @@ impl Controller {
                     role_error: report.and_then(|r| r.role_error.clone()),
                     resync_bytes_left: report.and_then(|r| r.resync_bytes_left),
                     resync_eta_secs: report.and_then(|r| r.resync_eta_secs),
+                    verify: verify::live_verify(report),
+                    split_brain: report.map(|r| r.split_brain.clone()).unwrap_or_default(),
+                    last_resync_skipped_bytes: report
+                        .map(|r| r.last_resync_skipped_bytes)
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -722,6 +751,9 @@ impl Controller {
             operations: v.operations.clone(),
             primary_node: v.desired_primary().map(str::to_string),
             resync_rate_bytes_per_sec: v.resync_rate,
+            last_verify: v.last_verify.clone(),
+            after_split_brain: v.after_split_brain.clone(),
+            resync_checksums: v.resync_checksums,
         }
     }
 
@@ -1131,7 +1163,16 @@ impl Controller {
             primary_explicit: false,
             resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
             removing: Vec::new(),
+            verify_request: None,
+            last_verify: None,
+            after_split_brain: req
+                .after_split_brain
+                .clone()
+                .unwrap_or_else(default_split_brain),
+            resolve: None,
+            resync_checksums: req.resync_checksums.unwrap_or(false),
         };
+        split_brain::validate_policy(&record.after_split_brain, &record.placements)?;
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
             encode(&record)?,
@@ -1377,6 +1418,21 @@ impl Controller {
                 "resync rate changed"
             );
             v.resync_rate = rate;
+            changed = true;
+        }
+        if let Some(p) = &req.after_split_brain
+            && *p != v.after_split_brain
+        {
+            split_brain::validate_policy(p, &v.placements)?;
+            tracing::info!(volume = name, from = %v.after_split_brain, to = %p, "split-brain policy changed");
+            v.after_split_brain = p.clone();
+            changed = true;
+        }
+        if let Some(on) = req.resync_checksums
+            && on != v.resync_checksums
+        {
+            tracing::info!(volume = name, on, "checksum-based resync changed");
+            v.resync_checksums = on;
             changed = true;
         }
         if changed {
@@ -2093,6 +2149,8 @@ impl Controller {
                         v.state = VolumeState::Ready;
                         tracing::info!(volume = %v.name, node, "volume ready");
                     }
+                    Self::verify_progress(&mut v, node, r, current, now);
+                    Self::resolve_progress(&mut v, node, r, now);
                 }
             }
             if before != v {
@@ -2240,6 +2298,11 @@ impl Controller {
                         primary_explicit: false,
                         resync_rate: 0,
                         removing: Vec::new(),
+                        verify_request: None,
+                        last_verify: None,
+                        after_split_brain: default_split_brain(),
+                        resolve: None,
+                        resync_checksums: false,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -2354,6 +2417,10 @@ impl Controller {
                     primary: false,
                     join: false,
                     resync_rate_bytes_per_sec: v.resync_rate,
+                    verify: None,
+                    after_split_brain: v.after_split_brain.clone(),
+                    resolve_split_brain: None,
+                    resync_checksums: v.resync_checksums,
                 });
             }
             for p in v.placements.iter().filter(|p| p.node == node) {
@@ -2384,6 +2451,10 @@ impl Controller {
                     primary: v.desired_primary() == Some(p.node.as_str()),
                     join: p.join,
                     resync_rate_bytes_per_sec: v.resync_rate,
+                    verify: Self::desired_verify(&v, node),
+                    after_split_brain: v.after_split_brain.clone(),
+                    resolve_split_brain: Self::desired_resolve(&v, node),
+                    resync_checksums: v.resync_checksums,
                 });
             }
         }

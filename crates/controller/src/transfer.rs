@@ -58,6 +58,8 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
         resync_rate_bytes_per_sec: v.resync_rate,
+        after_split_brain: v.after_split_brain.clone(),
+        resync_checksums: v.resync_checksums,
     }
 }
 
@@ -86,6 +88,11 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         primary_explicit: v.primary_explicit,
         resync_rate: v.resync_rate_bytes_per_sec,
         removing: Vec::new(),
+        verify_request: None,
+        last_verify: None,
+        after_split_brain: v.after_split_brain.clone(),
+        resolve: None,
+        resync_checksums: v.resync_checksums,
     }
 }
 

@@ -14,6 +14,11 @@ use crate::decide::{Rule, SideView, SyncDecision, decide};
 use crate::quorum::has_majority;
 use crate::types::*;
 
+mod split_brain;
+mod verify;
+pub use split_brain::ResolveError;
+pub use verify::VerifyError;
+
 /// Most ranges put in one `OutOfSync` message by the engine.
 const OOS_CHUNK: usize = 4096;
 
@@ -81,6 +86,23 @@ enum OpKind {
         epoch: u64,
         id: u64,
     },
+    /// Online verify: our digests of a chunk (see `verify`).
+    VerifyLocal {
+        req: u64,
+    },
+    /// Checksum resync: our digests of a chunk we are about to resync.
+    ResyncCheckLocal {
+        peer: NodeId,
+        epoch: u64,
+        id: u64,
+    },
+    /// Digests of our copy for a peer's `ChecksumRequest`.
+    ChecksumAnswer {
+        peer: NodeId,
+        epoch: u64,
+        id: u64,
+        block_size: u32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +161,13 @@ struct ResyncTarget {
     /// target, our requests make the other end disconnect before either side gave up its
     /// good data.
     begun: bool,
+    /// Checksum-based resync (`Config::resync_checksums`): chunks whose digests are being
+    /// compared before any data is requested (see `verify.rs`, "checksum resync").
+    checks: BTreeMap<u64, verify::ResyncCheck>,
+    /// The source answered a checksum request with a refusal: plain resync from now on.
+    no_checksums: bool,
+    /// Bytes found identical by checksum and not transferred.
+    skipped: u64,
 }
 
 #[derive(Debug)]
@@ -170,6 +199,8 @@ struct Peer {
     bitmap: Option<Bitmap>,
     conn: Option<Conn>,
     last_decision: Option<(SyncDecision, Rule)>,
+    /// See [`SplitBrainStatus`].
+    split_brain: Option<SplitBrainStatus>,
 }
 
 /// Blocks a Secondary received whole from the Primary over the current link to it. While
@@ -222,8 +253,13 @@ pub struct Engine {
     al_flush_pending: bool,
     resync_rate: u64,
     last_resync_bytes: u64,
+    last_resync_skipped: u64,
     /// See [`PrimaryFresh`].
     primary_fresh: Option<PrimaryFresh>,
+    /// Online verify (`verify`).
+    verify: verify::VerifyState,
+    /// Manual split-brain resolution: discard our changes at the next split-brain handshake.
+    discard_my_data: bool,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -271,6 +307,7 @@ impl Engine {
                     bitmap,
                     conn: None,
                     last_decision: None,
+                    split_brain: None,
                 },
             );
         }
@@ -303,7 +340,10 @@ impl Engine {
             al_lru: 0,
             al_flush_pending: false,
             last_resync_bytes: 0,
+            last_resync_skipped: 0,
             primary_fresh: None,
+            verify: Default::default(),
+            discard_my_data: false,
         };
         if e.meta.primary {
             e.crashed_primary = true;
@@ -454,9 +494,11 @@ impl Engine {
                         .map(|r| r.disk_state),
                     out_of_sync_bytes: p.bitmap.as_ref().map_or(0, |b| b.out_of_sync_bytes()),
                     last_decision: p.last_decision,
+                    split_brain: p.split_brain.clone(),
                 }
             })
             .collect();
+        let (verify, last_verify) = self.verify_status();
         Status {
             node_id: self.cfg.node_id,
             role: self.role,
@@ -471,8 +513,12 @@ impl Engine {
             resync_bytes_done: resync_done,
             resync_bytes_total: resync_total,
             last_resync_bytes: self.last_resync_bytes,
+            last_resync_skipped_bytes: self.last_resync_skipped,
             crashed_primary: self.crashed_primary,
             activity_log_extents: self.al.len(),
+            verify,
+            last_verify,
+            discard_my_data: self.discard_my_data,
         }
     }
 
@@ -631,6 +677,9 @@ impl Engine {
         let mut flags = 0;
         if self.crashed_primary {
             flags |= state_flags::CRASHED_PRIMARY;
+        }
+        if self.discard_my_data {
+            flags |= state_flags::DISCARD_MY_DATA;
         }
         StateReport {
             seq: self.report_seq,
@@ -797,6 +846,7 @@ impl Engine {
                 );
                 self.pump_resync();
             }
+            Event::DiskChecksumDone { io, result } => self.disk_checksum_done(io, result),
         }
     }
 
@@ -1028,6 +1078,18 @@ impl Engine {
                     offset: op.offset,
                     len: op.len as u32,
                 });
+            }
+            OpKind::VerifyLocal { req } => {
+                let req = *req;
+                self.start_verify_local(&op, req);
+            }
+            OpKind::ChecksumAnswer { block_size, .. } => {
+                let block_size = *block_size;
+                self.start_checksum_answer(&op, block_size);
+            }
+            OpKind::ResyncCheckLocal { .. } => {
+                let g = self.cfg.bitmap_granularity;
+                self.start_checksum_answer(&op, g);
             }
         }
     }
@@ -1596,6 +1658,7 @@ impl Engine {
         };
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
+        self.verify_peer_down(peer);
         if self
             .primary_fresh
             .as_ref()
@@ -1702,6 +1765,7 @@ impl Engine {
             }
         }
         self.pump_resync();
+        self.pump_verify();
     }
 
     // ------------------------------------------------------------------ peer messages
@@ -1731,6 +1795,13 @@ impl Engine {
             Message::StateReport(r) => self.on_report(peer, *r)?,
             Message::OutOfSync { flags, ranges } => {
                 let done = self.conn(peer).is_some_and(|c| c.bitmap_done);
+                let established = self
+                    .conn(peer)
+                    .is_some_and(|c| c.state == ReplState::Established);
+                if done && flags == 0 && established && self.cfg.diskful {
+                    // Verify findings of the peer (see `verify`).
+                    return self.on_verify_findings(peer, &ranges);
+                }
                 if done || !self.cfg.diskful {
                     return Err(ProtocolError::Unexpected("OutOfSync", peer));
                 }
@@ -1858,6 +1929,11 @@ impl Engine {
             ),
             Message::ResyncBegin { generation, bytes } => {
                 let state = self.conn(peer).map(|c| c.state);
+                if state == Some(ReplState::Established)
+                    && self.accept_online_resync(peer, generation)
+                {
+                    return Ok(());
+                }
                 if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
                     // Both ends decided from different snapshots (generations changed during
                     // the handshake): compare again.
@@ -1956,27 +2032,16 @@ impl Engine {
                     },
                 );
             }
-            Message::ChecksumRequest {
+            m @ Message::ChecksumRequest { .. } => self.on_checksum_request(peer, m)?,
+            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
+            Message::ChecksumReply {
                 id,
                 offset,
                 block_size,
-                alg,
+                status,
+                digests,
                 ..
-            } => self.send(
-                peer,
-                Message::ChecksumReply {
-                    id,
-                    offset,
-                    block_size,
-                    alg,
-                    status: WireStatus::NotSupported,
-                    digests: Vec::new(),
-                },
-            ),
-            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
-            Message::ChecksumReply { .. } => {
-                return Err(ProtocolError::Unexpected("ChecksumReply", peer));
-            }
+            } => self.on_checksum_reply(peer, id, offset, block_size, status, digests)?,
             Message::Hello(_)
             | Message::Challenge { .. }
             | Message::Auth { .. }
@@ -2059,6 +2124,7 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        self.verify_on_report(peer, &r);
         if r.role != Role::Primary
             && self
                 .primary_fresh
@@ -2141,7 +2207,8 @@ impl Engine {
             }
             Some(ReplState::SyncSource)
                 if r.disk_state == DiskState::UpToDate
-                    && r.generations.current == self.meta.current =>
+                    && r.generations.current == self.meta.current
+                    && !self.online_resync_unconfirmed(peer) =>
             {
                 self.resync_source_finished(peer);
             }
@@ -2237,7 +2304,14 @@ impl Engine {
             crashed_primary: r.flags & state_flags::CRASHED_PRIMARY != 0,
             has_bits: !c.bitmap_rx.is_empty(),
         };
-        let (d, rule) = decide(&me, &other);
+        let (mut d, rule) = decide(&me, &other);
+        if d == SyncDecision::SplitBrain {
+            if let Some(resolved) = self.resolve_split_brain(peer, rule, r.flags) {
+                d = resolved;
+            }
+        } else {
+            self.clear_split_brain(peer);
+        }
         self.log(
             Level::Info,
             format!("handshake with node {peer}: {d:?} by rule {rule:?}"),
@@ -2331,6 +2405,9 @@ impl Engine {
                         finishing: false,
                         fenced: BTreeSet::new(),
                         begun: false,
+                        checks: BTreeMap::new(),
+                        no_checksums: false,
+                        skipped: 0,
                     });
                 }
                 self.log(
@@ -2372,8 +2449,10 @@ impl Engine {
         let chunk = u64::from(self.cfg.resync_chunk);
         let max_inflight = self.cfg.resync_max_inflight;
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        let checksums = self.cfg.resync_checksums;
         for id in ids {
             let mut requests = Vec::new();
+            let mut checks = Vec::new();
             let mut finish = None;
             {
                 let Some(p) = self.peers.get_mut(&id) else {
@@ -2424,15 +2503,33 @@ impl Engine {
                     let rid = rs.next_id;
                     rs.next_id += 1;
                     rs.inflight.insert(rid, (offset, len));
-                    requests.push(Message::ResyncRequest {
-                        id: rid,
-                        offset,
-                        len: len as u32,
-                    });
+                    if checksums && !rs.no_checksums {
+                        rs.checks.insert(rid, verify::ResyncCheck::new(offset, len));
+                        checks.push((rid, offset, len, epoch));
+                        requests.push(verify::resync_checksum_request(rid, offset, len, g));
+                    } else {
+                        requests.push(Message::ResyncRequest {
+                            id: rid,
+                            offset,
+                            len: len as u32,
+                        });
+                    }
                 }
             }
             for m in requests {
                 self.send(id, m);
+            }
+            for (rid, offset, len, epoch) in checks {
+                self.enqueue(
+                    offset,
+                    len,
+                    Access::Read,
+                    OpKind::ResyncCheckLocal {
+                        peer: id,
+                        epoch,
+                        id: rid,
+                    },
+                );
             }
             if let Some(epoch) = finish {
                 let io = self.io(IoPurpose::ResyncFinishFlush { peer: id, epoch });
@@ -2447,12 +2544,14 @@ impl Engine {
         c.state = ReplState::Established;
         let Some(r) = c.report.clone() else { return };
         self.last_resync_bytes = rs.done;
+        self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
         let old_current = self.meta.current;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
         self.meta.disk_state = DiskState::UpToDate;
         self.meta.peer_bitmap_gens.insert(peer, 0);
+        self.split_brain_resynced(peer);
         // Toward third nodes: where the source recorded a node as behind, so are we now (our
         // data is its data). Where it lists none (in sync with it) we keep what we recorded
         // ourselves (it may know less than we do: e.g. writes that node lost in a crash that

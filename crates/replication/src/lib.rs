@@ -22,7 +22,7 @@ mod types;
 
 pub use bitmap::Bitmap;
 pub use decide::{Rule, SideView, SyncDecision, decide};
-pub use engine::{DemoteError, Engine, PromoteError, ProtocolError};
+pub use engine::{DemoteError, Engine, PromoteError, ProtocolError, ResolveError, VerifyError};
 pub use types::*;
 
 #[cfg(test)]

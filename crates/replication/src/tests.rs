@@ -482,3 +482,834 @@ fn interrupted_resync_makes_paused_links_compare_again() {
         vec![(2, DisconnectReason::ConfigChanged)]
     );
 }
+
+// ------------------------------------------------------------------ online verify
+
+fn checksum_jobs(a: &[Action]) -> Vec<(IoId, u64, u32)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::DiskChecksum {
+                io, offset, len, ..
+            } => Some((*io, *offset, *len)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn checksum_requests(a: &[Action], to: u8) -> Vec<(u64, u64, u32)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                peer,
+                msg:
+                    Message::ChecksumRequest {
+                        id, offset, len, ..
+                    },
+            } if *peer == to => Some((*id, *offset, *len)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn digests(len: u32, fill: u8) -> Vec<tandem_repl_proto::Digest> {
+    vec![[fill; 32]; (len as usize).div_ceil(4096)]
+}
+
+/// Runs a verify on `e` against peer 1 until it ends; the peer's digests come from `peer`
+/// (ours are all `[0; 32]`). Returns every action.
+fn run_verify(
+    e: &mut Engine,
+    resync: bool,
+    peer: impl Fn(u64, u32) -> Vec<tandem_repl_proto::Digest>,
+) -> Vec<Action> {
+    let mut all = Vec::new();
+    let mut pending = e.start_verify(20, resync).expect("verify starts");
+    let mut t = 21;
+    while !pending.is_empty() {
+        let batch = std::mem::take(&mut pending);
+        for (io, _, len) in checksum_jobs(&batch) {
+            pending.extend(e.handle(
+                t,
+                Event::DiskChecksumDone {
+                    io,
+                    result: Ok(digests(len, 0)),
+                },
+            ));
+        }
+        for (id, offset, len) in checksum_requests(&batch, 1) {
+            pending.extend(e.handle(
+                t,
+                Event::PeerMessage {
+                    peer: 1,
+                    msg: Message::ChecksumReply {
+                        id,
+                        offset,
+                        block_size: 4096,
+                        alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                        status: tandem_repl_proto::Status::Ok,
+                        digests: peer(offset, len),
+                    },
+                },
+            ));
+        }
+        t += 1;
+        all.extend(batch);
+    }
+    all
+}
+
+#[test]
+fn verify_of_identical_replicas_finds_nothing() {
+    let mut e = primary();
+    run_verify(&mut e, false, |_, len| digests(len, 0));
+    let st = e.status();
+    assert!(st.verify.is_none());
+    let r = st.last_verify.expect("a result");
+    assert_eq!(r.checked_bytes, SIZE);
+    assert_eq!(r.different_bytes, 0);
+    assert!(r.ranges.is_empty() && r.error.is_none());
+    assert_eq!(r.peers, vec![1]);
+    assert_eq!(e.bitmap(1).unwrap().count(), 0);
+}
+
+#[test]
+fn verify_marks_and_reports_exactly_the_differing_blocks() {
+    let mut e = primary();
+    // Blocks 3 and 4 of the volume differ on the peer.
+    let a = run_verify(&mut e, false, |offset, len| {
+        let mut d = digests(len, 0);
+        for b in [3u64, 4] {
+            if b * 4096 >= offset && b * 4096 < offset + u64::from(len) {
+                d[((b * 4096 - offset) / 4096) as usize] = [9; 32];
+            }
+        }
+        d
+    });
+    let r = e.status().last_verify.unwrap();
+    assert_eq!(r.checked_bytes, SIZE);
+    assert_eq!(r.different_bytes, 8192);
+    assert_eq!(r.ranges, vec![(3 * 4096, 8192)]);
+    assert_eq!(r.different_by_peer, vec![(1, 8192)]);
+    // Persisted out-of-sync bits toward the peer, and the peer is told.
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistBits {
+            peer: 1,
+            set: true,
+            first: 3,
+            count: 2
+        }
+    )));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 1, msg: Message::OutOfSync { flags: 0, ranges } }
+            if ranges == &vec![tandem_repl_proto::ByteRange { offset: 3 * 4096, len: 8192 }]
+    )));
+    assert_eq!(e.bitmap(1).unwrap().out_of_sync_bytes(), 8192);
+    assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
+    // Without --resync nothing else happens.
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Message::ResyncBegin { .. },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn verify_with_resync_starts_an_online_resync_of_the_findings() {
+    let mut e = primary();
+    let a = run_verify(&mut e, true, |_, len| {
+        let mut d = digests(len, 0);
+        d[7] = [1; 32];
+        d
+    });
+    let r = e.status().last_verify.unwrap();
+    assert_eq!(r.resync_started, vec![1]);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            peer: 1,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096
+            }
+        }
+    )));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    // A stale UpToDate report (sent before the peer saw ResyncBegin) does not end it.
+    let report = |seq, disk_state| Event::PeerMessage {
+        peer: 1,
+        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq,
+            node_id: 1,
+            role: Role::Secondary,
+            disk_state,
+            quorum: Default::default(),
+            flags: 0,
+            size_bytes: SIZE,
+            generations: tandem_repl_proto::Generations {
+                current: 77,
+                ..Default::default()
+            },
+            peer_bitmaps: vec![],
+        })),
+    };
+    e.handle(40, report(5, tandem_repl_proto::DiskState::UpToDate));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    e.handle(41, report(6, tandem_repl_proto::DiskState::Inconsistent));
+    e.handle(42, report(7, tandem_repl_proto::DiskState::UpToDate));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
+    assert_eq!(e.bitmap(1).unwrap().count(), 0);
+}
+
+#[test]
+fn a_write_during_verify_is_ordered_around_the_checksums() {
+    let mut e = primary();
+    // A write in flight when verify starts: the chunk waits for it.
+    let w = e.handle(10, write(1, 8192, 4096));
+    let wio = disk_writes(&w)[0].0;
+    let wseq = sent_writes(&w, 1)[0].0;
+    let a = e.start_verify(11, false).unwrap();
+    assert!(
+        checksum_jobs(&a).is_empty(),
+        "waits for the write in flight"
+    );
+    assert!(checksum_requests(&a, 1).is_empty());
+    e.handle(
+        12,
+        Event::DiskWriteDone {
+            io: wio,
+            result: Ok(()),
+        },
+    );
+    let a = e.handle(
+        13,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::WriteAck {
+                seq: wseq,
+                status: tandem_repl_proto::Status::Ok,
+            },
+        },
+    );
+    let jobs = checksum_jobs(&a);
+    let reqs = checksum_requests(&a, 1);
+    assert_eq!((jobs.len(), reqs.len()), (1, 1));
+    // A write arriving now waits until our digests are taken, so the peer gets it after
+    // the ChecksumRequest.
+    let w2 = e.handle(14, write(2, 8192, 4096));
+    assert!(disk_writes(&w2).is_empty() && sent_writes(&w2, 1).is_empty());
+    let a = e.handle(
+        15,
+        Event::DiskChecksumDone {
+            io: jobs[0].0,
+            result: Ok(digests(jobs[0].2, 0)),
+        },
+    );
+    assert_eq!(disk_writes(&a).len(), 1);
+    assert_eq!(sent_writes(&a, 1).len(), 1);
+    let a = e.handle(
+        16,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ChecksumReply {
+                id: reqs[0].0,
+                offset: 0,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                status: tandem_repl_proto::Status::Ok,
+                digests: digests(reqs[0].2, 0),
+            },
+        },
+    );
+    assert!(a.is_empty() || e.status().last_verify.is_some());
+    assert_eq!(e.status().last_verify.unwrap().different_bytes, 0);
+}
+
+#[test]
+fn a_secondary_answers_checksums_behind_earlier_writes() {
+    let mut e = engine(1, &[(0, true), (2, false)]);
+    connect(&mut e, 0, true, Role::Primary);
+    let a = e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::Write {
+                seq: 1,
+                offset: 0,
+                flags: 0,
+                data: Bytes::from(vec![5u8; 4096]),
+            },
+        },
+    );
+    let wio = disk_writes(&a)[0].0;
+    let a = e.handle(
+        11,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ChecksumRequest {
+                id: 9,
+                offset: 0,
+                len: 65536,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                purpose: tandem_repl_proto::ChecksumPurpose::Verify,
+            },
+        },
+    );
+    assert!(checksum_jobs(&a).is_empty(), "behind the write");
+    let a = e.handle(
+        12,
+        Event::DiskWriteDone {
+            io: wio,
+            result: Ok(()),
+        },
+    );
+    let jobs = checksum_jobs(&a);
+    assert_eq!(jobs, vec![(jobs[0].0, 0, 65536)]);
+    let a = e.handle(
+        13,
+        Event::DiskChecksumDone {
+            io: jobs[0].0,
+            result: Ok(digests(65536, 3)),
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 0, msg: Message::ChecksumReply { id: 9, status: tandem_repl_proto::Status::Ok, digests, .. } }
+            if digests.len() == 16
+    )));
+    // Findings of the Primary's verify mark our bits; its ResyncBegin makes us sync target.
+    let a = e.handle(
+        14,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::OutOfSync {
+                flags: 0,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: 4096,
+                    len: 4096,
+                }],
+            },
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistBits {
+            peer: 0,
+            set: true,
+            first: 1,
+            count: 1
+        }
+    )));
+    let a = e.handle(
+        15,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(
+        e.status().disk_state,
+        tandem_repl_proto::DiskState::Inconsistent
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            peer: 0,
+            msg: Message::ResyncRequest {
+                offset: 4096,
+                len: 4096,
+                ..
+            }
+        }
+    )));
+}
+
+#[test]
+fn verify_refusals_are_typed() {
+    let mut e = engine(0, &[(1, true), (2, false)]);
+    assert_eq!(e.start_verify(1, false).unwrap_err(), VerifyError::NoPeer);
+    connect(&mut e, 1, true, Role::Primary);
+    assert_eq!(
+        e.start_verify(2, false).unwrap_err(),
+        VerifyError::PrimaryElsewhere(1)
+    );
+    let mut p = primary();
+    p.start_verify(3, false).unwrap();
+    assert!(matches!(
+        p.start_verify(4, false),
+        Err(VerifyError::Running { .. })
+    ));
+    // The peer goes away mid-run: the run ends with the reason.
+    p.handle(5, Event::PeerDown { peer: 1 });
+    let r = p.status().last_verify.unwrap();
+    assert!(
+        r.error.unwrap().contains("no peer left"),
+        "{:?}",
+        p.status()
+    );
+}
+
+// ------------------------------------------------------------------ split brain
+
+/// Node 0 with diskful peer 1 and witness 2 after a split: we are at generation 20 (wrote
+/// `our_blocks` blocks since generation 10, when we last were in sync with node 1).
+fn split_node(policy: SplitBrainPolicy, our_blocks: u64) -> Engine {
+    let peers = vec![
+        PeerConfig {
+            node_id: 1,
+            diskful: true,
+        },
+        PeerConfig {
+            node_id: 2,
+            diskful: false,
+        },
+    ];
+    let mut cfg = Config::new(0, true, peers, SIZE);
+    cfg.after_split_brain = policy;
+    let mut p = Persisted::new_volume(&cfg, 10);
+    p.meta.current = 20;
+    p.meta.history = [10, 0];
+    p.meta.peer_bitmap_gens.insert(1, 10);
+    if our_blocks > 0 {
+        p.bitmaps.get_mut(&1).unwrap().set_bits(0, our_blocks);
+    }
+    Engine::new(cfg, p, 0).0
+}
+
+/// The handshake with node 1, which wrote `peer_blocks` blocks (from block 100) since
+/// generation 10 and is now at generation 30; `flags` of its report.
+fn split_handshake(e: &mut Engine, peer_blocks: u64, flags: u32) -> Vec<Action> {
+    let mut out = e.handle(1, Event::PeerUp { peer: 1 });
+    out.extend(e.handle(
+        2,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                seq: 1,
+                node_id: 1,
+                role: Role::Secondary,
+                disk_state: tandem_repl_proto::DiskState::UpToDate,
+                quorum: Default::default(),
+                flags,
+                size_bytes: SIZE,
+                generations: tandem_repl_proto::Generations {
+                    current: 30,
+                    bitmap: 10,
+                    history: [10, 0],
+                },
+                peer_bitmaps: vec![],
+            })),
+        },
+    ));
+    let ranges = if peer_blocks > 0 {
+        vec![tandem_repl_proto::ByteRange {
+            offset: 100 * 4096,
+            len: peer_blocks * 4096,
+        }]
+    } else {
+        vec![]
+    };
+    out.extend(e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges,
+            },
+        },
+    ));
+    out
+}
+
+fn resync_begins(a: &[Action]) -> usize {
+    a.iter()
+        .filter(|x| {
+            matches!(
+                x,
+                Action::Send {
+                    peer: 1,
+                    msg: Message::ResyncBegin { .. }
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn split_brain_disconnect_policy_stays_split_and_shows_both_sides_changes() {
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Disconnect {
+            peer: 1,
+            reason: DisconnectReason::SplitBrain,
+            reconnect: false
+        }
+    )));
+    let p = &e.status().peers[0];
+    assert_eq!(
+        p.last_decision,
+        Some((SyncDecision::SplitBrain, Rule::SplitBrainSameBitmap))
+    );
+    let sb = p.split_brain.clone().expect("split brain shown");
+    assert_eq!((sb.our_bytes, sb.peer_bytes), (8192, 3 * 4096));
+    assert_eq!(sb.resolution, None);
+    assert_eq!(resync_begins(&a), 0);
+    // Nothing was merged: our data and state are untouched.
+    assert_eq!(
+        e.status().disk_state,
+        tandem_repl_proto::DiskState::UpToDate
+    );
+    assert!(disk_writes(&a).is_empty());
+}
+
+#[test]
+fn split_brain_discard_node_policy_picks_the_named_victim() {
+    // We are the victim: bitmap sync target of the union of both sides' blocks.
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(0), 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(disconnects(&a).is_empty());
+    let p = &e.status().peers[0];
+    assert_eq!(p.repl_state, ReplState::SyncTarget);
+    assert_eq!(
+        p.out_of_sync_bytes,
+        5 * 4096,
+        "union of both sides' changes"
+    );
+    assert!(
+        p.split_brain
+            .as_ref()
+            .unwrap()
+            .resolution
+            .as_ref()
+            .unwrap()
+            .contains("discard-node 0")
+    );
+    // The peer is the victim: we are source.
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(1), 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(resync_begins(&a), 1);
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    // A third node named: not this pair's business, stays split.
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(7), 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+}
+
+#[test]
+fn split_brain_discard_zero_changes_only_when_one_side_wrote_nothing() {
+    // We wrote nothing since the split: we are the target.
+    let mut e = split_node(SplitBrainPolicy::DiscardZeroChanges, 0);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    // The peer wrote nothing: we are the source.
+    let mut e = split_node(SplitBrainPolicy::DiscardZeroChanges, 2);
+    let a = split_handshake(&mut e, 0, 0);
+    assert_eq!(resync_begins(&a), 1);
+    // Both wrote: disconnect, nothing merged.
+    let mut e = split_node(SplitBrainPolicy::DiscardZeroChanges, 2);
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+    assert_eq!(
+        e.status().peers[0].split_brain.as_ref().unwrap().resolution,
+        None
+    );
+}
+
+#[test]
+fn manual_resolution_discards_the_victims_changes() {
+    use tandem_repl_proto::message::state_flags::DISCARD_MY_DATA;
+    // On the victim: its reports say so, its next split-brain handshake makes it target.
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    e.discard_my_data(1).unwrap();
+    assert!(e.status().discard_my_data);
+    let a = split_handshake(&mut e, 3, 0);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 1, msg: Message::StateReport(r) } if r.flags & DISCARD_MY_DATA != 0
+    )));
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    // On the survivor: the victim's flag makes it source, whatever the policy.
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    let a = split_handshake(&mut e, 3, DISCARD_MY_DATA);
+    assert_eq!(resync_begins(&a), 1);
+    assert!(
+        e.status().peers[0]
+            .split_brain
+            .as_ref()
+            .unwrap()
+            .resolution
+            .as_ref()
+            .unwrap()
+            .contains("node 1 discards")
+    );
+    // Both asked to discard: nothing to keep, stays split.
+    let mut e = split_node(SplitBrainPolicy::Disconnect, 2);
+    e.discard_my_data(1).unwrap();
+    let a = split_handshake(&mut e, 3, DISCARD_MY_DATA);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+    // Refusals.
+    let mut p = primary();
+    assert_eq!(p.discard_my_data(9).unwrap_err(), ResolveError::Primary);
+}
+
+#[test]
+fn a_primary_with_quorum_is_never_an_automatic_victim() {
+    let mut e = split_node(SplitBrainPolicy::DiscardNode(0), 2);
+    connect(&mut e, 2, false, Role::Secondary);
+    e.promote(4).unwrap();
+    e.handle(
+        5,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::Pong { token: u64::MAX },
+        },
+    );
+    assert!(e.has_quorum());
+    let a = split_handshake(&mut e, 3, 0);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+    assert_eq!(e.role(), Role::Primary);
+}
+
+// ------------------------------------------------------------------ checksum-based resync
+
+#[test]
+fn checksum_resync_transfers_only_the_blocks_whose_digests_differ() {
+    let peers = vec![
+        PeerConfig {
+            node_id: 1,
+            diskful: true,
+        },
+        PeerConfig {
+            node_id: 2,
+            diskful: false,
+        },
+    ];
+    let mut cfg = Config::new(0, true, peers, SIZE);
+    cfg.resync_checksums = true;
+    let p = Persisted::new_volume(&cfg, 77);
+    let mut e = Engine::new(cfg, p, 0).0;
+    // The peer marks 8 blocks out of sync: we are the bitmap target.
+    let mut out = e.handle(1, Event::PeerUp { peer: 1 });
+    for msg in [
+        Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq: 1,
+            node_id: 1,
+            role: Role::Secondary,
+            disk_state: tandem_repl_proto::DiskState::UpToDate,
+            quorum: Default::default(),
+            flags: 0,
+            size_bytes: SIZE,
+            generations: tandem_repl_proto::Generations {
+                current: 77,
+                ..Default::default()
+            },
+            peer_bitmaps: vec![],
+        })),
+        Message::OutOfSync {
+            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+            ranges: vec![tandem_repl_proto::ByteRange {
+                offset: 0,
+                len: 8 * 4096,
+            }],
+        },
+        Message::ResyncBegin {
+            generation: 77,
+            bytes: 8 * 4096,
+        },
+    ] {
+        out.extend(e.handle(2, Event::PeerMessage { peer: 1, msg }));
+    }
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    // Digests first, no data request yet.
+    let req = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                peer: 1,
+                msg:
+                    Message::ChecksumRequest {
+                        id,
+                        offset: 0,
+                        len,
+                        purpose: tandem_repl_proto::ChecksumPurpose::Resync,
+                        ..
+                    },
+            } => Some((*id, *len)),
+            _ => None,
+        })
+        .expect("a checksum request");
+    assert_eq!(req.1, 8 * 4096);
+    assert!(!out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: Message::ResyncRequest { .. },
+            ..
+        }
+    )));
+    let jobs = checksum_jobs(&out);
+    assert_eq!(jobs.len(), 1);
+    let mut a = e.handle(
+        3,
+        Event::DiskChecksumDone {
+            io: jobs[0].0,
+            result: Ok(digests(8 * 4096, 0)),
+        },
+    );
+    // The source's blocks 2 and 3 differ.
+    let mut remote = digests(8 * 4096, 0);
+    remote[2] = [1; 32];
+    remote[3] = [1; 32];
+    a.extend(e.handle(
+        4,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ChecksumReply {
+                id: req.0,
+                offset: 0,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                status: tandem_repl_proto::Status::Ok,
+                digests: remote,
+            },
+        },
+    ));
+    let data_reqs: Vec<(u64, u64, u32)> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send {
+                peer: 1,
+                msg: Message::ResyncRequest { id, offset, len },
+            } => Some((*id, *offset, *len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(data_reqs.len(), 1, "{a:?}");
+    assert_eq!((data_reqs[0].1, data_reqs[0].2), (2 * 4096, 2 * 4096));
+    assert_eq!(e.bitmap(1).unwrap().count(), 2, "identical blocks cleared");
+    // The data lands; the resync ends having transferred 8 KiB and skipped 24 KiB.
+    let a = e.handle(
+        5,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncData {
+                id: data_reqs[0].0,
+                offset: 2 * 4096,
+                status: tandem_repl_proto::Status::Ok,
+                flags: 0,
+                len: 2 * 4096,
+                data: Bytes::from(vec![7u8; 2 * 4096]),
+            },
+        },
+    );
+    let (io, _) = disk_writes(&a)[0];
+    let a = e.handle(6, Event::DiskWriteDone { io, result: Ok(()) });
+    let flush = a
+        .iter()
+        .find_map(|x| match x {
+            Action::DiskFlush { io } => Some(*io),
+            _ => None,
+        })
+        .expect("finishing flush");
+    e.handle(
+        7,
+        Event::DiskFlushDone {
+            io: flush,
+            result: Ok(()),
+        },
+    );
+    let st = e.status();
+    assert_eq!(st.disk_state, tandem_repl_proto::DiskState::UpToDate);
+    assert_eq!(
+        (st.last_resync_bytes, st.last_resync_skipped_bytes),
+        (8192, 6 * 4096)
+    );
+}
+
+#[test]
+fn checksum_resync_falls_back_to_data_when_the_source_refuses() {
+    let peers = vec![PeerConfig {
+        node_id: 1,
+        diskful: true,
+    }];
+    let mut cfg = Config::new(0, true, peers, SIZE);
+    cfg.resync_checksums = true;
+    let p = Persisted::new_volume(&cfg, 77);
+    let mut e = Engine::new(cfg, p, 0).0;
+    let out = connect_as_target(&mut e, 1);
+    let id = out
+        .iter()
+        .find_map(|a| match a {
+            Action::Send {
+                msg: Message::ChecksumRequest { id, .. },
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .expect("a checksum request");
+    let a = e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ChecksumReply {
+                id,
+                offset: 0,
+                block_size: 4096,
+                alg: tandem_repl_proto::ChecksumAlg::Blake3,
+                status: tandem_repl_proto::Status::NotSupported,
+                digests: vec![],
+            },
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Message::ResyncRequest {
+                offset: 0,
+                len: 4096,
+                ..
+            },
+            ..
+        }
+    )));
+}
+
+#[test]
+fn resync_checksum_requests_are_refused_outside_a_resync() {
+    let mut e = engine(0, &[(1, true), (2, false)]);
+    let req = |id| Event::PeerMessage {
+        peer: 1,
+        msg: Message::ChecksumRequest {
+            id,
+            offset: 0,
+            len: 4096,
+            block_size: 4096,
+            alg: tandem_repl_proto::ChecksumAlg::Blake3,
+            purpose: tandem_repl_proto::ChecksumPurpose::Resync,
+        },
+    };
+    connect(&mut e, 1, true, Role::Secondary);
+    let a = e.handle(5, req(1));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send {
+            msg: Message::ChecksumReply {
+                status: tandem_repl_proto::Status::NotPermitted,
+                ..
+            },
+            ..
+        }
+    )));
+}

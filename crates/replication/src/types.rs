@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use tandem_repl_proto::{DisconnectReason, DiskState, Generation, Message, NodeId};
+use tandem_repl_proto::{Digest, DisconnectReason, DiskState, Generation, Message, NodeId};
 
 use crate::bitmap::Bitmap;
 use crate::decide::{Rule, SyncDecision};
@@ -65,6 +65,30 @@ pub struct Config {
     /// Entropy for new generation identifiers (the driver passes random bytes; the simulator
     /// a seeded value). Mixed with the node id, the clock and a counter.
     pub entropy: u64,
+    /// Online verify: bytes compared per `ChecksumRequest` (1 MiB).
+    pub verify_chunk: u32,
+    /// Online verify: requests in flight.
+    pub verify_max_inflight: usize,
+    /// What a handshake that finds split brain does (both ends of a volume must use the same).
+    pub after_split_brain: SplitBrainPolicy,
+    /// Checksum-based resync (target side): compare digests of each chunk with the source's
+    /// first and transfer only the blocks that differ (DRBD's `csums-alg`). Saves bandwidth
+    /// when much of what is out of sync is in fact identical (full resyncs, lost bitmaps).
+    pub resync_checksums: bool,
+}
+
+/// Automatic split-brain policy (DRBD's `after-sb-*` in spirit). Whatever the policy, data is
+/// never merged: one side's changes since the split are discarded, or the link stays down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitBrainPolicy {
+    /// Stay disconnected (`reconnect: false`) until an operator resolves it.
+    #[default]
+    Disconnect,
+    /// The side that wrote nothing since the split (no out-of-sync bits toward the other)
+    /// becomes sync target; if both wrote, disconnect.
+    DiscardZeroChanges,
+    /// This node's changes are discarded whenever it is in a split brain.
+    DiscardNode(NodeId),
 }
 
 impl Config {
@@ -85,6 +109,10 @@ impl Config {
             ping_interval: 0,
             ping_timeout: 10_000_000_000,
             entropy: 0,
+            verify_chunk: 1 << 20,
+            verify_max_inflight: 4,
+            after_split_brain: SplitBrainPolicy::Disconnect,
+            resync_checksums: false,
         }
     }
 }
@@ -187,6 +215,11 @@ pub enum Event {
     Tick,
     /// Change the resync rate (bytes/s, 0 = unlimited), effective immediately.
     SetResyncRate { bytes_per_sec: u64 },
+    /// Completion of an [`Action::DiskChecksum`]: one digest per block, in order.
+    DiskChecksumDone {
+        io: IoId,
+        result: Result<Vec<Digest>, DiskError>,
+    },
 }
 
 /// A local disk error.
@@ -255,6 +288,16 @@ pub enum Action {
     DiskFlush {
         io: IoId,
     },
+    /// Read `len` bytes at `offset` and digest them per `block_size` block (the last one may
+    /// be short) with [`tandem_repl_proto::ChecksumAlg::Blake3`]; answer with
+    /// [`Event::DiskChecksumDone`]. Online verify: the data never passes through the engine.
+    /// Ordered like `DiskRead`.
+    DiskChecksum {
+        io: IoId,
+        offset: u64,
+        len: u32,
+        block_size: u32,
+    },
     Send {
         peer: NodeId,
         msg: Message,
@@ -317,6 +360,22 @@ pub struct PeerStatus {
     pub out_of_sync_bytes: u64,
     /// The decision of the last handshake and the rule that decided it.
     pub last_decision: Option<(SyncDecision, Rule)>,
+    /// The split brain the last handshake with it found, until settled.
+    pub split_brain: Option<SplitBrainStatus>,
+}
+
+/// A split brain with one peer, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitBrainStatus {
+    /// The rule that found it.
+    pub rule: Rule,
+    /// Bytes we wrote since the split (our out-of-sync bits toward the peer).
+    pub our_bytes: u64,
+    /// Bytes the peer wrote since the split (its bits toward us at that handshake).
+    pub peer_bytes: u64,
+    /// How it is being resolved (policy or manual), or `None`: disconnected, waiting for an
+    /// operator.
+    pub resolution: Option<String>,
 }
 
 /// A snapshot for `volume show` / `status`.
@@ -339,6 +398,60 @@ pub struct Status {
     pub resync_bytes_total: u64,
     /// Bytes the most recent completed resync into this replica transferred.
     pub last_resync_bytes: u64,
+    /// Bytes the most recent completed checksum-based resync found identical and skipped.
+    pub last_resync_skipped_bytes: u64,
     pub crashed_primary: bool,
     pub activity_log_extents: usize,
+    /// The online verify running from this node, if any.
+    pub verify: Option<VerifyProgress>,
+    /// The last online verify this node ran (since the engine started).
+    pub last_verify: Option<VerifyResult>,
+    /// This node discards its changes at its next split-brain handshake (manual resolution).
+    pub discard_my_data: bool,
 }
+
+/// Progress of a running online verify (this node is the verify source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyProgress {
+    /// Number of the run on this engine (1, 2, ...).
+    pub run: u64,
+    /// Peers compared with (connected UpToDate diskful peers in sync at the start, minus those
+    /// lost since).
+    pub peers: Vec<NodeId>,
+    /// Start a resync of the differing blocks when done.
+    pub resync: bool,
+    /// The volume size.
+    pub bytes_total: u64,
+    /// Bytes compared so far.
+    pub bytes_done: u64,
+    /// Bytes found different so far (union over peers).
+    pub different_bytes: u64,
+    /// Nanoseconds since the start (driver clock).
+    pub elapsed_nanos: u64,
+}
+
+/// Outcome of an online verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyResult {
+    pub run: u64,
+    /// Peers compared with until the end.
+    pub peers: Vec<NodeId>,
+    /// Bytes compared (with every peer still in the run).
+    pub checked_bytes: u64,
+    /// Bytes that differ on at least one peer (4 KiB blocks).
+    pub different_bytes: u64,
+    /// Per peer: bytes that differ from ours.
+    pub different_by_peer: Vec<(NodeId, u64)>,
+    /// The first differing byte ranges (offset, len), merged, at most [`VERIFY_RANGES_MAX`].
+    pub ranges: Vec<(u64, u64)>,
+    /// More differing ranges exist than `ranges` holds.
+    pub ranges_truncated: bool,
+    /// Resyncs started toward peers with differences (`resync` requested).
+    pub resync_started: Vec<NodeId>,
+    /// Why the run ended early (it did not cover the whole volume), if it did.
+    pub error: Option<String>,
+    pub elapsed_nanos: u64,
+}
+
+/// Differing ranges a verify result keeps.
+pub const VERIFY_RANGES_MAX: usize = 32;

@@ -9,6 +9,7 @@
 mod disk;
 mod model;
 mod rng;
+mod split_brain;
 mod world;
 
 pub use rng::Rng;

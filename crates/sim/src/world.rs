@@ -40,6 +40,10 @@ pub struct SimOptions {
     pub faults: bool,
     /// Trace lines kept for the failure report.
     pub trace_len: usize,
+    /// Run the scripted split-brain scenario instead of the random schedule (see
+    /// `split_brain.rs`): two diskful nodes and a witness, a split made on purpose, resolved
+    /// by a policy or by the manual resolution.
+    pub split_brain: bool,
 }
 
 impl Default for SimOptions {
@@ -50,6 +54,7 @@ impl Default for SimOptions {
             size_blocks: 128,
             faults: true,
             trace_len: 80,
+            split_brain: false,
         }
     }
 }
@@ -70,10 +75,21 @@ pub struct Outcome {
     pub link_breaks: u64,
     pub failovers: u64,
     pub resync_bytes: u64,
+    /// Online verifies started / finished (every one must find 0 differences: the simulator
+    /// never corrupts a replica behind the engine's back).
+    pub verifies: u64,
+    pub verifies_done: u64,
+    pub verified_bytes: u64,
+    /// Split-brain scenario: how it was resolved (`policy ...`, `manual ...`, `no split`).
+    pub split_brain: Option<String>,
+    /// The run used checksum-based resync (`Config::resync_checksums`).
+    pub resync_checksums: bool,
+    /// Bytes checksum-based resyncs found identical and did not transfer.
+    pub resync_skipped_bytes: u64,
 }
 
 #[derive(Debug)]
-enum Ev {
+pub(crate) enum Ev {
     Deliver {
         from: NodeId,
         to: NodeId,
@@ -98,6 +114,14 @@ enum Ev {
         io: u64,
         marker: u64,
     },
+    DiskChecksumDone {
+        node: NodeId,
+        inc: u64,
+        io: u64,
+        offset: u64,
+        len: u32,
+        block_size: u32,
+    },
     Close {
         a: NodeId,
         b: NodeId,
@@ -110,17 +134,17 @@ enum Ev {
     Step,
 }
 
-struct Node {
-    id: NodeId,
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
     diskful: bool,
-    cfg: Config,
-    engine: Option<Engine>,
+    pub(crate) cfg: Config,
+    pub(crate) engine: Option<Engine>,
     inc: u64,
-    disk: SimDisk,
+    pub(crate) disk: SimDisk,
     persisted: Persisted,
     /// Disk writes started, not completed: io -> (offset, data, fua).
     writes_in_flight: BTreeMap<u64, (u64, Bytes, bool)>,
-    isolated: bool,
+    pub(crate) isolated: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -148,30 +172,36 @@ enum Fault {
     Link,
 }
 
-struct World {
+pub(crate) struct World {
     seed: u64,
-    rng: Rng,
-    now: Nanos,
+    pub(crate) rng: Rng,
+    pub(crate) now: Nanos,
     queue: BinaryHeap<Reverse<(Nanos, u64)>>,
     events: BTreeMap<u64, Ev>,
     next_ev: u64,
-    nodes: Vec<Node>,
+    pub(crate) nodes: Vec<Node>,
     /// Link generation per pair (a < b); None = down.
-    links: BTreeMap<(NodeId, NodeId), Option<u64>>,
+    pub(crate) links: BTreeMap<(NodeId, NodeId), Option<u64>>,
     link_gen: u64,
     fifo: BTreeMap<(NodeId, NodeId), Nanos>,
     drop_next: Option<(NodeId, NodeId)>,
     model: Model,
     reqs: BTreeMap<RequestId, (NodeId, u64, Req)>,
-    next_req: RequestId,
-    next_write: u64,
+    pub(crate) next_req: RequestId,
+    pub(crate) next_write: u64,
     trace: VecDeque<String>,
-    out: Outcome,
+    pub(crate) out: Outcome,
     fault: Fault,
     healthy_since: Option<Nanos>,
     opts: SimOptions,
     size: u64,
     workload: bool,
+    /// Last verify run checked per node.
+    seen_verify: BTreeMap<NodeId, u64>,
+    /// Pairs (a < b) that must not reconnect (scripted cut, or refused for good).
+    pub(crate) blocked: std::collections::BTreeSet<(NodeId, NodeId)>,
+    /// The split-brain scenario, when running it.
+    pub(crate) sb: Option<crate::split_brain::Scenario>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -188,7 +218,7 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<Outcome, String> {
     }
 }
 
-fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+pub(crate) fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
 }
 
@@ -197,10 +227,14 @@ impl World {
         let mut rng = Rng::new(seed);
         // Always drawn, so pinning the topology keeps the rest of a seed's schedule.
         let roll = rng.range(0, 10);
-        let topo = opts.topology.unwrap_or(match roll {
-            0..=7 => Topology::TwoPlusWitness,
-            _ => Topology::Two,
-        });
+        let topo = if opts.split_brain {
+            Topology::TwoPlusWitness
+        } else {
+            opts.topology.unwrap_or(match roll {
+                0..=7 => Topology::TwoPlusWitness,
+                _ => Topology::Two,
+            })
+        };
         let diskful: Vec<bool> = match topo {
             Topology::TwoPlusWitness => vec![true, true, false],
             Topology::Three => vec![true, true, true],
@@ -208,6 +242,10 @@ impl World {
         };
         let size = opts.size_blocks * BLOCK;
         let gen0 = rng.next_u64() | 1;
+        let sb = opts
+            .split_brain
+            .then(|| crate::split_brain::Scenario::new(&mut rng));
+        let checksums = rng.chance(0.5);
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -227,6 +265,10 @@ impl World {
             cfg.resync_rate = rng.range(20, 400) << 20;
             cfg.ping_interval = 0;
             cfg.entropy = rng.next_u64();
+            if let Some(sb) = &sb {
+                cfg.after_split_brain = sb.policy;
+            }
+            cfg.resync_checksums = checksums;
             let persisted = Persisted::new_volume(&cfg, gen0);
             let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);
             nodes.push(Node {
@@ -266,6 +308,7 @@ impl World {
             trace: VecDeque::new(),
             out: Outcome {
                 topology: Some(topo),
+                resync_checksums: checksums,
                 ..Outcome::default()
             },
             fault: Fault::None,
@@ -273,17 +316,24 @@ impl World {
             opts,
             size,
             workload: true,
+            seen_verify: BTreeMap::new(),
+            blocked: Default::default(),
+            sb,
         }
     }
 
-    fn tr(&mut self, s: String) {
+    pub(crate) fn reqs_empty(&self) -> bool {
+        self.reqs.is_empty()
+    }
+
+    pub(crate) fn tr(&mut self, s: String) {
         if self.trace.len() >= self.opts.trace_len {
             self.trace.pop_front();
         }
         self.trace.push_back(format!("{:>9}us {s}", self.now / US));
     }
 
-    fn at(&mut self, t: Nanos, ev: Ev) {
+    pub(crate) fn at(&mut self, t: Nanos, ev: Ev) {
         let id = self.next_ev;
         self.next_ev += 1;
         self.events.insert(id, ev);
@@ -313,7 +363,11 @@ impl World {
             self.dispatch(ev)?;
             self.check_primaries()?;
             if is_step {
-                if !self.workload
+                if let Some(sb) = &self.sb {
+                    if sb.done() && self.reqs.is_empty() && self.converged() {
+                        return self.sb_final_check();
+                    }
+                } else if !self.workload
                     && self.reqs.is_empty()
                     && self.fault == Fault::None
                     && self.converged()
@@ -368,6 +422,7 @@ impl World {
                 }
                 self.tr(format!("{from}->{to} {}", short(&msg)));
                 self.feed(to, Event::PeerMessage { peer: from, msg })?;
+                self.check_verify(to)?;
             }
             Ev::DiskWriteDone { node, inc, io } => {
                 let n = &mut self.nodes[node as usize];
@@ -420,6 +475,32 @@ impl World {
                 self.tr(format!("node {node} disk flush done (marker {marker})"));
                 self.feed(node, Event::DiskFlushDone { io, result: Ok(()) })?;
             }
+            Ev::DiskChecksumDone {
+                node,
+                inc,
+                io,
+                offset,
+                len,
+                block_size,
+            } => {
+                let n = &self.nodes[node as usize];
+                if n.inc != inc {
+                    return Ok(());
+                }
+                let o = offset as usize;
+                let digests = n.disk.data[o..o + len as usize]
+                    .chunks(block_size as usize)
+                    .map(|b| tandem_repl_proto::ChecksumAlg::Blake3.digest(b))
+                    .collect();
+                self.feed(
+                    node,
+                    Event::DiskChecksumDone {
+                        io,
+                        result: Ok(digests),
+                    },
+                )?;
+                self.check_verify(node)?;
+            }
             Ev::Close { a, b, link } => {
                 if self.links.get(&key(a, b)).copied().flatten() == Some(link) {
                     self.break_link(a, b)?;
@@ -428,7 +509,11 @@ impl World {
             Ev::Reconnect { a, b } => {
                 let up = self.links.get(&key(a, b)).copied().flatten().is_some();
                 let ok = |n: &Node| n.engine.is_some() && !n.isolated;
-                if !up && ok(&self.nodes[a as usize]) && ok(&self.nodes[b as usize]) {
+                if !up
+                    && !self.blocked.contains(&key(a, b))
+                    && ok(&self.nodes[a as usize])
+                    && ok(&self.nodes[b as usize])
+                {
                     self.link_gen += 1;
                     let g = self.link_gen;
                     self.links.insert(key(a, b), Some(g));
@@ -441,7 +526,7 @@ impl World {
         Ok(())
     }
 
-    fn feed(&mut self, node: NodeId, ev: Event) -> Result<(), String> {
+    pub(crate) fn feed(&mut self, node: NodeId, ev: Event) -> Result<(), String> {
         let now = self.now;
         let Some(e) = self.nodes[node as usize].engine.as_mut() else {
             return Ok(());
@@ -450,7 +535,7 @@ impl World {
         self.apply(node, actions)
     }
 
-    fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
+    pub(crate) fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
         for a in actions {
             match a {
                 Action::DiskWrite {
@@ -494,6 +579,26 @@ impl World {
                         },
                     );
                 }
+                Action::DiskChecksum {
+                    io,
+                    offset,
+                    len,
+                    block_size,
+                } => {
+                    let inc = self.nodes[node as usize].inc;
+                    let t = self.now + self.rng.range(5 * US, 80 * US);
+                    self.at(
+                        t,
+                        Ev::DiskChecksumDone {
+                            node,
+                            inc,
+                            io,
+                            offset,
+                            len,
+                            block_size,
+                        },
+                    );
+                }
                 Action::Send { peer, msg } => self.send(node, peer, msg),
                 Action::Disconnect {
                     peer,
@@ -501,7 +606,13 @@ impl World {
                     reconnect,
                 } => {
                     self.tr(format!("node {node} disconnects {peer}: {reason:?}"));
-                    if !reconnect {
+                    if !reconnect && self.sb.is_some() {
+                        // The scenario expects it: the pair stays apart until resolved.
+                        self.blocked.insert(key(node, peer));
+                        if let Some(sb) = self.sb.as_mut() {
+                            sb.split_seen = true;
+                        }
+                    } else if !reconnect {
                         return Err(format!(
                             "node {node} refuses node {peer} for good ({reason:?}): split brain or unrelated data under at most one fault"
                         ));
@@ -569,7 +680,7 @@ impl World {
         );
     }
 
-    fn break_link(&mut self, a: NodeId, b: NodeId) -> Result<(), String> {
+    pub(crate) fn break_link(&mut self, a: NodeId, b: NodeId) -> Result<(), String> {
         if self.links.get(&key(a, b)).copied().flatten().is_none() {
             return Ok(());
         }
@@ -590,6 +701,9 @@ impl World {
         id: RequestId,
         result: Result<Reply, tandem_replication::RequestError>,
     ) -> Result<(), String> {
+        if self.sb_completed(node, id, &result)? {
+            return Ok(());
+        }
         let Some((rnode, _, req)) = self.reqs.remove(&id) else {
             return Err(format!("completion for unknown request {id}"));
         };
@@ -667,7 +781,7 @@ impl World {
             .map(|n| n.id)
     }
 
-    fn workload_step(&mut self) -> Result<(), String> {
+    pub(crate) fn workload_step(&mut self) -> Result<(), String> {
         let Some(p) = self.primary() else {
             return Ok(());
         };
@@ -742,6 +856,9 @@ impl World {
         for i in 0..self.nodes.len() {
             self.feed(i as NodeId, Event::Tick)?;
         }
+        if self.sb.is_some() {
+            return self.sb_step();
+        }
         self.operator()?;
         if self.workload {
             self.faults()?;
@@ -812,6 +929,20 @@ impl World {
                 }
             }
         }
+        // Online verify from the Primary while healthy, sometimes with resync of findings.
+        if self.workload && self.fault == Fault::None && self.converged() && self.rng.chance(0.01) {
+            let now = self.now;
+            let resync = self.rng.chance(0.5);
+            let e = self.nodes[p as usize].engine.as_mut().expect("live");
+            match e.start_verify(now, resync) {
+                Ok(actions) => {
+                    self.tr(format!("operator: verify from node {p} (resync {resync})"));
+                    self.out.verifies += 1;
+                    self.apply(p, actions)?;
+                }
+                Err(err) => self.tr(format!("operator: verify refused: {err}")),
+            }
+        }
         // Planned switchover: only while everything is connected and in sync (promoting a
         // node that missed writes is an operator error the engine cannot see without fencing).
         if self.workload && self.fault == Fault::None && self.converged() && self.rng.chance(0.003)
@@ -829,7 +960,7 @@ impl World {
         Ok(())
     }
 
-    fn converged(&self) -> bool {
+    pub(crate) fn converged(&self) -> bool {
         let links_up = self.links.values().all(|g| g.is_some());
         links_up
             && self.nodes.iter().all(|n| {
@@ -1019,6 +1150,45 @@ impl World {
 
     // ------------------------------------------------------------------ invariants
 
+    /// Invariant 6: an online verify never finds a difference (nothing corrupts replicas
+    /// here; a write during verify must not be reported as one).
+    fn check_verify(&mut self, node: NodeId) -> Result<(), String> {
+        let Some(e) = self.nodes[node as usize].engine.as_ref() else {
+            return Ok(());
+        };
+        let st = e.status();
+        if let Some(v) = &st.verify
+            && v.different_bytes > 0
+        {
+            return Err(format!(
+                "invariant 6: verify {} on node {node} finds {} bytes different",
+                v.run, v.different_bytes
+            ));
+        }
+        if let Some(r) = st.last_verify
+            && self.seen_verify.get(&node) != Some(&r.run)
+        {
+            self.seen_verify.insert(node, r.run);
+            if r.different_bytes > 0 {
+                return Err(format!(
+                    "invariant 6: verify {} on node {node} found {} bytes different: {:?}",
+                    r.run, r.different_bytes, r.ranges
+                ));
+            }
+            self.out.verifies_done += 1;
+            self.out.verified_bytes += r.checked_bytes;
+            self.tr(format!(
+                "node {node} verify {} done: {} bytes compared{}",
+                r.run,
+                r.checked_bytes,
+                r.error
+                    .map(|e| format!(", ended early: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
+
     fn check_primaries(&self) -> Result<(), String> {
         let with_quorum: Vec<NodeId> = self
             .nodes
@@ -1080,6 +1250,12 @@ impl World {
             .iter()
             .filter_map(|n| n.engine.as_ref())
             .map(|e| e.status().last_resync_bytes)
+            .sum();
+        self.out.resync_skipped_bytes = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .map(|e| e.status().last_resync_skipped_bytes)
             .sum();
         Ok(())
     }

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_blockdev::{BlockDevice, FileDevice};
 use tandem_meta::ReplicaFiles;
-use tandem_repl_proto::{DiskState, Message, NodeId};
+use tandem_repl_proto::{ChecksumAlg, DiskState, Message, NodeId};
 use tandem_replication::{
     Action, Config, DiskError, Engine, Event, IoId, Level, PeerConfig, PeerStatus, Protocol, Reply,
-    RequestError, RequestId, Role, Status,
+    RequestError, RequestId, Role, SplitBrainPolicy, Status,
 };
 use tandem_transport::{LinkId, SendError};
 
@@ -46,6 +46,10 @@ pub struct VolumeOptions {
     pub protocol: Protocol,
     /// Resync rate limit in bytes/s (0 = unlimited).
     pub resync_rate: u64,
+    /// What a handshake that finds split brain does.
+    pub after_split_brain: SplitBrainPolicy,
+    /// Checksum-based resync: transfer only blocks whose digests differ.
+    pub resync_checksums: bool,
 }
 
 impl Default for VolumeOptions {
@@ -53,6 +57,8 @@ impl Default for VolumeOptions {
         VolumeOptions {
             protocol: Protocol::C,
             resync_rate: 0,
+            after_split_brain: SplitBrainPolicy::Disconnect,
+            resync_checksums: false,
         }
     }
 }
@@ -85,6 +91,10 @@ pub struct VolumeStatus {
     pub resync_rate: u64,
     pub resync_bytes_left: Option<u64>,
     pub last_resync_bytes: u64,
+    /// The online verify running from this node, if any.
+    pub verify: Option<tandem_replication::VerifyProgress>,
+    /// The last online verify this node ran since the driver started.
+    pub last_verify: Option<tandem_replication::VerifyResult>,
     /// The engine's full snapshot.
     pub engine: Status,
     /// Set when the driver stopped on a fatal error (metadata could not be persisted).
@@ -102,6 +112,10 @@ pub(crate) enum Input {
     Demote(SyncSender<Result<(), VolumeError>>),
     Status(SyncSender<Status>),
     SetResyncRate(u64),
+    Verify(bool, SyncSender<Result<(), VolumeError>>),
+    Resolve(bool, SyncSender<Result<(), VolumeError>>),
+    SetSplitBrainPolicy(SplitBrainPolicy),
+    SetResyncChecksums(bool),
     Stop,
 }
 
@@ -126,6 +140,12 @@ enum DiskJob {
     },
     Flush {
         io: IoId,
+    },
+    Checksum {
+        io: IoId,
+        offset: u64,
+        len: u32,
+        block_size: u32,
     },
 }
 
@@ -180,6 +200,8 @@ impl VolumeDriver {
         );
         cfg.protocol = spec.options.protocol;
         cfg.resync_rate = spec.options.resync_rate;
+        cfg.after_split_brain = spec.options.after_split_brain;
+        cfg.resync_checksums = spec.options.resync_checksums;
         cfg.entropy = u64::from_le_bytes(entropy);
 
         let device = if spec.diskful {
@@ -297,6 +319,34 @@ impl VolumeDriver {
         self.call(Input::Demote)?
     }
 
+    /// Starts an online verify from this node (see `docs/replication.md`, "Online verify");
+    /// `resync`: resync the differing blocks toward each peer when done. Returns once started;
+    /// progress and result are in [`VolumeDriver::status`].
+    pub fn verify(&self, resync: bool) -> Result<(), VolumeError> {
+        self.call(|r| Input::Verify(resync, r))?
+    }
+
+    /// Split-brain resolution on this node: `discard` makes it the victim (its changes since
+    /// the split are discarded at the next handshake, see `Engine::discard_my_data`); every
+    /// node involved then reconnects the links it closed for good after the split brain.
+    pub fn resolve_split_brain(&self, discard: bool) -> Result<(), VolumeError> {
+        self.call(|r| Input::Resolve(discard, r))?
+    }
+
+    /// Turns checksum-based resync on or off (from the next chunk).
+    pub fn set_resync_checksums(&self, on: bool) -> Result<(), VolumeError> {
+        self.tx
+            .send(Input::SetResyncChecksums(on))
+            .map_err(|_| VolumeError::Stopped("stopped".into()))
+    }
+
+    /// Changes the split-brain policy (from the next handshake).
+    pub fn set_split_brain_policy(&self, policy: SplitBrainPolicy) -> Result<(), VolumeError> {
+        self.tx
+            .send(Input::SetSplitBrainPolicy(policy))
+            .map_err(|_| VolumeError::Stopped("stopped".into()))
+    }
+
     /// Changes the resync rate (bytes/s, 0 = unlimited) while running.
     pub fn set_resync_rate(&self, bytes_per_sec: u64) -> Result<(), VolumeError> {
         self.tx
@@ -323,6 +373,8 @@ impl VolumeDriver {
             resync_rate: st.resync_bytes_per_sec,
             resync_bytes_left: st.resync_bytes_left,
             last_resync_bytes: st.last_resync_bytes,
+            verify: st.verify.clone(),
+            last_verify: st.last_verify.clone(),
             peers: st.peers.clone(),
             engine: st,
             failed,
@@ -407,6 +459,23 @@ fn run_job(dev: &dyn BlockDevice, job: DiskJob) -> Event {
             io,
             result: dev.flush().map_err(disk_err),
         },
+        DiskJob::Checksum {
+            io,
+            offset,
+            len,
+            block_size,
+        } => {
+            let mut buf = vec![0u8; len as usize];
+            let r = dev
+                .read_at(&mut buf, offset)
+                .map(|_| {
+                    buf.chunks(block_size.max(1) as usize)
+                        .map(|b| ChecksumAlg::Blake3.digest(b))
+                        .collect()
+                })
+                .map_err(disk_err);
+            Event::DiskChecksumDone { io, result: r }
+        }
     }
 }
 
@@ -594,6 +663,57 @@ impl Loop {
             Input::SetResyncRate(b) => self
                 .engine
                 .handle(now, Event::SetResyncRate { bytes_per_sec: b }),
+            Input::SetSplitBrainPolicy(p) => {
+                self.engine.set_split_brain_policy(p);
+                return Ok(());
+            }
+            Input::SetResyncChecksums(on) => {
+                self.engine.set_resync_checksums(on);
+                return Ok(());
+            }
+            Input::Resolve(discard, r) => {
+                let res = if discard {
+                    match self.engine.discard_my_data(now) {
+                        Ok(a) => self.execute(a),
+                        Err(e) => Err(e.into()),
+                    }
+                } else {
+                    Ok(())
+                };
+                let res = res.and_then(|()| {
+                    // Links closed for good (split brain) come back.
+                    let gone: Vec<NodeId> = self
+                        .removed
+                        .iter()
+                        .filter(|(_, back)| !**back)
+                        .map(|(p, _)| *p)
+                        .collect();
+                    if gone.is_empty() {
+                        return Ok(());
+                    }
+                    for p in gone {
+                        tracing::info!(volume = %self.name, peer = p, "reconnecting after split brain");
+                        self.removed.remove(&p);
+                    }
+                    self.configure_transport()
+                });
+                let _ = r.send(res.clone());
+                return match res {
+                    Err(VolumeError::Resolve(_)) => Ok(()),
+                    other => other,
+                };
+            }
+            Input::Verify(resync, r) => match self.engine.start_verify(now, resync) {
+                Ok(a) => {
+                    let res = self.execute(a);
+                    let _ = r.send(res.clone());
+                    return res;
+                }
+                Err(e) => {
+                    let _ = r.send(Err(e.into()));
+                    return Ok(());
+                }
+            },
             Input::Stop => return Ok(()),
         };
         self.execute(actions)
@@ -670,6 +790,17 @@ impl Loop {
                     self.disk(DiskJob::Read { io, offset, len })
                 }
                 Action::DiskFlush { io } => self.disk(DiskJob::Flush { io }),
+                Action::DiskChecksum {
+                    io,
+                    offset,
+                    len,
+                    block_size,
+                } => self.disk(DiskJob::Checksum {
+                    io,
+                    offset,
+                    len,
+                    block_size,
+                }),
                 Action::Send { peer, msg } => self.send(peer, msg),
                 Action::Disconnect {
                     peer,
@@ -772,6 +903,10 @@ impl Loop {
             DiskJob::Write { io, .. } => Event::DiskWriteDone { io, result: err() },
             DiskJob::Flush { io } => Event::DiskFlushDone { io, result: err() },
             DiskJob::Read { io, .. } => Event::DiskReadDone {
+                io,
+                result: Err(DiskError("no local disk".into())),
+            },
+            DiskJob::Checksum { io, .. } => Event::DiskChecksumDone {
                 io,
                 result: Err(DiskError("no local disk".into())),
             },

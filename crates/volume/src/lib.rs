@@ -23,7 +23,8 @@ pub use driver::{VolumeDriver, VolumeOptions, VolumePeer, VolumeSpec, VolumeStat
 pub use node::{NodeConfig, NodeReplication};
 pub use tandem_repl_proto::DiskState;
 pub use tandem_replication::{
-    DemoteError, PeerStatus, PromoteError, Protocol, ReplState, RequestError, Role,
+    DemoteError, PeerStatus, PromoteError, Protocol, ReplState, RequestError, ResolveError, Role,
+    SplitBrainPolicy, SplitBrainStatus, VerifyError, VerifyProgress, VerifyResult,
 };
 
 /// Errors of starting a node or a volume driver, or of an admin call.
@@ -41,6 +42,10 @@ pub enum VolumeError {
     Promote(#[from] PromoteError),
     #[error("demotion refused: {0}")]
     Demote(#[from] DemoteError),
+    #[error("verify refused: {0}")]
+    Verify(#[from] VerifyError),
+    #[error("split-brain resolution refused: {0}")]
+    Resolve(#[from] ResolveError),
     #[error("the volume driver stopped: {0}")]
     Stopped(String),
 }

@@ -48,11 +48,15 @@ pub struct LinkRecord {
 struct Faults {
     isolated: BTreeSet<u8>,
     frozen: BTreeSet<u8>,
+    /// Pairs (lower id first) cut from each other only.
+    pairs: BTreeSet<(u8, u8)>,
 }
 
 impl Faults {
     fn cut(&self, a: u8, b: u8) -> bool {
-        self.isolated.contains(&a) || self.isolated.contains(&b)
+        self.isolated.contains(&a)
+            || self.isolated.contains(&b)
+            || self.pairs.contains(&(a.min(b), a.max(b)))
     }
     fn frozen(&self, a: u8, b: u8) -> bool {
         self.frozen.contains(&a) || self.frozen.contains(&b)
@@ -394,6 +398,19 @@ impl Net {
             .sum()
     }
 
+    /// Cuts the links between `a` and `b` only (both keep their other links) until
+    /// [`Net::heal`]. Returns how many links were cut.
+    pub fn cut_pair(&self, a: u8, b: u8) -> usize {
+        lock(&self.faults.0).pairs.insert((a.min(b), a.max(b)));
+        self.proxies
+            .iter()
+            .map(|p| {
+                p.shared
+                    .cut_where(|c| (c.from == a && p.node() == b) || (c.from == b && p.node() == a))
+            })
+            .sum()
+    }
+
     /// Makes `node` a black hole until [`Net::heal`]: its open links stay open but carry
     /// nothing (TCP back-pressure holds what the ends write); new ones get no answer.
     pub fn freeze(&self, node: u8) {
@@ -407,6 +424,7 @@ impl Net {
         let mut f = lock(&self.faults.0);
         f.isolated.clear();
         f.frozen.clear();
+        f.pairs.clear();
         drop(f);
         self.faults.1.notify_all();
     }

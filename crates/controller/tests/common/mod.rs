@@ -266,5 +266,9 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         role_error: None,
         resync_bytes_left: None,
         resync_eta_secs: None,
+        verify: None,
+        split_brain: vec![],
+        discard_pending: false,
+        last_resync_skipped_bytes: 0,
     }
 }

@@ -58,6 +58,8 @@ pub struct Cluster {
     pub size: u64,
     pub defs: Vec<NodeDef>,
     pub nodes: Vec<Option<(Arc<NodeReplication>, VolumeDriver)>>,
+    /// Options of drivers started (or restarted) from now on.
+    pub options: VolumeOptions,
     _tmp: tempfile::TempDir,
 }
 
@@ -99,6 +101,7 @@ impl Cluster {
             size,
             defs,
             nodes: Vec::new(),
+            options: VolumeOptions::default(),
             _tmp: tmp,
         };
         for (i, n) in nodes.into_iter().enumerate() {
@@ -128,7 +131,7 @@ impl Cluster {
                     diskful: d.diskful,
                 })
                 .collect(),
-            options: VolumeOptions::default(),
+            options: self.options,
         }
     }
 
