@@ -640,6 +640,7 @@ impl Ctx<'_> {
                 volume_uuid: d.volume_uuid.clone(),
                 pool: String::new(),
                 size_bytes: d.size_bytes,
+                export_size_bytes: None,
                 allocated_bytes: 0,
                 role: Role::Secondary,
                 disk_state: DiskState::Diskless,
@@ -671,6 +672,7 @@ impl Ctx<'_> {
                     .map(|m| m.size_bytes)
                     .or(e.ghost.as_ref().map(|g| g.size_bytes))
                     .unwrap_or(0),
+                export_size_bytes: e.export.as_ref().map(|x| x.device.size()),
                 allocated_bytes: e
                     .device
                     .as_ref()
