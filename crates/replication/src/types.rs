@@ -187,6 +187,13 @@ pub enum Event {
     Tick,
     /// Change the resync rate (bytes/s, 0 = unlimited), effective immediately.
     SetResyncRate { bytes_per_sec: u64 },
+    /// The local replica now has `size_bytes` (online resize). Grow: the driver extended
+    /// the backing store (reading as zeros) and committed the size in its metadata before
+    /// this event. Shrink: deliver this event first, then cut the backing store. The engine
+    /// resizes its bitmaps (new blocks in sync: they read as zeros everywhere) and advertises
+    /// the size to its peers in a `StateReport`. Consumer I/O is limited to
+    /// [`crate::Engine::usable_size`].
+    Resize { size_bytes: u64 },
 }
 
 /// A local disk error.
@@ -341,4 +348,9 @@ pub struct Status {
     pub last_resync_bytes: u64,
     pub crashed_primary: bool,
     pub activity_log_extents: usize,
+    /// Size of the local replica.
+    pub size_bytes: u64,
+    /// Size consumers may use: the smallest of the local replica and every connected
+    /// diskful peer (see [`crate::Engine::usable_size`]).
+    pub usable_size_bytes: u64,
 }
