@@ -252,4 +252,237 @@ fn two_replicas_grow_online_identically_without_resync() {
         !logs.contains("SizeMismatch"),
         "a link dropped for the size"
     );
+
+    // An allowed shrink (nothing partition- or filesystem-like on the volume).
+    let r = resize_json(&c, "pair", "96MiB", &["--allow-shrink"]);
+    assert_eq!(r["size_bytes"], 96 * MIB, "{r:#}");
+    assert_eq!(nbdinfo_size(&uri), 96 * MIB);
+    qemu_io_ok(&uri, &reads(&head));
+    c.wait_json(
+        &["volume", "show", "pair"],
+        "in sync after the shrink",
+        in_sync,
+    );
+    same_files(&c, &primary, &secondary, "pair");
+    assert_size_everywhere(&c, "pair", 96 * MIB);
+}
+
+/// Lets node `secondary` miss `blocks` (its agent stopped), then restarts it: a resync runs.
+fn start_resync(
+    c: &mut Cluster,
+    volume: &str,
+    secondary: &str,
+    uri: &str,
+    blocks: &[(u64, u64, u8)],
+) {
+    c.stop_agent(secondary, libc::SIGTERM);
+    qemu_io_ok(uri, &writes(blocks));
+    c.restart_agent(secondary);
+    c.wait_json(&["volume", "show", volume], "a resync running", |v| {
+        diskful(v).iter().any(|r| {
+            r["node"] == secondary && r["resync_bytes_left"].as_u64().is_some_and(|l| l > 0)
+        })
+    });
+}
+
+#[test]
+fn a_second_resize_during_a_resync_supersedes_the_first_and_converges() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&[
+        "volume",
+        "create",
+        "rs",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--resync-rate",
+        "1MiB",
+    ]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    let v = c.wait_json(&["volume", "show", "rs"], "in sync", in_sync);
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let uri = c.connect("rs");
+    let missed = [(8 * MIB, 6 * MIB, 0x51)];
+    start_resync(&mut c, "rs", &secondary, &uri, &missed);
+
+    // First resize in the background, the second while it (and the resync) still run.
+    let mut first = c.cli();
+    first
+        .args(["volume", "resize", "rs", "128MiB", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut first);
+    let first = first.spawn().unwrap();
+    c.wait_json(
+        &["volume", "show", "rs"],
+        "the first resize recorded",
+        |v| v["size_bytes"] == 128 * MIB,
+    );
+    let v = c.json(&["volume", "show", "rs"]);
+    assert!(
+        diskful(&v)
+            .iter()
+            .any(|r| r["resync_bytes_left"].as_u64().is_some_and(|l| l > 0)),
+        "the resync still runs: {v:#}"
+    );
+    let r = resize_json(&c, "rs", "192MiB", &[]);
+    assert_eq!(r["size_bytes"], 192 * MIB, "{r:#}");
+    assert_eq!(r["operation"]["state"], "done", "{r:#}");
+    let out = first.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            || text.contains("resized to 201326592 B (192.00 MiB) by another request"),
+        "first resize: {text}"
+    );
+    // The resync finishes by itself; every layer agrees on the final size.
+    let v = c.wait_json(
+        &["volume", "show", "rs"],
+        "in sync after both resizes",
+        in_sync,
+    );
+    let resizes: Vec<&Value> = v["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["kind"] == "resize")
+        .collect();
+    assert_eq!(resizes.len(), 2, "{v:#}");
+    assert!(
+        resizes[0]["state"] == "superseded" || resizes[0]["state"] == "done",
+        "{v:#}"
+    );
+    assert_eq!(resizes[1]["state"], "done", "{v:#}");
+    let sec = diskful(&v)
+        .into_iter()
+        .find(|r| r["node"] == secondary.as_str())
+        .unwrap()
+        .clone();
+    let resynced = sec["last_resync_bytes"].as_u64().unwrap();
+    assert!(
+        (6 * MIB..=8 * MIB).contains(&resynced),
+        "only the missed blocks resync, not the grown area: {resynced}"
+    );
+    assert_size_everywhere(&c, "rs", 192 * MIB);
+    same_files(&c, &primary, &secondary, "rs");
+    assert_eq!(nbdinfo_size(&uri), 192 * MIB);
+    let tail = [(192 * MIB - MIB, MIB, 0x52)];
+    qemu_io_ok(&uri, &writes(&tail));
+    let mut checks = reads(&missed);
+    checks.extend(reads(&tail));
+    qemu_io_ok(&uri, &checks);
+}
+
+#[test]
+fn an_agent_killed_during_a_resize_converges_after_its_restart() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "kr", "64MiB", "--replicas", "2"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    let v = c.wait_json(&["volume", "show", "kr"], "in sync", in_sync);
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let uri = c.connect("kr");
+    let head = [(0, MIB, 0x61)];
+    qemu_io_ok(&uri, &writes(&head));
+
+    let mut resize = c.cli();
+    resize
+        .args([
+            "-o",
+            "json",
+            "volume",
+            "resize",
+            "kr",
+            "128MiB",
+            "--timeout",
+            "120",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut resize);
+    let resize = resize.spawn().unwrap();
+    c.wait_json(&["volume", "show", "kr"], "the resize accepted", |v| {
+        v["size_bytes"] == 128 * MIB
+    });
+    c.stop_agent(&secondary, libc::SIGKILL);
+    // The Primary grows alone (with the witness it keeps quorum) and writes into the new area
+    // while the Secondary is away: those blocks are out of sync toward it.
+    c.wait_json(&["volume", "show", "kr"], "the Primary grown", |v| {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node"] == primary.as_str() && r["export_size_bytes"] == 128 * MIB)
+    });
+    let grown = [(100 * MIB, MIB, 0x62)];
+    qemu_io_ok(&uri, &writes(&grown));
+    c.restart_agent(&secondary);
+    let out = resize.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["size_bytes"], 128 * MIB, "{r:#}");
+    let v = c.wait_json(
+        &["volume", "show", "kr"],
+        "in sync after the restart",
+        in_sync,
+    );
+    assert_eq!(node_of(&v, "Primary"), primary, "{v:#}");
+    assert_size_everywhere(&c, "kr", 128 * MIB);
+    same_files(&c, &primary, &secondary, "kr");
+    let mut checks = reads(&head);
+    checks.extend(reads(&grown));
+    qemu_io_ok(&uri, &checks);
+}
+
+fn gpt_image(dir: &std::path::Path, size: u64, partition: &str) -> std::path::PathBuf {
+    let img = dir.join("gpt.img");
+    let _ = std::fs::remove_file(&img);
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    check(
+        Command::new(tool("sgdisk"))
+            .args(["-o", "-n", partition, "-t", "1:8300"])
+            .arg(&img),
+    );
+    img
+}
+
+#[test]
+fn shrink_is_refused_past_a_partition_and_allowed_before_it() {
+    let c = Cluster::start(1);
+    c.json(&["volume", "create", "gp", "64MiB"]);
+    let uri = c.connect("gp");
+    // A GPT whose partition runs to the end of the disk, copied in with nbdcopy.
+    let img = gpt_image(c.path(), 64 * MIB, "1:2048:0");
+    check(Command::new(tool("nbdcopy")).arg(&img).arg(&uri));
+    let err = fails(&c, &["volume", "resize", "gp", "32MiB"]);
+    assert!(err.contains("shrink_refused"), "{err}");
+    let err = fails(&c, &["volume", "resize", "gp", "32MiB", "--allow-shrink"]);
+    assert!(
+        err.contains("shrink refused: GPT partition 1") && err.contains("past the new end"),
+        "{err}"
+    );
+    assert_size_everywhere(&c, "gp", 64 * MIB);
+    // A partition of 16 MiB: shrinking to 48 MiB keeps it.
+    let img = gpt_image(c.path(), 64 * MIB, "1:2048:+16M");
+    check(Command::new(tool("nbdcopy")).arg(&img).arg(&uri));
+    let data = [(20 * MIB, MIB, 0x71)];
+    qemu_io_ok(&uri, &writes(&data));
+    let text = c.tandem(&["volume", "resize", "gp", "48MiB", "--allow-shrink"]);
+    assert!(text.contains("Shrank volume gp"), "{text}");
+    assert!(text.contains("sgdisk -e"), "{text}");
+    assert_eq!(nbdinfo_size(&uri), 48 * MIB);
+    assert_size_everywhere(&c, "gp", 48 * MIB);
+    qemu_io_ok(&uri, &reads(&data));
+    // The partition table still reads (the primary header and entries are at the start).
+    let copy = c.path().join("copy.img");
+    check(Command::new(tool("nbdcopy")).arg(&uri).arg(&copy));
+    let p = check(Command::new(tool("sgdisk")).arg("-p").arg(&copy));
+    assert!(p.contains("8300"), "{p}");
 }
