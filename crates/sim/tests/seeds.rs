@@ -41,13 +41,14 @@ fn simulate_seeds() {
                 total.link_breaks += o.link_breaks;
                 total.failovers += o.failovers;
                 total.resync_bytes += o.resync_bytes;
+                total.resizes += o.resizes;
             }
             Err(e) => panic!("{e}"),
         }
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {} events, {} writes acked, {} failed, {} reads checked, {} crashes, {} partitions, {} link breaks, {} failovers, {} resync bytes",
+        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {} events, {} writes acked, {} failed, {} reads checked, {} crashes, {} partitions, {} link breaks, {} failovers, {} resync bytes, {} online resizes",
         n as f64 / secs,
         total.events,
         total.writes_acked,
@@ -57,7 +58,8 @@ fn simulate_seeds() {
         total.partitions,
         total.link_breaks,
         total.failovers,
-        total.resync_bytes
+        total.resync_bytes,
+        total.resizes
     );
 }
 
