@@ -223,6 +223,8 @@ fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     w.options.resync_rate = have.options.resync_rate;
     w.options.after_split_brain = have.options.after_split_brain;
     w.options.resync_checksums = have.options.resync_checksums;
+    // The size changes online (`VolumeDriver::resize`).
+    w.size_bytes = have.size_bytes;
     w != *have
 }
 
@@ -561,8 +563,10 @@ async fn stop_driver(agent: &Arc<Agent>, name: &str) {
 
 /// The spec the desired replica asks for, or why not yet.
 fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
-    let dir: PathBuf = if d.diskless {
-        agent.config.state_dir.join(WITNESS_DIR)
+    // A diskful driver starts at the size its replica has on disk (the metadata's); a
+    // different desired size is applied online afterwards (`apply_size`).
+    let (dir, size_bytes): (PathBuf, u64) = if d.diskless {
+        (agent.config.state_dir.join(WITNESS_DIR), d.size_bytes)
     } else {
         let t = read(&agent.table);
         let e = t
@@ -571,7 +575,8 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
             .filter(|e| e.ghost.is_none() && e.device.is_some())
             .filter(|e| e.meta.as_ref().map(|m| m.volume_uuid.as_str()) == Some(&d.volume_uuid))
             .ok_or("replica not on disk (yet)")?;
-        e.files.dir().to_path_buf()
+        let size = e.meta.as_ref().map_or(d.size_bytes, |m| m.size_bytes);
+        (e.files.dir().to_path_buf(), size)
     };
     let mut peers = Vec::new();
     for p in &d.peers {
@@ -591,7 +596,7 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
         uuid: d.volume_uuid.clone(),
         dir,
         diskful: !d.diskless,
-        size_bytes: d.size_bytes,
+        size_bytes,
         peers,
         options: VolumeOptions {
             protocol: match d.protocol {
@@ -703,6 +708,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
         return;
     };
     for d in wanted(desired) {
+        apply_size(agent, d).await;
         if let Some(run) = lock(&agent.repl.drivers).get_mut(&d.volume) {
             run.primary = d.primary;
             let rate = d.resync_rate_bytes_per_sec;
@@ -848,6 +854,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
             .iter()
             .map(|p| (p.node_id, p.name.clone()))
             .collect();
+        let started_now = d.clone();
         lock(&agent.repl.drivers).insert(
             d.volume.clone(),
             Running {
@@ -864,6 +871,66 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 resolved: None,
             },
         );
+        apply_size(agent, &started_now).await;
+    }
+}
+
+/// Online resize of a running driver to the desired size: the driver grows (or shrinks) the
+/// replica's files and tells its engine; the table's metadata and device follow, and an
+/// error stays in the replica's `last_error` (starting with "resize", which the controller's
+/// resize operation shows) until an attempt succeeds.
+async fn apply_size(agent: &Arc<Agent>, d: &DesiredReplica) {
+    let (driver, have) = match lock(&agent.repl.drivers).get(&d.volume) {
+        Some(run) if run.spec.uuid == d.volume_uuid => (run.driver.clone(), run.spec.size_bytes),
+        _ => return,
+    };
+    if have == d.size_bytes {
+        return;
+    }
+    let want = d.size_bytes;
+    let drv = driver.clone();
+    let res = match tokio::task::spawn_blocking(move || drv.resize(want)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let key = (d.pool.clone(), d.volume.clone());
+    match res {
+        Ok(()) => {
+            info!(volume = %d.volume, from = have, to = want,
+                usable = driver.usable_size(), "replica resized online");
+            if let Some(run) = lock(&agent.repl.drivers).get_mut(&d.volume) {
+                run.spec.size_bytes = want;
+            }
+            if !d.diskless {
+                let mut t = write(&agent.table);
+                if let Some(e) = t.entries.get_mut(&key) {
+                    if let Some(m) = e.meta.as_mut() {
+                        m.size_bytes = want;
+                    }
+                    if let Some(dev) = &e.device {
+                        dev.set_size(want);
+                    }
+                    if e.last_error
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with("resize"))
+                    {
+                        e.last_error = None;
+                    }
+                }
+            }
+        }
+        Err(err) => {
+            warn!(volume = %d.volume, from = have, to = want, "online resize failed: {err}");
+            if !d.diskless {
+                let mut t = write(&agent.table);
+                if let Some(e) = t.entries.get_mut(&key) {
+                    e.last_error = Some(format!(
+                        "resize to {}: {err}",
+                        tandem_types::format_size(want)
+                    ));
+                }
+            }
+        }
     }
 }
 

@@ -404,24 +404,38 @@ impl Ctx<'_> {
             if let Some(e) = existing {
                 let uuid = e.uuid().map(str::to_string);
                 match uuid {
-                    Some(u) if u == d.volume_uuid && e.pool == d.pool => {
-                        if let Some(m) = &e.meta
-                            && e.export.is_some()
-                        {
-                            if d.size_bytes > m.size_bytes {
+                    // Replicated replicas are resized by their running driver
+                    // (`crate::repl`); the others here, files and export together.
+                    Some(u)
+                        if u == d.volume_uuid
+                            && e.pool == d.pool
+                            && !e.replicated
+                            && e.device.is_some()
+                            && e.meta
+                                .as_ref()
+                                .is_some_and(|m| m.size_bytes != d.size_bytes) =>
+                    {
+                        match resize_entry(e, d.size_bytes) {
+                            Ok(()) => {
+                                info!(volume = %d.volume, pool = %d.pool,
+                                    size = d.size_bytes, "replica resized");
+                                if e.last_error
+                                    .as_deref()
+                                    .is_some_and(|s| s.starts_with("resize"))
+                                {
+                                    e.last_error = None;
+                                }
+                            }
+                            Err(err) => {
+                                warn!(volume = %d.volume, pool = %d.pool, "resize failed: {err}");
                                 e.last_error = Some(format!(
-                                    "desired size {} > replica size {}: resize is not supported yet",
-                                    d.size_bytes, m.size_bytes
+                                    "resize to {}: {err}",
+                                    tandem_types::format_size(d.size_bytes)
                                 ));
-                            } else if e
-                                .last_error
-                                .as_deref()
-                                .is_some_and(|s| s.starts_with("desired size"))
-                            {
-                                e.last_error = None;
                             }
                         }
                     }
+                    Some(u) if u == d.volume_uuid && e.pool == d.pool => {}
                     Some(u) if u == d.volume_uuid => {
                         e.last_error = Some(format!(
                             "controller wants this replica in pool '{}'; moving is not supported yet",
@@ -640,6 +654,7 @@ impl Ctx<'_> {
                 volume_uuid: d.volume_uuid.clone(),
                 pool: String::new(),
                 size_bytes: d.size_bytes,
+                export_size_bytes: None,
                 allocated_bytes: 0,
                 role: Role::Secondary,
                 disk_state: DiskState::Diskless,
@@ -675,6 +690,7 @@ impl Ctx<'_> {
                     .map(|m| m.size_bytes)
                     .or(e.ghost.as_ref().map(|g| g.size_bytes))
                     .unwrap_or(0),
+                export_size_bytes: e.export.as_ref().map(|x| x.device.size()),
                 allocated_bytes: e
                     .device
                     .as_ref()
@@ -714,6 +730,44 @@ impl Ctx<'_> {
             self.repl.fill_report(r);
         }
         out
+    }
+}
+
+/// Resizes a replica served from its raw file (or not served: a replicated replica whose
+/// driver is not running). Grow: the files first (committed in `V.meta`), then the device
+/// exposes the new size to new connections. Shrink: the device first (requests past the new
+/// end fail from now on), then the files. Connected NBD clients keep the size they
+/// negotiated until they reconnect.
+fn resize_entry(e: &mut Entry, size: u64) -> Result<(), String> {
+    let Some(meta) = e.meta.as_mut() else {
+        return Err("no metadata".into());
+    };
+    let old = meta.size_bytes;
+    if size < old
+        && let Some(dev) = &e.device
+    {
+        dev.set_size(size);
+    }
+    let mut m = meta.clone();
+    m.updated_unix_ms = now_ms();
+    let res = e.files.resize(&mut m, e.bitmap.as_ref(), size);
+    match res {
+        Ok(relaid) => {
+            *meta = m;
+            if relaid.is_some() {
+                e.bitmap = relaid;
+            }
+            if let Some(dev) = &e.device {
+                dev.set_size(size);
+            }
+            Ok(())
+        }
+        Err(err) => {
+            if let Some(dev) = &e.device {
+                dev.set_size(old);
+            }
+            Err(err.to_string())
+        }
     }
 }
 

@@ -749,3 +749,109 @@ async fn replica_with_peers_gets_node_id_and_witness_creates_no_files() {
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resizes_a_replica_online_and_resumes_an_interrupted_resize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stub = Stub::start(desired(
+        "cluster-1",
+        1,
+        vec![want("vol-r", "uuid-r", 8 << 20, true)],
+    ))
+    .await;
+    let node = Node::new(tmp.path(), &stub.url);
+    let agent = Running::start(node.config.clone());
+    stub.wait_report("vol-r created", 0, |r| {
+        replica(r, "vol-r").is_some_and(|v| v.export_size_bytes == Some(8 << 20))
+    })
+    .await;
+    let files = ReplicaFiles::new(&node.pool(), "vol-r");
+    {
+        use tandem_blockdev::BlockDevice;
+        let dev = FileDevice::open(&files.data()).unwrap();
+        dev.write_at(b"keep", 8 << 20).unwrap_err();
+        dev.write_at(b"keep", 4096).unwrap();
+        dev.flush().unwrap();
+    }
+    // Grow.
+    stub.set(desired(
+        "cluster-1",
+        2,
+        vec![want("vol-r", "uuid-r", 24 << 20, true)],
+    ));
+    let n = stub.reports();
+    let r = stub
+        .wait_report("vol-r grown", n, |r| {
+            r.applied_revision == 2
+                && replica(r, "vol-r").is_some_and(|v| {
+                    v.size_bytes == 24 << 20 && v.export_size_bytes == Some(24 << 20)
+                })
+        })
+        .await;
+    let v = replica(&r, "vol-r").unwrap();
+    assert_eq!(v.last_error, None);
+    assert!(
+        v.allocated_bytes < 1 << 20,
+        "grown sparse: {}",
+        v.allocated_bytes
+    );
+    assert_eq!(std::fs::metadata(files.data()).unwrap().len(), 24 << 20);
+    let meta = files.read_meta().unwrap();
+    assert_eq!(meta.size_bytes, 24 << 20);
+    let bm = tandem_meta::Bitmap::open(&files.bitmap()).unwrap();
+    assert_eq!(bm.size_bytes(), 24 << 20);
+    assert_eq!(
+        meta.peers[1].bitmap_offset,
+        tandem_meta::Bitmap::region(24 << 20, 4096, 1).0
+    );
+    assert!(!files.bitmap_tmp().exists());
+    agent.stop().await;
+
+    // A crash in the middle of the next grow (data file extended, nothing committed): the
+    // next start cuts it back to the committed size and the desired state grows it again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(files.data())
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    stub.set(desired(
+        "cluster-1",
+        3,
+        vec![want("vol-r", "uuid-r", 40 << 20, true)],
+    ));
+    let n = stub.reports();
+    let agent = Running::start(node.config.clone());
+    let r = stub
+        .wait_report("vol-r grown after restart", n, |r| {
+            r.applied_revision == 3 && replica(r, "vol-r").is_some_and(|v| v.size_bytes == 40 << 20)
+        })
+        .await;
+    let v = replica(&r, "vol-r").unwrap();
+    assert_eq!(v.disk_state, DiskState::UpToDate);
+    assert_eq!(v.last_error, None);
+    // Shrink (the controller only asks for it with allow_shrink).
+    stub.set(desired(
+        "cluster-1",
+        4,
+        vec![want("vol-r", "uuid-r", 16 << 20, true)],
+    ));
+    let n = stub.reports();
+    stub.wait_report("vol-r shrunk", n, |r| {
+        r.applied_revision == 4
+            && replica(r, "vol-r")
+                .is_some_and(|v| v.size_bytes == 16 << 20 && v.export_size_bytes == Some(16 << 20))
+    })
+    .await;
+    agent.stop().await;
+    assert_eq!(std::fs::metadata(files.data()).unwrap().len(), 16 << 20);
+    let mut buf = [0u8; 4];
+    {
+        use tandem_blockdev::BlockDevice;
+        FileDevice::open(&files.data())
+            .unwrap()
+            .read_at(&mut buf, 4096)
+            .unwrap();
+    }
+    assert_eq!(&buf, b"keep");
+}

@@ -144,6 +144,19 @@ pub struct VolumeUpdate {
     pub resync_checksums: Option<bool>,
 }
 
+/// Body of `POST /v1/volumes/{name}/resize`: the new size of every replica (online). The
+/// call returns once the controller recorded it (a `resize` operation); the resize is done
+/// when every diskful replica reports `size_bytes` equal to the new size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// New size in bytes: a multiple of 512, at most the maximum volume size.
+    pub size_bytes: u64,
+    /// Allow a size smaller than the current one (data past the new end is lost).
+    #[serde(default)]
+    pub allow_shrink: bool,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeState {
@@ -189,6 +202,15 @@ pub struct Replica {
     pub resync_bytes_per_sec: u64,
     /// Bytes the most recent resync into this replica transferred.
     pub last_resync_bytes: u64,
+    /// Size of this replica as its agent reports it (the committed size of its backing
+    /// store; a witness reports the volume's desired size); 0 while not reported. A resize
+    /// is complete when every replica reports the volume's `size_bytes`.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Size new NBD connections to this replica's export see (replicated volumes: the
+    /// smallest size of the connected diskful replicas); `null` when not exported here.
+    #[serde(default)]
+    pub export_size_bytes: Option<u64>,
     /// Bytes allocated in the backing store (sparse files: less than the size).
     pub allocated_bytes: u64,
     /// Consumers connected to this replica's export right now.
@@ -629,6 +651,9 @@ pub struct ReplicaReport {
     pub volume_uuid: String,
     pub pool: String,
     pub size_bytes: u64,
+    /// Size of the export new NBD connections see (`null`: not exported here).
+    #[serde(default)]
+    pub export_size_bytes: Option<u64>,
     pub allocated_bytes: u64,
     pub role: Role,
     pub disk_state: DiskState,

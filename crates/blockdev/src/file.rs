@@ -4,16 +4,17 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::{BlockDevice, BlockError, ErrorKind, Extent, Result};
 
-/// A regular file used as a block device. The device size is the file length at open time.
+/// A regular file used as a block device. The device size is the file length at open time,
+/// changed only by [`FileDevice::set_size`] (online resize).
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
     path: PathBuf,
-    size: u64,
+    size: AtomicU64,
     /// Set once the filesystem answered `EOPNOTSUPP` to an `RWF_NOWAIT` write (ext4 does for
     /// buffered writes on some kernels): later non-blocking writes are not even tried.
     nowait_write_unsupported: AtomicBool,
@@ -43,13 +44,19 @@ impl FileDevice {
         FileDevice {
             file,
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             nowait_write_unsupported: AtomicBool::new(false),
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets the size the device exposes (requests past it fail with `OutOfRange`). The file
+    /// itself is not touched: the caller grows it before (grow) or truncates it after (shrink).
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
     }
 
     /// Bytes actually allocated on the backing filesystem.
@@ -190,7 +197,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// Buffered writes land in the page cache (unless writeback throttles them).
@@ -266,7 +273,7 @@ impl BlockDevice for FileDevice {
             let hole = self
                 .seek(pos, libc::SEEK_HOLE)
                 .map_err(err)?
-                .unwrap_or(self.size);
+                .unwrap_or(self.size());
             let data_end = hole.min(end).max(pos + 1);
             out.push(Extent {
                 length: data_end - pos,

@@ -132,6 +132,23 @@ pub enum VolumeCmd {
         #[arg(long, default_value = "1h")]
         timeout: String,
     },
+    /// Change the size of a volume online (block layers only: backing stores, replication,
+    /// NBD export; `volume grow` also grows the partition table and filesystem) and wait
+    /// until every replica reports the new size. Connected NBD clients keep the old size until
+    /// they reconnect (NBD cannot announce a new size).
+    Resize {
+        name: String,
+        /// New size with an explicit unit: KiB/MiB/GiB/TiB (1024) or KB/MB/GB/TB (1000), or
+        /// bytes.
+        size: String,
+        /// Allow a smaller size. Still refused when a partition or filesystem lies past the
+        /// new end (probed through the volume's NBD export).
+        #[arg(long)]
+        allow_shrink: bool,
+        /// How long to wait for every replica: seconds, or with a unit (90s, 5m, 1h).
+        #[arg(long, default_value = "300")]
+        timeout: String,
+    },
     /// List volumes.
     List,
     /// Show one volume with its replicas and operations.
@@ -213,7 +230,7 @@ pub enum VolumeCmd {
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
+pub(crate) fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -228,7 +245,7 @@ fn emit<T: Serialize + ?Sized>(json: bool, v: &T, human: impl FnOnce(&T) -> Stri
     }
 }
 
-fn path_segment(s: &str) -> String {
+pub(crate) fn path_segment(s: &str) -> String {
     // Names are validated by the controller; escape anyway so a typo cannot change the route.
     s.bytes()
         .map(|b| {
@@ -422,6 +439,12 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             discard,
             timeout,
         } => resolve_split_brain(client, json, name, discard, timeout),
+        VolumeCmd::Resize {
+            name,
+            size,
+            allow_shrink,
+            timeout,
+        } => crate::resize::run(client, json, name, size, *allow_shrink, timeout),
         VolumeCmd::Promote {
             name,
             node,

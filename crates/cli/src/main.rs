@@ -6,6 +6,7 @@ mod commands;
 mod daemon;
 mod mount;
 mod output;
+mod resize;
 mod up;
 
 use std::process::ExitCode;

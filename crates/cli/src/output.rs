@@ -595,6 +595,8 @@ mod tests {
             out_of_sync_bytes: 0,
             resync_bytes_per_sec: 0,
             last_resync_bytes: 0,
+            size_bytes: 0,
+            export_size_bytes: None,
             allocated_bytes: 0,
             connections: 0,
             peers,

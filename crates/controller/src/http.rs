@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tandem_api::{
     AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, NodeLostResult, Pool,
     ReconcileReport, RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
-    VolumeUpdate,
+    VolumeResize, VolumeUpdate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -294,6 +294,24 @@ async fn update_volume(
         .map(axum::Json)
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/resize", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = VolumeResize,
+    responses((status = 200, description = "Recorded (a `resize` operation; the same size again changes nothing): done when every replica reports `size_bytes` equal to the new size", body = Volume),
+              (status = 400, description = "Invalid name or size (`invalid_size`)", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 409, description = "Refused: `shrink_refused` (smaller without allow_shrink), `no_capacity` (a replica's pool cannot hold the growth), `not_ready` (being deleted)", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError)))]
+async fn resize_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<VolumeResize>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.resize_volume(&name, &req))
+        .await
+        .map(axum::Json)
+}
+
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = RoleChange,
@@ -526,6 +544,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/volumes/{name}/connect", get(connect))
         .route("/v1/volumes/{name}/promote", post(promote_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route(
@@ -553,7 +572,7 @@ pub fn router(state: AppState) -> Router {
         license(name = "Apache-2.0")
     ),
     paths(health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
-          delete_volume, update_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, resize_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

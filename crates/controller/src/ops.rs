@@ -16,6 +16,8 @@ pub const RUNNING: &str = "running";
 pub const RETRYING: &str = "retrying";
 pub const DONE: &str = "done";
 pub const FAILED: &str = "failed";
+/// Replaced by a newer operation of the same kind (a second resize): finished, not failed.
+pub const SUPERSEDED: &str = "superseded";
 
 /// Longest wait between two attempts.
 pub const BACKOFF_MAX_SECS: u64 = 60;
@@ -77,7 +79,20 @@ fn refresh(op: &mut Operation, now: u64) {
 }
 
 pub fn is_finished(op: &Operation) -> bool {
-    op.state == DONE || op.state == FAILED
+    op.state == DONE || op.state == FAILED || op.state == SUPERSEDED
+}
+
+/// Ends an unfinished operation because a newer one of the same kind replaces it (its
+/// remaining steps are carried out by the newer one).
+pub fn supersede(op: &mut Operation, why: &str, now: u64) {
+    if is_finished(op) {
+        return;
+    }
+    op.state = SUPERSEDED.to_string();
+    op.last_error = Some(why.to_string());
+    op.next_retry_unix = None;
+    op.finished_unix = Some(now);
+    op.eta_secs = None;
 }
 
 /// Index of the first step that waits for `node` and is not done.

@@ -28,7 +28,7 @@ use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
     Node, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool, PoolReport,
     Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate,
-    VolumeState, VolumeUpdate,
+    VolumeResize, VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -711,6 +711,8 @@ impl Controller {
                     out_of_sync_bytes: report.map(|r| r.out_of_sync_bytes).unwrap_or(0),
                     resync_bytes_per_sec: report.map(|r| r.resync_bytes_per_sec).unwrap_or(0),
                     last_resync_bytes: report.map(|r| r.last_resync_bytes).unwrap_or(0),
+                    size_bytes: report.map(|r| r.size_bytes).unwrap_or(0),
+                    export_size_bytes: report.and_then(|r| r.export_size_bytes),
                     allocated_bytes: report.map(|r| r.allocated_bytes).unwrap_or(0),
                     connections: report.map(|r| r.connections).unwrap_or(0),
                     peers,
@@ -1441,6 +1443,145 @@ impl Controller {
         Ok(self.volume_view(&v, &nodes))
     }
 
+    /// `volume resize`: records a new size for every replica (online). Refused: a size that
+    /// is not a multiple of 512 or above the maximum (`invalid_size`), a smaller size without
+    /// `allow_shrink` (`shrink_refused`), growth that a replica's pool cannot hold by the thin
+    /// accounting placement uses (`no_capacity`), a volume being deleted (`not_ready`). The
+    /// same size again is a success without a new operation. A resize while another one (or
+    /// the resync after it) still runs supersedes it: the agents converge to the newest size.
+    pub fn resize_volume(&self, name: &str, req: &VolumeResize) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        validate_size(req.size_bytes)?;
+        let _guard = self.write_guard();
+        let (rev, mut v) = self.volume_to_change(name)?;
+        let nodes = self.nodes_by_name()?;
+        let new = req.size_bytes;
+        let old = v.size_bytes;
+        if new == old {
+            return Ok(self.volume_view(&v, &nodes));
+        }
+        if new < old && !req.allow_shrink {
+            return Err(Failure::conflict(
+                "shrink_refused",
+                format!(
+                    "volume '{name}' has {}; shrinking it to {} loses the data past the new end; \
+                     pass allow_shrink (CLI: --allow-shrink) if that is intended",
+                    format_size(old),
+                    format_size(new)
+                ),
+            ));
+        }
+        if new > old {
+            // Thin accounting as in placement: space promised to other replicas of the pool
+            // (their size not allocated yet) counts as used; this replica needs its new size
+            // minus what it already allocated.
+            let mut pending: HashMap<(String, String), u64> = HashMap::new();
+            for (_, o) in self.volume_records()? {
+                if o.state == VolumeState::Deleting || o.name == v.name {
+                    continue;
+                }
+                for p in o.placements.iter().filter(|p| !p.diskless) {
+                    let allocated = nodes
+                        .get(&p.node)
+                        .and_then(|n| n.replica(&o.name, &o.uuid))
+                        .map(|r| r.allocated_bytes)
+                        .unwrap_or(0);
+                    *pending.entry((p.node.clone(), p.pool.clone())).or_default() +=
+                        o.size_bytes.saturating_sub(allocated);
+                }
+            }
+            for p in v.placements.iter().filter(|p| !p.diskless) {
+                let node = nodes.get(&p.node);
+                let Some(pool) = node.and_then(|n| n.pools.iter().find(|x| x.name == p.pool))
+                else {
+                    return Err(Failure::conflict(
+                        "no_capacity",
+                        format!(
+                            "node '{}' has not reported pool '{}': its free space is unknown",
+                            p.node, p.pool
+                        ),
+                    ));
+                };
+                let allocated = node
+                    .and_then(|n| n.replica(&v.name, &v.uuid))
+                    .map(|r| r.allocated_bytes)
+                    .unwrap_or(0);
+                let need = new.saturating_sub(allocated);
+                let promised = pending
+                    .get(&(p.node.clone(), p.pool.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                let free = pool.free_bytes.saturating_sub(promised);
+                if pool.capacity_bytes < new || free < need {
+                    return Err(Failure::conflict(
+                        "no_capacity",
+                        format!(
+                            "pool '{}' on node '{}' cannot hold volume '{name}' at {}: capacity \
+                             {}, free {} of which {} is promised to other volumes, this replica \
+                             needs {} more",
+                            p.pool,
+                            p.node,
+                            format_size(new),
+                            format_size(pool.capacity_bytes),
+                            format_size(pool.free_bytes),
+                            format_size(promised),
+                            format_size(need)
+                        ),
+                    ));
+                }
+            }
+        }
+        let now = now_unix();
+        let why = format!("superseded by the resize to {}", format_size(new));
+        for op in v.operations.iter_mut().filter(|o| o.kind == "resize") {
+            ops::supersede(op, &why, now);
+        }
+        let verb = if new > old { "grow" } else { "shrink" };
+        let mut steps = vec![ops::step(
+            format!(
+                "record size {} (was {})",
+                format_size(new),
+                format_size(old)
+            ),
+            None,
+            ops::DONE,
+        )];
+        for p in v.placements.iter().filter(|p| !p.diskless) {
+            steps.push(ops::step(
+                format!("{verb} backing store on {}:{}", p.node, p.pool),
+                Some(&p.node),
+                ops::RUNNING,
+            ));
+            steps.push(ops::step(
+                format!("volume size on {}", p.node),
+                Some(&p.node),
+                ops::PENDING,
+            ));
+        }
+        v.size_bytes = new;
+        v.operations.push(ops::new("resize", steps, now));
+        // Bounded history: old finished resizes go first.
+        let finished_resizes = v
+            .operations
+            .iter()
+            .filter(|o| o.kind == "resize" && ops::is_finished(o))
+            .count();
+        if finished_resizes > 10 {
+            let mut drop = finished_resizes - 10;
+            v.operations.retain(|o| {
+                if drop > 0 && o.kind == "resize" && ops::is_finished(o) {
+                    drop -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.write_volume(rev, &v)?;
+        tracing::info!(volume = name, from = old, to = new, "resize recorded");
+        Ok(self.volume_view(&v, &nodes))
+    }
+
     /// `node remove NAME`: forgets a node that holds nothing (no replica, no witness of any
     /// volume). Refused otherwise, naming the volumes (move them first, or `node lost` for a
     /// dead node). An agent still running there registers again at its next sync.
@@ -2140,6 +2281,29 @@ impl Controller {
                                 retry_in = ops::backoff_secs(op.attempts), "create step failed: {err}");
                         }
                     }
+                    // Resize: the backing store step is done once the replica reports the
+                    // new size (committed in its metadata), the volume size step once its
+                    // export (if any) shows it too.
+                    let target = v.size_bytes;
+                    if let Some(op) = v.open_operation_mut("resize") {
+                        while let Some(idx) = ops::open_step(op, node) {
+                            let size_step = op.steps[idx].name.starts_with("volume size");
+                            let ok = r.size_bytes == target
+                                && (!size_step || r.export_size_bytes.is_none_or(|s| s == target));
+                            if ok {
+                                ops::step_done(op, idx, now);
+                                continue;
+                            }
+                            if let Some(err) =
+                                r.last_error.clone().filter(|e| e.starts_with("resize"))
+                                && ops::step_failed(op, idx, &err, current, now)
+                            {
+                                tracing::warn!(volume = %before.name, node, attempt = op.attempts,
+                                    retry_in = ops::backoff_secs(op.attempts), "resize step failed: {err}");
+                            }
+                            break;
+                        }
+                    }
                     // Ready once every placement's step is done (each replica exists).
                     if v.state == VolumeState::Creating
                         && (r.disk_state == DiskState::UpToDate
@@ -2157,7 +2321,18 @@ impl Controller {
                 self.store.put(&vkey, &encode(&v)?, Expect::Revision(rev))?;
             }
         }
-        let (issues, adopted) = self.adopt_unknown(node, &record, &mut known, now)?;
+        // Volumes with a resize under way: replicas of different sizes are expected.
+        let resizing: std::collections::HashSet<String> = self
+            .volume_records()?
+            .into_iter()
+            .filter(|(_, v)| {
+                v.operations
+                    .iter()
+                    .any(|o| o.kind == "resize" && !ops::is_finished(o))
+            })
+            .map(|(_, v)| v.name)
+            .collect();
+        let (issues, adopted) = self.adopt_unknown(node, &record, &mut known, &resizing, now)?;
         changed_desired |= adopted;
         self.issues_lock().insert(node.to_string(), issues);
         if changed_desired {
@@ -2173,6 +2348,7 @@ impl Controller {
         node: &str,
         record: &NodeRecord,
         known: &mut HashMap<String, (String, u64, Vec<String>)>,
+        resizing: &std::collections::HashSet<String>,
         now: u64,
     ) -> Result<(Vec<ReconcileIssue>, bool), Failure> {
         let mut issues = Vec::new();
@@ -2205,7 +2381,7 @@ impl Controller {
                                 nodes.join(", ")
                             ),
                         ));
-                    } else if r.on_disk && r.size_bytes != *size {
+                    } else if r.on_disk && r.size_bytes != *size && !resizing.contains(&r.volume) {
                         issues.push(issue(
                             &r.volume,
                             "size_mismatch",

@@ -63,6 +63,50 @@ impl Bitmap {
         granularity: u32,
         slots: u8,
     ) -> Result<Self> {
+        Self::create_with(path, volume_uuid, size_bytes, granularity, slots, &[])
+    }
+
+    /// Rewrites the file for a volume of `new_size` bytes (a resize): regions are dense and
+    /// contiguous, so they move. Writes `path.tmp` with every slot's bits copied (bits past
+    /// the new end dropped, new bits clear), fsyncs it, renames it over the file and fsyncs
+    /// the directory. A crash leaves the old or the new file, never a mix. Returns the new
+    /// file opened; `self` refers to the replaced file afterwards and must be dropped.
+    pub fn relayout(&self, new_size: u64) -> Result<Self> {
+        let new_bits = new_size.div_ceil(u64::from(self.granularity));
+        let regions: Vec<Vec<u8>> = self
+            .regions
+            .iter()
+            .map(|r| {
+                let keep = (new_bits.div_ceil(8) as usize).min(r.len());
+                let mut out = r[..keep].to_vec();
+                // Bits past the new end in the last kept byte are cleared.
+                if new_bits % 8 != 0
+                    && let Some(last) = out.get_mut((new_bits / 8) as usize)
+                {
+                    *last &= (1u8 << (new_bits % 8)) - 1;
+                }
+                out
+            })
+            .collect();
+        Self::create_with(
+            &self.path,
+            &self.volume_uuid,
+            new_size,
+            self.granularity,
+            self.slots(),
+            &regions,
+        )
+    }
+
+    /// [`Bitmap::create`] with the first bytes of some regions given.
+    fn create_with(
+        path: &Path,
+        volume_uuid: &str,
+        size_bytes: u64,
+        granularity: u32,
+        slots: u8,
+        regions: &[Vec<u8>],
+    ) -> Result<Self> {
         if !granularity.is_power_of_two() || granularity < 512 {
             return Err(MetaError::invalid(
                 "bitmap",
@@ -104,8 +148,16 @@ impl Bitmap {
                 .map_err(|e| MetaError::io(&tmp, e))?;
             f.write_all_at(&header, 0)
                 .and_then(|_| f.set_len(BITMAP_HEADER_LEN + u64::from(slots) * region_bytes))
-                .and_then(|_| f.sync_all())
                 .map_err(|e| MetaError::io(&tmp, e))?;
+            for (slot, r) in regions.iter().enumerate().take(usize::from(slots)) {
+                let r = &r[..r.len().min(region_bytes as usize)];
+                // Clear regions stay holes.
+                if r.iter().any(|b| *b != 0) {
+                    let at = Self::region(size_bytes, granularity, slot as u8).0;
+                    f.write_all_at(r, at).map_err(|e| MetaError::io(&tmp, e))?;
+                }
+            }
+            f.sync_all().map_err(|e| MetaError::io(&tmp, e))?;
         }
         std::fs::rename(&tmp, path).map_err(|e| MetaError::io(&tmp, e))?;
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

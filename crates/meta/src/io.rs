@@ -32,6 +32,9 @@ pub struct Recovery {
     pub removed: Vec<PathBuf>,
     /// `V.data` exists without `V.meta`: never removed automatically; an operator decides.
     pub orphan_data: bool,
+    /// An interrupted resize was resolved: `V.data` longer than the metadata's size was cut
+    /// to it, or `V.bitmap` laid out for another size was laid out again for it.
+    pub fixed_resize: bool,
 }
 
 impl ReplicaFiles {
@@ -141,10 +144,96 @@ impl ReplicaFiles {
                 rec.removed.push(self.bitmap());
             }
         }
+        if meta_exists && exists(&self.data())? {
+            rec.fixed_resize = self.recover_resize()?;
+        }
         if !rec.removed.is_empty() || rec.finished_create || rec.undid_delete {
             sync_dir(&self.dir)?;
         }
         Ok(rec)
+    }
+
+    /// The metadata's size is the committed one (see [`ReplicaFiles::resize`]): a longer data
+    /// file (a grow not committed, or a shrink committed but not truncated yet) is cut to it,
+    /// and a bitmap laid out for another size is laid out again. An unreadable metadata or
+    /// bitmap is left to the caller (it reports them).
+    fn recover_resize(&self) -> Result<bool> {
+        let Ok(meta) = self.read_meta() else {
+            return Ok(false);
+        };
+        let mut fixed = false;
+        let data = self.data();
+        let len = std::fs::metadata(&data)
+            .map_err(|e| MetaError::io(&data, e))?
+            .len();
+        if len > meta.size_bytes {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&data)
+                .map_err(|e| MetaError::io(&data, e))?;
+            f.set_len(meta.size_bytes)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| MetaError::io(&data, e))?;
+            fixed = true;
+        }
+        if let Ok(b) = crate::Bitmap::open(&self.bitmap())
+            && b.size_bytes() != meta.size_bytes
+        {
+            b.relayout(meta.size_bytes)?;
+            fixed = true;
+        }
+        Ok(fixed)
+    }
+
+    /// Resizes the replica to `new_size` bytes; `meta` is its current metadata and `bitmap`
+    /// its open bitmap file, if the caller holds one (it is replaced: use the returned one).
+    /// Order (the metadata is the commit point, [`ReplicaFiles::recover`] resolves a crash
+    /// at any step):
+    /// 1. grow only: `V.data` extended (sparse, reads as zeros), fsync;
+    /// 2. `V.bitmap` laid out for the new size (`V.bitmap.tmp`, fsync, rename, fsync dir);
+    /// 3. `V.meta` with the new size and bitmap offsets: **commit point**;
+    /// 4. shrink only: `V.data` truncated, fsync.
+    ///
+    /// The caller must not let anyone write past the old end before this returns (grow), and
+    /// must stop every access past the new end before calling it (shrink).
+    pub fn resize(
+        &self,
+        meta: &mut ReplicaMeta,
+        bitmap: Option<&crate::Bitmap>,
+        new_size: u64,
+    ) -> Result<Option<crate::Bitmap>> {
+        let old = meta.size_bytes;
+        let data = self.data();
+        let set_len = |len: u64| -> Result<()> {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&data)
+                .map_err(|e| MetaError::io(&data, e))?;
+            f.set_len(len)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| MetaError::io(&data, e))
+        };
+        if new_size > old {
+            set_len(new_size)?;
+        }
+        let relaid = match bitmap {
+            Some(b) => Some(b.relayout(new_size)?),
+            None if exists(&self.bitmap())? => {
+                Some(crate::Bitmap::open(&self.bitmap())?.relayout(new_size)?)
+            }
+            None => None,
+        };
+        meta.size_bytes = new_size;
+        for (i, slot) in meta.peers.iter_mut().enumerate() {
+            let (o, l) = crate::Bitmap::region(new_size, meta.bitmap_granularity, i as u8);
+            slot.bitmap_offset = o;
+            slot.bitmap_bytes = l;
+        }
+        self.write_meta(meta)?;
+        if new_size < old {
+            set_len(new_size)?;
+        }
+        Ok(relaid)
     }
 
     /// Reads and decodes `V.meta`.
@@ -336,5 +425,103 @@ mod tests {
 
         let names = ReplicaFiles::scan(dir.path()).unwrap();
         assert_eq!(names, vec!["b", "c", "e.data"]);
+    }
+
+    /// A replica of `size` with a bitmap of 3 slots, slot 0 assigned.
+    fn replica(dir: &Path, size: u64) -> (ReplicaFiles, ReplicaMeta, crate::Bitmap) {
+        let f = ReplicaFiles::new(dir, "vol");
+        let mut m = ReplicaMeta::new("c", "vol", "uuid-1", size, "n", 0, 3, 1);
+        m.peers[0].node_id = 1;
+        std::fs::File::create(f.data())
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let b = crate::Bitmap::create(&f.bitmap(), "uuid-1", size, 4096, 3).unwrap();
+        f.write_meta(&mut m).unwrap();
+        (f, m, b)
+    }
+
+    fn len(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().len()
+    }
+
+    #[test]
+    fn resize_grows_and_shrinks_keeping_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, mut m, mut b) = replica(dir.path(), 1 << 20);
+        b.set_bits(0, 3, 2).unwrap();
+        b.set_bits(1, 255, 1).unwrap();
+        let b = f.resize(&mut m, Some(&b), 4 << 20).unwrap().unwrap();
+        assert_eq!(len(&f.data()), 4 << 20);
+        assert_eq!(b.size_bytes(), 4 << 20);
+        assert_eq!(b.bits(), 1024);
+        assert_eq!(b.count(0), 2);
+        assert!(b.test(0, 3).unwrap() && b.test(0, 4).unwrap() && b.test(1, 255).unwrap());
+        let back = f.read_meta().unwrap();
+        assert_eq!(back.size_bytes, 4 << 20);
+        assert_eq!(
+            (back.peers[1].bitmap_offset, back.peers[1].bitmap_bytes),
+            crate::Bitmap::region(4 << 20, 4096, 1)
+        );
+        assert!(!f.bitmap_tmp().exists());
+        // Reopened from disk: the same.
+        let b2 = crate::Bitmap::open(&f.bitmap()).unwrap();
+        assert_eq!((b2.count(0), b2.count(1)), (2, 1));
+        // Shrink to 4 blocks: bit 4 and 255 are past the end.
+        let b = f.resize(&mut m, Some(&b2), 4 * 4096).unwrap().unwrap();
+        assert_eq!(len(&f.data()), 4 * 4096);
+        assert_eq!((b.bits(), b.count(0), b.count(1)), (4, 1, 0));
+        assert_eq!(f.recover().unwrap(), Recovery::default());
+    }
+
+    #[test]
+    fn crash_during_resize_resumes_at_the_committed_size() {
+        // Grow interrupted after the data file grew: cut back.
+        let dir = tempfile::tempdir().unwrap();
+        let (f, _m, mut b) = replica(dir.path(), 1 << 20);
+        b.set_bits(0, 7, 1).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.data())
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        let rec = f.recover().unwrap();
+        assert!(rec.fixed_resize);
+        assert_eq!(len(&f.data()), 1 << 20);
+        // Interrupted after the bitmap was laid out (and a temp file left), before the
+        // metadata: the bitmap goes back to the committed size with its bits.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.data())
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        let big = b.relayout(2 << 20).unwrap();
+        assert_eq!(big.size_bytes(), 2 << 20);
+        std::fs::write(f.bitmap_tmp(), b"partial").unwrap();
+        let rec = f.recover().unwrap();
+        assert!(rec.fixed_resize);
+        assert!(!f.bitmap_tmp().exists());
+        let b = crate::Bitmap::open(&f.bitmap()).unwrap();
+        assert_eq!(b.size_bytes(), 1 << 20);
+        assert!(b.test(0, 7).unwrap());
+        assert_eq!(len(&f.data()), 1 << 20);
+        // Shrink committed, truncation not done: finished.
+        let mut m = f.read_meta().unwrap();
+        m.size_bytes = 1 << 19;
+        for (i, s) in m.peers.iter_mut().enumerate() {
+            let (o, l) = crate::Bitmap::region(1 << 19, 4096, i as u8);
+            s.bitmap_offset = o;
+            s.bitmap_bytes = l;
+        }
+        f.write_meta(&mut m).unwrap();
+        assert!(f.recover().unwrap().fixed_resize);
+        assert_eq!(len(&f.data()), 1 << 19);
+        assert_eq!(
+            crate::Bitmap::open(&f.bitmap()).unwrap().size_bytes(),
+            1 << 19
+        );
+        assert!(!f.recover().unwrap().fixed_resize);
     }
 }

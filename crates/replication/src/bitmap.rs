@@ -52,6 +52,19 @@ impl Bitmap {
         bytes
     }
 
+    /// Covers `size_bytes` from now on: new blocks clear (in sync), blocks past a smaller
+    /// end dropped.
+    pub fn resize(&mut self, size_bytes: u64) {
+        let bits = size_bytes.div_ceil(self.granularity);
+        if bits < self.bits {
+            let old = self.bits;
+            self.clear_bits(bits, old - bits);
+        }
+        self.words.resize(bits.div_ceil(64) as usize, 0);
+        self.bits = bits;
+        self.size_bytes = size_bytes;
+    }
+
     /// Size of the volume the bitmap covers.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

@@ -514,6 +514,8 @@ impl Engine {
             resync_bytes_total: resync_total,
             last_resync_bytes: self.last_resync_bytes,
             last_resync_skipped_bytes: self.last_resync_skipped,
+            size_bytes: self.cfg.size_bytes,
+            usable_size_bytes: self.usable_size(),
             crashed_primary: self.crashed_primary,
             activity_log_extents: self.al.len(),
             verify,
@@ -838,6 +840,7 @@ impl Engine {
                 }
             }
             Event::Tick => self.tick(),
+            Event::Resize { size_bytes } => self.resize(size_bytes),
             Event::SetResyncRate { bytes_per_sec } => {
                 self.resync_rate = bytes_per_sec;
                 self.log(
@@ -848,6 +851,61 @@ impl Engine {
             }
             Event::DiskChecksumDone { io, result } => self.disk_checksum_done(io, result),
         }
+    }
+
+    /// The local replica changed size (see [`Event::Resize`]).
+    fn resize(&mut self, size_bytes: u64) {
+        let old = self.cfg.size_bytes;
+        if size_bytes == old {
+            return;
+        }
+        self.cfg.size_bytes = size_bytes;
+        for p in self.peers.values_mut() {
+            if let Some(b) = p.bitmap.as_mut() {
+                b.resize(size_bytes);
+            }
+        }
+        self.log(
+            Level::Info,
+            format!(
+                "resized from {old} to {size_bytes} bytes; usable now {}",
+                self.usable_size()
+            ),
+        );
+        // Peers learn the size from our report (StateReport carries size_bytes).
+        self.broadcast_report(false);
+        // A peer that waited in the handshake for equal sizes may go on now.
+        let waiting: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.conn
+                    .as_ref()
+                    .is_some_and(|c| c.state == ReplState::Connecting)
+            })
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for peer in waiting {
+            self.maybe_decide(peer);
+        }
+    }
+
+    /// Size of the local replica.
+    pub fn size_bytes(&self) -> u64 {
+        self.cfg.size_bytes
+    }
+
+    /// Bytes consumers may read and write: the smallest size of the local replica and of
+    /// every connected diskful peer that receives writes (as its last `StateReport` says), so
+    /// a write past a peer's end is never sent to it. During a resize this stays at the old
+    /// size until every connected replica has the new one.
+    pub fn usable_size(&self) -> u64 {
+        self.peers
+            .values()
+            .filter(|p| self.receives_writes(p))
+            .filter_map(|p| p.conn.as_ref().and_then(|c| c.report.as_ref()))
+            .map(|r| r.size_bytes)
+            .fold(self.cfg.size_bytes, u64::min)
     }
 
     fn client_request(&mut self, ev: Event) {
@@ -861,12 +919,13 @@ impl Engine {
         if self.meta.disk_state != DiskState::UpToDate {
             return self.complete(id, Err(RequestError::NotUpToDate));
         }
+        let usable = self.usable_size();
         let out_of_range = match &ev {
             Event::Write { offset, data, .. } => {
-                data.is_empty() || offset.saturating_add(data.len() as u64) > self.cfg.size_bytes
+                data.is_empty() || offset.saturating_add(data.len() as u64) > usable
             }
             Event::Read { offset, len, .. } => {
-                *len == 0 || offset.saturating_add(u64::from(*len)) > self.cfg.size_bytes
+                *len == 0 || offset.saturating_add(u64::from(*len)) > usable
             }
             _ => false,
         };
@@ -1807,6 +1866,28 @@ impl Engine {
                 }
                 for r in &ranges {
                     if r.offset.saturating_add(r.len) > self.cfg.size_bytes {
+                        let larger = self
+                            .conn(peer)
+                            .and_then(|c| c.report.as_ref())
+                            .is_some_and(|rep| rep.size_bytes > self.cfg.size_bytes);
+                        if larger {
+                            // A resize under way: the peer grew first and has blocks out of
+                            // sync past our end. Our bitmap cannot hold them: start over
+                            // (the link comes back) until we have grown too.
+                            self.disconnect(
+                                peer,
+                                DisconnectReason::SizeMismatch,
+                                format!(
+                                    "peer has {} bytes with blocks out of sync past our end \
+                                     ({}); reconnecting once we have grown",
+                                    self.conn(peer)
+                                        .and_then(|c| c.report.as_ref())
+                                        .map_or(0, |rep| rep.size_bytes),
+                                    self.cfg.size_bytes
+                                ),
+                            );
+                            return Ok(());
+                        }
                         return Err(ProtocolError::Invalid {
                             peer,
                             detail: "out-of-sync range outside the volume".into(),
@@ -2268,10 +2349,16 @@ impl Engine {
             return;
         }
         if r.size_bytes != self.cfg.size_bytes {
-            self.disconnect(
-                peer,
-                DisconnectReason::SizeMismatch,
-                format!("peer size {} != ours {}", r.size_bytes, self.cfg.size_bytes),
+            // A resize under way (one side has the new size, the other not yet): the link
+            // stays up and waits here; every StateReport of the peer (it sends one after its
+            // resize) and our own resize try again. Writes in the meantime are limited to
+            // the smaller size (`usable_size`) and still replicated.
+            self.log(
+                Level::Info,
+                format!(
+                    "handshake with node {peer} waits for equal sizes (peer {}, ours {})",
+                    r.size_bytes, self.cfg.size_bytes
+                ),
             );
             return;
         }

@@ -1313,3 +1313,183 @@ fn resync_checksum_requests_are_refused_outside_a_resync() {
         }
     )));
 }
+
+fn report_from(peer: u8, seq: u64, size: u64, role: Role) -> Event {
+    Event::PeerMessage {
+        peer,
+        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq,
+            node_id: peer,
+            role,
+            disk_state: tandem_repl_proto::DiskState::UpToDate,
+            quorum: Default::default(),
+            flags: 0,
+            size_bytes: size,
+            generations: tandem_repl_proto::Generations {
+                current: 77,
+                ..Default::default()
+            },
+            peer_bitmaps: vec![],
+        })),
+    }
+}
+
+fn sent_report_sizes(a: &[Action], to: u8) -> Vec<u64> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                peer,
+                msg: Message::StateReport(r),
+            } if *peer == to => Some(r.size_bytes),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn resize_is_advertised_and_usable_size_is_the_smallest_connected() {
+    let mut e = primary();
+    assert_eq!(e.usable_size(), SIZE);
+    let a = e.handle(
+        10,
+        Event::Resize {
+            size_bytes: 2 * SIZE,
+        },
+    );
+    assert_eq!(
+        sent_report_sizes(&a, 1),
+        vec![2 * SIZE],
+        "peers learn the size"
+    );
+    assert_eq!(sent_report_sizes(&a, 2), vec![2 * SIZE]);
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::Disconnect { .. })),
+        "{a:?}"
+    );
+    assert_eq!(e.size_bytes(), 2 * SIZE);
+    // Peer 1 still has the old size: nothing past it is written or sent.
+    assert_eq!(e.usable_size(), SIZE);
+    let a = e.handle(11, write(1, SIZE, 4096));
+    assert_eq!(
+        a.iter()
+            .find_map(|x| match x {
+                Action::Complete { id: 1, result } => Some(result.clone()),
+                _ => None,
+            })
+            .unwrap(),
+        Err(RequestError::OutOfRange)
+    );
+    assert!(sent_writes(&a, 1).is_empty() && disk_writes(&a).is_empty());
+    // Peer 1 grew: the new area is usable and writes to it are replicated.
+    let a = e.handle(12, report_from(1, 5, 2 * SIZE, Role::Secondary));
+    assert!(!a.iter().any(|x| matches!(x, Action::Disconnect { .. })));
+    assert_eq!(e.usable_size(), 2 * SIZE);
+    assert_eq!(e.status().usable_size_bytes, 2 * SIZE);
+    let a = e.handle(13, write(2, 2 * SIZE - 4096, 4096));
+    assert_eq!(
+        sent_writes(&a, 1),
+        vec![(sent_writes(&a, 1)[0].0, 2 * SIZE - 4096)]
+    );
+    assert_eq!(disk_writes(&a).len(), 1);
+    // Past the new end: refused.
+    let a = e.handle(14, write(3, 2 * SIZE, 4096));
+    assert!(completions(&a).contains(&(3, false)));
+    // A witness's size never limits the volume.
+    e.handle(15, report_from(2, 9, 4096, Role::Secondary));
+    assert_eq!(e.usable_size(), 2 * SIZE);
+}
+
+#[test]
+fn grown_area_is_in_sync_and_writes_there_set_bits_while_a_peer_is_away() {
+    let mut e = primary();
+    e.handle(
+        10,
+        Event::Resize {
+            size_bytes: 2 * SIZE,
+        },
+    );
+    e.handle(11, report_from(1, 5, 2 * SIZE, Role::Secondary));
+    assert_eq!(e.bitmap(1).unwrap().size_bytes(), 2 * SIZE);
+    assert_eq!(
+        e.bitmap(1).unwrap().count(),
+        0,
+        "no resync of the grown area"
+    );
+    e.handle(12, Event::PeerDown { peer: 1 });
+    // Alone (with the witness) the usable size is the local one.
+    assert_eq!(e.usable_size(), 2 * SIZE);
+    let a = e.handle(13, write(1, SIZE + 8192, 4096));
+    let persisted: Vec<_> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::PersistBits {
+                peer: 1,
+                set: true,
+                first,
+                count,
+            } => Some((*first, *count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persisted, vec![((SIZE + 8192) / 4096, 1)]);
+    assert_eq!(e.bitmap(1).unwrap().count(), 1);
+}
+
+#[test]
+fn handshake_between_different_sizes_waits_instead_of_disconnecting() {
+    let mut e = engine(0, &[(1, true)]);
+    let mut out = e.handle(1, Event::PeerUp { peer: 1 });
+    out.extend(e.handle(2, report_from(1, 1, 2 * SIZE, Role::Secondary)));
+    out.extend(e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges: vec![],
+            },
+        },
+    ));
+    assert!(
+        !out.iter().any(|x| matches!(x, Action::Disconnect { .. })),
+        "{out:?}"
+    );
+    let st = e.status();
+    assert_eq!(st.peers[0].repl_state, ReplState::Connecting);
+    // Our resize to the same size completes the handshake.
+    e.handle(
+        4,
+        Event::Resize {
+            size_bytes: 2 * SIZE,
+        },
+    );
+    assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
+}
+
+#[test]
+fn out_of_sync_ranges_past_our_end_from_a_larger_peer_reconnect() {
+    let mut e = engine(0, &[(1, true)]);
+    e.handle(1, Event::PeerUp { peer: 1 });
+    e.handle(2, report_from(1, 1, 2 * SIZE, Role::Secondary));
+    let a = e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: SIZE + 4096,
+                    len: 4096,
+                }],
+            },
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Disconnect {
+            peer: 1,
+            reason: DisconnectReason::SizeMismatch,
+            reconnect: true
+        }
+    )));
+}

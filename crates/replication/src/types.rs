@@ -220,6 +220,13 @@ pub enum Event {
         io: IoId,
         result: Result<Vec<Digest>, DiskError>,
     },
+    /// The local replica now has `size_bytes` (online resize). Grow: the driver extended
+    /// the backing store (reading as zeros) and committed the size in its metadata before
+    /// this event. Shrink: deliver this event first, then cut the backing store. The engine
+    /// resizes its bitmaps (new blocks in sync: they read as zeros everywhere) and advertises
+    /// the size to its peers in a `StateReport`. Consumer I/O is limited to
+    /// [`crate::Engine::usable_size`].
+    Resize { size_bytes: u64 },
 }
 
 /// A local disk error.
@@ -408,6 +415,11 @@ pub struct Status {
     pub last_verify: Option<VerifyResult>,
     /// This node discards its changes at its next split-brain handshake (manual resolution).
     pub discard_my_data: bool,
+    /// Size of the local replica.
+    pub size_bytes: u64,
+    /// Size consumers may use: the smallest of the local replica and every connected
+    /// diskful peer (see [`crate::Engine::usable_size`]).
+    pub usable_size_bytes: u64,
 }
 
 /// Progress of a running online verify (this node is the verify source).

@@ -25,6 +25,15 @@ impl SimDisk {
         }
     }
 
+    /// Online grow: the new area reads as zeros and is durable as such (the driver extends
+    /// the file and fsyncs it before the engine learns the size).
+    pub fn grow(&mut self, size: u64) {
+        if size as usize > self.data.len() {
+            self.data.resize(size as usize, 0);
+            self.durable.resize(size as usize, 0);
+        }
+    }
+
     /// A write completed (reads see it from now on). Writes are whole 4 KiB blocks.
     pub fn complete_write(&mut self, offset: u64, bytes: &[u8], fua: bool) {
         assert!(offset.is_multiple_of(BLOCK) && (bytes.len() as u64).is_multiple_of(BLOCK));

@@ -117,6 +117,13 @@ impl Model {
         }
     }
 
+    /// The volume grew to `blocks`: new blocks were never written (read as zeros).
+    pub fn grow(&mut self, blocks: u64) {
+        if blocks as usize > self.blocks.len() {
+            self.blocks.resize(blocks as usize, Block::default());
+        }
+    }
+
     pub fn allowed(&self, b: u64, w: u64) -> bool {
         let blk = &self.blocks[b as usize];
         w == blk.acked || blk.possible.contains(&w)

@@ -40,6 +40,10 @@ pub struct SimOptions {
     pub faults: bool,
     /// Trace lines kept for the failure report.
     pub trace_len: usize,
+    /// Half of the seeds grow the volume online once during the active phase: every node
+    /// gets the resize at its own time (a crashed node after its restart), from a separate
+    /// random stream so the rest of a seed's schedule stays as it was.
+    pub resize: bool,
     /// Run the scripted split-brain scenario instead of the random schedule (see
     /// `split_brain.rs`): two diskful nodes and a witness, a split made on purpose, resolved
     /// by a policy or by the manual resolution.
@@ -50,6 +54,7 @@ impl Default for SimOptions {
     fn default() -> Self {
         SimOptions {
             topology: None,
+            resize: true,
             active_ms: 400,
             size_blocks: 128,
             faults: true,
@@ -70,6 +75,8 @@ pub struct Outcome {
     pub writes_failed: u64,
     pub reads_checked: u64,
     pub flushes_acked: u64,
+    /// Online resizes applied (one per node of a growing run).
+    pub resizes: u64,
     pub crashes: u64,
     pub partitions: u64,
     pub link_breaks: u64,
@@ -130,6 +137,11 @@ pub(crate) enum Ev {
     Reconnect {
         a: NodeId,
         b: NodeId,
+    },
+    /// Node `node` grows its replica to `blocks` (deferred until its restart when it is down).
+    Resize {
+        node: NodeId,
+        blocks: u64,
     },
     Step,
 }
@@ -194,8 +206,13 @@ pub(crate) struct World {
     fault: Fault,
     healthy_since: Option<Nanos>,
     opts: SimOptions,
-    size: u64,
     workload: bool,
+    /// Resize randomness, separate from `rng` (see [`SimOptions::resize`]).
+    resize_rng: Rng,
+    /// The volume's size in blocks (every node converges to it).
+    target_blocks: u64,
+    /// Nodes that were down when their resize came: applied after their restart.
+    resize_pending: Vec<NodeId>,
     /// Last verify run checked per node.
     seen_verify: BTreeMap<NodeId, u64>,
     /// Pairs (a < b) that must not reconnect (scripted cut, or refused for good).
@@ -314,8 +331,10 @@ impl World {
             fault: Fault::None,
             healthy_since: None,
             opts,
-            size,
             workload: true,
+            resize_rng: Rng::new(seed ^ 0x7e51_2e00_5eed_0001),
+            target_blocks: size / BLOCK,
+            resize_pending: Vec::new(),
             seen_verify: BTreeMap::new(),
             blocked: Default::default(),
             sb,
@@ -350,6 +369,18 @@ impl World {
         }
         self.at(100 * US, Ev::Step);
         let active_end = self.opts.active_ms * MS;
+        if self.opts.resize && self.resize_rng.chance(0.5) {
+            let at = self
+                .resize_rng
+                .range(20 * MS, active_end.max(40 * MS) - 10 * MS);
+            let blocks = self.target_blocks + self.resize_rng.range(8, 65);
+            self.target_blocks = blocks;
+            self.model.grow(blocks);
+            for node in 0..self.nodes.len() as NodeId {
+                let t = at + self.resize_rng.range(0, 5 * MS);
+                self.at(t, Ev::Resize { node, blocks });
+            }
+        }
         let deadline = active_end + 3000 * MS;
         while let Some(Reverse((t, id))) = self.queue.pop() {
             self.now = t;
@@ -402,6 +433,7 @@ impl World {
     fn dispatch(&mut self, ev: Ev) -> Result<(), String> {
         match ev {
             Ev::Step => self.step()?,
+            Ev::Resize { node, blocks } => self.resize(node, blocks)?,
             Ev::Deliver {
                 from,
                 to,
@@ -640,7 +672,7 @@ impl World {
                     count,
                 } => {
                     let n = &mut self.nodes[node as usize];
-                    let (size, g) = (self.size, n.cfg.bitmap_granularity);
+                    let (size, g) = (n.cfg.size_bytes, n.cfg.bitmap_granularity);
                     let b = n
                         .persisted
                         .bitmaps
@@ -793,7 +825,12 @@ impl World {
             }
             let id = self.next_req;
             self.next_req += 1;
-            let blocks = self.opts.size_blocks;
+            // Within what the Primary may use (the smallest connected replica while a resize
+            // is under way).
+            let blocks = self.nodes[p as usize]
+                .engine
+                .as_ref()
+                .map_or(0, |e| e.usable_size() / BLOCK);
             let r = self.rng.range(0, 100);
             let (ev, req) = if r < 60 {
                 let n = self.rng.range(1, 9).min(blocks);
@@ -962,7 +999,12 @@ impl World {
 
     pub(crate) fn converged(&self) -> bool {
         let links_up = self.links.values().all(|g| g.is_some());
+        let sized = self
+            .nodes
+            .iter()
+            .all(|n| n.cfg.size_bytes == self.target_blocks * BLOCK);
         links_up
+            && sized
             && self.nodes.iter().all(|n| {
                 let Some(e) = &n.engine else { return false };
                 let s = e.status();
@@ -1133,7 +1175,39 @@ impl World {
         Ok(())
     }
 
+    /// Grows node `n` like the driver does: the backing store (zeros, durable) and the
+    /// persisted bitmaps first, then the engine learns the size.
+    fn resize(&mut self, n: NodeId, blocks: u64) -> Result<(), String> {
+        let size = blocks * BLOCK;
+        let node = &mut self.nodes[n as usize];
+        if node.cfg.size_bytes >= size {
+            return Ok(());
+        }
+        if node.engine.is_none() {
+            if !self.resize_pending.contains(&n) {
+                self.resize_pending.push(n);
+            }
+            return Ok(());
+        }
+        if node.diskful {
+            node.disk.grow(size);
+        }
+        node.cfg.size_bytes = size;
+        for b in node.persisted.bitmaps.values_mut() {
+            b.resize(size);
+        }
+        self.out.resizes += 1;
+        self.tr(format!("RESIZE node {n} to {blocks} blocks"));
+        self.feed(n, Event::Resize { size_bytes: size })
+    }
+
     fn restart(&mut self, n: NodeId) -> Result<(), String> {
+        if let Some(i) = self.resize_pending.iter().position(|x| *x == n) {
+            self.resize_pending.remove(i);
+            let t = self.now + self.rng_resize_delay();
+            let blocks = self.target_blocks;
+            self.at(t, Ev::Resize { node: n, blocks });
+        }
         self.tr(format!("RESTART node {n}"));
         let node = &mut self.nodes[n as usize];
         let (engine, actions) = Engine::new(node.cfg.clone(), node.persisted.clone(), self.now);
@@ -1146,6 +1220,10 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    fn rng_resize_delay(&mut self) -> Nanos {
+        self.resize_rng.range(0, 3 * MS)
     }
 
     // ------------------------------------------------------------------ invariants
@@ -1233,7 +1311,14 @@ impl World {
             }
         }
         // Invariants 1/5 over the whole volume, on the replica's contents.
-        for b in 0..self.opts.size_blocks {
+        if first.data.len() as u64 != self.target_blocks * BLOCK {
+            return Err(format!(
+                "resize: replica {first_id} has {} bytes, the volume {}",
+                first.data.len(),
+                self.target_blocks * BLOCK
+            ));
+        }
+        for b in 0..self.target_blocks {
             let o = (b * BLOCK) as usize;
             let got = parse_block(&first.data[o..o + BLOCK as usize], b);
             let ok = got.is_some_and(|w| self.model.allowed(b, w));

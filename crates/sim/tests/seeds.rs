@@ -50,13 +50,14 @@ fn simulate_seeds() {
                     checksum_resync += o.resync_bytes;
                     total.resync_skipped_bytes += o.resync_skipped_bytes;
                 }
+                total.resizes += o.resizes;
             }
             Err(e) => panic!("{e}"),
         }
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {} events, {} writes acked, {} failed, {} reads checked, {} crashes, {} partitions, {} link breaks, {} failovers, {} resync bytes, {} verifies ({} done, {} bytes compared, 0 differences)",
+        "{n} seeds in {secs:.1} s ({:.0} seeds/s): {} events, {} writes acked, {} failed, {} reads checked, {} crashes, {} partitions, {} link breaks, {} failovers, {} resync bytes, {} verifies ({} done, {} bytes compared, 0 differences), {} online resizes",
         n as f64 / secs,
         total.events,
         total.writes_acked,
@@ -69,7 +70,8 @@ fn simulate_seeds() {
         total.resync_bytes,
         total.verifies,
         total.verifies_done,
-        total.verified_bytes
+        total.verified_bytes,
+        total.resizes
     );
     eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",

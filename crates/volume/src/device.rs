@@ -1,5 +1,7 @@
 //! The volume as a blocking [`BlockDevice`].
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, sync_channel};
 
 use bytes::Bytes;
@@ -26,12 +28,13 @@ const ZERO_CHUNK: u64 = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct ReplicatedDevice {
     name: String,
-    size: u64,
+    /// The engine's usable size, updated by the driver's loop (online resize).
+    size: Arc<AtomicU64>,
     tx: Sender<Input>,
 }
 
 impl ReplicatedDevice {
-    pub(crate) fn new(name: String, size: u64, tx: Sender<Input>) -> Self {
+    pub(crate) fn new(name: String, size: Arc<AtomicU64>, tx: Sender<Input>) -> Self {
         ReplicatedDevice { name, size, tx }
     }
 
@@ -72,7 +75,7 @@ impl ReplicatedDevice {
 
 impl BlockDevice for ReplicatedDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

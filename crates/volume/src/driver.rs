@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -116,6 +117,7 @@ pub(crate) enum Input {
     Resolve(bool, SyncSender<Result<(), VolumeError>>),
     SetSplitBrainPolicy(SplitBrainPolicy),
     SetResyncChecksums(bool),
+    Resize(u64, SyncSender<Result<(), VolumeError>>),
     Stop,
 }
 
@@ -154,7 +156,8 @@ enum DiskJob {
 /// resyncs the activity log); call [`VolumeDriver::demote`] first for an orderly stop.
 pub struct VolumeDriver {
     name: String,
-    size: u64,
+    /// The engine's usable size (what the block device exposes).
+    size: Arc<AtomicU64>,
     tx: Sender<Input>,
     thread: Option<JoinHandle<()>>,
     node: Arc<NodeReplication>,
@@ -236,18 +239,19 @@ impl VolumeDriver {
 
         let clock = Instant::now();
         let (engine, first) = Engine::new(cfg, persisted, 0);
+        let usable = Arc::new(AtomicU64::new(engine.usable_size()));
         let workers = device
             .as_ref()
             .map(|d| start_workers(&spec.name, d.clone(), tx.clone()));
-        let inline_device = device.clone();
         let mut lp = Loop {
             name: spec.name.clone(),
+            device: device.clone(),
+            usable: usable.clone(),
             engine,
             store,
             clock,
             node: node.clone(),
             workers,
-            device: inline_device,
             inline_done: Vec::new(),
             links: HashMap::new(),
             peers: spec.peers.clone(),
@@ -270,7 +274,7 @@ impl VolumeDriver {
             .map_err(|e| VolumeError::Config(format!("cannot start the loop thread: {e}")))?;
         Ok(VolumeDriver {
             name: spec.name,
-            size: spec.size_bytes,
+            size: usable,
             tx,
             thread: Some(thread),
             node: node.clone(),
@@ -291,7 +295,7 @@ impl VolumeDriver {
 
     /// Like [`VolumeDriver::block_device`], typed.
     pub fn replicated_device(&self) -> ReplicatedDevice {
-        ReplicatedDevice::new(self.name.clone(), self.size, self.tx.clone())
+        ReplicatedDevice::new(self.name.clone(), self.size.clone(), self.tx.clone())
     }
 
     fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Input) -> Result<T, VolumeError> {
@@ -352,6 +356,19 @@ impl VolumeDriver {
         self.tx
             .send(Input::SetResyncRate(bytes_per_sec))
             .map_err(|_| VolumeError::Stopped("stopped".into()))
+    }
+
+    /// Resizes the local replica online (see [`tandem_meta::ReplicaFiles::resize`] for the
+    /// file steps and their crash safety) and tells the engine, which advertises the size to
+    /// the peers. Consumers stay connected; the block device's size (for new connections)
+    /// follows the engine's usable size: the smallest connected diskful replica.
+    pub fn resize(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        self.call(|r| Input::Resize(size_bytes, r))?
+    }
+
+    /// Size of the volume the block device exposes now (the engine's usable size).
+    pub fn usable_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// Snapshot for the agent's report. After a fatal error it returns the last snapshot
@@ -481,14 +498,16 @@ fn run_job(dev: &dyn BlockDevice, job: DiskJob) -> Event {
 
 struct Loop {
     name: String,
+    /// The replica's data file (diskful only); small reads and writes that need not wait
+    /// (page cache) run on the loop thread with it: two thread hand-offs less per request.
+    device: Option<Arc<FileDevice>>,
+    /// Shared with [`ReplicatedDevice`]: the engine's usable size.
+    usable: Arc<AtomicU64>,
     engine: Engine,
     store: ReplicaStore,
     clock: Instant,
     node: Arc<NodeReplication>,
     workers: Option<Sender<DiskJob>>,
-    /// The local data file, for small reads and writes done on the loop thread when they
-    /// need not wait (page cache): saves two thread hand-offs per request.
-    device: Option<Arc<FileDevice>>,
     /// Completions of requests done on the loop thread, fed to the engine after the actions
     /// that issued them (as if a disk worker had been very fast).
     inline_done: Vec<Event>,
@@ -550,6 +569,8 @@ impl Loop {
             };
             let r = r.and_then(|_| self.drain_inline());
             self.settle_demotes();
+            self.usable
+                .store(self.engine.usable_size(), Ordering::Release);
             let r = r.and_then(|_| {
                 if Instant::now() >= next_tick {
                     next_tick = Instant::now() + TICK;
@@ -714,9 +735,53 @@ impl Loop {
                     return Ok(());
                 }
             },
+            Input::Resize(size, r) => {
+                let res = self.resize(size);
+                let _ = r.send(res.clone());
+                return res.or_else(|e| match e {
+                    // A refused or failed resize leaves the replica as it was: keep running.
+                    VolumeError::Config(_) | VolumeError::Data(_) | VolumeError::Meta(_) => Ok(()),
+                    e => Err(e),
+                });
+            }
             Input::Stop => return Ok(()),
         };
         self.execute(actions)
+    }
+
+    /// Grow: files first (committed in the metadata), then the engine. Shrink: the engine
+    /// first (no request past the new end from now on), then the files.
+    fn resize(&mut self, size: u64) -> Result<(), VolumeError> {
+        let old = self.engine.size_bytes();
+        if size == old {
+            // A shrink whose file steps failed after the engine shrank: finish them.
+            if self.store.size_bytes() != size {
+                self.store.resize(size)?;
+                if let Some(d) = &self.device {
+                    d.set_size(size);
+                }
+            }
+            return Ok(());
+        }
+        if size < old {
+            let a = self
+                .engine
+                .handle(self.now(), Event::Resize { size_bytes: size });
+            self.execute(a)?;
+        }
+        self.store.resize(size)?;
+        if let Some(d) = &self.device {
+            d.set_size(size);
+        }
+        if size > old {
+            let a = self
+                .engine
+                .handle(self.now(), Event::Resize { size_bytes: size });
+            self.execute(a)?;
+        }
+        tracing::info!(volume = %self.name, from = old, to = size,
+            usable = self.engine.usable_size(), "replica resized");
+        Ok(())
     }
 
     fn transport_event(&mut self, ev: tandem_transport::Event) -> Result<(), VolumeError> {

@@ -303,6 +303,29 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Size committed in the metadata.
+    pub(crate) fn size_bytes(&self) -> u64 {
+        self.meta.size_bytes
+    }
+
+    /// Online resize of the replica's files (a witness only records the size).
+    pub(crate) fn resize(&mut self, size: u64) -> Result<(), VolumeError> {
+        if self.bitmap.is_none() && !self.files.data().exists() {
+            self.meta.size_bytes = size;
+            self.meta.updated_unix_ms = now_ms();
+            return self.files.write_meta(&mut self.meta).map_err(meta_err);
+        }
+        self.meta.updated_unix_ms = now_ms();
+        let relaid = self
+            .files
+            .resize(&mut self.meta, self.bitmap.as_ref(), size)
+            .map_err(meta_err)?;
+        if relaid.is_some() {
+            self.bitmap = relaid;
+        }
+        Ok(())
+    }
+
     /// `PersistActivityLog`: durable when this returns.
     pub(crate) fn persist_al(&mut self, extents: &[u64]) -> Result<(), VolumeError> {
         self.al

@@ -213,3 +213,62 @@ fn two_diskful_without_witness_replicate_and_refuse_a_second_primary() {
     want[5000 - 4096..8000 - 4096].fill(0);
     assert!(b == want);
 }
+
+#[test]
+fn online_resize_grows_every_replica_and_the_usable_size_follows_the_smallest() {
+    let size = 8 * MIB;
+    let mut c = Cluster::start(2, 1, size);
+    for id in 1..=3 {
+        wait_in_sync(&c, id);
+    }
+    promote(&c, 1);
+    let dev = c.d(1).block_device();
+    let head = pattern(1, 64 * 1024);
+    dev.write_at(&head, 0).unwrap();
+    assert_eq!(dev.size(), size);
+
+    // Node 1 grows first: its peer still has the old size, so nothing changes for consumers.
+    c.d(1).resize(2 * size).unwrap();
+    assert_eq!(c.meta(1).size_bytes, 2 * size);
+    assert_eq!(std::fs::metadata(c.data_path(1)).unwrap().len(), 2 * size);
+    assert_eq!(dev.size(), size, "usable: the smallest connected replica");
+    let err = dev.write_at(&pattern(2, 4096), size).unwrap_err();
+    assert_eq!(err.kind, tandem_blockdev::ErrorKind::OutOfRange, "{err}");
+    // Node 2 and the witness grow: the new area becomes usable without reconnecting.
+    c.d(2).resize(2 * size).unwrap();
+    c.d(3).resize(2 * size).unwrap();
+    wait_for(10, "usable size grows on node 1", || {
+        (c.d(1).usable_size() == 2 * size).then_some(())
+    });
+    assert_eq!(dev.size(), 2 * size);
+    let tail = pattern(3, 8192);
+    dev.write_at(&tail, 2 * size - 8192).unwrap();
+    dev.flush().unwrap();
+    let s1 = c.d(1).status().unwrap();
+    assert_eq!(s1.out_of_sync_bytes, 0, "the grown area needs no resync");
+    assert!(
+        s1.peers.iter().all(|p| p.connected),
+        "no link dropped during the resize: {:?}",
+        s1.peers
+    );
+    wait_in_sync(&c, 2);
+    assert_eq!(c.data(1), c.data(2));
+    assert_eq!(c.data(1).len() as u64, 2 * size);
+
+    // Writes into the new area while node 2 is away set bits and resync after its restart.
+    c.crash(2);
+    let more = pattern(4, 12288);
+    dev.write_at(&more, size + 4096).unwrap();
+    assert_eq!(c.d(1).status().unwrap().out_of_sync_bytes, 12288);
+    c.restart(2);
+    wait_in_sync(&c, 1);
+    wait_in_sync(&c, 2);
+    assert_eq!(c.data(1), c.data(2));
+    let d = c.data(2);
+    assert_eq!(&d[..head.len()], &head[..]);
+    assert_eq!(
+        &d[(size + 4096) as usize..(size + 4096) as usize + more.len()],
+        &more[..]
+    );
+    assert_eq!(&d[(2 * size - 8192) as usize..], &tail[..]);
+}

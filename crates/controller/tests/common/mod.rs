@@ -251,6 +251,7 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         volume_uuid: uuid.into(),
         pool: "default".into(),
         size_bytes: size,
+        export_size_bytes: None,
         allocated_bytes: 0,
         role: Role::Secondary,
         disk_state: state,

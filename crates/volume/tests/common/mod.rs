@@ -119,7 +119,11 @@ impl Cluster {
             uuid: UUID.into(),
             dir: me.dir.clone(),
             diskful: me.diskful,
-            size_bytes: self.size,
+            // After an online resize the replica's metadata has the size.
+            size_bytes: ReplicaFiles::new(&me.dir, VOL)
+                .read_meta()
+                .map(|m| m.size_bytes)
+                .unwrap_or(self.size),
             peers: self
                 .defs
                 .iter()
