@@ -475,6 +475,12 @@ pub fn router(state: AppState) -> Router {
             get(show_volume).delete(delete_volume).patch(update_volume),
         )
         .route("/v1/volumes/{name}/connect", get(connect))
+        .route(
+            "/v1/volumes/{name}/grow",
+            get(crate::grow::get_grow)
+                .put(crate::grow::put_grow)
+                .delete(crate::grow::delete_grow),
+        )
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/agents/{node}/sync", post(agent_sync))
@@ -497,7 +503,8 @@ pub fn router(state: AppState) -> Router {
         description = "REST API of the tandem controller. Every error is an ApiError body with a stable `code`.",
         license(name = "Apache-2.0")
     ),
-    paths(health, openapi, status, nodes, node_remove, node_lost, pools, list_volumes, create_volume, show_volume,
+    paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
+          health, openapi, status, nodes, node_remove, node_lost, pools, list_volumes, create_volume, show_volume,
           delete_volume, update_volume, connect, promote_volume, demote_volume, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
