@@ -629,9 +629,10 @@ fn grow_bare_ext4_refusals() {
     assert!(journal(&c, "s1").is_null());
 
     // A writer is connected: refused, naming the node; the plan says the same.
-    let mut holder = Command::new(tool("nbdsh"));
+    // qemu-io reads its commands from stdin: it holds the export open until stdin closes.
+    let mut holder = Command::new(tool("qemu-io"));
     holder
-        .args(["-u", &uri, "-c", "import sys; sys.stdin.read()"])
+        .args(["-f", "raw", &uri])
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
     die_with_parent(&mut holder);
