@@ -73,6 +73,108 @@ fn now_unix() -> u64 {
     crate::now_unix()
 }
 
+// ----- interruption: Ctrl-C / SIGTERM / SIGHUP --------------------------------------------------
+
+/// Temporary mounts of this process (FUSE views and loop mounts), unmounted by the signal
+/// thread when the command is interrupted.
+static MOUNTS: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+/// The external tool running now (0: none), sent SIGTERM on interruption.
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Write end of the self-pipe the signal handler writes to.
+static SIG_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIG_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; fd is the pipe's write end (or -1: EBADF).
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+}
+
+fn register_mount(dir: &Path, fuse: bool) {
+    if let Ok(mut m) = MOUNTS.lock() {
+        m.push((dir.to_path_buf(), fuse));
+    }
+}
+
+fn unregister_mount(dir: &Path) {
+    if let Ok(mut m) = MOUNTS.lock() {
+        m.retain(|(d, _)| d != dir);
+    }
+}
+
+/// Installs handlers for SIGINT, SIGTERM and SIGHUP: the running tool gets SIGTERM, the
+/// temporary mounts are removed (innermost first), then the process exits with 130. Handlers
+/// (unlike blocked masks) are reset in the tools this command starts.
+fn handle_interruption() {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    SIG_PIPE.store(fds[1], std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls write(2).
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    let rd = fds[0];
+    std::thread::spawn(move || {
+        let mut b = 0u8;
+        // SAFETY: reading one byte into a valid buffer from our pipe.
+        while unsafe { libc::read(rd, (&mut b as *mut u8).cast(), 1) } != 1 {}
+        eprintln!(
+            "interrupted (signal {b}): stopping the running tool and removing temporary mounts"
+        );
+        let child = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+        if child > 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while CHILD.load(std::sync::atomic::Ordering::SeqCst) == child
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let mounts: Vec<(PathBuf, bool)> = MOUNTS.lock().map(|m| m.clone()).unwrap_or_default();
+        for (dir, fuse) in mounts.iter().rev() {
+            if *fuse {
+                let _ = tandem_fuse::unmount(dir);
+            } else {
+                let _ = Command::new("umount").arg("-l").arg(dir).status();
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        eprintln!(
+            "the grow journal in the controller says which steps are done: `tandem volume show` shows it; re-run the grow to resume or use --undo"
+        );
+        std::process::exit(130);
+    });
+}
+
+/// Runs `cmd` to its end, registered as the running tool.
+fn status_of(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    let mut child = cmd.spawn()?;
+    CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    let st = child.wait();
+    CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
+    st
+}
+
+/// Like [`status_of`], capturing stdout and stderr.
+fn output_of(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    let out = child.wait_with_output();
+    CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
+    out
+}
+
 // ----- controller calls ----------------------------------------------------------------------
 
 fn volume_path(name: &str) -> String {
@@ -423,6 +525,7 @@ impl View {
         )
         .with_context(|| format!("mounting the FUSE view of '{name}'"))?;
         let files = mounted.layout().files.clone();
+        register_mount(dir.path(), true);
         let server = std::thread::spawn(move || mounted.run());
         Ok(View {
             dir: Some(dir),
@@ -461,6 +564,7 @@ impl View {
             return Ok(());
         };
         let r = tandem_fuse::unmount(dir.path());
+        unregister_mount(dir.path());
         if let Some(server) = self.server.take() {
             let _ = server.join();
         }
@@ -497,6 +601,7 @@ impl LoopMount {
             "mount -o loop",
             false,
         )?;
+        register_mount(dir.path(), false);
         Ok(LoopMount { dir: Some(dir) })
     }
     fn path(&self) -> &Path {
@@ -510,6 +615,7 @@ impl LoopMount {
 impl Drop for LoopMount {
     fn drop(&mut self) {
         if let Some(dir) = self.dir.take() {
+            unregister_mount(dir.path());
             let st = Command::new("umount").arg(dir.path()).status();
             if !st.is_ok_and(|s| s.success()) {
                 eprintln!(
@@ -528,18 +634,14 @@ fn run_tool(cmd: &mut Command, what: &str, show: bool) -> Result<(i32, String)> 
     cmd.stdin(Stdio::null());
     if show {
         cmd.stdout(std::io::stderr()).stderr(Stdio::inherit());
-        let st = cmd
-            .status()
-            .with_context(|| format!("starting {what} (is it installed?)"))?;
+        let st = status_of(cmd).with_context(|| format!("starting {what} (is it installed?)"))?;
         let code = st.code().unwrap_or(-1);
         if code != 0 && what != "e2fsck" {
             bail!("{what} failed ({st})");
         }
         Ok((code, String::new()))
     } else {
-        let out = cmd
-            .output()
-            .with_context(|| format!("starting {what} (is it installed?)"))?;
+        let out = output_of(cmd).with_context(|| format!("starting {what} (is it installed?)"))?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -598,12 +700,13 @@ fn fs_check(info: &ConnectInfo, name: &str, plan: &Plan) -> Result<(Check, f64)>
             )
         }
     } else {
-        let out = Command::new("xfs_repair")
-            .args(["-n", "-f"])
-            .arg(&file)
-            .stdin(Stdio::null())
-            .output()
-            .context("starting xfs_repair (is xfsprogs installed?)")?;
+        let out = output_of(
+            Command::new("xfs_repair")
+                .args(["-n", "-f"])
+                .arg(&file)
+                .stdin(Stdio::null()),
+        )
+        .context("starting xfs_repair (is xfsprogs installed?)")?;
         if out.status.success() {
             check("filesystem clean", true, "xfs_repair -n: clean")
         } else {
@@ -640,6 +743,7 @@ pub fn run(
     // The NBD socket may close under us (agent restart): see EPIPE, do not die of SIGPIPE.
     // SAFETY: changing one signal's disposition; no handler runs.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    handle_interruption();
     if undo {
         if size.is_some() || plan_only {
             bail!("--undo takes only the volume name");

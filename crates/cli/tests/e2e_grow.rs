@@ -615,9 +615,48 @@ fn grow_bare_ext4_refusals() {
     check(Command::new(tool("mkswap")).arg(&sw));
     put(&swapimg, s2 * 512, &sw);
 
+    // GPT: partition 1 empty, swap in the last partition 2 (no filesystem tandem grows).
+    let onlyswap = w.join("onlyswap.img");
+    create_file(&onlyswap, IMAGE);
+    check(
+        Command::new("sgdisk")
+            .args([
+                "-o",
+                "-n",
+                "1:2048:+24M",
+                "-t",
+                "1:8300",
+                "-n",
+                "2:0:0",
+                "-t",
+                "2:8200",
+            ])
+            .arg(&onlyswap),
+    );
+    put(&onlyswap, s2 * 512, &sw);
+
     let c = Cluster::start(1);
     let uri = volume_with(&c, "b1", VOLUME, &bare);
     volume_with(&c, "s1", VOLUME, &swapimg);
+    volume_with(&c, "u1", VOLUME, &onlyswap);
+
+    // Swap in the last partition, no filesystem elsewhere: the partition grows, the command
+    // stops there and says so.
+    let out = ok(&grow(&c, &["u1", &VOLUME.to_string()]));
+    assert!(out.contains("skipped"), "{out}");
+    assert!(out.contains("Linux swap"), "{out}");
+    let o = w.join("u1-out.img");
+    copy_out(&c, "u1", &o);
+    let v = check(Command::new("sgdisk").arg("-v").arg(&o));
+    assert!(v.contains("No problems found"), "{v}");
+    let info = check(Command::new("sgdisk").args(["-i", "2"]).arg(&o));
+    assert_eq!(
+        sector_of(&info, "Last sector: "),
+        aligned_end(s2, VOLUME / 512 - 34)
+    );
+    let sig = std::fs::read(&o).unwrap();
+    let at = (s2 * 512 + 4086) as usize;
+    assert_eq!(&sig[at..at + 10], b"SWAPSPACE2", "swap signature moved");
 
     // Not the last partition: refused, explained, nothing written.
     let before = sha256(&data_file(&c, "s1"));
