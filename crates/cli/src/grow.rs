@@ -976,7 +976,7 @@ impl GrowReport {
             ));
         }
         s.push_str(&format!(
-            "Time: {:.1}s in all; filesystem check (preflight, read-only) {:.1}s, e2fsck -f {:.1}s, resize {:.1}s.\n",
+            "Time: {:.2}s in all; filesystem check (preflight, read-only) {:.2}s, e2fsck -f {:.2}s, resize {:.2}s.\n",
             self.total_secs, self.fs_check_secs, self.fsck_secs, self.resize_secs
         ));
         s
@@ -1099,7 +1099,7 @@ fn execute(
                     "filesystem",
                     "checked",
                     format!(
-                        "e2fsck -f -y: exit {code}{} in {:.1}s",
+                        "e2fsck -f -y: exit {code}{} in {:.2}s",
                         if code == 0 {
                             " (clean)"
                         } else {
