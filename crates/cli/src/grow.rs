@@ -80,6 +80,18 @@ fn now_unix() -> u64 {
 static MOUNTS: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
 /// The external tool running now (0: none), sent SIGTERM on interruption.
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Set once a signal arrived: the main thread stops at its next tool or step and waits for
+/// the signal thread to clean up and exit.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Parks the calling thread for good when the command was interrupted (the signal thread
+/// exits the process).
+fn stop_if_interrupted() {
+    while INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Write end of the self-pipe the signal handler writes to.
 static SIG_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
@@ -126,6 +138,7 @@ fn handle_interruption() {
         let mut b = 0u8;
         // SAFETY: reading one byte into a valid buffer from our pipe.
         while unsafe { libc::read(rd, (&mut b as *mut u8).cast(), 1) } != 1 {}
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         eprintln!(
             "interrupted (signal {b}): stopping the running tool and removing temporary mounts"
         );
@@ -162,6 +175,7 @@ fn status_of(cmd: &mut Command) -> std::io::Result<std::process::ExitStatus> {
     CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
     let st = child.wait();
     CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
+    stop_if_interrupted();
     st
 }
 
@@ -172,6 +186,7 @@ fn output_of(cmd: &mut Command) -> std::io::Result<std::process::Output> {
     CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
     let out = child.wait_with_output();
     CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
+    stop_if_interrupted();
     out
 }
 
@@ -988,6 +1003,7 @@ fn done(j: &GrowJournal, step: &str) -> bool {
 }
 
 fn mark(client: &Client, j: &mut GrowJournal, step: &str) -> Result<()> {
+    stop_if_interrupted();
     if !done(j, step) {
         j.steps_done.push(step.to_string());
     }
@@ -1090,7 +1106,7 @@ fn execute(
                 let (code, _) = run_tool(&mut cmd, "e2fsck", true).context("filesystem")?;
                 report.fsck_secs = t.elapsed().as_secs_f64();
                 view.close()?;
-                if code > 2 {
+                if !(0..=2).contains(&code) {
                     bail!(
                         "filesystem: e2fsck -f -y exited {code}: errors left uncorrected; the filesystem was not resized"
                     );

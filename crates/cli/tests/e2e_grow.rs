@@ -14,6 +14,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -710,7 +711,7 @@ fn grow_interrupted_then_resumed_or_undone() {
     let img = w.join("gpt.img");
     let (first, last) = gpt_image(w, &img, IMAGE, "ext4", &w.join("files"));
     let mut c = Cluster::start(1);
-    for v in ["i1", "i2", "i3", "i4"] {
+    for v in ["i1", "i2", "i3", "i4", "i5"] {
         volume_with(&c, v, VOLUME, &img);
     }
     let target = VOLUME.to_string();
@@ -822,6 +823,69 @@ fn grow_interrupted_then_resumed_or_undone() {
     assert!(now[IMAGE as usize..].iter().all(|&b| b == 0));
     ok(&grow(&c, &["i4", &target]));
     check_gpt(w, &c, "i4", "ext4", VOLUME, first, &files);
+
+    // i5: SIGTERM while e2fsck -f runs (a stand-in e2fsck first on PATH that waits for it):
+    // the tool is stopped, the temporary FUSE view is unmounted, exit 130; the journal says
+    // what is done, and the grow then resumes.
+    let bin = w.join("slow-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let marker = w.join("e2fsck-started");
+    let real = check(Command::new("sh").args(["-c", "command -v e2fsck"]))
+        .trim()
+        .to_string();
+    let script = bin.join("e2fsck");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = \"-f\" ]; then touch {}; exec sleep 120; fi\nexec {real} \"$@\"\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = c.cli();
+    cmd.env("PATH", path)
+        .args(["volume", "grow", "i5", &target])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn().unwrap();
+    let view_mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("tandem-grow:i5 "))
+    };
+    wait_until(Duration::from_secs(60), "e2fsck -f to start", || {
+        marker.exists().then_some(())
+    });
+    assert!(
+        view_mounted(),
+        "the FUSE view is not mounted while e2fsck runs"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(
+        !view_mounted(),
+        "the FUSE view is still mounted after SIGTERM"
+    );
+    assert_eq!(
+        journal(&c, "i5")["steps_done"],
+        serde_json::json!(["block", "partition"])
+    );
+    let out = ok(&grow(&c, &["i5", &target]));
+    assert!(out.contains("Resuming the grow"), "{out}");
+    check_gpt(w, &c, "i5", "ext4", VOLUME, first, &files);
 }
 
 /// Starts from a volume smaller than the target, with two replicas: the block layer grows
