@@ -888,6 +888,70 @@ fn grow_interrupted_then_resumed_or_undone() {
     check_gpt(w, &c, "i5", "ext4", VOLUME, first, &files);
 }
 
+/// Two replicas and a witness: the preflight checks the replication links, the table and the
+/// filesystem are written through the Primary's export (replicated), both replicas end
+/// identical and nothing was resynced.
+#[test]
+fn grow_replicated_gpt_ext4() {
+    const IMAGE: u64 = 64 * MIB;
+    const VOLUME: u64 = 128 * MIB;
+    let work = work_dir();
+    let w = work.path();
+    let files = make_files(&w.join("files"));
+    let img = w.join("gpt.img");
+    let (first, _) = gpt_image(w, &img, IMAGE, "ext4", &w.join("files"));
+    let c = Cluster::start_with(3, &["--experimental-replication"]);
+    c.tandem(&[
+        "volume",
+        "create",
+        "r2",
+        &VOLUME.to_string(),
+        "--replicas",
+        "2",
+    ]);
+    let uri = c.connect("r2");
+    check(Command::new(tool("nbdcopy")).arg(&img).arg(&uri));
+    let v = c.wait_json(
+        &["volume", "show", "r2"],
+        "replicas in sync and connected",
+        |v| {
+            v["replicas"].as_array().unwrap().iter().all(|r| {
+                let peers = r["peers"].as_array().cloned().unwrap_or_default();
+                (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
+                    && r["out_of_sync_bytes"] == 0
+                    && !peers.is_empty()
+                    && peers.iter().all(|p| p["repl_state"] == "Established")
+            })
+        },
+    );
+    let plan = ok(&grow(&c, &["r2", &VOLUME.to_string(), "--plan"]));
+    assert!(
+        plan.contains("ok      replicas connected: every replication link Established"),
+        "{plan}"
+    );
+    assert!(plan.contains("ok      at most one Primary"), "{plan}");
+    ok(&grow(&c, &["r2", &VOLUME.to_string()]));
+    check_gpt(w, &c, "r2", "ext4", VOLUME, first, &files);
+    let diskful: Vec<String> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["diskless"] == false)
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(diskful.len(), 2);
+    let sums: Vec<String> = diskful
+        .iter()
+        .map(|n| sha256(&c.node_dir(n).join("pool/r2.data")))
+        .collect();
+    assert_eq!(sums[0], sums[1], "the replicas differ after the grow");
+    let v = c.json(&["volume", "show", "r2"]);
+    for r in v["replicas"].as_array().unwrap() {
+        assert_eq!(r["last_resync_bytes"], 0, "{v:#}");
+        assert_eq!(r["out_of_sync_bytes"], 0, "{v:#}");
+    }
+}
+
 /// Starts from a volume smaller than the target, with two replicas: the block layer grows
 /// first (every replica), then table and filesystem; the grown area is not resynced (file
 /// pools: 0 bytes). Needs `volume resize` (POST /v1/volumes/{name}/resize, branch `resize`).
@@ -913,12 +977,19 @@ fn grow_from_smaller_volume_needs_resize() {
     ]);
     let uri = c.connect("r1");
     check(Command::new("nbdcopy").arg(&img).arg(&uri));
-    c.wait_json(&["volume", "show", "r1"], "replicas in sync", |v| {
-        v["replicas"].as_array().unwrap().iter().all(|r| {
-            (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
-                && r["out_of_sync_bytes"] == 0
-        })
-    });
+    c.wait_json(
+        &["volume", "show", "r1"],
+        "replicas in sync and connected",
+        |v| {
+            v["replicas"].as_array().unwrap().iter().all(|r| {
+                let peers = r["peers"].as_array().cloned().unwrap_or_default();
+                (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
+                    && r["out_of_sync_bytes"] == 0
+                    && !peers.is_empty()
+                    && peers.iter().all(|p| p["repl_state"] == "Established")
+            })
+        },
+    );
     let out = grow(&c, &["r1", "128MiB", "--plan"]);
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(
