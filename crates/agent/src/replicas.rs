@@ -655,6 +655,7 @@ impl Ctx<'_> {
                 role_error: None,
                 resync_bytes_left: None,
                 resync_eta_secs: None,
+                clients: Vec::new(),
             })
             .collect();
         let t = read(self.table);
@@ -698,6 +699,11 @@ impl Ctx<'_> {
                 role_error: None,
                 resync_bytes_left: None,
                 resync_eta_secs: None,
+                clients: if e.export.is_some() {
+                    self.server.clients(&e.volume)
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
         drop(t);

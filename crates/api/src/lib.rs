@@ -196,6 +196,10 @@ pub struct Replica {
     /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
     #[serde(default)]
     pub resync_eta_secs: Option<u64>,
+    /// Who the `connections` are, as the agent sees them: `pid N (command)` for unix socket
+    /// clients, `host:port` for TCP ones.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 /// Replication state of one replica towards one peer.
@@ -514,6 +518,9 @@ pub struct ReplicaReport {
     /// Estimated seconds until that resync ends at the current rate (`null`: unknown).
     #[serde(default)]
     pub resync_eta_secs: Option<u64>,
+    /// Who is connected to the export (`pid N (command)` / `host:port`), one per connection.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 fn default_true() -> bool {

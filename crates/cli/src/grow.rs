@@ -480,13 +480,18 @@ fn consumer_check(client: &Client, name: &str) -> Result<Check> {
             .filter(|r| r.connections > 0)
             .map(|r| {
                 format!(
-                    "node {} has {} consumer connection(s) to the export of '{name}'{}",
+                    "node {} has {} consumer connection(s) to the export of '{name}'{}{}",
                     r.node,
                     r.connections,
                     if r.role == Role::Primary {
                         " (Primary)"
                     } else {
                         ""
+                    },
+                    if r.clients.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.clients.join(", "))
                     }
                 )
             })

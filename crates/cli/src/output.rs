@@ -480,6 +480,7 @@ mod tests {
             role_error: None,
             resync_bytes_left: None,
             resync_eta_secs: None,
+            clients: Vec::new(),
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),

@@ -683,6 +683,8 @@ fn grow_bare_ext4_refusals() {
     let e = failed(&grow(&c, &["b1", &VOLUME.to_string()]));
     assert!(e.contains("no consumers"), "{e}");
     assert!(e.contains("node node1 has 1 consumer connection"), "{e}");
+    // ...and which client it is: the holder's pid and command, as the agent sees the socket.
+    assert!(e.contains(&format!("pid {} (qemu-io)", holder.id())), "{e}");
     assert!(e.contains("nothing was changed"), "{e}");
     let e = failed(&grow(&c, &["b1", &VOLUME.to_string(), "--plan"]));
     assert!(e.contains("REFUSED no consumers"), "{e}");

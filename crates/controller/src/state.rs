@@ -562,6 +562,7 @@ impl Controller {
                     role_error: report.and_then(|r| r.role_error.clone()),
                     resync_bytes_left: report.and_then(|r| r.resync_bytes_left),
                     resync_eta_secs: report.and_then(|r| r.resync_eta_secs),
+                    clients: report.map(|r| r.clients.clone()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -266,5 +266,6 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         role_error: None,
         resync_bytes_left: None,
         resync_eta_secs: None,
+        clients: vec![],
     }
 }
