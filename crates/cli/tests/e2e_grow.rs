@@ -713,7 +713,7 @@ fn grow_interrupted_then_resumed_or_undone() {
     let img = w.join("gpt.img");
     let (first, last) = gpt_image(w, &img, IMAGE, "ext4", &w.join("files"));
     let mut c = Cluster::start(1);
-    for v in ["i1", "i2", "i3", "i4", "i5"] {
+    for v in ["i1", "i2", "i3", "i4", "i5", "i6"] {
         volume_with(&c, v, VOLUME, &img);
     }
     let target = VOLUME.to_string();
@@ -888,6 +888,15 @@ fn grow_interrupted_then_resumed_or_undone() {
     let out = ok(&grow(&c, &["i5", &target]));
     assert!(out.contains("Resuming the grow"), "{out}");
     check_gpt(w, &c, "i5", "ext4", VOLUME, first, &files);
+
+    // i6: stopped after the block step (the table untouched), resumed.
+    crash(&c, "i6", "block");
+    let j = journal(&c, "i6");
+    assert_eq!(j["steps_done"], serde_json::json!(["block"]), "{j:#}");
+    assert!(j["undo"].is_null(), "{j:#}");
+    let out = ok(&grow(&c, &["i6", &target]));
+    assert!(out.contains("Resuming the grow"), "{out}");
+    check_gpt(w, &c, "i6", "ext4", VOLUME, first, &files);
 }
 
 /// Two replicas and a witness: the preflight checks the replication links, the table and the
