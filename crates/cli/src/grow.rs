@@ -12,8 +12,9 @@
 //!
 //! The journal (`/v1/volumes/{name}/grow`) is written before the table changes and updated
 //! after every step: re-running the command resumes, `--undo` puts the old table back.
-//! `TANDEM_GROW_FAIL_AFTER=journal|block|partition|fsck` stops the command with SIGKILL after
-//! that step, as a crash would (for the tests).
+//! `TANDEM_GROW_FAIL_AFTER=journal|block|partition-write|partition|fsck` stops the command with
+//! SIGKILL after that step (`partition-write`: after the first region of the table was written
+//! and flushed, in the middle of the apply), as a crash would (for the tests).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -188,6 +189,66 @@ fn output_of(cmd: &mut Command) -> std::io::Result<std::process::Output> {
     CHILD.store(0, std::sync::atomic::Ordering::SeqCst);
     stop_if_interrupted();
     out
+}
+
+/// The volume as the partition step writes it; with the fault injection
+/// `partition-write` the process is killed after the first flushed write (the middle of an
+/// apply: one region written, the others not).
+struct TableDevice {
+    inner: NbdClient,
+    crash_after_first_write: bool,
+    written: std::sync::atomic::AtomicBool,
+}
+
+impl TableDevice {
+    fn new(inner: NbdClient) -> Self {
+        TableDevice {
+            inner,
+            crash_after_first_write: std::env::var(FAIL_AFTER_ENV).ok().as_deref()
+                == Some("partition-write"),
+            written: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl tandem_blockdev::BlockDevice for TableDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> tandem_blockdev::Result<()> {
+        tandem_blockdev::BlockDevice::read_at(&self.inner, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> tandem_blockdev::Result<()> {
+        tandem_blockdev::BlockDevice::write_at(&self.inner, buf, offset)?;
+        self.written
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn flush(&self) -> tandem_blockdev::Result<()> {
+        tandem_blockdev::BlockDevice::flush(&self.inner)?;
+        if self.crash_after_first_write && self.written.load(std::sync::atomic::Ordering::SeqCst) {
+            fail_point("partition-write");
+        }
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> tandem_blockdev::Result<()> {
+        tandem_blockdev::BlockDevice::trim(&self.inner, offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_deallocate: bool,
+    ) -> tandem_blockdev::Result<()> {
+        tandem_blockdev::BlockDevice::write_zeroes(&self.inner, offset, len, may_deallocate)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> tandem_blockdev::Result<Vec<tandem_blockdev::Extent>> {
+        tandem_blockdev::BlockDevice::block_status(&self.inner, offset, len)
+    }
 }
 
 // ----- controller calls ----------------------------------------------------------------------
@@ -1061,6 +1122,7 @@ fn execute(
     let nbd = wait_export_size(info, name, target, timeout).context("partition table")?;
     let plan = tandem_grow::plan_with(&nbd, target, PLAN_OPTIONS)
         .map_err(|e| anyhow!("partition table: planning on the grown volume: {e}"))?;
+    let dev = TableDevice::new(nbd);
     if plan.nothing_to_do {
         report.step(
             "partition table",
@@ -1080,7 +1142,7 @@ fn execute(
             }
             put_journal(client, j).map_err(|e| std::io::Error::other(format!("{e:#}")))
         };
-        let outcome = tandem_grow::apply(&nbd, &plan, &mut save)
+        let outcome = tandem_grow::apply(&dev, &plan, &mut save)
             .map_err(|e| anyhow!("partition table: {e}"))?;
         report.step(
             "partition table",
@@ -1091,7 +1153,7 @@ fn execute(
             partition_detail(&plan),
         );
     }
-    drop(nbd);
+    drop(dev);
     mark(client, j, "partition")?;
 
     // 3. Filesystem, through the FUSE view.

@@ -713,7 +713,7 @@ fn grow_interrupted_then_resumed_or_undone() {
     let img = w.join("gpt.img");
     let (first, last) = gpt_image(w, &img, IMAGE, "ext4", &w.join("files"));
     let mut c = Cluster::start(1);
-    for v in ["i1", "i2", "i3", "i4", "i5", "i6"] {
+    for v in ["i1", "i2", "i3", "i4", "i5", "i6", "i7", "i8"] {
         volume_with(&c, v, VOLUME, &img);
     }
     let target = VOLUME.to_string();
@@ -897,6 +897,47 @@ fn grow_interrupted_then_resumed_or_undone() {
     let out = ok(&grow(&c, &["i6", &target]));
     assert!(out.contains("Resuming the grow"), "{out}");
     check_gpt(w, &c, "i6", "ext4", VOLUME, first, &files);
+
+    // i7, i8: killed in the middle of writing the table (the new backup GPT at the new end
+    // written, the primary not yet): the table is still valid (the primary names the old
+    // backup), the undo record is in the journal; i7 is undone (the whole volume equals the
+    // image again), i8 resumed (apply completes the remaining regions).
+    for v in ["i7", "i8"] {
+        crash(&c, v, "partition-write");
+        let j = journal(&c, v);
+        assert_eq!(j["steps_done"], serde_json::json!(["block"]), "{j:#}");
+        assert!(j["undo"].is_string(), "{j:#}");
+        let o = w.join(format!("{v}-half.img"));
+        copy_out(&c, v, &o);
+        let now = std::fs::read(&o).unwrap();
+        assert!(
+            now[IMAGE as usize..].iter().any(|&b| b != 0),
+            "nothing written at the new end"
+        );
+        assert_eq!(
+            now[..34 * 512],
+            orig[..34 * 512],
+            "primary GPT already changed"
+        );
+        let sv = check(Command::new("sgdisk").arg("-v").arg(&o));
+        assert!(!sv.contains("Invalid partition data"), "{sv}");
+    }
+    let out = ok(&grow(&c, &["i7", "--undo"]));
+    assert!(out.contains("1 region(s)"), "{out}");
+    let o = w.join("i7-undone.img");
+    copy_out(&c, "i7", &o);
+    let now = std::fs::read(&o).unwrap();
+    assert!(
+        now[..IMAGE as usize] == orig[..],
+        "volume differs from the image after undo"
+    );
+    assert!(
+        now[IMAGE as usize..].iter().all(|&b| b == 0),
+        "the new end is not zero again"
+    );
+    let out = ok(&grow(&c, &["i8", &target]));
+    assert!(out.contains("Resuming the grow"), "{out}");
+    check_gpt(w, &c, "i8", "ext4", VOLUME, first, &files);
 }
 
 /// Two replicas and a witness: the preflight checks the replication links, the table and the
