@@ -636,8 +636,26 @@ fn grow_bare_ext4_refusals() {
     );
     put(&onlyswap, s2 * 512, &sw);
 
+    // Bare ext4 with a damaged inode (the file's inode cleared with debugfs).
+    let damaged = w.join("damaged.img");
+    std::fs::copy(&bare, &damaged).unwrap();
+    check(
+        Command::new(tool("debugfs"))
+            .args(["-w", "-R", "clri /big.bin"])
+            .arg(&damaged),
+    );
+
     let c = Cluster::start(1);
     let uri = volume_with(&c, "b1", VOLUME, &bare);
+    volume_with(&c, "d1", VOLUME, &damaged);
+
+    // A filesystem that is not clean: refused before anything is written.
+    let before = sha256(&data_file(&c, "d1"));
+    let e = failed(&grow(&c, &["d1", &VOLUME.to_string()]));
+    assert!(e.contains("filesystem clean: e2fsck -fn exited 4"), "{e}");
+    assert!(e.contains("nothing was changed"), "{e}");
+    assert_eq!(sha256(&data_file(&c, "d1")), before);
+    assert!(journal(&c, "d1").is_null());
     volume_with(&c, "s1", VOLUME, &swapimg);
     volume_with(&c, "u1", VOLUME, &onlyswap);
 
