@@ -979,21 +979,35 @@ fn grow_replicated_gpt_ext4() {
         "--replicas",
         "2",
     ]);
+    let in_sync = |v: &serde_json::Value| {
+        v["replicas"].as_array().unwrap().iter().all(|r| {
+            let peers = r["peers"].as_array().cloned().unwrap_or_default();
+            (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
+                && r["out_of_sync_bytes"] == 0
+                && r["resync_bytes_left"].is_null()
+                && !peers.is_empty()
+                && peers.iter().all(|p| p["repl_state"] == "Established")
+        })
+    };
+    // Links up before the image goes in, so it is replicated as it is written.
+    c.wait_json(&["volume", "show", "r2"], "replicas connected", in_sync);
     let uri = c.connect("r2");
     check(Command::new(tool("nbdcopy")).arg(&img).arg(&uri));
-    let v = c.wait_json(
-        &["volume", "show", "r2"],
-        "replicas in sync and connected",
-        |v| {
-            v["replicas"].as_array().unwrap().iter().all(|r| {
-                let peers = r["peers"].as_array().cloned().unwrap_or_default();
-                (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
-                    && r["out_of_sync_bytes"] == 0
-                    && !peers.is_empty()
-                    && peers.iter().all(|p| p["repl_state"] == "Established")
+    let v = c.wait_json(&["volume", "show", "r2"], "replicas in sync", in_sync);
+    let resynced = |v: &serde_json::Value| -> Vec<(String, u64)> {
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["node"].as_str().unwrap().to_string(),
+                    r["last_resync_bytes"].as_u64().unwrap(),
+                )
             })
-        },
-    );
+            .collect()
+    };
+    let before = resynced(&v);
     let plan = ok(&grow(&c, &["r2", &VOLUME.to_string(), "--plan"]));
     assert!(
         plan.contains("ok      replicas connected: every replication link Established"),
@@ -1015,11 +1029,11 @@ fn grow_replicated_gpt_ext4() {
         .map(|n| sha256(&c.node_dir(n).join("pool/r2.data")))
         .collect();
     assert_eq!(sums[0], sums[1], "the replicas differ after the grow");
+    // The grow caused no resync: every replica's last resync is the one before the grow
+    // (normally none: 0), nothing is out of sync, no resync runs.
     let v = c.json(&["volume", "show", "r2"]);
-    for r in v["replicas"].as_array().unwrap() {
-        assert_eq!(r["last_resync_bytes"], 0, "{v:#}");
-        assert_eq!(r["out_of_sync_bytes"], 0, "{v:#}");
-    }
+    assert!(in_sync(&v), "{v:#}");
+    assert_eq!(resynced(&v), before, "a resync ran during the grow: {v:#}");
 }
 
 /// Starts from a volume smaller than the target, with two replicas: the block layer grows
@@ -1045,21 +1059,21 @@ fn grow_from_smaller_volume_needs_resize() {
         "--replicas",
         "2",
     ]);
+    let in_sync = |v: &serde_json::Value| {
+        v["replicas"].as_array().unwrap().iter().all(|r| {
+            let peers = r["peers"].as_array().cloned().unwrap_or_default();
+            (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
+                && r["out_of_sync_bytes"] == 0
+                && r["resync_bytes_left"].is_null()
+                && !peers.is_empty()
+                && peers.iter().all(|p| p["repl_state"] == "Established")
+        })
+    };
+    // Links up before the image goes in, so nothing is resynced before the grow.
+    c.wait_json(&["volume", "show", "r1"], "replicas connected", in_sync);
     let uri = c.connect("r1");
     check(Command::new("nbdcopy").arg(&img).arg(&uri));
-    c.wait_json(
-        &["volume", "show", "r1"],
-        "replicas in sync and connected",
-        |v| {
-            v["replicas"].as_array().unwrap().iter().all(|r| {
-                let peers = r["peers"].as_array().cloned().unwrap_or_default();
-                (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
-                    && r["out_of_sync_bytes"] == 0
-                    && !peers.is_empty()
-                    && peers.iter().all(|p| p["repl_state"] == "Established")
-            })
-        },
-    );
+    c.wait_json(&["volume", "show", "r1"], "replicas in sync", in_sync);
     let out = grow(&c, &["r1", "128MiB", "--plan"]);
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(
