@@ -674,6 +674,7 @@ impl Ctx<'_> {
                 split_brain: Vec::new(),
                 discard_pending: false,
                 last_resync_skipped_bytes: 0,
+                clients: Vec::new(),
             })
             .collect();
         let t = read(self.table);
@@ -722,6 +723,11 @@ impl Ctx<'_> {
                 split_brain: Vec::new(),
                 discard_pending: false,
                 last_resync_skipped_bytes: 0,
+                clients: if e.export.is_some() {
+                    self.server.clients(&e.volume)
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
         drop(t);

@@ -244,6 +244,10 @@ pub struct Replica {
     /// not transfer.
     #[serde(default)]
     pub last_resync_skipped_bytes: u64,
+    /// Who the `connections` are, as the agent sees them: `pid N (command)` for unix socket
+    /// clients, `host:port` for TCP ones.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 /// A split brain between a replica and one peer, as the replica's node reports it.
@@ -710,6 +714,9 @@ pub struct ReplicaReport {
     /// Bytes the most recent checksum-based resync into this replica skipped (identical).
     #[serde(default)]
     pub last_resync_skipped_bytes: u64,
+    /// Who is connected to the export (`pid N (command)` / `host:port`), one per connection.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -831,4 +838,50 @@ pub struct DesiredState {
     /// loopback-only REST API; the agent keeps it in `state_dir/cluster_secret` (mode 0600).
     #[serde(default)]
     pub cluster_secret: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grow journal (`tandem volume grow`): kept by the controller so that an interrupted grow can be
+// resumed or undone after the CLI, the controller or an agent died.
+// ---------------------------------------------------------------------------------------------
+
+/// `GET/PUT/DELETE /v1/volumes/{name}/grow`: the journal of a `volume grow` in progress. The CLI
+/// drives the grow and writes this record before it touches the partition table; the
+/// controller only stores it (it is deleted when the grow finished or was undone).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrowJournal {
+    /// The volume (must equal the path's name).
+    pub volume: String,
+    /// Uuid of the volume when the grow started (the controller refuses another).
+    pub volume_uuid: String,
+    /// Size the grow goes to (bytes).
+    pub target_bytes: u64,
+    /// Size of the volume when the grow started (bytes).
+    pub start_bytes: u64,
+    /// `gpt`, `mbr` or `none`.
+    pub table: String,
+    /// Partition holding the filesystem (`null`: the whole volume).
+    #[serde(default)]
+    pub partition: Option<u32>,
+    /// Byte offset of the filesystem on the volume.
+    pub fs_offset_bytes: u64,
+    /// `ext2`, `ext3`, `ext4`, `xfs` or `unknown`.
+    pub filesystem: String,
+    /// Bytes of the partition (or volume) that held the filesystem before the grow: undoing
+    /// the table is refused once the filesystem is larger than this.
+    pub old_partition_bytes: u64,
+    /// Steps finished, in order: `block`, `partition`, `fsck`, `filesystem`.
+    #[serde(default)]
+    pub steps_done: Vec<String>,
+    /// The partition-table undo record (`tandem_grow::UndoRecord` as JSON), written before
+    /// the first byte of the table changes; `null` until then.
+    #[serde(default)]
+    pub undo: Option<String>,
+    /// Why the last attempt stopped, if it failed.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When the grow started and when the journal was last written (unix seconds).
+    pub started_unix: u64,
+    pub updated_unix: u64,
 }

@@ -117,6 +117,19 @@ impl Client {
         self.decode(resp)
     }
 
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let resp = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .send_json(body)
+            .map_err(|e| self.transport(e))?;
+        self.decode(resp)
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let resp = self
             .agent

@@ -182,6 +182,24 @@ pub enum VolumeCmd {
         #[arg(long)]
         read_only: bool,
     },
+    /// Grow a volume through every layer: block layer, partition table (GPT/MBR), filesystem
+    /// (ext2/3/4: e2fsck -f + resize2fs; xfs: xfs_growfs), after a preflight. The filesystem
+    /// step is offline: no consumer may be connected. Re-running resumes an interrupted grow.
+    Grow {
+        name: String,
+        /// Size to grow to with an explicit unit: KiB/MiB/GiB/TiB (1024) or KB/MB/GB/TB
+        /// (1000), or bytes.
+        size: Option<String>,
+        /// Print every step with exact sizes and the preflight's verdict; change nothing.
+        #[arg(long)]
+        plan: bool,
+        /// Put the partition table back as it was before an unfinished grow.
+        #[arg(long, conflicts_with = "plan")]
+        undo: bool,
+        /// Seconds to wait for the block layer (resize of every replica).
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Make a node's replica the volume's Primary (the one that accepts consumer I/O) and
     /// wait until it is. The current Primary is demoted first. Refused when the replica is
     /// not UpToDate, its node has no quorum, or consumers have the volume open on the current
@@ -366,7 +384,17 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
         }
         VolumeCmd::Show { name } => {
             let v: Volume = client.get(&format!("/v1/volumes/{}", path_segment(name)))?;
-            emit(json, &v, output::volume_detail)
+            // A grow journal left behind (`volume grow`) is shown with the volume.
+            let grow = crate::grow::journal_for_show(client, name);
+            if json {
+                let mut doc = serde_json::to_value(&v)?;
+                doc["grow"] = serde_json::to_value(&grow)?;
+                return print_json(&doc);
+            }
+            let extra = grow.as_ref().map(crate::grow::journal_text);
+            emit(json, &v, |v| {
+                output::volume_detail(v) + extra.as_deref().unwrap_or("")
+            })
         }
         VolumeCmd::Delete {
             name,
@@ -468,6 +496,13 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             node,
             read_only,
         } => crate::mount::run(client, json, name, dir, node.as_deref(), *read_only),
+        VolumeCmd::Grow {
+            name,
+            size,
+            plan,
+            undo,
+            timeout,
+        } => crate::grow::run(client, json, name, size.as_deref(), *plan, *undo, *timeout),
         VolumeCmd::Connect { name, node } => {
             let mut path = format!("/v1/volumes/{}/connect", path_segment(name));
             if let Some(n) = node {

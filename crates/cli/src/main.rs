@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod daemon;
+mod grow;
 mod mount;
 mod output;
 mod resize;

@@ -607,6 +607,7 @@ mod tests {
             verify: None,
             split_brain: vec![],
             last_resync_skipped_bytes: 0,
+            clients: Vec::new(),
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),

@@ -543,6 +543,12 @@ pub fn router(state: AppState) -> Router {
             get(show_volume).delete(delete_volume).patch(update_volume),
         )
         .route("/v1/volumes/{name}/connect", get(connect))
+        .route(
+            "/v1/volumes/{name}/grow",
+            get(crate::grow::get_grow)
+                .put(crate::grow::put_grow)
+                .delete(crate::grow::delete_grow),
+        )
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
@@ -571,7 +577,8 @@ pub fn router(state: AppState) -> Router {
         description = "REST API of the tandem controller. Every error is an ApiError body with a stable `code`.",
         license(name = "Apache-2.0")
     ),
-    paths(health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
+    paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
+          health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
           delete_volume, update_volume, resize_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(

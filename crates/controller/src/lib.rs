@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use utoipa::OpenApi;
 
 pub mod error;
+pub mod grow;
 pub mod http;
 pub mod ops;
 pub mod state;

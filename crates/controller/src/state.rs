@@ -725,6 +725,7 @@ impl Controller {
                     last_resync_skipped_bytes: report
                         .map(|r| r.last_resync_skipped_bytes)
                         .unwrap_or(0),
+                    clients: report.map(|r| r.clients.clone()).unwrap_or_default(),
                 }
             })
             .collect();

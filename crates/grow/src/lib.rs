@@ -27,8 +27,8 @@ pub use crc::crc32;
 pub use fs::{Filesystem, detect as detect_filesystem, probe_filesystem};
 pub use guid::Guid;
 pub use plan::{
-    Layer, MAX_ALIGNMENT_SECTORS, MBR_MAX_SECTORS, Plan, Step, Target, aligned_end, alignment_of,
-    chs, plan, plan_from_probe,
+    Layer, MAX_ALIGNMENT_SECTORS, MBR_MAX_SECTORS, Plan, PlanOptions, Step, Target, aligned_end,
+    alignment_of, chs, plan, plan_from_probe, plan_from_probe_with, plan_with,
 };
 pub use probe::{
     GptPartition, GptTable, MbrKind, MbrPartition, MbrTable, Probe, SECTOR, Table, probe,

@@ -306,6 +306,35 @@ pub fn plan_from_probe(
     p: &Probe,
     target_bytes: u64,
 ) -> Result<Plan, GrowError> {
+    plan_from_probe_with(dev, p, target_bytes, PlanOptions::default())
+}
+
+/// Choices of [`plan_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Grow the last partition even when it holds no filesystem this crate knows (LVM PV,
+    /// swap, btrfs, nothing...), as long as no other partition holds a known one (that is
+    /// still [`GrowError::FilesystemNotLast`]). The plan then has no filesystem step.
+    pub grow_unknown_filesystem: bool,
+}
+
+/// Like [`plan`], with options.
+pub fn plan_with(
+    dev: &dyn BlockDevice,
+    target_bytes: u64,
+    opts: PlanOptions,
+) -> Result<Plan, GrowError> {
+    let p = probe(dev)?;
+    plan_from_probe_with(dev, &p, target_bytes, opts)
+}
+
+/// Like [`plan_from_probe`], with options.
+pub fn plan_from_probe_with(
+    dev: &dyn BlockDevice,
+    p: &Probe,
+    target_bytes: u64,
+    opts: PlanOptions,
+) -> Result<Plan, GrowError> {
     if target_bytes < p.device_bytes {
         return Err(GrowError::Shrink {
             current: p.device_bytes,
@@ -313,7 +342,10 @@ pub fn plan_from_probe(
         });
     }
     let n = target_bytes / SECTOR;
-    let mut b = Builder::default();
+    let mut b = Builder {
+        grow_unknown: opts.grow_unknown_filesystem,
+        ..Builder::default()
+    };
     let target = match &p.table {
         Table::Unknown { reason } => return Err(GrowError::UnknownTable(reason.clone())),
         Table::None { filesystem } => {
@@ -371,6 +403,8 @@ pub fn plan_from_probe(
 /// sector set twice keeps the later value in the group that set it first.
 #[derive(Default)]
 struct Builder {
+    /// [`PlanOptions::grow_unknown_filesystem`].
+    grow_unknown: bool,
     steps: Vec<Step>,
     /// byte offset -> (group, bytes); regions never overlap after `set`.
     bytes: BTreeMap<u64, (u32, Vec<u8>)>,
@@ -495,7 +529,7 @@ fn plan_gpt(
         .max_by_key(|p| p.last_lba)
         .ok_or(GrowError::NoPartitions)?;
     if !last.filesystem.is_known() {
-        return Err(refuse_not_last(
+        let e = refuse_not_last(
             format!(
                 "partition {} (the last one, LBA {}..{})",
                 last.number, last.first_lba, last.last_lba
@@ -506,7 +540,10 @@ fn plan_gpt(
                 .filter(|p| p.number != last.number)
                 .map(|p| (p.number, &p.filesystem))
                 .collect(),
-        ));
+        );
+        if !(b.grow_unknown && matches!(e, GrowError::NoFilesystem { .. })) {
+            return Err(e);
+        }
     }
     if g.backup_header_lba >= n {
         return Err(GrowError::Shrink {
@@ -695,7 +732,7 @@ fn plan_mbr(
         found: "nothing".into(),
     });
     if !last_fs.is_known() {
-        return Err(refuse_not_last(
+        let e = refuse_not_last(
             format!(
                 "partition {} (the last one, LBA {}..{})",
                 last.number,
@@ -708,7 +745,10 @@ fn plan_mbr(
                 .filter(|p| p.number != last.number)
                 .filter_map(|p| p.filesystem.as_ref().map(|f| (p.number, f)))
                 .collect(),
-        ));
+        );
+        if !(b.grow_unknown && matches!(e, GrowError::NoFilesystem { .. })) {
+            return Err(e);
+        }
     }
     if n > MBR_MAX_SECTORS {
         return Err(GrowError::MbrLimit { target: n * SECTOR });

@@ -199,3 +199,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn grow_unknown_filesystem_only_when_asked_and_never_past_a_known_one() {
+    // One primary partition holding nothing known.
+    let dev = MemDevice::new(64 * MIB);
+    let mut s = [0u8; 512];
+    s[446 + 4] = 0x8e; // LVM
+    s[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    s[446 + 12..446 + 16].copy_from_slice(&16384u32.to_le_bytes());
+    s[510] = 0x55;
+    s[511] = 0xAA;
+    dev.write_at(&s, 0).unwrap();
+    let err = plan(&dev, 64 * MIB).unwrap_err();
+    assert!(matches!(err, GrowError::NoFilesystem { .. }), "{err}");
+    let opts = PlanOptions {
+        grow_unknown_filesystem: true,
+    };
+    let p = plan_with(&dev, 64 * MIB, opts).unwrap();
+    assert!(!p.nothing_to_do);
+    assert!(matches!(p.target.filesystem, Filesystem::Unknown { .. }));
+    assert!(p.steps.iter().any(|s| matches!(
+        s,
+        Step::GrowPartition {
+            new_end_lba: 131071,
+            ..
+        }
+    )));
+    assert!(
+        !p.steps
+            .iter()
+            .any(|s| matches!(s, Step::ResizeFilesystem { .. })),
+        "no filesystem step for an unknown filesystem"
+    );
+    // A known filesystem in an earlier partition: still refused, option or not.
+    let dev = mbr_disk(64 * MIB, 2048, 16384);
+    let mut s = [0u8; 512];
+    dev.read_at(&mut s, 0).unwrap();
+    let e = 446 + 16;
+    s[e + 4] = 0x82; // swap, empty
+    s[e + 8..e + 12].copy_from_slice(&20480u32.to_le_bytes());
+    s[e + 12..e + 16].copy_from_slice(&8192u32.to_le_bytes());
+    dev.write_at(&s, 0).unwrap();
+    let err = plan_with(&dev, 64 * MIB, opts).unwrap_err();
+    assert!(matches!(err, GrowError::FilesystemNotLast { .. }), "{err}");
+}

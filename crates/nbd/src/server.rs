@@ -62,6 +62,8 @@ const BATCH_SLICES: usize = 512;
 
 struct ConnEntry {
     export: Option<String>,
+    /// Who is connected: `pid 1234 (qemu-io)` for a unix socket peer, `host:port` for TCP.
+    peer: String,
     kill: watch::Sender<bool>,
 }
 
@@ -108,8 +110,9 @@ impl Server {
             match accepted {
                 Ok((stream, _)) => {
                     let fd = stream.as_raw_fd();
+                    let peer = unix_peer(&stream);
                     let (r, w) = stream.into_split();
-                    self.spawn_connection(r, w, Some(fd), "unix".to_string());
+                    self.spawn_connection(r, w, Some(fd), peer);
                 }
                 Err(e) => transient_accept_error(e).await?,
             }
@@ -146,6 +149,19 @@ impl Server {
             .values()
             .filter(|c| c.export.as_deref() == Some(export))
             .count() as u32
+    }
+
+    /// Who is connected to `export` (one entry per connection): `pid N (command)` for unix
+    /// socket clients, `host:port` for TCP ones.
+    pub fn clients(&self, export: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|c| c.export.as_deref() == Some(export))
+            .map(|c| c.peer.clone())
+            .collect();
+        v.sort();
+        v
     }
 
     /// All open client connections, including those still in the handshake.
@@ -188,6 +204,7 @@ impl Server {
             id,
             ConnEntry {
                 export: None,
+                peer: peer.clone(),
                 kill: kill_tx,
             },
         );
@@ -208,6 +225,22 @@ impl Server {
         if let Some(c) = self.lock().get_mut(&id) {
             c.export = Some(export.to_string());
         }
+    }
+}
+
+/// `pid N (command)` of a unix socket peer (SO_PEERCRED), `unix` when unknown.
+fn unix_peer(stream: &tokio::net::UnixStream) -> String {
+    match stream.peer_cred().ok().and_then(|c| c.pid()) {
+        Some(pid) => {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let comm = comm.trim();
+            if comm.is_empty() {
+                format!("pid {pid}")
+            } else {
+                format!("pid {pid} ({comm})")
+            }
+        }
+        None => "unix".to_string(),
     }
 }
 

@@ -271,5 +271,6 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         split_brain: vec![],
         discard_pending: false,
         last_resync_skipped_bytes: 0,
+        clients: vec![],
     }
 }
