@@ -1040,7 +1040,6 @@ fn grow_replicated_gpt_ext4() {
 /// first (every replica), then table and filesystem; the grown area is not resynced (file
 /// pools: 0 bytes). Needs `volume resize` (POST /v1/volumes/{name}/resize, branch `resize`).
 #[test]
-#[ignore = "needs POST /v1/volumes/{name}/resize (volume resize, branch resize)"]
 fn grow_from_smaller_volume_needs_resize() {
     const IMAGE: u64 = 64 * MIB;
     const VOLUME: u64 = IMAGE;
