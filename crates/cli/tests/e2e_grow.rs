@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::repl::{diskful, in_sync, same_files};
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -971,42 +972,7 @@ fn grow_replicated_gpt_ext4() {
     let img = w.join("gpt.img");
     let (first, _) = gpt_image(w, &img, IMAGE, "ext4", &w.join("files"));
     let c = Cluster::start_with(3, &["--experimental-replication"]);
-    c.tandem(&[
-        "volume",
-        "create",
-        "r2",
-        &VOLUME.to_string(),
-        "--replicas",
-        "2",
-    ]);
-    let in_sync = |v: &serde_json::Value| {
-        v["replicas"].as_array().unwrap().iter().all(|r| {
-            let peers = r["peers"].as_array().cloned().unwrap_or_default();
-            (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
-                && r["out_of_sync_bytes"] == 0
-                && r["resync_bytes_left"].is_null()
-                && !peers.is_empty()
-                && peers.iter().all(|p| p["repl_state"] == "Established")
-        })
-    };
-    // Links up before the image goes in, so it is replicated as it is written.
-    c.wait_json(&["volume", "show", "r2"], "replicas connected", in_sync);
-    let uri = c.connect("r2");
-    check(Command::new(tool("nbdcopy")).arg(&img).arg(&uri));
-    let v = c.wait_json(&["volume", "show", "r2"], "replicas in sync", in_sync);
-    let resynced = |v: &serde_json::Value| -> Vec<(String, u64)> {
-        v["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["node"].as_str().unwrap().to_string(),
-                    r["last_resync_bytes"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    };
+    let v = replicated_with_image(&c, "r2", VOLUME, &img);
     let before = resynced(&v);
     let plan = ok(&grow(&c, &["r2", &VOLUME.to_string(), "--plan"]));
     assert!(
@@ -1016,19 +982,12 @@ fn grow_replicated_gpt_ext4() {
     assert!(plan.contains("ok      at most one Primary"), "{plan}");
     ok(&grow(&c, &["r2", &VOLUME.to_string()]));
     check_gpt(w, &c, "r2", "ext4", VOLUME, first, &files);
-    let diskful: Vec<String> = v["replicas"]
-        .as_array()
-        .unwrap()
+    let nodes: Vec<&str> = diskful(&v)
         .iter()
-        .filter(|r| r["diskless"] == false)
-        .map(|r| r["node"].as_str().unwrap().to_string())
+        .map(|r| r["node"].as_str().unwrap())
         .collect();
-    assert_eq!(diskful.len(), 2);
-    let sums: Vec<String> = diskful
-        .iter()
-        .map(|n| sha256(&c.node_dir(n).join("pool/r2.data")))
-        .collect();
-    assert_eq!(sums[0], sums[1], "the replicas differ after the grow");
+    assert_eq!(nodes.len(), 2);
+    same_files(&c, nodes[0], nodes[1], "r2");
     // The grow caused no resync: every replica's last resync is the one before the grow
     // (normally none: 0), nothing is out of sync, no resync runs.
     let v = c.json(&["volume", "show", "r2"]);
@@ -1050,29 +1009,7 @@ fn grow_from_smaller_volume_needs_resize() {
     let img = w.join("gpt.img");
     let (first, _) = gpt_image(w, &img, IMAGE, "ext4", &w.join("files"));
     let c = Cluster::start_with(3, &["--experimental-replication"]);
-    c.tandem(&[
-        "volume",
-        "create",
-        "r1",
-        &VOLUME.to_string(),
-        "--replicas",
-        "2",
-    ]);
-    let in_sync = |v: &serde_json::Value| {
-        v["replicas"].as_array().unwrap().iter().all(|r| {
-            let peers = r["peers"].as_array().cloned().unwrap_or_default();
-            (r["disk_state"] == "UpToDate" || r["disk_state"] == "Diskless")
-                && r["out_of_sync_bytes"] == 0
-                && r["resync_bytes_left"].is_null()
-                && !peers.is_empty()
-                && peers.iter().all(|p| p["repl_state"] == "Established")
-        })
-    };
-    // Links up before the image goes in, so nothing is resynced before the grow.
-    c.wait_json(&["volume", "show", "r1"], "replicas connected", in_sync);
-    let uri = c.connect("r1");
-    check(Command::new("nbdcopy").arg(&img).arg(&uri));
-    c.wait_json(&["volume", "show", "r1"], "replicas in sync", in_sync);
+    replicated_with_image(&c, "r1", VOLUME, &img);
     let out = grow(&c, &["r1", "128MiB", "--plan"]);
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -1088,4 +1025,37 @@ fn grow_from_smaller_volume_needs_resize() {
         assert_eq!(r["last_resync_bytes"], 0, "resync of the grown area: {v:#}");
     }
     check_gpt(w, &c, "r1", "ext4", TARGET, first, &files);
+}
+
+/// Creates a 2-replica volume `name` of `size` bytes, waits for its links (so the image is
+/// replicated as it is written, nothing resynced), copies `img` in through the Primary's
+/// export with nbdcopy and waits until the replicas are in sync.
+fn replicated_with_image(c: &Cluster, name: &str, size: u64, img: &Path) -> serde_json::Value {
+    c.tandem(&[
+        "volume",
+        "create",
+        name,
+        &size.to_string(),
+        "--replicas",
+        "2",
+    ]);
+    c.wait_json(&["volume", "show", name], "replicas connected", in_sync);
+    let uri = c.connect(name);
+    check(Command::new(tool("nbdcopy")).arg(img).arg(&uri));
+    c.wait_json(&["volume", "show", name], "replicas in sync", in_sync)
+}
+
+/// Every replica's `last_resync_bytes`, by node.
+fn resynced(v: &serde_json::Value) -> Vec<(String, u64)> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["last_resync_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }

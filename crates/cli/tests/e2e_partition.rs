@@ -15,10 +15,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::proxy::Net;
 use common::repl::*;
 use common::*;
 use serde_json::Value;
@@ -27,51 +25,7 @@ const SIZE: u64 = 64 << 20;
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-/// A cluster whose agents advertise proxies; node name -> node id.
-struct Proxied {
-    // Field order = drop order: the cluster (daemons) first, then the proxies.
-    c: Cluster,
-    net: Net,
-    ids: BTreeMap<String, u8>,
-}
-
 impl Proxied {
-    fn start() -> Proxied {
-        let mut c = Cluster::start_with(3, &["--experimental-replication"]);
-        let mut net = Net::new();
-        let mut ids = BTreeMap::new();
-        let mut want = BTreeMap::new();
-        for (name, id, addr) in c.repl_nodes() {
-            let proxy = net.add(id, addr.parse().unwrap());
-            // An orderly stop, the config key, a start by hand (as an operator would).
-            c.stop_agent(&name, libc::SIGTERM);
-            c.set_agent_config(
-                &name,
-                "repl_advertise",
-                toml::Value::String(proxy.to_string()),
-            );
-            c.restart_agent(&name);
-            ids.insert(name.clone(), id);
-            want.insert(name, proxy.to_string());
-        }
-        c.wait_json(
-            &["node", "list"],
-            "every agent online and advertising its proxy",
-            |v| {
-                v.as_array().unwrap().iter().all(|n| {
-                    n["state"] == "online"
-                        && want.get(n["name"].as_str().unwrap()).map(String::as_str)
-                            == n["repl_addr"].as_str()
-                })
-            },
-        );
-        Proxied { c, net, ids }
-    }
-
-    fn id(&self, node: &str) -> u8 {
-        self.ids[node]
-    }
-
     /// Creates a 64 MiB volume with 2 replicas and waits until it is in sync and every link
     /// between its three placements runs through the proxies.
     fn volume(&self, name: &str) -> Value {
@@ -101,22 +55,8 @@ impl Proxied {
     }
 }
 
-fn peer<'a>(r: &'a Value, node: &str) -> &'a Value {
-    r["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["node"] == node)
-        .unwrap_or_else(|| panic!("no peer {node} in {r:#}"))
-}
-
 fn established(r: &Value, node: &str) -> bool {
     peer(r, node)["repl_state"] == "Established"
-}
-
-fn data_at(c: &Cluster, node: &str, volume: &str, offset: u64, len: u64) -> Vec<u8> {
-    let f = std::fs::read(c.node_dir(node).join("pool").join(format!("{volume}.data"))).unwrap();
-    f[offset as usize..(offset + len) as usize].to_vec()
 }
 
 /// No agent logged a split-brain decision (rules `SplitBrain...`).

@@ -13,69 +13,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::proxy::Net;
 use common::repl::*;
 use common::*;
 use serde_json::Value;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
-
-struct Proxied {
-    c: Cluster,
-    net: Net,
-    ids: BTreeMap<String, u8>,
-}
-
-impl Proxied {
-    fn start() -> Proxied {
-        let mut c = Cluster::start_with(3, &["--experimental-replication"]);
-        let mut net = Net::new();
-        let mut ids = BTreeMap::new();
-        let mut want = BTreeMap::new();
-        for (name, id, addr) in c.repl_nodes() {
-            let proxy = net.add(id, addr.parse().unwrap());
-            c.stop_agent(&name, libc::SIGTERM);
-            c.set_agent_config(
-                &name,
-                "repl_advertise",
-                toml::Value::String(proxy.to_string()),
-            );
-            c.restart_agent(&name);
-            ids.insert(name.clone(), id);
-            want.insert(name, proxy.to_string());
-        }
-        c.wait_json(
-            &["node", "list"],
-            "every agent advertising its proxy",
-            |v| {
-                v.as_array().unwrap().iter().all(|n| {
-                    n["state"] == "online"
-                        && want.get(n["name"].as_str().unwrap()).map(String::as_str)
-                            == n["repl_addr"].as_str()
-                })
-            },
-        );
-        Proxied { c, net, ids }
-    }
-}
-
-fn peer<'a>(r: &'a Value, node: &str) -> &'a Value {
-    r["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["node"] == node)
-        .unwrap_or_else(|| panic!("no peer {node} in {r:#}"))
-}
-
-fn data_at(c: &Cluster, node: &str, volume: &str, offset: u64, len: u64) -> Vec<u8> {
-    let f = std::fs::read(c.node_dir(node).join("pool").join(format!("{volume}.data"))).unwrap();
-    f[offset as usize..(offset + len) as usize].to_vec()
-}
 
 /// Makes a split brain of volume `name` (created with `extra` options); returns (A, B): A
 /// wrote 0xa1 at 8 MiB (256 KiB), B wrote 0xb2 at 16 MiB (128 KiB) after the split. Leaves

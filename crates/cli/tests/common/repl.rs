@@ -1,12 +1,14 @@
 //! Helpers for tests of replicated volumes: reading `volume show -o json`, qemu-io with a
 //! deadline, comparing the diskful replicas' data files.
 
+use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::proxy::Net;
 use super::{Cluster, tool};
 
 pub fn diskful(v: &Value) -> Vec<&Value> {
@@ -154,4 +156,67 @@ pub fn same_files(c: &Cluster, a: &str, b: &str, volume: &str) {
     assert_eq!(fa.len(), fb.len());
     let first = fa.iter().zip(&fb).position(|(x, y)| x != y);
     assert!(first.is_none(), "{a} and {b} differ at byte {first:?}");
+}
+
+/// The peer entry for `node` in one replica of `volume show -o json`.
+pub fn peer<'a>(r: &'a Value, node: &str) -> &'a Value {
+    r["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == node)
+        .unwrap_or_else(|| panic!("no peer {node} in {r:#}"))
+}
+
+/// `len` bytes at `offset` of `volume`'s data file on `node` (default pool).
+pub fn data_at(c: &Cluster, node: &str, volume: &str, offset: u64, len: u64) -> Vec<u8> {
+    let f = std::fs::read(c.node_dir(node).join("pool").join(format!("{volume}.data"))).unwrap();
+    f[offset as usize..(offset + len) as usize].to_vec()
+}
+
+/// A 3-node replication cluster whose agents advertise fault proxies (`super::proxy`), for
+/// partition and split-brain tests; node name -> node id in `ids`.
+pub struct Proxied {
+    // Field order = drop order: the cluster (daemons) first, then the proxies.
+    pub c: Cluster,
+    pub net: Net,
+    pub ids: BTreeMap<String, u8>,
+}
+
+impl Proxied {
+    pub fn start() -> Proxied {
+        let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+        let mut net = Net::new();
+        let mut ids = BTreeMap::new();
+        let mut want = BTreeMap::new();
+        for (name, id, addr) in c.repl_nodes() {
+            let proxy = net.add(id, addr.parse().unwrap());
+            // An orderly stop, the config key, a start by hand (as an operator would).
+            c.stop_agent(&name, libc::SIGTERM);
+            c.set_agent_config(
+                &name,
+                "repl_advertise",
+                toml::Value::String(proxy.to_string()),
+            );
+            c.restart_agent(&name);
+            ids.insert(name.clone(), id);
+            want.insert(name, proxy.to_string());
+        }
+        c.wait_json(
+            &["node", "list"],
+            "every agent online and advertising its proxy",
+            |v| {
+                v.as_array().unwrap().iter().all(|n| {
+                    n["state"] == "online"
+                        && want.get(n["name"].as_str().unwrap()).map(String::as_str)
+                            == n["repl_addr"].as_str()
+                })
+            },
+        );
+        Proxied { c, net, ids }
+    }
+
+    pub fn id(&self, node: &str) -> u8 {
+        self.ids[node]
+    }
 }
