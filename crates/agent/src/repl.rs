@@ -283,6 +283,7 @@ impl Replication {
         r.out_of_sync_bytes = st.out_of_sync_bytes;
         r.last_resync_bytes = st.last_resync_bytes;
         r.resync_bytes_left = st.resync_bytes_left;
+        r.resync_yielding = st.resync_yielding;
         {
             // Measured rate: bytes done between two reports at least a second apart.
             let now = std::time::Instant::now();
@@ -604,6 +605,7 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
                 tandem_api::Protocol::A => Protocol::A,
             },
             resync_rate: d.resync_rate_bytes_per_sec,
+            resync_min_rate: d.resync_min_rate_bytes_per_sec,
             after_split_brain: {
                 let mut ids: BTreeMap<String, u8> = d
                     .peers
@@ -719,6 +721,16 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                         run.spec.options.resync_rate = rate;
                     }
                     Err(e) => warn!(volume = %d.volume, "setting the resync rate: {e}"),
+                }
+            }
+            let min = d.resync_min_rate_bytes_per_sec;
+            if run.spec.options.resync_min_rate != min {
+                match run.driver.set_resync_min_rate(min) {
+                    Ok(()) => {
+                        info!(volume = %d.volume, bytes_per_sec = min, "resync minimum rate set (0: never yield to consumer I/O)");
+                        run.spec.options.resync_min_rate = min;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting the resync minimum rate: {e}"),
                 }
             }
             if let Ok(spec) = spec_for(agent, d)

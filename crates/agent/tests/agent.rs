@@ -119,6 +119,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         peers: vec![],
         primary: false,
         resync_rate_bytes_per_sec: 0,
+        resync_min_rate_bytes_per_sec: 0,
         join: false,
         verify: None,
         after_split_brain: "disconnect".into(),

@@ -116,6 +116,10 @@ pub struct VolumeCreate {
     /// Resync rate limit, bytes per second (default 0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: Option<u64>,
+    /// The dynamic resync controller's floor, bytes per second: while the consumer does I/O
+    /// the resync runs at most this fast (default 16 MiB/s; 0: never yield).
+    #[serde(default)]
+    pub resync_min_rate_bytes_per_sec: Option<u64>,
     /// Automatic split-brain policy: `disconnect` (default), `discard-zero-changes`,
     /// `discard-node:NODE`.
     #[serde(default)]
@@ -135,6 +139,10 @@ pub struct VolumeUpdate {
     /// resync that is running.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: Option<u64>,
+    /// The dynamic resync controller's floor, bytes per second: while the consumer does I/O
+    /// the resync runs at most this fast (default 16 MiB/s; 0: never yield).
+    #[serde(default)]
+    pub resync_min_rate_bytes_per_sec: Option<u64>,
     /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
     /// `discard-node:NODE`; applies from the next handshake.
     #[serde(default)]
@@ -200,6 +208,10 @@ pub struct Replica {
     pub out_of_sync_bytes: u64,
     /// Measured rate of the resync running into this replica (0 when none runs).
     pub resync_bytes_per_sec: u64,
+    /// The resync into this replica currently yields to consumer I/O (held at the volume's
+    /// `resync_min_rate_bytes_per_sec`).
+    #[serde(default)]
+    pub resync_yielding: bool,
     /// Bytes the most recent resync into this replica transferred.
     pub last_resync_bytes: u64,
     /// Size of this replica as its agent reports it (the committed size of its backing
@@ -457,6 +469,10 @@ pub struct Volume {
     /// Resync rate limit, bytes per second (0: unlimited); `volume set --resync-rate`.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// The dynamic resync controller's floor, bytes per second: the resync rate while the
+    /// consumer does I/O (0: never yield); `volume set --resync-min-rate`.
+    #[serde(default = "default_resync_min_rate")]
+    pub resync_min_rate_bytes_per_sec: u64,
     /// The result of the last finished online verify (`volume verify`); `null` before the
     /// first one.
     #[serde(default)]
@@ -604,6 +620,10 @@ pub struct VolumeSpec {
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// The dynamic resync controller's floor, bytes per second: the resync rate while the
+    /// consumer does I/O (0: never yield); `volume set --resync-min-rate`.
+    #[serde(default = "default_resync_min_rate")]
+    pub resync_min_rate_bytes_per_sec: u64,
     /// Split-brain policy (absent: `disconnect`).
     #[serde(default = "default_split_brain", skip_serializing_if = "is_disconnect")]
     pub after_split_brain: String,
@@ -683,6 +703,10 @@ pub struct ReplicaReport {
     /// none runs).
     #[serde(default)]
     pub resync_bytes_per_sec: u64,
+    /// The resync into this replica currently yields to consumer I/O (held at the volume's
+    /// `resync_min_rate_bytes_per_sec`).
+    #[serde(default)]
+    pub resync_yielding: bool,
     /// Bytes the most recent resync into this replica transferred.
     #[serde(default)]
     pub last_resync_bytes: u64,
@@ -779,6 +803,10 @@ pub struct DesiredReplica {
     /// Resync rate limit, bytes per second (0: unlimited); applied to a running driver.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,
+    /// The dynamic resync controller's floor, bytes per second: the resync rate while the
+    /// consumer does I/O (0: never yield); `volume set --resync-min-rate`.
+    #[serde(default = "default_resync_min_rate")]
+    pub resync_min_rate_bytes_per_sec: u64,
     /// A replica added to an existing volume: create it without data (Inconsistent, no
     /// generation), so it receives a full resync instead of counting as in sync.
     #[serde(default)]
@@ -884,4 +912,12 @@ pub struct GrowJournal {
     /// When the grow started and when the journal was last written (unix seconds).
     pub started_unix: u64,
     pub updated_unix: u64,
+}
+
+/// Default floor of the dynamic resync controller: 16 MiB/s.
+pub const DEFAULT_RESYNC_MIN_RATE: u64 = 16 << 20;
+
+/// Serde default of `resync_min_rate_bytes_per_sec`.
+pub fn default_resync_min_rate() -> u64 {
+    DEFAULT_RESYNC_MIN_RATE
 }

@@ -90,6 +90,10 @@ pub enum VolumeCmd {
         /// Resync rate limit per second, e.g. 100MiB (default: unlimited).
         #[arg(long)]
         resync_rate: Option<String>,
+        /// The resync rate while the consumer does I/O (the dynamic controller yields to it),
+        /// e.g. 16MiB (the default), or `off` (never yield).
+        #[arg(long)]
+        resync_min_rate: Option<String>,
         /// What a split brain does: `disconnect` (default: stay apart until `volume
         /// resolve-split-brain`), `discard-zero-changes` (the side that wrote nothing since the
         /// split resyncs from the other; if both wrote, disconnect), `discard-node:NODE` (that
@@ -111,6 +115,11 @@ pub enum VolumeCmd {
         /// 50MiB/s), or `unlimited` (same as 0). Applies at once, also to a running resync.
         #[arg(long)]
         resync_rate: Option<String>,
+        /// The resync rate while the consumer does I/O (the dynamic resync controller holds a
+        /// resync to it and returns to the limit when the consumer is idle), e.g. 16MiB, or
+        /// `off` (never yield). Applies at once.
+        #[arg(long)]
+        resync_min_rate: Option<String>,
         /// Split-brain policy: `disconnect`, `discard-zero-changes`, `discard-node:NODE`
         /// (from the next handshake).
         #[arg(long)]
@@ -336,12 +345,14 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             nodes,
             protocol,
             resync_rate,
+            resync_min_rate,
             after_split_brain,
             resync_checksums,
             no_wait,
         } => {
             let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
             let resync_rate = resync_rate.as_deref().map(parse_rate).transpose()?;
+            let resync_min_rate = resync_min_rate.as_deref().map(parse_min_rate).transpose()?;
             let protocol = match protocol.as_deref() {
                 None => None,
                 Some("C") | Some("c") => Some(Protocol::C),
@@ -358,6 +369,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 nodes: nodes.clone(),
                 protocol,
                 resync_rate_bytes_per_sec: resync_rate,
+                resync_min_rate_bytes_per_sec: resync_min_rate,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: resync_checksums.then_some(true),
             };
@@ -420,6 +432,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
         VolumeCmd::Set {
             name,
             resync_rate,
+            resync_min_rate,
             after_split_brain,
             resync_checksums,
         } => {
@@ -429,7 +442,11 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Some("off") | Some("false") => Some(false),
                 Some(other) => bail!("--resync-checksums takes on or off, not '{other}'"),
             };
-            if resync_rate.is_none() && after_split_brain.is_none() && checksums.is_none() {
+            if resync_rate.is_none()
+                && resync_min_rate.is_none()
+                && after_split_brain.is_none()
+                && checksums.is_none()
+            {
                 bail!(
                     "nothing to set: name an option, e.g. --resync-rate 100MiB or \
                      --after-split-brain discard-zero-changes"
@@ -437,17 +454,28 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             }
             let req = tandem_api::VolumeUpdate {
                 resync_rate_bytes_per_sec: resync_rate.as_deref().map(parse_rate).transpose()?,
+                resync_min_rate_bytes_per_sec: resync_min_rate
+                    .as_deref()
+                    .map(parse_min_rate)
+                    .transpose()?,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: checksums,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());
+            let min_set = resync_min_rate.is_some();
             emit(json, &v, |v| {
                 let mut parts = Vec::new();
                 if rate_set {
                     parts.push(format!(
                         "resync rate limit {}",
                         rate_text(v.resync_rate_bytes_per_sec)
+                    ));
+                }
+                if min_set {
+                    parts.push(format!(
+                        "resync {}",
+                        min_rate_text(v.resync_min_rate_bytes_per_sec)
                     ));
                 }
                 if policy_set {
@@ -870,6 +898,30 @@ fn parse_rate(s: &str) -> Result<u64> {
     parse_size(t).with_context(|| {
         format!("invalid rate '{s}': use a size per second such as 100MiB, or 'unlimited'")
     })
+}
+
+/// `--resync-min-rate`: a rate, or `off` / `0` (never yield to consumer I/O).
+fn parse_min_rate(s: &str) -> Result<u64> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    parse_size(t).with_context(|| {
+        format!("invalid rate '{s}': use a size per second such as 16MiB, or 'off'")
+    })
+}
+
+/// The dynamic resync controller's floor, for humans.
+pub(crate) fn min_rate_text(bytes_per_sec: u64) -> String {
+    if bytes_per_sec == 0 {
+        "never yields to consumer I/O".to_string()
+    } else {
+        format!(
+            "{}/s while the consumer does I/O",
+            format_size(bytes_per_sec)
+        )
+    }
 }
 
 pub(crate) fn rate_text(bytes_per_sec: u64) -> String {

@@ -153,8 +153,9 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
             v.primary_node.as_deref().unwrap_or("none (volume demote)")
         ));
         out.push_str(&format!(
-            "Resync:    limit {}\n",
-            crate::commands::rate_text(v.resync_rate_bytes_per_sec)
+            "Resync:    limit {}, {}\n",
+            crate::commands::rate_text(v.resync_rate_bytes_per_sec),
+            crate::commands::min_rate_text(v.resync_min_rate_bytes_per_sec)
         ));
     }
     out.push('\n');
@@ -188,7 +189,7 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
     for r in &v.replicas {
         if let Some(left) = r.resync_bytes_left {
             out.push_str(&format!(
-                "{}: resyncing, {} left at {}, ETA {}\n",
+                "{}: resyncing, {} left at {}, ETA {}{}\n",
                 r.node,
                 format_size(left),
                 if r.resync_bytes_per_sec > 0 {
@@ -198,7 +199,12 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
                 },
                 r.resync_eta_secs
                     .map(|s| format!("{s} s"))
-                    .unwrap_or_else(|| "unknown".into())
+                    .unwrap_or_else(|| "unknown".into()),
+                if r.resync_yielding {
+                    " (yielding to consumer I/O)"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -594,6 +600,7 @@ mod tests {
             repl_state: "Established".into(),
             out_of_sync_bytes: 0,
             resync_bytes_per_sec: 0,
+            resync_yielding: false,
             last_resync_bytes: 0,
             size_bytes: 0,
             export_size_bytes: None,
@@ -626,6 +633,7 @@ mod tests {
             operations: vec![],
             primary_node: Some("n1".into()),
             resync_rate_bytes_per_sec: 0,
+            resync_min_rate_bytes_per_sec: 0,
             last_verify: None,
             after_split_brain: "disconnect".into(),
             resync_checksums: false,

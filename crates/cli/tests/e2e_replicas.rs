@@ -357,6 +357,56 @@ fn resync_rate_limit_is_set_at_creation_and_changed_while_resyncing() {
         text.contains("Resync:    limit 1048576 B (1.00 MiB)/s"),
         "{text}"
     );
+    assert!(
+        text.contains("16.00 MiB)/s while the consumer does I/O"),
+        "{text}"
+    );
+    // The dynamic controller: with a floor below the limit, a consumer writing through the
+    // Primary (64 KiB every 20 ms, until the yield is seen) makes the resync yield, and says so.
+    let out = c.tandem(&["volume", "set", "t", "--resync-min-rate", "256KiB"]);
+    assert!(
+        out.contains("256.00 KiB)/s while the consumer does I/O"),
+        "{out}"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (uri, stop) = (uri.clone(), stop.clone());
+        let cmds: Vec<String> = (0..50)
+            .flat_map(|i| {
+                [
+                    format!("write -P 0x44 {} 64k", (32 << 20) + i * (64 << 10)),
+                    "sleep 20".into(),
+                ]
+            })
+            .collect();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                qemu_io(&uri, &cmds);
+            }
+        })
+    };
+    // Stops the writer also when the wait below fails.
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let guard = StopOnDrop(stop);
+    c.wait_json(
+        &["volume", "show", "t"],
+        "the resync to yield to the consumer's writes",
+        |v| {
+            v["resync_min_rate_bytes_per_sec"] == 256 << 10
+                && diskful(v).iter().any(|r| {
+                    r["node"] == secondary.as_str()
+                        && r["resync_bytes_left"].as_u64().unwrap_or(0) > 0
+                        && r["resync_yielding"] == true
+                })
+        },
+    );
+    drop(guard);
+    writer.join().unwrap();
     // Lifting the limit while it runs lets it finish.
     let out = c.tandem(&["volume", "set", "t", "--resync-rate", "unlimited"]);
     assert!(out.contains("unlimited"), "{out}");

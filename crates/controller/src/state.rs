@@ -160,6 +160,9 @@ pub struct VolumeRecord {
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate: u64,
+    /// The dynamic resync controller's floor, bytes per second (0: never yield).
+    #[serde(default = "tandem_api::default_resync_min_rate")]
+    pub resync_min_rate: u64,
     /// Former placements (evacuated) whose replica or witness their node must delete; no
     /// longer members (no peer lists name them). Dropped once their node reports it gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -710,6 +713,7 @@ impl Controller {
                     },
                     out_of_sync_bytes: report.map(|r| r.out_of_sync_bytes).unwrap_or(0),
                     resync_bytes_per_sec: report.map(|r| r.resync_bytes_per_sec).unwrap_or(0),
+                    resync_yielding: report.is_some_and(|r| r.resync_yielding),
                     last_resync_bytes: report.map(|r| r.last_resync_bytes).unwrap_or(0),
                     size_bytes: report.map(|r| r.size_bytes).unwrap_or(0),
                     export_size_bytes: report.and_then(|r| r.export_size_bytes),
@@ -754,6 +758,7 @@ impl Controller {
             operations: v.operations.clone(),
             primary_node: v.desired_primary().map(str::to_string),
             resync_rate_bytes_per_sec: v.resync_rate,
+            resync_min_rate_bytes_per_sec: v.resync_min_rate,
             last_verify: v.last_verify.clone(),
             after_split_brain: v.after_split_brain.clone(),
             resync_checksums: v.resync_checksums,
@@ -1165,6 +1170,9 @@ impl Controller {
             primary_node: None,
             primary_explicit: false,
             resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
+            resync_min_rate: req
+                .resync_min_rate_bytes_per_sec
+                .unwrap_or(tandem_api::DEFAULT_RESYNC_MIN_RATE),
             removing: Vec::new(),
             verify_request: None,
             last_verify: None,
@@ -1421,6 +1429,18 @@ impl Controller {
                 "resync rate changed"
             );
             v.resync_rate = rate;
+            changed = true;
+        }
+        if let Some(rate) = req.resync_min_rate_bytes_per_sec
+            && rate != v.resync_min_rate
+        {
+            tracing::info!(
+                volume = name,
+                from = v.resync_min_rate,
+                to = rate,
+                "resync minimum rate (yield to consumer I/O) changed"
+            );
+            v.resync_min_rate = rate;
             changed = true;
         }
         if let Some(p) = &req.after_split_brain
@@ -2474,6 +2494,7 @@ impl Controller {
                         primary_node: None,
                         primary_explicit: false,
                         resync_rate: 0,
+                        resync_min_rate: tandem_api::DEFAULT_RESYNC_MIN_RATE,
                         removing: Vec::new(),
                         verify_request: None,
                         last_verify: None,
@@ -2594,6 +2615,7 @@ impl Controller {
                     primary: false,
                     join: false,
                     resync_rate_bytes_per_sec: v.resync_rate,
+                    resync_min_rate_bytes_per_sec: v.resync_min_rate,
                     verify: None,
                     after_split_brain: v.after_split_brain.clone(),
                     resolve_split_brain: None,
@@ -2628,6 +2650,7 @@ impl Controller {
                     primary: v.desired_primary() == Some(p.node.as_str()),
                     join: p.join,
                     resync_rate_bytes_per_sec: v.resync_rate,
+                    resync_min_rate_bytes_per_sec: v.resync_min_rate,
                     verify: Self::desired_verify(&v, node),
                     after_split_brain: v.after_split_brain.clone(),
                     resolve_split_brain: Self::desired_resolve(&v, node),

@@ -58,6 +58,7 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
         resync_rate_bytes_per_sec: v.resync_rate,
+        resync_min_rate_bytes_per_sec: v.resync_min_rate,
         after_split_brain: v.after_split_brain.clone(),
         resync_checksums: v.resync_checksums,
     }
@@ -87,6 +88,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
         resync_rate: v.resync_rate_bytes_per_sec,
+        resync_min_rate: v.resync_min_rate_bytes_per_sec,
         removing: Vec::new(),
         verify_request: None,
         last_verify: None,

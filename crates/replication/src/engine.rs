@@ -252,6 +252,10 @@ pub struct Engine {
     al_lru: u64,
     al_flush_pending: bool,
     resync_rate: u64,
+    resync_min_rate: u64,
+    /// Consumer I/O seen, for the dynamic resync controller: (start of the current window,
+    /// bytes in it, bytes in the previous window).
+    app_io: (Nanos, u64, u64),
     last_resync_bytes: u64,
     last_resync_skipped: u64,
     /// See [`PrimaryFresh`].
@@ -313,6 +317,8 @@ impl Engine {
         }
         let mut e = Engine {
             resync_rate: cfg.resync_rate,
+            resync_min_rate: cfg.resync_min_rate,
+            app_io: (0, 0, 0),
             cfg,
             now,
             out: Vec::new(),
@@ -509,6 +515,8 @@ impl Engine {
             current_generation: self.meta.current,
             peers,
             resync_bytes_per_sec: self.resync_rate,
+            resync_min_bytes_per_sec: self.resync_min_rate,
+            resync_yielding: resync_left.is_some() && self.resync_yielding(),
             resync_bytes_left: resync_left,
             resync_bytes_done: resync_done,
             resync_bytes_total: resync_total,
@@ -849,7 +857,64 @@ impl Engine {
                 );
                 self.pump_resync();
             }
+            Event::SetResyncMinRate { bytes_per_sec } => {
+                self.resync_min_rate = bytes_per_sec;
+                self.log(
+                    Level::Info,
+                    format!(
+                        "resync minimum rate (yield to consumer I/O) set to {bytes_per_sec} bytes/s"
+                    ),
+                );
+                self.pump_resync();
+            }
             Event::DiskChecksumDone { io, result } => self.disk_checksum_done(io, result),
+        }
+    }
+
+    /// Counts consumer I/O for the dynamic resync controller.
+    fn note_app_io(&mut self, bytes: u64) {
+        self.roll_app_io();
+        self.app_io.1 = self.app_io.1.saturating_add(bytes);
+    }
+
+    fn roll_app_io(&mut self) {
+        let now = self.now;
+        let (start, cur, _) = self.app_io;
+        let age = now.saturating_sub(start);
+        if age >= 2 * APP_IO_WINDOW {
+            self.app_io = (now, 0, 0);
+        } else if age >= APP_IO_WINDOW {
+            self.app_io = (start + APP_IO_WINDOW, 0, cur);
+        }
+    }
+
+    /// Whether the consumer is doing I/O now (the dynamic resync controller yields).
+    fn app_busy(&self) -> bool {
+        let (start, cur, prev) = self.app_io;
+        let age = self.now.saturating_sub(start);
+        let recent = if age >= 2 * APP_IO_WINDOW {
+            0
+        } else if age >= APP_IO_WINDOW {
+            cur
+        } else {
+            cur + prev
+        };
+        recent > APP_IO_THRESHOLD
+    }
+
+    /// Whether the dynamic controller holds the resync below `resync_rate` right now.
+    fn resync_yielding(&self) -> bool {
+        let (rate, min) = (self.resync_rate, self.resync_min_rate);
+        min > 0 && (rate == 0 || min < rate) && self.app_busy()
+    }
+
+    /// The resync rate in force (bytes/s, 0 = unlimited): `resync_rate`, or the lower
+    /// `resync_min_rate` while the consumer is busy.
+    fn effective_resync_rate(&self) -> u64 {
+        if self.resync_yielding() {
+            self.resync_min_rate
+        } else {
+            self.resync_rate
         }
     }
 
@@ -909,10 +974,13 @@ impl Engine {
     }
 
     fn client_request(&mut self, ev: Event) {
-        let id = match &ev {
-            Event::Write { id, .. } | Event::Flush { id } | Event::Read { id, .. } => *id,
+        let (id, bytes) = match &ev {
+            Event::Write { id, data, .. } => (*id, data.len() as u64),
+            Event::Read { id, len, .. } => (*id, u64::from(*len)),
+            Event::Flush { id } => (*id, 0),
             _ => return,
         };
+        self.note_app_io(bytes);
         if self.role != Role::Primary {
             return self.complete(id, Err(RequestError::NotPrimary));
         }
@@ -1910,6 +1978,7 @@ impl Engine {
             } => {
                 self.check_writer(peer)?;
                 let len = data.len() as u64;
+                self.note_app_io(len);
                 if offset.saturating_add(len) > self.cfg.size_bytes {
                     self.send(
                         peer,
@@ -2532,7 +2601,7 @@ impl Engine {
 
     fn pump_resync(&mut self) {
         let now = self.now;
-        let rate = self.resync_rate;
+        let rate = self.effective_resync_rate();
         let chunk = u64::from(self.cfg.resync_chunk);
         let max_inflight = self.cfg.resync_max_inflight;
         let ids: Vec<NodeId> = self.peers.keys().copied().collect();
@@ -2554,10 +2623,14 @@ impl Engine {
                 if rate > 0 {
                     let dt = now.saturating_sub(rs.last_refill);
                     let add = (u128::from(rate) * u128::from(dt) / 1_000_000_000) as u64;
+                    // Capped at 200 ms worth (at least a chunk): a bucket filled while
+                    // unlimited, idle or at a higher rate must not burst.
+                    let cap = chunk.max(rate / 5);
                     if add > 0 {
-                        rs.tokens = (rs.tokens + add).min(chunk * max_inflight as u64 + chunk);
+                        rs.tokens = rs.tokens.saturating_add(add);
                         rs.last_refill = now;
                     }
+                    rs.tokens = rs.tokens.min(cap);
                 } else {
                     rs.tokens = u64::MAX / 2;
                     rs.last_refill = now;

@@ -1493,3 +1493,182 @@ fn out_of_sync_ranges_past_our_end_from_a_larger_peer_reconnect() {
         }
     )));
 }
+
+/// Plays the sync source and the disk for `out` and everything it leads to, at `now`: every
+/// `ResyncRequest` is answered (zeros), every disk I/O completes. Returns the bytes resynced.
+fn serve(e: &mut Engine, now: u64, out: Vec<Action>) -> u64 {
+    let mut done = 0;
+    let mut todo = out;
+    while !todo.is_empty() {
+        let mut next = Vec::new();
+        for a in todo {
+            let ev = match a {
+                Action::Send {
+                    msg: Message::ResyncRequest { id, offset, len },
+                    ..
+                } => {
+                    done += u64::from(len);
+                    Event::PeerMessage {
+                        peer: 1,
+                        msg: Message::ResyncData {
+                            id,
+                            offset,
+                            status: tandem_repl_proto::Status::Ok,
+                            flags: tandem_repl_proto::message::resync_flags::ZERO,
+                            len,
+                            data: Bytes::new(),
+                        },
+                    }
+                }
+                Action::DiskWrite { io, .. } => Event::DiskWriteDone { io, result: Ok(()) },
+                Action::DiskFlush { io } => Event::DiskFlushDone { io, result: Ok(()) },
+                _ => continue,
+            };
+            next.extend(e.handle(now, ev));
+        }
+        todo = next;
+    }
+    done
+}
+
+/// A sync target (16 MiB volume, all out of sync) of a Primary (peer 1), unlimited rate and a
+/// 1 MiB/s floor; `busy`: the Primary forwards its consumer's writes (128 KiB every 50 ms) for
+/// the first second. Returns the bytes resynced by 1 s and by 1.3 s.
+fn resync_under_consumer_writes(busy: bool) -> (u64, u64) {
+    const MS: u64 = 1_000_000;
+    const VOL: u64 = 16 << 20;
+    let peers = vec![
+        PeerConfig {
+            node_id: 1,
+            diskful: true,
+        },
+        PeerConfig {
+            node_id: 2,
+            diskful: false,
+        },
+    ];
+    let cfg = Config::new(0, true, peers, VOL);
+    let p = Persisted::new_volume(&cfg, 77);
+    let mut e = Engine::new(cfg, p, 0).0;
+    e.handle(
+        0,
+        Event::SetResyncMinRate {
+            bytes_per_sec: 1 << 20,
+        },
+    );
+    let mut seq = 0;
+    let mut write = |e: &mut Engine, now: u64| {
+        seq += 1;
+        let out = e.handle(
+            now,
+            Event::PeerMessage {
+                peer: 1,
+                msg: Message::Write {
+                    seq,
+                    offset: 0,
+                    flags: 0,
+                    data: Bytes::from(vec![1; 128 << 10]),
+                },
+            },
+        );
+        serve(e, now, out)
+    };
+    let mut out = e.handle(1, Event::PeerUp { peer: 1 });
+    let report = tandem_repl_proto::StateReport {
+        seq: 1,
+        node_id: 1,
+        role: Role::Primary,
+        disk_state: tandem_repl_proto::DiskState::UpToDate,
+        quorum: Default::default(),
+        flags: 0,
+        size_bytes: VOL,
+        generations: tandem_repl_proto::Generations {
+            current: 77,
+            ..Default::default()
+        },
+        peer_bitmaps: vec![],
+    };
+    for msg in [
+        Message::StateReport(Box::new(report)),
+        Message::OutOfSync {
+            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+            ranges: vec![tandem_repl_proto::ByteRange {
+                offset: 0,
+                len: VOL,
+            }],
+        },
+        Message::ResyncBegin {
+            generation: 77,
+            bytes: VOL,
+        },
+    ] {
+        out.extend(e.handle(2, Event::PeerMessage { peer: 1, msg }));
+    }
+    // What the handshake asked for goes out before any consumer write is seen: one window
+    // of requests at full speed (8 x 128 KiB) when the consumer is busy.
+    let mut done = if busy {
+        let first = requested(&out);
+        assert_eq!(first, 1 << 20);
+        let w = write(&mut e, 2);
+        w + serve(&mut e, 2, out)
+    } else {
+        serve(&mut e, 2, out)
+    };
+    let mut now = 2;
+    while now < 1000 * MS {
+        now += 50 * MS;
+        if busy {
+            write(&mut e, now);
+        }
+        assert_eq!(
+            e.status().resync_yielding,
+            busy && e.status().resync_bytes_left.is_some(),
+            "at {now}"
+        );
+        let out = e.handle(now, Event::Tick);
+        done += serve(&mut e, now, out);
+    }
+    let during = done;
+    // The consumer stops: two windows later the resync runs at full speed again.
+    while now < 1300 * MS {
+        now += 50 * MS;
+        let out = e.handle(now, Event::Tick);
+        done += serve(&mut e, now, out);
+    }
+    assert!(!e.status().resync_yielding);
+    assert_eq!(e.status().resync_bytes_left, None, "{:#?}", e.status());
+    (during, done)
+}
+
+/// Bytes asked for by `ResyncRequest`s in `a`.
+fn requested(a: &[Action]) -> u64 {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                msg: Message::ResyncRequest { len, .. },
+                ..
+            } => Some(u64::from(*len)),
+            _ => None,
+        })
+        .sum()
+}
+
+#[test]
+fn dynamic_resync_controller_yields_to_consumer_writes() {
+    const VOL: u64 = 16 << 20;
+    // Idle consumer: the whole volume at once (unlimited).
+    let (during, after) = resync_under_consumer_writes(false);
+    assert_eq!((during, after), (VOL, VOL));
+    // Busy consumer: after the handshake's first window (1 MiB), held to the 1 MiB/s floor
+    // (plus at most one 200 ms bucket) for the second the consumer writes.
+    let (during, after) = resync_under_consumer_writes(true);
+    let floor = 1 << 20;
+    assert!(
+        during >= (1 << 20) + floor * 8 / 10
+            && during <= (1 << 20) + floor + floor / 5 + (128 << 10),
+        "{during} bytes resynced in the second the consumer wrote"
+    );
+    // Full speed once the consumer is idle: the rest within 0.3 s (the writes at offset 0
+    // may have made a chunk be fetched twice).
+    assert!(after >= VOL, "{after}");
+}

@@ -49,6 +49,12 @@ pub struct Config {
     pub al_extents: usize,
     /// Resync rate limit in bytes/s on the sync target; 0 = unlimited.
     pub resync_rate: u64,
+    /// The dynamic resync controller (DRBD's `c-min-rate` in spirit): while the consumer does
+    /// I/O on this volume (more than [`crate::APP_IO_THRESHOLD`] bytes within the last
+    /// [`crate::APP_IO_WINDOW`] seen by the sync target: its own consumer's requests and the
+    /// Primary's replicated writes), the resync runs at most at this rate, so it yields to
+    /// the consumer; at full `resync_rate` again once the consumer is idle. 0 = never yield.
+    pub resync_min_rate: u64,
     /// Largest resync request.
     pub resync_chunk: u32,
     /// Resync requests in flight.
@@ -77,6 +83,13 @@ pub struct Config {
     pub resync_checksums: bool,
 }
 
+/// The dynamic resync controller's window: consumer I/O is counted per window of this length
+/// (100 ms); the current and the previous window decide whether the consumer is busy.
+pub const APP_IO_WINDOW: Nanos = 100_000_000;
+/// Consumer bytes within the current and previous [`APP_IO_WINDOW`] above which the resync
+/// yields (64 KiB: a trickle of metadata writes does not slow a resync down).
+pub const APP_IO_THRESHOLD: u64 = 64 << 10;
+
 /// Automatic split-brain policy (DRBD's `after-sb-*` in spirit). Whatever the policy, data is
 /// never merged: one side's changes since the split are discarded, or the link stays down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,6 +117,7 @@ impl Config {
             al_extent_bytes: 4 << 20,
             al_extents: 1237,
             resync_rate: 0,
+            resync_min_rate: 0,
             resync_chunk: 128 << 10,
             resync_max_inflight: 8,
             ping_interval: 0,
@@ -215,6 +229,8 @@ pub enum Event {
     Tick,
     /// Change the resync rate (bytes/s, 0 = unlimited), effective immediately.
     SetResyncRate { bytes_per_sec: u64 },
+    /// Change [`Config::resync_min_rate`] (the dynamic controller's floor) while running.
+    SetResyncMinRate { bytes_per_sec: u64 },
     /// Completion of an [`Action::DiskChecksum`]: one digest per block, in order.
     DiskChecksumDone {
         io: IoId,
@@ -396,7 +412,13 @@ pub struct Status {
     pub reachable: u8,
     pub current_generation: Generation,
     pub peers: Vec<PeerStatus>,
+    /// The configured resync rate limit (bytes/s, 0 = unlimited).
     pub resync_bytes_per_sec: u64,
+    /// The dynamic controller's floor ([`Config::resync_min_rate`], 0 = never yields).
+    pub resync_min_bytes_per_sec: u64,
+    /// A resync into this replica runs and currently yields to consumer I/O (held at
+    /// `resync_min_bytes_per_sec`).
+    pub resync_yielding: bool,
     /// Bytes still to transfer into this replica by the running resync, if any.
     pub resync_bytes_left: Option<u64>,
     /// Bytes transferred so far by the running resync into this replica.

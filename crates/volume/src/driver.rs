@@ -47,6 +47,9 @@ pub struct VolumeOptions {
     pub protocol: Protocol,
     /// Resync rate limit in bytes/s (0 = unlimited).
     pub resync_rate: u64,
+    /// The dynamic resync controller's floor: the rate while the consumer does I/O (bytes/s,
+    /// 0 = never yield). See [`tandem_replication::Config::resync_min_rate`].
+    pub resync_min_rate: u64,
     /// What a handshake that finds split brain does.
     pub after_split_brain: SplitBrainPolicy,
     /// Checksum-based resync: transfer only blocks whose digests differ.
@@ -58,6 +61,7 @@ impl Default for VolumeOptions {
         VolumeOptions {
             protocol: Protocol::C,
             resync_rate: 0,
+            resync_min_rate: 0,
             after_split_brain: SplitBrainPolicy::Disconnect,
             resync_checksums: false,
         }
@@ -90,6 +94,8 @@ pub struct VolumeStatus {
     /// Sum of the out-of-sync bytes toward every diskful peer.
     pub out_of_sync_bytes: u64,
     pub resync_rate: u64,
+    /// A resync into this replica currently yields to consumer I/O (runs at the floor).
+    pub resync_yielding: bool,
     pub resync_bytes_left: Option<u64>,
     pub last_resync_bytes: u64,
     /// The online verify running from this node, if any.
@@ -113,6 +119,7 @@ pub(crate) enum Input {
     Demote(SyncSender<Result<(), VolumeError>>),
     Status(SyncSender<Status>),
     SetResyncRate(u64),
+    SetResyncMinRate(u64),
     Verify(bool, SyncSender<Result<(), VolumeError>>),
     Resolve(bool, SyncSender<Result<(), VolumeError>>),
     SetSplitBrainPolicy(SplitBrainPolicy),
@@ -203,6 +210,7 @@ impl VolumeDriver {
         );
         cfg.protocol = spec.options.protocol;
         cfg.resync_rate = spec.options.resync_rate;
+        cfg.resync_min_rate = spec.options.resync_min_rate;
         cfg.after_split_brain = spec.options.after_split_brain;
         cfg.resync_checksums = spec.options.resync_checksums;
         cfg.entropy = u64::from_le_bytes(entropy);
@@ -358,6 +366,14 @@ impl VolumeDriver {
             .map_err(|_| VolumeError::Stopped("stopped".into()))
     }
 
+    /// Changes the dynamic resync controller's floor (bytes/s, 0 = never yield) while
+    /// running.
+    pub fn set_resync_min_rate(&self, bytes_per_sec: u64) -> Result<(), VolumeError> {
+        self.tx
+            .send(Input::SetResyncMinRate(bytes_per_sec))
+            .map_err(|_| VolumeError::Stopped("stopped".into()))
+    }
+
     /// Resizes the local replica online (see [`tandem_meta::ReplicaFiles::resize`] for the
     /// file steps and their crash safety) and tells the engine, which advertises the size to
     /// the peers. Consumers stay connected; the block device's size (for new connections)
@@ -388,6 +404,7 @@ impl VolumeDriver {
             quorum: st.quorum,
             out_of_sync_bytes: st.peers.iter().map(|p| p.out_of_sync_bytes).sum(),
             resync_rate: st.resync_bytes_per_sec,
+            resync_yielding: st.resync_yielding,
             resync_bytes_left: st.resync_bytes_left,
             last_resync_bytes: st.last_resync_bytes,
             verify: st.verify.clone(),
@@ -684,6 +701,9 @@ impl Loop {
             Input::SetResyncRate(b) => self
                 .engine
                 .handle(now, Event::SetResyncRate { bytes_per_sec: b }),
+            Input::SetResyncMinRate(b) => self
+                .engine
+                .handle(now, Event::SetResyncMinRate { bytes_per_sec: b }),
             Input::SetSplitBrainPolicy(p) => {
                 self.engine.set_split_brain_policy(p);
                 return Ok(());

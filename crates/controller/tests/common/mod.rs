@@ -262,6 +262,7 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         peers: vec![],
         out_of_sync_bytes: 0,
         resync_bytes_per_sec: 0,
+        resync_yielding: false,
         last_resync_bytes: 0,
         quorum: None,
         role_error: None,
