@@ -33,6 +33,8 @@ struct Running {
     /// What the driver was started with; a different desired spec restarts it.
     spec: VolumeSpec,
     primary: bool,
+    /// `primary` came from `volume promote --force` (promote Outdated data).
+    force_primary: bool,
     /// Node name of each peer id (for reports).
     peer_names: BTreeMap<u8, String>,
     /// Last refusal of the role the controller asks for (logged once, reported).
@@ -439,6 +441,11 @@ impl Replication {
     /// switchover between two replicas on this node cannot meet itself. Blocking (driver
     /// calls).
     pub(crate) fn promote_pending(&self, connections: &dyn Fn(&str) -> u32) {
+        let forced: std::collections::BTreeSet<String> = lock(&self.drivers)
+            .iter()
+            .filter(|(_, r)| r.primary && r.force_primary)
+            .map(|(n, _)| n.clone())
+            .collect();
         let all: Vec<(String, Arc<VolumeDriver>, bool)> = {
             let mut d = lock(&self.drivers);
             d.iter_mut()
@@ -467,7 +474,9 @@ impl Replication {
         todo.sort_by_key(|(_, _, want)| *want);
         for (name, driver, want) in todo {
             // The driver's errors read "promotion refused: ..." / "demotion refused: ...".
-            let res = if want {
+            let res = if want && forced.contains(&name) {
+                driver.promote_forced()
+            } else if want {
                 driver.promote()
             } else {
                 driver.demote()
@@ -713,6 +722,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
         apply_size(agent, d).await;
         if let Some(run) = lock(&agent.repl.drivers).get_mut(&d.volume) {
             run.primary = d.primary;
+            run.force_primary = d.force_primary;
             let rate = d.resync_rate_bytes_per_sec;
             if run.spec.options.resync_rate != rate {
                 match run.driver.set_resync_rate(rate) {
@@ -873,6 +883,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 driver,
                 spec,
                 primary: d.primary,
+                force_primary: d.force_primary,
                 peer_names,
                 last_refusal: None,
                 resync_sample: None,

@@ -118,6 +118,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         node_id: None,
         peers: vec![],
         primary: false,
+        force_primary: false,
         resync_rate_bytes_per_sec: 0,
         resync_min_rate_bytes_per_sec: 0,
         join: false,

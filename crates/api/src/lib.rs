@@ -800,6 +800,10 @@ pub struct DesiredReplica {
     /// and demotes a Primary not marked so.
     #[serde(default)]
     pub primary: bool,
+    /// `primary` was set by `volume promote --force`: an Outdated replica is declared
+    /// UpToDate to become Primary (the writes it missed are lost).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_primary: bool,
     /// Resync rate limit, bytes per second (0: unlimited); applied to a running driver.
     #[serde(default)]
     pub resync_rate_bytes_per_sec: u64,

@@ -398,3 +398,69 @@ fn primary_black_holed_writes_fail_instead_of_hanging_and_it_recovers_after_the_
     no_split_brain(c);
     same_files(c, &primary, &secondary, "pf");
 }
+
+/// Only the link between the two diskful nodes breaks; both keep the witness. The Primary
+/// writes with the witness's vote, the witness relays that the Secondary missed those writes,
+/// and the Secondary turns Outdated: `volume promote` of it is refused (it would lose the
+/// writes), until the heal resyncs it and it is UpToDate again.
+#[test]
+fn secondary_that_missed_writes_is_outdated_and_not_promoted() {
+    let p = Proxied::start();
+    let c = &p.c;
+    let v = p.volume("po");
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let witness = witness_of(&v).to_string();
+    let uri = c.connect("po");
+    assert_eq!(p.net.cut_pair(p.id(&primary), p.id(&secondary)), 1);
+    c.wait_json(
+        &["volume", "show", "po"],
+        "the pair apart, both with the witness",
+        |v| {
+            let pr = replica(v, &primary);
+            let se = replica(v, &secondary);
+            !established(pr, &secondary)
+                && established(pr, &witness)
+                && established(se, &witness)
+                && pr["quorum"] == true
+        },
+    );
+    // Nothing written yet: the Secondary is still UpToDate.
+    assert_eq!(replica(&p.show("po"), &secondary)["disk_state"], "UpToDate");
+    qemu_io_ok(&uri, &writes(&[(4 * MIB, 64 * KIB, 0x71)]));
+    let v = c.wait_json(
+        &["volume", "show", "po"],
+        "the Secondary to learn it is Outdated",
+        |v| replica(v, &secondary)["disk_state"] == "Outdated",
+    );
+    eprintln!("Secondary Outdated:\n{v:#}");
+    let out = run(c
+        .cli()
+        .args(["volume", "promote", "po", "--node", &secondary]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "promoting Outdated data must be refused"
+    );
+    assert!(err.contains("Outdated"), "{err}");
+    assert!(
+        c.agent_log(&secondary).contains("Outdated: node"),
+        "the Secondary logs why it is Outdated"
+    );
+    // Heal: the Secondary resyncs what it missed and is UpToDate again.
+    p.net.heal();
+    let v = c.wait_json(&["volume", "show", "po"], "in sync after the heal", in_sync);
+    assert_eq!(replica(&v, &secondary)["disk_state"], "UpToDate");
+    assert!(
+        replica(&v, &secondary)["last_resync_bytes"]
+            .as_u64()
+            .unwrap()
+            >= 64 * KIB
+    );
+    assert_eq!(
+        data_at(c, &secondary, "po", 4 * MIB, 64 * KIB),
+        vec![0x71; 64 * KIB as usize]
+    );
+    same_files(c, &primary, &secondary, "po");
+    no_split_brain(c);
+}

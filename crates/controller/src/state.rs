@@ -157,6 +157,10 @@ pub struct VolumeRecord {
     pub primary_node: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub primary_explicit: bool,
+    /// The node named by the last `volume promote --force` (its agent may declare an Outdated
+    /// replica UpToDate to become Primary); only while it is still the desired Primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_forced: Option<String>,
     /// Resync rate limit, bytes per second (0: unlimited).
     #[serde(default)]
     pub resync_rate: u64,
@@ -1169,6 +1173,7 @@ impl Controller {
             created_unix: now,
             primary_node: None,
             primary_explicit: false,
+            primary_forced: None,
             resync_rate: req.resync_rate_bytes_per_sec.unwrap_or(0),
             resync_min_rate: req
                 .resync_min_rate_bytes_per_sec
@@ -1367,7 +1372,20 @@ impl Controller {
                     format!("the agent on node '{node}' has not reported volume '{name}' yet"),
                 ));
             };
-            if report.disk_state != DiskState::UpToDate {
+            if report.disk_state == DiskState::Outdated && !force {
+                return Err(Failure::conflict(
+                    "outdated",
+                    format!(
+                        "the replica of volume '{name}' on node '{node}' is Outdated: a Primary \
+                         completed writes without it. Bring back a replica with those writes \
+                         (it resyncs this one), or use --force if they are gone for good \
+                         (the writes this replica missed are then lost)"
+                    ),
+                ));
+            }
+            if report.disk_state != DiskState::UpToDate
+                && !(force && report.disk_state == DiskState::Outdated)
+            {
                 return Err(Failure::conflict(
                     "not_up_to_date",
                     format!(
@@ -1406,6 +1424,7 @@ impl Controller {
         }
         v.primary_node = target.clone();
         v.primary_explicit = true;
+        v.primary_forced = (promote && force).then(|| node.to_string());
         self.write_volume(rev, &v)?;
         tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
         Ok(self.volume_view(&v, &nodes))
@@ -2493,6 +2512,7 @@ impl Controller {
                         created_unix: now,
                         primary_node: None,
                         primary_explicit: false,
+                        primary_forced: None,
                         resync_rate: 0,
                         resync_min_rate: tandem_api::DEFAULT_RESYNC_MIN_RATE,
                         removing: Vec::new(),
@@ -2613,6 +2633,7 @@ impl Controller {
                     node_id,
                     peers: Vec::new(),
                     primary: false,
+                    force_primary: false,
                     join: false,
                     resync_rate_bytes_per_sec: v.resync_rate,
                     resync_min_rate_bytes_per_sec: v.resync_min_rate,
@@ -2648,6 +2669,8 @@ impl Controller {
                     node_id,
                     peers,
                     primary: v.desired_primary() == Some(p.node.as_str()),
+                    force_primary: v.desired_primary() == Some(p.node.as_str())
+                        && v.primary_forced.as_deref() == Some(p.node.as_str()),
                     join: p.join,
                     resync_rate_bytes_per_sec: v.resync_rate,
                     resync_min_rate_bytes_per_sec: v.resync_min_rate,

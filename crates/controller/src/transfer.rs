@@ -87,6 +87,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         created_unix: v.created_unix,
         primary_node: v.primary_node.clone(),
         primary_explicit: v.primary_explicit,
+        primary_forced: None,
         resync_rate: v.resync_rate_bytes_per_sec,
         resync_min_rate: v.resync_min_rate_bytes_per_sec,
         removing: Vec::new(),

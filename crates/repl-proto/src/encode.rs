@@ -49,7 +49,7 @@ impl Encoder {
         msg.validate()
             .map_err(|detail| EncodeError::Invalid { ty, detail })?;
         let mut fixed = Vec::with_capacity(64);
-        let tail = msg.encode_payload(&mut fixed);
+        let tail = msg.encode_payload(self.version, &mut fixed);
         let len = fixed.len() + tail.map_or(0, |t| t.len());
         if len > MAX_PAYLOAD {
             return Err(EncodeError::TooLarge {

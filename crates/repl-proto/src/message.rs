@@ -10,6 +10,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes};
 
 use crate::frame::{DecodeError, MAX_DATA, MAX_PAYLOAD};
+use crate::version::ProtocolVersion;
 
 /// A node's small id within a volume (DRBD's node-id), `0..=MAX_NODE_ID`.
 pub type NodeId = u8;
@@ -298,6 +299,18 @@ pub struct StateReport {
     pub generations: Generations,
     /// Bitmap generations toward the sender's other peers (at most 31).
     pub peer_bitmaps: Vec<PeerBitmap>,
+    /// Since version 2 (0 on a version-1 link): diskful nodes (bit = node id) that lack writes
+    /// a Primary completed without them. A Primary lists the diskful peers it wrote without;
+    /// every other node relays the list of the Primary it is connected to. A node that finds
+    /// itself listed becomes Outdated (it can no longer be promoted without force).
+    pub outdated: u32,
+    /// Since version 2: the current generation of the Primary whose list `outdated` is. A
+    /// node whose own current generation is this one has caught up since (a sync target
+    /// adopts its source's generation) and ignores the list.
+    pub outdated_gen: u64,
+    /// Since version 2: the Primary whose list `outdated` is (0 with an empty list). A node
+    /// connected to that node ignores the list (that node's own reports are the authority).
+    pub outdated_by: NodeId,
 }
 
 /// A range of bytes of the volume.
@@ -586,6 +599,7 @@ impl Message {
                     "more reachable voters than voters".into()
                 })?;
                 check_flags(s.flags, state_flags::ALL)?;
+                check_node("outdated_by", s.outdated_by)?;
                 check(s.peer_bitmaps.len() <= MAX_NODE_ID as usize, || {
                     "more than 31 peer bitmaps".into()
                 })?;
@@ -689,7 +703,11 @@ impl Message {
 
     /// Writes the payload: the fixed part into `out`, and returns the bulk data that follows
     /// it, if any (so a sender can write it without copying). Call [`Message::validate`] first.
-    pub(crate) fn encode_payload<'a>(&'a self, out: &mut Vec<u8>) -> Option<&'a Bytes> {
+    pub(crate) fn encode_payload<'a>(
+        &'a self,
+        version: ProtocolVersion,
+        out: &mut Vec<u8>,
+    ) -> Option<&'a Bytes> {
         match self {
             Message::Hello(h) => {
                 out.put_u16_le(h.min_version);
@@ -758,6 +776,11 @@ impl Message {
                 for p in &s.peer_bitmaps {
                     out.put_u8(p.node);
                     out.put_u64_le(p.generation);
+                }
+                if version >= ProtocolVersion::V2 {
+                    out.put_u32_le(s.outdated);
+                    out.put_u64_le(s.outdated_gen);
+                    out.put_u8(s.outdated_by);
                 }
                 None
             }
@@ -897,7 +920,7 @@ impl Message {
             buf: payload,
             pos: 0,
         };
-        let msg = decode_v1(ty, &mut r)?;
+        let msg = decode_v1(ty, version, &mut r)?;
         r.finish()?;
         msg.validate()
             .map_err(|detail| DecodeError::Invalid { ty, detail })?;
@@ -905,7 +928,8 @@ impl Message {
     }
 }
 
-fn decode_v1(ty: MessageType, r: &mut Reader) -> Result<Message, DecodeError> {
+/// Version 1 layouts, and the fields later versions append (`version` is the frame's).
+fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, DecodeError> {
     use MessageType as T;
     Ok(match ty {
         T::Hello => {
@@ -975,6 +999,11 @@ fn decode_v1(ty: MessageType, r: &mut Reader) -> Result<Message, DecodeError> {
                     generation: r.u64()?,
                 });
             }
+            let (outdated, outdated_gen, outdated_by) = if version >= ProtocolVersion::V2.number() {
+                (r.u32()?, r.u64()?, r.u8()?)
+            } else {
+                (0, 0, 0)
+            };
             Message::StateReport(Box::new(StateReport {
                 seq,
                 node_id,
@@ -989,6 +1018,9 @@ fn decode_v1(ty: MessageType, r: &mut Reader) -> Result<Message, DecodeError> {
                 size_bytes,
                 generations,
                 peer_bitmaps,
+                outdated,
+                outdated_gen,
+                outdated_by,
             }))
         }
         T::Write => Message::Write {

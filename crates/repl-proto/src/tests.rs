@@ -55,9 +55,18 @@ fn state_report() -> impl Strategy<Value = StateReport> {
         (0..=state_flags::ALL, any::<u64>()),
         any::<[u64; 4]>(),
         proptest::collection::vec((node(), any::<u64>()), 0..=31),
+        (any::<u32>(), any::<u64>(), node()),
     )
         .prop_map(
-            |((seq, node_id, role), disk_state, (hq, voters, r), (flags, size), g, peers)| {
+            |(
+                (seq, node_id, role),
+                disk_state,
+                (hq, voters, r),
+                (flags, size),
+                g,
+                peers,
+                (outdated, outdated_gen, outdated_by),
+            )| {
                 StateReport {
                     seq,
                     node_id,
@@ -75,6 +84,9 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                         bitmap: g[1],
                         history: [g[2], g[3]],
                     },
+                    outdated,
+                    outdated_gen,
+                    outdated_by,
                     peer_bitmaps: peers
                         .into_iter()
                         .map(|(node, generation)| PeerBitmap { node, generation })
@@ -365,7 +377,7 @@ proptest! {
         prop_assert_eq!(frames.len(), 1);
         let f = &frames[0];
         prop_assert_eq!(f.ty, msg.message_type());
-        prop_assert_eq!(f.version, if f.ty.is_handshake() { 0 } else { 1 });
+        prop_assert_eq!(f.version, if f.ty.is_handshake() { 0 } else { ProtocolVersion::LATEST.number() });
         prop_assert_eq!(f.payload.len() + HEADER_LEN, whole.len());
         prop_assert_eq!(f.message().unwrap(), msg);
     }
@@ -426,9 +438,10 @@ proptest! {
             Ok(Some(f)) => {
                 prop_assert_eq!(f.payload.len(), payload.len());
                 if let Ok(m) = f.message() {
-                    // Whatever decodes re-encodes to the same bytes.
+                    // Whatever decodes re-encodes to the same bytes (in its frame's version).
                     let mut again = Vec::new();
-                    encode(&m, &mut again).unwrap();
+                    let v = ProtocolVersion::from_number(f.version).unwrap_or(ProtocolVersion::LATEST);
+                    Encoder::new(v).encode(&m, &mut again).unwrap();
                     prop_assert_eq!(again, bytes);
                 }
             }
@@ -892,8 +905,8 @@ fn handshake_happy_path() {
     let (i, a, log) = run(icfg(), acfg(), volumes(), [1; 32], [2; 32]);
     let i = i.unwrap();
     let a = a.unwrap();
-    assert_eq!(i.version, ProtocolVersion::V1);
-    assert_eq!(a.version, ProtocolVersion::V1);
+    assert_eq!(i.version, ProtocolVersion::LATEST);
+    assert_eq!(a.version, ProtocolVersion::LATEST);
     assert_eq!((i.local_node, i.peer_node), (1, 2));
     assert_eq!((a.local_node, a.peer_node), (2, 1));
     assert_eq!(a.cluster_id, "c1");
@@ -1073,24 +1086,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 2..=4.
+    // A future initiator speaking only 3..=5.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 2;
-    h.max_version = 4;
+    h.min_version = 3;
+    h.max_version = 5;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 1).unwrap(),
-        theirs: VersionRange::new(2, 4).unwrap(),
+        ours: VersionRange::new(1, 2).unwrap(),
+        theirs: VersionRange::new(3, 5).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1, the peer speaks 2..=4")
+            .contains("we speak 1..=2, the peer speaks 3..=5")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1106,7 +1119,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
     };
     assert_eq!(
         (reason, min_version, max_version),
-        (RefuseReason::VersionMismatch, 1, 1)
+        (RefuseReason::VersionMismatch, 1, 2)
     );
     // Pretend the initiator is the future one: its error names its and the acceptor's range.
     let f = ini.on_message(refusal).unwrap_err();
@@ -1149,7 +1162,7 @@ fn refuses_a_downgraded_choice() {
         .on_message(Message::Challenge {
             min_version: 1,
             max_version: 3,
-            version: 2,
+            version: 1,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1288,7 +1301,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 2).unwrap();
+    c.versions = VersionRange::new(1, 3).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1419,8 +1432,11 @@ fn payload_sizes_match_the_doc() {
                     };
                     2
                 ],
+                outdated: 1 << 2,
+                outdated_gen: 9,
+                outdated_by: 3,
             })),
-            60 + 2 * 9,
+            73 + 2 * 9,
         ),
         (
             Message::Write {
@@ -1547,5 +1563,50 @@ fn payload_sizes_match_the_doc() {
     for (m, want) in cases {
         let t = m.message_type();
         assert_eq!(size(m), want, "{t}");
+    }
+}
+
+/// Version 2 appends the `outdated` mask to `StateReport`; a version-1 link neither sends nor
+/// expects it (a version-1 peer reads it as 0).
+#[test]
+fn state_report_outdated_mask_is_a_version_2_field() {
+    let report = StateReport {
+        seq: 7,
+        node_id: 1,
+        role: Role::Primary,
+        disk_state: DiskState::UpToDate,
+        quorum: QuorumInfo::default(),
+        flags: 0,
+        size_bytes: 1 << 20,
+        generations: Generations::default(),
+        peer_bitmaps: vec![],
+        outdated: 1 << 2,
+        outdated_gen: 0x55,
+        outdated_by: 1,
+    };
+    let msg = Message::StateReport(Box::new(report.clone()));
+    for (version, len, outdated, outdated_gen, outdated_by) in [
+        (ProtocolVersion::V1, 60, 0, 0, 0),
+        (ProtocolVersion::V2, 73, 1 << 2, 0x55, 1),
+    ] {
+        let mut buf = Vec::new();
+        crate::Encoder::new(version).encode(&msg, &mut buf).unwrap();
+        let mut d = Decoder::new();
+        d.set_version(version);
+        d.feed(&buf);
+        let frame = d.next_frame().unwrap().expect("one frame");
+        assert_eq!(frame.payload.len(), len, "{version}");
+        let Message::StateReport(got) = frame.message().unwrap() else {
+            panic!("not a StateReport");
+        };
+        assert_eq!(
+            *got,
+            StateReport {
+                outdated,
+                outdated_gen,
+                outdated_by,
+                ..report.clone()
+            }
+        );
     }
 }

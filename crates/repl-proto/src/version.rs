@@ -15,13 +15,17 @@ pub enum ProtocolVersion {
     /// Version 1: initial. Framing with a 24-byte header (two crc32c checksums), the
     /// authenticated four-message handshake, and every message of `docs/protocol.md`.
     V1 = 1,
+    /// Version 2: `StateReport` carries the `outdated` node mask (4 bytes after the peer
+    /// bitmaps), so a node that missed writes a Primary completed without it learns that it
+    /// is Outdated. A version-1 link omits it (reads as 0).
+    V2 = 2,
 }
 
 impl ProtocolVersion {
     /// Every version this build speaks, oldest first.
-    pub const ALL: &'static [ProtocolVersion] = &[ProtocolVersion::V1];
+    pub const ALL: &'static [ProtocolVersion] = &[ProtocolVersion::V1, ProtocolVersion::V2];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V1;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V2;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -134,11 +138,12 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 1);
+        assert_eq!(ProtocolVersion::LATEST.number(), 2);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
+        assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 2).is_supported());
+        assert!(!r(1, 3).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

@@ -31,6 +31,11 @@ pub enum PromoteError {
     NoQuorum { reachable: u8, voters: u8 },
     #[error("local data is {0:?}, not UpToDate")]
     NotUpToDate(DiskState),
+    #[error(
+        "local data is Outdated: a Primary completed writes without this node; promoting it \
+         would lose them (force only when those replicas are gone for good)"
+    )]
+    Outdated,
     #[error("a witness cannot be Primary")]
     Diskless,
 }
@@ -253,6 +258,9 @@ pub struct Engine {
     al_flush_pending: bool,
     resync_rate: u64,
     resync_min_rate: u64,
+    /// The `outdated` mask (and its generation) of our last reports (a change is reported at
+    /// the next tick).
+    sent_outdated: (u32, u64, NodeId),
     /// Consumer I/O seen, for the dynamic resync controller: (start of the current window,
     /// bytes in it, bytes in the previous window).
     app_io: (Nanos, u64, u64),
@@ -318,6 +326,7 @@ impl Engine {
         let mut e = Engine {
             resync_rate: cfg.resync_rate,
             resync_min_rate: cfg.resync_min_rate,
+            sent_outdated: (0, 0, 0),
             app_io: (0, 0, 0),
             cfg,
             now,
@@ -388,6 +397,40 @@ impl Engine {
     }
 
     /// Makes this node Primary, or refuses with the reason.
+    /// [`Engine::promote`], and an Outdated replica is declared UpToDate first (DRBD's
+    /// `primary --force`): for an operator who knows the replicas with the newer writes are
+    /// gone. Every other refusal stays.
+    pub fn promote_forced(&mut self, now: Nanos) -> Result<Vec<Action>, PromoteError> {
+        self.now = self.now.max(now);
+        if self.cfg.diskful
+            && self.role != Role::Primary
+            && self.meta.disk_state == DiskState::Outdated
+        {
+            self.meta.disk_state = DiskState::UpToDate;
+            self.log(
+                Level::Warn,
+                "forced promotion: Outdated data declared UpToDate (the writes it missed are lost)"
+                    .into(),
+            );
+            self.persist_meta();
+            let mut out = std::mem::take(&mut self.out);
+            match self.promote(now) {
+                Ok(a) => {
+                    out.extend(a);
+                    Ok(out)
+                }
+                Err(e) => {
+                    // Still refused (quorum, another Primary): the actions so far stand.
+                    self.out = out;
+                    self.broadcast_report(false);
+                    Err(e)
+                }
+            }
+        } else {
+            self.promote(now)
+        }
+    }
+
     pub fn promote(&mut self, now: Nanos) -> Result<Vec<Action>, PromoteError> {
         self.now = self.now.max(now);
         if !self.cfg.diskful {
@@ -395,6 +438,9 @@ impl Engine {
         }
         if self.role == Role::Primary {
             return Ok(Vec::new());
+        }
+        if self.meta.disk_state == DiskState::Outdated {
+            return Err(PromoteError::Outdated);
         }
         if self.meta.disk_state != DiskState::UpToDate {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
@@ -691,6 +737,7 @@ impl Engine {
         if self.discard_my_data {
             flags |= state_flags::DISCARD_MY_DATA;
         }
+        let (outdated, outdated_gen, outdated_by) = self.outdated_mask();
         StateReport {
             seq: self.report_seq,
             node_id: self.cfg.node_id,
@@ -718,13 +765,98 @@ impl Engine {
                     generation: *g,
                 })
                 .collect(),
+            outdated,
+            outdated_gen,
+            outdated_by,
         }
+    }
+
+    /// The `outdated` mask of our reports: as Primary, the diskful peers that are not
+    /// connected and lack blocks we have (out-of-sync bits toward them: writes we did without
+    /// them); otherwise the mask of the Primary we are connected to. (Not the bitmap
+    /// generation: a Secondary that lost its Primary records one without any write.)
+    /// With the mask: the generation it belongs to (the Primary's current one) and the
+    /// Primary's node id.
+    fn outdated_mask(&self) -> (u32, u64, NodeId) {
+        if self.role == Role::Primary {
+            let mask = self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.cfg.diskful
+                        && p.conn.is_none()
+                        && p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
+                })
+                .fold(0, |m, p| m | 1u32 << p.cfg.node_id);
+            if mask == 0 {
+                (0, 0, 0)
+            } else {
+                (mask, self.meta.current, self.cfg.node_id)
+            }
+        } else {
+            self.peers
+                .values()
+                .filter_map(|p| p.conn.as_ref()?.report.as_ref())
+                .find(|r| r.role == Role::Primary)
+                .map_or((0, 0, 0), |r| (r.outdated, r.outdated_gen, r.outdated_by))
+        }
+    }
+
+    /// A peer's report says that a Primary completed writes without us: an UpToDate
+    /// Secondary that is not connected to any Primary becomes Outdated (persisted), so it is
+    /// not promoted by mistake. A node connected to a Primary learns what it missed from that
+    /// Primary's handshake instead (a relayed mask may be stale). Waits while a handshake is
+    /// under way (it would be decided on our new state here and on the reported old one
+    /// there); called on reports and ticks.
+    fn check_outdated(&mut self) {
+        let me = 1u32 << self.cfg.node_id;
+        if !self.cfg.diskful
+            || self.role == Role::Primary
+            || self.meta.disk_state != DiskState::UpToDate
+        {
+            return;
+        }
+        let reports = || {
+            self.peers
+                .values()
+                .filter_map(|p| p.conn.as_ref()?.report.as_ref())
+        };
+        // A list made at our own current generation is older than our catching up.
+        let current = self.meta.current;
+        // A list of a node we are connected to is stale: that node's own reports and
+        // handshake are the authority.
+        let connected = |n: NodeId| self.peers.get(&n).is_some_and(|p| p.conn.is_some());
+        let Some(by) = reports()
+            .find(|r| {
+                r.outdated & me != 0 && r.outdated_gen != current && !connected(r.outdated_by)
+            })
+            .map(|r| r.node_id)
+        else {
+            return;
+        };
+        if reports().any(|r| r.role == Role::Primary)
+            || self.peers.values().any(|p| {
+                p.conn
+                    .as_ref()
+                    .is_some_and(|c| c.state == ReplState::Connecting)
+            })
+        {
+            return;
+        }
+        self.meta.disk_state = DiskState::Outdated;
+        self.persist_meta();
+        self.log(
+            Level::Warn,
+            format!("Outdated: node {by} reports that a Primary completed writes without us"),
+        );
+        self.broadcast_report(false);
     }
 
     /// Sends our state to every connected peer; `barrier`: our role changed, peers count
     /// toward quorum again only after answering the Ping that follows.
     fn broadcast_report(&mut self, barrier: bool) {
         self.report_seq += 1;
+        self.sent_outdated = self.outdated_mask();
         let ids: Vec<NodeId> = self
             .peers
             .values()
@@ -1879,6 +2011,17 @@ impl Engine {
 
     fn tick(&mut self) {
         let now = self.now;
+        self.check_outdated();
+        // Not during a handshake: a report sent then would make the peer decide on a newer
+        // state than the one we decide on.
+        let handshaking = self.peers.values().any(|p| {
+            p.conn
+                .as_ref()
+                .is_some_and(|c| c.state == ReplState::Connecting)
+        });
+        if !handshaking && self.outdated_mask() != self.sent_outdated {
+            self.broadcast_report(false);
+        }
         if self.cfg.ping_interval > 0 {
             let ids: Vec<NodeId> = self.peers.keys().copied().collect();
             for id in ids {
@@ -2275,6 +2418,7 @@ impl Engine {
         }
         let prev = c.report.replace(r.clone());
         self.verify_on_report(peer, &r);
+        self.check_outdated();
         if r.role != Role::Primary
             && self
                 .primary_fresh
@@ -2772,6 +2916,16 @@ impl Engine {
             });
         }
         self.meta.peer_bitmap_gens.insert(peer, 0);
+        if self.meta.disk_state == DiskState::Outdated {
+            // Only a split-brain resolution makes an Outdated node a sync source (the
+            // decision requires good data otherwise): the writes we lacked were discarded.
+            self.meta.disk_state = DiskState::UpToDate;
+            self.log(
+                Level::Info,
+                format!("UpToDate again: our data was kept and node {peer} now has it"),
+            );
+            self.broadcast_report(false);
+        }
         self.persist_meta();
         self.set_state(peer, ReplState::Established);
         let generation = self.meta.current;

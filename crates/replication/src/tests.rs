@@ -41,6 +41,9 @@ fn connect(e: &mut Engine, peer: u8, diskful: bool, role: Role) -> Vec<Action> {
             ..Default::default()
         },
         peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
     };
     out.extend(e.handle(
         2,
@@ -380,6 +383,9 @@ fn connect_as_target(e: &mut Engine, peer: u8) -> Vec<Action> {
             ..Default::default()
         },
         peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
     };
     for msg in [
         Message::StateReport(Box::new(report)),
@@ -654,6 +660,9 @@ fn verify_with_resync_starts_an_online_resync_of_the_findings() {
                 ..Default::default()
             },
             peer_bitmaps: vec![],
+            outdated: 0,
+            outdated_gen: 0,
+            outdated_by: 0,
         })),
     };
     e.handle(40, report(5, tandem_repl_proto::DiskState::UpToDate));
@@ -906,6 +915,9 @@ fn split_handshake(e: &mut Engine, peer_blocks: u64, flags: u32) -> Vec<Action> 
                     history: [10, 0],
                 },
                 peer_bitmaps: vec![],
+                outdated: 0,
+                outdated_gen: 0,
+                outdated_by: 0,
             })),
         },
     ));
@@ -1117,6 +1129,9 @@ fn checksum_resync_transfers_only_the_blocks_whose_digests_differ() {
                 ..Default::default()
             },
             peer_bitmaps: vec![],
+            outdated: 0,
+            outdated_gen: 0,
+            outdated_by: 0,
         })),
         Message::OutOfSync {
             flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
@@ -1330,6 +1345,9 @@ fn report_from(peer: u8, seq: u64, size: u64, role: Role) -> Event {
                 ..Default::default()
             },
             peer_bitmaps: vec![],
+            outdated: 0,
+            outdated_gen: 0,
+            outdated_by: 0,
         })),
     }
 }
@@ -1587,6 +1605,9 @@ fn resync_under_consumer_writes(busy: bool) -> (u64, u64) {
             ..Default::default()
         },
         peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
     };
     for msg in [
         Message::StateReport(Box::new(report)),
@@ -1671,4 +1692,135 @@ fn dynamic_resync_controller_yields_to_consumer_writes() {
     // Full speed once the consumer is idle: the rest within 0.3 s (the writes at offset 0
     // may have made a chunk be fetched twice).
     assert!(after >= VOL, "{after}");
+}
+
+/// `outdated` masks of the `StateReport`s sent to `to` in `a`.
+fn sent_outdated(a: &[Action], to: u8) -> Vec<u32> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                peer,
+                msg: Message::StateReport(r),
+            } if *peer == to => Some(r.outdated),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_primary_reports_the_peers_it_wrote_without_as_outdated() {
+    let mut e = primary();
+    // Away but not written without: not listed.
+    let a = e.handle(20, Event::PeerDown { peer: 1 });
+    assert!(sent_outdated(&a, 2).iter().all(|m| *m == 0), "{a:?}");
+    let a = e.handle(21, Event::Tick);
+    assert!(sent_outdated(&a, 2).is_empty());
+    // A write completed without node 1: the witness hears it at once or at the next tick.
+    let mut a = e.handle(22, write(1, 8192, 4096));
+    a.extend(e.handle(23, Event::Tick));
+    assert_eq!(sent_outdated(&a, 2).last(), Some(&(1 << 1)), "{a:?}");
+    // Said once, not at every tick.
+    assert!(sent_outdated(&e.handle(24, Event::Tick), 2).is_empty());
+}
+
+/// Node 1 (a Secondary) reaches only the witness, which relays that the Primary (node 0)
+/// wrote without it.
+fn outdated_secondary() -> Engine {
+    let mut e = engine(1, &[(0, true), (2, false)]);
+    connect(&mut e, 2, false, Role::Secondary);
+    let report = tandem_repl_proto::StateReport {
+        seq: 2,
+        node_id: 2,
+        role: Role::Secondary,
+        disk_state: tandem_repl_proto::DiskState::Diskless,
+        quorum: Default::default(),
+        flags: 0,
+        size_bytes: SIZE,
+        generations: Default::default(),
+        peer_bitmaps: vec![],
+        outdated: 1 << 1,
+        outdated_gen: 0x99,
+        outdated_by: 0,
+    };
+    let a = e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::StateReport(Box::new(report)),
+        },
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistMeta(m) if m.disk_state == tandem_repl_proto::DiskState::Outdated
+    )));
+    e
+}
+
+#[test]
+fn a_relayed_mask_outdates_a_secondary_and_blocks_its_promotion() {
+    use tandem_repl_proto::DiskState;
+    let mut e = outdated_secondary();
+    assert_eq!(e.status().disk_state, DiskState::Outdated);
+    assert_eq!(e.promote(11).unwrap_err(), PromoteError::Outdated);
+    // Forced: declared UpToDate, then promoted with the witness's vote.
+    let a = e.promote_forced(12).expect("forced promotion");
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistMeta(m) if m.disk_state == DiskState::UpToDate && m.primary
+    )));
+    assert_eq!(e.role(), Role::Primary);
+}
+
+#[test]
+fn an_outdated_node_is_up_to_date_again_after_resync_and_ignores_relays_near_a_primary() {
+    use tandem_repl_proto::DiskState;
+    // Connected to the Primary, a relayed mask naming us is stale: ignored.
+    let mut e = engine(1, &[(0, true), (2, false)]);
+    connect(&mut e, 0, true, Role::Primary);
+    connect(&mut e, 2, false, Role::Secondary);
+    let report = tandem_repl_proto::StateReport {
+        seq: 2,
+        node_id: 2,
+        role: Role::Secondary,
+        disk_state: DiskState::Diskless,
+        quorum: Default::default(),
+        flags: 0,
+        size_bytes: SIZE,
+        generations: Default::default(),
+        peer_bitmaps: vec![],
+        outdated: 1 << 1,
+        outdated_gen: 0x99,
+        outdated_by: 0,
+    };
+    e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::StateReport(Box::new(report)),
+        },
+    );
+    assert_eq!(e.status().disk_state, DiskState::UpToDate);
+    // An Outdated node meeting an UpToDate peer of its generation is its sync target (rule
+    // EqualInconsistent; here nothing differs) and UpToDate once that resync ends.
+    let mut e = outdated_secondary();
+    connect(&mut e, 0, true, Role::Secondary);
+    assert_eq!(
+        e.status().peers[0].last_decision,
+        Some((SyncDecision::BitmapTarget, Rule::EqualInconsistent))
+    );
+    assert_eq!(e.status().disk_state, DiskState::Outdated);
+    let out = e.handle(
+        20,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 0,
+            },
+        },
+    );
+    let mut out = out;
+    out.extend(e.handle(21, Event::Tick));
+    serve(&mut e, 21, out);
+    assert_eq!(e.status().disk_state, DiskState::UpToDate);
 }

@@ -3,7 +3,8 @@
 //!
 //! 1. warm-up: node 0 Primary, the model-checked workload writes and reads;
 //! 2. the 0-1 link is cut; node 0 keeps quorum through the witness and writes;
-//! 3. node 0 is cut off and demoted; node 1 (behind) is promoted with the witness's vote and
+//! 3. node 0 is cut off and demoted; node 1 (behind, Outdated: the witness relayed that node 0
+//!    wrote without it) is promoted with `promote_forced` and the witness's vote and
 //!    (usually) writes: a real split brain, or, when it writes nothing, none;
 //! 4. heal. The seed chose the volume's policy (`disconnect`, `discard-zero-changes`,
 //!    `discard-node:N`). If the pair stays split, the checker verifies nothing was merged and
@@ -148,9 +149,11 @@ impl World {
         let Some(e) = self.nodes[n as usize].engine.as_mut() else {
             return Ok(false);
         };
-        match e.promote(now) {
+        // Forced, as an operator must: node 1 learned through the witness that node 0 wrote
+        // without it (Outdated), and a plain promotion is refused.
+        match e.promote_forced(now) {
             Ok(a) => {
-                self.tr(format!("scenario: promoted node {n}"));
+                self.tr(format!("scenario: promoted node {n} (forced)"));
                 self.apply(n, a)?;
                 Ok(true)
             }

@@ -116,6 +116,7 @@ pub(crate) enum Input {
     Disk(Event),
     Transport(tandem_transport::Event),
     Promote(SyncSender<Result<(), VolumeError>>),
+    PromoteForced(SyncSender<Result<(), VolumeError>>),
     Demote(SyncSender<Result<(), VolumeError>>),
     Status(SyncSender<Status>),
     SetResyncRate(u64),
@@ -324,6 +325,12 @@ impl VolumeDriver {
     /// Makes this node Primary (refused with a typed reason).
     pub fn promote(&self) -> Result<(), VolumeError> {
         self.call(Input::Promote)?
+    }
+
+    /// [`VolumeDriver::promote`], declaring Outdated local data UpToDate first (the
+    /// operator's `volume promote --force`; see `Engine::promote_forced`).
+    pub fn promote_forced(&self) -> Result<(), VolumeError> {
+        self.call(Input::PromoteForced)?
     }
 
     /// Makes this node Secondary (refused while consumer requests are in flight).
@@ -647,6 +654,7 @@ impl Loop {
 
     fn input(&mut self, input: Input) -> Result<(), VolumeError> {
         let now = self.now();
+        let forced = matches!(input, Input::PromoteForced(_));
         let actions = match input {
             Input::Consumer(op, c) => {
                 let id = self.next_id;
@@ -666,17 +674,24 @@ impl Loop {
             }
             Input::Disk(ev) => self.engine.handle(now, ev),
             Input::Transport(ev) => return self.transport_event(ev),
-            Input::Promote(r) => match self.engine.promote(now) {
-                Ok(a) => {
-                    let res = self.execute(a);
-                    let _ = r.send(res.clone());
-                    return res;
+            Input::Promote(r) | Input::PromoteForced(r) => {
+                let res = if forced {
+                    self.engine.promote_forced(now)
+                } else {
+                    self.engine.promote(now)
+                };
+                match res {
+                    Ok(a) => {
+                        let res = self.execute(a);
+                        let _ = r.send(res.clone());
+                        return res;
+                    }
+                    Err(e) => {
+                        let _ = r.send(Err(e.into()));
+                        return Ok(());
+                    }
                 }
-                Err(e) => {
-                    let _ = r.send(Err(e.into()));
-                    return Ok(());
-                }
-            },
+            }
             Input::Demote(r) => match self.engine.demote(now) {
                 Ok(a) => {
                     let res = self.execute(a);
