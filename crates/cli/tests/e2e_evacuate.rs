@@ -135,6 +135,14 @@ fn evacuate_moves_the_witness_then_the_primary_replica_and_the_nodes_can_go() {
         Some(SIZE),
         "the new member received the whole volume: {v:#}"
     );
+    // Once: the replica that stays (a paused source) dropped its full-resync marks when the
+    // new member finished from the Primary, instead of copying the volume a second time.
+    let log = c.agent_log(&spare);
+    let copies: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("resync from node") && l.contains(&format!("done: {SIZE} bytes")))
+        .collect();
+    assert_eq!(copies.len(), 1, "whole-volume resyncs into {spare}:\n{log}");
     assert_eq!(
         v["primary_node"].as_str(),
         Some(secondary.as_str()),

@@ -196,6 +196,9 @@ struct Conn {
     /// Its flushes waiting for earlier writes.
     rx_flush_wait: Vec<u64>,
     resync: Option<ResyncTarget>,
+    /// We are its full-resync source by rule `NewMember` (every bit set toward it) and it has
+    /// not asked for a block yet (it may be pulling from another replica, our link paused).
+    full_marks: bool,
 }
 
 #[derive(Debug)]
@@ -1856,6 +1859,7 @@ impl Engine {
             bitmap_done: false,
             state: ReplState::Connecting,
             decision: None,
+            full_marks: false,
             pong: 0,
             barrier: 0,
             last_rx: now,
@@ -1947,6 +1951,9 @@ impl Engine {
                     self.persist_meta();
                 }
             }
+        }
+        if conn.full_marks && diskful {
+            self.drop_full_marks(peer);
         }
         // Writes it did not ack, and writes it acked that no flush made durable there, may be
         // missing on it.
@@ -2269,6 +2276,9 @@ impl Engine {
                 if self.conn(peer).map(|c| c.state) != Some(ReplState::SyncSource) {
                     return Err(ProtocolError::Unexpected("ResyncRequest", peer));
                 }
+                if let Some(c) = self.conn_mut(peer) {
+                    c.full_marks = false;
+                }
                 if offset.saturating_add(u64::from(len)) > self.cfg.size_bytes || len == 0 {
                     return Err(ProtocolError::Invalid {
                         peer,
@@ -2325,7 +2335,13 @@ impl Engine {
                     },
                 );
             }
-            m @ Message::ChecksumRequest { .. } => self.on_checksum_request(peer, m)?,
+            m @ Message::ChecksumRequest { .. } => {
+                // A checksum-based resync pulls from us too.
+                if let Some(c) = self.conn_mut(peer) {
+                    c.full_marks = false;
+                }
+                self.on_checksum_request(peer, m)?
+            }
             Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
             Message::ChecksumReply {
                 id,
@@ -2653,6 +2669,9 @@ impl Engine {
             SyncDecision::NoGoodData => self.set_state(peer, ReplState::PausedSync),
             SyncDecision::BitmapSource | SyncDecision::FullSource => {
                 self.merge_bits(peer, d == SyncDecision::FullSource);
+                if let Some(c) = self.conn_mut(peer) {
+                    c.full_marks = rule == Rule::NewMember;
+                }
                 let bytes = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
                 let gen_now = self.meta.current;
                 self.set_state(peer, ReplState::SyncSource);
@@ -2722,6 +2741,62 @@ impl Engine {
     fn set_state(&mut self, peer: NodeId, s: ReplState) {
         if let Some(c) = self.conn_mut(peer) {
             c.state = s;
+        }
+    }
+
+    /// A new member we were to fully resync never pulled from us (its link paused: it was
+    /// syncing from another replica) and its link is gone, typically because it finished
+    /// elsewhere ("resync finished elsewhere; reconnect to compare"). When every other diskful
+    /// replica is connected, Established, UpToDate at our generation and nothing is out of
+    /// sync toward it, its source held our data, so the bits we set for the full resync mean
+    /// nothing: drop them, or the next handshake resyncs the whole volume a second time by
+    /// bitmap. Bits set later (writes while it is away) are real. Not when unsure: the marks
+    /// stay, and at worst the volume is copied twice. A member that did not finish is still
+    /// a new member at the next handshake (full resync again).
+    fn drop_full_marks(&mut self, peer: NodeId) {
+        if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate {
+            return;
+        }
+        let current = self.meta.current;
+        let others_in_sync = self
+            .peers
+            .values()
+            .filter(|p| p.cfg.diskful && p.cfg.node_id != peer)
+            .all(|p| {
+                p.bitmap.as_ref().is_some_and(|b| b.count() == 0)
+                    && p.conn.as_ref().is_some_and(|c| {
+                        c.state == ReplState::Established
+                            && c.report.as_ref().is_some_and(|r| {
+                                r.disk_state == DiskState::UpToDate
+                                    && r.generations.current == current
+                            })
+                    })
+            });
+        let has_others = self
+            .peers
+            .values()
+            .any(|p| p.cfg.diskful && p.cfg.node_id != peer);
+        if !others_in_sync || !has_others {
+            return;
+        }
+        if let Some(b) = self.peers.get_mut(&peer).and_then(|p| p.bitmap.as_mut())
+            && b.count() > 0
+        {
+            let n = b.len();
+            b.clear_all();
+            self.out.push(Action::PersistBits {
+                peer,
+                set: false,
+                first: 0,
+                count: n,
+            });
+            self.log(
+                Level::Info,
+                format!(
+                    "node {peer} never pulled its full resync from us and our other replicas are \
+                     in sync: its full-resync marks are dropped"
+                ),
+            );
         }
     }
 

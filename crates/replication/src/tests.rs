@@ -1824,3 +1824,78 @@ fn an_outdated_node_is_up_to_date_again_after_resync_and_ignores_relays_near_a_p
     serve(&mut e, 21, out);
     assert_eq!(e.status().disk_state, DiskState::UpToDate);
 }
+
+/// Node 1, in sync with node 0, meets node 3, a new member (no data): it becomes its
+/// full-resync source (`NewMember`), every bit toward it set.
+fn source_of_new_member() -> Engine {
+    let mut e = engine(1, &[(0, true), (2, false), (3, true)]);
+    connect(&mut e, 0, true, Role::Primary);
+    connect(&mut e, 2, false, Role::Secondary);
+    e.handle(1, Event::PeerUp { peer: 3 });
+    let report = tandem_repl_proto::StateReport {
+        seq: 1,
+        node_id: 3,
+        role: Role::Secondary,
+        disk_state: tandem_repl_proto::DiskState::Inconsistent,
+        quorum: Default::default(),
+        flags: 0,
+        size_bytes: SIZE,
+        generations: Default::default(),
+        peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
+    };
+    for msg in [
+        Message::StateReport(Box::new(report)),
+        Message::OutOfSync {
+            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+            ranges: vec![],
+        },
+    ] {
+        e.handle(2, Event::PeerMessage { peer: 3, msg });
+    }
+    assert_eq!(
+        e.status().peers[2].last_decision,
+        Some((SyncDecision::FullSource, Rule::NewMember))
+    );
+    assert_eq!(e.bitmap(3).map(|b| b.out_of_sync_bytes()), Some(SIZE));
+    e
+}
+
+#[test]
+fn full_resync_marks_of_a_new_member_that_synced_elsewhere_are_dropped() {
+    // It never pulled from us (paused: it synced from node 0) and drops the link to compare
+    // again: our marks go, so the next handshake does not copy everything a second time.
+    let mut e = source_of_new_member();
+    let a = e.handle(10, Event::PeerDown { peer: 3 });
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::PersistBits {
+            peer: 3,
+            set: false,
+            ..
+        }
+    )));
+    assert_eq!(e.bitmap(3).map(|b| b.count()), Some(0));
+    // It did pull from us: the marks are its resync's progress and stay.
+    let mut e = source_of_new_member();
+    e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 3,
+            msg: Message::ResyncRequest {
+                id: 1,
+                offset: 0,
+                len: 4096,
+            },
+        },
+    );
+    e.handle(11, Event::PeerDown { peer: 3 });
+    assert_eq!(e.bitmap(3).map(|b| b.out_of_sync_bytes()), Some(SIZE));
+    // Our other replica not in sync: unsure where it synced from, the marks stay.
+    let mut e = source_of_new_member();
+    e.handle(10, Event::PeerDown { peer: 0 });
+    e.handle(11, Event::PeerDown { peer: 3 });
+    assert_eq!(e.bitmap(3).map(|b| b.out_of_sync_bytes()), Some(SIZE));
+}
