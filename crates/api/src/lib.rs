@@ -165,6 +165,22 @@ pub struct VolumeResize {
     pub allow_shrink: bool,
 }
 
+/// `POST /v1/volumes/{name}/move`: move one replica (or the witness) to another node, online.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMove {
+    /// The node whose replica (or witness) moves.
+    pub from_node: String,
+    /// Its pool, when given (must match).
+    #[serde(default)]
+    pub from_pool: Option<String>,
+    /// The node that gets it (online, not holding the volume; a diskful node for a replica).
+    pub to_node: String,
+    /// The pool there (default: the one with most free space that fits).
+    #[serde(default)]
+    pub to_pool: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeState {

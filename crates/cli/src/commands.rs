@@ -158,6 +158,24 @@ pub enum VolumeCmd {
         #[arg(long, default_value = "300")]
         timeout: String,
     },
+    /// Move one replica (or the witness) to another node, online: a new replica there is
+    /// resynced fully, the Primary moves to a replica that stays if it was on the old node,
+    /// then the old copy is deleted. Waits until done, showing the steps and resync progress.
+    Move {
+        name: String,
+        /// Where it is: NODE or NODE:POOL.
+        #[arg(long)]
+        from: String,
+        /// Where it goes: NODE or NODE:POOL (default pool: most free space that fits).
+        #[arg(long)]
+        to: String,
+        /// Return once the controller has planned the move.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for the move.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// List volumes.
     List,
     /// Show one volume with its replicas and operations.
@@ -501,6 +519,13 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             allow_shrink,
             timeout,
         } => crate::resize::run(client, json, name, size, *allow_shrink, timeout),
+        VolumeCmd::Move {
+            name,
+            from,
+            to,
+            no_wait,
+            timeout,
+        } => volume_move(client, json, name, from, to, *no_wait, *timeout),
         VolumeCmd::Promote {
             name,
             node,
@@ -788,6 +813,123 @@ fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u6
 
 /// `node evacuate`: plan the moves, then wait until every volume that moves has finished its
 /// evacuate operation (new members in sync, the node's copy deleted).
+/// Waits until the newest unfinished `kind` operation (`evacuate`, `move`) of `volume` is
+/// finished, printing its current step and resync progress on stderr; `late(volume, step)`
+/// is the error after `deadline`.
+fn wait_move(
+    client: &Client,
+    volume: &str,
+    kind: &str,
+    deadline: Instant,
+    json: bool,
+    late: impl Fn(&str, &str) -> String,
+) -> Result<()> {
+    let path = format!("/v1/volumes/{}", path_segment(volume));
+    let mut last = String::new();
+    loop {
+        let vol: Volume = client.get(&path)?;
+        let open = vol
+            .operations
+            .iter()
+            .rev()
+            .find(|o| o.kind == kind && o.state != "done" && o.state != "failed");
+        let Some(op) = open else { return Ok(()) };
+        let step = op
+            .steps
+            .iter()
+            .find(|s| s.state != "done")
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let resync: Vec<String> = vol
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                r.resync_bytes_left
+                    .map(|left| format!("{} {} left", r.node, format_size(left)))
+            })
+            .collect();
+        let mut line = format!("  {}: {step}", vol.name);
+        if !resync.is_empty() {
+            line.push_str(&format!(" (resync: {})", resync.join(", ")));
+        }
+        if let Some(e) = &op.last_error {
+            line.push_str(&format!(" [last error: {e}]"));
+        }
+        if !json && line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if Instant::now() > deadline {
+            bail!("{}", late(&vol.name, &step));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `volume move NAME --from NODE[:POOL] --to NODE[:POOL]`: records the move, then waits
+/// until its operation is done.
+fn volume_move(
+    client: &Client,
+    json: bool,
+    name: &str,
+    from: &str,
+    to: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let split = |s: &str| match s.split_once(':') {
+        Some((n, p)) => (n.to_string(), Some(p.to_string())),
+        None => (s.to_string(), None),
+    };
+    let ((from_node, from_pool), (to_node, to_pool)) = (split(from), split(to));
+    let req = tandem_api::VolumeMove {
+        from_node,
+        from_pool,
+        to_node,
+        to_pool,
+    };
+    let v: Volume = client.post(&format!("/v1/volumes/{}/move", path_segment(name)), &req)?;
+    if !json {
+        println!("Moving volume {name} from {from} to {to}:");
+        if let Some(op) = v.operations.iter().rev().find(|o| o.kind == "move") {
+            for s in &op.steps {
+                println!("  {}", s.name);
+            }
+        }
+    }
+    if !no_wait {
+        let deadline = Instant::now() + Duration::from_secs(timeout);
+        wait_move(client, name, "move", deadline, json, |vol, step| {
+            format!(
+                "volume {vol} is still moving after {timeout}s (now: {step}); `tandem volume \
+                 show {vol}` shows the operation (it goes on)"
+            )
+        })?;
+    }
+    let v: Volume = client.get(&format!("/v1/volumes/{}", path_segment(name)))?;
+    if json {
+        return print_json(&v);
+    }
+    if no_wait {
+        println!("The move goes on: `tandem volume show {name}` shows its steps.");
+    } else {
+        let mut on: Vec<String> = v
+            .replicas
+            .iter()
+            .map(|r| {
+                if r.diskless {
+                    format!("{} (witness)", r.node)
+                } else {
+                    format!("{}:{}", r.node, r.pool)
+                }
+            })
+            .collect();
+        on.sort();
+        println!("Moved: volume {name} is on {}.", on.join(", "));
+    }
+    Ok(())
+}
+
 fn node_evacuate(
     client: &Client,
     json: bool,
@@ -810,56 +952,24 @@ fn node_evacuate(
     }
     if !no_wait {
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        let mut last = String::new();
         for v in r
             .volumes
             .iter()
             .filter(|v| !stuck.iter().any(|s| s.volume == v.volume))
         {
-            let path = format!("/v1/volumes/{}", path_segment(&v.volume));
-            loop {
-                let vol: Volume = client.get(&path)?;
-                let open = vol
-                    .operations
-                    .iter()
-                    .rev()
-                    .find(|o| o.kind == "evacuate" && o.state != "done" && o.state != "failed");
-                let Some(op) = open else { break };
-                let step = op
-                    .steps
-                    .iter()
-                    .find(|s| s.state != "done")
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default();
-                let resync: Vec<String> = vol
-                    .replicas
-                    .iter()
-                    .filter_map(|r| {
-                        r.resync_bytes_left
-                            .map(|left| format!("{} {} left", r.node, format_size(left)))
-                    })
-                    .collect();
-                let mut line = format!("  {}: {step}", vol.name);
-                if !resync.is_empty() {
-                    line.push_str(&format!(" (resync: {})", resync.join(", ")));
-                }
-                if let Some(e) = &op.last_error {
-                    line.push_str(&format!(" [last error: {e}]"));
-                }
-                if !json && line != last {
-                    eprintln!("{line}");
-                    last = line;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "volume {} has not left {name} after {timeout}s (now: {step}); `tandem \
-                         volume show {}` shows the operation (it goes on)",
-                        vol.name,
-                        vol.name
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
+            wait_move(
+                client,
+                &v.volume,
+                "evacuate",
+                deadline,
+                json,
+                |vol, step| {
+                    format!(
+                        "volume {vol} has not left {name} after {timeout}s (now: {step}); `tandem \
+                     volume show {vol}` shows the operation (it goes on)"
+                    )
+                },
+            )?;
             if !json {
                 println!("  {}: moved", v.volume);
             }

@@ -204,3 +204,100 @@ fn evacuate_moves_the_witness_then_the_primary_replica_and_the_nodes_can_go() {
     let after = c.json(&["volume", "show", "r"]);
     assert_eq!(nodes_of(&after), nodes_of(&v), "nothing changed: {after:#}");
 }
+
+/// `tandem volume move`: the Primary's replica moves to a node without one, online, with a
+/// consumer's data intact; the witness moves too; refusals name what is wrong.
+#[test]
+fn volume_move_moves_the_primary_replica_and_the_witness_online() {
+    const SIZE: u64 = 32 << 20;
+    let c = Cluster::start_with(5, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "m", "32MiB", "--replicas", "2"]);
+    let primary = v["primary_node"].as_str().unwrap().to_string();
+    let witness = replicas(&v)
+        .iter()
+        .find(|r| r["diskless"] == true)
+        .and_then(|r| r["node"].as_str())
+        .unwrap()
+        .to_string();
+    let secondary = replicas(&v)
+        .iter()
+        .find(|r| r["diskless"] == false && r["node"] != primary.as_str())
+        .and_then(|r| r["node"].as_str())
+        .unwrap()
+        .to_string();
+    let free: Vec<String> = ["node1", "node2", "node3", "node4", "node5"]
+        .into_iter()
+        .filter(|n| !nodes_of(&v).iter().any(|u| u == n))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(free.len(), 2);
+    c.wait_json(&["volume", "show", "m"], "in sync", whole);
+    qemu_io(
+        &c.connect("m"),
+        &["write -P 0x61 0 4M", "write -P 0x62 31M 1M", "flush"],
+    );
+
+    // Refusals, each with its code, and nothing changes.
+    let refused = |args: &[&str], code: &str| {
+        let out = run(c.cli().args(["volume", "move", "m"]).args(args));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{args:?} must be refused");
+        assert!(err.contains(code), "{args:?}: {err}");
+    };
+    refused(&["--from", &free[0], "--to", &free[1]], "no_replica");
+    refused(&["--from", &primary, "--to", &secondary], "already_placed");
+    refused(&["--from", &primary, "--to", &primary], "same_node");
+    refused(
+        &["--from", &primary, "--to", &format!("{}:nopool", free[0])],
+        "no pool 'nopool'",
+    );
+    assert_eq!(nodes_of(&c.json(&["volume", "show", "m"])), nodes_of(&v));
+
+    // The Primary's replica moves; the Primary moves to the replica that stays.
+    let out = c.tandem(&["volume", "move", "m", "--from", &primary, "--to", &free[0]]);
+    eprintln!("{out}");
+    assert!(out.contains("Moved: volume m is on"), "{out}");
+    let v = c.wait_json(&["volume", "show", "m"], "whole after the move", whole);
+    assert!(!nodes_of(&v).contains(&primary), "{v:#}");
+    assert!(nodes_of(&v).contains(&free[0]), "{v:#}");
+    assert_eq!(
+        v["primary_node"].as_str(),
+        Some(secondary.as_str()),
+        "{v:#}"
+    );
+    let op = v["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == "move")
+        .expect("a move operation");
+    assert_eq!(op["state"], "done", "{v:#}");
+    let new = replicas(&v)
+        .iter()
+        .find(|r| r["node"] == free[0].as_str())
+        .unwrap();
+    assert_eq!(new["allocated_bytes"].as_u64(), Some(SIZE), "{v:#}");
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the old replica deleted",
+        || (!c.node_dir(&primary).join("pool/m.meta").exists()).then_some(()),
+    );
+    let file = |n: &str| std::fs::read(c.node_dir(n).join("pool/m.data")).unwrap();
+    assert!(file(&secondary) == file(&free[0]), "replicas differ");
+    qemu_io(
+        &c.connect("m"),
+        &["read -P 0x61 0 4M", "read -P 0x62 31M 1M"],
+    );
+
+    // The witness moves to the node the replica left.
+    let out = c.tandem(&["volume", "move", "m", "--from", &witness, "--to", &primary]);
+    assert!(out.contains(&format!("{primary} (witness)")), "{out}");
+    let v = c.wait_json(
+        &["volume", "show", "m"],
+        "whole after the witness move",
+        whole,
+    );
+    assert!(!nodes_of(&v).contains(&witness), "{v:#}");
+    assert_eq!(replicas(&v).len(), 3, "{v:#}");
+}

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tandem_api::{
     AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, NodeLostResult, Pool,
     ReconcileReport, RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
-    VolumeResize, VolumeUpdate,
+    VolumeMove, VolumeResize, VolumeUpdate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -312,6 +312,24 @@ async fn resize_volume(
         .map(axum::Json)
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/move", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = VolumeMove,
+    responses((status = 200, description = "Recorded as a `move` operation: a new replica (or witness) on the target, resynced fully, the Primary moved to a replica that stays when it was on the source, then the source's copy removed", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume, node or pool", body = ApiError),
+              (status = 409, description = "Refused: `no_replica` (nothing on the source), `already_placed` (the target holds it), `same_node`, `witness_node` (a witness node cannot hold data), `node_offline`, `no_capacity`, `busy` (a move or node replacement runs), `not_ready` (e.g. the Primary is on the source and no other replica is UpToDate)", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError)))]
+async fn move_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<VolumeMove>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.volume_move(&name, &req))
+        .await
+        .map(axum::Json)
+}
+
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = RoleChange,
@@ -551,6 +569,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/move", post(move_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route(
@@ -579,7 +598,7 @@ pub fn router(state: AppState) -> Router {
     ),
     paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
           health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
-          delete_volume, update_volume, resize_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, resize_volume, move_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

@@ -28,7 +28,7 @@ use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
     Node, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool, PoolReport,
     Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate,
-    VolumeResize, VolumeState, VolumeUpdate,
+    VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -230,7 +230,7 @@ impl VolumeRecord {
         for op in self
             .operations
             .iter_mut()
-            .filter(|o| (o.kind == OP_NODE_LOST || o.kind == OP_EVACUATE) && !ops::is_finished(o))
+            .filter(|o| (o.kind == OP_NODE_LOST || moves(&o.kind)) && !ops::is_finished(o))
         {
             for idx in 0..op.steps.len() {
                 let st = &op.steps[idx];
@@ -273,7 +273,7 @@ impl VolumeRecord {
         let target = self
             .operations
             .iter()
-            .filter(|o| o.kind == OP_EVACUATE && !ops::is_finished(o))
+            .filter(|o| moves(&o.kind) && !ops::is_finished(o))
             .flat_map(|o| o.steps.iter())
             .find(|s| s.name.starts_with(STEP_PRIMARY) && s.state == ops::RUNNING)
             .and_then(|s| s.node.clone());
@@ -293,7 +293,7 @@ impl VolumeRecord {
         let ready = self
             .operations
             .iter()
-            .filter(|o| o.kind == OP_EVACUATE && !ops::is_finished(o))
+            .filter(|o| moves(&o.kind) && !ops::is_finished(o))
             .any(|o| {
                 o.steps
                     .iter()
@@ -316,7 +316,7 @@ impl VolumeRecord {
             for op in self
                 .operations
                 .iter_mut()
-                .filter(|o| o.kind == OP_EVACUATE && !ops::is_finished(o))
+                .filter(|o| moves(&o.kind) && !ops::is_finished(o))
             {
                 for st in op.steps.iter_mut().filter(|s| s.state == ops::PENDING) {
                     st.state = ops::RUNNING.to_string();
@@ -338,6 +338,12 @@ impl VolumeRecord {
 
 const OP_NODE_LOST: &str = "node-lost";
 const OP_EVACUATE: &str = "evacuate";
+const OP_MOVE: &str = "move";
+
+/// Operations that add a member and then remove a leaving one (`node evacuate`, `volume move`).
+fn moves(kind: &str) -> bool {
+    kind == OP_EVACUATE || kind == OP_MOVE
+}
 /// Step name prefixes of membership operations (matched by [`VolumeRecord::advance_membership`]).
 const STEP_CREATE: &str = "create a replica on ";
 const STEP_WITNESS: &str = "add a witness on ";
@@ -1863,6 +1869,247 @@ impl Controller {
         best.map(|(_, n, p)| (n, p))
     }
 
+    /// The diskful part of a move off `from`: a new member on `node:pool` joins with a full
+    /// resync, and when the Primary is on `from`, it then moves to a replica that stays and is
+    /// UpToDate now (only after the new member is in sync: moving it earlier would restart
+    /// the new member's full resync under a new Primary). Err: why it cannot move.
+    fn plan_replica_move(
+        nodes: &BTreeMap<String, NodeRecord>,
+        v: &mut VolumeRecord,
+        from: &str,
+        node: &str,
+        pool: &str,
+        steps: &mut Vec<tandem_api::OperationStep>,
+        note: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let mut primary_to = None;
+        if v.desired_primary() == Some(from) {
+            let stays = v
+                .placements
+                .iter()
+                .filter(|p| !p.diskless && !p.join && !p.leaving && p.node != from)
+                .find(|p| {
+                    nodes
+                        .get(&p.node)
+                        .and_then(|n| n.replica(&v.name, &v.uuid))
+                        .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+                })
+                .map(|p| p.node.clone());
+            let Some(to) = stays else {
+                return Err(format!(
+                    "the Primary is on {from} and no other replica is UpToDate"
+                ));
+            };
+            primary_to = Some(to);
+        }
+        steps.push(ops::step(
+            format!("{STEP_CREATE}{node}:{pool} and resync it fully"),
+            Some(node),
+            ops::RUNNING,
+        ));
+        note.push(format!("new replica on {node}:{pool}"));
+        v.placements.push(Placement {
+            node: node.to_string(),
+            pool: pool.to_string(),
+            diskless: false,
+            join: true,
+            leaving: false,
+        });
+        if let Some(to) = primary_to {
+            steps.push(ops::step(
+                format!("{STEP_PRIMARY}{to}"),
+                Some(&to),
+                ops::PENDING,
+            ));
+            note.push(format!("then the Primary moves to {to}"));
+        }
+        Ok(())
+    }
+
+    /// `volume move NAME --from NODE[:POOL] --to NODE[:POOL]`: one replica (or the witness)
+    /// moves, online, as a `move` operation with the steps of `node evacuate`: the new member
+    /// joins with a full resync (a witness: a new witness), the Primary moves to a replica
+    /// that stays when it was on `from`, then the old placement leaves and its node deletes
+    /// it. Refused up front when it cannot work.
+    pub fn volume_move(&self, name: &str, req: &VolumeMove) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        validate_name("node", &req.from_node)?;
+        validate_name("node", &req.to_node)?;
+        for p in [&req.from_pool, &req.to_pool].into_iter().flatten() {
+            validate_name("pool", p)?;
+        }
+        let _guard = self.write_guard();
+        let (rev, mut v) = self.volume_to_change(name)?;
+        let nodes = self.nodes_by_name()?;
+        let conflict = |code: &'static str, msg: String| Err(Failure::conflict(code, msg));
+        let Some(idx) = v.placements.iter().position(|p| {
+            p.node == req.from_node && req.from_pool.as_ref().is_none_or(|pool| &p.pool == pool)
+        }) else {
+            let holders: Vec<String> = v
+                .placements
+                .iter()
+                .map(|p| {
+                    if p.diskless {
+                        format!("{} (witness)", p.node)
+                    } else {
+                        format!("{}:{}", p.node, p.pool)
+                    }
+                })
+                .collect();
+            return conflict(
+                "no_replica",
+                format!(
+                    "volume '{name}' has no replica on {}{} (it is on: {})",
+                    req.from_node,
+                    req.from_pool
+                        .as_ref()
+                        .map(|p| format!(":{p}"))
+                        .unwrap_or_default(),
+                    holders.join(", ")
+                ),
+            );
+        };
+        if v.operations
+            .iter()
+            .any(|o| (moves(&o.kind) || o.kind == OP_NODE_LOST) && !ops::is_finished(o))
+            || v.placements.iter().any(|p| p.leaving || p.join)
+        {
+            return conflict(
+                "busy",
+                format!(
+                    "volume '{name}' is already moving a replica (see its operations); \
+                     wait for it to finish"
+                ),
+            );
+        }
+        if req.to_node == req.from_node {
+            return conflict(
+                "same_node",
+                format!(
+                    "moving a replica between pools of one node ('{}') is not supported yet: \
+                     move it to another node and back",
+                    req.to_node
+                ),
+            );
+        }
+        let Some(target) = nodes.get(&req.to_node) else {
+            return Err(Failure::not_found(format!(
+                "node '{}' is not registered",
+                req.to_node
+            )));
+        };
+        if v.placements.iter().any(|p| p.node == req.to_node)
+            || v.removing.iter().any(|p| p.node == req.to_node)
+        {
+            return conflict(
+                "already_placed",
+                format!(
+                    "node '{}' already holds volume '{name}' (or is still deleting its old copy)",
+                    req.to_node
+                ),
+            );
+        }
+        if !self.is_online(&req.to_node) {
+            return conflict(
+                "node_offline",
+                format!(
+                    "node '{}' is offline: it cannot take the replica",
+                    req.to_node
+                ),
+            );
+        }
+        let now = now_unix();
+        let from = req.from_node.clone();
+        let diskless = v.placements[idx].diskless;
+        let mut steps = Vec::new();
+        let mut note = Vec::new();
+        if diskless {
+            steps.push(ops::step(
+                format!("{STEP_WITNESS}{}", req.to_node),
+                Some(&req.to_node),
+                ops::RUNNING,
+            ));
+            v.placements.push(Placement {
+                node: req.to_node.clone(),
+                pool: String::new(),
+                diskless: true,
+                join: false,
+                leaving: false,
+            });
+        } else {
+            if target.role != NodeRole::Diskful {
+                return conflict(
+                    "witness_node",
+                    format!(
+                        "node '{}' is a witness node: it holds no data, only witnesses",
+                        req.to_node
+                    ),
+                );
+            }
+            // The pool: the named one, or the one with most free space that fits.
+            let fits = |p: &&PoolReport| p.capacity_bytes >= v.size_bytes;
+            let pool = match &req.to_pool {
+                Some(want) => target
+                    .pools
+                    .iter()
+                    .find(|p| &p.name == want)
+                    .ok_or_else(|| {
+                        Failure::not_found(format!("node '{}' has no pool '{want}'", req.to_node))
+                    })?,
+                None => target
+                    .pools
+                    .iter()
+                    .filter(fits)
+                    .max_by_key(|p| p.free_bytes)
+                    .ok_or_else(|| {
+                        Failure::conflict(
+                            "no_capacity",
+                            format!("node '{}' has no pool that fits the volume", req.to_node),
+                        )
+                    })?,
+            };
+            if pool.free_bytes < v.size_bytes || pool.capacity_bytes < v.size_bytes {
+                return conflict(
+                    "no_capacity",
+                    format!(
+                        "pool '{}' on node '{}' has {} free, the volume needs {}",
+                        pool.name,
+                        req.to_node,
+                        tandem_types::format_size(pool.free_bytes),
+                        tandem_types::format_size(v.size_bytes)
+                    ),
+                );
+            }
+            let pool = pool.name.clone();
+            let to = req.to_node.clone();
+            if let Err(why) =
+                Self::plan_replica_move(&nodes, &mut v, &from, &to, &pool, &mut steps, &mut note)
+            {
+                return conflict("not_ready", format!("cannot move volume '{name}': {why}"));
+            }
+        }
+        steps.push(ops::step(
+            format!(
+                "{STEP_REMOVE}{} on {from}",
+                if diskless { "witness" } else { "replica" }
+            ),
+            Some(&from),
+            ops::PENDING,
+        ));
+        v.placements[idx].leaving = true;
+        v.operations.push(ops::new(OP_MOVE, steps, now));
+        let mut txn: Vec<TxnOp> = v.placements.iter().map(|p| Self::bump(&p.node)).collect();
+        txn.push(TxnOp::put(
+            format!("{VOLUMES}{}", v.name),
+            encode(&v)?,
+            Expect::Revision(rev),
+        ));
+        self.store.txn(txn)?;
+        self.notify();
+        tracing::info!(volume = name, from = %from, to = %req.to_node, "moving: {}", note.join("; "));
+        Ok(self.volume_view(&v, &nodes))
+    }
+
     /// `node evacuate NAME`: moves every replica and witness off a node, online. Per volume:
     /// a new replica on the online diskful node with most free space joins with a full
     /// resync (a witness moves to another online node), the Primary moves to a replica that
@@ -1915,7 +2162,6 @@ impl Controller {
                     });
                     continue;
                 }
-                let mut primary_to = None;
                 let Some((node, pool)) = self.best_pool(&nodes, &v, &promised, name) else {
                     note.push(
                         "not moved: no online diskful node without a replica of it".to_string(),
@@ -1926,55 +2172,17 @@ impl Controller {
                     });
                     continue;
                 };
-                // The Primary moves to a replica that stays and is UpToDate now.
-                if v.desired_primary() == Some(name) {
-                    let stays = v
-                        .placements
-                        .iter()
-                        .filter(|p| !p.diskless && !p.join && !p.leaving && p.node != name)
-                        .find(|p| {
-                            nodes
-                                .get(&p.node)
-                                .and_then(|n| n.replica(&v.name, &v.uuid))
-                                .is_some_and(|r| r.disk_state == DiskState::UpToDate)
-                        })
-                        .map(|p| p.node.clone());
-                    let Some(to) = stays else {
-                        note.push(format!(
-                            "not moved: the Primary is on {name} and no other replica is UpToDate"
-                        ));
-                        result.volumes.push(NodeLostVolume {
-                            volume: v.name.clone(),
-                            actions: note,
-                        });
-                        continue;
-                    };
-                    primary_to = Some(to);
+                if let Err(why) = Self::plan_replica_move(
+                    &nodes, &mut v, name, &node, &pool, &mut steps, &mut note,
+                ) {
+                    note.push(format!("not moved: {why}"));
+                    result.volumes.push(NodeLostVolume {
+                        volume: v.name.clone(),
+                        actions: note,
+                    });
+                    continue;
                 }
-                *promised.entry((node.clone(), pool.clone())).or_default() += v.size_bytes;
-                steps.push(ops::step(
-                    format!("{STEP_CREATE}{node}:{pool} and resync it fully"),
-                    Some(&node),
-                    ops::RUNNING,
-                ));
-                note.push(format!("new replica on {node}:{pool}"));
-                v.placements.push(Placement {
-                    node,
-                    pool,
-                    diskless: false,
-                    join: true,
-                    leaving: false,
-                });
-                // Once the new replica is in sync (moving it earlier would restart the full
-                // resync of the new member under a new Primary).
-                if let Some(to) = primary_to {
-                    steps.push(ops::step(
-                        format!("{STEP_PRIMARY}{to}"),
-                        Some(&to),
-                        ops::PENDING,
-                    ));
-                    note.push(format!("then the Primary moves to {to}"));
-                }
+                *promised.entry((node, pool)).or_default() += v.size_bytes;
             } else {
                 let mut others: Vec<&NodeRecord> = nodes
                     .values()
