@@ -301,3 +301,70 @@ fn volume_move_moves_the_primary_replica_and_the_witness_online() {
     assert!(!nodes_of(&v).contains(&witness), "{v:#}");
     assert_eq!(replicas(&v).len(), 3, "{v:#}");
 }
+
+/// The controller is SIGKILLed while a move's new replica resyncs (held to 8 MiB/s) and
+/// started again on its store: the stored operation resumes where it was (the Primary moves,
+/// the old replica goes) without any command.
+#[test]
+fn controller_killed_during_a_move_resumes_it_after_a_restart() {
+    let mut c = Cluster::start_with(4, &["--experimental-replication"]);
+    let v = c.json(&[
+        "volume",
+        "create",
+        "k",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--resync-rate",
+        "8MiB",
+    ]);
+    let primary = v["primary_node"].as_str().unwrap().to_string();
+    let spare = ["node1", "node2", "node3", "node4"]
+        .into_iter()
+        .find(|n| !nodes_of(&v).iter().any(|u| u == n))
+        .unwrap()
+        .to_string();
+    c.wait_json(&["volume", "show", "k"], "in sync", whole);
+    qemu_io(&c.connect("k"), &["write -P 0x71 0 8M", "flush"]);
+    c.tandem(&[
+        "volume",
+        "move",
+        "k",
+        "--from",
+        &primary,
+        "--to",
+        &spare,
+        "--no-wait",
+    ]);
+    c.wait_json(&["volume", "show", "k"], "the new replica resyncing", |v| {
+        replicas(v)
+            .iter()
+            .any(|r| r["node"] == spare.as_str() && r["resync_bytes_left"].as_u64() > Some(0))
+    });
+    c.kill_controller(libc::SIGKILL);
+    c.restart_controller();
+    let v = c.wait_json(&["volume", "show", "k"], "the move finished", |v| {
+        whole(v)
+            && !nodes_of(v).contains(&primary)
+            && v["operations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["kind"] == "move" && o["state"] == "done")
+    });
+    assert!(nodes_of(&v).contains(&spare), "{v:#}");
+    assert_ne!(v["primary_node"].as_str(), Some(primary.as_str()), "{v:#}");
+    let moves = v["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["kind"] == "move")
+        .count();
+    assert_eq!(moves, 1, "one operation, resumed: {v:#}");
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the old replica deleted",
+        || (!c.node_dir(&primary).join("pool/k.meta").exists()).then_some(()),
+    );
+    qemu_io(&c.connect("k"), &["read -P 0x71 0 8M"]);
+}
