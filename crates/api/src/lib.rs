@@ -66,6 +66,18 @@ pub struct Node {
     pub repl_addr: Option<String>,
 }
 
+/// `POST /v1/nodes`: declare a node before its agent first syncs (`node add`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAdd {
+    pub name: String,
+    /// Host name or IP address the node's agent reports (no port).
+    pub address: String,
+    /// A witness node: it only ever gets witnesses (diskless voters), never data.
+    #[serde(default)]
+    pub witness: bool,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolKind {

@@ -19,6 +19,18 @@ use crate::{Cli, Command, Format};
 pub enum NodeCmd {
     /// List nodes.
     List,
+    /// Declare a node before its agent first syncs (it shows offline until then): the agent
+    /// that registers under NAME must report ADDR; `--witness`: the node only ever gets
+    /// witnesses (diskless voters), never data. Agents that are not declared register by
+    /// themselves as before.
+    Add {
+        name: String,
+        /// Host name or IP address the node's agent reports (`address` in its config; no
+        /// port).
+        address: String,
+        #[arg(long)]
+        witness: bool,
+    },
     /// Forget a node that holds no replica and no witness (e.g. a decommissioned host).
     Remove { name: String },
     /// Declare a node gone for good (its agent must be down): its replicas are dropped, every
@@ -316,6 +328,35 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Node { cmd: NodeCmd::List } => {
             let n: Vec<Node> = client.get("/v1/nodes")?;
             emit(json, &n[..], output::nodes_table)
+        }
+        Command::Node {
+            cmd:
+                NodeCmd::Add {
+                    name,
+                    address,
+                    witness,
+                },
+        } => {
+            let req = tandem_api::NodeAdd {
+                name: name.clone(),
+                address: address.clone(),
+                witness: *witness,
+            };
+            let n: Node = client.post("/v1/nodes", &req)?;
+            emit(json, &n, |n| {
+                format!(
+                    "Node {} added ({}, {}, node id {}); it shows {} until its agent syncs: run \
+                     `tandem agent run --config FILE` there with `node = \"{}\"`, `address = \
+                     \"{}\"` and this controller's URL.\n",
+                    n.name,
+                    n.address,
+                    if *witness { "witness" } else { "diskful" },
+                    n.node_id.map_or("?".to_string(), |i| i.to_string()),
+                    format!("{:?}", n.state).to_lowercase(),
+                    n.name,
+                    n.address
+                )
+            })
         }
         Command::Node {
             cmd: NodeCmd::Remove { name },

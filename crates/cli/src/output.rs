@@ -73,7 +73,11 @@ pub fn nodes_table(nodes: &[Node]) -> String {
             format!("{:?}", n.role).to_lowercase(),
             format!("{:?}", n.state).to_lowercase(),
             n.address.clone(),
-            format!("{}s ago", n.last_seen_secs),
+            if n.last_seen_secs == u64::MAX {
+                "never".to_string()
+            } else {
+                format!("{}s ago", n.last_seen_secs)
+            },
             n.nbd_socket.clone().unwrap_or_else(|| "-".into()),
             n.nbd_tcp.clone().unwrap_or_else(|| "-".into()),
             n.node_id.map_or_else(|| "-".into(), |i| i.to_string()),

@@ -14,8 +14,8 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_api::{
-    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, NodeLostResult, Pool,
-    ReconcileReport, RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
+    AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, NodeAdd, NodeLostResult,
+    Pool, ReconcileReport, RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
     VolumeMove, VolumeResize, VolumeUpdate,
 };
 use tokio::sync::watch;
@@ -231,6 +231,20 @@ async fn delete_volume(
 ) -> Result<(StatusCode, axum::Json<Volume>), Failure> {
     let v = blocking(&s, move |c| c.delete_volume(&name, q.force)).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(v)))
+}
+
+#[utoipa::path(post, path = "/v1/nodes", tag = "nodes", request_body = NodeAdd,
+    responses((status = 200, description = "Declared (or already declared with the same values): offline until its agent syncs; that agent must report this address", body = Node),
+              (status = 400, description = "Invalid name (`invalid_name`) or address (`invalid_address`)", body = ApiError),
+              (status = 409, description = "The node exists with another address or role (`node_exists`), or no node id is free (`no_node_id`)", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError)))]
+async fn node_add(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<NodeAdd>,
+) -> Result<axum::Json<Node>, Failure> {
+    blocking(&s, move |c| c.node_add(&req))
+        .await
+        .map(axum::Json)
 }
 
 #[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
@@ -501,8 +515,18 @@ async fn agent_sync(
     let _contact = s.ctl.contact(&node);
     let applied = report.applied_revision;
     let desired = {
-        let node = node.clone();
-        blocking(&s, move |c| c.agent_sync(&node, &report)).await?
+        let n = node.clone();
+        match blocking(&s, move |c| c.agent_sync(&n, &report)).await {
+            Ok(d) => d,
+            Err(e) => {
+                if e.code == "address_mismatch" {
+                    // Not the declared node: it must not look online.
+                    drop(_contact);
+                    s.ctl.forget_contact(&node);
+                }
+                return Err(e);
+            }
+        }
     };
     let wait = Duration::from_millis(q.wait_ms.min(MAX_WAIT_MS));
     if desired.revision != applied || wait.is_zero() {
@@ -550,7 +574,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/v1/status", get(status))
-        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes", get(nodes).post(node_add))
         .route("/v1/nodes/{name}", axum::routing::delete(node_remove))
         .route("/v1/nodes/{name}/lost", post(node_lost))
         .route("/v1/nodes/{name}/evacuate", post(node_evacuate))
@@ -597,7 +621,7 @@ pub fn router(state: AppState) -> Router {
         license(name = "Apache-2.0")
     ),
     paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
-          health, openapi, status, nodes, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
+          health, openapi, status, nodes, node_add, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
           delete_volume, update_volume, resize_volume, move_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(

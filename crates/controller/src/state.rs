@@ -26,9 +26,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
-    Node, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool, PoolReport,
-    Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaReport, Role, Volume, VolumeCreate,
-    VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
+    Node, NodeAdd, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool,
+    PoolReport, Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaReport, Role, Volume,
+    VolumeCreate, VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -79,6 +79,32 @@ pub struct NodeRecord {
     /// Replication listen address the agent last reported.
     #[serde(default)]
     pub repl_addr: Option<String>,
+    /// Declared with `node add` (address and role are the operator's): an agent registering
+    /// under this name must report the same address; its reported role is not taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub added: bool,
+}
+
+/// A node address for `node add`: a host name or IP address, no port, no spaces.
+fn validate_address(a: &str) -> Result<(), Failure> {
+    let ok = !a.is_empty()
+        && a.len() <= 253
+        && (a.parse::<std::net::IpAddr>().is_ok()
+            || a.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            }));
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::bad_request(
+            "invalid_address",
+            format!("'{a}' is not a host name or IP address (no port)"),
+        ))
+    }
 }
 
 /// The lowest node id not in `used`.
@@ -1631,6 +1657,60 @@ impl Controller {
     /// `node remove NAME`: forgets a node that holds nothing (no replica, no witness of any
     /// volume). Refused otherwise, naming the volumes (move them first, or `node lost` for a
     /// dead node). An agent still running there registers again at its next sync.
+    /// `node add NAME ADDR [--witness]`: declares a node before its agent first syncs (it
+    /// shows offline until then). The node gets its id now; its agent must report this
+    /// address; a witness node only ever gets witnesses. Repeating it with the same values
+    /// changes nothing; other values are refused (`node_exists`).
+    pub fn node_add(&self, req: &NodeAdd) -> Result<Node, Failure> {
+        validate_name("node", &req.name)?;
+        validate_address(&req.address)?;
+        let role = if req.witness {
+            NodeRole::Witness
+        } else {
+            NodeRole::Diskful
+        };
+        let _guard = self.write_guard();
+        if let Some((_, old)) = self.node_record(&req.name)? {
+            if old.address == req.address && old.role == role {
+                return Ok(self.node_view(&old));
+            }
+            return Err(Failure::conflict(
+                "node_exists",
+                format!(
+                    "node '{}' exists with address {} and role {:?}; `node remove` it first to \
+                     add it with address {} and role {role:?}",
+                    req.name, old.address, old.role, req.address
+                ),
+            ));
+        }
+        let used = self
+            .node_records()?
+            .iter()
+            .filter_map(|n| n.node_id)
+            .collect();
+        let record = NodeRecord {
+            name: req.name.clone(),
+            address: req.address.clone(),
+            role,
+            agent_version: String::new(),
+            nbd_socket: None,
+            nbd_tcp: None,
+            pools: Vec::new(),
+            replicas: Vec::new(),
+            last_seen_unix: 0,
+            node_id: Some(free_node_id(&used)?),
+            repl_addr: None,
+            added: true,
+        };
+        self.store.txn(vec![TxnOp::put(
+            format!("{NODES}{}", req.name),
+            encode(&record)?,
+            Expect::Absent,
+        )])?;
+        tracing::info!(node = %req.name, address = %req.address, ?role, node_id = ?record.node_id, "node added (waiting for its agent)");
+        Ok(self.node_view(&record))
+    }
+
     pub fn node_remove(&self, name: &str) -> Result<(), Failure> {
         validate_name("node", name)?;
         let _guard = self.write_guard();
@@ -2263,6 +2343,11 @@ impl Controller {
         }
     }
 
+    /// Forgets that `node` was in contact (an agent refused as not being that node).
+    pub fn forget_contact(&self, node: &str) {
+        self.live_lock().remove(node);
+    }
+
     fn validate_report(node: &str, report: &AgentReport) -> Result<(), Failure> {
         validate_name("node", node)?;
         if report.node != node {
@@ -2336,6 +2421,7 @@ impl Controller {
             last_seen_unix: now,
             node_id: None,
             repl_addr: report.repl_addr.clone(),
+            added: false,
         };
         let key = format!("{NODES}{node}");
         let mut changed_desired = false;
@@ -2357,6 +2443,22 @@ impl Controller {
             }
             Some((rev, old)) => {
                 record.node_id = old.node_id;
+                if old.added {
+                    if old.address != record.address {
+                        tracing::warn!(node, added = %old.address, reported = %record.address, "agent refused: not the address the node was added with");
+                        return Err(Failure::conflict(
+                            "address_mismatch",
+                            format!(
+                                "node '{node}' was added with address {} but its agent reports \
+                                 {}: fix the agent's address, or `node remove` and `node add` \
+                                 the node again",
+                                old.address, record.address
+                            ),
+                        ));
+                    }
+                    record.role = old.role;
+                    record.added = true;
+                }
                 if !old.same_report(&record) {
                     let mut txn = vec![TxnOp::put(
                         key.clone(),

@@ -370,6 +370,7 @@ impl Controller {
                 pools: Vec::new(),
                 replicas: Vec::new(),
                 last_seen_unix: 0,
+                added: false,
             };
             let expect = if replace { Expect::Any } else { Expect::Absent };
             if replace {
