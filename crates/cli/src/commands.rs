@@ -188,6 +188,10 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// Stop the volume's running move or evacuation and undo it (possible until the old copy
+    /// left the volume): the new replica is dropped and deleted, the volume stays where it
+    /// was. Other operations cannot be aborted (the refusal says why).
+    Abort { name: String },
     /// List volumes.
     List,
     /// Show one volume with its replicas and operations.
@@ -567,6 +571,26 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             no_wait,
             timeout,
         } => volume_move(client, json, name, from, to, *no_wait, *timeout),
+        VolumeCmd::Abort { name } => {
+            let v: Volume =
+                client.post(&format!("/v1/volumes/{}/abort", path_segment(name)), &())?;
+            emit(json, &v, |v| {
+                let op = v
+                    .operations
+                    .iter()
+                    .rev()
+                    .find(|o| o.state == "aborted")
+                    .map(|o| {
+                        format!(
+                            "Aborted the {} of volume {}: {}.\n",
+                            o.kind,
+                            v.name,
+                            o.last_error.as_deref().unwrap_or("undone")
+                        )
+                    });
+                op.unwrap_or_else(|| format!("Volume {}: nothing aborted.\n", v.name))
+            })
+        }
         VolumeCmd::Promote {
             name,
             node,
@@ -869,12 +893,19 @@ fn wait_move(
     let mut last = String::new();
     loop {
         let vol: Volume = client.get(&path)?;
-        let open = vol
-            .operations
-            .iter()
-            .rev()
-            .find(|o| o.kind == kind && o.state != "done" && o.state != "failed");
-        let Some(op) = open else { return Ok(()) };
+        // The newest operation of that kind is the one this command started.
+        let Some(op) = vol.operations.iter().rev().find(|o| o.kind == kind) else {
+            return Ok(());
+        };
+        match op.state.as_str() {
+            "done" => return Ok(()),
+            "aborted" | "failed" | "superseded" => bail!(
+                "the {kind} of volume {volume} ended {}: {}",
+                op.state,
+                op.last_error.as_deref().unwrap_or("no reason recorded")
+            ),
+            _ => {}
+        }
         let step = op
             .steps
             .iter()

@@ -380,11 +380,12 @@ pub fn operations_table(v: &Volume, now: u64) -> String {
         ]);
     }
     let mut out = t.render();
-    for o in v
-        .operations
-        .iter()
-        .filter(|o| o.state != "done" && o.state != "failed")
-    {
+    for o in v.operations.iter().filter(|o| {
+        !matches!(
+            o.state.as_str(),
+            "done" | "failed" | "superseded" | "aborted"
+        )
+    }) {
         out.push_str(&format!("\n{} steps:\n", o.kind));
         for (i, s) in o.steps.iter().enumerate() {
             out.push_str(&format!("  {}. {:<44} {}", i + 1, s.name, s.state));
@@ -484,7 +485,10 @@ pub fn status(s: &ClusterStatus, now: u64) -> String {
     let mut shown = 0;
     for v in &s.volumes {
         for o in &v.operations {
-            let finished = o.state == "done" || o.state == "failed";
+            let finished = matches!(
+                o.state.as_str(),
+                "done" | "failed" | "superseded" | "aborted"
+            );
             if finished
                 && o.finished_unix
                     .is_none_or(|f| now.saturating_sub(f) > RECENT_SECS)

@@ -368,3 +368,78 @@ fn controller_killed_during_a_move_resumes_it_after_a_restart() {
     );
     qemu_io(&c.connect("k"), &["read -P 0x71 0 8M"]);
 }
+
+/// `tandem volume abort` undoes a move whose new replica is still resyncing: the new copy is
+/// dropped and deleted, the volume stays where it was with its Primary and data; operations
+/// that cannot be undone are refused.
+#[test]
+fn volume_abort_undoes_a_move_before_the_old_copy_leaves() {
+    let c = Cluster::start_with(4, &["--experimental-replication"]);
+    c.json(&[
+        "volume",
+        "create",
+        "a",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--resync-rate",
+        "4MiB",
+    ]);
+    let v = c.wait_json(&["volume", "show", "a"], "in sync", whole);
+    let primary = v["primary_node"].as_str().unwrap().to_string();
+    let spare = ["node1", "node2", "node3", "node4"]
+        .into_iter()
+        .find(|n| !nodes_of(&v).iter().any(|u| u == n))
+        .unwrap()
+        .to_string();
+    qemu_io(&c.connect("a"), &["write -P 0x81 0 4M", "flush"]);
+    let out = run(c.cli().args(["volume", "abort", "a"]));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no_operation"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.tandem(&[
+        "volume",
+        "move",
+        "a",
+        "--from",
+        &primary,
+        "--to",
+        &spare,
+        "--no-wait",
+    ]);
+    c.wait_json(&["volume", "show", "a"], "the new replica resyncing", |v| {
+        replicas(v)
+            .iter()
+            .any(|r| r["node"] == spare.as_str() && r["resync_bytes_left"].as_u64() > Some(0))
+    });
+    let out = c.tandem(&["volume", "abort", "a"]);
+    assert!(out.contains("Aborted the move of volume a"), "{out}");
+    let mut orig = nodes_of(&v);
+    orig.sort();
+    let v = c.wait_json(&["volume", "show", "a"], "back where it was", |v| {
+        let mut now = nodes_of(v);
+        now.sort();
+        whole(v) && now == orig
+    });
+    assert_eq!(v["primary_node"].as_str(), Some(primary.as_str()), "{v:#}");
+    let op = v["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|o| o["kind"] == "move")
+        .unwrap();
+    assert_eq!(op["state"], "aborted", "{v:#}");
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the new copy deleted",
+        || (!c.node_dir(&spare).join("pool/a.meta").exists()).then_some(()),
+    );
+    qemu_io(&c.connect("a"), &["read -P 0x81 0 4M"]);
+    // Nothing running any more.
+    let out = run(c.cli().args(["volume", "abort", "a"]));
+    assert!(!out.status.success());
+}

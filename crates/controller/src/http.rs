@@ -344,6 +344,21 @@ async fn move_volume(
         .map(axum::Json)
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/abort", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    responses((status = 200, description = "The running move or evacuation was stopped and undone (state `aborted`): the new member dropped and deleted by its node, the old placement kept", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 409, description = "`no_operation` (nothing running), `not_abortable` (node replacement, resize, create, delete, verify), `too_late` (the old copy already left the volume)", body = ApiError)))]
+async fn abort_volume(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.abort_operation(&name))
+        .await
+        .map(axum::Json)
+}
+
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = RoleChange,
@@ -594,6 +609,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/move", post(move_volume))
+        .route("/v1/volumes/{name}/abort", post(abort_volume))
         .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route(
@@ -622,7 +638,7 @@ pub fn router(state: AppState) -> Router {
     ),
     paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
           health, openapi, status, nodes, node_add, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
-          delete_volume, update_volume, resize_volume, move_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, resize_volume, move_volume, abort_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

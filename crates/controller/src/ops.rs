@@ -18,6 +18,8 @@ pub const DONE: &str = "done";
 pub const FAILED: &str = "failed";
 /// Replaced by a newer operation of the same kind (a second resize): finished, not failed.
 pub const SUPERSEDED: &str = "superseded";
+/// Stopped by the operator (`volume abort`) and undone: finished, not failed.
+pub const ABORTED: &str = "aborted";
 
 /// Longest wait between two attempts.
 pub const BACKOFF_MAX_SECS: u64 = 60;
@@ -79,7 +81,19 @@ fn refresh(op: &mut Operation, now: u64) {
 }
 
 pub fn is_finished(op: &Operation) -> bool {
-    op.state == DONE || op.state == FAILED || op.state == SUPERSEDED
+    op.state == DONE || op.state == FAILED || op.state == SUPERSEDED || op.state == ABORTED
+}
+
+/// Ends an unfinished operation that the operator aborted (its changes were undone).
+pub fn aborted(op: &mut Operation, why: &str, now: u64) {
+    if is_finished(op) {
+        return;
+    }
+    op.state = ABORTED.to_string();
+    op.last_error = Some(why.to_string());
+    op.next_retry_unix = None;
+    op.finished_unix = Some(now);
+    op.eta_secs = None;
 }
 
 /// Ends an unfinished operation because a newer one of the same kind replaces it (its

@@ -2190,6 +2190,93 @@ impl Controller {
         Ok(self.volume_view(&v, &nodes))
     }
 
+    /// `volume abort NAME`: stops the volume's running move or evacuation and undoes it, while
+    /// that is safe: before the old copy left the volume. The new member (or witness) is
+    /// dropped (its node deletes what it has), the leaving placement stays; a Primary already
+    /// moved stays where it is. Other operations are refused: a node replacement (the lost
+    /// node's copy is gone), a resize (run another one), create, delete and verify.
+    pub fn abort_operation(&self, name: &str) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        let _guard = self.write_guard();
+        let (rev, mut v) = self.volume_to_change(name)?;
+        let nodes = self.nodes_by_name()?;
+        let Some(i) = v.operations.iter().rposition(|o| !ops::is_finished(o)) else {
+            return Err(Failure::conflict(
+                "no_operation",
+                format!("volume '{name}' has no operation running"),
+            ));
+        };
+        let kind = v.operations[i].kind.clone();
+        if !moves(&kind) {
+            let why = match kind.as_str() {
+                OP_NODE_LOST => "the lost node's replicas are gone: the replacement must finish",
+                "resize" => "a resize is not undone: run `volume resize` to the size you want",
+                _ => "only a move or an evacuation can be aborted",
+            };
+            return Err(Failure::conflict(
+                "not_abortable",
+                format!("the {kind} operation of volume '{name}' cannot be aborted: {why}"),
+            ));
+        }
+        if !v.placements.iter().any(|p| p.leaving) {
+            return Err(Failure::conflict(
+                "too_late",
+                format!(
+                    "the {kind} of volume '{name}' is past the point of return: the old copy \
+                     already left the volume (it is being deleted)"
+                ),
+            ));
+        }
+        let added: Vec<String> = v.operations[i]
+            .steps
+            .iter()
+            .filter(|s| s.name.starts_with(STEP_CREATE) || s.name.starts_with(STEP_WITNESS))
+            .filter_map(|s| s.node.clone())
+            .collect();
+        let before: Vec<String> = v.placements.iter().map(|p| p.node.clone()).collect();
+        let (dropped, kept): (Vec<Placement>, Vec<Placement>) = v
+            .placements
+            .drain(..)
+            .partition(|p| added.contains(&p.node) && !p.leaving);
+        v.placements = kept;
+        for p in v.placements.iter_mut() {
+            p.leaving = false;
+        }
+        let why = format!(
+            "aborted by the operator: {} dropped, the volume stays on {}",
+            if dropped.is_empty() {
+                "nothing new".to_string()
+            } else {
+                dropped
+                    .iter()
+                    .map(|p| p.node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            v.placements
+                .iter()
+                .map(|p| p.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let now = now_unix();
+        ops::aborted(&mut v.operations[i], &why, now);
+        v.removing.extend(dropped.into_iter().map(|mut p| {
+            p.join = false;
+            p
+        }));
+        let mut txn: Vec<TxnOp> = before.iter().map(|n| Self::bump(n)).collect();
+        txn.push(TxnOp::put(
+            format!("{VOLUMES}{}", v.name),
+            encode(&v)?,
+            Expect::Revision(rev),
+        ));
+        self.store.txn(txn)?;
+        self.notify();
+        tracing::info!(volume = name, kind = %kind, "{why}");
+        Ok(self.volume_view(&v, &nodes))
+    }
+
     /// `node evacuate NAME`: moves every replica and witness off a node, online. Per volume:
     /// a new replica on the online diskful node with most free space joins with a full
     /// resync (a witness moves to another online node), the Primary moves to a replica that
