@@ -416,6 +416,7 @@ fn volume_abort_undoes_a_move_before_the_old_copy_leaves() {
             .any(|r| r["node"] == spare.as_str() && r["resync_bytes_left"].as_u64() > Some(0))
     });
     let out = c.tandem(&["volume", "abort", "a"]);
+    eprintln!("{out}");
     assert!(out.contains("Aborted the move of volume a"), "{out}");
     let mut orig = nodes_of(&v);
     orig.sort();
