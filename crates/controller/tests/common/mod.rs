@@ -85,9 +85,13 @@ impl Server {
             thread: Some(thread),
             http,
         };
-        // The store is opened after the address is known: wait until the API answers.
+        // The store is opened after the address is known: wait until the API answers (a
+        // connection refused or reset before then is retried, not a failure).
         wait_for("controller answers /v1/health", || {
-            s.get("/v1/health").0 == 200
+            s.http
+                .get(&s.url("/v1/health"))
+                .call()
+                .is_ok_and(|r| r.status().as_u16() == 200)
         });
         s
     }
