@@ -451,9 +451,11 @@ fn grow_gpt_xfs() {
     let img = w.join("gpt-xfs.img");
     let (first, _) = gpt_image(w, &img, IMAGE, "xfs", &w.join("files"));
     let c = Cluster::start(1);
-    volume_with(&c, "x1", VOLUME, &img);
+    // The volume is only as large as the image: the grow's block step resizes it first.
+    volume_with(&c, "x1", IMAGE, &img);
     let out = ok(&grow(&c, &["x1", &format!("{VOLUME}")]));
     assert!(out.contains("xfs_growfs"), "{out}");
+    assert_eq!(c.json(&["volume", "show", "x1"])["size_bytes"], VOLUME);
     let fs = check_gpt(w, &c, "x1", "xfs", VOLUME, first, &files);
     assert!(fs > IMAGE, "xfs is {fs} B");
     assert!(journal(&c, "x1").is_null());
