@@ -169,4 +169,8 @@ fn node_lost_restores_the_replica_count_elsewhere_with_a_full_resync() {
         .find(|o| o["kind"] == "node-lost")
         .unwrap();
     assert_eq!(op["progress"].as_f64(), Some(1.0), "{op:#}");
+    // Online verify of the restored pair finds no difference.
+    let r = c.json(&["volume", "verify", "r"]);
+    assert_eq!(r["checked_bytes"], SIZE, "{r:#}");
+    assert_eq!(r["different_bytes"], 0, "{r:#}");
 }
