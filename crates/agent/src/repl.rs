@@ -219,10 +219,11 @@ fn name_nodes(msg: &str, names: &BTreeMap<u8, String>) -> String {
 }
 
 /// Whether two specs differ in more than the options a running driver takes without a
-/// restart (the resync rate).
+/// restart (resync rate and floor, split-brain policy, checksum resync, size).
 fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     let mut w = want.clone();
     w.options.resync_rate = have.options.resync_rate;
+    w.options.resync_min_rate = have.options.resync_min_rate;
     w.options.after_split_brain = have.options.after_split_brain;
     w.options.resync_checksums = have.options.resync_checksums;
     // The size changes online (`VolumeDriver::resize`).

@@ -31,6 +31,30 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     out
 }
 
+/// (Primary, Secondary, witness) of a fresh 2-replica volume from `volume create -o json`.
+fn placed(v: &Value) -> (String, String, String) {
+    let primary = v["primary_node"].as_str().unwrap().to_string();
+    let node = |f: &dyn Fn(&Value) -> bool| {
+        replicas(v)
+            .iter()
+            .find(|r| f(r))
+            .and_then(|r| r["node"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    let witness = node(&|r| r["diskless"] == true);
+    let secondary = node(&|r| r["diskless"] == false && r["node"] != primary.as_str());
+    (primary, secondary, witness)
+}
+
+/// The nodes of an `n`-node cluster (node1..) holding nothing of `v`.
+fn free_nodes(v: &Value, n: usize) -> Vec<String> {
+    (1..=n)
+        .map(|i| format!("node{i}"))
+        .filter(|name| !nodes_of(v).contains(name))
+        .collect()
+}
+
 /// Decommissions a host: its agent stops for good (else it registers again).
 fn stop_agent(c: &Cluster, node: &str) {
     let pid = c.agent_pid(node).expect("agent.pid");
@@ -63,19 +87,7 @@ fn evacuate_moves_the_witness_then_the_primary_replica_and_the_nodes_can_go() {
     const SIZE: u64 = 32 << 20;
     let c = Cluster::start_with(5, &["--experimental-replication"]);
     let v = c.json(&["volume", "create", "r", "32MiB", "--replicas", "2"]);
-    let primary = v["primary_node"].as_str().unwrap().to_string();
-    let witness = replicas(&v)
-        .iter()
-        .find(|r| r["diskless"] == true)
-        .and_then(|r| r["node"].as_str())
-        .unwrap()
-        .to_string();
-    let secondary = replicas(&v)
-        .iter()
-        .find(|r| r["diskless"] == false && r["node"] != primary.as_str())
-        .and_then(|r| r["node"].as_str())
-        .unwrap()
-        .to_string();
+    let (primary, secondary, witness) = placed(&v);
     c.wait_json(&["volume", "show", "r"], "in sync", whole);
     qemu_io(
         &c.connect("r"),
@@ -212,24 +224,8 @@ fn volume_move_moves_the_primary_replica_and_the_witness_online() {
     const SIZE: u64 = 32 << 20;
     let c = Cluster::start_with(5, &["--experimental-replication"]);
     let v = c.json(&["volume", "create", "m", "32MiB", "--replicas", "2"]);
-    let primary = v["primary_node"].as_str().unwrap().to_string();
-    let witness = replicas(&v)
-        .iter()
-        .find(|r| r["diskless"] == true)
-        .and_then(|r| r["node"].as_str())
-        .unwrap()
-        .to_string();
-    let secondary = replicas(&v)
-        .iter()
-        .find(|r| r["diskless"] == false && r["node"] != primary.as_str())
-        .and_then(|r| r["node"].as_str())
-        .unwrap()
-        .to_string();
-    let free: Vec<String> = ["node1", "node2", "node3", "node4", "node5"]
-        .into_iter()
-        .filter(|n| !nodes_of(&v).iter().any(|u| u == n))
-        .map(str::to_string)
-        .collect();
+    let (primary, secondary, witness) = placed(&v);
+    let free = free_nodes(&v, 5);
     assert_eq!(free.len(), 2);
     c.wait_json(&["volume", "show", "m"], "in sync", whole);
     qemu_io(
@@ -319,11 +315,7 @@ fn controller_killed_during_a_move_resumes_it_after_a_restart() {
         "8MiB",
     ]);
     let primary = v["primary_node"].as_str().unwrap().to_string();
-    let spare = ["node1", "node2", "node3", "node4"]
-        .into_iter()
-        .find(|n| !nodes_of(&v).iter().any(|u| u == n))
-        .unwrap()
-        .to_string();
+    let spare = free_nodes(&v, 4).remove(0);
     c.wait_json(&["volume", "show", "k"], "in sync", whole);
     qemu_io(&c.connect("k"), &["write -P 0x71 0 8M", "flush"]);
     c.tandem(&[
@@ -387,11 +379,7 @@ fn volume_abort_undoes_a_move_before_the_old_copy_leaves() {
     ]);
     let v = c.wait_json(&["volume", "show", "a"], "in sync", whole);
     let primary = v["primary_node"].as_str().unwrap().to_string();
-    let spare = ["node1", "node2", "node3", "node4"]
-        .into_iter()
-        .find(|n| !nodes_of(&v).iter().any(|u| u == n))
-        .unwrap()
-        .to_string();
+    let spare = free_nodes(&v, 4).remove(0);
     qemu_io(&c.connect("a"), &["write -P 0x81 0 4M", "flush"]);
     let out = run(c.cli().args(["volume", "abort", "a"]));
     assert!(!out.status.success());

@@ -1470,30 +1470,25 @@ impl Controller {
         let (rev, mut v) = self.volume_to_change(name)?;
         let nodes = self.nodes_by_name()?;
         let mut changed = false;
-        if let Some(rate) = req.resync_rate_bytes_per_sec
-            && rate != v.resync_rate
-        {
-            tracing::info!(
-                volume = name,
-                from = v.resync_rate,
-                to = rate,
-                "resync rate changed"
-            );
-            v.resync_rate = rate;
-            changed = true;
-        }
-        if let Some(rate) = req.resync_min_rate_bytes_per_sec
-            && rate != v.resync_min_rate
-        {
-            tracing::info!(
-                volume = name,
-                from = v.resync_min_rate,
-                to = rate,
-                "resync minimum rate (yield to consumer I/O) changed"
-            );
-            v.resync_min_rate = rate;
-            changed = true;
-        }
+        let mut set_rate = |field: &mut u64, want: Option<u64>, what: &str| {
+            if let Some(rate) = want
+                && rate != *field
+            {
+                tracing::info!(volume = name, from = *field, to = rate, "{what} changed");
+                *field = rate;
+                changed = true;
+            }
+        };
+        set_rate(
+            &mut v.resync_rate,
+            req.resync_rate_bytes_per_sec,
+            "resync rate",
+        );
+        set_rate(
+            &mut v.resync_min_rate,
+            req.resync_min_rate_bytes_per_sec,
+            "resync minimum rate (yield to consumer I/O)",
+        );
         if let Some(p) = &req.after_split_brain
             && *p != v.after_split_brain
         {

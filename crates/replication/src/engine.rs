@@ -2779,17 +2779,7 @@ impl Engine {
         if !others_in_sync || !has_others {
             return;
         }
-        if let Some(b) = self.peers.get_mut(&peer).and_then(|p| p.bitmap.as_mut())
-            && b.count() > 0
-        {
-            let n = b.len();
-            b.clear_all();
-            self.out.push(Action::PersistBits {
-                peer,
-                set: false,
-                first: 0,
-                count: n,
-            });
+        if self.clear_all_bits(peer) {
             self.log(
                 Level::Info,
                 format!(
@@ -2977,19 +2967,28 @@ impl Engine {
         self.broadcast_report(false);
     }
 
-    fn resync_source_finished(&mut self, peer: NodeId) {
-        if let Some(b) = self.peers.get_mut(&peer).and_then(|p| p.bitmap.as_mut())
-            && b.count() > 0
-        {
-            let n = b.len();
-            b.clear_all();
-            self.out.push(Action::PersistBits {
-                peer,
-                set: false,
-                first: 0,
-                count: n,
-            });
+    /// Clears (and persists clearing) every out-of-sync bit toward `peer`; whether any was
+    /// set.
+    fn clear_all_bits(&mut self, peer: NodeId) -> bool {
+        let Some(b) = self.peers.get_mut(&peer).and_then(|p| p.bitmap.as_mut()) else {
+            return false;
+        };
+        if b.count() == 0 {
+            return false;
         }
+        let n = b.len();
+        b.clear_all();
+        self.out.push(Action::PersistBits {
+            peer,
+            set: false,
+            first: 0,
+            count: n,
+        });
+        true
+    }
+
+    fn resync_source_finished(&mut self, peer: NodeId) {
+        self.clear_all_bits(peer);
         self.meta.peer_bitmap_gens.insert(peer, 0);
         if self.meta.disk_state == DiskState::Outdated {
             // Only a split-brain resolution makes an Outdated node a sync source (the

@@ -87,6 +87,28 @@ fn connect(e: &mut Engine, peer: u8, diskful: bool, role: Role) -> Vec<Action> {
     out
 }
 
+/// A `StateReport` of `peer`: Secondary, UpToDate at generation 77, volume size `SIZE`, no
+/// bitmaps, nothing outdated; tests change what they need with struct update syntax.
+fn report_of(peer: u8) -> tandem_repl_proto::StateReport {
+    tandem_repl_proto::StateReport {
+        seq: 1,
+        node_id: peer,
+        role: Role::Secondary,
+        disk_state: tandem_repl_proto::DiskState::UpToDate,
+        quorum: Default::default(),
+        flags: 0,
+        size_bytes: SIZE,
+        generations: tandem_repl_proto::Generations {
+            current: 77,
+            ..Default::default()
+        },
+        peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
+    }
+}
+
 fn disk_writes(a: &[Action]) -> Vec<(IoId, u64)> {
     a.iter()
         .filter_map(|a| match a {
@@ -1593,21 +1615,9 @@ fn resync_under_consumer_writes(busy: bool) -> (u64, u64) {
     };
     let mut out = e.handle(1, Event::PeerUp { peer: 1 });
     let report = tandem_repl_proto::StateReport {
-        seq: 1,
-        node_id: 1,
         role: Role::Primary,
-        disk_state: tandem_repl_proto::DiskState::UpToDate,
-        quorum: Default::default(),
-        flags: 0,
         size_bytes: VOL,
-        generations: tandem_repl_proto::Generations {
-            current: 77,
-            ..Default::default()
-        },
-        peer_bitmaps: vec![],
-        outdated: 0,
-        outdated_gen: 0,
-        outdated_by: 0,
+        ..report_of(1)
     };
     for msg in [
         Message::StateReport(Box::new(report)),
@@ -1730,17 +1740,11 @@ fn outdated_secondary() -> Engine {
     connect(&mut e, 2, false, Role::Secondary);
     let report = tandem_repl_proto::StateReport {
         seq: 2,
-        node_id: 2,
-        role: Role::Secondary,
         disk_state: tandem_repl_proto::DiskState::Diskless,
-        quorum: Default::default(),
-        flags: 0,
-        size_bytes: SIZE,
         generations: Default::default(),
-        peer_bitmaps: vec![],
         outdated: 1 << 1,
         outdated_gen: 0x99,
-        outdated_by: 0,
+        ..report_of(2)
     };
     let a = e.handle(
         10,
@@ -1780,17 +1784,11 @@ fn an_outdated_node_is_up_to_date_again_after_resync_and_ignores_relays_near_a_p
     connect(&mut e, 2, false, Role::Secondary);
     let report = tandem_repl_proto::StateReport {
         seq: 2,
-        node_id: 2,
-        role: Role::Secondary,
         disk_state: DiskState::Diskless,
-        quorum: Default::default(),
-        flags: 0,
-        size_bytes: SIZE,
         generations: Default::default(),
-        peer_bitmaps: vec![],
         outdated: 1 << 1,
         outdated_gen: 0x99,
-        outdated_by: 0,
+        ..report_of(2)
     };
     e.handle(
         10,
@@ -1833,18 +1831,9 @@ fn source_of_new_member() -> Engine {
     connect(&mut e, 2, false, Role::Secondary);
     e.handle(1, Event::PeerUp { peer: 3 });
     let report = tandem_repl_proto::StateReport {
-        seq: 1,
-        node_id: 3,
-        role: Role::Secondary,
         disk_state: tandem_repl_proto::DiskState::Inconsistent,
-        quorum: Default::default(),
-        flags: 0,
-        size_bytes: SIZE,
         generations: Default::default(),
-        peer_bitmaps: vec![],
-        outdated: 0,
-        outdated_gen: 0,
-        outdated_by: 0,
+        ..report_of(3)
     };
     for msg in [
         Message::StateReport(Box::new(report)),
