@@ -656,8 +656,10 @@ pub(crate) async fn stop_unwanted(agent: &Arc<Agent>, desired: &DesiredState) {
                         // Restart on any change of what the driver was started with,
                         // except options it takes while running.
                         Ok(spec) => needs_restart(&spec, &run.spec),
-                        // Peer address unknown now: keep running with the old one.
-                        Err(_) => w.volume_uuid != run.spec.uuid,
+                        // Peer address unknown now: keep running with the old one. A
+                        // witness becoming a replica (or back) stops at once: the new kind's
+                        // files are only set up once the old driver is gone.
+                        Err(_) => w.volume_uuid != run.spec.uuid || w.diskless == run.spec.diskful,
                     },
                 }
             })

@@ -193,6 +193,19 @@ pub struct VolumeMove {
     pub to_pool: Option<String>,
 }
 
+/// `POST /v1/volumes/{name}/replicas`: add one diskful replica to a volume, online.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaAdd {
+    /// The node that gets it (default: the online diskful node with most free space that does
+    /// not hold the volume; else the node holding its witness, which becomes a replica).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The pool there (default: the one with most free space that fits).
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeState {

@@ -188,6 +188,35 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// Add one replica, online: it joins with a full resync. The witness follows (added when
+    /// the replica count becomes even, removed when it becomes odd; a witness on the chosen
+    /// node becomes the replica). Waits until the new replica is in sync.
+    AddReplica {
+        name: String,
+        /// Where: NODE or NODE:POOL (default: the online diskful node with most free space
+        /// not holding the volume, else the witness's node).
+        #[arg(long)]
+        to: Option<String>,
+        /// Return once the controller has planned it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Remove the replica on NODE, online: it leaves the volume and its node deletes it. The
+    /// witness follows the new replica count (added, possibly on NODE, or removed). Refused
+    /// for the only replica, the Primary's (promote another first) and the last UpToDate one.
+    RemoveReplica {
+        name: String,
+        node: String,
+        /// Return once the controller has planned it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Stop the volume's running move or evacuation and undo it (possible until the old copy
     /// left the volume): the new replica is dropped and deleted, the volume stays where it
     /// was. Other operations cannot be aborted (the refusal says why).
@@ -571,6 +600,18 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             no_wait,
             timeout,
         } => volume_move(client, json, name, from, to, *no_wait, *timeout),
+        VolumeCmd::AddReplica {
+            name,
+            to,
+            no_wait,
+            timeout,
+        } => add_replica(client, json, name, to.as_deref(), *no_wait, *timeout),
+        VolumeCmd::RemoveReplica {
+            name,
+            node,
+            no_wait,
+            timeout,
+        } => remove_replica(client, json, name, node, *no_wait, *timeout),
         VolumeCmd::Abort { name } => {
             let v: Volume =
                 client.post(&format!("/v1/volumes/{}/abort", path_segment(name)), &())?;
@@ -961,9 +1002,31 @@ fn volume_move(
         to_pool,
     };
     let v: Volume = client.post(&format!("/v1/volumes/{}/move", path_segment(name)), &req)?;
+    let heading = format!("Moving volume {name} from {from} to {to}:");
+    follow_members(
+        client, json, &v, "move", &heading, "Moved", no_wait, timeout,
+    )
+}
+
+/// After a membership change was recorded (`v`, with its new `kind` operation): prints the
+/// planned steps under `heading`, waits until the operation is done unless `no_wait`
+/// (showing the current step and resync progress), then prints where the volume is now
+/// (`done`: the verb) or the volume as JSON.
+#[allow(clippy::too_many_arguments)]
+fn follow_members(
+    client: &Client,
+    json: bool,
+    v: &Volume,
+    kind: &str,
+    heading: &str,
+    done: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let name = v.name.as_str();
     if !json {
-        println!("Moving volume {name} from {from} to {to}:");
-        if let Some(op) = v.operations.iter().rev().find(|o| o.kind == "move") {
+        println!("{heading}");
+        if let Some(op) = v.operations.iter().rev().find(|o| o.kind == kind) {
             for s in &op.steps {
                 println!("  {}", s.name);
             }
@@ -971,10 +1034,10 @@ fn volume_move(
     }
     if !no_wait {
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        wait_move(client, name, "move", deadline, json, |vol, step| {
+        wait_move(client, name, kind, deadline, json, |vol, step| {
             format!(
-                "volume {vol} is still moving after {timeout}s (now: {step}); `tandem volume \
-                 show {vol}` shows the operation (it goes on)"
+                "the {kind} of volume {vol} is still running after {timeout}s (now: {step}); \
+                 `tandem volume show {vol}` shows the operation (it goes on)"
             )
         })?;
     }
@@ -983,7 +1046,7 @@ fn volume_move(
         return print_json(&v);
     }
     if no_wait {
-        println!("The move goes on: `tandem volume show {name}` shows its steps.");
+        println!("It goes on: `tandem volume show {name}` shows its steps.");
     } else {
         let mut on: Vec<String> = v
             .replicas
@@ -997,9 +1060,73 @@ fn volume_move(
             })
             .collect();
         on.sort();
-        println!("Moved: volume {name} is on {}.", on.join(", "));
+        println!("{done}: volume {name} is on {}.", on.join(", "));
     }
     Ok(())
+}
+
+/// `volume add-replica NAME [--to NODE[:POOL]]`.
+fn add_replica(
+    client: &Client,
+    json: bool,
+    name: &str,
+    to: Option<&str>,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let (node, pool) = match to.map(|t| t.split_once(':').unwrap_or((t, ""))) {
+        Some((n, p)) => (Some(n.to_string()), (!p.is_empty()).then(|| p.to_string())),
+        None => (None, None),
+    };
+    let req = tandem_api::ReplicaAdd { node, pool };
+    let v: Volume = client.post(
+        &format!("/v1/volumes/{}/replicas", path_segment(name)),
+        &req,
+    )?;
+    let heading = format!(
+        "Adding a replica to volume {name} ({} replicas then):",
+        v.replica_count
+    );
+    follow_members(
+        client,
+        json,
+        &v,
+        "add-replica",
+        &heading,
+        "Added",
+        no_wait,
+        timeout,
+    )
+}
+
+/// `volume remove-replica NAME NODE`.
+fn remove_replica(
+    client: &Client,
+    json: bool,
+    name: &str,
+    node: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let v: Volume = client.delete(&format!(
+        "/v1/volumes/{}/replicas/{}",
+        path_segment(name),
+        path_segment(node)
+    ))?;
+    let heading = format!(
+        "Removing the replica on {node} from volume {name} ({} replicas then):",
+        v.replica_count
+    );
+    follow_members(
+        client,
+        json,
+        &v,
+        "remove-replica",
+        &heading,
+        "Removed",
+        no_wait,
+        timeout,
+    )
 }
 
 fn node_evacuate(
