@@ -133,6 +133,7 @@ pub struct VolumeCreate {
     #[serde(default)]
     pub resync_min_rate_bytes_per_sec: Option<u64>,
     /// Automatic split-brain policy: `disconnect` (default), `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE`.
     #[serde(default)]
     pub after_split_brain: Option<String>,
@@ -156,6 +157,7 @@ pub struct VolumeUpdate {
     #[serde(default)]
     pub resync_min_rate_bytes_per_sec: Option<u64>,
     /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE`; applies from the next handshake.
     #[serde(default)]
     pub after_split_brain: Option<String>,
@@ -519,6 +521,7 @@ pub struct Volume {
     #[serde(default)]
     pub last_verify: Option<VerifyReport>,
     /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE`.
     #[serde(default = "default_split_brain")]
     pub after_split_brain: String,
@@ -860,6 +863,7 @@ pub struct DesiredReplica {
     #[serde(default)]
     pub verify: Option<DesiredVerify>,
     /// The volume's split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE` (a node name).
     #[serde(default = "default_split_brain")]
     pub after_split_brain: String,

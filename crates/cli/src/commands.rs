@@ -108,8 +108,9 @@ pub enum VolumeCmd {
         resync_min_rate: Option<String>,
         /// What a split brain does: `disconnect` (default: stay apart until `volume
         /// resolve-split-brain`), `discard-zero-changes` (the side that wrote nothing since the
-        /// split resyncs from the other; if both wrote, disconnect), `discard-node:NODE` (that
-        /// node's changes are discarded).
+        /// split resyncs from the other; if both wrote, disconnect), `discard-younger-primary`
+        /// (the side that became Primary more recently discards its changes),
+        /// `discard-node:NODE` (that node's changes are discarded).
         #[arg(long)]
         after_split_brain: Option<String>,
         /// Checksum-based resync: compare digests per 4 KiB block with the source first and
@@ -132,8 +133,8 @@ pub enum VolumeCmd {
         /// `off` (never yield). Applies at once.
         #[arg(long)]
         resync_min_rate: Option<String>,
-        /// Split-brain policy: `disconnect`, `discard-zero-changes`, `discard-node:NODE`
-        /// (from the next handshake).
+        /// Split-brain policy: `disconnect`, `discard-zero-changes`,
+        /// `discard-younger-primary`, `discard-node:NODE` (from the next handshake).
         #[arg(long)]
         after_split_brain: Option<String>,
         /// Checksum-based resync: `on` or `off` (applies at once).
