@@ -54,6 +54,33 @@ fn write_and_check(c: &Cluster, written: &mut Vec<(u64, u64, u8)>, offset: u64, 
     qemu_io_ok(&uri, &cmds);
 }
 
+/// A consumer holding the volume's export open (qemu-io sleeping) until dropped.
+struct HeldOpen(std::process::Child);
+
+impl HeldOpen {
+    fn start(c: &Cluster) -> HeldOpen {
+        let child = std::process::Command::new(tool("qemu-io"))
+            .args(["-f", "raw", "-c", "sleep 120000", &c.connect(VOL)])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        let held = HeldOpen(child);
+        c.wait_json(&["volume", "show", VOL], "the consumer connected", |v| {
+            replicas(v).iter().any(|r| r["connections"] == 1)
+        });
+        held
+    }
+}
+
+impl Drop for HeldOpen {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn data_file(c: &Cluster, node: &str) -> std::path::PathBuf {
     c.node_dir(node).join("pool").join(format!("{VOL}.data"))
 }
@@ -65,6 +92,15 @@ fn replica_count_goes_up_to_three_and_back_to_one_online() {
     let first = diskful(&v)[0]["node"].as_str().unwrap().to_string();
     let mut written = Vec::new();
     write_and_check(&c, &mut written, 0, 0x11);
+
+    // A consumer connected to the single replica's file export: refused (its connection
+    // would bypass replication), then allowed once it is gone.
+    let held = HeldOpen::start(&c);
+    c.refused(&["volume", "add-replica", VOL], "in_use");
+    drop(held);
+    c.wait_json(&["volume", "show", VOL], "no consumer", |v| {
+        replicas(v)[0]["connections"] == 0
+    });
 
     // 1 -> 2: a new replica on another node, resynced fully, and a witness on the third.
     let out = c.tandem(&["volume", "add-replica", VOL]);
@@ -125,8 +161,15 @@ fn replica_count_goes_up_to_three_and_back_to_one_online() {
         .collect();
     same_files(&c, &others[0], &others[1], VOL);
 
-    // 2 -> 1: the Secondary goes, and the witness with it.
+    // 2 -> 1: the Secondary goes, and the witness with it; not while a consumer is
+    // connected to the replica that stays.
     let secondary = node_of(&v, "Secondary").to_string();
+    let held = HeldOpen::start(&c);
+    c.refused(&["volume", "remove-replica", VOL, &secondary], "in_use");
+    drop(held);
+    c.wait_json(&["volume", "show", VOL], "no consumer", |v| {
+        replicas(v).iter().all(|r| r["connections"] == 0)
+    });
     c.tandem(&["volume", "remove-replica", VOL, &secondary]);
     let v = c.wait_json(&["volume", "show", VOL], "1 replica", |v| {
         settled(v, 1, false)

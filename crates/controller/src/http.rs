@@ -350,7 +350,7 @@ async fn move_volume(
     responses((status = 200, description = "Recorded as an `add-replica` operation: a new replica joins with a full resync; the witness is added or dropped so that the voters stay odd (a witness on the chosen node becomes the replica)", body = Volume),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such volume, node or pool", body = ApiError),
-              (status = 409, description = "Refused: `already_placed`, `witness_node`, `node_offline`, `no_capacity`, `too_many` (the volume has the most replicas supported), `no_nodes` (no node for the replica or a needed witness), `busy` (a membership operation runs)", body = ApiError),
+              (status = 409, description = "Refused: `already_placed`, `witness_node`, `node_offline`, `no_capacity`, `too_many` (the volume has the most replicas supported), `no_nodes` (no node for the replica or a needed witness), `busy` (a membership operation runs), `in_use` (consumers are connected to a single replica, whose export the change switches)", body = ApiError),
               (status = 422, description = "Malformed body", body = ApiError)))]
 async fn add_replica(
     State(s): State<AppState>,
@@ -367,7 +367,7 @@ async fn add_replica(
     responses((status = 200, description = "Recorded as a `remove-replica` operation: the replica leaves the volume and its node deletes it; the witness is added (possibly on that node) or dropped so that the voters stay odd", body = Volume),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such volume", body = ApiError),
-              (status = 409, description = "Refused: `no_replica`, `is_witness`, `last_replica`, `is_primary` (promote another replica first), `last_up_to_date` (no other replica is UpToDate), `busy`", body = ApiError)))]
+              (status = 409, description = "Refused: `no_replica`, `is_witness`, `last_replica`, `is_primary` (promote another replica first), `last_up_to_date` (no other replica is UpToDate), `busy`, `in_use` (consumers are connected to the replica left alone, whose export the change switches)", body = ApiError)))]
 async fn remove_replica(
     State(s): State<AppState>,
     ApiPath((name, node)): ApiPath<(String, String)>,

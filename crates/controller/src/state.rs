@@ -2247,6 +2247,33 @@ impl Controller {
             .or_else(|| fallback.filter(|f| self.is_online(f)).map(str::to_string))
     }
 
+    /// Refuses a replica change that switches `v` between a single replica (served from its
+    /// file) and a replicated one (served through the replication driver) while consumers
+    /// are connected to the replica that stays: their connection holds the old export, whose
+    /// writes would bypass replication or fail.
+    fn refuse_export_switch(
+        nodes: &BTreeMap<String, NodeRecord>,
+        v: &VolumeRecord,
+        node: &str,
+    ) -> Result<(), Failure> {
+        let n = nodes
+            .get(node)
+            .and_then(|n| n.replica(&v.name, &v.uuid))
+            .map_or(0, |r| r.connections);
+        if n > 0 {
+            return Err(Failure::conflict(
+                "in_use",
+                format!(
+                    "volume '{}' has {n} consumer connection(s) on node '{node}': going between \
+                     one replica and several switches its export there; disconnect them first \
+                     (they reconnect to the new export)",
+                    v.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `node` last reported its replica of `v` UpToDate.
     fn up_to_date(nodes: &BTreeMap<String, NodeRecord>, v: &VolumeRecord, node: &str) -> bool {
         nodes
@@ -2289,6 +2316,11 @@ impl Controller {
                 "more than one replica is not supported yet: replication arrives with a later \
                  release",
             ));
+        }
+        if diskful == 1
+            && let Some(only) = v.placements.iter().find(|p| !p.diskless)
+        {
+            Self::refuse_export_switch(&nodes, &v, &only.node)?;
         }
         let witness = v
             .placements
@@ -2496,6 +2528,11 @@ impl Controller {
                      '{node}' could lose data; wait for the resync"
                 ),
             );
+        }
+        if diskful == 2
+            && let Some(stays) = v.placements.iter().find(|p| !p.diskless && p.node != node)
+        {
+            Self::refuse_export_switch(&nodes, &v, &stays.node)?;
         }
         let now = now_unix();
         let gone = v.placements.remove(idx);
