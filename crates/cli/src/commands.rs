@@ -872,44 +872,21 @@ fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u6
     }
     if !no_wait {
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        let mut last = String::new();
         for v in &r.volumes {
-            let path = format!("/v1/volumes/{}", path_segment(&v.volume));
-            loop {
-                let vol: Volume = client.get(&path)?;
-                let whole = vol.replicas.iter().all(|r| {
-                    if r.diskless {
-                        r.disk_state == tandem_api::DiskState::Diskless
-                    } else {
-                        r.disk_state == tandem_api::DiskState::UpToDate && r.out_of_sync_bytes == 0
-                    }
-                });
-                if whole {
-                    break;
-                }
-                let progress: Vec<String> = vol
-                    .replicas
-                    .iter()
-                    .filter_map(|r| {
-                        r.resync_bytes_left
-                            .map(|left| format!("{} {} left", r.node, format_size(left)))
-                    })
-                    .collect();
-                let line = format!("  {}: resyncing {}", vol.name, progress.join(", "));
-                if !json && line != last && !progress.is_empty() {
-                    eprintln!("{line}");
-                    last = line;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "volume {} is not back in sync after {timeout}s; `tandem volume show {}` \
-                         shows its replicas (the resync goes on)",
-                        vol.name,
-                        vol.name
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
+            // The replacement's steps: new replica in sync, witness set up.
+            wait_move(
+                client,
+                &v.volume,
+                "node-lost",
+                deadline,
+                json,
+                |vol, step| {
+                    format!(
+                        "volume {vol} is not back in sync after {timeout}s (now: {step}); \
+                         `tandem volume show {vol}` shows its replicas (the resync goes on)"
+                    )
+                },
+            )?;
             if !json {
                 println!("  {}: in sync", v.volume);
             }
@@ -918,11 +895,9 @@ fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u6
     if json { print_json(&r) } else { Ok(()) }
 }
 
-/// `node evacuate`: plan the moves, then wait until every volume that moves has finished its
-/// evacuate operation (new members in sync, the node's copy deleted).
-/// Waits until the newest unfinished `kind` operation (`evacuate`, `move`) of `volume` is
-/// finished, printing its current step and resync progress on stderr; `late(volume, step)`
-/// is the error after `deadline`.
+/// Waits until the newest `kind` operation (`evacuate`, `move`, `node-lost`, `add-replica`,
+/// `remove-replica`) of `volume` is finished, printing its current step and resync progress
+/// on stderr; `late(volume, step)` is the error after `deadline`.
 fn wait_move(
     client: &Client,
     volume: &str,
@@ -1130,6 +1105,8 @@ fn remove_replica(
     )
 }
 
+/// `node evacuate`: plan the moves, then wait until every volume that moves has finished its
+/// evacuate operation (new members in sync, the node's copy deleted).
 fn node_evacuate(
     client: &Client,
     json: bool,
