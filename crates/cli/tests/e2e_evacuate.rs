@@ -55,12 +55,19 @@ fn free_nodes(v: &Value, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Decommissions a host: its agent stops for good (else it registers again).
+/// Decommissions a host: its agent stops for good (else it registers again) and the
+/// controller sees the node offline (`node remove` refuses an online node).
 fn stop_agent(c: &Cluster, node: &str) {
     let pid = c.agent_pid(node).expect("agent.pid");
     // SAFETY: signalling an agent of this test's cluster.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_pid_exit(pid, "the agent to stop");
+    c.wait_json(&["node", "list"], "the node offline", |n| {
+        n.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == node && n["state"] == "offline")
+    });
 }
 
 /// `volume move VOLUME --from FROM --to TO --no-wait`, then waits until the new replica on

@@ -252,7 +252,7 @@ async fn node_add(
     responses((status = 204, description = "The node is forgotten"),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such node", body = ApiError),
-              (status = 409, description = "The node holds replicas or witnesses (`node_in_use`)", body = ApiError)))]
+              (status = 409, description = "The node holds replicas or witnesses (`node_in_use`), or its agent still syncs (`node_online`: stop it first)", body = ApiError)))]
 async fn node_remove(
     State(s): State<AppState>,
     ApiPath(name): ApiPath<String>,

@@ -1781,6 +1781,15 @@ impl Controller {
                 ),
             ));
         }
+        if self.liveness(name).0 == NodeState::Online {
+            return Err(Failure::conflict(
+                "node_online",
+                format!(
+                    "node '{name}' is online (its agent syncs) and would register again at \
+                     once: stop its agent first, then remove the node"
+                ),
+            ));
+        }
         self.store.txn(vec![
             TxnOp::delete(format!("{NODES}{name}"), Expect::Revision(node_rev)),
             TxnOp::delete(format!("{DESIRED}{name}"), Expect::Any),
