@@ -92,6 +92,9 @@ pub struct Extent {
 }
 
 /// A device of fixed size addressed in bytes. All methods are positional and thread-safe.
+/// Called once with the outcome of a write started with [`BlockDevice::start_write`].
+pub type WriteDone = Box<dyn FnOnce(Result<()>) + Send>;
+
 pub trait BlockDevice: Send + Sync + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;
@@ -137,6 +140,23 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// replication round trip: such writes must run concurrently.
     fn quick_writes(&self) -> bool {
         false
+    }
+
+    /// True when [`BlockDevice::start_write`] returns without waiting for the write (it is
+    /// carried out elsewhere and `done` runs there): a front end then starts writes from its
+    /// connection task instead of parking a thread on each. False (the default): writes block.
+    fn async_writes(&self) -> bool {
+        false
+    }
+
+    /// Starts a write of `data` at `offset` (with `fua`: durable when `done` reports success)
+    /// and calls `done` with the outcome. Devices with [`BlockDevice::async_writes`] return at
+    /// once and run `done` on another thread; the default writes (and flushes) right here.
+    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: WriteDone) {
+        let r = self
+            .write_at(&data, offset)
+            .and_then(|()| if fua { self.flush() } else { Ok(()) });
+        done(r);
     }
 
     /// Checks that `[offset, offset+len)` lies inside the device.

@@ -669,6 +669,7 @@ where
     // already buffered, then run back to back by one worker (one hand-off and one reply wake-up
     // per batch instead of per request, and no threads contending for the file's lock).
     let batching = shared.export.device.quick_writes();
+    let async_writes = shared.export.device.async_writes();
     let mut batch: Vec<Queued> = Vec::new();
     let mut batch_bytes = 0usize;
     let result: Result<(), ConnError> = async {
@@ -757,6 +758,26 @@ where
                         _ => None,
                     };
                     let handle = h.handle;
+                    if let (true, Command::Write { offset, fua, .. }, Some(data)) =
+                        (async_writes, &cmd, &payload)
+                        && !data.is_empty()
+                    {
+                        // Started from here and answered by the device's completion: no
+                        // worker thread waits for the write.
+                        let (sh, out) = (shared.clone(), out_tx.clone());
+                        let (offset, fua) = (*offset, *fua);
+                        let data = payload.unwrap_or_default();
+                        shared.export.device.start_write(
+                            data,
+                            offset,
+                            fua,
+                            Box::new(move |r| {
+                                let part = status_part(sh.session.structured, handle, r);
+                                reply(&sh, &out, Out::one(vec![part], permits));
+                            }),
+                        );
+                        continue;
+                    }
                     let (payload, inline) = try_inline(&shared, &cmd, handle, payload);
                     if let Some(parts) = inline {
                         let _ = out_tx.send(Out::one(parts, permits));

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, sync_channel};
 
 use bytes::Bytes;
-use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent, Result};
+use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent, Result, WriteDone};
 use tandem_replication::{Reply, RequestError};
 
-use crate::driver::{ConsumerOp, Input};
+use crate::driver::{Completion, ConsumerOp, Input};
 
 /// Largest single write submitted for `write_zeroes`.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -40,37 +40,47 @@ impl ReplicatedDevice {
 
     fn submit(&self, op: ConsumerOp, what: &'static str, offset: u64, len: u64) -> Result<Reply> {
         let (rtx, rrx) = sync_channel(1);
-        let fail = |kind, msg: String| BlockError {
-            kind,
-            op: what,
-            offset,
-            len,
-            source: Some(std::io::Error::other(msg)),
-        };
-        let stopped = || {
-            fail(
-                ErrorKind::Io,
-                format!("volume {}: the replication driver stopped", self.name),
-            )
-        };
+        let name = &self.name;
         self.tx
-            .send(Input::Consumer(op, rtx))
-            .map_err(|_| stopped())?;
-        match rrx.recv().map_err(|_| stopped())? {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                let kind = match e {
-                    RequestError::OutOfRange => ErrorKind::OutOfRange,
-                    RequestError::NotSupported => ErrorKind::Unsupported,
-                    RequestError::NotPrimary
-                    | RequestError::NoQuorum { .. }
-                    | RequestError::NotUpToDate
-                    | RequestError::Io(_) => ErrorKind::Io,
-                };
-                Err(fail(kind, format!("volume {}: {e}", self.name)))
-            }
-        }
+            .send(Input::Consumer(op, Completion::Channel(rtx)))
+            .map_err(|_| stopped(name, what, offset, len))?;
+        let r = rrx.recv().map_err(|_| stopped(name, what, offset, len))?;
+        r.map_err(|e| request_error(name, e, what, offset, len))
     }
+}
+
+fn fail(kind: ErrorKind, msg: String, op: &'static str, offset: u64, len: u64) -> BlockError {
+    BlockError {
+        kind,
+        op,
+        offset,
+        len,
+        source: Some(std::io::Error::other(msg)),
+    }
+}
+
+fn stopped(volume: &str, op: &'static str, offset: u64, len: u64) -> BlockError {
+    let msg = format!("volume {volume}: the replication driver stopped");
+    fail(ErrorKind::Io, msg, op, offset, len)
+}
+
+/// The block error for the engine's refusal or failure of a request.
+fn request_error(
+    volume: &str,
+    e: RequestError,
+    op: &'static str,
+    offset: u64,
+    len: u64,
+) -> BlockError {
+    let kind = match e {
+        RequestError::OutOfRange => ErrorKind::OutOfRange,
+        RequestError::NotSupported => ErrorKind::Unsupported,
+        RequestError::NotPrimary
+        | RequestError::NoQuorum { .. }
+        | RequestError::NotUpToDate
+        | RequestError::Io(_) => ErrorKind::Io,
+    };
+    fail(kind, format!("volume {volume}: {e}"), op, offset, len)
 }
 
 impl BlockDevice for ReplicatedDevice {
@@ -133,6 +143,44 @@ impl BlockDevice for ReplicatedDevice {
 
     fn flush(&self) -> Result<()> {
         self.submit(ConsumerOp::Flush, "flush", 0, 0).map(|_| ())
+    }
+
+    fn async_writes(&self) -> bool {
+        true
+    }
+
+    /// Hands the write (its buffer, without a copy) to the engine loop and returns; `done`
+    /// runs on the loop thread when the engine completes it (FUA included: the engine makes
+    /// it durable everywhere before completing).
+    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: WriteDone) {
+        let len = data.len() as u64;
+        if let Err(e) = self.check_range("write", offset, len) {
+            return done(Err(e));
+        }
+        if data.is_empty() {
+            return done(Ok(()));
+        }
+        let name = self.name.clone();
+        let completion = Completion::Callback(Box::new(
+            move |r: std::result::Result<Reply, RequestError>| {
+                done(
+                    r.map(|_| ())
+                        .map_err(|e| request_error(&name, e, "write", offset, len)),
+                )
+            },
+        ));
+        let op = ConsumerOp::Write {
+            offset,
+            data: Bytes::from(data),
+            fua,
+        };
+        if let Err(std::sync::mpsc::SendError(Input::Consumer(_, c))) =
+            self.tx.send(Input::Consumer(op, completion))
+        {
+            c.complete(Err(RequestError::Io(
+                "the replication driver stopped".into(),
+            )));
+        }
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {

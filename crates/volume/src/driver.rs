@@ -108,7 +108,24 @@ pub struct VolumeStatus {
     pub failed: Option<String>,
 }
 
-type Completion = SyncSender<Result<Reply, RequestError>>;
+/// Where the outcome of a consumer request goes: a caller blocked on a channel
+/// ([`crate::ReplicatedDevice`]'s blocking calls), or a callback run on the loop thread (its
+/// asynchronous writes: the NBD server answers the client from there).
+pub(crate) enum Completion {
+    Channel(SyncSender<Result<Reply, RequestError>>),
+    Callback(Box<dyn FnOnce(Result<Reply, RequestError>) + Send>),
+}
+
+impl Completion {
+    pub(crate) fn complete(self, r: Result<Reply, RequestError>) {
+        match self {
+            Completion::Channel(c) => {
+                let _ = c.send(r);
+            }
+            Completion::Callback(f) => f(r),
+        }
+    }
+}
 
 /// Inputs of the loop.
 pub(crate) enum Input {
@@ -619,12 +636,12 @@ impl Loop {
             .clone()
             .unwrap_or_else(|| "the volume driver stopped".into());
         for (_, c) in self.pending.drain() {
-            let _ = c.send(Err(RequestError::Io(reason.clone())));
+            c.complete(Err(RequestError::Io(reason.clone())));
         }
         // Fail requests still queued.
         while let Ok(input) = rx.try_recv() {
             if let Input::Consumer(_, c) = input {
-                let _ = c.send(Err(RequestError::Io(reason.clone())));
+                c.complete(Err(RequestError::Io(reason.clone())));
             }
         }
     }
@@ -922,7 +939,7 @@ impl Loop {
                 }
                 Action::Complete { id, result } => {
                     if let Some(c) = self.pending.remove(&id) {
-                        let _ = c.send(result);
+                        c.complete(result);
                     }
                 }
                 Action::Log { level, msg } => match level {
