@@ -395,6 +395,28 @@ const STEP_PRIMARY: &str = "move the Primary to ";
 const STEP_REMOVE: &str = "remove the ";
 const STEP_REMOVE_WITNESS: &str = "remove the witness";
 
+/// A new witness on `w` joins `v`: its placement, the step that waits for it, the note.
+fn add_witness(
+    v: &mut VolumeRecord,
+    w: String,
+    steps: &mut Vec<tandem_api::OperationStep>,
+    note: &mut Vec<String>,
+) {
+    steps.push(ops::step(
+        format!("{STEP_WITNESS}{w}"),
+        Some(&w),
+        ops::RUNNING,
+    ));
+    note.push(format!("new witness on {w}"));
+    v.placements.push(Placement {
+        node: w,
+        pool: String::new(),
+        diskless: true,
+        join: false,
+        leaving: false,
+    });
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Liveness {
     last_seen: Option<SystemTime>,
@@ -1887,19 +1909,7 @@ impl Controller {
             if diskful % 2 == 0 && witnesses == 0 {
                 match self.witness_node(&nodes, &v, name, None) {
                     Some(w) => {
-                        steps.push(ops::step(
-                            format!("{STEP_WITNESS}{w}"),
-                            Some(&w),
-                            ops::RUNNING,
-                        ));
-                        note.push(format!("new witness on {w}"));
-                        v.placements.push(Placement {
-                            node: w,
-                            pool: String::new(),
-                            diskless: true,
-                            join: false,
-                            leaving: false,
-                        });
+                        add_witness(&mut v, w, &mut steps, &mut note);
                     }
                     None => note.push("no online node left for a witness".to_string()),
                 }
@@ -2443,19 +2453,7 @@ impl Controller {
                         ),
                     );
                 };
-                steps.push(ops::step(
-                    format!("{STEP_WITNESS}{w}"),
-                    Some(&w),
-                    ops::RUNNING,
-                ));
-                note.push(format!("new witness on {w}"));
-                v.placements.push(Placement {
-                    node: w,
-                    pool: String::new(),
-                    diskless: true,
-                    join: false,
-                    leaving: false,
-                });
+                add_witness(&mut v, w, &mut steps, &mut note);
             }
             Some(i) if !diskful.is_multiple_of(2) => {
                 // No tiebreaker needed any more: it leaves once the new replica is in sync.
@@ -2557,19 +2555,7 @@ impl Controller {
             None if diskful.is_multiple_of(2) => {
                 match self.witness_node(&nodes, &v, node, Some(node)) {
                     Some(w) => {
-                        steps.push(ops::step(
-                            format!("{STEP_WITNESS}{w}"),
-                            Some(&w),
-                            ops::RUNNING,
-                        ));
-                        note.push(format!("new witness on {w}"));
-                        v.placements.push(Placement {
-                            node: w,
-                            pool: String::new(),
-                            diskless: true,
-                            join: false,
-                            leaving: false,
-                        });
+                        add_witness(&mut v, w, &mut steps, &mut note);
                     }
                     None => note.push("no online node for a witness".to_string()),
                 }
@@ -2766,19 +2752,7 @@ impl Controller {
                     });
                     continue;
                 };
-                steps.push(ops::step(
-                    format!("{STEP_WITNESS}{w}"),
-                    Some(&w),
-                    ops::RUNNING,
-                ));
-                note.push(format!("new witness on {w}"));
-                v.placements.push(Placement {
-                    node: w,
-                    pool: String::new(),
-                    diskless: true,
-                    join: false,
-                    leaving: false,
-                });
+                add_witness(&mut v, w, &mut steps, &mut note);
             }
             steps.push(ops::step(
                 format!(
