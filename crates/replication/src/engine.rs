@@ -101,6 +101,12 @@ enum OpKind {
         epoch: u64,
         id: u64,
     },
+    /// A peer's forwarded read (`ReadRequest`: its disk is detached or it is diskless).
+    PeerRead {
+        peer: NodeId,
+        epoch: u64,
+        seq: u64,
+    },
     /// Digests of our copy for a peer's `ChecksumRequest`.
     ChecksumAnswer {
         peer: NodeId,
@@ -126,6 +132,9 @@ struct ClientWriteState {
     local_done: bool,
     local_error: Option<String>,
     waiting: BTreeSet<NodeId>,
+    /// Peers that acknowledged it with Ok (with a detached disk, one of them must hold our
+    /// data for the write to succeed).
+    ok_from: BTreeSet<NodeId>,
     extents: Vec<u64>,
 }
 
@@ -135,6 +144,8 @@ struct ClientFlushState {
     local_done: bool,
     local_error: Option<String>,
     waiting: BTreeSet<NodeId>,
+    /// Peers that made it durable (see `ClientWriteState::ok_from`).
+    ok_from: BTreeSet<NodeId>,
     seq: u64,
 }
 
@@ -199,6 +210,10 @@ struct Conn {
     /// We are its full-resync source by rule `NewMember` (every bit set toward it) and it has
     /// not asked for a block yet (it may be pulling from another replica, our link paused).
     full_marks: bool,
+    /// Our disk is detached (Failed) and this peer holds our data: it was in sync when we
+    /// detached (or its handshake since found it at our generation with nothing out of sync).
+    /// Only such peers receive our writes, serve our reads and make a write succeed.
+    serves: bool,
 }
 
 #[derive(Debug)]
@@ -275,6 +290,20 @@ pub struct Engine {
     verify: verify::VerifyState,
     /// Manual split-brain resolution: discard our changes at the next split-brain handshake.
     discard_my_data: bool,
+    /// Why the local disk was detached (disk state Failed).
+    disk_failure: Option<String>,
+    /// The disk state when it was detached (an Inconsistent disk stays Inconsistent in the
+    /// persisted metadata).
+    failed_from: DiskState,
+    /// Index in `out` at which the disk was detached in this call: later bitmap and
+    /// activity-log persists are dropped (a detached disk is not written).
+    detach_mark: Option<usize>,
+    /// Completions the engine makes up itself (disk I/O on a detached disk fails at once),
+    /// handled after the current event, in order.
+    internal: VecDeque<Event>,
+    /// Consumer reads forwarded to a peer (detached disk): request seq -> (op key, peer).
+    fwd_reads: BTreeMap<u64, (u64, NodeId)>,
+    next_read_seq: u64,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -362,7 +391,26 @@ impl Engine {
             primary_fresh: None,
             verify: Default::default(),
             discard_my_data: false,
+            disk_failure: None,
+            failed_from: DiskState::UpToDate,
+            detach_mark: None,
+            internal: VecDeque::new(),
+            fwd_reads: BTreeMap::new(),
+            next_read_seq: 1,
         };
+        if e.meta.disk_state == DiskState::Failed {
+            // Re-attached after an I/O error detached this disk: it holds the data up to the
+            // failure (and whatever the failure lost), never newer data. Not UpToDate until a
+            // resync from a peer (rule `EqualInconsistent` or the generations); Outdated, not
+            // Inconsistent, so an operator can still force it when it is the last copy.
+            e.meta.disk_state = DiskState::Outdated;
+            e.log(
+                Level::Warn,
+                "the disk was detached after an I/O error: Outdated until resynced from a peer"
+                    .into(),
+            );
+            e.persist_meta();
+        }
         if e.meta.primary {
             e.crashed_primary = true;
             e.meta.primary = false;
@@ -396,7 +444,62 @@ impl Engine {
     pub fn handle(&mut self, now: Nanos, event: Event) -> Vec<Action> {
         self.now = self.now.max(now);
         self.on_event(event);
+        self.take_out()
+    }
+
+    /// The actions so far, after the made-up completions of a detached disk were handled.
+    fn take_out(&mut self) -> Vec<Action> {
+        while let Some(ev) = self.internal.pop_front() {
+            self.on_event(ev);
+        }
+        if self.failed() {
+            // Nothing is persisted on a detached disk but its metadata (best effort).
+            let mark = self.detach_mark.take().unwrap_or(0);
+            let mut i = 0;
+            self.out.retain(|a| {
+                i += 1;
+                i <= mark
+                    || !matches!(
+                        a,
+                        Action::PersistBits { .. } | Action::PersistActivityLog(_)
+                    )
+            });
+        }
         std::mem::take(&mut self.out)
+    }
+
+    /// The local disk is detached after an I/O error.
+    fn failed(&self) -> bool {
+        self.meta.disk_state == DiskState::Failed
+    }
+
+    /// Disk I/O: started, or on a detached disk failed at once (completion queued).
+    fn disk(&mut self, a: Action) {
+        if !self.failed() {
+            self.out.push(a);
+            return;
+        }
+        let err = || DiskError("disk detached".into());
+        let ev = match a {
+            Action::DiskWrite { io, .. } => Event::DiskWriteDone {
+                io,
+                result: Err(err()),
+            },
+            Action::DiskFlush { io } => Event::DiskFlushDone {
+                io,
+                result: Err(err()),
+            },
+            Action::DiskRead { io, .. } => Event::DiskReadDone {
+                io,
+                result: Err(err()),
+            },
+            Action::DiskChecksum { io, .. } => Event::DiskChecksumDone {
+                io,
+                result: Err(err()),
+            },
+            other => return self.out.push(other),
+        };
+        self.internal.push_back(ev);
     }
 
     /// Makes this node Primary, or refuses with the reason.
@@ -416,7 +519,7 @@ impl Engine {
                     .into(),
             );
             self.persist_meta();
-            let mut out = std::mem::take(&mut self.out);
+            let mut out = self.take_out();
             match self.promote(now) {
                 Ok(a) => {
                     out.extend(a);
@@ -469,7 +572,7 @@ impl Engine {
         self.persist_meta();
         self.log(Level::Info, "promoted to Primary".into());
         self.broadcast_report(true);
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.take_out())
     }
 
     /// Makes this node Secondary. Refused while consumer requests are in flight.
@@ -496,7 +599,7 @@ impl Engine {
             return Err(DemoteError::Busy(busy));
         }
         self.become_secondary("demoted");
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.take_out())
     }
 
     pub fn role(&self) -> Role {
@@ -578,6 +681,7 @@ impl Engine {
             verify,
             last_verify,
             discard_my_data: self.discard_my_data,
+            disk_failure: self.disk_failure.clone(),
         }
     }
 
@@ -595,7 +699,155 @@ impl Engine {
     }
 
     fn persist_meta(&mut self) {
-        self.out.push(Action::PersistMeta(self.meta.clone()));
+        let mut m = self.meta.clone();
+        if self.failed() && self.failed_from == DiskState::Inconsistent {
+            // Half-synced data stays Inconsistent, not Failed (which a restart reads as
+            // Outdated: consistent data up to the failure).
+            m.disk_state = DiskState::Inconsistent;
+        }
+        self.out.push(Action::PersistMeta(m));
+    }
+
+    /// Detaches the local disk after an I/O error (DRBD's `on-io-error detach`): disk state
+    /// Failed (persisted if the metadata can still be written; a restart reads it as
+    /// Outdated), role and links kept. A Primary starts a new generation (its disk misses
+    /// every write from now on; the peers record that it is behind) and from now on writes
+    /// to, and reads from, the peers that hold its data. Links in a handshake or resync are
+    /// closed: a Failed disk is never a resync source or target; they reconnect without one.
+    fn detach(&mut self, reason: String) {
+        if !self.cfg.diskful || self.failed() {
+            return;
+        }
+        let was = self.meta.disk_state;
+        let serving: Vec<(NodeId, bool)> = self
+            .diskful_ids()
+            .into_iter()
+            .map(|id| {
+                let clean = self
+                    .bitmap(id)
+                    .is_none_or(|b| b.count() == 0)
+                    && self.meta.peer_bitmap_gens.get(&id).copied().unwrap_or(0) == 0;
+                (id, was == DiskState::UpToDate && self.in_sync(id) && clean)
+            })
+            .collect();
+        self.failed_from = was;
+        self.meta.disk_state = DiskState::Failed;
+        self.disk_failure = Some(reason.clone());
+        self.detach_mark = Some(self.out.len());
+        for (id, serves) in serving {
+            if let Some(c) = self.conn_mut(id) {
+                c.serves = serves;
+            }
+        }
+        self.log(
+            Level::Warn,
+            format!(
+                "local disk failed ({reason}): detached (was {was:?}); I/O goes to the peers \
+                 that hold our data"
+            ),
+        );
+        if self.role == Role::Primary {
+            self.mint("local disk detached");
+        }
+        self.persist_meta();
+        self.end_verify_detached();
+        let busy: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.cfg.diskful
+                    && p.conn.as_ref().is_some_and(|c| {
+                        matches!(
+                            c.state,
+                            ReplState::Connecting
+                                | ReplState::SyncSource
+                                | ReplState::SyncTarget
+                                | ReplState::PausedSync
+                        )
+                    })
+            })
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in busy {
+            self.disconnect(
+                id,
+                DisconnectReason::IoError,
+                "local disk detached after an I/O error; reconnect without resync".into(),
+            );
+        }
+        self.broadcast_report(false);
+    }
+
+    /// A detached (Failed) peer disk, as its last report says.
+    fn peer_failed(&self, peer: NodeId) -> bool {
+        self.conn(peer)
+            .and_then(|c| c.report.as_ref())
+            .is_some_and(|r| r.disk_state == DiskState::Failed)
+    }
+
+    /// With our disk detached: whether `peer` holds our data (see `Conn::serves`) and still
+    /// has nothing out of sync from us.
+    fn serves(&self, peer: NodeId) -> bool {
+        self.conn(peer).is_some_and(|c| {
+            c.serves
+                && c.state == ReplState::Established
+                && c.report
+                    .as_ref()
+                    .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+        }) && self.bitmap(peer).is_none_or(|b| b.count() == 0)
+    }
+
+    fn serving_peer(&self) -> Option<NodeId> {
+        self.diskful_ids().into_iter().find(|id| self.serves(*id))
+    }
+
+    fn detached_error(&self) -> RequestError {
+        RequestError::Io(format!(
+            "local disk detached ({}) and no UpToDate peer holds our data",
+            self.disk_failure.as_deref().unwrap_or("I/O error")
+        ))
+    }
+
+    /// A consumer read on a detached disk goes to a peer that holds our data (`ReadRequest`);
+    /// none: it fails.
+    fn forward_read(&mut self, key: u64) {
+        let Some(op) = self.active.get(&key).cloned() else {
+            return;
+        };
+        let OpKind::ClientRead { id } = op.kind else {
+            return;
+        };
+        let Some(peer) = self.serving_peer() else {
+            let err = self.detached_error();
+            self.complete(id, Err(err));
+            self.finish_op(key);
+            return;
+        };
+        let seq = self.next_read_seq;
+        self.next_read_seq += 1;
+        self.fwd_reads.insert(seq, (key, peer));
+        self.send(
+            peer,
+            Message::ReadRequest {
+                seq,
+                offset: op.offset,
+                len: op.len as u32,
+            },
+        );
+    }
+
+    /// Reads forwarded to `peer` go to another peer (its link is gone or it refused).
+    fn reroute_reads(&mut self, peer: NodeId) {
+        let keys: Vec<(u64, u64)> = self
+            .fwd_reads
+            .iter()
+            .filter(|(_, (_, p))| *p == peer)
+            .map(|(s, (k, _))| (*s, *k))
+            .collect();
+        for (seq, key) in keys {
+            self.fwd_reads.remove(&seq);
+            self.forward_read(key);
+        }
     }
 
     fn diskful_ids(&self) -> Vec<NodeId> {
@@ -648,7 +900,11 @@ impl Engine {
     /// that are not refusing (Established, SyncSource, SyncTarget, or still connecting:
     /// the handshake messages precede the writes on the link).
     fn receives_writes(&self, p: &Peer) -> bool {
+        if self.failed() {
+            return self.serves(p.cfg.node_id);
+        }
         p.cfg.diskful
+            && !self.peer_failed(p.cfg.node_id)
             && p.conn.as_ref().is_some_and(|c| {
                 matches!(
                     c.state,
@@ -901,7 +1157,7 @@ impl Engine {
         // says Primary: flush first, then record the demotion (see DemoteFlush).
         let upto = self.al_ctr;
         let io = self.io(IoPurpose::DemoteFlush { upto });
-        self.out.push(Action::DiskFlush { io });
+        self.disk(Action::DiskFlush { io });
         self.log(Level::Info, format!("Secondary: {why}"));
         // Requests not yet started fail.
         let mut kept = VecDeque::new();
@@ -960,9 +1216,25 @@ impl Engine {
             Event::Write { .. } | Event::Flush { .. } | Event::Read { .. } => {
                 self.client_request(event)
             }
-            Event::DiskWriteDone { io, result } => self.disk_write_done(io, result),
-            Event::DiskReadDone { io, result } => self.disk_read_done(io, result),
-            Event::DiskFlushDone { io, result } => self.disk_flush_done(io, result),
+            Event::DiskWriteDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("write failed: {}", e.0));
+                }
+                self.disk_write_done(io, result)
+            }
+            Event::DiskReadDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("read failed: {}", e.0));
+                }
+                self.disk_read_done(io, result)
+            }
+            Event::DiskFlushDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("flush failed: {}", e.0));
+                }
+                self.disk_flush_done(io, result)
+            }
+            Event::DiskFailed { reason } => self.detach(reason),
             Event::PeerUp { peer } => self.peer_up(peer),
             Event::PeerDown { peer } => {
                 if self.conn(peer).is_some() {
@@ -1002,7 +1274,12 @@ impl Engine {
                 );
                 self.pump_resync();
             }
-            Event::DiskChecksumDone { io, result } => self.disk_checksum_done(io, result),
+            Event::DiskChecksumDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("read failed: {}", e.0));
+                }
+                self.disk_checksum_done(io, result)
+            }
         }
     }
 
@@ -1119,7 +1396,12 @@ impl Engine {
         if self.role != Role::Primary {
             return self.complete(id, Err(RequestError::NotPrimary));
         }
-        if self.meta.disk_state != DiskState::UpToDate {
+        if self.failed() {
+            if self.serving_peer().is_none() {
+                let err = self.detached_error();
+                return self.complete(id, Err(err));
+            }
+        } else if self.meta.disk_state != DiskState::UpToDate {
             return self.complete(id, Err(RequestError::NotUpToDate));
         }
         let usable = self.usable_size();
@@ -1216,12 +1498,13 @@ impl Engine {
                 local_done: false,
                 local_error: None,
                 waiting: targets.into_iter().collect(),
+                ok_from: BTreeSet::new(),
                 seq,
             },
         );
         let upto = self.al_ctr;
         let io = self.io(IoPurpose::ClientFlush { key, upto });
-        self.out.push(Action::DiskFlush { io });
+        self.disk(Action::DiskFlush { io });
     }
 
     // ------------------------------------------------------------------ ordering
@@ -1272,7 +1555,7 @@ impl Engine {
             OpKind::ClientRead { .. } => {
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskRead {
+                self.disk(Action::DiskRead {
                     io,
                     offset: op.offset,
                     len: op.len as u32,
@@ -1289,10 +1572,14 @@ impl Engine {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
+                if self.peer_failed(peer) {
+                    // A Primary with a detached disk: its own disk misses this write.
+                    self.set_bits(peer, op.offset, op.len);
+                }
                 self.mark_primary_fresh(peer, op.offset, op.len);
                 self.fence_resync(op.offset, op.len);
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskWrite {
+                self.disk(Action::DiskWrite {
                     io,
                     offset: op.offset,
                     data,
@@ -1325,17 +1612,17 @@ impl Engine {
                     .unwrap_or_else(|| Bytes::from(vec![0u8; op.len as usize]));
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskWrite {
+                self.disk(Action::DiskWrite {
                     io,
                     offset: op.offset,
                     data,
                     fua: false,
                 });
             }
-            OpKind::ResyncRead { .. } => {
+            OpKind::ResyncRead { .. } | OpKind::PeerRead { .. } => {
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskRead {
+                self.disk(Action::DiskRead {
                     io,
                     offset: op.offset,
                     len: op.len as u32,
@@ -1479,7 +1766,11 @@ impl Engine {
         }
         // Activity log: hot extents persisted before the write.
         let ext = self.cfg.al_extent_bytes;
-        let extents: Vec<u64> = (offset / ext..=(offset + len - 1) / ext).collect();
+        let extents: Vec<u64> = if self.failed() {
+            Vec::new() // nothing is written locally
+        } else {
+            (offset / ext..=(offset + len - 1) / ext).collect()
+        };
         let mut changed = false;
         for &x in &extents {
             self.al_lru += 1;
@@ -1534,12 +1825,13 @@ impl Engine {
                 local_done: false,
                 local_error: None,
                 waiting,
+                ok_from: BTreeSet::new(),
                 extents,
             },
         );
         self.seq_to_key.insert(seq, key);
         let io = self.io(IoPurpose::Op(key));
-        self.out.push(Action::DiskWrite {
+        self.disk(Action::DiskWrite {
             io,
             offset,
             data,
@@ -1566,7 +1858,7 @@ impl Engine {
                         self.al_flush_pending = true;
                         let upto = self.al_ctr;
                         let io = self.io(IoPurpose::AlFlush { upto });
-                        self.out.push(Action::DiskFlush { io });
+                        self.disk(Action::DiskFlush { io });
                     }
                     break;
                 }
@@ -1589,9 +1881,12 @@ impl Engine {
             OpKind::ClientWrite { .. } => {
                 self.al_ctr += 1;
                 let ctr = self.al_ctr;
+                let failed = self.failed();
                 if let Some(w) = self.writes.get_mut(&key) {
                     w.local_done = true;
-                    if let Err(e) = &result {
+                    if let Err(e) = &result
+                        && !failed
+                    {
                         w.local_error = Some(e.0.clone());
                     }
                     for x in w.extents.clone() {
@@ -1664,7 +1959,9 @@ impl Engine {
         let Some(w) = self.writes.get(&key) else {
             return;
         };
-        let peers_done = w.waiting.is_empty() || self.cfg.protocol == Protocol::A;
+        // With a detached disk the peers hold the only copy: protocol C semantics.
+        let peers_done =
+            w.waiting.is_empty() || (self.cfg.protocol == Protocol::A && !self.failed());
         if !(w.local_done && peers_done) {
             return;
         }
@@ -1677,6 +1974,8 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
+        } else if self.failed() && !w.ok_from.iter().any(|p| self.serves(*p)) {
+            Err(self.detached_error())
         } else {
             Ok(Reply::Done)
         };
@@ -1714,6 +2013,8 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
+        } else if self.failed() && !f.ok_from.iter().any(|p| self.serves(*p)) {
+            Err(self.detached_error())
         } else {
             Ok(Reply::Done)
         };
@@ -1728,6 +2029,12 @@ impl Engine {
         let Some(op) = self.active.get(&key).cloned() else {
             return;
         };
+        if matches!(op.kind, OpKind::ClientRead { .. }) && result.is_err() && self.failed() {
+            // Detached: a peer that holds our data answers instead (the op stays active, so
+            // the ordering holds until its reply).
+            self.forward_read(key);
+            return;
+        }
         // Answer first, then release the ops that waited for this read: a waiting write of
         // the same blocks sends its `Write` on the same link, and it must arrive after the
         // (older) data read here, or the peer applies the older data last.
@@ -1776,6 +2083,16 @@ impl Engine {
                 };
                 self.send(peer, msg);
             }
+            OpKind::PeerRead { peer, epoch, seq } => {
+                if self.conn(peer).is_none_or(|c| c.epoch != epoch) {
+                    return;
+                }
+                let (status, data) = match result {
+                    Ok(d) => (WireStatus::Ok, d),
+                    Err(_) => (WireStatus::IoError, Bytes::new()),
+                };
+                self.send(peer, Message::ReadReply { seq, status, data });
+            }
             _ => {}
         }
     }
@@ -1789,9 +2106,12 @@ impl Engine {
                 if result.is_ok() {
                     self.al_flushed = self.al_flushed.max(upto);
                 }
+                let failed = self.failed();
                 if let Some(f) = self.flushes.get_mut(&key) {
                     f.local_done = true;
-                    if let Err(e) = result {
+                    if let Err(e) = result
+                        && !failed
+                    {
                         f.local_error = Some(e.0);
                     }
                 }
@@ -1860,6 +2180,7 @@ impl Engine {
             state: ReplState::Connecting,
             decision: None,
             full_marks: false,
+            serves: false,
             pong: 0,
             barrier: 0,
             last_rx: now,
@@ -1922,6 +2243,7 @@ impl Engine {
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
         self.verify_peer_down(peer);
+        self.reroute_reads(peer);
         if self
             .primary_fresh
             .as_ref()
@@ -1938,7 +2260,7 @@ impl Engine {
         if lost_writer && self.cfg.diskful {
             let upto = self.al_ctr;
             let io = self.io(IoPurpose::AlFlush { upto });
-            self.out.push(Action::DiskFlush { io });
+            self.disk(Action::DiskFlush { io });
             // Its writes after the break (and those in flight) are missing here: record that
             // we left it at our current generation. Our reports then tell third nodes that we
             // may be behind that Primary (see `Rule::EqualBitsLostPrimary`), and a resync
@@ -2176,7 +2498,8 @@ impl Engine {
                         detail: format!("WriteAck for unknown seq {seq}"),
                     });
                 };
-                if status == WireStatus::Ok {
+                let ok = status == WireStatus::Ok;
+                if ok {
                     c.unflushed.insert(seq, range);
                 } else {
                     self.set_bits(peer, range.0, range.1);
@@ -2185,6 +2508,9 @@ impl Engine {
                     && let Some(w) = self.writes.get_mut(&key)
                 {
                     w.waiting.remove(&peer);
+                    if ok {
+                        w.ok_from.insert(peer);
+                    }
                     self.try_complete_write(key);
                 }
             }
@@ -2202,31 +2528,67 @@ impl Engine {
                 }
             }
             Message::FlushAck { seq, status } => {
-                if let Some(c) = self.conn_mut(peer)
-                    && status == WireStatus::Ok
-                {
-                    c.unflushed.retain(|s, _| *s > seq);
+                let ok = status == WireStatus::Ok;
+                let mut lost = Vec::new();
+                if let Some(c) = self.conn_mut(peer) {
+                    if ok {
+                        c.unflushed.retain(|s, _| *s > seq);
+                    } else {
+                        // Its disk failed (it detaches): what it acked may not be durable
+                        // there. It drops out of this flush like a lost link, the flush
+                        // still needs every other replica.
+                        let keep = c.unflushed.split_off(&(seq + 1));
+                        lost = std::mem::replace(&mut c.unflushed, keep)
+                            .into_values()
+                            .collect();
+                    }
+                }
+                for (off, len) in lost {
+                    self.set_bits(peer, off, len);
                 }
                 for key in self.flushes.keys().copied().collect::<Vec<_>>() {
                     if let Some(f) = self.flushes.get_mut(&key)
                         && f.seq == seq
                     {
-                        if status != WireStatus::Ok {
-                            f.local_error = Some(format!("flush failed on node {peer}"));
+                        if ok {
+                            f.ok_from.insert(peer);
                         }
                         f.waiting.remove(&peer);
                         self.try_complete_flush(key);
                     }
                 }
             }
-            Message::ReadRequest { seq, .. } => self.send(
-                peer,
-                Message::ReadReply {
-                    seq,
-                    status: WireStatus::NotSupported,
-                    data: Bytes::new(),
-                },
-            ),
+            Message::ReadRequest { seq, offset, len } => {
+                // A peer whose disk is detached reads through us (ordered like its writes,
+                // which precede the request on the link).
+                let status = if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate
+                {
+                    WireStatus::NotPermitted
+                } else if len == 0 || offset.saturating_add(u64::from(len)) > self.cfg.size_bytes
+                {
+                    WireStatus::OutOfRange
+                } else {
+                    WireStatus::Ok
+                };
+                if status != WireStatus::Ok {
+                    self.send(
+                        peer,
+                        Message::ReadReply {
+                            seq,
+                            status,
+                            data: Bytes::new(),
+                        },
+                    );
+                    return Ok(());
+                }
+                let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                self.enqueue(
+                    offset,
+                    u64::from(len),
+                    Access::Read,
+                    OpKind::PeerRead { peer, epoch, seq },
+                );
+            }
             Message::ResyncBegin { generation, bytes } => {
                 let state = self.conn(peer).map(|c| c.state);
                 if state == Some(ReplState::Established)
@@ -2342,7 +2704,35 @@ impl Engine {
                 }
                 self.on_checksum_request(peer, m)?
             }
-            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
+            Message::ReadReply { seq, status, data } => {
+                let Some((key, _)) = self
+                    .fwd_reads
+                    .get(&seq)
+                    .copied()
+                    .filter(|(_, p)| *p == peer)
+                else {
+                    return Err(ProtocolError::Unexpected("ReadReply", peer));
+                };
+                self.fwd_reads.remove(&seq);
+                let Some(op) = self.active.get(&key).cloned() else {
+                    return Ok(());
+                };
+                if status == WireStatus::Ok && data.len() as u64 == op.len {
+                    if let OpKind::ClientRead { id } = op.kind {
+                        self.complete(id, Ok(Reply::Data(data)));
+                    }
+                    self.finish_op(key);
+                } else {
+                    self.log(
+                        Level::Warn,
+                        format!("node {peer} could not serve a forwarded read: {status:?}"),
+                    );
+                    if let Some(c) = self.conn_mut(peer) {
+                        c.serves = false;
+                    }
+                    self.forward_read(key);
+                }
+            }
             Message::ChecksumReply {
                 id,
                 offset,
@@ -2382,7 +2772,7 @@ impl Engine {
     fn peer_flush(&mut self, peer: NodeId, seq: u64) {
         let epoch = self.conn(peer).map_or(0, |c| c.epoch);
         let io = self.io(IoPurpose::PeerFlush { peer, epoch, seq });
-        self.out.push(Action::DiskFlush { io });
+        self.disk(Action::DiskFlush { io });
     }
 
     fn release_peer_flushes(&mut self, peer: NodeId) {
@@ -2433,6 +2823,11 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        let newly_failed = r.disk_state == DiskState::Failed
+            && prev.as_ref().is_none_or(|p| p.disk_state != DiskState::Failed);
+        if newly_failed && peer_diskful && self.cfg.diskful {
+            self.peer_detached(peer, &r);
+        }
         self.verify_on_report(peer, &r);
         self.check_outdated();
         if r.role != Role::Primary
@@ -2478,12 +2873,18 @@ impl Engine {
                     && r.generations.current != self.meta.current =>
             {
                 {
+                    // A Primary whose disk is detached: only over a link decided while it was
+                    // healthy (we were in sync then); a link made since may be behind it.
+                    let decided = self.conn(peer).is_some_and(|c| c.decision.is_some());
                     if r.role == Role::Primary
                         && self.role == Role::Secondary
                         && self.meta.disk_state == DiskState::UpToDate
                         && r.generations.history[0] == self.meta.current
+                        && (r.disk_state != DiskState::Failed || decided)
                     {
                         self.adopt_generation(peer, &r);
+                    } else if self.failed() || r.disk_state == DiskState::Failed {
+                        // A detached disk has no data generation to compare.
                     } else if self.role == Role::Secondary || r.role == Role::Secondary {
                         // Diverged while connected (another link changed things): redo the
                         // handshake.
@@ -2525,6 +2926,35 @@ impl Engine {
             _ => {}
         }
         Ok(())
+    }
+
+    /// `peer` reports its disk detached (Failed). A Primary drops it from its writes (the
+    /// ones it acknowledged but no flush covered may be lost there: out of sync) and starts a
+    /// new generation at its next write. A Secondary of a detached Primary records that the
+    /// Primary's disk stays at our current generation (bitmap generation toward it) and, in
+    /// `start_op`, marks every write it applies from it out of sync toward it: the Primary's
+    /// re-attached disk then resyncs exactly those blocks from us.
+    fn peer_detached(&mut self, peer: NodeId, r: &StateReport) {
+        self.log(Level::Warn, format!("node {peer} detached its disk (Failed)"));
+        let lost: Vec<(u64, u64)> = self
+            .conn_mut(peer)
+            .map(|c| std::mem::take(&mut c.unflushed).into_values().collect())
+            .unwrap_or_default();
+        for (off, len) in lost {
+            self.set_bits(peer, off, len);
+        }
+        if self.role == Role::Primary {
+            self.mint_pending = true;
+        }
+        if r.role == Role::Primary && self.meta.disk_state == DiskState::UpToDate {
+            let current = self.meta.current;
+            let g = self.meta.peer_bitmap_gens.entry(peer).or_insert(0);
+            if *g == 0 {
+                *g = current;
+                self.persist_meta();
+            }
+        }
+        self.reroute_reads(peer);
     }
 
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
@@ -2575,6 +3005,30 @@ impl Engine {
             return;
         }
         if !c.bitmap_done {
+            return;
+        }
+        if self.failed() || r.disk_state == DiskState::Failed {
+            // A detached disk is never a resync source or target: the link only carries
+            // I/O (a detached Primary's writes and reads to peers that hold its data).
+            let serves = self.failed()
+                && r.disk_state == DiskState::UpToDate
+                && r.generations.current == self.meta.current
+                && p.bitmap.as_ref().is_none_or(|b| b.count() == 0)
+                && self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0) == 0;
+            if let Some(c) = self.conn_mut(peer) {
+                c.bitmap_rx.clear();
+                c.state = ReplState::Established;
+                c.serves = serves;
+                c.decision = None;
+            }
+            let whose = if self.failed() { "our" } else { "its" };
+            self.log(
+                Level::Info,
+                format!(
+                    "handshake with node {peer}: no resync, {whose} disk is detached (Failed){}",
+                    if serves { "; it holds our data" } else { "" }
+                ),
+            );
             return;
         }
         if r.size_bytes != self.cfg.size_bytes {
@@ -2902,7 +3356,7 @@ impl Engine {
             }
             if let Some(epoch) = finish {
                 let io = self.io(IoPurpose::ResyncFinishFlush { peer: id, epoch });
-                self.out.push(Action::DiskFlush { io });
+                self.disk(Action::DiskFlush { io });
             }
         }
     }
