@@ -723,9 +723,7 @@ impl Engine {
             .diskful_ids()
             .into_iter()
             .map(|id| {
-                let clean = self
-                    .bitmap(id)
-                    .is_none_or(|b| b.count() == 0)
+                let clean = self.bitmap(id).is_none_or(|b| b.count() == 0)
                     && self.meta.peer_bitmap_gens.get(&id).copied().unwrap_or(0) == 0;
                 (id, was == DiskState::UpToDate && self.in_sync(id) && clean)
             })
@@ -2561,11 +2559,9 @@ impl Engine {
             Message::ReadRequest { seq, offset, len } => {
                 // A peer whose disk is detached reads through us (ordered like its writes,
                 // which precede the request on the link).
-                let status = if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate
-                {
+                let status = if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate {
                     WireStatus::NotPermitted
-                } else if len == 0 || offset.saturating_add(u64::from(len)) > self.cfg.size_bytes
-                {
+                } else if len == 0 || offset.saturating_add(u64::from(len)) > self.cfg.size_bytes {
                     WireStatus::OutOfRange
                 } else {
                     WireStatus::Ok
@@ -2824,7 +2820,9 @@ impl Engine {
         }
         let prev = c.report.replace(r.clone());
         let newly_failed = r.disk_state == DiskState::Failed
-            && prev.as_ref().is_none_or(|p| p.disk_state != DiskState::Failed);
+            && prev
+                .as_ref()
+                .is_none_or(|p| p.disk_state != DiskState::Failed);
         if newly_failed && peer_diskful && self.cfg.diskful {
             self.peer_detached(peer, &r);
         }
@@ -2935,7 +2933,10 @@ impl Engine {
     /// `start_op`, marks every write it applies from it out of sync toward it: the Primary's
     /// re-attached disk then resyncs exactly those blocks from us.
     fn peer_detached(&mut self, peer: NodeId, r: &StateReport) {
-        self.log(Level::Warn, format!("node {peer} detached its disk (Failed)"));
+        self.log(
+            Level::Warn,
+            format!("node {peer} detached its disk (Failed)"),
+        );
         let lost: Vec<(u64, u64)> = self
             .conn_mut(peer)
             .map(|c| std::mem::take(&mut c.unflushed).into_values().collect())
