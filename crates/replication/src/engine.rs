@@ -732,6 +732,26 @@ impl Engine {
         self.meta.disk_state = DiskState::Failed;
         self.disk_failure = Some(reason.clone());
         self.detach_mark = Some(self.out.len());
+        // The hot extents cover every write of ours our disk may not have made durable, among
+        // them writes whose `Write` reached the peers before our Failed report (so they do
+        // not mark them): the peers mark these extents out of sync toward us (an `OutOfSync`
+        // on an established link, as verify findings). From now on nothing is written
+        // locally (the persisted log stays as it was: a restart as crashed Primary resyncs
+        // those extents too).
+        let ext = self.cfg.al_extent_bytes;
+        let size = self.cfg.size_bytes;
+        let hot: Vec<ByteRange> = self
+            .al
+            .keys()
+            .map(|x| x * ext)
+            .filter(|off| *off < size)
+            .map(|offset| ByteRange {
+                offset,
+                len: ext.min(size - offset),
+            })
+            .collect();
+        self.al.clear();
+        self.al_flush_pending = false;
         for (id, serves) in serving {
             if let Some(c) = self.conn_mut(id) {
                 c.serves = serves;
@@ -748,6 +768,30 @@ impl Engine {
             self.mint("local disk detached");
         }
         self.persist_meta();
+        if !hot.is_empty() {
+            let established: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.cfg.diskful
+                        && p.conn
+                            .as_ref()
+                            .is_some_and(|c| c.state == ReplState::Established && c.bitmap_done)
+                })
+                .map(|p| p.cfg.node_id)
+                .collect();
+            for id in established {
+                for chunk in hot.chunks(OOS_CHUNK) {
+                    self.send(
+                        id,
+                        Message::OutOfSync {
+                            flags: 0,
+                            ranges: chunk.to_vec(),
+                        },
+                    );
+                }
+            }
+        }
         self.end_verify_detached();
         let busy: Vec<NodeId> = self
             .peers
@@ -1838,6 +1882,9 @@ impl Engine {
     }
 
     fn al_evict(&mut self) {
+        if self.failed() {
+            return; // nothing is written locally any more
+        }
         while self.al.len() > self.cfg.al_extents {
             let victim = self
                 .al

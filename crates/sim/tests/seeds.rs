@@ -38,6 +38,9 @@ fn simulate_seeds() {
                 total.writes_failed += o.writes_failed;
                 total.reads_checked += o.reads_checked;
                 total.crashes += o.crashes;
+                total.disk_failures += o.disk_failures;
+                total.disk_failures_primary += o.disk_failures_primary;
+                total.detached_io_ok += o.detached_io_ok;
                 total.partitions += o.partitions;
                 total.link_breaks += o.link_breaks;
                 total.failovers += o.failovers;
@@ -72,6 +75,10 @@ fn simulate_seeds() {
         total.verifies_done,
         total.verified_bytes,
         total.resizes
+    );
+    eprintln!(
+        "disk failures: {} ({} of a Primary), {} consumer requests completed by a Primary with a detached disk",
+        total.disk_failures, total.disk_failures_primary, total.detached_io_ok
     );
     eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",

@@ -764,7 +764,8 @@ impl Engine {
         self.log(
             Level::Warn,
             format!(
-                "node {peer} reports {total} bytes different from it (verify); marked out of sync"
+                "node {peer} reports {total} bytes different from it (verify findings, or writes \
+                 its detached disk may lack); marked out of sync"
             ),
         );
         for r in ranges {
