@@ -878,6 +878,25 @@ impl Engine {
         );
     }
 
+    /// Our disk is detached: a peer linked since (no handshake resync) that now reports our
+    /// generation, UpToDate, with nothing out of sync from us and no bitmap generation toward
+    /// it (it adopted ours: it missed nothing) holds our data.
+    fn recheck_serves(&mut self, peer: NodeId) {
+        let clean = self.bitmap(peer).is_none_or(|b| b.count() == 0)
+            && self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0) == 0;
+        let current = self.meta.current;
+        if let Some(c) = self.conn_mut(peer)
+            && c.state == ReplState::Established
+            && !c.serves
+            && clean
+            && c.report.as_ref().is_some_and(|r| {
+                r.disk_state == DiskState::UpToDate && r.generations.current == current
+            })
+        {
+            c.serves = true;
+        }
+    }
+
     /// Reads forwarded to `peer` go to another peer (its link is gone or it refused).
     fn reroute_reads(&mut self, peer: NodeId) {
         let keys: Vec<(u64, u64)> = self
@@ -1080,12 +1099,15 @@ impl Engine {
     /// Primary's node id.
     fn outdated_mask(&self) -> (u32, u64, NodeId) {
         if self.role == Role::Primary {
+            // With a detached disk there is no handshake to tell a connected peer what it
+            // missed: every peer we wrote without is listed, connected or not.
+            let failed = self.failed();
             let mask = self
                 .peers
                 .values()
                 .filter(|p| {
                     p.cfg.diskful
-                        && p.conn.is_none()
+                        && (p.conn.is_none() || failed)
                         && p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
                 })
                 .fold(0, |m, p| m | 1u32 << p.cfg.node_id);
@@ -1127,15 +1149,24 @@ impl Engine {
         // A list of a node we are connected to is stale: that node's own reports and
         // handshake are the authority.
         let connected = |n: NodeId| self.peers.get(&n).is_some_and(|p| p.conn.is_some());
+        // A Primary with a detached disk never resyncs us: its own list is the authority,
+        // whatever our generation (we may have adopted its current one).
+        let from_detached_primary = |r: &StateReport| {
+            r.role == Role::Primary
+                && r.disk_state == DiskState::Failed
+                && r.outdated_by == r.node_id
+        };
         let Some(by) = reports()
             .find(|r| {
-                r.outdated & me != 0 && r.outdated_gen != current && !connected(r.outdated_by)
+                r.outdated & me != 0
+                    && (from_detached_primary(r)
+                        || (r.outdated_gen != current && !connected(r.outdated_by)))
             })
             .map(|r| r.node_id)
         else {
             return;
         };
-        if reports().any(|r| r.role == Role::Primary)
+        if reports().any(|r| r.role == Role::Primary && r.disk_state != DiskState::Failed)
             || self.peers.values().any(|p| {
                 p.conn
                     .as_ref()
@@ -2909,6 +2940,9 @@ impl Engine {
                 return Ok(());
             }
         }
+        if self.failed() && peer_diskful {
+            self.recheck_serves(peer);
+        }
         let state = self.conn(peer).map(|c| c.state);
         match state {
             Some(ReplState::Connecting) => self.maybe_decide(peer),
@@ -2918,14 +2952,17 @@ impl Engine {
                     && r.generations.current != self.meta.current =>
             {
                 {
-                    // A Primary whose disk is detached: only over a link decided while it was
-                    // healthy (we were in sync then); a link made since may be behind it.
-                    let decided = self.conn(peer).is_some_and(|c| c.decision.is_some());
+                    // A Primary whose disk is detached (no handshake resync): only when it
+                    // counts us in sync (no bitmap generation toward us) and did not write
+                    // without us (not in its `outdated` list).
+                    let me = 1u32 << self.cfg.node_id;
+                    let with_us = r.disk_state != DiskState::Failed
+                        || (r.generations.bitmap == 0 && r.outdated & me == 0);
                     if r.role == Role::Primary
                         && self.role == Role::Secondary
                         && self.meta.disk_state == DiskState::UpToDate
                         && r.generations.history[0] == self.meta.current
-                        && (r.disk_state != DiskState::Failed || decided)
+                        && with_us
                     {
                         self.adopt_generation(peer, &r);
                     } else if self.failed() || r.disk_state == DiskState::Failed {

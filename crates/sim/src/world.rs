@@ -473,7 +473,16 @@ impl World {
             Ev::Step => self.step()?,
             Ev::Resize { node, blocks } => self.resize(node, blocks)?,
             Ev::BreakLinks { node } => {
-                if self.nodes[node as usize].disk_fault.is_some() {
+                let detached = self.nodes[node as usize]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.status().disk_state == DiskState::Failed);
+                if self.nodes[node as usize].disk_fault.is_some() && !detached {
+                    // Only once the engine noticed: a link break before that is a second
+                    // fault (a peer away while the only current copy fails).
+                    let t = self.now + MS;
+                    self.at(t, Ev::BreakLinks { node });
+                } else if self.nodes[node as usize].disk_fault.is_some() {
                     self.tr(format!("fault: links of node {node} break (disk failing)"));
                     for m in 0..self.nodes.len() as NodeId {
                         if m != node {
