@@ -752,9 +752,14 @@ impl Engine {
             .collect();
         self.al.clear();
         self.al_flush_pending = false;
-        for (id, serves) in serving {
-            if let Some(c) = self.conn_mut(id) {
-                c.serves = serves;
+        for (id, serves) in &serving {
+            if let Some(c) = self.conn_mut(*id) {
+                c.serves = *serves;
+            }
+        }
+        if was == DiskState::UpToDate {
+            for (id, _) in serving {
+                self.recheck_serves(id);
             }
         }
         self.log(
@@ -881,20 +886,45 @@ impl Engine {
     /// Our disk is detached: a peer linked since (no handshake resync) that now reports our
     /// generation, UpToDate, with nothing out of sync from us and no bitmap generation toward
     /// it (it adopted ours: it missed nothing) holds our data.
+    /// Out-of-sync bits toward it do not matter when no other peer holds our data: they
+    /// record what our (failed) disk has and it may lack, or writes it acknowledged that a
+    /// crash may have lost; with no better copy anywhere its data is the volume's (they are
+    /// cleared). It must not have missed a write we completed: then we started a new
+    /// generation for it, or recorded it as behind (bitmap generation).
     fn recheck_serves(&mut self, peer: NodeId) {
-        let clean = self.bitmap(peer).is_none_or(|b| b.count() == 0)
-            && self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0) == 0;
+        let gen_ok = self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0) == 0;
+        let other = self
+            .diskful_ids()
+            .into_iter()
+            .any(|id| id != peer && self.serves(id));
+        let clean = self.bitmap(peer).is_none_or(|b| b.count() == 0);
         let current = self.meta.current;
-        if let Some(c) = self.conn_mut(peer)
-            && c.state == ReplState::Established
-            && !c.serves
-            && clean
-            && c.report.as_ref().is_some_and(|r| {
-                r.disk_state == DiskState::UpToDate && r.generations.current == current
-            })
-        {
+        let eligible = self.conn(peer).is_some_and(|c| {
+            c.state == ReplState::Established
+                && !c.serves
+                && c.report.as_ref().is_some_and(|r| {
+                    r.disk_state == DiskState::UpToDate && r.generations.current == current
+                })
+        });
+        if !(eligible && gen_ok && (clean || !other)) {
+            return;
+        }
+        if !clean {
+            self.clear_all_bits(peer);
+            self.log(
+                Level::Info,
+                format!(
+                    "node {peer} holds the only copy of our data: its out-of-sync marks are dropped"
+                ),
+            );
+        }
+        if let Some(c) = self.conn_mut(peer) {
             c.serves = true;
         }
+        self.log(
+            Level::Info,
+            format!("node {peer} holds our data: our I/O goes to it"),
+        );
     }
 
     /// Reads forwarded to `peer` go to another peer (its link is gone or it refused).
@@ -1100,14 +1130,18 @@ impl Engine {
     fn outdated_mask(&self) -> (u32, u64, NodeId) {
         if self.role == Role::Primary {
             // With a detached disk there is no handshake to tell a connected peer what it
-            // missed: every peer we wrote without is listed, connected or not.
+            // missed: every peer with blocks out of sync is listed, connected or not, while
+            // another peer holds our data (without one, the peer's copy is the best there is).
             let failed = self.failed();
+            let copy_elsewhere = failed && self.serving_peer().is_some();
             let mask = self
                 .peers
                 .values()
                 .filter(|p| {
                     p.cfg.diskful
-                        && (p.conn.is_none() || failed)
+                        && (p.conn.is_none() || copy_elsewhere)
+                        && (!failed || copy_elsewhere)
+                        && !(failed && self.serves(p.cfg.node_id))
                         && p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
                 })
                 .fold(0, |m, p| m | 1u32 << p.cfg.node_id);
@@ -3095,25 +3129,20 @@ impl Engine {
         if self.failed() || r.disk_state == DiskState::Failed {
             // A detached disk is never a resync source or target: the link only carries
             // I/O (a detached Primary's writes and reads to peers that hold its data).
-            let serves = self.failed()
-                && r.disk_state == DiskState::UpToDate
-                && r.generations.current == self.meta.current
-                && p.bitmap.as_ref().is_none_or(|b| b.count() == 0)
-                && self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0) == 0;
             if let Some(c) = self.conn_mut(peer) {
                 c.bitmap_rx.clear();
                 c.state = ReplState::Established;
-                c.serves = serves;
+                c.serves = false;
                 c.decision = None;
             }
             let whose = if self.failed() { "our" } else { "its" };
             self.log(
                 Level::Info,
-                format!(
-                    "handshake with node {peer}: no resync, {whose} disk is detached (Failed){}",
-                    if serves { "; it holds our data" } else { "" }
-                ),
+                format!("handshake with node {peer}: no resync, {whose} disk is detached (Failed)"),
             );
+            if self.failed() {
+                self.recheck_serves(peer);
+            }
             return;
         }
         if r.size_bytes != self.cfg.size_bytes {
