@@ -295,6 +295,9 @@ pub struct Engine {
     /// The disk state when it was detached (an Inconsistent disk stays Inconsistent in the
     /// persisted metadata).
     failed_from: DiskState,
+    /// The metadata when the disk was detached (what later persists write, see
+    /// `persist_meta`).
+    detached_meta: Option<Meta>,
     /// Index in `out` at which the disk was detached in this call: later bitmap and
     /// activity-log persists are dropped (a detached disk is not written).
     detach_mark: Option<usize>,
@@ -393,6 +396,7 @@ impl Engine {
             discard_my_data: false,
             disk_failure: None,
             failed_from: DiskState::UpToDate,
+            detached_meta: None,
             detach_mark: None,
             internal: VecDeque::new(),
             fwd_reads: BTreeMap::new(),
@@ -700,10 +704,17 @@ impl Engine {
 
     fn persist_meta(&mut self) {
         let mut m = self.meta.clone();
-        if self.failed() && self.failed_from == DiskState::Inconsistent {
-            // Half-synced data stays Inconsistent, not Failed (which a restart reads as
-            // Outdated: consistent data up to the failure).
-            m.disk_state = DiskState::Inconsistent;
+        if self.failed() {
+            // The metadata of a detached disk describes that disk as it was when it was
+            // detached (its generations, not those minted since: it has none of their
+            // writes), marked Failed; half-synced data stays Inconsistent (a restart reads
+            // Failed as Outdated: consistent data up to the failure).
+            m = self.detached_meta.clone().unwrap_or(m);
+            m.disk_state = if self.failed_from == DiskState::Inconsistent {
+                DiskState::Inconsistent
+            } else {
+                DiskState::Failed
+            };
         }
         self.out.push(Action::PersistMeta(m));
     }
@@ -729,6 +740,7 @@ impl Engine {
             })
             .collect();
         self.failed_from = was;
+        self.detached_meta = Some(self.meta.clone());
         self.meta.disk_state = DiskState::Failed;
         self.disk_failure = Some(reason.clone());
         self.detach_mark = Some(self.out.len());

@@ -1951,8 +1951,10 @@ fn a_local_write_error_detaches_and_the_primary_keeps_serving_through_its_peer()
         })
         .expect("meta persisted");
     assert_eq!(meta.disk_state, tandem_repl_proto::DiskState::Failed);
+    assert_eq!(meta.current, 77, "the detached disk's own generation");
     assert_ne!(
-        meta.current, 77,
+        e.status().current_generation,
+        77,
         "a detached Primary starts a new generation"
     );
     // The report tells the peer.
