@@ -671,7 +671,12 @@ impl World {
     }
 
     pub(crate) fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
-        self.apply_actions(node, actions)?;
+        let cut = self.apply_actions(node, actions)?;
+        for peer in cut {
+            // A message the failed persist should have preceded was not sent: the link
+            // breaks (TCP semantics), so the peer never applies what our disk may lack.
+            self.break_link(node, peer)?;
+        }
         if std::mem::take(&mut self.nodes[node as usize].persist_failed) {
             // The driver reports a failed persist; nothing after it was made durable (the
             // failing disk fails every later I/O of the batch too).
@@ -686,8 +691,16 @@ impl World {
         Ok(())
     }
 
-    fn apply_actions(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
+    fn apply_actions(&mut self, node: NodeId, actions: Vec<Action>) -> Result<Vec<NodeId>, String> {
+        let mut cut = Vec::new();
+        let mut failed_here = false;
         for a in actions {
+            if failed_here && let Action::Send { peer, .. } = &a {
+                if !cut.contains(peer) {
+                    cut.push(*peer);
+                }
+                continue;
+            }
             if self.nodes[node as usize].disk_fault == Some(true)
                 && matches!(
                     a,
@@ -696,6 +709,14 @@ impl World {
                         | Action::PersistActivityLog(_)
                 )
             {
+                if !self.nodes[node as usize].persist_failed
+                    && self.nodes[node as usize]
+                        .engine
+                        .as_ref()
+                        .is_some_and(|e| e.status().disk_state != DiskState::Failed)
+                {
+                    failed_here = true;
+                }
                 self.nodes[node as usize].persist_failed = true;
                 continue;
             }
@@ -707,9 +728,13 @@ impl World {
                     fua,
                 } => {
                     let inc = self.nodes[node as usize].inc;
-                    self.nodes[node as usize]
-                        .writes_in_flight
-                        .insert(io, (offset, data, fua));
+                    // After a failed persist the driver does not start later disk I/O of the
+                    // batch (it completes with an error at once): nothing reaches the disk.
+                    if !failed_here {
+                        self.nodes[node as usize]
+                            .writes_in_flight
+                            .insert(io, (offset, data, fua));
+                    }
                     let t = self.now + self.rng.range(5 * US, 120 * US);
                     self.at(t, Ev::DiskWriteDone { node, inc, io });
                 }
@@ -820,7 +845,7 @@ impl World {
                 Action::Log { level, msg } => self.tr(format!("node {node} {level:?}: {msg}")),
             }
         }
-        Ok(())
+        Ok(cut)
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: Message) {

@@ -880,6 +880,7 @@ impl Loop {
     /// `Event::DiskFailed` after the batch. A witness's failing metadata stops the loop.
     fn execute(&mut self, actions: Vec<Action>) -> Result<(), VolumeError> {
         let mut newly_failed = None;
+        let mut cut: Vec<NodeId> = Vec::new();
         for a in actions {
             let persist = match &a {
                 Action::PersistMeta(m) => Some(self.store.persist_meta(m)),
@@ -925,6 +926,17 @@ impl Loop {
                 }
                 _ => None,
             };
+            if newly_failed.is_some()
+                && let Action::Send { peer, .. } = &a
+            {
+                // A message the failed persist had to precede (e.g. a write whose activity
+                // log did not reach the disk): not sent, and the link breaks (TCP
+                // semantics), so no peer applies what our disk may lack unrecorded.
+                if !cut.contains(peer) {
+                    cut.push(*peer);
+                }
+                continue;
+            }
             match persist {
                 Some(Ok(())) => continue,
                 Some(Err(e)) if self.spec_diskful => {
@@ -999,6 +1011,14 @@ impl Loop {
                     Level::Warn => tracing::warn!(volume = %self.name, "{msg}"),
                 },
             }
+        }
+        if !cut.is_empty() {
+            for peer in cut {
+                if self.links.contains_key(&peer) {
+                    self.removed.insert(peer, true);
+                }
+            }
+            self.configure_transport()?;
         }
         if let Some(reason) = newly_failed {
             let now = self.now();
