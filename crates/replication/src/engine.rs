@@ -38,6 +38,12 @@ pub enum PromoteError {
     Outdated,
     #[error("a witness cannot be Primary")]
     Diskless,
+    #[error(
+        "this node crashed as Primary and has not compared its data with a diskful peer yet \
+         (its disk may be stale, e.g. re-attached after an I/O error); force only when no peer \
+         will come back"
+    )]
+    CrashedPrimaryUnchecked,
 }
 
 /// Why a demotion was refused.
@@ -290,6 +296,8 @@ pub struct Engine {
     verify: verify::VerifyState,
     /// Manual split-brain resolution: discard our changes at the next split-brain handshake.
     discard_my_data: bool,
+    /// A forced promotion accepted the crashed Primary's data unchecked.
+    crashed_primary_checked: bool,
     /// Why the local disk was detached (disk state Failed).
     disk_failure: Option<String>,
     /// The disk state when it was detached (an Inconsistent disk stays Inconsistent in the
@@ -394,6 +402,7 @@ impl Engine {
             primary_fresh: None,
             verify: Default::default(),
             discard_my_data: false,
+            crashed_primary_checked: false,
             disk_failure: None,
             failed_from: DiskState::UpToDate,
             detached_meta: None,
@@ -524,6 +533,7 @@ impl Engine {
             );
             self.persist_meta();
             let mut out = self.take_out();
+            self.crashed_primary_checked = true;
             match self.promote(now) {
                 Ok(a) => {
                     out.extend(a);
@@ -537,6 +547,7 @@ impl Engine {
                 }
             }
         } else {
+            self.crashed_primary_checked = true;
             self.promote(now)
         }
     }
@@ -554,6 +565,17 @@ impl Engine {
         }
         if self.meta.disk_state != DiskState::UpToDate {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
+        }
+        // A crashed Primary's disk may be stale (its metadata may predate a detach it could
+        // not record: its peers kept writing). It becomes Primary again only after a
+        // handshake with a diskful peer decided (or a forced promotion).
+        let has_diskful_peer = self.peers.values().any(|p| p.cfg.diskful);
+        let compared = self
+            .peers
+            .values()
+            .any(|p| p.cfg.diskful && p.conn.as_ref().is_some_and(|c| c.decision.is_some()));
+        if self.crashed_primary && has_diskful_peer && !compared && !self.crashed_primary_checked {
+            return Err(PromoteError::CrashedPrimaryUnchecked);
         }
         if let Some(p) = self
             .peers

@@ -709,11 +709,10 @@ impl World {
                         | Action::PersistActivityLog(_)
                 )
             {
+                // A persist the engine relied on (not the best-effort metadata of an already
+                // detached disk, which says Failed): what follows it must not reach the peers.
                 if !self.nodes[node as usize].persist_failed
-                    && self.nodes[node as usize]
-                        .engine
-                        .as_ref()
-                        .is_some_and(|e| e.status().disk_state != DiskState::Failed)
+                    && !matches!(&a, Action::PersistMeta(m) if m.disk_state == DiskState::Failed)
                 {
                     failed_here = true;
                 }

@@ -881,6 +881,7 @@ impl Loop {
     fn execute(&mut self, actions: Vec<Action>) -> Result<(), VolumeError> {
         let mut newly_failed = None;
         let mut cut: Vec<NodeId> = Vec::new();
+        let mut cut_sends = false;
         for a in actions {
             let persist = match &a {
                 Action::PersistMeta(m) => Some(self.store.persist_meta(m)),
@@ -926,9 +927,7 @@ impl Loop {
                 }
                 _ => None,
             };
-            if newly_failed.is_some()
-                && let Action::Send { peer, .. } = &a
-            {
+            if cut_sends && let Action::Send { peer, .. } = &a {
                 // A message the failed persist had to precede (e.g. a write whose activity
                 // log did not reach the disk): not sent, and the link breaks (TCP
                 // semantics), so no peer applies what our disk may lack unrecorded.
@@ -946,6 +945,13 @@ impl Loop {
                         tracing::error!(volume = %self.name, "backing store failed: {e}; detaching the disk");
                         self.store_failed = Some(e.to_string());
                         newly_failed = Some(e.to_string());
+                        // A persist the engine relied on (not the best-effort metadata of an
+                        // already detached disk, which says Failed): what follows it in the
+                        // batch must not reach the peers either.
+                        cut_sends = !matches!(
+                            &a,
+                            Action::PersistMeta(m) if m.disk_state == DiskState::Failed
+                        );
                     }
                     continue;
                 }
