@@ -2269,3 +2269,37 @@ fn a_secondary_serves_forwarded_reads_and_marks_a_detached_primarys_writes() {
         Action::Send { peer: 0, msg: Message::ReadReply { seq: 7, status: tandem_repl_proto::Status::Ok, data } }
             if data.len() == 4096)));
 }
+
+#[test]
+fn a_crashed_primary_is_promoted_again_only_after_comparing_with_a_diskful_peer() {
+    let cfg = Config::new(
+        0,
+        true,
+        vec![
+            PeerConfig {
+                node_id: 1,
+                diskful: true,
+            },
+            PeerConfig {
+                node_id: 2,
+                diskful: false,
+            },
+        ],
+        SIZE,
+    );
+    let mut p = Persisted::new_volume(&cfg, 77);
+    p.meta.primary = true;
+    let (mut e, _) = Engine::new(cfg.clone(), p.clone(), 0);
+    // Quorum through the witness alone: its metadata may predate writes node 1 took.
+    connect(&mut e, 2, false, Role::Secondary);
+    assert_eq!(e.promote(10), Err(PromoteError::CrashedPrimaryUnchecked));
+    // After the handshake with node 1 (same generation, nothing out of sync): accepted.
+    connect(&mut e, 1, true, Role::Secondary);
+    assert!(e.promote(11).is_ok());
+    assert_eq!(e.role(), Role::Primary);
+    // Forced: accepted without the peer.
+    let (mut e, _) = Engine::new(cfg, p, 0);
+    connect(&mut e, 2, false, Role::Secondary);
+    assert!(e.promote_forced(12).is_ok());
+    assert_eq!(e.role(), Role::Primary);
+}
