@@ -16,6 +16,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::repl::*;
 use common::*;
@@ -57,8 +58,13 @@ impl XfsMount {
         );
     }
 
+    /// Unmounts, waiting while the file system is still busy (the killed agent's files are
+    /// being released).
     fn umount(&self) {
-        check(Command::new("umount").arg(&self.dir));
+        wait_until(Duration::from_secs(30), "the XFS pool to unmount", || {
+            let out = run(Command::new("umount").arg(&self.dir));
+            out.status.success().then_some(())
+        });
     }
 
     /// The file system shuts down as after a fatal I/O error: every later I/O fails (EIO).
