@@ -56,7 +56,8 @@ struct Running {
 }
 
 /// The engine's split-brain policy for the API's string (`disconnect`,
-/// `discard-zero-changes`, `discard-node:NODE`), node names resolved through `ids`.
+/// `discard-zero-changes`, `discard-younger-primary`, `discard-node:NODE`), node names resolved
+/// through `ids`.
 pub(crate) fn split_brain_policy(
     s: &str,
     ids: &BTreeMap<String, u8>,
@@ -65,6 +66,7 @@ pub(crate) fn split_brain_policy(
     match s {
         "" | "disconnect" => Ok(P::Disconnect),
         "discard-zero-changes" => Ok(P::DiscardZeroChanges),
+        "discard-younger-primary" => Ok(P::DiscardYoungerPrimary),
         other => match other.strip_prefix("discard-node:") {
             Some(n) => ids.get(n).map(|id| P::DiscardNode(*id)).ok_or_else(|| {
                 format!("split-brain policy names node '{n}', not one of the volume's")
@@ -657,8 +659,10 @@ pub(crate) async fn stop_unwanted(agent: &Arc<Agent>, desired: &DesiredState) {
                         // Restart on any change of what the driver was started with,
                         // except options it takes while running.
                         Ok(spec) => needs_restart(&spec, &run.spec),
-                        // Peer address unknown now: keep running with the old one.
-                        Err(_) => w.volume_uuid != run.spec.uuid,
+                        // Peer address unknown now: keep running with the old one. A
+                        // witness becoming a replica (or back) stops at once: the new kind's
+                        // files are only set up once the old driver is gone.
+                        Err(_) => w.volume_uuid != run.spec.uuid || w.diskless == run.spec.diskful,
                     },
                 }
             })

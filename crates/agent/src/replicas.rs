@@ -274,6 +274,58 @@ pub(crate) fn load(pool: &str, dir: &Path, volume: &str) -> Option<Entry> {
     })
 }
 
+/// A replicated replica whose peers all left the volume (`volume remove-replica` down to
+/// one; its driver is stopped): when UpToDate, its peer slots are freed and the raw file is
+/// exported again; otherwise it stays unserved with the reason in `last_error`.
+fn single_again(e: &mut Entry) {
+    let mut meta = match e.files.read_meta() {
+        Ok(m) => m,
+        Err(err) => {
+            e.last_error = Some(format!("metadata: {err}"));
+            return;
+        }
+    };
+    e.disk_state = api_disk_state(meta.disk_state);
+    if meta.disk_state != tandem_meta::DiskState::UpToDate {
+        e.last_error = Some(format!(
+            "the only replica left is {:?}, not UpToDate: not served (it was not in sync when \
+             its peers left)",
+            meta.disk_state
+        ));
+        e.meta = Some(meta);
+        return;
+    }
+    let used: Vec<u8> = (0u8..)
+        .zip(&meta.peers)
+        .filter(|(_, p)| !p.is_free())
+        .map(|(i, _)| i)
+        .collect();
+    if !used.is_empty() {
+        for p in meta.peers.iter_mut() {
+            p.node_id = tandem_meta::NO_PEER;
+            p.bitmap_gen = tandem_meta::GenerationId::NONE;
+        }
+        if let Err(err) = e.files.write_meta(&mut meta) {
+            e.last_error = Some(format!("metadata: {err}"));
+            return;
+        }
+        if let Some(b) = e.bitmap.as_mut() {
+            for slot in used {
+                if let Err(err) = b.clear_range(slot, 0, meta.size_bytes) {
+                    warn!(volume = %e.volume, "clearing the bitmap of a freed peer slot: {err}");
+                }
+            }
+        }
+    }
+    info!(volume = %e.volume, pool = %e.pool, "single replica again: served from its file");
+    e.export = e
+        .device
+        .as_ref()
+        .map(|dev| make_export(&e.volume, &meta.volume_uuid, dev));
+    e.meta = Some(meta);
+    e.last_error = None;
+}
+
 /// Inserts an entry; a volume already exported from another pool keeps its export and the new
 /// entry is marked Failed.
 fn insert(table: &mut Table, mut e: Entry) {
@@ -434,6 +486,16 @@ impl Ctx<'_> {
                                 ));
                             }
                         }
+                    }
+                    Some(u)
+                        if u == d.volume_uuid
+                            && e.pool == d.pool
+                            && d.peers.is_empty()
+                            && !e.replicated
+                            && e.export.is_none()
+                            && e.device.is_some() =>
+                    {
+                        single_again(e);
                     }
                     Some(u) if u == d.volume_uuid && e.pool == d.pool => {}
                     Some(u) if u == d.volume_uuid => {

@@ -133,6 +133,7 @@ pub struct VolumeCreate {
     #[serde(default)]
     pub resync_min_rate_bytes_per_sec: Option<u64>,
     /// Automatic split-brain policy: `disconnect` (default), `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE`.
     #[serde(default)]
     pub after_split_brain: Option<String>,
@@ -156,6 +157,7 @@ pub struct VolumeUpdate {
     #[serde(default)]
     pub resync_min_rate_bytes_per_sec: Option<u64>,
     /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE`; applies from the next handshake.
     #[serde(default)]
     pub after_split_brain: Option<String>,
@@ -191,6 +193,19 @@ pub struct VolumeMove {
     /// The pool there (default: the one with most free space that fits).
     #[serde(default)]
     pub to_pool: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/replicas`: add one diskful replica to a volume, online.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaAdd {
+    /// The node that gets it (default: the online diskful node with most free space that does
+    /// not hold the volume; else the node holding its witness, which becomes a replica).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The pool there (default: the one with most free space that fits).
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -510,6 +525,7 @@ pub struct Volume {
     #[serde(default)]
     pub last_verify: Option<VerifyReport>,
     /// Automatic split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE`.
     #[serde(default = "default_split_brain")]
     pub after_split_brain: String,
@@ -855,6 +871,7 @@ pub struct DesiredReplica {
     #[serde(default)]
     pub verify: Option<DesiredVerify>,
     /// The volume's split-brain policy: `disconnect`, `discard-zero-changes`,
+    /// `discard-younger-primary`,
     /// `discard-node:NODE` (a node name).
     #[serde(default = "default_split_brain")]
     pub after_split_brain: String,

@@ -108,8 +108,9 @@ pub enum VolumeCmd {
         resync_min_rate: Option<String>,
         /// What a split brain does: `disconnect` (default: stay apart until `volume
         /// resolve-split-brain`), `discard-zero-changes` (the side that wrote nothing since the
-        /// split resyncs from the other; if both wrote, disconnect), `discard-node:NODE` (that
-        /// node's changes are discarded).
+        /// split resyncs from the other; if both wrote, disconnect), `discard-younger-primary`
+        /// (the side that became Primary more recently discards its changes),
+        /// `discard-node:NODE` (that node's changes are discarded).
         #[arg(long)]
         after_split_brain: Option<String>,
         /// Checksum-based resync: compare digests per 4 KiB block with the source first and
@@ -132,8 +133,8 @@ pub enum VolumeCmd {
         /// `off` (never yield). Applies at once.
         #[arg(long)]
         resync_min_rate: Option<String>,
-        /// Split-brain policy: `disconnect`, `discard-zero-changes`, `discard-node:NODE`
-        /// (from the next handshake).
+        /// Split-brain policy: `disconnect`, `discard-zero-changes`,
+        /// `discard-younger-primary`, `discard-node:NODE` (from the next handshake).
         #[arg(long)]
         after_split_brain: Option<String>,
         /// Checksum-based resync: `on` or `off` (applies at once).
@@ -186,6 +187,35 @@ pub enum VolumeCmd {
         no_wait: bool,
         /// Seconds to wait for the move.
         #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Add one replica, online: it joins with a full resync. The witness follows (added when
+    /// the replica count becomes even, removed when it becomes odd; a witness on the chosen
+    /// node becomes the replica). Waits until the new replica is in sync.
+    AddReplica {
+        name: String,
+        /// Where: NODE or NODE:POOL (default: the online diskful node with most free space
+        /// not holding the volume, else the witness's node).
+        #[arg(long)]
+        to: Option<String>,
+        /// Return once the controller has planned it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Remove the replica on NODE, online: it leaves the volume and its node deletes it. The
+    /// witness follows the new replica count (added, possibly on NODE, or removed). Refused
+    /// for the only replica, the Primary's (promote another first) and the last UpToDate one.
+    RemoveReplica {
+        name: String,
+        node: String,
+        /// Return once the controller has planned it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
     /// Stop the volume's running move or evacuation and undo it (possible until the old copy
@@ -571,6 +601,18 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             no_wait,
             timeout,
         } => volume_move(client, json, name, from, to, *no_wait, *timeout),
+        VolumeCmd::AddReplica {
+            name,
+            to,
+            no_wait,
+            timeout,
+        } => add_replica(client, json, name, to.as_deref(), *no_wait, *timeout),
+        VolumeCmd::RemoveReplica {
+            name,
+            node,
+            no_wait,
+            timeout,
+        } => remove_replica(client, json, name, node, *no_wait, *timeout),
         VolumeCmd::Abort { name } => {
             let v: Volume =
                 client.post(&format!("/v1/volumes/{}/abort", path_segment(name)), &())?;
@@ -830,44 +872,21 @@ fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u6
     }
     if !no_wait {
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        let mut last = String::new();
         for v in &r.volumes {
-            let path = format!("/v1/volumes/{}", path_segment(&v.volume));
-            loop {
-                let vol: Volume = client.get(&path)?;
-                let whole = vol.replicas.iter().all(|r| {
-                    if r.diskless {
-                        r.disk_state == tandem_api::DiskState::Diskless
-                    } else {
-                        r.disk_state == tandem_api::DiskState::UpToDate && r.out_of_sync_bytes == 0
-                    }
-                });
-                if whole {
-                    break;
-                }
-                let progress: Vec<String> = vol
-                    .replicas
-                    .iter()
-                    .filter_map(|r| {
-                        r.resync_bytes_left
-                            .map(|left| format!("{} {} left", r.node, format_size(left)))
-                    })
-                    .collect();
-                let line = format!("  {}: resyncing {}", vol.name, progress.join(", "));
-                if !json && line != last && !progress.is_empty() {
-                    eprintln!("{line}");
-                    last = line;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "volume {} is not back in sync after {timeout}s; `tandem volume show {}` \
-                         shows its replicas (the resync goes on)",
-                        vol.name,
-                        vol.name
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
+            // The replacement's steps: new replica in sync, witness set up.
+            wait_move(
+                client,
+                &v.volume,
+                "node-lost",
+                deadline,
+                json,
+                |vol, step| {
+                    format!(
+                        "volume {vol} is not back in sync after {timeout}s (now: {step}); \
+                         `tandem volume show {vol}` shows its replicas (the resync goes on)"
+                    )
+                },
+            )?;
             if !json {
                 println!("  {}: in sync", v.volume);
             }
@@ -876,11 +895,9 @@ fn node_lost(client: &Client, json: bool, name: &str, no_wait: bool, timeout: u6
     if json { print_json(&r) } else { Ok(()) }
 }
 
-/// `node evacuate`: plan the moves, then wait until every volume that moves has finished its
-/// evacuate operation (new members in sync, the node's copy deleted).
-/// Waits until the newest unfinished `kind` operation (`evacuate`, `move`) of `volume` is
-/// finished, printing its current step and resync progress on stderr; `late(volume, step)`
-/// is the error after `deadline`.
+/// Waits until the newest `kind` operation (`evacuate`, `move`, `node-lost`, `add-replica`,
+/// `remove-replica`) of `volume` is finished, printing its current step and resync progress
+/// on stderr; `late(volume, step)` is the error after `deadline`.
 fn wait_move(
     client: &Client,
     volume: &str,
@@ -961,9 +978,31 @@ fn volume_move(
         to_pool,
     };
     let v: Volume = client.post(&format!("/v1/volumes/{}/move", path_segment(name)), &req)?;
+    let heading = format!("Moving volume {name} from {from} to {to}:");
+    follow_members(
+        client, json, &v, "move", &heading, "Moved", no_wait, timeout,
+    )
+}
+
+/// After a membership change was recorded (`v`, with its new `kind` operation): prints the
+/// planned steps under `heading`, waits until the operation is done unless `no_wait`
+/// (showing the current step and resync progress), then prints where the volume is now
+/// (`done`: the verb) or the volume as JSON.
+#[allow(clippy::too_many_arguments)]
+fn follow_members(
+    client: &Client,
+    json: bool,
+    v: &Volume,
+    kind: &str,
+    heading: &str,
+    done: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let name = v.name.as_str();
     if !json {
-        println!("Moving volume {name} from {from} to {to}:");
-        if let Some(op) = v.operations.iter().rev().find(|o| o.kind == "move") {
+        println!("{heading}");
+        if let Some(op) = v.operations.iter().rev().find(|o| o.kind == kind) {
             for s in &op.steps {
                 println!("  {}", s.name);
             }
@@ -971,10 +1010,10 @@ fn volume_move(
     }
     if !no_wait {
         let deadline = Instant::now() + Duration::from_secs(timeout);
-        wait_move(client, name, "move", deadline, json, |vol, step| {
+        wait_move(client, name, kind, deadline, json, |vol, step| {
             format!(
-                "volume {vol} is still moving after {timeout}s (now: {step}); `tandem volume \
-                 show {vol}` shows the operation (it goes on)"
+                "the {kind} of volume {vol} is still running after {timeout}s (now: {step}); \
+                 `tandem volume show {vol}` shows the operation (it goes on)"
             )
         })?;
     }
@@ -983,7 +1022,7 @@ fn volume_move(
         return print_json(&v);
     }
     if no_wait {
-        println!("The move goes on: `tandem volume show {name}` shows its steps.");
+        println!("It goes on: `tandem volume show {name}` shows its steps.");
     } else {
         let mut on: Vec<String> = v
             .replicas
@@ -997,11 +1036,77 @@ fn volume_move(
             })
             .collect();
         on.sort();
-        println!("Moved: volume {name} is on {}.", on.join(", "));
+        println!("{done}: volume {name} is on {}.", on.join(", "));
     }
     Ok(())
 }
 
+/// `volume add-replica NAME [--to NODE[:POOL]]`.
+fn add_replica(
+    client: &Client,
+    json: bool,
+    name: &str,
+    to: Option<&str>,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let (node, pool) = match to.map(|t| t.split_once(':').unwrap_or((t, ""))) {
+        Some((n, p)) => (Some(n.to_string()), (!p.is_empty()).then(|| p.to_string())),
+        None => (None, None),
+    };
+    let req = tandem_api::ReplicaAdd { node, pool };
+    let v: Volume = client.post(
+        &format!("/v1/volumes/{}/replicas", path_segment(name)),
+        &req,
+    )?;
+    let heading = format!(
+        "Adding a replica to volume {name} ({} replicas then):",
+        v.replica_count
+    );
+    follow_members(
+        client,
+        json,
+        &v,
+        "add-replica",
+        &heading,
+        "Added",
+        no_wait,
+        timeout,
+    )
+}
+
+/// `volume remove-replica NAME NODE`.
+fn remove_replica(
+    client: &Client,
+    json: bool,
+    name: &str,
+    node: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> Result<()> {
+    let v: Volume = client.delete(&format!(
+        "/v1/volumes/{}/replicas/{}",
+        path_segment(name),
+        path_segment(node)
+    ))?;
+    let heading = format!(
+        "Removing the replica on {node} from volume {name} ({} replicas then):",
+        v.replica_count
+    );
+    follow_members(
+        client,
+        json,
+        &v,
+        "remove-replica",
+        &heading,
+        "Removed",
+        no_wait,
+        timeout,
+    )
+}
+
+/// `node evacuate`: plan the moves, then wait until every volume that moves has finished its
+/// evacuate operation (new members in sync, the node's copy deleted).
 fn node_evacuate(
     client: &Client,
     json: bool,

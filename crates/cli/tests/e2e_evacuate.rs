@@ -55,12 +55,43 @@ fn free_nodes(v: &Value, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Decommissions a host: its agent stops for good (else it registers again).
+/// Decommissions a host: its agent stops for good (else it registers again) and the
+/// controller sees the node offline (`node remove` refuses an online node).
 fn stop_agent(c: &Cluster, node: &str) {
     let pid = c.agent_pid(node).expect("agent.pid");
     // SAFETY: signalling an agent of this test's cluster.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_pid_exit(pid, "the agent to stop");
+    c.wait_json(&["node", "list"], "the node offline", |n| {
+        n.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == node && n["state"] == "offline")
+    });
+}
+
+/// `volume move VOLUME --from FROM --to TO --no-wait`, then waits until the new replica on
+/// TO is resyncing (bytes left), i.e. the move is half-way.
+fn start_move(c: &Cluster, volume: &str, from: &str, to: &str) {
+    c.tandem(&[
+        "volume",
+        "move",
+        volume,
+        "--from",
+        from,
+        "--to",
+        to,
+        "--no-wait",
+    ]);
+    c.wait_json(
+        &["volume", "show", volume],
+        "the new replica resyncing",
+        |v| {
+            replicas(v)
+                .iter()
+                .any(|r| r["node"] == to && r["resync_bytes_left"].as_u64() > Some(0))
+        },
+    );
 }
 
 fn whole(v: &Value) -> bool {
@@ -318,21 +349,7 @@ fn controller_killed_during_a_move_resumes_it_after_a_restart() {
     let spare = free_nodes(&v, 4).remove(0);
     c.wait_json(&["volume", "show", "k"], "in sync", whole);
     qemu_io(&c.connect("k"), &["write -P 0x71 0 8M", "flush"]);
-    c.tandem(&[
-        "volume",
-        "move",
-        "k",
-        "--from",
-        &primary,
-        "--to",
-        &spare,
-        "--no-wait",
-    ]);
-    c.wait_json(&["volume", "show", "k"], "the new replica resyncing", |v| {
-        replicas(v)
-            .iter()
-            .any(|r| r["node"] == spare.as_str() && r["resync_bytes_left"].as_u64() > Some(0))
-    });
+    start_move(&c, "k", &primary, &spare);
     c.kill_controller(libc::SIGKILL);
     c.restart_controller();
     let v = c.wait_json(&["volume", "show", "k"], "the move finished", |v| {
@@ -388,21 +405,7 @@ fn volume_abort_undoes_a_move_before_the_old_copy_leaves() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    c.tandem(&[
-        "volume",
-        "move",
-        "a",
-        "--from",
-        &primary,
-        "--to",
-        &spare,
-        "--no-wait",
-    ]);
-    c.wait_json(&["volume", "show", "a"], "the new replica resyncing", |v| {
-        replicas(v)
-            .iter()
-            .any(|r| r["node"] == spare.as_str() && r["resync_bytes_left"].as_u64() > Some(0))
-    });
+    start_move(&c, "a", &primary, &spare);
     let out = c.tandem(&["volume", "abort", "a"]);
     eprintln!("{out}");
     assert!(out.contains("Aborted the move of volume a"), "{out}");

@@ -9,7 +9,8 @@
 //! With the default policy (`disconnect`) it is shown in `volume show` (per pair, with what
 //! each side wrote since the split), the data is not merged, and
 //! `volume resolve-split-brain --discard A` makes A resync from B: both data files end
-//! identical to B's side. With `--after-split-brain discard-node:A` it resolves by itself.
+//! identical to B's side. With `--after-split-brain discard-node:A` it resolves by itself;
+//! with `discard-younger-primary` (B demoted before the heal) B, promoted after A, discards.
 
 mod common;
 
@@ -167,7 +168,13 @@ fn discard_node_policy_resolves_a_split_brain_by_itself() {
     let p = Proxied::start();
     let c = &p.c;
     // The policy names A (the Primary at creation): set with `volume set` once A is known.
-    let (a, b) = split_brain_with_policy(&p, "sp");
+    let (a, b) = split_brain_with_policy(
+        &p,
+        "sp",
+        |a| format!("discard-node:{a}"),
+        false,
+        "policy discard-node",
+    );
     let v = c.wait_json(
         &["volume", "show", "sp"],
         "in sync after the automatic resolution",
@@ -192,21 +199,24 @@ fn discard_node_policy_resolves_a_split_brain_by_itself() {
     );
 }
 
-/// Like [`split_brain`], setting `--after-split-brain discard-node:A` before the heal.
-fn split_brain_with_policy(p: &Proxied, name: &str) -> (String, String) {
+/// Like [`split_brain`], setting `--after-split-brain` to `policy(A)` before the heal and,
+/// with `demote_b`, demoting B before the heal too (a Primary with quorum is never a policy's
+/// victim); returns once A's agent logged `resolved` (what the policy logs).
+fn split_brain_with_policy(
+    p: &Proxied,
+    name: &str,
+    policy: impl Fn(&str) -> String,
+    demote_b: bool,
+    resolved: &str,
+) -> (String, String) {
     let c = &p.c;
     c.json(&["volume", "create", name, "64MiB", "--replicas", "2"]);
     let v = c.wait_json(&["volume", "show", name], "in sync", in_sync);
     let a = node_of(&v, "Primary").to_string();
     let b = node_of(&v, "Secondary").to_string();
-    let v = c.json(&[
-        "volume",
-        "set",
-        name,
-        "--after-split-brain",
-        &format!("discard-node:{a}"),
-    ]);
-    assert_eq!(v["after_split_brain"], format!("discard-node:{a}"));
+    let policy = policy(&a);
+    let v = c.json(&["volume", "set", name, "--after-split-brain", &policy]);
+    assert_eq!(v["after_split_brain"], policy);
     let uri_a = c.connect(name);
     assert!(p.net.cut_pair(p.ids[&a], p.ids[&b]) >= 1);
     c.wait_json(&["volume", "show", name], "A and B apart", |v| {
@@ -222,11 +232,53 @@ fn split_brain_with_policy(p: &Proxied, name: &str) -> (String, String) {
         .trim()
         .to_string();
     qemu_io_ok(&uri_b, &writes(&[(16 * MIB, 128 * KIB, 0xb2)]));
+    if demote_b {
+        c.tandem(&["volume", "demote", name, "--node", &b]);
+        c.wait_json(&["volume", "show", name], "no Primary", |v| {
+            node_of_opt(v, "Primary").is_none()
+        });
+    }
     p.net.heal();
     wait_until(Duration::from_secs(60), "the policy to resolve it", || {
-        c.agent_log(&a)
-            .contains("policy discard-node")
-            .then_some(())
+        c.agent_log(&a).contains(resolved).then_some(())
     });
     (a, b)
+}
+
+#[test]
+fn discard_younger_primary_policy_keeps_the_old_primarys_writes() {
+    let p = Proxied::start();
+    let c = &p.c;
+    // B was promoted (by force) after A: B is the younger Primary and discards its writes.
+    let (a, b) = split_brain_with_policy(
+        &p,
+        "sy",
+        |_| "discard-younger-primary".to_string(),
+        true,
+        "policy discard-younger-primary",
+    );
+    c.wait_json(&["volume", "show", "sy"], "in sync, no Primary", |v| {
+        diskful(v)
+            .iter()
+            .all(|r| r["disk_state"] == "UpToDate" && r["out_of_sync_bytes"] == 0)
+            && peer(replica(v, &a), &b)["repl_state"] == "Established"
+    });
+    same_files(c, &a, &b, "sy");
+    assert!(
+        data_at(c, &b, "sy", 8 * MIB, 256 * KIB)
+            .iter()
+            .all(|x| *x == 0xa1),
+        "A's writes since the split are on B"
+    );
+    assert!(
+        data_at(c, &b, "sy", 16 * MIB, 128 * KIB)
+            .iter()
+            .all(|x| *x == 0),
+        "B's writes since the split are discarded"
+    );
+    let log = c.agent_log(&b);
+    assert!(
+        log.contains(&format!("node {} became Primary more recently", p.id(&b))),
+        "{b} logged no policy resolution naming itself"
+    );
 }

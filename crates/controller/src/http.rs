@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_api::{
     AgentReport, ApiError, ClusterStatus, ConnectInfo, DesiredState, Node, NodeAdd, NodeLostResult,
-    Pool, ReconcileReport, RoleChange, StateDocument, StateImportResult, Volume, VolumeCreate,
-    VolumeMove, VolumeResize, VolumeUpdate,
+    Pool, ReconcileReport, ReplicaAdd, RoleChange, StateDocument, StateImportResult, Volume,
+    VolumeCreate, VolumeMove, VolumeResize, VolumeUpdate,
 };
 use tokio::sync::watch;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -252,7 +252,7 @@ async fn node_add(
     responses((status = 204, description = "The node is forgotten"),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such node", body = ApiError),
-              (status = 409, description = "The node holds replicas or witnesses (`node_in_use`)", body = ApiError)))]
+              (status = 409, description = "The node holds replicas or witnesses (`node_in_use`), or its agent still syncs (`node_online`: stop it first)", body = ApiError)))]
 async fn node_remove(
     State(s): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -340,6 +340,39 @@ async fn move_volume(
     ApiJson(req): ApiJson<VolumeMove>,
 ) -> Result<axum::Json<Volume>, Failure> {
     blocking(&s, move |c| c.volume_move(&name, &req))
+        .await
+        .map(axum::Json)
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/replicas", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name")),
+    request_body = ReplicaAdd,
+    responses((status = 200, description = "Recorded as an `add-replica` operation: a new replica joins with a full resync; the witness is added or dropped so that the voters stay odd (a witness on the chosen node becomes the replica)", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume, node or pool", body = ApiError),
+              (status = 409, description = "Refused: `already_placed`, `witness_node`, `node_offline`, `no_capacity`, `too_many` (the volume has the most replicas supported), `no_nodes` (no node for the replica or a needed witness), `busy` (a membership operation runs), `in_use` (consumers are connected to a single replica, whose export the change switches)", body = ApiError),
+              (status = 422, description = "Malformed body", body = ApiError)))]
+async fn add_replica(
+    State(s): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<ReplicaAdd>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.add_replica(&name, &req))
+        .await
+        .map(axum::Json)
+}
+
+#[utoipa::path(delete, path = "/v1/volumes/{name}/replicas/{node}", tag = "volumes",
+    params(("name" = String, Path, description = "Volume name"), ("node" = String, Path, description = "The node whose replica goes")),
+    responses((status = 200, description = "Recorded as a `remove-replica` operation: the replica leaves the volume and its node deletes it; the witness is added (possibly on that node) or dropped so that the voters stay odd", body = Volume),
+              (status = 400, description = "Invalid name", body = ApiError),
+              (status = 404, description = "No such volume", body = ApiError),
+              (status = 409, description = "Refused: `no_replica`, `is_witness`, `last_replica`, `is_primary` (promote another replica first), `last_up_to_date` (no other replica is UpToDate), `busy`, `in_use` (consumers are connected to the replica left alone, whose export the change switches)", body = ApiError)))]
+async fn remove_replica(
+    State(s): State<AppState>,
+    ApiPath((name, node)): ApiPath<(String, String)>,
+) -> Result<axum::Json<Volume>, Failure> {
+    blocking(&s, move |c| c.remove_replica(&name, &node))
         .await
         .map(axum::Json)
 }
@@ -610,6 +643,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/move", post(move_volume))
         .route("/v1/volumes/{name}/abort", post(abort_volume))
+        .route("/v1/volumes/{name}/replicas", post(add_replica))
+        .route(
+            "/v1/volumes/{name}/replicas/{node}",
+            axum::routing::delete(remove_replica),
+        )
         .route("/v1/volumes/{name}/demote", post(demote_volume))
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route(
@@ -638,7 +676,7 @@ pub fn router(state: AppState) -> Router {
     ),
     paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
           health, openapi, status, nodes, node_add, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
-          delete_volume, update_volume, resize_volume, move_volume, abort_volume, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, resize_volume, move_volume, abort_volume, add_replica, remove_replica, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
     Node, NodeAdd, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool,
-    PoolReport, Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaReport, Role, Volume,
-    VolumeCreate, VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
+    PoolReport, Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaAdd, ReplicaReport,
+    Role, Volume, VolumeCreate, VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -256,7 +256,7 @@ impl VolumeRecord {
         for op in self
             .operations
             .iter_mut()
-            .filter(|o| (o.kind == OP_NODE_LOST || moves(&o.kind)) && !ops::is_finished(o))
+            .filter(|o| changes_members(&o.kind) && !ops::is_finished(o))
         {
             for idx in 0..op.steps.len() {
                 let st = &op.steps[idx];
@@ -274,7 +274,7 @@ impl VolumeRecord {
                 } else if name.starts_with(STEP_PRIMARY) {
                     reported.is_some_and(|r| r.role == Role::Primary)
                 } else if name.starts_with(STEP_REMOVE) {
-                    reported.is_none() && current
+                    placement_gone(reported, name.starts_with(STEP_REMOVE_WITNESS), current)
                 } else {
                     false
                 };
@@ -310,16 +310,17 @@ impl VolumeRecord {
             self.primary_explicit = true;
             membership = true;
         }
-        if reported.is_none() && current {
-            let before = self.removing.len();
-            self.removing.retain(|p| p.node != node);
-            membership |= before != self.removing.len();
-        }
-        // An evacuation whose new members are in sync: the leaving placements go.
+        let before = self.removing.len();
+        self.removing
+            .retain(|p| p.node != node || !placement_gone(reported, p.diskless, current));
+        membership |= before != self.removing.len();
+        // An evacuation (or a replica addition) whose new members are in sync: the leaving
+        // placements go.
+        let leaves = |kind: &str| moves(kind) || kind == OP_ADD_REPLICA;
         let ready = self
             .operations
             .iter()
-            .filter(|o| moves(&o.kind) && !ops::is_finished(o))
+            .filter(|o| leaves(&o.kind) && !ops::is_finished(o))
             .any(|o| {
                 o.steps
                     .iter()
@@ -342,7 +343,7 @@ impl VolumeRecord {
             for op in self
                 .operations
                 .iter_mut()
-                .filter(|o| moves(&o.kind) && !ops::is_finished(o))
+                .filter(|o| leaves(&o.kind) && !ops::is_finished(o))
             {
                 for st in op.steps.iter_mut().filter(|s| s.state == ops::PENDING) {
                     st.state = ops::RUNNING.to_string();
@@ -365,16 +366,34 @@ impl VolumeRecord {
 const OP_NODE_LOST: &str = "node-lost";
 const OP_EVACUATE: &str = "evacuate";
 const OP_MOVE: &str = "move";
+const OP_ADD_REPLICA: &str = "add-replica";
+const OP_REMOVE_REPLICA: &str = "remove-replica";
 
 /// Operations that add a member and then remove a leaving one (`node evacuate`, `volume move`).
 fn moves(kind: &str) -> bool {
     kind == OP_EVACUATE || kind == OP_MOVE
+}
+
+/// Operations that change a volume's members (advanced by
+/// [`VolumeRecord::advance_membership`]); one at a time per volume.
+fn changes_members(kind: &str) -> bool {
+    moves(kind) || kind == OP_NODE_LOST || kind == OP_ADD_REPLICA || kind == OP_REMOVE_REPLICA
+}
+
+/// Whether `node`'s report (`reported`: its replica of the volume, if any) shows that a
+/// placement of this kind (`diskless`: a witness) is gone from it. A node can hold the old
+/// kind while it gets the new one (a witness becoming a replica, or back): the agent reports
+/// a diskful replica first, so a witness is gone once a diskful replica is reported, a
+/// diskful replica once only a witness (or nothing) is.
+fn placement_gone(reported: Option<&ReplicaReport>, diskless: bool, current: bool) -> bool {
+    current && reported.is_none_or(|r| r.diskless != diskless)
 }
 /// Step name prefixes of membership operations (matched by [`VolumeRecord::advance_membership`]).
 const STEP_CREATE: &str = "create a replica on ";
 const STEP_WITNESS: &str = "add a witness on ";
 const STEP_PRIMARY: &str = "move the Primary to ";
 const STEP_REMOVE: &str = "remove the ";
+const STEP_REMOVE_WITNESS: &str = "remove the witness";
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Liveness {
@@ -1322,6 +1341,28 @@ impl Controller {
         Ok(())
     }
 
+    /// Writes a volume record whose members changed (compare-and-swap on `rev`) and bumps
+    /// the desired revision of every node it is placed on or being removed from.
+    fn write_members(&self, rev: u64, v: &VolumeRecord) -> Result<(), Failure> {
+        let mut nodes: Vec<&str> = v
+            .placements
+            .iter()
+            .chain(&v.removing)
+            .map(|p| p.node.as_str())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        let mut txn: Vec<TxnOp> = nodes.into_iter().map(Self::bump).collect();
+        txn.push(TxnOp::put(
+            format!("{VOLUMES}{}", v.name),
+            encode(v)?,
+            Expect::Revision(rev),
+        ));
+        self.store.txn(txn)?;
+        self.notify();
+        Ok(())
+    }
+
     /// `volume promote` (`promote == true`: make `node` the Primary) and `volume demote`
     /// (`node` should not be Primary; the volume then has none). Records the intent; the
     /// agents carry it out (the old Primary demotes, then the new one promotes once its
@@ -1741,6 +1782,15 @@ impl Controller {
                 ),
             ));
         }
+        if self.liveness(name).0 == NodeState::Online {
+            return Err(Failure::conflict(
+                "node_online",
+                format!(
+                    "node '{name}' is online (its agent syncs) and would register again at \
+                     once: stop its agent first, then remove the node"
+                ),
+            ));
+        }
         self.store.txn(vec![
             TxnOp::delete(format!("{NODES}{name}"), Expect::Revision(node_rev)),
             TxnOp::delete(format!("{DESIRED}{name}"), Expect::Any),
@@ -1807,7 +1857,6 @@ impl Controller {
                 ops::DONE,
             )];
             let mut note = Vec::new();
-            let used = |v: &VolumeRecord, n: &str| v.placements.iter().any(|p| p.node == n);
             if !lost.diskless {
                 let best = self.best_pool(&nodes, &v, &promised, name);
                 match best {
@@ -1837,21 +1886,16 @@ impl Controller {
             let diskful = v.placements.iter().filter(|p| !p.diskless).count();
             let witnesses = v.placements.iter().filter(|p| p.diskless).count();
             if diskful % 2 == 0 && witnesses == 0 {
-                let mut others: Vec<&NodeRecord> = nodes
-                    .values()
-                    .filter(|n| n.name != name && !used(&v, &n.name) && self.is_online(&n.name))
-                    .collect();
-                others.sort_by_key(|n| (n.role != NodeRole::Witness, n.name.clone()));
-                match others.first() {
+                match self.witness_node(&nodes, &v, name, None) {
                     Some(w) => {
                         steps.push(ops::step(
-                            format!("add a witness on {}", w.name),
-                            Some(&w.name),
+                            format!("{STEP_WITNESS}{w}"),
+                            Some(&w),
                             ops::RUNNING,
                         ));
-                        note.push(format!("new witness on {}", w.name));
+                        note.push(format!("new witness on {w}"));
                         v.placements.push(Placement {
-                            node: w.name.clone(),
+                            node: w,
                             pool: String::new(),
                             diskless: true,
                             join: false,
@@ -1869,12 +1913,7 @@ impl Controller {
                     .placements
                     .iter()
                     .filter(|p| !p.diskless && !p.join)
-                    .find(|p| {
-                        nodes
-                            .get(&p.node)
-                            .and_then(|n| n.replica(&v.name, &v.uuid))
-                            .is_some_and(|r| r.disk_state == DiskState::UpToDate)
-                    })
+                    .find(|p| Self::up_to_date(&nodes, &v, &p.node))
                     .map(|p| p.node.clone());
                 if let Some(s) = &survivor
                     && primary_before.as_deref() != Some(s.as_str())
@@ -1964,12 +2003,7 @@ impl Controller {
                 .placements
                 .iter()
                 .filter(|p| !p.diskless && !p.join && !p.leaving && p.node != from)
-                .find(|p| {
-                    nodes
-                        .get(&p.node)
-                        .and_then(|n| n.replica(&v.name, &v.uuid))
-                        .is_some_and(|r| r.disk_state == DiskState::UpToDate)
-                })
+                .find(|p| Self::up_to_date(nodes, v, &p.node))
                 .map(|p| p.node.clone());
             let Some(to) = stays else {
                 return Err(format!(
@@ -2045,19 +2079,7 @@ impl Controller {
                 ),
             );
         };
-        if v.operations
-            .iter()
-            .any(|o| (moves(&o.kind) || o.kind == OP_NODE_LOST) && !ops::is_finished(o))
-            || v.placements.iter().any(|p| p.leaving || p.join)
-        {
-            return conflict(
-                "busy",
-                format!(
-                    "volume '{name}' is already moving a replica (see its operations); \
-                     wait for it to finish"
-                ),
-            );
-        }
+        Self::refuse_busy(&v)?;
         if req.to_node == req.from_node {
             return conflict(
                 "same_node",
@@ -2122,41 +2144,7 @@ impl Controller {
                     ),
                 );
             }
-            // The pool: the named one, or the one with most free space that fits.
-            let fits = |p: &&PoolReport| p.capacity_bytes >= v.size_bytes;
-            let pool = match &req.to_pool {
-                Some(want) => target
-                    .pools
-                    .iter()
-                    .find(|p| &p.name == want)
-                    .ok_or_else(|| {
-                        Failure::not_found(format!("node '{}' has no pool '{want}'", req.to_node))
-                    })?,
-                None => target
-                    .pools
-                    .iter()
-                    .filter(fits)
-                    .max_by_key(|p| p.free_bytes)
-                    .ok_or_else(|| {
-                        Failure::conflict(
-                            "no_capacity",
-                            format!("node '{}' has no pool that fits the volume", req.to_node),
-                        )
-                    })?,
-            };
-            if pool.free_bytes < v.size_bytes || pool.capacity_bytes < v.size_bytes {
-                return conflict(
-                    "no_capacity",
-                    format!(
-                        "pool '{}' on node '{}' has {} free, the volume needs {}",
-                        pool.name,
-                        req.to_node,
-                        tandem_types::format_size(pool.free_bytes),
-                        tandem_types::format_size(v.size_bytes)
-                    ),
-                );
-            }
-            let pool = pool.name.clone();
+            let pool = Self::pool_for(target, v.size_bytes, req.to_pool.as_deref())?;
             let to = req.to_node.clone();
             if let Err(why) =
                 Self::plan_replica_move(&nodes, &mut v, &from, &to, &pool, &mut steps, &mut note)
@@ -2186,6 +2174,426 @@ impl Controller {
         Ok(self.volume_view(&v, &nodes))
     }
 
+    /// Refuses a membership change while another one runs on the volume.
+    fn refuse_busy(v: &VolumeRecord) -> Result<(), Failure> {
+        let running = v
+            .operations
+            .iter()
+            .find(|o| changes_members(&o.kind) && !ops::is_finished(o));
+        if running.is_some() || v.placements.iter().any(|p| p.leaving || p.join) {
+            return Err(Failure::conflict(
+                "busy",
+                format!(
+                    "volume '{}' is already changing its replicas ({} running); wait for it \
+                     to finish (or `volume abort` a move)",
+                    v.name,
+                    running.map_or("a replica joining", |o| o.kind.as_str())
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pool on `target` for a new replica of `size` bytes: `want`, or the one with most
+    /// free space that fits; refused when it does not fit.
+    fn pool_for(target: &NodeRecord, size: u64, want: Option<&str>) -> Result<String, Failure> {
+        let pool = match want {
+            Some(want) => target
+                .pools
+                .iter()
+                .find(|p| p.name == want)
+                .ok_or_else(|| {
+                    Failure::not_found(format!("node '{}' has no pool '{want}'", target.name))
+                })?,
+            None => target
+                .pools
+                .iter()
+                .filter(|p| p.capacity_bytes >= size)
+                .max_by_key(|p| p.free_bytes)
+                .ok_or_else(|| {
+                    Failure::conflict(
+                        "no_capacity",
+                        format!("node '{}' has no pool that fits the volume", target.name),
+                    )
+                })?,
+        };
+        if pool.free_bytes < size || pool.capacity_bytes < size {
+            return Err(Failure::conflict(
+                "no_capacity",
+                format!(
+                    "pool '{}' on node '{}' has {} free, the volume needs {}",
+                    pool.name,
+                    target.name,
+                    tandem_types::format_size(pool.free_bytes),
+                    tandem_types::format_size(size)
+                ),
+            ));
+        }
+        Ok(pool.name.clone())
+    }
+
+    /// An online node for a new witness of `v`: one holding nothing of it (nodes of role
+    /// witness first), else one of `fallback` (online), else none.
+    fn witness_node(
+        &self,
+        nodes: &BTreeMap<String, NodeRecord>,
+        v: &VolumeRecord,
+        exclude: &str,
+        fallback: Option<&str>,
+    ) -> Option<String> {
+        let mut others: Vec<&NodeRecord> = nodes
+            .values()
+            .filter(|n| {
+                n.name != exclude
+                    && !v.placements.iter().any(|p| p.node == n.name)
+                    && !v.removing.iter().any(|p| p.node == n.name)
+                    && self.is_online(&n.name)
+            })
+            .collect();
+        others.sort_by_key(|n| (n.role != NodeRole::Witness, n.name.clone()));
+        others
+            .first()
+            .map(|n| n.name.clone())
+            .or_else(|| fallback.filter(|f| self.is_online(f)).map(str::to_string))
+    }
+
+    /// Refuses a replica change that switches `v` between a single replica (served from its
+    /// file) and a replicated one (served through the replication driver) while consumers
+    /// are connected to the replica that stays: their connection holds the old export, whose
+    /// writes would bypass replication or fail.
+    fn refuse_export_switch(
+        nodes: &BTreeMap<String, NodeRecord>,
+        v: &VolumeRecord,
+        node: &str,
+    ) -> Result<(), Failure> {
+        let n = nodes
+            .get(node)
+            .and_then(|n| n.replica(&v.name, &v.uuid))
+            .map_or(0, |r| r.connections);
+        if n > 0 {
+            return Err(Failure::conflict(
+                "in_use",
+                format!(
+                    "volume '{}' has {n} consumer connection(s) on node '{node}': going between \
+                     one replica and several switches its export there; disconnect them first \
+                     (they reconnect to the new export)",
+                    v.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `node` last reported its replica of `v` UpToDate.
+    fn up_to_date(nodes: &BTreeMap<String, NodeRecord>, v: &VolumeRecord, node: &str) -> bool {
+        nodes
+            .get(node)
+            .and_then(|n| n.replica(&v.name, &v.uuid))
+            .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+    }
+
+    /// `volume add-replica NAME [--to NODE[:POOL]]`: one more diskful replica, online, as an
+    /// `add-replica` operation. The new replica joins with a full resync. The voters stay odd:
+    /// with an even diskful count a witness is added; with an odd one the witness leaves once
+    /// the new replica is in sync, or at once when the new replica goes on the witness's node
+    /// (the witness becomes the replica: a three-node cluster going from 2 to 3 replicas).
+    pub fn add_replica(&self, name: &str, req: &ReplicaAdd) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        for n in [&req.node, &req.pool].into_iter().flatten() {
+            validate_name("name", n)?;
+        }
+        if req.pool.is_some() && req.node.is_none() {
+            return Err(Failure::bad_request(
+                "bad_request",
+                "a pool needs a node: give both (NODE:POOL)",
+            ));
+        }
+        let _guard = self.write_guard();
+        let (rev, mut v) = self.volume_to_change(name)?;
+        let nodes = self.nodes_by_name()?;
+        let conflict = |code: &'static str, msg: String| Err(Failure::conflict(code, msg));
+        Self::refuse_busy(&v)?;
+        let diskful = v.placements.iter().filter(|p| !p.diskless).count() as u32;
+        if diskful >= MAX_REPLICAS {
+            return conflict(
+                "too_many",
+                format!("volume '{name}' has {diskful} replicas, the most supported"),
+            );
+        }
+        if !self.experimental_replication {
+            return Err(Failure::bad_request(
+                "unsupported",
+                "more than one replica is not supported yet: replication arrives with a later \
+                 release",
+            ));
+        }
+        if diskful == 1
+            && let Some(only) = v.placements.iter().find(|p| !p.diskless)
+        {
+            Self::refuse_export_switch(&nodes, &v, &only.node)?;
+        }
+        let witness = v
+            .placements
+            .iter()
+            .find(|p| p.diskless)
+            .map(|p| p.node.clone());
+        let (node, pool) = match &req.node {
+            Some(n) => {
+                let Some(target) = nodes.get(n) else {
+                    return Err(Failure::not_found(format!("node '{n}' is not registered")));
+                };
+                if v.placements.iter().any(|p| &p.node == n && !p.diskless)
+                    || v.removing.iter().any(|p| &p.node == n)
+                {
+                    return conflict(
+                        "already_placed",
+                        format!(
+                            "node '{n}' already holds a replica of volume '{name}' (or is still \
+                             deleting an old one)"
+                        ),
+                    );
+                }
+                if target.role != NodeRole::Diskful {
+                    return conflict(
+                        "witness_node",
+                        format!("node '{n}' is a witness node: it holds no data"),
+                    );
+                }
+                if !self.is_online(n) {
+                    return conflict(
+                        "node_offline",
+                        format!("node '{n}' is offline: it cannot take a replica"),
+                    );
+                }
+                (
+                    n.clone(),
+                    Self::pool_for(target, v.size_bytes, req.pool.as_deref())?,
+                )
+            }
+            None => match self.best_pool(&nodes, &v, &HashMap::new(), "") {
+                Some(x) => x,
+                None => {
+                    // The witness's node, when it can hold data.
+                    let w = witness
+                        .as_ref()
+                        .and_then(|w| nodes.get(w))
+                        .filter(|n| n.role == NodeRole::Diskful && self.is_online(&n.name))
+                        .and_then(|n| {
+                            Self::pool_for(n, v.size_bytes, None)
+                                .ok()
+                                .map(|p| (n.name.clone(), p))
+                        });
+                    match w {
+                        Some(x) => x,
+                        None => {
+                            return conflict(
+                                "no_nodes",
+                                format!(
+                                    "no online diskful node without a replica of volume \
+                                     '{name}' has a pool that fits it ({})",
+                                    tandem_types::format_size(v.size_bytes)
+                                ),
+                            );
+                        }
+                    }
+                }
+            },
+        };
+        let now = now_unix();
+        let mut steps = Vec::new();
+        let mut note = Vec::new();
+        if witness.as_deref() == Some(node.as_str()) {
+            // The witness there becomes the replica: it goes first (one placement per node).
+            let i = v
+                .placements
+                .iter()
+                .position(|p| p.node == node)
+                .unwrap_or(0);
+            let w = v.placements.remove(i);
+            v.removing.push(w);
+            steps.push(ops::step(
+                format!("{STEP_REMOVE_WITNESS} on {node}"),
+                Some(&node),
+                ops::RUNNING,
+            ));
+            note.push(format!("the witness on {node} becomes a replica"));
+        }
+        steps.push(ops::step(
+            format!("{STEP_CREATE}{node}:{pool} and resync it fully"),
+            Some(&node),
+            ops::RUNNING,
+        ));
+        note.push(format!("new replica on {node}:{pool}"));
+        v.placements.push(Placement {
+            node: node.clone(),
+            pool,
+            diskless: false,
+            join: true,
+            leaving: false,
+        });
+        let diskful = diskful + 1;
+        let witness_now = v.placements.iter().position(|p| p.diskless);
+        match witness_now {
+            None if diskful.is_multiple_of(2) => {
+                let Some(w) = self.witness_node(&nodes, &v, "", None) else {
+                    return conflict(
+                        "no_nodes",
+                        format!(
+                            "{diskful} replicas need a witness (diskless tiebreaker) on another \
+                             online node, and there is none"
+                        ),
+                    );
+                };
+                steps.push(ops::step(
+                    format!("{STEP_WITNESS}{w}"),
+                    Some(&w),
+                    ops::RUNNING,
+                ));
+                note.push(format!("new witness on {w}"));
+                v.placements.push(Placement {
+                    node: w,
+                    pool: String::new(),
+                    diskless: true,
+                    join: false,
+                    leaving: false,
+                });
+            }
+            Some(i) if !diskful.is_multiple_of(2) => {
+                // No tiebreaker needed any more: it leaves once the new replica is in sync.
+                let w = v.placements[i].node.clone();
+                v.placements[i].leaving = true;
+                steps.push(ops::step(
+                    format!("{STEP_REMOVE_WITNESS} on {w}"),
+                    Some(&w),
+                    ops::PENDING,
+                ));
+                note.push(format!("then the witness on {w} goes"));
+            }
+            _ => {}
+        }
+        v.replica_count = diskful;
+        v.operations.push(ops::new(OP_ADD_REPLICA, steps, now));
+        self.write_members(rev, &v)?;
+        tracing::info!(volume = name, "adding a replica: {}", note.join("; "));
+        Ok(self.volume_view(&v, &nodes))
+    }
+
+    /// `volume remove-replica NAME NODE`: one diskful replica fewer, online, as a
+    /// `remove-replica` operation: the replica leaves the volume at once and its node deletes
+    /// it. The voters stay odd: with an even diskful count left a witness is added (on that
+    /// very node when no other is free), with an odd one the witness goes. Refused for the
+    /// last replica, the Primary's (promote another first) and the last UpToDate one.
+    pub fn remove_replica(&self, name: &str, node: &str) -> Result<Volume, Failure> {
+        validate_name("volume", name)?;
+        validate_name("node", node)?;
+        let _guard = self.write_guard();
+        let (rev, mut v) = self.volume_to_change(name)?;
+        let nodes = self.nodes_by_name()?;
+        let conflict = |code: &'static str, msg: String| Err(Failure::conflict(code, msg));
+        let Some(idx) = v.placements.iter().position(|p| p.node == node) else {
+            return conflict(
+                "no_replica",
+                format!("volume '{name}' has no replica on node '{node}'"),
+            );
+        };
+        if v.placements[idx].diskless {
+            return conflict(
+                "is_witness",
+                format!(
+                    "node '{node}' holds the witness of volume '{name}', not a replica: the \
+                     witness follows the replica count (`volume move` moves it)"
+                ),
+            );
+        }
+        Self::refuse_busy(&v)?;
+        let diskful = v.placements.iter().filter(|p| !p.diskless).count() as u32;
+        if diskful <= 1 {
+            return conflict(
+                "last_replica",
+                format!(
+                    "node '{node}' holds the only replica of volume '{name}' (`volume delete` \
+                     deletes the volume)"
+                ),
+            );
+        }
+        if v.desired_primary() == Some(node) {
+            return conflict(
+                "is_primary",
+                format!(
+                    "the replica on '{node}' is the Primary of volume '{name}': make another \
+                     replica Primary first (`tandem volume promote {name} OTHER-NODE`)"
+                ),
+            );
+        }
+        if !v
+            .placements
+            .iter()
+            .filter(|p| !p.diskless && p.node != node)
+            .any(|p| Self::up_to_date(&nodes, &v, &p.node))
+        {
+            return conflict(
+                "last_up_to_date",
+                format!(
+                    "no other replica of volume '{name}' is UpToDate: removing the one on \
+                     '{node}' could lose data; wait for the resync"
+                ),
+            );
+        }
+        if diskful == 2
+            && let Some(stays) = v.placements.iter().find(|p| !p.diskless && p.node != node)
+        {
+            Self::refuse_export_switch(&nodes, &v, &stays.node)?;
+        }
+        let now = now_unix();
+        let gone = v.placements.remove(idx);
+        v.removing.push(gone);
+        let mut steps = vec![ops::step(
+            format!("{STEP_REMOVE}replica on {node}"),
+            Some(node),
+            ops::RUNNING,
+        )];
+        let mut note = vec![format!("the replica on {node} goes")];
+        let diskful = diskful - 1;
+        match v.placements.iter().position(|p| p.diskless) {
+            None if diskful.is_multiple_of(2) => {
+                match self.witness_node(&nodes, &v, node, Some(node)) {
+                    Some(w) => {
+                        steps.push(ops::step(
+                            format!("{STEP_WITNESS}{w}"),
+                            Some(&w),
+                            ops::RUNNING,
+                        ));
+                        note.push(format!("new witness on {w}"));
+                        v.placements.push(Placement {
+                            node: w,
+                            pool: String::new(),
+                            diskless: true,
+                            join: false,
+                            leaving: false,
+                        });
+                    }
+                    None => note.push("no online node for a witness".to_string()),
+                }
+            }
+            Some(i) if !diskful.is_multiple_of(2) => {
+                let w = v.placements.remove(i);
+                steps.push(ops::step(
+                    format!("{STEP_REMOVE_WITNESS} on {}", w.node),
+                    Some(&w.node),
+                    ops::RUNNING,
+                ));
+                note.push(format!("the witness on {} goes", w.node));
+                v.removing.push(w);
+            }
+            _ => {}
+        }
+        v.replica_count = diskful;
+        v.operations.push(ops::new(OP_REMOVE_REPLICA, steps, now));
+        self.write_members(rev, &v)?;
+        tracing::info!(volume = name, "removing a replica: {}", note.join("; "));
+        Ok(self.volume_view(&v, &nodes))
+    }
+
     /// `volume abort NAME`: stops the volume's running move or evacuation and undoes it, while
     /// that is safe: before the old copy left the volume. The new member (or witness) is
     /// dropped (its node deletes what it has), the leaving placement stays; a Primary already
@@ -2207,6 +2615,10 @@ impl Controller {
             let why = match kind.as_str() {
                 OP_NODE_LOST => "the lost node's replicas are gone: the replacement must finish",
                 "resize" => "a resize is not undone: run `volume resize` to the size you want",
+                OP_ADD_REPLICA => "undo it with `volume remove-replica` once it is done",
+                OP_REMOVE_REPLICA => {
+                    "the replica is being deleted: `volume add-replica` adds one back"
+                }
                 _ => "only a move or an evacuation can be aborted",
             };
             return Err(Failure::conflict(
@@ -2347,17 +2759,7 @@ impl Controller {
                 }
                 *promised.entry((node, pool)).or_default() += v.size_bytes;
             } else {
-                let mut others: Vec<&NodeRecord> = nodes
-                    .values()
-                    .filter(|n| {
-                        n.name != name
-                            && !v.placements.iter().any(|p| p.node == n.name)
-                            && !v.removing.iter().any(|p| p.node == n.name)
-                            && self.is_online(&n.name)
-                    })
-                    .collect();
-                others.sort_by_key(|n| (n.role != NodeRole::Witness, n.name.clone()));
-                let Some(w) = others.first() else {
+                let Some(w) = self.witness_node(&nodes, &v, name, None) else {
                     note.push("not moved: no online node left for its witness".to_string());
                     result.volumes.push(NodeLostVolume {
                         volume: v.name.clone(),
@@ -2366,13 +2768,13 @@ impl Controller {
                     continue;
                 };
                 steps.push(ops::step(
-                    format!("{STEP_WITNESS}{}", w.name),
-                    Some(&w.name),
+                    format!("{STEP_WITNESS}{w}"),
+                    Some(&w),
                     ops::RUNNING,
                 ));
-                note.push(format!("new witness on {}", w.name));
+                note.push(format!("new witness on {w}"));
                 v.placements.push(Placement {
-                    node: w.name.clone(),
+                    node: w,
                     pool: String::new(),
                     diskless: true,
                     join: false,

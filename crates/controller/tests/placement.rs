@@ -516,9 +516,9 @@ fn equal_pools_share_replicas_evenly_and_every_pair_gets_a_witness() {
 }
 
 #[test]
-fn node_remove_refuses_a_node_that_holds_replicas() {
+fn node_remove_refuses_a_node_that_holds_replicas_or_is_online() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_experimental(dir.path());
+    let s = Server::start_opts(dir.path(), 1, true);
     register(&s, &[("n1", 30), ("n2", 20), ("n3", 10), ("n4", 5)]);
     let (st, v) = create(&s, json!({"name": "a", "size_bytes": GIB, "replicas": 2}));
     assert_eq!(st, 201, "{v}");
@@ -527,6 +527,14 @@ fn node_remove_refuses_a_node_that_holds_replicas() {
         assert_api_error(st, &e, 409, "node_in_use");
         assert!(e["message"].as_str().unwrap().contains("a"), "{e}");
     }
+    // n4 holds nothing, but its agent still syncs: it would come back at once.
+    let (st, e) = s.delete("/v1/nodes/n4");
+    assert_api_error(st, &e, 409, "node_online");
+    wait_for("n4 offline", || {
+        nodes(&s)
+            .iter()
+            .any(|n| n.name == "n4" && n.state == tandem_api::NodeState::Offline)
+    });
     let (st, e) = s.delete("/v1/nodes/n4");
     assert_eq!(st, 204, "{e}");
     assert!(nodes(&s).iter().all(|n| n.name != "n4"));

@@ -16,7 +16,7 @@ use crate::{MetaError, Result};
 
 pub const MAGIC: [u8; 8] = *b"TNDMMETA";
 /// The newest format version this code reads and the one it writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Upper bound of a metadata file; larger files are refused before they are read.
 pub const MAX_META_LEN: usize = 64 * 1024;
 pub const MAX_STRING_LEN: usize = 255;
@@ -190,6 +190,9 @@ pub struct ReplicaMeta {
     pub peers: Vec<PeerSlot>,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
+    /// Since format version 2 (0 when reading version 1): the replication engine's promotion
+    /// epoch (orders promotions for the `discard-younger-primary` split-brain policy).
+    pub primary_epoch: u64,
 }
 
 impl ReplicaMeta {
@@ -236,6 +239,7 @@ impl ReplicaMeta {
             peers,
             created_unix_ms: now_unix_ms,
             updated_unix_ms: now_unix_ms,
+            primary_epoch: 0,
         }
     }
 
@@ -317,6 +321,7 @@ impl ReplicaMeta {
         }
         body.extend_from_slice(&self.created_unix_ms.to_le_bytes());
         body.extend_from_slice(&self.updated_unix_ms.to_le_bytes());
+        body.extend_from_slice(&self.primary_epoch.to_le_bytes());
 
         let mut out = Vec::with_capacity(HEADER_LEN + body.len() + CRC_LEN);
         out.extend_from_slice(&MAGIC);
@@ -439,6 +444,7 @@ impl ReplicaMeta {
         }
         let created_unix_ms = r.u64()?;
         let updated_unix_ms = r.u64()?;
+        let primary_epoch = if version >= 2 { r.u64()? } else { 0 };
         if r.pos != crc_at {
             return Err(MetaError::invalid(
                 WHAT,
@@ -462,6 +468,7 @@ impl ReplicaMeta {
             peers,
             created_unix_ms,
             updated_unix_ms,
+            primary_epoch,
         };
         meta.validate()?;
         Ok(meta)
@@ -608,7 +615,7 @@ mod tests {
     #[test]
     fn newer_version_is_refused_clearly() {
         let mut bytes = sample().encode().unwrap();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         // Even with a valid checksum for the new version, the version check comes first.
         let n = bytes.len();
         let crc = crc32c::crc32c(&bytes[..n - 4]);
@@ -617,12 +624,37 @@ mod tests {
         assert!(matches!(
             err,
             MetaError::UnsupportedVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ));
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn version_1_without_the_primary_epoch_still_reads() {
+        let mut m = sample();
+        m.primary_epoch = 9;
+        let v2 = m.encode().unwrap();
+        // The same metadata as version 1 wrote it: no epoch at the end of the body.
+        let body_len = u32::from_le_bytes(v2[12..16].try_into().unwrap()) - 8;
+        let mut v1 = v2[..HEADER_LEN + body_len as usize].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[12..16].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let read = ReplicaMeta::decode(&v1).unwrap();
+        assert_eq!(read.primary_epoch, 0);
+        assert_eq!(
+            read,
+            ReplicaMeta {
+                primary_epoch: 0,
+                ..m.clone()
+            }
+        );
+        // And version 2 keeps it.
+        assert_eq!(ReplicaMeta::decode(&v2).unwrap().primary_epoch, 9);
     }
 
     #[test]

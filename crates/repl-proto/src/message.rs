@@ -311,6 +311,10 @@ pub struct StateReport {
     /// Since version 2: the Primary whose list `outdated` is (0 with an empty list). A node
     /// connected to that node ignores the list (that node's own reports are the authority).
     pub outdated_by: NodeId,
+    /// Since version 3 (0 before): the sender's promotion epoch, one more than the highest
+    /// epoch it had seen when it last became Primary (0: never). Of two sides of a split
+    /// brain, the higher epoch became Primary more recently (`discard-younger-primary`).
+    pub primary_epoch: u64,
 }
 
 /// A range of bytes of the volume.
@@ -782,6 +786,9 @@ impl Message {
                     out.put_u64_le(s.outdated_gen);
                     out.put_u8(s.outdated_by);
                 }
+                if version >= ProtocolVersion::V3 {
+                    out.put_u64_le(s.primary_epoch);
+                }
                 None
             }
             Message::Write {
@@ -1004,6 +1011,11 @@ fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, D
             } else {
                 (0, 0, 0)
             };
+            let primary_epoch = if version >= ProtocolVersion::V3.number() {
+                r.u64()?
+            } else {
+                0
+            };
             Message::StateReport(Box::new(StateReport {
                 seq,
                 node_id,
@@ -1021,6 +1033,7 @@ fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, D
                 outdated,
                 outdated_gen,
                 outdated_by,
+                primary_epoch,
             }))
         }
         T::Write => Message::Write {

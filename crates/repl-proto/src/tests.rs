@@ -55,7 +55,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
         (0..=state_flags::ALL, any::<u64>()),
         any::<[u64; 4]>(),
         proptest::collection::vec((node(), any::<u64>()), 0..=31),
-        (any::<u32>(), any::<u64>(), node()),
+        (any::<u32>(), any::<u64>(), node(), any::<u64>()),
     )
         .prop_map(
             |(
@@ -65,7 +65,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                 (flags, size),
                 g,
                 peers,
-                (outdated, outdated_gen, outdated_by),
+                (outdated, outdated_gen, outdated_by, primary_epoch),
             )| {
                 StateReport {
                     seq,
@@ -87,6 +87,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                     outdated,
                     outdated_gen,
                     outdated_by,
+                    primary_epoch,
                     peer_bitmaps: peers
                         .into_iter()
                         .map(|(node, generation)| PeerBitmap { node, generation })
@@ -1086,24 +1087,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 3..=5.
+    // A future initiator speaking only 4..=6.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 3;
-    h.max_version = 5;
+    h.min_version = 4;
+    h.max_version = 6;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 2).unwrap(),
-        theirs: VersionRange::new(3, 5).unwrap(),
+        ours: VersionRange::new(1, 3).unwrap(),
+        theirs: VersionRange::new(4, 6).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=2, the peer speaks 3..=5")
+            .contains("we speak 1..=3, the peer speaks 4..=6")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1119,20 +1120,20 @@ fn refuses_version_mismatch_naming_both_ranges() {
     };
     assert_eq!(
         (reason, min_version, max_version),
-        (RefuseReason::VersionMismatch, 1, 2)
+        (RefuseReason::VersionMismatch, 1, 3)
     );
     // Pretend the initiator is the future one: its error names its and the acceptor's range.
     let f = ini.on_message(refusal).unwrap_err();
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 3..=5.
+    // A future acceptor offering only 4..=6.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 3,
-            max_version: 5,
-            version: 5,
+            min_version: 4,
+            max_version: 6,
+            version: 6,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1140,7 +1141,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(3, 5).unwrap(),
+            theirs: VersionRange::new(4, 6).unwrap(),
         })
     );
     assert!(matches!(
@@ -1301,7 +1302,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 3).unwrap();
+    c.versions = VersionRange::new(1, 4).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1435,8 +1436,9 @@ fn payload_sizes_match_the_doc() {
                 outdated: 1 << 2,
                 outdated_gen: 9,
                 outdated_by: 3,
+                primary_epoch: 0,
             })),
-            73 + 2 * 9,
+            81 + 2 * 9,
         ),
         (
             Message::Write {
@@ -1583,11 +1585,13 @@ fn state_report_outdated_mask_is_a_version_2_field() {
         outdated: 1 << 2,
         outdated_gen: 0x55,
         outdated_by: 1,
+        primary_epoch: 7,
     };
     let msg = Message::StateReport(Box::new(report.clone()));
-    for (version, len, outdated, outdated_gen, outdated_by) in [
-        (ProtocolVersion::V1, 60, 0, 0, 0),
-        (ProtocolVersion::V2, 73, 1 << 2, 0x55, 1),
+    for (version, len, outdated, outdated_gen, outdated_by, primary_epoch) in [
+        (ProtocolVersion::V1, 60, 0, 0, 0, 0),
+        (ProtocolVersion::V2, 73, 1 << 2, 0x55, 1, 0),
+        (ProtocolVersion::V3, 81, 1 << 2, 0x55, 1, 7),
     ] {
         let mut buf = Vec::new();
         crate::Encoder::new(version).encode(&msg, &mut buf).unwrap();
@@ -1605,6 +1609,7 @@ fn state_report_outdated_mask_is_a_version_2_field() {
                 outdated,
                 outdated_gen,
                 outdated_by,
+                primary_epoch,
                 ..report.clone()
             }
         );

@@ -19,13 +19,21 @@ pub enum ProtocolVersion {
     /// bitmaps), so a node that missed writes a Primary completed without it learns that it
     /// is Outdated. A version-1 link omits it (reads as 0).
     V2 = 2,
+    /// Version 3: `StateReport` carries `primary_epoch` (8 bytes after the outdated fields),
+    /// which orders promotions for the `discard-younger-primary` split-brain policy. A
+    /// version-2 link omits it (reads as 0: the policy cannot tell, the link stays split).
+    V3 = 3,
 }
 
 impl ProtocolVersion {
     /// Every version this build speaks, oldest first.
-    pub const ALL: &'static [ProtocolVersion] = &[ProtocolVersion::V1, ProtocolVersion::V2];
+    pub const ALL: &'static [ProtocolVersion] = &[
+        ProtocolVersion::V1,
+        ProtocolVersion::V2,
+        ProtocolVersion::V3,
+    ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V2;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V3;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -138,12 +146,13 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 2);
+        assert_eq!(ProtocolVersion::LATEST.number(), 3);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
+        assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 3).is_supported());
+        assert!(!r(1, 4).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

@@ -315,6 +315,9 @@ pub struct Engine {
     /// Consumer reads forwarded to a peer (detached disk): request seq -> (op key, peer).
     fwd_reads: BTreeMap<u64, (u64, NodeId)>,
     next_read_seq: u64,
+    /// The highest promotion epoch seen (ours and our peers' reports); a promotion goes one
+    /// above it.
+    primary_epoch_seen: u64,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -369,6 +372,7 @@ impl Engine {
         let mut e = Engine {
             resync_rate: cfg.resync_rate,
             resync_min_rate: cfg.resync_min_rate,
+            primary_epoch_seen: persisted.meta.primary_epoch,
             sent_outdated: (0, 0, 0),
             app_io: (0, 0, 0),
             cfg,
@@ -592,6 +596,8 @@ impl Engine {
         self.primary_fresh = None;
         self.crashed_primary = false;
         self.meta.primary = true;
+        self.meta.primary_epoch = self.meta.primary_epoch.max(self.primary_epoch_seen) + 1;
+        self.primary_epoch_seen = self.meta.primary_epoch;
         // A new generation is started lazily, at the first write, if some diskful peer is
         // not in sync then (DRBD does the same): a Primary that never writes never diverges.
         self.mint_pending = true;
@@ -1152,6 +1158,7 @@ impl Engine {
             outdated,
             outdated_gen,
             outdated_by,
+            primary_epoch: self.meta.primary_epoch,
         }
     }
 
@@ -2958,6 +2965,7 @@ impl Engine {
                 detail: "a witness reports Primary".into(),
             });
         }
+        self.primary_epoch_seen = self.primary_epoch_seen.max(r.primary_epoch);
         let Some(c) = self.conn_mut(peer) else {
             return Ok(());
         };
@@ -3224,7 +3232,7 @@ impl Engine {
         };
         let (mut d, rule) = decide(&me, &other);
         if d == SyncDecision::SplitBrain {
-            if let Some(resolved) = self.resolve_split_brain(peer, rule, r.flags) {
+            if let Some(resolved) = self.resolve_split_brain(peer, rule, r.flags, r.primary_epoch) {
                 d = resolved;
             }
         } else {

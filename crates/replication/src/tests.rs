@@ -25,25 +25,17 @@ fn engine(id: u8, peers: &[(u8, bool)]) -> Engine {
 fn connect(e: &mut Engine, peer: u8, diskful: bool, role: Role) -> Vec<Action> {
     let mut out = e.handle(1, Event::PeerUp { peer });
     let report = tandem_repl_proto::StateReport {
-        seq: 1,
-        node_id: peer,
         role,
         disk_state: if diskful {
             tandem_repl_proto::DiskState::UpToDate
         } else {
             tandem_repl_proto::DiskState::Diskless
         },
-        quorum: Default::default(),
-        flags: 0,
-        size_bytes: SIZE,
         generations: tandem_repl_proto::Generations {
             current: if diskful { 77 } else { 0 },
             ..Default::default()
         },
-        peer_bitmaps: vec![],
-        outdated: 0,
-        outdated_gen: 0,
-        outdated_by: 0,
+        ..report_of(peer)
     };
     out.extend(e.handle(
         2,
@@ -106,6 +98,7 @@ fn report_of(peer: u8) -> tandem_repl_proto::StateReport {
         outdated: 0,
         outdated_gen: 0,
         outdated_by: 0,
+        primary_epoch: 0,
     }
 }
 
@@ -408,6 +401,7 @@ fn connect_as_target(e: &mut Engine, peer: u8) -> Vec<Action> {
         outdated: 0,
         outdated_gen: 0,
         outdated_by: 0,
+        primary_epoch: 0,
     };
     for msg in [
         Message::StateReport(Box::new(report)),
@@ -685,6 +679,7 @@ fn verify_with_resync_starts_an_online_resync_of_the_findings() {
             outdated: 0,
             outdated_gen: 0,
             outdated_by: 0,
+            primary_epoch: 0,
         })),
     };
     e.handle(40, report(5, tandem_repl_proto::DiskState::UpToDate));
@@ -893,6 +888,11 @@ fn verify_refusals_are_typed() {
 /// Node 0 with diskful peer 1 and witness 2 after a split: we are at generation 20 (wrote
 /// `our_blocks` blocks since generation 10, when we last were in sync with node 1).
 fn split_node(policy: SplitBrainPolicy, our_blocks: u64) -> Engine {
+    split_node_at(policy, our_blocks, 0)
+}
+
+/// [`split_node`] whose last promotion had epoch `epoch`.
+fn split_node_at(policy: SplitBrainPolicy, our_blocks: u64, epoch: u64) -> Engine {
     let peers = vec![
         PeerConfig {
             node_id: 1,
@@ -909,6 +909,7 @@ fn split_node(policy: SplitBrainPolicy, our_blocks: u64) -> Engine {
     p.meta.current = 20;
     p.meta.history = [10, 0];
     p.meta.peer_bitmap_gens.insert(1, 10);
+    p.meta.primary_epoch = epoch;
     if our_blocks > 0 {
         p.bitmaps.get_mut(&1).unwrap().set_bits(0, our_blocks);
     }
@@ -918,28 +919,25 @@ fn split_node(policy: SplitBrainPolicy, our_blocks: u64) -> Engine {
 /// The handshake with node 1, which wrote `peer_blocks` blocks (from block 100) since
 /// generation 10 and is now at generation 30; `flags` of its report.
 fn split_handshake(e: &mut Engine, peer_blocks: u64, flags: u32) -> Vec<Action> {
+    split_handshake_at(e, peer_blocks, flags, 0)
+}
+
+/// [`split_handshake`] with a peer whose last promotion had epoch `epoch`.
+fn split_handshake_at(e: &mut Engine, peer_blocks: u64, flags: u32, epoch: u64) -> Vec<Action> {
     let mut out = e.handle(1, Event::PeerUp { peer: 1 });
     out.extend(e.handle(
         2,
         Event::PeerMessage {
             peer: 1,
             msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-                seq: 1,
-                node_id: 1,
-                role: Role::Secondary,
-                disk_state: tandem_repl_proto::DiskState::UpToDate,
-                quorum: Default::default(),
                 flags,
-                size_bytes: SIZE,
                 generations: tandem_repl_proto::Generations {
                     current: 30,
                     bitmap: 10,
                     history: [10, 0],
                 },
-                peer_bitmaps: vec![],
-                outdated: 0,
-                outdated_gen: 0,
-                outdated_by: 0,
+                primary_epoch: epoch,
+                ..report_of(1)
             })),
         },
     ));
@@ -1062,6 +1060,63 @@ fn split_brain_discard_zero_changes_only_when_one_side_wrote_nothing() {
 }
 
 #[test]
+fn split_brain_discard_younger_primary_keeps_the_older_primarys_changes() {
+    // We became Primary before the peer did (epoch 3 < 4): we keep ours, the peer resyncs.
+    let mut e = split_node_at(SplitBrainPolicy::DiscardYoungerPrimary, 2, 3);
+    let a = split_handshake_at(&mut e, 3, 0, 4);
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(resync_begins(&a), 1);
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    let why = e.status().peers[0].split_brain.clone().unwrap().resolution;
+    assert!(
+        why.as_deref()
+            .is_some_and(|w| w.contains("node 1 became Primary more recently")),
+        "{why:?}"
+    );
+    // We are the younger one: bitmap target of the union of both sides' changes.
+    let mut e = split_node_at(SplitBrainPolicy::DiscardYoungerPrimary, 2, 5);
+    let a = split_handshake_at(&mut e, 3, 0, 4);
+    assert!(disconnects(&a).is_empty());
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncTarget);
+    assert_eq!(e.status().peers[0].out_of_sync_bytes, 5 * 4096);
+    // Same epoch (or an old peer that sends none, against ours of 0): cannot tell, split.
+    let mut e = split_node_at(SplitBrainPolicy::DiscardYoungerPrimary, 2, 4);
+    let a = split_handshake_at(&mut e, 3, 0, 4);
+    assert_eq!(disconnects(&a), vec![(1, DisconnectReason::SplitBrain)]);
+}
+
+#[test]
+fn a_promotion_takes_an_epoch_above_every_one_seen() {
+    let mut e = engine(0, &[(1, true), (2, false)]);
+    connect(&mut e, 1, true, Role::Secondary);
+    connect(&mut e, 2, false, Role::Secondary);
+    // Node 1 was Primary at epoch 5 once (its report says so).
+    e.handle(
+        5,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                seq: 2,
+                primary_epoch: 5,
+                ..report_of(1)
+            })),
+        },
+    );
+    assert_eq!(e.meta().primary_epoch, 0);
+    let a = e.promote(6).expect("promote");
+    assert_eq!(e.meta().primary_epoch, 6);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::PersistMeta(m) if m.primary_epoch == 6)),
+        "the epoch is persisted with the role"
+    );
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Send { peer: 1, msg: Message::StateReport(r) } if r.primary_epoch == 6
+    )));
+}
+
+#[test]
 fn manual_resolution_discards_the_victims_changes() {
     use tandem_repl_proto::message::state_flags::DISCARD_MY_DATA;
     // On the victim: its reports say so, its next split-brain handshake makes it target.
@@ -1154,6 +1209,7 @@ fn checksum_resync_transfers_only_the_blocks_whose_digests_differ() {
             outdated: 0,
             outdated_gen: 0,
             outdated_by: 0,
+            primary_epoch: 0,
         })),
         Message::OutOfSync {
             flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
@@ -1370,6 +1426,7 @@ fn report_from(peer: u8, seq: u64, size: u64, role: Role) -> Event {
             outdated: 0,
             outdated_gen: 0,
             outdated_by: 0,
+            primary_epoch: 0,
         })),
     }
 }

@@ -102,6 +102,10 @@ pub enum SplitBrainPolicy {
     DiscardZeroChanges,
     /// This node's changes are discarded whenever it is in a split brain.
     DiscardNode(NodeId),
+    /// The side that became Primary more recently (higher promotion epoch) discards its
+    /// changes; the one that was Primary before the split keeps them. Equal epochs (both
+    /// promoted having seen the same history) are not resolved: disconnect.
+    DiscardYoungerPrimary,
 }
 
 impl Config {
@@ -142,6 +146,10 @@ pub struct Meta {
     pub history: [Generation; 2],
     /// Per diskful peer: our current generation when we were last in sync (0 = in sync).
     pub peer_bitmap_gens: BTreeMap<NodeId, Generation>,
+    /// Promotion epoch: one more than the highest epoch this node had seen (its own and its
+    /// peers' reports) when it last became Primary; 0 = never. Of two sides of a split brain
+    /// the higher epoch became Primary more recently (`discard-younger-primary`).
+    pub primary_epoch: u64,
 }
 
 /// Everything the driver persisted, handed back to [`crate::Engine::new`] at start.
@@ -181,6 +189,7 @@ impl Persisted {
                 current: if config.diskful { generation } else { 0 },
                 history: [0, 0],
                 peer_bitmap_gens: gens,
+                primary_epoch: 0,
             },
             bitmaps,
             activity_log: Vec::new(),

@@ -7,8 +7,10 @@
 //!    wrote without it) is promoted with `promote_forced` and the witness's vote and
 //!    (usually) writes: a real split brain, or, when it writes nothing, none;
 //! 4. heal. The seed chose the volume's policy (`disconnect`, `discard-zero-changes`,
-//!    `discard-node:N`). If the pair stays split, the checker verifies nothing was merged and
-//!    then runs the manual resolution on a victim the seed chose.
+//!    `discard-younger-primary`, `discard-node:N`). Under `discard-younger-primary` node 1
+//!    (promoted after node 0) is demoted before the heal and must be the policy's victim. If
+//!    the pair stays split, the checker verifies nothing was merged and then runs the manual
+//!    resolution on a victim the seed chose.
 //!
 //! Checked at the end: both replicas are byte-identical and equal to the kept side's data as it
 //! was at the split (never a mix of both sides).
@@ -53,9 +55,10 @@ pub(crate) struct Scenario {
 
 impl Scenario {
     pub(crate) fn new(rng: &mut Rng) -> Scenario {
-        let policy = match rng.range(0, 3) {
+        let policy = match rng.range(0, 4) {
             0 => SplitBrainPolicy::Disconnect,
             1 => SplitBrainPolicy::DiscardZeroChanges,
+            2 => SplitBrainPolicy::DiscardYoungerPrimary,
             _ => SplitBrainPolicy::DiscardNode(rng.range(0, 2) as NodeId),
         };
         Scenario {
@@ -220,9 +223,13 @@ impl World {
                     self.nodes[0].disk.data.clone(),
                     self.nodes[1].disk.data.clone(),
                 ];
-                if !self.sb().other_writes {
+                if !self.sb().other_writes
+                    || self.sb().policy == SplitBrainPolicy::DiscardYoungerPrimary
+                {
                     // It wrote nothing: no split brain; as a Secondary it resyncs from node 0
-                    // (a Primary with quorum never becomes sync target).
+                    // (a Primary with quorum never becomes sync target). Under
+                    // discard-younger-primary it is the younger Primary (promoted after node
+                    // 0): demoted, it is the victim the policy picks.
                     self.demote(1)?;
                 }
                 self.tr("scenario: heal".into());
@@ -274,6 +281,10 @@ impl World {
                         (true, SplitBrainPolicy::DiscardNode(0)) => {
                             (1, "policy discard-node 0".to_string())
                         }
+                        (true, SplitBrainPolicy::DiscardYoungerPrimary) => (
+                            0,
+                            "policy discard-younger-primary: node 1 discards".to_string(),
+                        ),
                         (true, p) => {
                             return Err(format!(
                                 "split brain resolved by itself under policy {p:?}: both sides wrote and node 1 is Primary with quorum"

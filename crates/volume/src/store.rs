@@ -236,6 +236,7 @@ impl ReplicaStore {
                 current: meta.current_gen.0,
                 history: [meta.history_gen[0].0, meta.history_gen[1].0],
                 peer_bitmap_gens: gens,
+                primary_epoch: meta.primary_epoch,
             },
             bitmaps,
             activity_log: if cfg.diskful {
@@ -274,6 +275,7 @@ impl ReplicaStore {
         };
         self.meta.current_gen = GenerationId(m.current);
         self.meta.history_gen = [GenerationId(m.history[0]), GenerationId(m.history[1])];
+        self.meta.primary_epoch = m.primary_epoch;
         for (peer, gen_) in &m.peer_bitmap_gens {
             let i = self.slot(*peer)?;
             self.meta.peers[usize::from(i)].bitmap_gen = GenerationId(*gen_);

@@ -232,6 +232,20 @@ impl Cluster {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
     }
 
+    /// Runs `tandem <args>`, asserts it fails with `code` (a stable API error code or a
+    /// part of the message) on stderr, returns stderr.
+    pub fn refused(&self, args: &[&str], code: &str) -> String {
+        let out = run(self.cli().args(args));
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "{args:?} must be refused: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(err.contains(code), "{args:?}: expected {code}: {err}");
+        err
+    }
+
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.path().join(node)
     }

@@ -22,7 +22,7 @@ pub struct ResolveRecord {
 /// Checks a policy string against the volume's placements.
 pub(crate) fn validate_policy(policy: &str, placements: &[Placement]) -> Result<(), Failure> {
     match policy {
-        "disconnect" | "discard-zero-changes" => Ok(()),
+        "disconnect" | "discard-zero-changes" | "discard-younger-primary" => Ok(()),
         other => match other.strip_prefix("discard-node:") {
             Some(n) if placements.iter().any(|p| p.node == n && !p.diskless) => Ok(()),
             Some(n) => Err(Failure::bad_request(
@@ -35,7 +35,7 @@ pub(crate) fn validate_policy(policy: &str, placements: &[Placement]) -> Result<
                 "invalid_policy",
                 format!(
                     "unknown after_split_brain policy '{other}': use disconnect, \
-                     discard-zero-changes or discard-node:NODE"
+                     discard-zero-changes, discard-younger-primary or discard-node:NODE"
                 ),
             )),
         },

@@ -65,6 +65,7 @@ impl Engine {
         peer: NodeId,
         rule: Rule,
         peer_flags: u32,
+        peer_epoch: u64,
     ) -> Option<SyncDecision> {
         let g = self.cfg.bitmap_granularity;
         let our_bytes = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
@@ -97,6 +98,23 @@ impl Engine {
                     format!("policy discard-node {n}: node {n} discards its changes"),
                 )),
                 SplitBrainPolicy::DiscardNode(_) => None,
+                SplitBrainPolicy::DiscardYoungerPrimary => {
+                    let ours = self.meta.primary_epoch;
+                    let (younger, epoch, older) = if ours > peer_epoch {
+                        (me, ours, peer_epoch)
+                    } else {
+                        (peer, peer_epoch, ours)
+                    };
+                    (ours != peer_epoch).then(|| {
+                        (
+                            younger == peer,
+                            format!(
+                                "policy discard-younger-primary: node {younger} became Primary \
+                                 more recently (epoch {epoch} > {older}) and discards its changes"
+                            ),
+                        )
+                    })
+                }
                 SplitBrainPolicy::DiscardZeroChanges => match (our_bytes == 0, peer_bytes == 0) {
                     (false, false) => None,
                     (true, true) => Some((
