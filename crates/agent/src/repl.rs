@@ -284,6 +284,7 @@ impl Replication {
             "Diskless" => DiskState::Diskless,
             _ => DiskState::Failed,
         };
+        r.disk_error = st.disk_failure.clone();
         r.quorum = Some(st.quorum);
         r.out_of_sync_bytes = st.out_of_sync_bytes;
         r.last_resync_bytes = st.last_resync_bytes;

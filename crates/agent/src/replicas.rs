@@ -720,6 +720,7 @@ impl Ctx<'_> {
                 allocated_bytes: 0,
                 role: Role::Secondary,
                 disk_state: DiskState::Diskless,
+                disk_error: None,
                 connections: 0,
                 last_error: None,
                 on_disk: false,
@@ -766,6 +767,7 @@ impl Ctx<'_> {
                     .map(|m| api_role(m.role))
                     .unwrap_or(Role::Unknown),
                 disk_state: e.disk_state,
+                disk_error: None,
                 connections: if e.export.is_some() {
                     self.connections(&e.volume)
                 } else {

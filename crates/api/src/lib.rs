@@ -246,6 +246,10 @@ pub struct Replica {
     pub diskless: bool,
     pub role: Role,
     pub disk_state: DiskState,
+    /// Why this replica's disk is `Failed`: the I/O error of its backing store that detached
+    /// it (the volume keeps serving from its peers); `null` when none.
+    #[serde(default)]
+    pub disk_error: Option<String>,
     /// Replication state towards peers (`StandAlone` while the volume has one replica).
     pub repl_state: String,
     pub out_of_sync_bytes: u64,
@@ -725,6 +729,10 @@ pub struct ReplicaReport {
     pub allocated_bytes: u64,
     pub role: Role,
     pub disk_state: DiskState,
+    /// Why the disk is `Failed` (the backing store's I/O error that detached it); `null`
+    /// when none.
+    #[serde(default)]
+    pub disk_error: Option<String>,
     pub connections: u32,
     /// Last error applying the desired state to this replica, if any.
     pub last_error: Option<String>,

@@ -191,6 +191,15 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
     }
     out.push_str(&t.render());
     for r in &v.replicas {
+        if let Some(e) = &r.disk_error {
+            out.push_str(&format!(
+                "{}: disk detached after an I/O error ({e}); served by its peers until the \
+                 replica is re-attached (restart its agent once the storage is repaired)\n",
+                r.node
+            ));
+        }
+    }
+    for r in &v.replicas {
         if let Some(left) = r.resync_bytes_left {
             out.push_str(&format!(
                 "{}: resyncing, {} left at {}, ETA {}{}\n",
@@ -605,6 +614,7 @@ mod tests {
             diskless: false,
             role: tandem_api::Role::Secondary,
             disk_state: tandem_api::DiskState::UpToDate,
+            disk_error: None,
             repl_state: "Established".into(),
             out_of_sync_bytes: 0,
             resync_bytes_per_sec: 0,

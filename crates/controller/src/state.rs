@@ -783,6 +783,7 @@ impl Controller {
                     diskless: p.diskless,
                     role: report.map(|r| r.role).unwrap_or(Role::Unknown),
                     disk_state: report.map(|r| r.disk_state).unwrap_or(DiskState::Unknown),
+                    disk_error: report.and_then(|r| r.disk_error.clone()),
                     repl_state: if v.placements.len() == 1 {
                         "StandAlone".to_string()
                     } else {

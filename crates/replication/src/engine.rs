@@ -38,6 +38,12 @@ pub enum PromoteError {
     Outdated,
     #[error("a witness cannot be Primary")]
     Diskless,
+    #[error(
+        "this node crashed as Primary and has not compared its data with a diskful peer yet \
+         (its disk may be stale, e.g. re-attached after an I/O error); force only when no peer \
+         will come back"
+    )]
+    CrashedPrimaryUnchecked,
 }
 
 /// Why a demotion was refused.
@@ -101,6 +107,12 @@ enum OpKind {
         epoch: u64,
         id: u64,
     },
+    /// A peer's forwarded read (`ReadRequest`: its disk is detached or it is diskless).
+    PeerRead {
+        peer: NodeId,
+        epoch: u64,
+        seq: u64,
+    },
     /// Digests of our copy for a peer's `ChecksumRequest`.
     ChecksumAnswer {
         peer: NodeId,
@@ -126,6 +138,9 @@ struct ClientWriteState {
     local_done: bool,
     local_error: Option<String>,
     waiting: BTreeSet<NodeId>,
+    /// Peers that acknowledged it with Ok (with a detached disk, one of them must hold our
+    /// data for the write to succeed).
+    ok_from: BTreeSet<NodeId>,
     extents: Vec<u64>,
 }
 
@@ -135,6 +150,8 @@ struct ClientFlushState {
     local_done: bool,
     local_error: Option<String>,
     waiting: BTreeSet<NodeId>,
+    /// Peers that made it durable (see `ClientWriteState::ok_from`).
+    ok_from: BTreeSet<NodeId>,
     seq: u64,
 }
 
@@ -199,6 +216,10 @@ struct Conn {
     /// We are its full-resync source by rule `NewMember` (every bit set toward it) and it has
     /// not asked for a block yet (it may be pulling from another replica, our link paused).
     full_marks: bool,
+    /// Our disk is detached (Failed) and this peer holds our data: it was in sync when we
+    /// detached (or its handshake since found it at our generation with nothing out of sync).
+    /// Only such peers receive our writes, serve our reads and make a write succeed.
+    serves: bool,
 }
 
 #[derive(Debug)]
@@ -275,6 +296,25 @@ pub struct Engine {
     verify: verify::VerifyState,
     /// Manual split-brain resolution: discard our changes at the next split-brain handshake.
     discard_my_data: bool,
+    /// A forced promotion accepted the crashed Primary's data unchecked.
+    crashed_primary_checked: bool,
+    /// Why the local disk was detached (disk state Failed).
+    disk_failure: Option<String>,
+    /// The disk state when it was detached (an Inconsistent disk stays Inconsistent in the
+    /// persisted metadata).
+    failed_from: DiskState,
+    /// The metadata when the disk was detached (what later persists write, see
+    /// `persist_meta`).
+    detached_meta: Option<Meta>,
+    /// Index in `out` at which the disk was detached in this call: later bitmap and
+    /// activity-log persists are dropped (a detached disk is not written).
+    detach_mark: Option<usize>,
+    /// Completions the engine makes up itself (disk I/O on a detached disk fails at once),
+    /// handled after the current event, in order.
+    internal: VecDeque<Event>,
+    /// Consumer reads forwarded to a peer (detached disk): request seq -> (op key, peer).
+    fwd_reads: BTreeMap<u64, (u64, NodeId)>,
+    next_read_seq: u64,
     /// The highest promotion epoch seen (ours and our peers' reports); a promotion goes one
     /// above it.
     primary_epoch_seen: u64,
@@ -366,7 +406,28 @@ impl Engine {
             primary_fresh: None,
             verify: Default::default(),
             discard_my_data: false,
+            crashed_primary_checked: false,
+            disk_failure: None,
+            failed_from: DiskState::UpToDate,
+            detached_meta: None,
+            detach_mark: None,
+            internal: VecDeque::new(),
+            fwd_reads: BTreeMap::new(),
+            next_read_seq: 1,
         };
+        if e.meta.disk_state == DiskState::Failed {
+            // Re-attached after an I/O error detached this disk: it holds the data up to the
+            // failure (and whatever the failure lost), never newer data. Not UpToDate until a
+            // resync from a peer (rule `EqualInconsistent` or the generations); Outdated, not
+            // Inconsistent, so an operator can still force it when it is the last copy.
+            e.meta.disk_state = DiskState::Outdated;
+            e.log(
+                Level::Warn,
+                "the disk was detached after an I/O error: Outdated until resynced from a peer"
+                    .into(),
+            );
+            e.persist_meta();
+        }
         if e.meta.primary {
             e.crashed_primary = true;
             e.meta.primary = false;
@@ -400,7 +461,62 @@ impl Engine {
     pub fn handle(&mut self, now: Nanos, event: Event) -> Vec<Action> {
         self.now = self.now.max(now);
         self.on_event(event);
+        self.take_out()
+    }
+
+    /// The actions so far, after the made-up completions of a detached disk were handled.
+    fn take_out(&mut self) -> Vec<Action> {
+        while let Some(ev) = self.internal.pop_front() {
+            self.on_event(ev);
+        }
+        if self.failed() {
+            // Nothing is persisted on a detached disk but its metadata (best effort).
+            let mark = self.detach_mark.take().unwrap_or(0);
+            let mut i = 0;
+            self.out.retain(|a| {
+                i += 1;
+                i <= mark
+                    || !matches!(
+                        a,
+                        Action::PersistBits { .. } | Action::PersistActivityLog(_)
+                    )
+            });
+        }
         std::mem::take(&mut self.out)
+    }
+
+    /// The local disk is detached after an I/O error.
+    fn failed(&self) -> bool {
+        self.meta.disk_state == DiskState::Failed
+    }
+
+    /// Disk I/O: started, or on a detached disk failed at once (completion queued).
+    fn disk(&mut self, a: Action) {
+        if !self.failed() {
+            self.out.push(a);
+            return;
+        }
+        let err = || DiskError("disk detached".into());
+        let ev = match a {
+            Action::DiskWrite { io, .. } => Event::DiskWriteDone {
+                io,
+                result: Err(err()),
+            },
+            Action::DiskFlush { io } => Event::DiskFlushDone {
+                io,
+                result: Err(err()),
+            },
+            Action::DiskRead { io, .. } => Event::DiskReadDone {
+                io,
+                result: Err(err()),
+            },
+            Action::DiskChecksum { io, .. } => Event::DiskChecksumDone {
+                io,
+                result: Err(err()),
+            },
+            other => return self.out.push(other),
+        };
+        self.internal.push_back(ev);
     }
 
     /// Makes this node Primary, or refuses with the reason.
@@ -420,7 +536,8 @@ impl Engine {
                     .into(),
             );
             self.persist_meta();
-            let mut out = std::mem::take(&mut self.out);
+            let mut out = self.take_out();
+            self.crashed_primary_checked = true;
             match self.promote(now) {
                 Ok(a) => {
                     out.extend(a);
@@ -434,6 +551,7 @@ impl Engine {
                 }
             }
         } else {
+            self.crashed_primary_checked = true;
             self.promote(now)
         }
     }
@@ -451,6 +569,17 @@ impl Engine {
         }
         if self.meta.disk_state != DiskState::UpToDate {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
+        }
+        // A crashed Primary's disk may be stale (its metadata may predate a detach it could
+        // not record: its peers kept writing). It becomes Primary again only after a
+        // handshake with a diskful peer decided (or a forced promotion).
+        let has_diskful_peer = self.peers.values().any(|p| p.cfg.diskful);
+        let compared = self
+            .peers
+            .values()
+            .any(|p| p.cfg.diskful && p.conn.as_ref().is_some_and(|c| c.decision.is_some()));
+        if self.crashed_primary && has_diskful_peer && !compared && !self.crashed_primary_checked {
+            return Err(PromoteError::CrashedPrimaryUnchecked);
         }
         if let Some(p) = self
             .peers
@@ -475,7 +604,7 @@ impl Engine {
         self.persist_meta();
         self.log(Level::Info, "promoted to Primary".into());
         self.broadcast_report(true);
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.take_out())
     }
 
     /// Makes this node Secondary. Refused while consumer requests are in flight.
@@ -502,7 +631,7 @@ impl Engine {
             return Err(DemoteError::Busy(busy));
         }
         self.become_secondary("demoted");
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.take_out())
     }
 
     pub fn role(&self) -> Role {
@@ -584,6 +713,7 @@ impl Engine {
             verify,
             last_verify,
             discard_my_data: self.discard_my_data,
+            disk_failure: self.disk_failure.clone(),
         }
     }
 
@@ -601,7 +731,254 @@ impl Engine {
     }
 
     fn persist_meta(&mut self) {
-        self.out.push(Action::PersistMeta(self.meta.clone()));
+        let mut m = self.meta.clone();
+        if self.failed() {
+            // The metadata of a detached disk describes that disk as it was when it was
+            // detached (its generations, not those minted since: it has none of their
+            // writes), marked Failed; half-synced data stays Inconsistent (a restart reads
+            // Failed as Outdated: consistent data up to the failure).
+            m = self.detached_meta.clone().unwrap_or(m);
+            m.disk_state = if self.failed_from == DiskState::Inconsistent {
+                DiskState::Inconsistent
+            } else {
+                DiskState::Failed
+            };
+        }
+        self.out.push(Action::PersistMeta(m));
+    }
+
+    /// Detaches the local disk after an I/O error (DRBD's `on-io-error detach`): disk state
+    /// Failed (persisted if the metadata can still be written; a restart reads it as
+    /// Outdated), role and links kept. A Primary starts a new generation (its disk misses
+    /// every write from now on; the peers record that it is behind) and from now on writes
+    /// to, and reads from, the peers that hold its data. Links in a handshake or resync are
+    /// closed: a Failed disk is never a resync source or target; they reconnect without one.
+    fn detach(&mut self, reason: String) {
+        if !self.cfg.diskful || self.failed() {
+            return;
+        }
+        let was = self.meta.disk_state;
+        let serving: Vec<(NodeId, bool)> = self
+            .diskful_ids()
+            .into_iter()
+            .map(|id| {
+                let clean = self.bitmap(id).is_none_or(|b| b.count() == 0)
+                    && self.meta.peer_bitmap_gens.get(&id).copied().unwrap_or(0) == 0;
+                (id, was == DiskState::UpToDate && self.in_sync(id) && clean)
+            })
+            .collect();
+        self.failed_from = was;
+        self.detached_meta = Some(self.meta.clone());
+        self.meta.disk_state = DiskState::Failed;
+        self.disk_failure = Some(reason.clone());
+        self.detach_mark = Some(self.out.len());
+        // The hot extents cover every write of ours our disk may not have made durable, among
+        // them writes whose `Write` reached the peers before our Failed report (so they do
+        // not mark them): the peers mark these extents out of sync toward us (an `OutOfSync`
+        // on an established link, as verify findings). From now on nothing is written
+        // locally (the persisted log stays as it was: a restart as crashed Primary resyncs
+        // those extents too).
+        let ext = self.cfg.al_extent_bytes;
+        let size = self.cfg.size_bytes;
+        let hot: Vec<ByteRange> = self
+            .al
+            .keys()
+            .map(|x| x * ext)
+            .filter(|off| *off < size)
+            .map(|offset| ByteRange {
+                offset,
+                len: ext.min(size - offset),
+            })
+            .collect();
+        self.al.clear();
+        self.al_flush_pending = false;
+        for (id, serves) in &serving {
+            if let Some(c) = self.conn_mut(*id) {
+                c.serves = *serves;
+            }
+        }
+        if was == DiskState::UpToDate {
+            for (id, _) in serving {
+                self.recheck_serves(id);
+            }
+        }
+        self.log(
+            Level::Warn,
+            format!(
+                "local disk failed ({reason}): detached (was {was:?}); I/O goes to the peers \
+                 that hold our data"
+            ),
+        );
+        if self.role == Role::Primary {
+            self.mint("local disk detached");
+        }
+        self.persist_meta();
+        if !hot.is_empty() {
+            let established: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| {
+                    p.cfg.diskful
+                        && p.conn
+                            .as_ref()
+                            .is_some_and(|c| c.state == ReplState::Established && c.bitmap_done)
+                })
+                .map(|p| p.cfg.node_id)
+                .collect();
+            for id in established {
+                for chunk in hot.chunks(OOS_CHUNK) {
+                    self.send(
+                        id,
+                        Message::OutOfSync {
+                            flags: 0,
+                            ranges: chunk.to_vec(),
+                        },
+                    );
+                }
+            }
+        }
+        self.end_verify_detached();
+        let busy: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.cfg.diskful
+                    && p.conn.as_ref().is_some_and(|c| {
+                        matches!(
+                            c.state,
+                            ReplState::Connecting
+                                | ReplState::SyncSource
+                                | ReplState::SyncTarget
+                                | ReplState::PausedSync
+                        )
+                    })
+            })
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in busy {
+            self.disconnect(
+                id,
+                DisconnectReason::IoError,
+                "local disk detached after an I/O error; reconnect without resync".into(),
+            );
+        }
+        self.broadcast_report(false);
+    }
+
+    /// A detached (Failed) peer disk, as its last report says.
+    fn peer_failed(&self, peer: NodeId) -> bool {
+        self.conn(peer)
+            .and_then(|c| c.report.as_ref())
+            .is_some_and(|r| r.disk_state == DiskState::Failed)
+    }
+
+    /// With our disk detached: whether `peer` holds our data (see `Conn::serves`) and still
+    /// has nothing out of sync from us.
+    fn serves(&self, peer: NodeId) -> bool {
+        self.conn(peer).is_some_and(|c| {
+            c.serves
+                && c.state == ReplState::Established
+                && c.report
+                    .as_ref()
+                    .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+        }) && self.bitmap(peer).is_none_or(|b| b.count() == 0)
+    }
+
+    fn serving_peer(&self) -> Option<NodeId> {
+        self.diskful_ids().into_iter().find(|id| self.serves(*id))
+    }
+
+    fn detached_error(&self) -> RequestError {
+        RequestError::Io(format!(
+            "local disk detached ({}) and no UpToDate peer holds our data",
+            self.disk_failure.as_deref().unwrap_or("I/O error")
+        ))
+    }
+
+    /// A consumer read on a detached disk goes to a peer that holds our data (`ReadRequest`);
+    /// none: it fails.
+    fn forward_read(&mut self, key: u64) {
+        let Some(op) = self.active.get(&key).cloned() else {
+            return;
+        };
+        let OpKind::ClientRead { id } = op.kind else {
+            return;
+        };
+        let Some(peer) = self.serving_peer() else {
+            let err = self.detached_error();
+            self.complete(id, Err(err));
+            self.finish_op(key);
+            return;
+        };
+        let seq = self.next_read_seq;
+        self.next_read_seq += 1;
+        self.fwd_reads.insert(seq, (key, peer));
+        self.send(
+            peer,
+            Message::ReadRequest {
+                seq,
+                offset: op.offset,
+                len: op.len as u32,
+            },
+        );
+    }
+
+    /// Our disk is detached: a peer linked since (no handshake resync) that now reports our
+    /// generation, UpToDate, with nothing out of sync from us and no bitmap generation toward
+    /// it (it adopted ours: it missed nothing) holds our data.
+    /// Out-of-sync bits toward it do not matter when no other peer holds our data: they
+    /// record what our (failed) disk has and it may lack, or writes it acknowledged that a
+    /// crash may have lost; with no better copy anywhere its data is the volume's (they are
+    /// cleared). It must not have missed a write we completed: then we started a new
+    /// generation for it, or recorded it as behind (bitmap generation).
+    fn recheck_serves(&mut self, peer: NodeId) {
+        let gen_ok = self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0) == 0;
+        let other = self
+            .diskful_ids()
+            .into_iter()
+            .any(|id| id != peer && self.serves(id));
+        let clean = self.bitmap(peer).is_none_or(|b| b.count() == 0);
+        let current = self.meta.current;
+        let eligible = self.conn(peer).is_some_and(|c| {
+            c.state == ReplState::Established
+                && !c.serves
+                && c.report.as_ref().is_some_and(|r| {
+                    r.disk_state == DiskState::UpToDate && r.generations.current == current
+                })
+        });
+        if !(eligible && gen_ok && (clean || !other)) {
+            return;
+        }
+        if !clean {
+            self.clear_all_bits(peer);
+            self.log(
+                Level::Info,
+                format!(
+                    "node {peer} holds the only copy of our data: its out-of-sync marks are dropped"
+                ),
+            );
+        }
+        if let Some(c) = self.conn_mut(peer) {
+            c.serves = true;
+        }
+        self.log(
+            Level::Info,
+            format!("node {peer} holds our data: our I/O goes to it"),
+        );
+    }
+
+    /// Reads forwarded to `peer` go to another peer (its link is gone or it refused).
+    fn reroute_reads(&mut self, peer: NodeId) {
+        let keys: Vec<(u64, u64)> = self
+            .fwd_reads
+            .iter()
+            .filter(|(_, (_, p))| *p == peer)
+            .map(|(s, (k, _))| (*s, *k))
+            .collect();
+        for (seq, key) in keys {
+            self.fwd_reads.remove(&seq);
+            self.forward_read(key);
+        }
     }
 
     fn diskful_ids(&self) -> Vec<NodeId> {
@@ -654,7 +1031,11 @@ impl Engine {
     /// that are not refusing (Established, SyncSource, SyncTarget, or still connecting:
     /// the handshake messages precede the writes on the link).
     fn receives_writes(&self, p: &Peer) -> bool {
+        if self.failed() {
+            return self.serves(p.cfg.node_id);
+        }
         p.cfg.diskful
+            && !self.peer_failed(p.cfg.node_id)
             && p.conn.as_ref().is_some_and(|c| {
                 matches!(
                     c.state,
@@ -789,12 +1170,19 @@ impl Engine {
     /// Primary's node id.
     fn outdated_mask(&self) -> (u32, u64, NodeId) {
         if self.role == Role::Primary {
+            // With a detached disk there is no handshake to tell a connected peer what it
+            // missed: every peer with blocks out of sync is listed, connected or not, while
+            // another peer holds our data (without one, the peer's copy is the best there is).
+            let failed = self.failed();
+            let copy_elsewhere = failed && self.serving_peer().is_some();
             let mask = self
                 .peers
                 .values()
                 .filter(|p| {
                     p.cfg.diskful
-                        && p.conn.is_none()
+                        && (p.conn.is_none() || copy_elsewhere)
+                        && (!failed || copy_elsewhere)
+                        && !(failed && self.serves(p.cfg.node_id))
                         && p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
                 })
                 .fold(0, |m, p| m | 1u32 << p.cfg.node_id);
@@ -836,15 +1224,24 @@ impl Engine {
         // A list of a node we are connected to is stale: that node's own reports and
         // handshake are the authority.
         let connected = |n: NodeId| self.peers.get(&n).is_some_and(|p| p.conn.is_some());
+        // A Primary with a detached disk never resyncs us: its own list is the authority,
+        // whatever our generation (we may have adopted its current one).
+        let from_detached_primary = |r: &StateReport| {
+            r.role == Role::Primary
+                && r.disk_state == DiskState::Failed
+                && r.outdated_by == r.node_id
+        };
         let Some(by) = reports()
             .find(|r| {
-                r.outdated & me != 0 && r.outdated_gen != current && !connected(r.outdated_by)
+                r.outdated & me != 0
+                    && (from_detached_primary(r)
+                        || (r.outdated_gen != current && !connected(r.outdated_by)))
             })
             .map(|r| r.node_id)
         else {
             return;
         };
-        if reports().any(|r| r.role == Role::Primary)
+        if reports().any(|r| r.role == Role::Primary && r.disk_state != DiskState::Failed)
             || self.peers.values().any(|p| {
                 p.conn
                     .as_ref()
@@ -908,7 +1305,7 @@ impl Engine {
         // says Primary: flush first, then record the demotion (see DemoteFlush).
         let upto = self.al_ctr;
         let io = self.io(IoPurpose::DemoteFlush { upto });
-        self.out.push(Action::DiskFlush { io });
+        self.disk(Action::DiskFlush { io });
         self.log(Level::Info, format!("Secondary: {why}"));
         // Requests not yet started fail.
         let mut kept = VecDeque::new();
@@ -967,9 +1364,25 @@ impl Engine {
             Event::Write { .. } | Event::Flush { .. } | Event::Read { .. } => {
                 self.client_request(event)
             }
-            Event::DiskWriteDone { io, result } => self.disk_write_done(io, result),
-            Event::DiskReadDone { io, result } => self.disk_read_done(io, result),
-            Event::DiskFlushDone { io, result } => self.disk_flush_done(io, result),
+            Event::DiskWriteDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("write failed: {}", e.0));
+                }
+                self.disk_write_done(io, result)
+            }
+            Event::DiskReadDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("read failed: {}", e.0));
+                }
+                self.disk_read_done(io, result)
+            }
+            Event::DiskFlushDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("flush failed: {}", e.0));
+                }
+                self.disk_flush_done(io, result)
+            }
+            Event::DiskFailed { reason } => self.detach(reason),
             Event::PeerUp { peer } => self.peer_up(peer),
             Event::PeerDown { peer } => {
                 if self.conn(peer).is_some() {
@@ -1009,7 +1422,12 @@ impl Engine {
                 );
                 self.pump_resync();
             }
-            Event::DiskChecksumDone { io, result } => self.disk_checksum_done(io, result),
+            Event::DiskChecksumDone { io, result } => {
+                if let Err(e) = &result {
+                    self.detach(format!("read failed: {}", e.0));
+                }
+                self.disk_checksum_done(io, result)
+            }
         }
     }
 
@@ -1126,7 +1544,12 @@ impl Engine {
         if self.role != Role::Primary {
             return self.complete(id, Err(RequestError::NotPrimary));
         }
-        if self.meta.disk_state != DiskState::UpToDate {
+        if self.failed() {
+            if self.serving_peer().is_none() {
+                let err = self.detached_error();
+                return self.complete(id, Err(err));
+            }
+        } else if self.meta.disk_state != DiskState::UpToDate {
             return self.complete(id, Err(RequestError::NotUpToDate));
         }
         let usable = self.usable_size();
@@ -1223,12 +1646,13 @@ impl Engine {
                 local_done: false,
                 local_error: None,
                 waiting: targets.into_iter().collect(),
+                ok_from: BTreeSet::new(),
                 seq,
             },
         );
         let upto = self.al_ctr;
         let io = self.io(IoPurpose::ClientFlush { key, upto });
-        self.out.push(Action::DiskFlush { io });
+        self.disk(Action::DiskFlush { io });
     }
 
     // ------------------------------------------------------------------ ordering
@@ -1279,7 +1703,7 @@ impl Engine {
             OpKind::ClientRead { .. } => {
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskRead {
+                self.disk(Action::DiskRead {
                     io,
                     offset: op.offset,
                     len: op.len as u32,
@@ -1296,10 +1720,14 @@ impl Engine {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
+                if self.peer_failed(peer) {
+                    // A Primary with a detached disk: its own disk misses this write.
+                    self.set_bits(peer, op.offset, op.len);
+                }
                 self.mark_primary_fresh(peer, op.offset, op.len);
                 self.fence_resync(op.offset, op.len);
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskWrite {
+                self.disk(Action::DiskWrite {
                     io,
                     offset: op.offset,
                     data,
@@ -1332,17 +1760,17 @@ impl Engine {
                     .unwrap_or_else(|| Bytes::from(vec![0u8; op.len as usize]));
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskWrite {
+                self.disk(Action::DiskWrite {
                     io,
                     offset: op.offset,
                     data,
                     fua: false,
                 });
             }
-            OpKind::ResyncRead { .. } => {
+            OpKind::ResyncRead { .. } | OpKind::PeerRead { .. } => {
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
-                self.out.push(Action::DiskRead {
+                self.disk(Action::DiskRead {
                     io,
                     offset: op.offset,
                     len: op.len as u32,
@@ -1486,7 +1914,11 @@ impl Engine {
         }
         // Activity log: hot extents persisted before the write.
         let ext = self.cfg.al_extent_bytes;
-        let extents: Vec<u64> = (offset / ext..=(offset + len - 1) / ext).collect();
+        let extents: Vec<u64> = if self.failed() {
+            Vec::new() // nothing is written locally
+        } else {
+            (offset / ext..=(offset + len - 1) / ext).collect()
+        };
         let mut changed = false;
         for &x in &extents {
             self.al_lru += 1;
@@ -1541,12 +1973,13 @@ impl Engine {
                 local_done: false,
                 local_error: None,
                 waiting,
+                ok_from: BTreeSet::new(),
                 extents,
             },
         );
         self.seq_to_key.insert(seq, key);
         let io = self.io(IoPurpose::Op(key));
-        self.out.push(Action::DiskWrite {
+        self.disk(Action::DiskWrite {
             io,
             offset,
             data,
@@ -1555,6 +1988,9 @@ impl Engine {
     }
 
     fn al_evict(&mut self) {
+        if self.failed() {
+            return; // nothing is written locally any more
+        }
         while self.al.len() > self.cfg.al_extents {
             let victim = self
                 .al
@@ -1573,7 +2009,7 @@ impl Engine {
                         self.al_flush_pending = true;
                         let upto = self.al_ctr;
                         let io = self.io(IoPurpose::AlFlush { upto });
-                        self.out.push(Action::DiskFlush { io });
+                        self.disk(Action::DiskFlush { io });
                     }
                     break;
                 }
@@ -1596,9 +2032,12 @@ impl Engine {
             OpKind::ClientWrite { .. } => {
                 self.al_ctr += 1;
                 let ctr = self.al_ctr;
+                let failed = self.failed();
                 if let Some(w) = self.writes.get_mut(&key) {
                     w.local_done = true;
-                    if let Err(e) = &result {
+                    if let Err(e) = &result
+                        && !failed
+                    {
                         w.local_error = Some(e.0.clone());
                     }
                     for x in w.extents.clone() {
@@ -1671,7 +2110,9 @@ impl Engine {
         let Some(w) = self.writes.get(&key) else {
             return;
         };
-        let peers_done = w.waiting.is_empty() || self.cfg.protocol == Protocol::A;
+        // With a detached disk the peers hold the only copy: protocol C semantics.
+        let peers_done =
+            w.waiting.is_empty() || (self.cfg.protocol == Protocol::A && !self.failed());
         if !(w.local_done && peers_done) {
             return;
         }
@@ -1684,6 +2125,8 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
+        } else if self.failed() && !w.ok_from.iter().any(|p| self.serves(*p)) {
+            Err(self.detached_error())
         } else {
             Ok(Reply::Done)
         };
@@ -1721,6 +2164,8 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
+        } else if self.failed() && !f.ok_from.iter().any(|p| self.serves(*p)) {
+            Err(self.detached_error())
         } else {
             Ok(Reply::Done)
         };
@@ -1735,6 +2180,12 @@ impl Engine {
         let Some(op) = self.active.get(&key).cloned() else {
             return;
         };
+        if matches!(op.kind, OpKind::ClientRead { .. }) && result.is_err() && self.failed() {
+            // Detached: a peer that holds our data answers instead (the op stays active, so
+            // the ordering holds until its reply).
+            self.forward_read(key);
+            return;
+        }
         // Answer first, then release the ops that waited for this read: a waiting write of
         // the same blocks sends its `Write` on the same link, and it must arrive after the
         // (older) data read here, or the peer applies the older data last.
@@ -1783,6 +2234,16 @@ impl Engine {
                 };
                 self.send(peer, msg);
             }
+            OpKind::PeerRead { peer, epoch, seq } => {
+                if self.conn(peer).is_none_or(|c| c.epoch != epoch) {
+                    return;
+                }
+                let (status, data) = match result {
+                    Ok(d) => (WireStatus::Ok, d),
+                    Err(_) => (WireStatus::IoError, Bytes::new()),
+                };
+                self.send(peer, Message::ReadReply { seq, status, data });
+            }
             _ => {}
         }
     }
@@ -1796,9 +2257,12 @@ impl Engine {
                 if result.is_ok() {
                     self.al_flushed = self.al_flushed.max(upto);
                 }
+                let failed = self.failed();
                 if let Some(f) = self.flushes.get_mut(&key) {
                     f.local_done = true;
-                    if let Err(e) = result {
+                    if let Err(e) = result
+                        && !failed
+                    {
                         f.local_error = Some(e.0);
                     }
                 }
@@ -1867,6 +2331,7 @@ impl Engine {
             state: ReplState::Connecting,
             decision: None,
             full_marks: false,
+            serves: false,
             pong: 0,
             barrier: 0,
             last_rx: now,
@@ -1929,6 +2394,7 @@ impl Engine {
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
         self.verify_peer_down(peer);
+        self.reroute_reads(peer);
         if self
             .primary_fresh
             .as_ref()
@@ -1945,7 +2411,7 @@ impl Engine {
         if lost_writer && self.cfg.diskful {
             let upto = self.al_ctr;
             let io = self.io(IoPurpose::AlFlush { upto });
-            self.out.push(Action::DiskFlush { io });
+            self.disk(Action::DiskFlush { io });
             // Its writes after the break (and those in flight) are missing here: record that
             // we left it at our current generation. Our reports then tell third nodes that we
             // may be behind that Primary (see `Rule::EqualBitsLostPrimary`), and a resync
@@ -2183,7 +2649,8 @@ impl Engine {
                         detail: format!("WriteAck for unknown seq {seq}"),
                     });
                 };
-                if status == WireStatus::Ok {
+                let ok = status == WireStatus::Ok;
+                if ok {
                     c.unflushed.insert(seq, range);
                 } else {
                     self.set_bits(peer, range.0, range.1);
@@ -2192,6 +2659,9 @@ impl Engine {
                     && let Some(w) = self.writes.get_mut(&key)
                 {
                     w.waiting.remove(&peer);
+                    if ok {
+                        w.ok_from.insert(peer);
+                    }
                     self.try_complete_write(key);
                 }
             }
@@ -2209,31 +2679,65 @@ impl Engine {
                 }
             }
             Message::FlushAck { seq, status } => {
-                if let Some(c) = self.conn_mut(peer)
-                    && status == WireStatus::Ok
-                {
-                    c.unflushed.retain(|s, _| *s > seq);
+                let ok = status == WireStatus::Ok;
+                let mut lost = Vec::new();
+                if let Some(c) = self.conn_mut(peer) {
+                    if ok {
+                        c.unflushed.retain(|s, _| *s > seq);
+                    } else {
+                        // Its disk failed (it detaches): what it acked may not be durable
+                        // there. It drops out of this flush like a lost link, the flush
+                        // still needs every other replica.
+                        let keep = c.unflushed.split_off(&(seq + 1));
+                        lost = std::mem::replace(&mut c.unflushed, keep)
+                            .into_values()
+                            .collect();
+                    }
+                }
+                for (off, len) in lost {
+                    self.set_bits(peer, off, len);
                 }
                 for key in self.flushes.keys().copied().collect::<Vec<_>>() {
                     if let Some(f) = self.flushes.get_mut(&key)
                         && f.seq == seq
                     {
-                        if status != WireStatus::Ok {
-                            f.local_error = Some(format!("flush failed on node {peer}"));
+                        if ok {
+                            f.ok_from.insert(peer);
                         }
                         f.waiting.remove(&peer);
                         self.try_complete_flush(key);
                     }
                 }
             }
-            Message::ReadRequest { seq, .. } => self.send(
-                peer,
-                Message::ReadReply {
-                    seq,
-                    status: WireStatus::NotSupported,
-                    data: Bytes::new(),
-                },
-            ),
+            Message::ReadRequest { seq, offset, len } => {
+                // A peer whose disk is detached reads through us (ordered like its writes,
+                // which precede the request on the link).
+                let status = if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate {
+                    WireStatus::NotPermitted
+                } else if len == 0 || offset.saturating_add(u64::from(len)) > self.cfg.size_bytes {
+                    WireStatus::OutOfRange
+                } else {
+                    WireStatus::Ok
+                };
+                if status != WireStatus::Ok {
+                    self.send(
+                        peer,
+                        Message::ReadReply {
+                            seq,
+                            status,
+                            data: Bytes::new(),
+                        },
+                    );
+                    return Ok(());
+                }
+                let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                self.enqueue(
+                    offset,
+                    u64::from(len),
+                    Access::Read,
+                    OpKind::PeerRead { peer, epoch, seq },
+                );
+            }
             Message::ResyncBegin { generation, bytes } => {
                 let state = self.conn(peer).map(|c| c.state);
                 if state == Some(ReplState::Established)
@@ -2349,7 +2853,35 @@ impl Engine {
                 }
                 self.on_checksum_request(peer, m)?
             }
-            Message::ReadReply { .. } => return Err(ProtocolError::Unexpected("ReadReply", peer)),
+            Message::ReadReply { seq, status, data } => {
+                let Some((key, _)) = self
+                    .fwd_reads
+                    .get(&seq)
+                    .copied()
+                    .filter(|(_, p)| *p == peer)
+                else {
+                    return Err(ProtocolError::Unexpected("ReadReply", peer));
+                };
+                self.fwd_reads.remove(&seq);
+                let Some(op) = self.active.get(&key).cloned() else {
+                    return Ok(());
+                };
+                if status == WireStatus::Ok && data.len() as u64 == op.len {
+                    if let OpKind::ClientRead { id } = op.kind {
+                        self.complete(id, Ok(Reply::Data(data)));
+                    }
+                    self.finish_op(key);
+                } else {
+                    self.log(
+                        Level::Warn,
+                        format!("node {peer} could not serve a forwarded read: {status:?}"),
+                    );
+                    if let Some(c) = self.conn_mut(peer) {
+                        c.serves = false;
+                    }
+                    self.forward_read(key);
+                }
+            }
             Message::ChecksumReply {
                 id,
                 offset,
@@ -2389,7 +2921,7 @@ impl Engine {
     fn peer_flush(&mut self, peer: NodeId, seq: u64) {
         let epoch = self.conn(peer).map_or(0, |c| c.epoch);
         let io = self.io(IoPurpose::PeerFlush { peer, epoch, seq });
-        self.out.push(Action::DiskFlush { io });
+        self.disk(Action::DiskFlush { io });
     }
 
     fn release_peer_flushes(&mut self, peer: NodeId) {
@@ -2441,6 +2973,13 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        let newly_failed = r.disk_state == DiskState::Failed
+            && prev
+                .as_ref()
+                .is_none_or(|p| p.disk_state != DiskState::Failed);
+        if newly_failed && peer_diskful && self.cfg.diskful {
+            self.peer_detached(peer, &r);
+        }
         self.verify_on_report(peer, &r);
         self.check_outdated();
         if r.role != Role::Primary
@@ -2477,6 +3016,9 @@ impl Engine {
                 return Ok(());
             }
         }
+        if self.failed() && peer_diskful {
+            self.recheck_serves(peer);
+        }
         let state = self.conn(peer).map(|c| c.state);
         match state {
             Some(ReplState::Connecting) => self.maybe_decide(peer),
@@ -2486,12 +3028,21 @@ impl Engine {
                     && r.generations.current != self.meta.current =>
             {
                 {
+                    // A Primary whose disk is detached (no handshake resync): only when it
+                    // counts us in sync (no bitmap generation toward us) and did not write
+                    // without us (not in its `outdated` list).
+                    let me = 1u32 << self.cfg.node_id;
+                    let with_us = r.disk_state != DiskState::Failed
+                        || (r.generations.bitmap == 0 && r.outdated & me == 0);
                     if r.role == Role::Primary
                         && self.role == Role::Secondary
                         && self.meta.disk_state == DiskState::UpToDate
                         && r.generations.history[0] == self.meta.current
+                        && with_us
                     {
                         self.adopt_generation(peer, &r);
+                    } else if self.failed() || r.disk_state == DiskState::Failed {
+                        // A detached disk has no data generation to compare.
                     } else if self.role == Role::Secondary || r.role == Role::Secondary {
                         // Diverged while connected (another link changed things): redo the
                         // handshake.
@@ -2533,6 +3084,38 @@ impl Engine {
             _ => {}
         }
         Ok(())
+    }
+
+    /// `peer` reports its disk detached (Failed). A Primary drops it from its writes (the
+    /// ones it acknowledged but no flush covered may be lost there: out of sync) and starts a
+    /// new generation at its next write. A Secondary of a detached Primary records that the
+    /// Primary's disk stays at our current generation (bitmap generation toward it) and, in
+    /// `start_op`, marks every write it applies from it out of sync toward it: the Primary's
+    /// re-attached disk then resyncs exactly those blocks from us.
+    fn peer_detached(&mut self, peer: NodeId, r: &StateReport) {
+        self.log(
+            Level::Warn,
+            format!("node {peer} detached its disk (Failed)"),
+        );
+        let lost: Vec<(u64, u64)> = self
+            .conn_mut(peer)
+            .map(|c| std::mem::take(&mut c.unflushed).into_values().collect())
+            .unwrap_or_default();
+        for (off, len) in lost {
+            self.set_bits(peer, off, len);
+        }
+        if self.role == Role::Primary {
+            self.mint_pending = true;
+        }
+        if r.role == Role::Primary && self.meta.disk_state == DiskState::UpToDate {
+            let current = self.meta.current;
+            let g = self.meta.peer_bitmap_gens.entry(peer).or_insert(0);
+            if *g == 0 {
+                *g = current;
+                self.persist_meta();
+            }
+        }
+        self.reroute_reads(peer);
     }
 
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
@@ -2583,6 +3166,25 @@ impl Engine {
             return;
         }
         if !c.bitmap_done {
+            return;
+        }
+        if self.failed() || r.disk_state == DiskState::Failed {
+            // A detached disk is never a resync source or target: the link only carries
+            // I/O (a detached Primary's writes and reads to peers that hold its data).
+            if let Some(c) = self.conn_mut(peer) {
+                c.bitmap_rx.clear();
+                c.state = ReplState::Established;
+                c.serves = false;
+                c.decision = None;
+            }
+            let whose = if self.failed() { "our" } else { "its" };
+            self.log(
+                Level::Info,
+                format!("handshake with node {peer}: no resync, {whose} disk is detached (Failed)"),
+            );
+            if self.failed() {
+                self.recheck_serves(peer);
+            }
             return;
         }
         if r.size_bytes != self.cfg.size_bytes {
@@ -2910,7 +3512,7 @@ impl Engine {
             }
             if let Some(epoch) = finish {
                 let io = self.io(IoPurpose::ResyncFinishFlush { peer: id, epoch });
-                self.out.push(Action::DiskFlush { io });
+                self.disk(Action::DiskFlush { io });
             }
         }
     }

@@ -1945,3 +1945,418 @@ fn full_resync_marks_of_a_new_member_that_synced_elsewhere_are_dropped() {
     e.handle(11, Event::PeerDown { peer: 3 });
     assert_eq!(e.bitmap(3).map(|b| b.out_of_sync_bytes()), Some(SIZE));
 }
+
+// ------------------------------------------------------------------ disk failure (detach)
+
+fn sent_read_requests(a: &[Action], to: u8) -> Vec<(u64, u64, u32)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                peer,
+                msg: Message::ReadRequest { seq, offset, len },
+            } if *peer == to => Some((*seq, *offset, *len)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn touches_disk(a: &[Action]) -> bool {
+    a.iter().any(|a| {
+        matches!(
+            a,
+            Action::DiskWrite { .. }
+                | Action::DiskRead { .. }
+                | Action::DiskFlush { .. }
+                | Action::DiskChecksum { .. }
+                | Action::PersistBits { .. }
+                | Action::PersistActivityLog(_)
+        )
+    })
+}
+
+fn ack(seq: u64) -> Message {
+    Message::WriteAck {
+        seq,
+        status: tandem_repl_proto::Status::Ok,
+    }
+}
+
+#[test]
+fn a_local_write_error_detaches_and_the_primary_keeps_serving_through_its_peer() {
+    let mut e = primary();
+    let a = e.handle(10, write(1, 0, 4096));
+    let (io, _) = disk_writes(&a)[0];
+    let (seq, _) = sent_writes(&a, 1)[0];
+    let a = e.handle(
+        11,
+        Event::DiskWriteDone {
+            io,
+            result: Err(DiskError("EIO".into())),
+        },
+    );
+    assert!(completions(&a).is_empty(), "waits for the peer, no error");
+    let st = e.status();
+    assert_eq!(st.disk_state, tandem_repl_proto::DiskState::Failed);
+    assert!(st.disk_failure.as_deref().unwrap().contains("EIO"));
+    assert_eq!(st.role, Role::Primary);
+    // The metadata says Failed (a restart must not trust the disk) and the new generation.
+    let meta = a
+        .iter()
+        .find_map(|a| match a {
+            Action::PersistMeta(m) => Some(m.clone()),
+            _ => None,
+        })
+        .expect("meta persisted");
+    assert_eq!(meta.disk_state, tandem_repl_proto::DiskState::Failed);
+    assert_eq!(meta.current, 77, "the detached disk's own generation");
+    assert_ne!(
+        e.status().current_generation,
+        77,
+        "a detached Primary starts a new generation"
+    );
+    // The report tells the peer.
+    assert!(a.iter().any(|a| matches!(a,
+        Action::Send { peer: 1, msg: Message::StateReport(r) }
+            if r.disk_state == tandem_repl_proto::DiskState::Failed)));
+    let a = e.handle(
+        12,
+        Event::PeerMessage {
+            peer: 1,
+            msg: ack(seq),
+        },
+    );
+    assert_eq!(completions(&a), vec![(1, true)]);
+
+    // Writes go to the peer only.
+    let a = e.handle(13, write(2, 8192, 4096));
+    assert!(!touches_disk(&a), "{a:?}");
+    let (seq, _) = sent_writes(&a, 1)[0];
+    assert!(completions(&a).is_empty());
+    let a = e.handle(
+        14,
+        Event::PeerMessage {
+            peer: 1,
+            msg: ack(seq),
+        },
+    );
+    assert_eq!(completions(&a), vec![(2, true)]);
+
+    // Reads are forwarded.
+    let a = e.handle(
+        15,
+        Event::Read {
+            id: 3,
+            offset: 8192,
+            len: 4096,
+        },
+    );
+    assert!(!touches_disk(&a), "{a:?}");
+    let r = sent_read_requests(&a, 1);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].1, r[0].2), (8192, 4096));
+    let a = e.handle(
+        16,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ReadReply {
+                seq: r[0].0,
+                status: tandem_repl_proto::Status::Ok,
+                data: Bytes::from(vec![2u8; 4096]),
+            },
+        },
+    );
+    assert!(a.iter().any(|a| matches!(a,
+        Action::Complete { id: 3, result: Ok(Reply::Data(d)) } if d[..] == [2u8; 4096][..])));
+
+    // A flush needs the peer's.
+    let a = e.handle(17, Event::Flush { id: 4 });
+    assert!(!touches_disk(&a));
+    let a = e.handle(
+        18,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::FlushAck {
+                seq: a
+                    .iter()
+                    .find_map(|a| match a {
+                        Action::Send {
+                            msg: Message::Flush { seq },
+                            ..
+                        } => Some(*seq),
+                        _ => None,
+                    })
+                    .unwrap(),
+                status: tandem_repl_proto::Status::Ok,
+            },
+        },
+    );
+    assert_eq!(completions(&a), vec![(4, true)]);
+    assert!(matches!(
+        e.promote(19),
+        Ok(v) if v.is_empty()
+    ));
+}
+
+#[test]
+fn a_detached_primary_without_an_up_to_date_peer_fails_io() {
+    let mut e = primary();
+    e.handle(
+        10,
+        Event::DiskFailed {
+            reason: "xfs shut down".into(),
+        },
+    );
+    e.handle(11, Event::PeerDown { peer: 1 });
+    let a = e.handle(12, write(1, 0, 4096));
+    assert!(!touches_disk(&a));
+    let c: Vec<_> = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::Complete { id, result } => Some((*id, result.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(c.len(), 1);
+    let err = c[0].1.clone().unwrap_err();
+    assert!(
+        matches!(&err, RequestError::Io(m) if m.contains("xfs shut down")),
+        "{err}"
+    );
+    let a = e.handle(
+        13,
+        Event::Read {
+            id: 2,
+            offset: 0,
+            len: 4096,
+        },
+    );
+    assert_eq!(completions(&a), vec![(2, false)]);
+}
+
+#[test]
+fn a_failed_disk_is_never_a_resync_target_and_never_written() {
+    // Secondary 1 of Primary 0; its disk fails, the link breaks and comes back with bits on
+    // the Primary's side (it wrote without us): no resync, no disk I/O, still Failed.
+    let mut e = engine(1, &[(0, true), (2, false)]);
+    connect(&mut e, 0, true, Role::Primary);
+    e.handle(
+        10,
+        Event::DiskFailed {
+            reason: "EIO".into(),
+        },
+    );
+    e.handle(11, Event::PeerDown { peer: 0 });
+    let mut all = e.handle(12, Event::PeerUp { peer: 0 });
+    let r = tandem_repl_proto::StateReport {
+        role: Role::Primary,
+        generations: tandem_repl_proto::Generations {
+            current: 99,
+            bitmap: 77,
+            history: [77, 0],
+        },
+        ..report_of(0)
+    };
+    all.extend(e.handle(
+        13,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::StateReport(Box::new(r)),
+        },
+    ));
+    all.extend(e.handle(
+        14,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: 0,
+                    len: 8192,
+                }],
+            },
+        },
+    ));
+    // A ResyncBegin anyway (an older peer): refused.
+    all.extend(e.handle(
+        15,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ResyncBegin {
+                generation: 99,
+                bytes: 8192,
+            },
+        },
+    ));
+    // A replicated write: refused without touching the disk.
+    all.extend(e.handle(
+        16,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::Write {
+                seq: 1,
+                offset: 0,
+                flags: 0,
+                data: Bytes::from(vec![1u8; 4096]),
+            },
+        },
+    ));
+    assert!(!touches_disk(&all), "{all:?}");
+    assert!(!all.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: Message::ResyncRequest { .. },
+            ..
+        }
+    )));
+    assert!(!all.iter().any(|a| matches!(a,
+        Action::PersistMeta(m) if m.disk_state != tandem_repl_proto::DiskState::Failed)));
+    assert_eq!(e.status().disk_state, tandem_repl_proto::DiskState::Failed);
+    assert!(matches!(
+        e.promote(17),
+        Err(PromoteError::NotUpToDate(
+            tandem_repl_proto::DiskState::Failed
+        ))
+    ));
+}
+
+#[test]
+fn a_restart_reads_a_failed_disk_as_outdated() {
+    let cfg = Config::new(
+        0,
+        true,
+        vec![PeerConfig {
+            node_id: 1,
+            diskful: true,
+        }],
+        SIZE,
+    );
+    let mut p = Persisted::new_volume(&cfg, 77);
+    p.meta.disk_state = tandem_repl_proto::DiskState::Failed;
+    let (e, out) = Engine::new(cfg, p, 0);
+    assert_eq!(
+        e.status().disk_state,
+        tandem_repl_proto::DiskState::Outdated
+    );
+    assert!(out.iter().any(|a| matches!(a,
+        Action::PersistMeta(m) if m.disk_state == tandem_repl_proto::DiskState::Outdated)));
+}
+
+#[test]
+fn a_secondary_serves_forwarded_reads_and_marks_a_detached_primarys_writes() {
+    let mut e = engine(1, &[(0, true), (2, false)]);
+    connect(&mut e, 0, true, Role::Primary);
+    let failed = tandem_repl_proto::StateReport {
+        seq: 2,
+        role: Role::Primary,
+        disk_state: tandem_repl_proto::DiskState::Failed,
+        generations: tandem_repl_proto::Generations {
+            current: 99,
+            bitmap: 0,
+            history: [77, 0],
+        },
+        ..report_of(0)
+    };
+    let a = e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::StateReport(Box::new(failed)),
+        },
+    );
+    // Adopted the new generation, recorded that the Primary's disk stays at 77.
+    let meta = a
+        .iter()
+        .filter_map(|a| match a {
+            Action::PersistMeta(m) => Some(m.clone()),
+            _ => None,
+        })
+        .last()
+        .expect("meta");
+    assert_eq!(meta.current, 99);
+    assert_eq!(meta.peer_bitmap_gens.get(&0), Some(&77));
+    let a = e.handle(
+        11,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::Write {
+                seq: 1,
+                offset: 4096,
+                flags: 0,
+                data: Bytes::from(vec![5u8; 4096]),
+            },
+        },
+    );
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::PersistBits {
+            peer: 0,
+            set: true,
+            ..
+        }
+    )));
+    assert_eq!(e.bitmap(0).unwrap().out_of_sync_bytes(), 4096);
+    let (io, _) = disk_writes(&a)[0];
+    e.handle(12, Event::DiskWriteDone { io, result: Ok(()) });
+    let a = e.handle(
+        13,
+        Event::PeerMessage {
+            peer: 0,
+            msg: Message::ReadRequest {
+                seq: 7,
+                offset: 4096,
+                len: 4096,
+            },
+        },
+    );
+    let io = a
+        .iter()
+        .find_map(|a| match a {
+            Action::DiskRead { io, .. } => Some(*io),
+            _ => None,
+        })
+        .expect("read");
+    let a = e.handle(
+        14,
+        Event::DiskReadDone {
+            io,
+            result: Ok(Bytes::from(vec![5u8; 4096])),
+        },
+    );
+    assert!(a.iter().any(|a| matches!(a,
+        Action::Send { peer: 0, msg: Message::ReadReply { seq: 7, status: tandem_repl_proto::Status::Ok, data } }
+            if data.len() == 4096)));
+}
+
+#[test]
+fn a_crashed_primary_is_promoted_again_only_after_comparing_with_a_diskful_peer() {
+    let cfg = Config::new(
+        0,
+        true,
+        vec![
+            PeerConfig {
+                node_id: 1,
+                diskful: true,
+            },
+            PeerConfig {
+                node_id: 2,
+                diskful: false,
+            },
+        ],
+        SIZE,
+    );
+    let mut p = Persisted::new_volume(&cfg, 77);
+    p.meta.primary = true;
+    let (mut e, _) = Engine::new(cfg.clone(), p.clone(), 0);
+    // Quorum through the witness alone: its metadata may predate writes node 1 took.
+    connect(&mut e, 2, false, Role::Secondary);
+    assert_eq!(e.promote(10), Err(PromoteError::CrashedPrimaryUnchecked));
+    // After the handshake with node 1 (same generation, nothing out of sync): accepted.
+    connect(&mut e, 1, true, Role::Secondary);
+    assert!(e.promote(11).is_ok());
+    assert_eq!(e.role(), Role::Primary);
+    // Forced: accepted without the peer.
+    let (mut e, _) = Engine::new(cfg, p, 0);
+    connect(&mut e, 2, false, Role::Secondary);
+    assert!(e.promote_forced(12).is_ok());
+    assert_eq!(e.role(), Role::Primary);
+}

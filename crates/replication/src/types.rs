@@ -252,6 +252,13 @@ pub enum Event {
     /// the size to its peers in a `StateReport`. Consumer I/O is limited to
     /// [`crate::Engine::usable_size`].
     Resize { size_bytes: u64 },
+    /// The local backing store failed (an I/O error outside the engine's own disk I/O, e.g.
+    /// persisting metadata or a bitmap). The engine **detaches** the disk (DRBD's
+    /// `on-io-error detach`): disk state `Failed`, never read or written again by this engine
+    /// (the driver's restart with a healthy disk re-attaches it, Outdated until resynced);
+    /// consumer writes go to the peers that hold our data, reads are forwarded to one of
+    /// them. A `Disk*Done` with an error detaches the same way.
+    DiskFailed { reason: String },
 }
 
 /// A local disk error.
@@ -451,6 +458,8 @@ pub struct Status {
     /// Size consumers may use: the smallest of the local replica and every connected
     /// diskful peer (see [`crate::Engine::usable_size`]).
     pub usable_size_bytes: u64,
+    /// Why the local disk was detached (disk state `Failed`), if it was.
+    pub disk_failure: Option<String>,
 }
 
 /// Progress of a running online verify (this node is the verify source).

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use bytes::Bytes;
 use tandem_repl_proto::{DiskState, Message, NodeId, Role};
 use tandem_replication::{
-    Action, Bitmap, Config, Engine, Event, Nanos, PeerConfig, Persisted, ReplState, Reply,
-    RequestId,
+    Action, Bitmap, Config, DiskError, Engine, Event, Nanos, PeerConfig, Persisted, ReplState,
+    Reply, RequestId,
 };
 
 use crate::disk::SimDisk;
@@ -48,6 +48,12 @@ pub struct SimOptions {
     /// `split_brain.rs`): two diskful nodes and a witness, a split made on purpose, resolved
     /// by a policy or by the manual resolution.
     pub split_brain: bool,
+    /// Disk I/O errors among the faults (decided from a side stream): a diskful node's disk
+    /// starts failing every read, write and flush (in half of them its metadata writes fail
+    /// too, like a file system that shut down); its links may break meanwhile; the fault ends
+    /// with a restart of that node on a healthy disk (what the failing disk had made durable,
+    /// plus a random part of the rest, like a crash).
+    pub disk_faults: bool,
 }
 
 impl Default for SimOptions {
@@ -60,6 +66,7 @@ impl Default for SimOptions {
             faults: true,
             trace_len: 80,
             split_brain: false,
+            disk_faults: true,
         }
     }
 }
@@ -78,6 +85,12 @@ pub struct Outcome {
     /// Online resizes applied (one per node of a growing run).
     pub resizes: u64,
     pub crashes: u64,
+    /// Disk failures injected (each ends with a restart on a healthy disk).
+    pub disk_failures: u64,
+    /// Of those, the ones whose node was Primary when its disk failed.
+    pub disk_failures_primary: u64,
+    /// Consumer requests that completed while the Primary's disk was detached (Failed).
+    pub detached_io_ok: u64,
     pub partitions: u64,
     pub link_breaks: u64,
     pub failovers: u64,
@@ -143,6 +156,10 @@ pub(crate) enum Ev {
         node: NodeId,
         blocks: u64,
     },
+    /// Every link of `node` breaks (during a disk fault: the detached node reconnects).
+    BreakLinks {
+        node: NodeId,
+    },
     Step,
 }
 
@@ -157,6 +174,10 @@ pub(crate) struct Node {
     /// Disk writes started, not completed: io -> (offset, data, fua).
     writes_in_flight: BTreeMap<u64, (u64, Bytes, bool)>,
     pub(crate) isolated: bool,
+    /// The disk fails every I/O; `Some(true)`: its metadata writes fail too.
+    disk_fault: Option<bool>,
+    /// A persist failed during the current batch of actions (fed as `DiskFailed` after it).
+    persist_failed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +203,8 @@ enum Fault {
     Crash(NodeId, Nanos),
     Isolate(NodeId, Nanos),
     Link,
+    /// The node's disk fails until then; then it restarts on a healthy disk.
+    Disk(NodeId, Nanos),
 }
 
 pub(crate) struct World {
@@ -219,6 +242,8 @@ pub(crate) struct World {
     pub(crate) blocked: std::collections::BTreeSet<(NodeId, NodeId)>,
     /// The split-brain scenario, when running it.
     pub(crate) sb: Option<crate::split_brain::Scenario>,
+    /// Disk-fault randomness, separate from `rng` (see [`SimOptions::disk_faults`]).
+    disk_rng: Rng,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -308,6 +333,8 @@ impl World {
                 persisted,
                 writes_in_flight: BTreeMap::new(),
                 isolated: false,
+                disk_fault: None,
+                persist_failed: false,
             });
         }
         let mut links = BTreeMap::new();
@@ -348,6 +375,7 @@ impl World {
             seen_verify: BTreeMap::new(),
             blocked: Default::default(),
             sb,
+            disk_rng: Rng::new(seed ^ 0x0d15_cfa1_1ed0_0001),
         }
     }
 
@@ -444,6 +472,25 @@ impl World {
         match ev {
             Ev::Step => self.step()?,
             Ev::Resize { node, blocks } => self.resize(node, blocks)?,
+            Ev::BreakLinks { node } => {
+                let detached = self.nodes[node as usize]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.status().disk_state == DiskState::Failed);
+                if self.nodes[node as usize].disk_fault.is_some() && !detached {
+                    // Only once the engine noticed: a link break before that is a second
+                    // fault (a peer away while the only current copy fails).
+                    let t = self.now + MS;
+                    self.at(t, Ev::BreakLinks { node });
+                } else if self.nodes[node as usize].disk_fault.is_some() {
+                    self.tr(format!("fault: links of node {node} break (disk failing)"));
+                    for m in 0..self.nodes.len() as NodeId {
+                        if m != node {
+                            self.break_link(node, m)?;
+                        }
+                    }
+                }
+            }
             Ev::Deliver {
                 from,
                 to,
@@ -471,6 +518,23 @@ impl World {
                 if n.inc != inc {
                     return Ok(());
                 }
+                if n.disk_fault.is_some() {
+                    // A failing disk: the write errors out; maybe part of it reached the
+                    // cache anyway (a restart keeps it or not, like any unflushed write).
+                    if let Some((off, data, _)) = n.writes_in_flight.remove(&io)
+                        && self.disk_rng.chance(0.5)
+                    {
+                        n.disk.complete_write(off, &data, false);
+                    }
+                    self.tr(format!("node {node} disk write FAILED"));
+                    return self.feed(
+                        node,
+                        Event::DiskWriteDone {
+                            io,
+                            result: Err(DiskError("EIO (simulated)".into())),
+                        },
+                    );
+                }
                 if let Some((off, data, fua)) = n.writes_in_flight.remove(&io) {
                     n.disk.complete_write(off, &data, fua);
                     let first = off / BLOCK;
@@ -493,6 +557,16 @@ impl World {
                 if n.inc != inc {
                     return Ok(());
                 }
+                if n.disk_fault.is_some() {
+                    self.tr(format!("node {node} disk read FAILED"));
+                    return self.feed(
+                        node,
+                        Event::DiskReadDone {
+                            io,
+                            result: Err(DiskError("EIO (simulated)".into())),
+                        },
+                    );
+                }
                 let o = offset as usize;
                 let data = Bytes::copy_from_slice(&n.disk.data[o..o + len as usize]);
                 self.feed(
@@ -513,6 +587,16 @@ impl World {
                 if n.inc != inc {
                     return Ok(());
                 }
+                if n.disk_fault.is_some() {
+                    self.tr(format!("node {node} disk flush FAILED"));
+                    return self.feed(
+                        node,
+                        Event::DiskFlushDone {
+                            io,
+                            result: Err(DiskError("EIO (simulated)".into())),
+                        },
+                    );
+                }
                 n.disk.complete_flush(marker);
                 self.tr(format!("node {node} disk flush done (marker {marker})"));
                 self.feed(node, Event::DiskFlushDone { io, result: Ok(()) })?;
@@ -528,6 +612,15 @@ impl World {
                 let n = &self.nodes[node as usize];
                 if n.inc != inc {
                     return Ok(());
+                }
+                if n.disk_fault.is_some() {
+                    return self.feed(
+                        node,
+                        Event::DiskChecksumDone {
+                            io,
+                            result: Err(DiskError("EIO (simulated)".into())),
+                        },
+                    );
                 }
                 let o = offset as usize;
                 let digests = n.disk.data[o..o + len as usize]
@@ -578,7 +671,54 @@ impl World {
     }
 
     pub(crate) fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
+        let cut = self.apply_actions(node, actions)?;
+        for peer in cut {
+            // A message the failed persist should have preceded was not sent: the link
+            // breaks (TCP semantics), so the peer never applies what our disk may lack.
+            self.break_link(node, peer)?;
+        }
+        if std::mem::take(&mut self.nodes[node as usize].persist_failed) {
+            // The driver reports a failed persist; nothing after it was made durable (the
+            // failing disk fails every later I/O of the batch too).
+            self.tr(format!("node {node} metadata write FAILED"));
+            self.feed(
+                node,
+                Event::DiskFailed {
+                    reason: "metadata write failed: EIO (simulated)".into(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn apply_actions(&mut self, node: NodeId, actions: Vec<Action>) -> Result<Vec<NodeId>, String> {
+        let mut cut = Vec::new();
+        let mut failed_here = false;
         for a in actions {
+            if failed_here && let Action::Send { peer, .. } = &a {
+                if !cut.contains(peer) {
+                    cut.push(*peer);
+                }
+                continue;
+            }
+            if self.nodes[node as usize].disk_fault == Some(true)
+                && matches!(
+                    a,
+                    Action::PersistMeta(_)
+                        | Action::PersistBits { .. }
+                        | Action::PersistActivityLog(_)
+                )
+            {
+                // A persist the engine relied on (not the best-effort metadata of an already
+                // detached disk, which says Failed): what follows it must not reach the peers.
+                if !self.nodes[node as usize].persist_failed
+                    && !matches!(&a, Action::PersistMeta(m) if m.disk_state == DiskState::Failed)
+                {
+                    failed_here = true;
+                }
+                self.nodes[node as usize].persist_failed = true;
+                continue;
+            }
             match a {
                 Action::DiskWrite {
                     io,
@@ -587,9 +727,13 @@ impl World {
                     fua,
                 } => {
                     let inc = self.nodes[node as usize].inc;
-                    self.nodes[node as usize]
-                        .writes_in_flight
-                        .insert(io, (offset, data, fua));
+                    // After a failed persist the driver does not start later disk I/O of the
+                    // batch (it completes with an error at once): nothing reaches the disk.
+                    if !failed_here {
+                        self.nodes[node as usize]
+                            .writes_in_flight
+                            .insert(io, (offset, data, fua));
+                    }
                     let t = self.now + self.rng.range(5 * US, 120 * US);
                     self.at(t, Ev::DiskWriteDone { node, inc, io });
                 }
@@ -700,7 +844,7 @@ impl World {
                 Action::Log { level, msg } => self.tr(format!("node {node} {level:?}: {msg}")),
             }
         }
-        Ok(())
+        Ok(cut)
     }
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: Message) {
@@ -755,6 +899,14 @@ impl World {
             ));
         }
         let ok = result.is_ok();
+        if ok
+            && self.nodes[node as usize]
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.status().disk_state == DiskState::Failed)
+        {
+            self.out.detached_io_ok += 1;
+        }
         if ok && !matches!(req, Req::Read { .. }) {
             // Invariant 4: nothing completes without quorum (engine view and ground truth).
             let e = self.nodes[node as usize].engine.as_ref().expect("live");
@@ -1050,6 +1202,17 @@ impl World {
                 self.fault = Fault::None;
                 self.healthy_since = None;
             }
+            Fault::Disk(n, until) if now >= until => {
+                // Repair: the node restarts on a healthy disk (the agent restarted after the
+                // file system was fixed); what the failing disk did not make durable may be
+                // gone, like in a crash.
+                self.tr(format!("disk of node {n} repaired: restart"));
+                self.nodes[n as usize].disk_fault = None;
+                self.crash(n)?;
+                let t = self.now + self.rng.range(MS, 5 * MS);
+                self.fault = Fault::Crash(n, t);
+                self.healthy_since = None;
+            }
             Fault::None => {
                 if self.converged() {
                     if self.healthy_since.is_none() {
@@ -1085,11 +1248,41 @@ impl World {
                 self.fault = Fault::None;
                 Ok(())
             }
+            Fault::Disk(n, _) => {
+                self.fault = Fault::Disk(n, self.now);
+                self.faults()
+            }
             Fault::None => Ok(()),
         }
     }
 
     fn inject(&mut self) -> Result<(), String> {
+        if self.opts.disk_faults && self.disk_rng.chance(0.25) {
+            let cands: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| n.diskful && n.engine.is_some())
+                .map(|n| n.id)
+                .collect();
+            if let Some(n) = self.disk_rng.pick(&cands) {
+                let dur = self.disk_rng.range(2 * MS, 40 * MS);
+                let meta = self.disk_rng.chance(0.5);
+                self.out.disk_failures += 1;
+                if self.primary() == Some(n) {
+                    self.out.disk_failures_primary += 1;
+                }
+                self.tr(format!(
+                    "fault: DISK of node {n} fails (metadata writes fail too: {meta})"
+                ));
+                self.nodes[n as usize].disk_fault = Some(meta);
+                if self.disk_rng.chance(0.5) {
+                    let t = self.now + self.disk_rng.range(0, dur);
+                    self.at(t, Ev::BreakLinks { node: n });
+                }
+                self.fault = Fault::Disk(n, self.now + dur);
+                return Ok(());
+            }
+        }
         let n = self.rng.range(0, self.nodes.len() as u64) as NodeId;
         let dur = self.rng.range(2 * MS, 40 * MS);
         match self.rng.range(0, 3) {

@@ -5,8 +5,10 @@
 use tandem_sim::{SimOptions, Topology, run};
 
 fn seed(seed: u64, topology: Topology) {
+    // Disk faults came later: without them these seeds keep the schedules they were found with.
     let opts = SimOptions {
         topology: Some(topology),
+        disk_faults: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -147,4 +149,71 @@ fn interrupted_resync_resumes_paused_links() {
 #[test]
 fn sync_target_waits_for_the_source_before_going_inconsistent() {
     seed(7197, Topology::Three);
+}
+
+// ------------------------------------------------------------------ disk I/O errors (detach)
+
+fn disk_seed(seed: u64, topology: Option<Topology>) {
+    let opts = SimOptions {
+        topology,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
+/// A detached disk flushed its activity log in a loop (every flush failed at once and asked
+/// for the next one): the run never ended. A detached engine no longer keeps an activity log.
+#[test]
+fn detached_disk_does_not_flush_its_activity_log_forever() {
+    disk_seed(3, None);
+}
+
+/// The Primary's disk failed on the activity-log write of a write it had already sent: the
+/// peer applied it, the restarted disk lacked it unrecorded. The detaching Primary now sends
+/// its hot extents as out of sync to its peers.
+#[test]
+fn detaching_primary_marks_its_hot_extents_on_the_peers() {
+    disk_seed(31, Some(Topology::Two));
+}
+
+/// The Primary's disk failed while it was the source of a resync: both replicas ended not
+/// UpToDate (a second fault: the link broke before the engine noticed the failure). The
+/// simulator now breaks a failing node's links only once it detached.
+#[test]
+fn source_disk_failure_during_resync_is_a_second_fault() {
+    disk_seed(524, Some(Topology::Two));
+}
+
+/// Three diskful: a detached Primary wrote with one Secondary while the other, reconnected,
+/// got nothing; that one was promoted later and served stale data. The detached Primary's
+/// `outdated` list now reaches connected peers.
+#[test]
+fn detached_primary_outdates_connected_peers_it_wrote_without() {
+    disk_seed(3, Some(Topology::Three));
+}
+
+/// A link blip between a detached Primary and its only peer: the unflushed marks made the
+/// peer Outdated and the volume had no UpToDate replica left. The peer with the only copy now
+/// serves again and is not outdated.
+#[test]
+fn only_copy_peer_serves_again_after_a_link_blip() {
+    disk_seed(9, Some(Topology::TwoPlusWitness));
+}
+
+/// A restarted detached disk carried the generation minted after it failed and looked newer
+/// than the peer that had all the writes (`SourceNotUpToDate`, stuck). The metadata of a
+/// detached disk now keeps the generations of when it was detached.
+#[test]
+fn detached_metadata_keeps_the_old_generation() {
+    disk_seed(582, Some(Topology::Two));
+}
+
+/// A write went to the peer although the activity-log write before it had failed, and the
+/// link broke at once: neither side recorded that the detached disk lacked it. Sends after a
+/// failed persist are now dropped and their links broken.
+#[test]
+fn sends_after_a_failed_persist_break_the_link() {
+    disk_seed(2606, Some(Topology::TwoPlusWitness));
 }

@@ -15,6 +15,10 @@ fn simulate_seeds() {
     if let Some(n) = env("SIM_TRACE") {
         opts.trace_len = n as usize;
     }
+    if env("SIM_DISK_FAULTS") == Some(0) {
+        // Reproduces a seed of a run without disk faults (e.g. `three_diskful_seeds`).
+        opts.disk_faults = false;
+    }
     if std::env::var("SIM_TOPOLOGY").as_deref() == Ok("three") {
         opts.topology = Some(Topology::Three);
     }
@@ -38,6 +42,9 @@ fn simulate_seeds() {
                 total.writes_failed += o.writes_failed;
                 total.reads_checked += o.reads_checked;
                 total.crashes += o.crashes;
+                total.disk_failures += o.disk_failures;
+                total.disk_failures_primary += o.disk_failures_primary;
+                total.detached_io_ok += o.detached_io_ok;
                 total.partitions += o.partitions;
                 total.link_breaks += o.link_breaks;
                 total.failovers += o.failovers;
@@ -74,6 +81,10 @@ fn simulate_seeds() {
         total.resizes
     );
     eprintln!(
+        "disk failures: {} ({} of a Primary), {} consumer requests completed by a Primary with a detached disk",
+        total.disk_failures, total.disk_failures_primary, total.detached_io_ok
+    );
+    eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",
         total.resync_skipped_bytes
     );
@@ -84,8 +95,23 @@ fn simulate_seeds() {
 /// SIM_SEED=N` with `simulate_seeds` reproduces one with its trace.
 #[test]
 fn three_diskful_seeds() {
+    three_diskful(false);
+}
+
+/// Three diskful nodes with disk I/O errors among the faults: not yet proven (about 2.5 % of
+/// the seeds end with replicas that differ or do not converge; the first ones looked at
+/// combine the detach with link churn and several resyncs between the Secondaries). Run by
+/// hand: `cargo test -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
+#[test]
+#[ignore = "three diskful with disk faults is not proven yet (docs/replication.md)"]
+fn three_diskful_disk_fault_seeds() {
+    three_diskful(true);
+}
+
+fn three_diskful(disk_faults: bool) {
     let opts = SimOptions {
         topology: Some(Topology::Three),
+        disk_faults,
         ..SimOptions::default()
     };
     let base = env("SIM_SEED_BASE").unwrap_or(0);

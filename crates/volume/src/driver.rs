@@ -104,8 +104,11 @@ pub struct VolumeStatus {
     pub last_verify: Option<tandem_replication::VerifyResult>,
     /// The engine's full snapshot.
     pub engine: Status,
-    /// Set when the driver stopped on a fatal error (metadata could not be persisted).
+    /// Set when the driver stopped on a fatal error (a witness's metadata could not be
+    /// persisted).
     pub failed: Option<String>,
+    /// Why the local disk was detached (disk state Failed): the backing store's I/O error.
+    pub disk_failure: Option<String>,
 }
 
 /// Where the outcome of a consumer request goes: a caller blocked on a channel
@@ -288,6 +291,8 @@ impl VolumeDriver {
             failed: failed.clone(),
             last_status: last_status.clone(),
             demote_waiters: Vec::new(),
+            store_failed: None,
+            spec_diskful: spec.diskful,
         };
         if let Err(e) = lp.execute(first).and_then(|_| lp.drain_inline()) {
             node.routes.lock().expect("routes").remove(&spec.name);
@@ -434,6 +439,7 @@ impl VolumeDriver {
             verify: st.verify.clone(),
             last_verify: st.last_verify.clone(),
             peers: st.peers.clone(),
+            disk_failure: st.disk_failure.clone(),
             engine: st,
             failed,
         })
@@ -563,6 +569,11 @@ struct Loop {
     next_id: RequestId,
     failed: Arc<Mutex<Option<String>>>,
     last_status: Arc<Mutex<Option<Status>>>,
+    /// A persist (`V.meta`, `V.bitmap`, `V.al`) of a diskful replica failed: the backing
+    /// store is failing. Sticky: later persists are skipped and the engine is told
+    /// (`Event::DiskFailed`: it detaches the disk and keeps serving through its peers).
+    store_failed: Option<String>,
+    spec_diskful: bool,
     /// `demote()` callers waiting until the demotion is recorded in the metadata (the engine
     /// records it after a local flush), with when they started waiting.
     demote_waiters: Vec<(Instant, SyncSender<Result<(), VolumeError>>)>,
@@ -880,18 +891,94 @@ impl Loop {
         }
     }
 
-    /// Executes actions in order, per the ordering contract.
+    /// Executes actions in order, per the ordering contract. A persist that fails on a
+    /// diskful replica detaches its disk: nothing after it in the batch touches the disk (the
+    /// ordering could not be kept), later persists are skipped, and the engine gets
+    /// `Event::DiskFailed` after the batch. A witness's failing metadata stops the loop.
     fn execute(&mut self, actions: Vec<Action>) -> Result<(), VolumeError> {
+        let mut newly_failed = None;
+        let mut cut: Vec<NodeId> = Vec::new();
+        let mut cut_sends = false;
         for a in actions {
-            match a {
-                Action::PersistMeta(m) => self.store.persist_meta(&m)?,
+            let persist = match &a {
+                Action::PersistMeta(m) => Some(self.store.persist_meta(m)),
                 Action::PersistBits {
                     peer,
                     set,
                     first,
                     count,
-                } => self.store.persist_bits(peer, set, first, count)?,
-                Action::PersistActivityLog(ext) => self.store.persist_al(&ext)?,
+                } if self.store_failed.is_none() => {
+                    Some(self.store.persist_bits(*peer, *set, *first, *count))
+                }
+                Action::PersistActivityLog(ext) if self.store_failed.is_none() => {
+                    Some(self.store.persist_al(ext))
+                }
+                Action::PersistBits { .. } | Action::PersistActivityLog(_) => Some(Ok(())),
+                Action::DiskWrite { io, .. }
+                | Action::DiskRead { io, .. }
+                | Action::DiskFlush { io }
+                | Action::DiskChecksum { io, .. }
+                    if self.store_failed.is_some() =>
+                {
+                    let io = *io;
+                    let err = || DiskError("backing store failed".into());
+                    self.inline_done.push(match a {
+                        Action::DiskWrite { .. } => Event::DiskWriteDone {
+                            io,
+                            result: Err(err()),
+                        },
+                        Action::DiskRead { .. } => Event::DiskReadDone {
+                            io,
+                            result: Err(err()),
+                        },
+                        Action::DiskFlush { .. } => Event::DiskFlushDone {
+                            io,
+                            result: Err(err()),
+                        },
+                        _ => Event::DiskChecksumDone {
+                            io,
+                            result: Err(err()),
+                        },
+                    });
+                    continue;
+                }
+                _ => None,
+            };
+            if cut_sends && let Action::Send { peer, .. } = &a {
+                // A message the failed persist had to precede (e.g. a write whose activity
+                // log did not reach the disk): not sent, and the link breaks (TCP
+                // semantics), so no peer applies what our disk may lack unrecorded.
+                if !cut.contains(peer) {
+                    cut.push(*peer);
+                }
+                continue;
+            }
+            match persist {
+                Some(Ok(())) => continue,
+                Some(Err(e)) if self.spec_diskful => {
+                    // Metadata of a detached disk is written when it can be (it says Failed);
+                    // a failure then changes nothing.
+                    if self.store_failed.is_none() {
+                        tracing::error!(volume = %self.name, "backing store failed: {e}; detaching the disk");
+                        self.store_failed = Some(e.to_string());
+                        newly_failed = Some(e.to_string());
+                        // A persist the engine relied on (not the best-effort metadata of an
+                        // already detached disk, which says Failed): what follows it in the
+                        // batch must not reach the peers either.
+                        cut_sends = !matches!(
+                            &a,
+                            Action::PersistMeta(m) if m.disk_state == DiskState::Failed
+                        );
+                    }
+                    continue;
+                }
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+            match a {
+                Action::PersistMeta(_)
+                | Action::PersistBits { .. }
+                | Action::PersistActivityLog(_) => {}
                 Action::DiskWrite {
                     io,
                     offset,
@@ -947,6 +1034,19 @@ impl Loop {
                     Level::Warn => tracing::warn!(volume = %self.name, "{msg}"),
                 },
             }
+        }
+        if !cut.is_empty() {
+            for peer in cut {
+                if self.links.contains_key(&peer) {
+                    self.removed.insert(peer, true);
+                }
+            }
+            self.configure_transport()?;
+        }
+        if let Some(reason) = newly_failed {
+            let now = self.now();
+            let a = self.engine.handle(now, Event::DiskFailed { reason });
+            self.execute(a)?;
         }
         Ok(())
     }

@@ -259,6 +259,7 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         allocated_bytes: 0,
         role: Role::Secondary,
         disk_state: state,
+        disk_error: None,
         connections: 0,
         last_error: None,
         on_disk: true,

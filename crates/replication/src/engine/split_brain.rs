@@ -36,7 +36,7 @@ impl Engine {
             );
             self.broadcast_report(false);
         }
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.take_out())
     }
 
     /// Changes the split-brain policy (applies from the next handshake).

@@ -142,7 +142,7 @@ impl Engine {
             error: None,
         });
         self.pump_verify();
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.take_out())
     }
 
     pub(super) fn verify_status(&self) -> (Option<VerifyProgress>, Option<VerifyResult>) {
@@ -233,7 +233,7 @@ impl Engine {
             );
         }
         let io = self.io(IoPurpose::Op(op.key));
-        self.out.push(Action::DiskChecksum {
+        self.disk(Action::DiskChecksum {
             io,
             offset: op.offset,
             len: op.len as u32,
@@ -245,7 +245,7 @@ impl Engine {
     pub(super) fn start_checksum_answer(&mut self, op: &Op, block_size: u32) {
         self.active.insert(op.key, op.clone());
         let io = self.io(IoPurpose::Op(op.key));
-        self.out.push(Action::DiskChecksum {
+        self.disk(Action::DiskChecksum {
             io,
             offset: op.offset,
             len: op.len as u32,
@@ -585,6 +585,13 @@ impl Engine {
         }
     }
 
+    /// Our disk was detached: a running verify ends.
+    pub(super) fn end_verify_detached(&mut self) {
+        if self.verify.run.is_some() {
+            self.end_verify(Some("local disk detached".into()));
+        }
+    }
+
     /// Whether an UpToDate report of `peer` must not end our online resync toward it yet.
     pub(super) fn online_resync_unconfirmed(&self, peer: NodeId) -> bool {
         let epoch = self.conn(peer).map(|c| c.epoch);
@@ -757,7 +764,8 @@ impl Engine {
         self.log(
             Level::Warn,
             format!(
-                "node {peer} reports {total} bytes different from it (verify); marked out of sync"
+                "node {peer} reports {total} bytes different from it (verify findings, or writes \
+                 its detached disk may lack); marked out of sync"
             ),
         );
         for r in ranges {
