@@ -199,4 +199,139 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn quick_writes(&self) -> bool {
         (**self).quick_writes()
     }
+    fn async_writes(&self) -> bool {
+        (**self).async_writes()
+    }
+    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: WriteDone) {
+        (**self).start_write(data, offset, fua, done)
+    }
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        (**self).check_range(op, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A device answering every optional method differently from the trait's defaults and
+    /// recording which ones ran, to check that `Arc<dyn BlockDevice>` forwards them all
+    /// (method resolution picks the `Arc` impl before the inner one's).
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Recorder {
+        fn note(&self, what: &'static str) {
+            self.calls.lock().unwrap().push(what);
+        }
+    }
+
+    impl BlockDevice for Recorder {
+        fn size(&self) -> u64 {
+            self.note("size");
+            4096
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> Result<()> {
+            self.note("read_at");
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+            self.note("write_at");
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            self.note("flush");
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64) -> Result<()> {
+            self.note("trim");
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<()> {
+            self.note("write_zeroes");
+            Ok(())
+        }
+        fn block_status(&self, _: u64, len: u64) -> Result<Vec<Extent>> {
+            self.note("block_status");
+            Ok(vec![Extent {
+                length: len,
+                hole: false,
+                zero: false,
+            }])
+        }
+        fn try_read_at_nowait(&self, _: &mut [u8], _: u64) -> Result<bool> {
+            self.note("try_read_at_nowait");
+            Ok(true)
+        }
+        fn try_write_at_nowait(&self, _: &[u8], _: u64) -> Result<bool> {
+            self.note("try_write_at_nowait");
+            Ok(true)
+        }
+        fn quick_writes(&self) -> bool {
+            self.note("quick_writes");
+            true
+        }
+        fn async_writes(&self) -> bool {
+            self.note("async_writes");
+            true
+        }
+        fn start_write(&self, _: Vec<u8>, _: u64, _: bool, done: WriteDone) {
+            self.note("start_write");
+            done(Ok(()));
+        }
+        fn check_range(&self, _: &'static str, _: u64, _: u64) -> Result<()> {
+            self.note("check_range");
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn arc_forwards_every_method_to_the_device() {
+        let inner = Arc::new(Recorder::default());
+        let dev: Arc<dyn BlockDevice> = inner.clone();
+        let mut buf = [0u8; 8];
+        assert_eq!(dev.size(), 4096);
+        dev.read_at(&mut buf, 0).unwrap();
+        dev.write_at(&buf, 0).unwrap();
+        dev.flush().unwrap();
+        dev.trim(0, 8).unwrap();
+        dev.write_zeroes(0, 8, true).unwrap();
+        dev.block_status(0, 8).unwrap();
+        assert!(dev.try_read_at_nowait(&mut buf, 0).unwrap());
+        assert!(dev.try_write_at_nowait(&buf, 0).unwrap());
+        assert!(dev.quick_writes());
+        assert!(dev.async_writes());
+        let done = Arc::new(Mutex::new(false));
+        let d = done.clone();
+        dev.start_write(
+            vec![1; 8],
+            0,
+            true,
+            Box::new(move |r| *d.lock().unwrap() = r.is_ok()),
+        );
+        assert!(*done.lock().unwrap());
+        dev.check_range("read", 0, 1 << 40).unwrap();
+        let calls = inner.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            [
+                "size",
+                "read_at",
+                "write_at",
+                "flush",
+                "trim",
+                "write_zeroes",
+                "block_status",
+                "try_read_at_nowait",
+                "try_write_at_nowait",
+                "quick_writes",
+                "async_writes",
+                "start_write",
+                "check_range",
+            ]
+        );
+    }
 }

@@ -544,3 +544,96 @@ fn write_zeroes_no_hole_keeps_allocation() {
     assert!(punched + m4 <= kept, "not deallocated: {punched} vs {kept}");
     assert!(h.disk_is_hole(0, m4));
 }
+
+/// A file whose writes complete asynchronously, on a thread of their own (like a replicated
+/// volume's, answered when the peers acknowledged): counts how writes reached it.
+struct AsyncFile {
+    file: std::sync::Arc<tandem_blockdev::FileDevice>,
+    started: std::sync::atomic::AtomicU64,
+    blocking: std::sync::atomic::AtomicU64,
+}
+
+impl BlockDevice for AsyncFile {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> tandem_blockdev::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> tandem_blockdev::Result<()> {
+        self.blocking
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.file.write_at(buf, offset)
+    }
+    fn flush(&self) -> tandem_blockdev::Result<()> {
+        self.file.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> tandem_blockdev::Result<()> {
+        self.file.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, d: bool) -> tandem_blockdev::Result<()> {
+        self.file.write_zeroes(offset, len, d)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> tandem_blockdev::Result<Vec<tandem_blockdev::Extent>> {
+        self.file.block_status(offset, len)
+    }
+    fn async_writes(&self) -> bool {
+        true
+    }
+    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: tandem_blockdev::WriteDone) {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.file.clone();
+        std::thread::spawn(move || {
+            let r = file
+                .write_at(&data, offset)
+                .and_then(|()| if fua { file.flush() } else { Ok(()) });
+            done(r)
+        });
+    }
+}
+
+#[test]
+fn writes_to_an_async_device_are_started_not_run_on_a_worker() {
+    let h = Harness::start(16 * MIB);
+    let dev = std::sync::Arc::new(AsyncFile {
+        file: std::sync::Arc::new(
+            tandem_blockdev::FileDevice::create(&h.path("async.img"), 16 * MIB).unwrap(),
+        ),
+        started: Default::default(),
+        blocking: Default::default(),
+    });
+    // Exported as the agent exports a replicated volume: behind an `Arc<dyn BlockDevice>`.
+    let device: std::sync::Arc<dyn BlockDevice> = dev.clone();
+    h.registry.add(tandem_nbd::Export {
+        name: "async".into(),
+        description: "asynchronous writes".into(),
+        device,
+        read_only: false,
+        multi_conn: true,
+    });
+    let uri = h.unix_uri("async");
+    let cmds: Vec<String> = (0..8u64)
+        .map(|i| format!("write -P {} {} 4k", i + 1, i * 65536))
+        .chain(std::iter::once("write -f -P 9 1M 64k".to_string()))
+        .chain((0..8u64).map(|i| format!("read -P {} {} 4k", i + 1, i * 65536)))
+        .chain(std::iter::once("read -P 9 1M 64k".to_string()))
+        .collect();
+    let out = qemu_io(&uri, &cmds);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        dev.started.load(Relaxed),
+        9,
+        "writes started asynchronously"
+    );
+    assert_eq!(
+        dev.blocking.load(Relaxed),
+        0,
+        "no write ran as a blocking write_at"
+    );
+}

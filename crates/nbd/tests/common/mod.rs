@@ -53,6 +53,8 @@ pub struct Harness {
     pub sock: PathBuf,
     pub port: u16,
     pub size: u64,
+    /// More exports can be added while the server runs.
+    pub registry: Arc<Registry>,
     unix_task: tokio::task::JoinHandle<std::io::Result<()>>,
     tcp_task: tokio::task::JoinHandle<std::io::Result<()>>,
     // Last, so the server tasks are gone before the temp dir.
@@ -86,7 +88,7 @@ impl Harness {
             .enable_all()
             .build()
             .unwrap();
-        let server = Server::new(registry);
+        let server = Server::new(registry.clone());
         let sock = dir.path().join("nbd.sock");
         let (unix_task, tcp_task, port) = rt.block_on(async {
             let ul = tokio::net::UnixListener::bind(&sock).unwrap();
@@ -106,6 +108,7 @@ impl Harness {
             sock,
             port,
             size,
+            registry,
             unix_task,
             tcp_task,
             rt,
