@@ -24,6 +24,7 @@
 //! See `docs/protocol.md`, section "Transport".
 
 mod config;
+mod direct;
 mod link;
 pub mod secret;
 mod stats;

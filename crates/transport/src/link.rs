@@ -4,6 +4,7 @@
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use crate::direct::Direct;
 use crate::secret::random_bytes;
 use crate::stats::RefusalReason;
 use crate::tasks::{AbortOnDrop, lock};
@@ -444,12 +446,21 @@ pub(crate) async fn run_link(
     let id = inner.next_id();
     let (tx, rx) = mpsc::channel::<Outgoing>(inner.cfg.limits.send_queue_frames);
     let bytes = Arc::new(Semaphore::new(inner.cfg.limits.send_queue_bytes));
+    let direct = match Direct::new(stream.as_raw_fd(), Encoder::new(est.version)) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            tracing::warn!(peer = %remote, volume = %est.volume_name, node = peer,
+                "dropping replication connection: cannot duplicate its socket: {e}");
+            return;
+        }
+    };
     let (close_tx, mut close_rx) = oneshot::channel::<DownReason>();
     let (done_tx, done_rx) = watch::channel(false);
     let mut slot = Some(LinkSlot {
         id,
         tx: tx.clone(),
         bytes,
+        direct: direct.clone(),
         close: Some(close_tx),
         done: done_rx,
         remote,
@@ -496,8 +507,10 @@ pub(crate) async fn run_link(
     let (rd, wr) = stream.into_split();
     let (wres_tx, mut wres_rx) = oneshot::channel();
     let enc = Encoder::new(est.version);
+    let wdirect = direct.clone();
     let writer = inner.tasks.spawn(async move {
-        let r = writer_loop(wr, rx, enc, t.ping_timeout).await;
+        let r = writer_loop(wr, rx, enc, t.ping_timeout, &wdirect).await;
+        wdirect.close();
         let _ = wres_tx.send(r);
     });
     let Some(handle) = writer else {
@@ -522,7 +535,7 @@ pub(crate) async fn run_link(
         {
             let _abort = AbortOnDrop(handle);
             let reason = {
-                let reader = reader_loop(&inner, rd, &mut dec, &volume, peer, &tx);
+                let reader = reader_loop(&inner, rd, &mut dec, &volume, peer, &tx, &direct);
                 tokio::pin!(reader);
                 tokio::select! {
                     r = &mut reader => r,
@@ -539,14 +552,13 @@ pub(crate) async fn run_link(
             // No more sends onto this link; tell the peer why (after what is queued), let
             // the writer drain within the grace period.
             inner.uninstall(&volume, peer, id);
+            direct.close();
             if !writer_done && let Some(r) = reason.disconnect() {
-                let _ = tx.try_send(Outgoing {
-                    msg: Message::Disconnect {
-                        reason: r,
-                        detail: truncate(&reason.to_string()),
-                    },
-                    _permit: None,
-                });
+                let bye = Message::Disconnect {
+                    reason: r,
+                    detail: truncate(&reason.to_string()),
+                };
+                queue_control(&direct, &tx, bye);
             }
             drop(tx);
             if !writer_done {
@@ -598,6 +610,7 @@ async fn reader_loop(
     volume: &Arc<str>,
     peer: NodeId,
     tx: &mpsc::Sender<Outgoing>,
+    direct: &Direct,
 ) -> DownReason {
     let t = inner.cfg.timers;
     let mut last_rx = Instant::now();
@@ -613,10 +626,7 @@ async fn reader_loop(
             match msg {
                 Message::Ping { token } if token & KEEPALIVE_TOKEN != 0 => {
                     // A full queue means traffic is flowing anyway; the peer sees it.
-                    let _ = tx.try_send(Outgoing {
-                        msg: Message::Pong { token },
-                        _permit: None,
-                    });
+                    queue_control(direct, tx, Message::Pong { token });
                 }
                 Message::Pong { token } if token & KEEPALIVE_TOKEN != 0 => {}
                 Message::Disconnect { reason, detail } => {
@@ -661,7 +671,7 @@ async fn reader_loop(
                 if now >= next_ping {
                     token = token.wrapping_add(1);
                     let msg = Message::Ping { token: token | KEEPALIVE_TOKEN };
-                    let _ = tx.try_send(Outgoing { msg, _permit: None });
+                    queue_control(direct, tx, msg);
                     last_ping = now;
                 }
             }
@@ -682,6 +692,7 @@ async fn writer_loop(
     mut rx: mpsc::Receiver<Outgoing>,
     enc: Encoder,
     stall: Duration,
+    direct: &Direct,
 ) -> Result<(), DownReason> {
     let mut heads: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut segs: Vec<Seg> = Vec::with_capacity(2 * MAX_BATCH_FRAMES);
@@ -709,8 +720,14 @@ async fn writer_loop(
             let tail = enc
                 .encode_vectored(&o.msg, &mut heads)
                 .map_err(|e| DownReason::Encode(e.to_string()))?;
-            push_head(&mut segs, start..heads.len());
+            // A direct send wrote the start of this frame: skip it (only ever the first
+            // frame of a batch: nothing is queued behind a partial direct send's rest).
+            let mut skip = o.skip;
+            let head_skip = skip.min(heads.len() - start);
+            skip -= head_skip;
+            push_head(&mut segs, start + head_skip..heads.len());
             if let Some(data) = tail {
+                let data = data.slice(skip.min(data.len())..);
                 if data.len() <= INLINE_DATA {
                     let s = heads.len();
                     heads.extend_from_slice(&data);
@@ -721,12 +738,30 @@ async fn writer_loop(
             }
         }
         write_segments(&mut wr, &heads, &segs, stall).await?;
+        direct.written(batch.len());
         // Releases the byte budget of the batch.
         batch.clear();
     }
 }
 
+/// Queues a frame of the link itself (keepalive, the closing Disconnect) without waiting; a
+/// full queue drops it (traffic is flowing anyway, or the link is going down).
+fn queue_control(direct: &Direct, tx: &mpsc::Sender<Outgoing>, msg: Message) {
+    direct.queuing();
+    let o = Outgoing {
+        msg,
+        skip: 0,
+        _permit: None,
+    };
+    if tx.try_send(o).is_err() {
+        direct.unqueued();
+    }
+}
+
 fn push_head(segs: &mut Vec<Seg>, r: Range<usize>) {
+    if r.is_empty() {
+        return;
+    }
     if let Some(Seg::Head(prev)) = segs.last_mut()
         && prev.end == r.start
     {

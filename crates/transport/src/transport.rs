@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::config::{PeerConfig, TransportConfig, VolumeConfig};
+use crate::direct::{Direct, Sent};
 use crate::link;
 use crate::stats::{RefusalReason, Stats};
 use crate::tasks::{Tasks, lock};
@@ -18,6 +19,8 @@ use crate::{DownReason, Event, LinkId, SendError, TransportError};
 /// A frame waiting in a link's send queue, with the byte budget it holds.
 pub(crate) struct Outgoing {
     pub msg: Message,
+    /// Leading bytes of the encoded frame already written (by a direct send).
+    pub skip: usize,
     pub _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -26,6 +29,8 @@ pub(crate) struct LinkSlot {
     pub id: LinkId,
     pub tx: mpsc::Sender<Outgoing>,
     pub bytes: Arc<Semaphore>,
+    /// Writes frames from the sender's thread while the link is idle.
+    pub direct: Arc<Direct>,
     /// Tells the link task to close, with a reason; dropped = `Removed`.
     pub close: Option<oneshot::Sender<DownReason>>,
     /// Becomes true after the link task delivered its `PeerDown`.
@@ -73,6 +78,9 @@ pub(crate) struct Inner {
     pub next_id: AtomicU64,
     pub handshakes: Arc<Semaphore>,
 }
+
+/// A link's queue, its byte budget and its direct sender.
+type SlotSender = (mpsc::Sender<Outgoing>, Arc<Semaphore>, Arc<Direct>);
 
 /// Where [`Inner::install`] left a new link.
 pub(crate) enum Install {
@@ -181,7 +189,7 @@ impl Inner {
         peer: NodeId,
         link: Option<LinkId>,
         msg: &Message,
-    ) -> Result<(mpsc::Sender<Outgoing>, Arc<Semaphore>), SendError> {
+    ) -> Result<SlotSender, SendError> {
         let ty = msg.message_type();
         if ty.is_handshake() {
             return Err(SendError::Invalid(format!(
@@ -202,7 +210,7 @@ impl Inner {
                 peer,
                 link: l,
             }),
-            (Some(s), _) => Ok((s.tx.clone(), s.bytes.clone())),
+            (Some(s), _) => Ok((s.tx.clone(), s.bytes.clone(), s.direct.clone())),
             (None, Some(l)) => Err(SendError::StaleLink {
                 volume: volume.to_string(),
                 peer,
@@ -227,21 +235,34 @@ impl Inner {
         link: Option<LinkId>,
         msg: Message,
     ) -> Result<(), SendError> {
-        let (tx, bytes) = self.slot_sender(volume, peer, link, &msg)?;
+        let (tx, bytes, direct) = self.slot_sender(volume, peer, link, &msg)?;
+        let msg = match direct.try_send(msg, &tx) {
+            Sent::Done => return Ok(()),
+            Sent::Queue(m) => m,
+        };
         let gone = || SendError::NotConnected {
             volume: volume.to_string(),
             peer,
         };
-        let permit = bytes
-            .acquire_many_owned(self.permits_for(&msg))
+        // Already counted as pending: no direct send overtakes it while it waits for room.
+        let queued = async {
+            let permit = bytes
+                .acquire_many_owned(self.permits_for(&msg))
+                .await
+                .map_err(|_| gone())?;
+            tx.send(Outgoing {
+                msg,
+                skip: 0,
+                _permit: Some(permit),
+            })
             .await
-            .map_err(|_| gone())?;
-        tx.send(Outgoing {
-            msg,
-            _permit: Some(permit),
-        })
-        .await
-        .map_err(|_| gone())
+            .map_err(|_| gone())
+        }
+        .await;
+        if queued.is_err() {
+            direct.unqueued();
+        }
+        queued
     }
 
     fn try_send(
@@ -251,24 +272,35 @@ impl Inner {
         link: Option<LinkId>,
         msg: Message,
     ) -> Result<(), SendError> {
-        let (tx, bytes) = self.slot_sender(volume, peer, link, &msg)?;
+        let (tx, bytes, direct) = self.slot_sender(volume, peer, link, &msg)?;
+        let msg = match direct.try_send(msg, &tx) {
+            Sent::Done => return Ok(()),
+            Sent::Queue(m) => m,
+        };
         let full = || SendError::Full {
             volume: volume.to_string(),
             peer,
         };
         let permit = bytes
             .try_acquire_many_owned(self.permits_for(&msg))
-            .map_err(|_| full())?;
+            .map_err(|_| {
+                direct.unqueued();
+                full()
+            })?;
         tx.try_send(Outgoing {
             msg,
+            skip: 0,
             _permit: Some(permit),
         })
-        .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => full(),
-            mpsc::error::TrySendError::Closed(_) => SendError::NotConnected {
-                volume: volume.to_string(),
-                peer,
-            },
+        .map_err(|e| {
+            direct.unqueued();
+            match e {
+                mpsc::error::TrySendError::Full(_) => full(),
+                mpsc::error::TrySendError::Closed(_) => SendError::NotConnected {
+                    volume: volume.to_string(),
+                    peer,
+                },
+            }
         })
     }
 }

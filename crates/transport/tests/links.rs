@@ -135,6 +135,75 @@ async fn bounded_queues_apply_back_pressure_without_losing_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_and_queued_sends_from_a_plain_thread_keep_order_when_the_socket_fills() {
+    // A sender thread outside the runtime (like a volume's engine loop) sends frames of
+    // many sizes (direct sends up to 256 KiB, queued above) to a peer that reads late: the
+    // socket buffer fills, direct sends stop part-way or not at all, and the rest must queue
+    // behind. Every frame arrives whole and in order.
+    let mut a = Node::start(1).await;
+    let mut cb = config(2, loopback());
+    cb.limits.event_queue = 2;
+    let mut b = Node::start_with(cb).await;
+    a.t.set_volume(volume("dq", "uuid-dq", &[&b])).unwrap();
+    b.t.set_volume(volume("dq", "uuid-dq", &[&a])).unwrap();
+    a.up("dq", 2).await;
+    b.up("dq", 1).await;
+    const N: u64 = 400;
+    let size = |i: u64| match i % 7 {
+        0 => 1 << 20,
+        1 => 200 * 1024 + i as usize,
+        2 => 64 * 1024 - 3,
+        3 => 4096,
+        4 => 130 * 1024 + 11,
+        _ => 40 + i as usize,
+    };
+    let ta = a.t.clone();
+    let rt = tokio::runtime::Handle::current();
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let full_seen = full.clone();
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            let msg = write(i, pattern(i, size(i)));
+            match ta.try_send("dq", 2, msg.clone()) {
+                Ok(()) => {}
+                Err(SendError::Full { .. }) => {
+                    full_seen.store(true, std::sync::atomic::Ordering::Release);
+                    rt.block_on(ta.send("dq", 2, msg)).unwrap();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    // Read nothing until the sender's queue is full: the receiver's event queue (2) and
+    // socket buffers are full by then, so direct sends met a full socket.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !full.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            !sender.is_finished(),
+            "the sender never found its queue full"
+        );
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    for i in 0..N {
+        match b.message("dq", 1).await {
+            Message::Write { seq, data, .. } => {
+                assert_eq!(seq, i, "in order");
+                assert_eq!(data.len(), size(i), "frame {i} whole");
+                assert!(data == pattern(i, size(i)), "payload {i} intact");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    tokio::task::spawn_blocking(move || sender.join().unwrap())
+        .await
+        .unwrap();
+    assert!(b.drain().is_empty(), "nothing else");
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_full_mesh() {
     let mut n = vec![
         Node::start(1).await,
