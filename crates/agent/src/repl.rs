@@ -990,6 +990,7 @@ async fn ensure_node(agent: &Arc<Agent>) -> Option<Arc<NodeReplication>> {
         node_name: agent.config.node.clone(),
         listen,
         timers: Default::default(),
+        limits: Default::default(),
     };
     let listener = lock(&agent.repl_listener).take();
     let started = match listener {

@@ -3,7 +3,8 @@
 //! A [`Transport`] owns one listener and one TCP connection (a *link*) per volume and peer.
 //! It runs the authenticated handshake of `tandem-repl-proto` on every connection, then a
 //! reader (frames decoded with zero-copy `Bytes` payloads) and a writer (queued frames
-//! batched into vectored writes, bulk data never copied) per link, keeps links alive with
+//! batched into vectored writes, bulk data never copied; a frame for an idle link is written
+//! by the sending thread itself, see `direct.rs`) per link, keeps links alive with
 //! Ping/Pong and redials broken ones. It knows nothing of replication: it delivers
 //! [`Event`]s (`PeerUp`, `PeerMessage`, `PeerDown`) in order per link through one bounded
 //! channel, and sends what the consumer hands to [`Transport::send`].

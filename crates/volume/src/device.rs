@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Sender, sync_channel};
+use std::sync::mpsc::sync_channel;
 
 use bytes::Bytes;
 use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent, Result, WriteDone};
 use tandem_replication::{Reply, RequestError};
 
-use crate::driver::{Completion, ConsumerOp, Input};
+use crate::driver::{Completion, ConsumerOp, Inbox, Input};
 
 /// Largest single write submitted for `write_zeroes`.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -30,11 +30,11 @@ pub struct ReplicatedDevice {
     name: String,
     /// The engine's usable size, updated by the driver's loop (online resize).
     size: Arc<AtomicU64>,
-    tx: Sender<Input>,
+    tx: Arc<Inbox>,
 }
 
 impl ReplicatedDevice {
-    pub(crate) fn new(name: String, size: Arc<AtomicU64>, tx: Sender<Input>) -> Self {
+    pub(crate) fn new(name: String, size: Arc<AtomicU64>, tx: Arc<Inbox>) -> Self {
         ReplicatedDevice { name, size, tx }
     }
 
@@ -174,9 +174,7 @@ impl BlockDevice for ReplicatedDevice {
             data: Bytes::from(data),
             fua,
         };
-        if let Err(std::sync::mpsc::SendError(Input::Consumer(_, c))) =
-            self.tx.send(Input::Consumer(op, completion))
-        {
+        if let Err(Input::Consumer(_, c)) = self.tx.send(Input::Consumer(op, completion)) {
             c.complete(Err(RequestError::Io(
                 "the replication driver stopped".into(),
             )));

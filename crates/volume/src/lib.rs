@@ -4,12 +4,15 @@
 //!   routes its events to the volume drivers by volume name.
 //! * [`VolumeDriver`] (one per replicated volume on this node) opens the replica's pool files
 //!   (`V.data` through [`tandem_blockdev::FileDevice`], `V.meta` and `V.bitmap` through
-//!   `tandem-meta`, `V.al` from this crate, see [`al`]), builds the engine and runs its loop on
-//!   a dedicated thread: consumer requests, disk completions, transport events, a 20 ms tick on
-//!   the real monotonic clock, admin calls. It executes the engine's actions per the ordering
-//!   contract of `docs/replication.md` (section "Driver").
-//! * [`VolumeDriver::block_device`] is a [`tandem_blockdev::BlockDevice`] whose calls block
-//!   the calling thread until the engine completes them (the NBD server calls it from its
+//!   `tandem-meta`, `V.al` from this crate, see [`al`]) and builds the engine. Its inputs
+//!   (consumer requests, disk completions, transport events, admin calls) are queued in order
+//!   and run by whichever delivering thread gets the engine's lock, or by the volume's loop
+//!   thread, which also runs a 20 ms tick on the real monotonic clock and sends what waits
+//!   for room on a link. It executes the engine's actions per the ordering contract of
+//!   `docs/replication.md` (section "Driver").
+//! * [`VolumeDriver::block_device`] is a [`tandem_blockdev::BlockDevice`]: writes start
+//!   asynchronously (`start_write`, answered from the completion), other calls block the
+//!   calling thread until the engine completes them (the NBD server calls those from its
 //!   worker threads).
 
 pub mod al;

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tandem_repl_proto::{ClusterSecret, NodeId};
-use tandem_transport::{Event, Timers, Transport, TransportConfig};
+use tandem_transport::{Event, Limits, Timers, Transport, TransportConfig};
 
 use crate::VolumeError;
-use crate::driver::Input;
+use crate::driver::{Inbox, Input};
 
 /// Identity and listener of this node's replication endpoint.
 #[derive(Debug, Clone)]
@@ -21,9 +21,11 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Transport timers (defaults suit a LAN).
     pub timers: Timers,
+    /// Transport queue sizes (tests make them small to exercise back-pressure).
+    pub limits: Limits,
 }
 
-pub(crate) type Routes = Arc<Mutex<HashMap<String, std::sync::mpsc::Sender<Input>>>>;
+pub(crate) type Routes = Arc<Mutex<HashMap<String, Arc<Inbox>>>>;
 
 /// The replication endpoint of one node (one per agent): owns the transport, routes its
 /// events to the [`crate::VolumeDriver`]s by volume name. Events of a volume without a driver
@@ -74,6 +76,7 @@ impl NodeReplication {
             cfg.listen,
         );
         tc.timers = cfg.timers;
+        tc.limits = cfg.limits;
         let started = match listener {
             Some(l) => Transport::start_with_listener(tc, l),
             None => Transport::start(tc).await,

@@ -217,6 +217,12 @@ pub fn node_config(id: u8, listen: SocketAddr) -> NodeConfig {
         node_name: format!("node{id}"),
         listen,
         timers: timers(),
+        // Small send queues: writes meet a full link often (the driver's backlog path).
+        limits: tandem_transport::Limits {
+            send_queue_frames: 8,
+            send_queue_bytes: 1 << 20,
+            ..Default::default()
+        },
     }
 }
 
