@@ -505,6 +505,27 @@ impl BufPool {
         }
     }
 
+    /// An empty buffer with room for `len` bytes (a recycled one, or a new one that is not
+    /// zero-filled).
+    fn get_empty(&self, len: usize) -> Vec<u8> {
+        let found = {
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let (bufs, bytes) = &mut *g;
+            bufs.iter().rposition(|b| b.capacity() >= len).map(|i| {
+                let b = bufs.swap_remove(i);
+                *bytes -= b.capacity();
+                b
+            })
+        };
+        match found {
+            Some(mut b) => {
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
     fn put(&self, b: Vec<u8>) {
         let cap = b.capacity();
         if cap < 4096 {
@@ -746,14 +767,19 @@ where
                 Decoded::Ok(cmd) => {
                     let payload = match cmd {
                         Command::Write { len, .. } => {
-                            let mut buf = shared.pool.get(len as usize);
-                            match reader.read_exact(&mut buf).await {
-                                Ok(_) => Some(buf),
-                                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                                    return Err(ConnError::Truncated);
+                            // Read into spare capacity: a buffer that is not recycled (an
+                            // asynchronous write keeps it) is never zero-filled first.
+                            let len = len as usize;
+                            let mut buf = shared.pool.get_empty(len);
+                            while buf.len() < len {
+                                let want = (len - buf.len()) as u64;
+                                match (&mut reader).take(want).read_buf(&mut buf).await {
+                                    Ok(0) => return Err(ConnError::Truncated),
+                                    Ok(_) => {}
+                                    Err(e) => return Err(e.into()),
                                 }
-                                Err(e) => return Err(e.into()),
                             }
+                            Some(buf)
                         }
                         _ => None,
                     };

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use tandem_repl_proto::{Encoder, Message};
 use tokio::sync::mpsc;
 
+use crate::link::frame_cost;
 use crate::tasks::lock;
 use crate::transport::Outgoing;
 
@@ -74,6 +75,12 @@ impl Direct {
     /// Writes `msg` now if the link is idle and the socket takes it whole or in part (the rest
     /// is queued first thing for the writer); otherwise hands it back to be queued.
     pub(crate) fn try_send(&self, msg: Message, tx: &mpsc::Sender<Outgoing>) -> Sent {
+        if frame_cost(&msg) > DIRECT_MAX {
+            // Large frames go to the writer (encoded there: the checksum over the payload is
+            // computed once).
+            lock(&self.state).pending += 1;
+            return Sent::Queue(msg);
+        }
         let mut head = Vec::with_capacity(64);
         let encoded = self
             .enc
