@@ -237,7 +237,16 @@ impl Inbox {
             let mut g = match self.lp.try_lock() {
                 Ok(g) => g,
                 Err(std::sync::TryLockError::WouldBlock) => return,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    // A thread panicked while running the engine: its state is not to be
+                    // trusted, the volume stops (as the loop thread's death did before).
+                    let mut g = e.into_inner();
+                    self.stop(
+                        &mut g,
+                        Some("a thread panicked while running the engine".into()),
+                    );
+                    return;
+                }
             };
             self.drain(&mut g);
             drop(g);
@@ -326,7 +335,17 @@ fn loop_thread(inbox: &Inbox) {
             }
             q.loop_work = false;
         }
-        let mut g = lock(&inbox.lp);
+        let mut g = match inbox.lp.lock() {
+            Ok(g) => g,
+            Err(e) => {
+                let mut g = e.into_inner();
+                inbox.stop(
+                    &mut g,
+                    Some("a thread panicked while running the engine".into()),
+                );
+                return;
+            }
+        };
         inbox.drain(&mut g);
         let r = match g.as_mut() {
             None => return,
