@@ -187,6 +187,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             })
             .boxed(),
         any::<u64>().prop_map(|seq| Message::Flush { seq }).boxed(),
+        any::<u64>().prop_map(|seq| Message::Settled { seq }).boxed(),
         (any::<u64>(), status())
             .prop_map(|(seq, status)| Message::FlushAck { seq, status })
             .boxed(),
@@ -1475,6 +1476,7 @@ fn payload_sizes_match_the_doc() {
             28,
         ),
         (Message::Flush { seq: 0 }, 8),
+        (Message::Settled { seq: 0 }, 8),
         (
             Message::FlushAck {
                 seq: 0,

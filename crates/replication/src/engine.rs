@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
 use tandem_repl_proto::{
-    ByteRange, DisconnectReason, DiskState, Generations, Message, NodeId, PeerBitmap, QuorumInfo,
+    ByteRange, DisconnectReason, DiskState, Generation, Generations, Message, NodeId, PeerBitmap, QuorumInfo,
     Role, StateReport, Status as WireStatus,
 };
 
@@ -36,8 +36,15 @@ pub enum PromoteError {
          would lose them (force only when those replicas are gone for good)"
     )]
     Outdated,
-    #[error("a witness cannot be Primary")]
-    Diskless,
+    #[error(
+        "a diskless node serves data only through an UpToDate diskful peer; none is connected"
+    )]
+    NoDataPeer,
+    #[error(
+        "connected diskful peers {0} and {1} hold different data generations and neither is \
+         known to be behind the other; promote after they resynced"
+    )]
+    DataPeersDiffer(NodeId, NodeId),
     #[error(
         "this node crashed as Primary and has not compared its data with a diskful peer yet \
          (its disk may be stale, e.g. re-attached after an I/O error); force only when no peer \
@@ -153,6 +160,9 @@ struct ClientFlushState {
     /// Peers that made it durable (see `ClientWriteState::ok_from`).
     ok_from: BTreeSet<NodeId>,
     seq: u64,
+    /// The peers it was sent to (a diskless Primary declares the writes before it `Settled`
+    /// only when every peer that receives writes now was one of them).
+    targets: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -219,7 +229,13 @@ struct Conn {
     /// Our disk is detached (Failed) and this peer holds our data: it was in sync when we
     /// detached (or its handshake since found it at our generation with nothing out of sync).
     /// Only such peers receive our writes, serve our reads and make a write succeed.
+    /// A diskless Primary uses the same flag: the peers that hold the volume's current data.
     serves: bool,
+    /// Writes received from this peer while it is a diskless Primary that it has not
+    /// declared `Settled` yet (seq -> range): they may be missing on another diskful replica,
+    /// so if the writer goes away, or starts a generation without a replica, they are marked
+    /// out of sync toward it (the diskless Primary keeps no bitmap of its own).
+    unsettled: BTreeMap<u64, (u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -318,6 +334,13 @@ pub struct Engine {
     /// The highest promotion epoch seen (ours and our peers' reports); a promotion goes one
     /// above it.
     primary_epoch_seen: u64,
+    /// A diskful Secondary lost its link to this diskless Primary: it may lack that Primary's
+    /// last writes (which another replica may have). Until the Primary is back (or a Primary
+    /// is connected, or we are promoted, or a resync into us finished) we do not become sync
+    /// target of a Secondary (its data may keep changing through writes we do not get), and our
+    /// reports say we lost a Primary at our current generation (rule `EqualBitsLostPrimary`).
+    /// In memory only: a restart loses it with everything else the node did not persist.
+    lost_diskless: Option<NodeId>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -414,6 +437,7 @@ impl Engine {
             internal: VecDeque::new(),
             fwd_reads: BTreeMap::new(),
             next_read_seq: 1,
+            lost_diskless: None,
         };
         if e.meta.disk_state == DiskState::Failed {
             // Re-attached after an I/O error detached this disk: it holds the data up to the
@@ -425,6 +449,16 @@ impl Engine {
                 Level::Warn,
                 "the disk was detached after an I/O error: Outdated until resynced from a peer"
                     .into(),
+            );
+            e.persist_meta();
+        }
+        if e.meta.primary && !e.cfg.diskful {
+            // A diskless Primary that stopped without demoting: it has no data to be stale,
+            // its peers hold everything (and mark what it may have left half written).
+            e.meta.primary = false;
+            e.log(
+                Level::Warn,
+                "was a diskless Primary when it stopped: starts as Secondary".into(),
             );
             e.persist_meta();
         }
@@ -490,13 +524,31 @@ impl Engine {
         self.meta.disk_state == DiskState::Failed
     }
 
-    /// Disk I/O: started, or on a detached disk failed at once (completion queued).
+    /// Consumer I/O goes to the peers, not to a local disk: the disk is detached, or this
+    /// node is diskless.
+    fn forwards(&self) -> bool {
+        self.failed() || !self.cfg.diskful
+    }
+
+    /// A diskless node that is Primary.
+    fn diskless_primary(&self) -> bool {
+        !self.cfg.diskful && self.role == Role::Primary
+    }
+
+    /// Disk I/O: started, or on a detached disk failed at once (completion queued). A
+    /// diskless node has no disk: its flushes (nothing to make durable) succeed at once, the
+    /// rest fails (never asked for).
     fn disk(&mut self, a: Action) {
-        if !self.failed() {
+        if self.cfg.diskful && !self.failed() {
             self.out.push(a);
             return;
         }
-        let err = || DiskError("disk detached".into());
+        if let (false, Action::DiskFlush { io }) = (self.cfg.diskful, &a) {
+            let io = *io;
+            self.internal.push_back(Event::DiskFlushDone { io, result: Ok(()) });
+            return;
+        }
+        let err = || DiskError(if self.cfg.diskful { "disk detached" } else { "no local disk" }.into());
         let ev = match a {
             Action::DiskWrite { io, .. } => Event::DiskWriteDone {
                 io,
@@ -558,11 +610,11 @@ impl Engine {
 
     pub fn promote(&mut self, now: Nanos) -> Result<Vec<Action>, PromoteError> {
         self.now = self.now.max(now);
-        if !self.cfg.diskful {
-            return Err(PromoteError::Diskless);
-        }
         if self.role == Role::Primary {
             return Ok(Vec::new());
+        }
+        if !self.cfg.diskful {
+            return self.promote_diskless();
         }
         if self.meta.disk_state == DiskState::Outdated {
             return Err(PromoteError::Outdated);
@@ -592,9 +644,106 @@ impl Engine {
         if !ok {
             return Err(PromoteError::NoQuorum { reachable, voters });
         }
+        self.become_primary();
+        Ok(self.take_out())
+    }
+
+    /// The diskful peers whose data a diskless node can serve right now: connected,
+    /// Established, UpToDate, not Primary, and not recorded as behind by another such peer
+    /// (its report lists a bitmap generation toward it equal to its current one while it is
+    /// itself newer). All of them must hold the same generation.
+    fn data_peers(&self) -> Result<(Generation, [Generation; 2], Vec<NodeId>), PromoteError> {
+        let cands: Vec<(NodeId, &StateReport)> = self
+            .peers
+            .values()
+            .filter(|p| p.cfg.diskful)
+            .filter_map(|p| {
+                let c = p.conn.as_ref()?;
+                let r = c.report.as_ref()?;
+                (c.state == ReplState::Established
+                    && r.disk_state == DiskState::UpToDate
+                    && r.role != Role::Primary)
+                    .then_some((p.cfg.node_id, r))
+            })
+            .collect();
+        let behind = |id: NodeId, r: &StateReport| {
+            cands.iter().any(|(o, or)| {
+                *o != id
+                    && or.generations.current != r.generations.current
+                    && or
+                        .peer_bitmaps
+                        .iter()
+                        .any(|b| b.node == id && b.generation == r.generations.current)
+            })
+        };
+        let good: Vec<(NodeId, &StateReport)> = cands
+            .iter()
+            .filter(|(id, r)| !behind(*id, r))
+            .copied()
+            .collect();
+        let Some((first, r0)) = good.first().copied() else {
+            return Err(PromoteError::NoDataPeer);
+        };
+        if let Some((other, _)) = good
+            .iter()
+            .find(|(_, r)| r.generations.current != r0.generations.current)
+        {
+            return Err(PromoteError::DataPeersDiffer(first, *other));
+        }
+        Ok((
+            r0.generations.current,
+            r0.generations.history,
+            good.iter().map(|(id, _)| *id).collect(),
+        ))
+    }
+
+    /// A diskless node becomes Primary: it takes the generation of the data it serves from
+    /// its UpToDate diskful peers (`data_peers`), writes to every connected diskful peer and
+    /// reads through those that hold that data (as a Primary whose disk is detached does).
+    fn promote_diskless(&mut self) -> Result<Vec<Action>, PromoteError> {
+        if let Some(p) = self
+            .peers
+            .values()
+            .find(|p| peer_role(p) == Some(Role::Primary))
+        {
+            return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
+        }
+        let (current, history, serving) = self.data_peers()?;
+        let (reachable, voters, ok) = self.quorum();
+        if !ok {
+            return Err(PromoteError::NoQuorum { reachable, voters });
+        }
+        self.meta.current = current;
+        self.meta.history = history;
+        self.meta.peer_bitmap_gens.clear();
+        for id in self.diskful_ids() {
+            let theirs = self
+                .conn(id)
+                .and_then(|c| c.report.as_ref())
+                .map(|r| r.generations.current);
+            if let Some(g) = theirs.filter(|g| *g != current) {
+                // Connected but behind: recorded, so it is listed as Outdated and does not
+                // serve before it caught up.
+                self.meta.peer_bitmap_gens.insert(id, g);
+            }
+            let serves = serving.contains(&id);
+            if let Some(c) = self.conn_mut(id) {
+                c.serves = serves;
+            }
+        }
+        self.log(
+            Level::Info,
+            format!("diskless: serving generation {current:016x} through nodes {serving:?}"),
+        );
+        self.become_primary();
+        Ok(self.take_out())
+    }
+
+    fn become_primary(&mut self) {
         self.role = Role::Primary;
         self.primary_fresh = None;
         self.crashed_primary = false;
+        self.set_lost_diskless(None);
         self.meta.primary = true;
         self.meta.primary_epoch = self.meta.primary_epoch.max(self.primary_epoch_seen) + 1;
         self.primary_epoch_seen = self.meta.primary_epoch;
@@ -604,7 +753,6 @@ impl Engine {
         self.persist_meta();
         self.log(Level::Info, "promoted to Primary".into());
         self.broadcast_report(true);
-        Ok(self.take_out())
     }
 
     /// Makes this node Secondary. Refused while consumer requests are in flight.
@@ -889,10 +1037,75 @@ impl Engine {
     }
 
     fn detached_error(&self) -> RequestError {
+        if !self.cfg.diskful {
+            return RequestError::Io(
+                "diskless: no connected UpToDate diskful peer holds the data".into(),
+            );
+        }
         RequestError::Io(format!(
             "local disk detached ({}) and no UpToDate peer holds our data",
             self.disk_failure.as_deref().unwrap_or("I/O error")
         ))
+    }
+
+    /// Sets or clears `lost_diskless`; clearing it lets the links it held back (paused) compare
+    /// again.
+    fn set_lost_diskless(&mut self, lost: Option<NodeId>) {
+        let was = self.lost_diskless;
+        self.lost_diskless = lost;
+        if was.is_none() || lost.is_some() {
+            return;
+        }
+        self.log(
+            Level::Info,
+            format!("the diskless Primary node {} we lost is settled", was.unwrap_or(0)),
+        );
+        let paused: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.cfg.diskful
+                    && p.conn
+                        .as_ref()
+                        .is_some_and(|c| c.state == ReplState::PausedSync)
+            })
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in paused {
+            self.disconnect(
+                id,
+                DisconnectReason::ConfigChanged,
+                "no longer waiting for a lost diskless Primary; reconnect to compare".into(),
+            );
+        }
+    }
+
+    /// A diskless Primary lost a diskful peer (link down, disk detached): if another peer
+    /// still holds the data, start a new generation now (the peers adopt it and mark what the
+    /// lost one may lack, see `adopt_generation`), so it cannot look in sync when it comes
+    /// back; otherwise at the next write that completes.
+    fn diskless_lost_peer(&mut self) {
+        if !self.diskless_primary() || self.peers_needing_new_generation().is_empty() {
+            return;
+        }
+        if self.serving_peer().is_some() {
+            self.mint_pending = false;
+            self.mint("a diskful peer dropped out of a diskless Primary's writes");
+            self.persist_meta();
+            self.broadcast_report(false);
+        } else {
+            self.mint_pending = true;
+        }
+    }
+
+    /// Ranges of writes from `from` (a diskless Primary) not yet settled: marked out of sync
+    /// toward each of `ids`.
+    fn mark_unsettled(&mut self, ranges: &[(u64, u64)], ids: &[NodeId]) {
+        for &id in ids {
+            for &(off, len) in ranges {
+                self.set_bits(id, off, len);
+            }
+        }
     }
 
     /// A consumer read on a detached disk goes to a peer that holds our data (`ReadRequest`);
@@ -1034,6 +1247,19 @@ impl Engine {
         if self.failed() {
             return self.serves(p.cfg.node_id);
         }
+        if !self.cfg.diskful {
+            // A diskless Primary writes to every connected diskful peer that reported and is
+            // not detached, in sync or not (one behind resyncs from another replica meanwhile
+            // and must get our writes too); only those that hold our data make a write succeed.
+            return p.cfg.diskful
+                && !self.peer_failed(p.cfg.node_id)
+                && p.conn.as_ref().is_some_and(|c| {
+                    c.state == ReplState::Established
+                        && c.report
+                            .as_ref()
+                            .is_some_and(|r| r.disk_state != DiskState::Diskless)
+                });
+        }
         p.cfg.diskful
             && !self.peer_failed(p.cfg.node_id)
             && p.conn.as_ref().is_some_and(|c| {
@@ -1154,6 +1380,15 @@ impl Engine {
                     node: *id,
                     generation: *g,
                 })
+                // Lost a diskless Primary at our current generation (see `lost_diskless`).
+                .chain(
+                    self.lost_diskless
+                        .filter(|l| *l != peer && self.cfg.diskful)
+                        .map(|node| PeerBitmap {
+                            node,
+                            generation: self.meta.current,
+                        }),
+                )
                 .collect(),
             outdated,
             outdated_gen,
@@ -1169,6 +1404,26 @@ impl Engine {
     /// With the mask: the generation it belongs to (the Primary's current one) and the
     /// Primary's node id.
     fn outdated_mask(&self) -> (u32, u64, NodeId) {
+        if self.diskless_primary() {
+            // No bitmaps: the peers we recorded as behind (bitmap generation) while another
+            // peer holds our data. There is no handshake with us that would resync them.
+            if self.serving_peer().is_none() {
+                return (0, 0, 0);
+            }
+            let mask = self
+                .diskful_ids()
+                .into_iter()
+                .filter(|id| {
+                    self.meta.peer_bitmap_gens.get(id).copied().unwrap_or(0) != 0
+                        && !self.serves(*id)
+                })
+                .fold(0, |m, id| m | 1u32 << id);
+            return if mask == 0 {
+                (0, 0, 0)
+            } else {
+                (mask, self.meta.current, self.cfg.node_id)
+            };
+        }
         if self.role == Role::Primary {
             // With a detached disk there is no handshake to tell a connected peer what it
             // missed: every peer with blocks out of sync is listed, connected or not, while
@@ -1228,7 +1483,7 @@ impl Engine {
         // whatever our generation (we may have adopted its current one).
         let from_detached_primary = |r: &StateReport| {
             r.role == Role::Primary
-                && r.disk_state == DiskState::Failed
+                && matches!(r.disk_state, DiskState::Failed | DiskState::Diskless)
                 && r.outdated_by == r.node_id
         };
         let Some(by) = reports()
@@ -1241,7 +1496,10 @@ impl Engine {
         else {
             return;
         };
-        if reports().any(|r| r.role == Role::Primary && r.disk_state != DiskState::Failed)
+        if reports().any(|r| {
+            r.role == Role::Primary
+                && !matches!(r.disk_state, DiskState::Failed | DiskState::Diskless)
+        })
             || self.peers.values().any(|p| {
                 p.conn
                     .as_ref()
@@ -1544,7 +1802,7 @@ impl Engine {
         if self.role != Role::Primary {
             return self.complete(id, Err(RequestError::NotPrimary));
         }
-        if self.failed() {
+        if self.forwards() {
             if self.serving_peer().is_none() {
                 let err = self.detached_error();
                 return self.complete(id, Err(err));
@@ -1645,9 +1903,10 @@ impl Engine {
                 id,
                 local_done: false,
                 local_error: None,
-                waiting: targets.into_iter().collect(),
+                waiting: targets.iter().copied().collect(),
                 ok_from: BTreeSet::new(),
                 seq,
+                targets: targets.into_iter().collect(),
             },
         );
         let upto = self.al_ctr;
@@ -1914,7 +2173,7 @@ impl Engine {
         }
         // Activity log: hot extents persisted before the write.
         let ext = self.cfg.al_extent_bytes;
-        let extents: Vec<u64> = if self.failed() {
+        let extents: Vec<u64> = if self.forwards() {
             Vec::new() // nothing is written locally
         } else {
             (offset / ext..=(offset + len - 1) / ext).collect()
@@ -1988,7 +2247,7 @@ impl Engine {
     }
 
     fn al_evict(&mut self) {
-        if self.failed() {
+        if self.forwards() {
             return; // nothing is written locally any more
         }
         while self.al.len() > self.cfg.al_extents {
@@ -2032,7 +2291,7 @@ impl Engine {
             OpKind::ClientWrite { .. } => {
                 self.al_ctr += 1;
                 let ctr = self.al_ctr;
-                let failed = self.failed();
+                let failed = self.forwards();
                 if let Some(w) = self.writes.get_mut(&key) {
                     w.local_done = true;
                     if let Err(e) = &result
@@ -2112,7 +2371,7 @@ impl Engine {
         };
         // With a detached disk the peers hold the only copy: protocol C semantics.
         let peers_done =
-            w.waiting.is_empty() || (self.cfg.protocol == Protocol::A && !self.failed());
+            w.waiting.is_empty() || (self.cfg.protocol == Protocol::A && !self.forwards());
         if !(w.local_done && peers_done) {
             return;
         }
@@ -2125,7 +2384,7 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
-        } else if self.failed() && !w.ok_from.iter().any(|p| self.serves(*p)) {
+        } else if self.forwards() && !w.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
         } else {
             Ok(Reply::Done)
@@ -2164,12 +2423,27 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
-        } else if self.failed() && !f.ok_from.iter().any(|p| self.serves(*p)) {
+        } else if self.forwards() && !f.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
         } else {
             Ok(Reply::Done)
         };
-        let _ = f.seq;
+        if result.is_ok() && self.diskless_primary() {
+            // Every write before this flush is durable on every peer that receives writes
+            // (a peer that dropped out since was given a new generation, which its peers
+            // adopted, marking what it may lack): its peers may forget them.
+            let receivers: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| self.receives_writes(p))
+                .map(|p| p.cfg.node_id)
+                .collect();
+            if receivers.iter().all(|id| f.targets.contains(id)) {
+                for id in receivers {
+                    self.send(id, Message::Settled { seq: f.seq });
+                }
+            }
+        }
         self.complete(f.id, result);
     }
 
@@ -2180,7 +2454,7 @@ impl Engine {
         let Some(op) = self.active.get(&key).cloned() else {
             return;
         };
-        if matches!(op.kind, OpKind::ClientRead { .. }) && result.is_err() && self.failed() {
+        if matches!(op.kind, OpKind::ClientRead { .. }) && result.is_err() && self.forwards() {
             // Detached: a peer that holds our data answers instead (the op stays active, so
             // the ordering holds until its reply).
             self.forward_read(key);
@@ -2257,7 +2531,7 @@ impl Engine {
                 if result.is_ok() {
                     self.al_flushed = self.al_flushed.max(upto);
                 }
-                let failed = self.failed();
+                let failed = self.forwards();
                 if let Some(f) = self.flushes.get_mut(&key) {
                     f.local_done = true;
                     if let Err(e) = result
@@ -2276,7 +2550,9 @@ impl Engine {
                         self.meta.primary = false;
                         self.persist_meta();
                         self.al.clear();
-                        self.out.push(Action::PersistActivityLog(Vec::new()));
+                        if self.cfg.diskful {
+                            self.out.push(Action::PersistActivityLog(Vec::new()));
+                        }
                     }
                 }
             }
@@ -2341,6 +2617,7 @@ impl Engine {
             rx_inflight: BTreeSet::new(),
             rx_flush_wait: Vec::new(),
             resync: None,
+            unsettled: BTreeMap::new(),
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -2395,6 +2672,52 @@ impl Engine {
         let diskful = p.cfg.diskful;
         self.verify_peer_down(peer);
         self.reroute_reads(peer);
+        if diskful && self.diskless_primary() {
+            // Before the writes it leaves complete: they complete under the new generation.
+            self.diskless_lost_peer();
+        }
+        let lost_diskless_primary = !diskful
+            && self.cfg.diskful
+            && conn
+                .report
+                .as_ref()
+                .is_some_and(|r| r.role == Role::Primary);
+        if lost_diskless_primary {
+            // Its writes not yet settled may be missing on the other replicas (in flight,
+            // unflushed), and theirs here: mark them toward every diskful peer; compare with
+            // them again (both sides mark theirs, the handshake resyncs the union).
+            let ranges: Vec<(u64, u64)> = conn.unsettled.values().copied().collect();
+            let ids = self.diskful_ids();
+            self.mark_unsettled(&ranges, &ids);
+            self.lost_diskless = Some(peer);
+            self.log(
+                Level::Warn,
+                format!(
+                    "lost the diskless Primary node {peer} with {} writes not settled",
+                    ranges.len()
+                ),
+            );
+            if !ranges.is_empty() {
+                let established: Vec<NodeId> = self
+                    .peers
+                    .values()
+                    .filter(|p| {
+                        p.cfg.diskful
+                            && p.conn
+                                .as_ref()
+                                .is_some_and(|c| c.state == ReplState::Established)
+                    })
+                    .map(|p| p.cfg.node_id)
+                    .collect();
+                for id in established {
+                    self.disconnect(
+                        id,
+                        DisconnectReason::ConfigChanged,
+                        format!("lost the diskless Primary node {peer}; reconnect to compare"),
+                    );
+                }
+            }
+        }
         if self
             .primary_fresh
             .as_ref()
@@ -2613,8 +2936,12 @@ impl Engine {
                     return Ok(());
                 }
                 let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                let diskless_writer = !self.peers[&peer].cfg.diskful;
                 if let Some(c) = self.conn_mut(peer) {
                     c.rx_inflight.insert(seq);
+                    if diskless_writer {
+                        c.unsettled.insert(seq, (offset, len));
+                    }
                 }
                 self.enqueue(
                     offset,
@@ -2663,6 +2990,11 @@ impl Engine {
                         w.ok_from.insert(peer);
                     }
                     self.try_complete_write(key);
+                }
+            }
+            Message::Settled { seq } => {
+                if let Some(c) = self.conn_mut(peer) {
+                    c.unsettled = c.unsettled.split_off(&seq);
                 }
             }
             Message::Flush { seq } => {
@@ -2959,12 +3291,6 @@ impl Engine {
                 ),
             });
         }
-        if !peer_diskful && r.role == Role::Primary {
-            return Err(ProtocolError::Invalid {
-                peer,
-                detail: "a witness reports Primary".into(),
-            });
-        }
         self.primary_epoch_seen = self.primary_epoch_seen.max(r.primary_epoch);
         let Some(c) = self.conn_mut(peer) else {
             return Ok(());
@@ -2979,6 +3305,20 @@ impl Engine {
                 .is_none_or(|p| p.disk_state != DiskState::Failed);
         if newly_failed && peer_diskful && self.cfg.diskful {
             self.peer_detached(peer, &r);
+        }
+        if newly_failed && peer_diskful && self.diskless_primary() {
+            self.log(
+                Level::Warn,
+                format!("node {peer} detached its disk (Failed)"),
+            );
+            self.reroute_reads(peer);
+            self.diskless_lost_peer();
+        }
+        if self.lost_diskless.is_some()
+            && (r.role == Role::Primary || self.lost_diskless == Some(peer))
+        {
+            // Connected to a Primary (it writes to us), or the one we lost is back.
+            self.set_lost_diskless(None);
         }
         self.verify_on_report(peer, &r);
         self.check_outdated();
@@ -3016,12 +3356,31 @@ impl Engine {
                 return Ok(());
             }
         }
-        if self.failed() && peer_diskful {
+        if (self.failed() || self.diskless_primary()) && peer_diskful {
             self.recheck_serves(peer);
         }
         let state = self.conn(peer).map(|c| c.state);
         match state {
             Some(ReplState::Connecting) => self.maybe_decide(peer),
+            Some(ReplState::Established)
+                if !peer_diskful
+                    && self.cfg.diskful
+                    && r.role == Role::Primary
+                    && r.generations.current != self.meta.current =>
+            {
+                // A diskless Primary started a new generation (a diskful peer dropped out of
+                // its writes): adopt it if it counts us in sync. It has no handshake that would
+                // resync us otherwise; then another replica does.
+                let me = 1u32 << self.cfg.node_id;
+                if self.role == Role::Secondary
+                    && self.meta.disk_state == DiskState::UpToDate
+                    && r.generations.history[0] == self.meta.current
+                    && r.generations.bitmap == 0
+                    && r.outdated & me == 0
+                {
+                    self.adopt_generation(peer, &r);
+                }
+            }
             Some(ReplState::Established)
                 if peer_diskful
                     && self.cfg.diskful
@@ -3060,7 +3419,7 @@ impl Engine {
             }
             Some(ReplState::Established)
                 if peer_diskful
-                    && self.cfg.diskful
+                    && (self.cfg.diskful || self.role == Role::Primary)
                     && r.disk_state == DiskState::UpToDate
                     && r.generations.current == self.meta.current =>
             {
@@ -3082,6 +3441,10 @@ impl Engine {
                 self.resync_source_finished(peer);
             }
             _ => {}
+        }
+        if self.diskless_primary() && peer_diskful {
+            // It may have caught up just now (bitmap generation reset above).
+            self.recheck_serves(peer);
         }
         Ok(())
     }
@@ -3120,6 +3483,7 @@ impl Engine {
 
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
         let old = self.meta.current;
+        let mut behind = Vec::new();
         for id in self.diskful_ids() {
             if id == from {
                 continue;
@@ -3129,12 +3493,21 @@ impl Engine {
                 .and_then(|c| c.report.as_ref())
                 .map(|r| r.generations.current);
             if peer_current != Some(r.generations.current) {
+                behind.push(id);
                 let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
                 if *e == 0 {
                     *e = old;
                 }
             }
         }
+        // A diskless Primary keeps no bitmap: its writes not yet settled may be missing on the
+        // replicas it started this generation without (they were in flight, or unflushed
+        // there when it lost them). Persisted before the new generation.
+        let unsettled: Vec<(u64, u64)> = self
+            .conn(from)
+            .map(|c| c.unsettled.values().copied().collect())
+            .unwrap_or_default();
+        self.mark_unsettled(&unsettled, &behind);
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
         self.persist_meta();
@@ -3160,8 +3533,12 @@ impl Engine {
         }
         let Some(r) = c.report.clone() else { return };
         if !(self.cfg.diskful && p.cfg.diskful) {
+            let peer_diskful = p.cfg.diskful;
             if let Some(c) = self.conn_mut(peer) {
                 c.state = ReplState::Established;
+            }
+            if peer_diskful && self.diskless_primary() {
+                self.recheck_serves(peer);
             }
             return;
         }
@@ -3213,6 +3590,7 @@ impl Engine {
                 .iter()
                 .filter(|(id, g)| **id != peer && **g != 0)
                 .map(|(_, g)| *g)
+                .chain(self.lost_diskless.map(|_| self.meta.current))
                 .collect(),
             up_to_date: self.meta.disk_state == DiskState::UpToDate,
             primary: self.role == Role::Primary,
@@ -3311,6 +3689,18 @@ impl Engine {
                             .as_ref()
                             .is_some_and(|c| c.state == ReplState::SyncTarget)
                 });
+                if let Some(lost) = self.lost_diskless.filter(|_| r.role != Role::Primary) {
+                    // The diskless Primary we lost may still be writing to the source, and
+                    // we would not get those writes: wait until it is back (or settled).
+                    self.log(
+                        Level::Info,
+                        format!(
+                            "resync from node {peer} waits: we lost the diskless Primary node {lost}"
+                        ),
+                    );
+                    self.set_state(peer, ReplState::PausedSync);
+                    return;
+                }
                 if busy {
                     self.set_state(peer, ReplState::PausedSync);
                     return;
@@ -3525,6 +3915,7 @@ impl Engine {
         self.last_resync_bytes = rs.done;
         self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
+        self.lost_diskless = None;
         let old_current = self.meta.current;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
