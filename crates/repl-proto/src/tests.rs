@@ -187,7 +187,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
             })
             .boxed(),
         any::<u64>().prop_map(|seq| Message::Flush { seq }).boxed(),
-        any::<u64>().prop_map(|seq| Message::Settled { seq }).boxed(),
+        any::<u64>()
+            .prop_map(|seq| Message::Settled { seq })
+            .boxed(),
         (any::<u64>(), status())
             .prop_map(|(seq, status)| Message::FlushAck { seq, status })
             .boxed(),

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
 use tandem_repl_proto::{
-    ByteRange, DisconnectReason, DiskState, Generation, Generations, Message, NodeId, PeerBitmap, QuorumInfo,
-    Role, StateReport, Status as WireStatus,
+    ByteRange, DisconnectReason, DiskState, Generation, Generations, Message, NodeId, PeerBitmap,
+    QuorumInfo, Role, StateReport, Status as WireStatus,
 };
 
 use crate::bitmap::Bitmap;
@@ -36,9 +36,7 @@ pub enum PromoteError {
          would lose them (force only when those replicas are gone for good)"
     )]
     Outdated,
-    #[error(
-        "a diskless node serves data only through an UpToDate diskful peer; none is connected"
-    )]
+    #[error("a diskless node serves data only through an UpToDate diskful peer; none is connected")]
     NoDataPeer,
     #[error(
         "connected diskful peers {0} and {1} hold different data generations and neither is \
@@ -545,10 +543,20 @@ impl Engine {
         }
         if let (false, Action::DiskFlush { io }) = (self.cfg.diskful, &a) {
             let io = *io;
-            self.internal.push_back(Event::DiskFlushDone { io, result: Ok(()) });
+            self.internal
+                .push_back(Event::DiskFlushDone { io, result: Ok(()) });
             return;
         }
-        let err = || DiskError(if self.cfg.diskful { "disk detached" } else { "no local disk" }.into());
+        let err = || {
+            DiskError(
+                if self.cfg.diskful {
+                    "disk detached"
+                } else {
+                    "no local disk"
+                }
+                .into(),
+            )
+        };
         let ev = match a {
             Action::DiskWrite { io, .. } => Event::DiskWriteDone {
                 io,
@@ -1058,7 +1066,10 @@ impl Engine {
         }
         self.log(
             Level::Info,
-            format!("the diskless Primary node {} we lost is settled", was.unwrap_or(0)),
+            format!(
+                "the diskless Primary node {} we lost is settled",
+                was.unwrap_or(0)
+            ),
         );
         let paused: Vec<NodeId> = self
             .peers
@@ -1481,10 +1492,13 @@ impl Engine {
         let connected = |n: NodeId| self.peers.get(&n).is_some_and(|p| p.conn.is_some());
         // A Primary with a detached disk never resyncs us: its own list is the authority,
         // whatever our generation (we may have adopted its current one).
+        // A diskless Primary's list too, unless we caught up with its generation since (a
+        // resync from a replica that has it; its list may still name us until it noticed).
         let from_detached_primary = |r: &StateReport| {
             r.role == Role::Primary
-                && matches!(r.disk_state, DiskState::Failed | DiskState::Diskless)
                 && r.outdated_by == r.node_id
+                && (r.disk_state == DiskState::Failed
+                    || (r.disk_state == DiskState::Diskless && r.outdated_gen != current))
         };
         let Some(by) = reports()
             .find(|r| {
@@ -1499,13 +1513,11 @@ impl Engine {
         if reports().any(|r| {
             r.role == Role::Primary
                 && !matches!(r.disk_state, DiskState::Failed | DiskState::Diskless)
-        })
-            || self.peers.values().any(|p| {
-                p.conn
-                    .as_ref()
-                    .is_some_and(|c| c.state == ReplState::Connecting)
-            })
-        {
+        }) || self.peers.values().any(|p| {
+            p.conn
+                .as_ref()
+                .is_some_and(|c| c.state == ReplState::Connecting)
+        }) {
             return;
         }
         self.meta.disk_state = DiskState::Outdated;
