@@ -234,6 +234,9 @@ struct Conn {
     /// so if the writer goes away, or starts a generation without a replica, they are marked
     /// out of sync toward it (the diskless Primary keeps no bitmap of its own).
     unsettled: BTreeMap<u64, (u64, u64)>,
+    /// We are its sync source: writes of a diskless Primary we applied since the handshake
+    /// (that Primary may not write to it: the resync must fetch them, see `late_marks`).
+    late: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -339,6 +342,10 @@ pub struct Engine {
     /// reports say we lost a Primary at our current generation (rule `EqualBitsLostPrimary`).
     /// In memory only: a restart loses it with everything else the node did not persist.
     lost_diskless: Option<NodeId>,
+    /// A resync into us finished and the source has not confirmed it yet (`ResyncEnd`; it may
+    /// have sent us writes to fetch too, see `late`): other peers are told Inconsistent
+    /// meanwhile, so a diskless Primary does not read from us too early. (source, link epoch)
+    unconfirmed_source: Option<(NodeId, u64)>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -436,6 +443,7 @@ impl Engine {
             fwd_reads: BTreeMap::new(),
             next_read_seq: 1,
             lost_diskless: None,
+            unconfirmed_source: None,
         };
         if e.meta.disk_state == DiskState::Failed {
             // Re-attached after an I/O error detached this disk: it holds the data up to the
@@ -1369,7 +1377,10 @@ impl Engine {
             seq: self.report_seq,
             node_id: self.cfg.node_id,
             role: self.role,
-            disk_state: self.meta.disk_state,
+            disk_state: match self.unconfirmed_source {
+                Some((src, _)) if src != peer => DiskState::Inconsistent,
+                _ => self.meta.disk_state,
+            },
             quorum: QuorumInfo {
                 has_quorum,
                 voters,
@@ -1995,6 +2006,39 @@ impl Engine {
                     // A Primary with a detached disk: its own disk misses this write.
                     self.set_bits(peer, op.offset, op.len);
                 }
+                if !self.peers[&peer].cfg.diskful {
+                    // A diskless Primary's write: a peer we resync (or may resync: our bitmap
+                    // went out at the link's start) may not get it from the Primary (not
+                    // connected to it), and its resync walks the bitmaps of the handshake.
+                    // Tell it (it fetches the blocks unless it got them directly).
+                    let targets: Vec<NodeId> = self
+                        .peers
+                        .values()
+                        .filter(|p| {
+                            p.cfg.node_id != peer
+                                && p.cfg.diskful
+                                && p.conn.as_ref().is_some_and(|c| {
+                                    matches!(c.state, ReplState::SyncSource | ReplState::Connecting)
+                                })
+                        })
+                        .map(|p| p.cfg.node_id)
+                        .collect();
+                    for t in targets {
+                        if let Some(c) = self.conn_mut(t) {
+                            c.late.push((op.offset, op.len));
+                        }
+                        self.send(
+                            t,
+                            Message::OutOfSync {
+                                flags: 0,
+                                ranges: vec![ByteRange {
+                                    offset: op.offset,
+                                    len: op.len,
+                                }],
+                            },
+                        );
+                    }
+                }
                 self.mark_primary_fresh(peer, op.offset, op.len);
                 self.fence_resync(op.offset, op.len);
                 let io = self.io(IoPurpose::Op(key));
@@ -2156,6 +2200,70 @@ impl Engine {
                 count: 1,
             });
         }
+    }
+
+    /// The source of the resync that finished into us confirmed it (or started another one,
+    /// or is gone): every peer may see our real disk state now.
+    fn confirm_resync(&mut self, peer: NodeId) {
+        if self.unconfirmed_source.is_some_and(|(src, _)| src == peer) {
+            self.unconfirmed_source = None;
+            self.broadcast_report(false);
+        }
+    }
+
+    /// Our sync source applied writes of a diskless Primary after the handshake: fetch those
+    /// blocks too, except the ones that Primary gave us directly over the current link
+    /// (ours are as new or newer).
+    fn late_marks(&mut self, peer: NodeId, ranges: &[ByteRange]) -> Result<(), ProtocolError> {
+        for r in ranges {
+            if r.offset.saturating_add(r.len) > self.cfg.size_bytes || r.len == 0 {
+                return Err(ProtocolError::Invalid {
+                    peer,
+                    detail: "out-of-sync range outside the volume".into(),
+                });
+            }
+        }
+        let fresh = self.primary_fresh.as_ref().filter(|f| {
+            self.conn(f.primary).is_some_and(|c| c.epoch == f.epoch)
+                && peer_role(&self.peers[&f.primary]) == Some(Role::Primary)
+        });
+        let mut bits = Vec::new();
+        if let Some(b) = self.peers.get(&peer).and_then(|p| p.bitmap.as_ref()) {
+            for r in ranges {
+                let (first, count) = b.bits_touching(r.offset, r.len);
+                for bit in first..first + count {
+                    if !fresh.is_some_and(|f| f.bits.test(bit)) {
+                        bits.push(bit);
+                    }
+                }
+            }
+        }
+        let mut persist = Vec::new();
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let (Some(b), Some(rs)) = (
+                p.bitmap.as_mut(),
+                p.conn.as_mut().and_then(|c| c.resync.as_mut()),
+            )
+        {
+            for bit in bits {
+                rs.fenced.remove(&bit);
+                if b.set_bits(bit, 1) > 0 {
+                    rs.total += b.granularity();
+                    persist.push(bit);
+                }
+            }
+            rs.cursor = 0;
+        }
+        for bit in persist {
+            self.out.push(Action::PersistBits {
+                peer,
+                set: true,
+                first: bit,
+                count: 1,
+            });
+        }
+        self.pump_resync();
+        Ok(())
     }
 
     fn resync_fenced(&self, peer: NodeId, offset: u64, len: u64) -> bool {
@@ -2630,6 +2738,7 @@ impl Engine {
             rx_flush_wait: Vec::new(),
             resync: None,
             unsettled: BTreeMap::new(),
+            late: Vec::new(),
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -2684,6 +2793,7 @@ impl Engine {
         let diskful = p.cfg.diskful;
         self.verify_peer_down(peer);
         self.reroute_reads(peer);
+        self.confirm_resync(peer);
         if diskful && self.diskless_primary() {
             // Before the writes it leaves complete: they complete under the new generation.
             self.diskless_lost_peer();
@@ -2887,6 +2997,10 @@ impl Engine {
                     // Verify findings of the peer (see `verify`).
                     return self.on_verify_findings(peer, &ranges);
                 }
+                let target = self.conn(peer).is_some_and(|c| c.resync.is_some());
+                if done && flags == 0 && target && self.cfg.diskful {
+                    return self.late_marks(peer, &ranges);
+                }
                 if done || !self.cfg.diskful {
                     return Err(ProtocolError::Unexpected("OutOfSync", peer));
                 }
@@ -3087,6 +3201,7 @@ impl Engine {
                 if state == Some(ReplState::Established)
                     && self.accept_online_resync(peer, generation)
                 {
+                    self.confirm_resync(peer);
                     return Ok(());
                 }
                 if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
@@ -3126,6 +3241,7 @@ impl Engine {
                     Level::Info,
                     format!("node {peer} ends the resync: {status:?}"),
                 );
+                self.confirm_resync(peer);
             }
             Message::ResyncRequest { id, offset, len } => {
                 if self.conn(peer).map(|c| c.state) != Some(ReplState::SyncSource) {
@@ -3637,6 +3753,9 @@ impl Engine {
         }
         if let Some(c) = self.conn_mut(peer) {
             c.decision = Some((d, rule));
+            if !d.is_source() {
+                c.late.clear();
+            }
         }
         match d {
             SyncDecision::NoSync => {
@@ -3928,6 +4047,8 @@ impl Engine {
         self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
         self.lost_diskless = None;
+        let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+        self.unconfirmed_source = Some((peer, epoch));
         let old_current = self.meta.current;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
@@ -4002,6 +4123,25 @@ impl Engine {
 
     fn resync_source_finished(&mut self, peer: NodeId) {
         self.clear_all_bits(peer);
+        let late = self
+            .conn_mut(peer)
+            .map(|c| std::mem::take(&mut c.late))
+            .unwrap_or_default();
+        if !late.is_empty() && self.meta.disk_state == DiskState::UpToDate {
+            // Writes of a diskless Primary it may not have received (see `late`), told with
+            // `OutOfSync` before its report may have crossed it: resync them online (it
+            // fetches what it already marked; the rest it has).
+            for (off, len) in late {
+                self.set_bits(peer, off, len);
+            }
+            self.meta.peer_bitmap_gens.insert(peer, 0);
+            self.persist_meta();
+            self.set_state(peer, ReplState::Established);
+            if self.start_online_resync(peer) {
+                return;
+            }
+            self.clear_all_bits(peer);
+        }
         self.meta.peer_bitmap_gens.insert(peer, 0);
         if self.meta.disk_state == DiskState::Outdated {
             // Only a split-brain resolution makes an Outdated node a sync source (the
