@@ -222,6 +222,15 @@ pub mod resync_flags {
 pub mod oos_flags {
     /// The last message of the bitmap exchange after a connect.
     pub const END_OF_BITMAP: u32 = 1 << 0;
+    /// Since version 4, on an established link, from a diskless Primary: the ranges may be
+    /// missing on the diskful node whose id is in bits 8..13 (`THIRD_NODE_SHIFT`), which it
+    /// lost with these writes unacknowledged or unflushed there; the receiver marks them out of
+    /// sync toward that node (the diskless Primary keeps no bitmap of its own).
+    pub const THIRD_NODE: u32 = 1 << 1;
+    /// Where the node id of `THIRD_NODE` sits.
+    pub const THIRD_NODE_SHIFT: u32 = 8;
+    /// The bits of that node id.
+    pub const THIRD_NODE_MASK: u32 = 0x1f << THIRD_NODE_SHIFT;
 }
 
 /// Flag bits of [`StateReport::flags`] (DRBD's handshake flags, where they apply).
@@ -708,7 +717,10 @@ impl Message {
                 })
             }
             Message::OutOfSync { flags, ranges } => {
-                check_flags(*flags, oos_flags::END_OF_BITMAP)?;
+                check_flags(
+                    *flags,
+                    oos_flags::END_OF_BITMAP | oos_flags::THIRD_NODE | oos_flags::THIRD_NODE_MASK,
+                )?;
                 check(ranges.len() <= MAX_OOS_RANGES, || {
                     format!("more than {MAX_OOS_RANGES} ranges")
                 })?;

@@ -1103,8 +1103,35 @@ impl Engine {
     /// still holds the data, start a new generation now (the peers adopt it and mark what the
     /// lost one may lack, see `adopt_generation`), so it cannot look in sync when it comes
     /// back; otherwise at the next write that completes.
-    fn diskless_lost_peer(&mut self) {
-        if !self.diskless_primary() || self.peers_needing_new_generation().is_empty() {
+    fn diskless_lost_peer(&mut self, lost: NodeId, ranges: Vec<(u64, u64)>) {
+        if !self.diskless_primary() {
+            return;
+        }
+        // Writes it had not acknowledged, or not made durable (it may have crashed): the
+        // peers that got them mark them toward it (its own resync fetches them later).
+        let receivers: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.cfg.node_id != lost && self.receives_writes(p))
+            .map(|p| p.cfg.node_id)
+            .collect();
+        let ranges: Vec<ByteRange> = ranges
+            .into_iter()
+            .map(|(offset, len)| ByteRange { offset, len })
+            .collect();
+        for id in receivers {
+            for chunk in ranges.chunks(OOS_CHUNK) {
+                self.send(
+                    id,
+                    Message::OutOfSync {
+                        flags: oos_flags::THIRD_NODE
+                            | (u32::from(lost) << oos_flags::THIRD_NODE_SHIFT),
+                        ranges: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+        if self.peers_needing_new_generation().is_empty() {
             return;
         }
         if self.serving_peer().is_some() {
@@ -2796,7 +2823,13 @@ impl Engine {
         self.confirm_resync(peer);
         if diskful && self.diskless_primary() {
             // Before the writes it leaves complete: they complete under the new generation.
-            self.diskless_lost_peer();
+            let lost: Vec<(u64, u64)> = conn
+                .unacked
+                .values()
+                .chain(conn.unflushed.values())
+                .copied()
+                .collect();
+            self.diskless_lost_peer(peer, lost);
         }
         let lost_diskless_primary = !diskful
             && self.cfg.diskful
@@ -2996,6 +3029,22 @@ impl Engine {
                 if done && flags == 0 && established && self.cfg.diskful {
                     // Verify findings of the peer (see `verify`).
                     return self.on_verify_findings(peer, &ranges);
+                }
+                if flags & oos_flags::THIRD_NODE != 0 && self.cfg.diskful {
+                    // A diskless Primary lost a replica with these writes in doubt there.
+                    let node = ((flags & oos_flags::THIRD_NODE_MASK)
+                        >> oos_flags::THIRD_NODE_SHIFT) as NodeId;
+                    if !self.peers[&peer].cfg.diskful
+                        && node != self.cfg.node_id
+                        && self.peers.get(&node).is_some_and(|p| p.cfg.diskful)
+                    {
+                        for r in &ranges {
+                            if r.offset.saturating_add(r.len) <= self.cfg.size_bytes {
+                                self.set_bits(node, r.offset, r.len);
+                            }
+                        }
+                    }
+                    return Ok(());
                 }
                 let target = self.conn(peer).is_some_and(|c| c.resync.is_some());
                 if done && flags == 0 && target && self.cfg.diskful {
@@ -3440,7 +3489,16 @@ impl Engine {
                 format!("node {peer} detached its disk (Failed)"),
             );
             self.reroute_reads(peer);
-            self.diskless_lost_peer();
+            let lost: Vec<(u64, u64)> = self
+                .conn_mut(peer)
+                .map(|c| {
+                    let mut v: Vec<(u64, u64)> =
+                        std::mem::take(&mut c.unflushed).into_values().collect();
+                    v.extend(c.unacked.values().copied());
+                    v
+                })
+                .unwrap_or_default();
+            self.diskless_lost_peer(peer, lost);
         }
         if self.lost_diskless.is_some()
             && (r.role == Role::Primary || self.lost_diskless == Some(peer))
