@@ -3557,15 +3557,7 @@ impl Engine {
                 // A diskless Primary started a new generation (a diskful peer dropped out of
                 // its writes): adopt it if it counts us in sync. It has no handshake that would
                 // resync us otherwise; then another replica does.
-                let me = 1u32 << self.cfg.node_id;
-                if self.role == Role::Secondary
-                    && self.meta.disk_state == DiskState::UpToDate
-                    && r.generations.history[0] == self.meta.current
-                    && r.generations.bitmap == 0
-                    && r.outdated & me == 0
-                {
-                    self.adopt_generation(peer, &r);
-                }
+                self.adopt_from_diskless(peer);
             }
             Some(ReplState::Established)
                 if peer_diskful
@@ -3665,6 +3657,28 @@ impl Engine {
             }
         }
         self.reroute_reads(peer);
+    }
+
+    /// Adopts the new generation of the diskless Primary `peer` (its last report) when it
+    /// counts us in sync: its previous generation is ours, no bitmap generation toward us,
+    /// not in its outdated list, and we are an UpToDate Secondary.
+    fn adopt_from_diskless(&mut self, peer: NodeId) {
+        let Some(r) = self.conn(peer).and_then(|c| c.report.clone()) else {
+            return;
+        };
+        let me = 1u32 << self.cfg.node_id;
+        if self.cfg.diskful
+            && !self.peers[&peer].cfg.diskful
+            && r.role == Role::Primary
+            && self.role == Role::Secondary
+            && self.meta.disk_state == DiskState::UpToDate
+            && r.generations.current != self.meta.current
+            && r.generations.history[0] == self.meta.current
+            && r.generations.bitmap == 0
+            && r.outdated & me == 0
+        {
+            self.adopt_generation(peer, &r);
+        }
     }
 
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
@@ -4157,6 +4171,17 @@ impl Engine {
             );
         }
         self.broadcast_report(false);
+        // A diskless Primary may have started a generation while we were resyncing (it wrote
+        // to us meanwhile, we hold its data): catch up with it.
+        let diskless_primaries: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| !p.cfg.diskful && peer_role(p) == Some(Role::Primary))
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in diskless_primaries {
+            self.adopt_from_diskless(id);
+        }
     }
 
     /// Clears (and persists clearing) every out-of-sync bit toward `peer`; whether any was

@@ -1103,7 +1103,11 @@ impl World {
                 if let Some(w) = self
                     .nodes
                     .iter()
-                    .find(|n| !n.diskful && up(n) && Some(n.id) != primary)
+                    .find(|n| {
+                        !n.diskful
+                            && up(n)
+                            && n.engine.as_ref().is_some_and(|e| e.role() != Role::Primary)
+                    })
                 {
                     pick = Some(w.id);
                 }
