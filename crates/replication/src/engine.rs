@@ -346,6 +346,9 @@ pub struct Engine {
     /// have sent us writes to fetch too, see `late`): other peers are told Inconsistent
     /// meanwhile, so a diskless Primary does not read from us too early. (source, link epoch)
     unconfirmed_source: Option<(NodeId, u64)>,
+    /// A diskless Primary that demoted flushes its peers (seq, peers still to answer, all
+    /// answered Ok so far) and declares its writes `Settled` when every one did.
+    demote_flush: Option<(u64, BTreeSet<NodeId>, bool)>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -444,6 +447,7 @@ impl Engine {
             next_read_seq: 1,
             lost_diskless: None,
             unconfirmed_source: None,
+            demote_flush: None,
         };
         if e.meta.disk_state == DiskState::Failed {
             // Re-attached after an I/O error detached this disk: it holds the data up to the
@@ -1608,6 +1612,22 @@ impl Engine {
     }
 
     fn become_secondary(&mut self, why: &str) {
+        if !self.cfg.diskful && self.role == Role::Primary {
+            // No disk of ours to flush: the peers' caches hold our last writes. Flush them,
+            // and settle the writes once every peer made them durable.
+            let targets: BTreeSet<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| self.receives_writes(p))
+                .map(|p| p.cfg.node_id)
+                .collect();
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            for &p in &targets {
+                self.send(p, Message::Flush { seq });
+            }
+            self.demote_flush = (!targets.is_empty()).then_some((seq, targets, true));
+        }
         self.role = Role::Secondary;
         // Our own unflushed writes are covered by the activity log only while the metadata
         // says Primary: flush first, then record the demotion (see DemoteFlush).
@@ -2831,12 +2851,33 @@ impl Engine {
                 .collect();
             self.diskless_lost_peer(peer, lost);
         }
-        let lost_diskless_primary = !diskful
-            && self.cfg.diskful
-            && conn
-                .report
-                .as_ref()
-                .is_some_and(|r| r.role == Role::Primary);
+        if let Some((_, waiting, all_ok)) = self.demote_flush.as_mut()
+            && waiting.remove(&peer)
+        {
+            // It may lose what it did not flush: the others keep their marks.
+            *all_ok = false;
+            if waiting.is_empty() {
+                self.demote_flush = None;
+            }
+        }
+        if diskful && self.cfg.diskful {
+            // Writes of a diskless Primary not settled yet may be lost on it (it may have
+            // crashed before flushing them): mark them toward it.
+            let ranges: Vec<(u64, u64)> = self
+                .peers
+                .values()
+                .filter(|p| !p.cfg.diskful)
+                .filter_map(|p| p.conn.as_ref())
+                .flat_map(|c| c.unsettled.values().copied())
+                .collect();
+            self.mark_unsettled(&ranges, &[peer]);
+        }
+        let was_primary = conn
+            .report
+            .as_ref()
+            .is_some_and(|r| r.role == Role::Primary);
+        let lost_diskless_primary =
+            !diskful && self.cfg.diskful && (was_primary || !conn.unsettled.is_empty());
         if lost_diskless_primary {
             // Its writes not yet settled may be missing on the other replicas (in flight,
             // unflushed), and theirs here: mark them toward every diskful peer; compare with
@@ -2844,7 +2885,9 @@ impl Engine {
             let ranges: Vec<(u64, u64)> = conn.unsettled.values().copied().collect();
             let ids = self.diskful_ids();
             self.mark_unsettled(&ranges, &ids);
-            self.lost_diskless = Some(peer);
+            if was_primary {
+                self.lost_diskless = Some(peer);
+            }
             self.log(
                 Level::Warn,
                 format!(
@@ -3032,8 +3075,8 @@ impl Engine {
                 }
                 if flags & oos_flags::THIRD_NODE != 0 && self.cfg.diskful {
                     // A diskless Primary lost a replica with these writes in doubt there.
-                    let node = ((flags & oos_flags::THIRD_NODE_MASK)
-                        >> oos_flags::THIRD_NODE_SHIFT) as NodeId;
+                    let node = ((flags & oos_flags::THIRD_NODE_MASK) >> oos_flags::THIRD_NODE_SHIFT)
+                        as NodeId;
                     if !self.peers[&peer].cfg.diskful
                         && node != self.cfg.node_id
                         && self.peers.get(&node).is_some_and(|p| p.cfg.diskful)
@@ -3203,6 +3246,26 @@ impl Engine {
                 }
                 for (off, len) in lost {
                     self.set_bits(peer, off, len);
+                }
+                if let Some((dseq, waiting, all_ok)) = self.demote_flush.as_mut()
+                    && *dseq == seq
+                    && waiting.remove(&peer)
+                {
+                    *all_ok &= ok;
+                    if waiting.is_empty() {
+                        let (dseq, _, all_ok) = self.demote_flush.take().expect("some");
+                        if all_ok {
+                            let ids: Vec<NodeId> = self
+                                .peers
+                                .values()
+                                .filter(|p| p.cfg.diskful && p.conn.is_some())
+                                .map(|p| p.cfg.node_id)
+                                .collect();
+                            for id in ids {
+                                self.send(id, Message::Settled { seq: dseq });
+                            }
+                        }
+                    }
                 }
                 for key in self.flushes.keys().copied().collect::<Vec<_>>() {
                     if let Some(f) = self.flushes.get_mut(&key)

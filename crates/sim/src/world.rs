@@ -1100,15 +1100,11 @@ impl World {
             let mut pick = self.rng.pick(&cands);
             if self.opts.diskless_primary && self.witness_rng.chance(0.35) {
                 // A diskless Primary: the witness, when it is up.
-                if let Some(w) = self
-                    .nodes
-                    .iter()
-                    .find(|n| {
-                        !n.diskful
-                            && up(n)
-                            && n.engine.as_ref().is_some_and(|e| e.role() != Role::Primary)
-                    })
-                {
+                if let Some(w) = self.nodes.iter().find(|n| {
+                    !n.diskful
+                        && up(n)
+                        && n.engine.as_ref().is_some_and(|e| e.role() != Role::Primary)
+                }) {
                     pick = Some(w.id);
                 }
             }
