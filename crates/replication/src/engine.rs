@@ -198,6 +198,9 @@ struct ResyncTarget {
     no_checksums: bool,
     /// Bytes found identical by checksum and not transferred.
     skipped: u64,
+    /// Blocks marked again by the source (`late_marks`) while resync data for them that it
+    /// sent earlier (older) was still being written here: that write must not clear them.
+    remark: BTreeSet<u64>,
 }
 
 #[derive(Debug)]
@@ -2285,6 +2288,16 @@ impl Engine {
                 }
             }
         }
+        // Resync data received before this message (older than the write it reports) and
+        // not written yet: its completion must leave these bits set.
+        let g = self.cfg.bitmap_granularity as u64;
+        let pending: Vec<(u64, u64)> = self
+            .active
+            .values()
+            .chain(self.waiting.iter())
+            .filter(|o| matches!(o.kind, OpKind::ResyncWrite { peer: p, .. } if p == peer))
+            .map(|o| (o.offset, o.len))
+            .collect();
         let mut persist = Vec::new();
         if let Some(p) = self.peers.get_mut(&peer)
             && let (Some(b), Some(rs)) = (
@@ -2293,6 +2306,12 @@ impl Engine {
             )
         {
             for bit in bits {
+                if pending
+                    .iter()
+                    .any(|(off, len)| overlaps(*off, *len, bit * g, g))
+                {
+                    rs.remark.insert(bit);
+                }
                 rs.fenced.remove(&bit);
                 if b.set_bits(bit, 1) > 0 {
                     rs.total += b.granularity();
@@ -2509,7 +2528,22 @@ impl Engine {
                     rs.done += op.len;
                     if let Some(b) = p.bitmap.as_mut() {
                         let (first, count) = b.bits_covered(op.offset, op.len);
-                        if b.clear_bits(first, count) > 0 {
+                        let mut cleared = Vec::new();
+                        for bit in first..first + count {
+                            if !rs.remark.remove(&bit) && b.test(bit) {
+                                b.clear_bits(bit, 1);
+                                cleared.push(bit);
+                            }
+                        }
+                        // One persist per run of cleared bits.
+                        let mut runs: Vec<(u64, u64)> = Vec::new();
+                        for bit in cleared {
+                            match runs.last_mut() {
+                                Some((f, n)) if *f + *n == bit => *n += 1,
+                                _ => runs.push((bit, 1)),
+                            }
+                        }
+                        for (first, count) in runs {
                             self.out.push(Action::PersistBits {
                                 peer,
                                 set: false,
@@ -3993,6 +4027,7 @@ impl Engine {
                         checks: BTreeMap::new(),
                         no_checksums: false,
                         skipped: 0,
+                        remark: BTreeSet::new(),
                     });
                 }
                 self.log(
