@@ -645,6 +645,15 @@ impl Engine {
         if self.meta.disk_state != DiskState::UpToDate {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
         }
+        if self.peers.values().any(|p| {
+            p.conn
+                .as_ref()
+                .is_some_and(|c| c.state == ReplState::SyncTarget)
+        }) {
+            // A handshake just decided that a peer has newer data for us (we become
+            // Inconsistent when its resync begins).
+            return Err(PromoteError::NotUpToDate(DiskState::Inconsistent));
+        }
         // A crashed Primary's disk may be stale (its metadata may predate a detach it could
         // not record: its peers kept writing). It becomes Primary again only after a
         // handshake with a diskful peer decided (or a forced promotion).
