@@ -4226,8 +4226,11 @@ impl Engine {
         self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
         self.lost_diskless = None;
-        let epoch = self.conn(peer).map_or(0, |c| c.epoch);
-        self.unconfirmed_source = Some((peer, epoch));
+        // Only a diskless node reads from us without a handshake of its own.
+        if self.peers.values().any(|p| !p.cfg.diskful) {
+            let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+            self.unconfirmed_source = Some((peer, epoch));
+        }
         let old_current = self.meta.current;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
