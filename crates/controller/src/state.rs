@@ -970,7 +970,11 @@ impl Controller {
                 placement.node
             ))
         })?;
-        if report.disk_state != DiskState::UpToDate {
+        // A witness serves the volume too (a diskless Primary, through the diskful replicas).
+        let diskless_export = placement.diskless
+            && v.placements.len() > 1
+            && report.disk_state == DiskState::Diskless;
+        if report.disk_state != DiskState::UpToDate && !diskless_export {
             return Err(not_ready(format!(
                 "the replica of volume '{name}' on node '{}' is {:?}, not UpToDate",
                 placement.node, report.disk_state
