@@ -2405,7 +2405,28 @@ impl Engine {
                 self.set_bits(pid, offset, len);
             }
         }
+        // A diskless Primary has no bitmap: the replicas that get this write mark it toward
+        // the diskful ones that do not (one may look in sync to them: it caught up through
+        // them while our link to it was down or not reported yet).
+        let missing: Vec<NodeId> = if self.cfg.diskful {
+            Vec::new()
+        } else {
+            self.diskful_ids()
+                .into_iter()
+                .filter(|id| !waiting.contains(id))
+                .collect()
+        };
         for &pid in &waiting {
+            for &m in &missing {
+                self.send(
+                    pid,
+                    Message::OutOfSync {
+                        flags: oos_flags::THIRD_NODE
+                            | (u32::from(m) << oos_flags::THIRD_NODE_SHIFT),
+                        ranges: vec![ByteRange { offset, len }],
+                    },
+                );
+            }
             if let Some(c) = self.conn_mut(pid) {
                 c.unacked.insert(seq, (offset, len));
             }
@@ -3124,10 +3145,28 @@ impl Engine {
                         && node != self.cfg.node_id
                         && self.peers.get(&node).is_some_and(|p| p.cfg.diskful)
                     {
+                        let ranges: Vec<ByteRange> = ranges
+                            .into_iter()
+                            .filter(|r| r.offset.saturating_add(r.len) <= self.cfg.size_bytes)
+                            .collect();
                         for r in &ranges {
-                            if r.offset.saturating_add(r.len) <= self.cfg.size_bytes {
-                                self.set_bits(node, r.offset, r.len);
-                            }
+                            self.set_bits(node, r.offset, r.len);
+                        }
+                        // It looks in sync with us but misses these writes (it caught up
+                        // through us while the Primary could not reach it): resync them
+                        // online, as verify findings.
+                        if self.in_sync(node)
+                            && self.meta.disk_state == DiskState::UpToDate
+                            && self.role == Role::Secondary
+                        {
+                            self.send(
+                                node,
+                                Message::OutOfSync {
+                                    flags: 0,
+                                    ranges: ranges.clone(),
+                                },
+                            );
+                            self.start_online_resync(node);
                         }
                     }
                     return Ok(());

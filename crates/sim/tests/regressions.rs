@@ -271,3 +271,12 @@ fn detached_metadata_keeps_the_old_generation() {
 fn sends_after_a_failed_persist_break_the_link() {
     disk_seed(2606, Some(Topology::TwoPlusWitness));
 }
+
+/// A replica caught up through the other while the diskless Primary's link to it was not
+/// reported yet; a write sent without it was not marked by the replica that looked in sync
+/// with it. The diskless Primary now sends `THIRD_NODE` marks with such writes, and a replica
+/// that looks in sync resyncs them online.
+#[test]
+fn writes_without_a_peer_that_caught_up_elsewhere_are_marked() {
+    diskless_seed(11038);
+}
