@@ -646,9 +646,11 @@ impl Engine {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
         }
         if self.peers.values().any(|p| {
-            p.conn
-                .as_ref()
-                .is_some_and(|c| c.state == ReplState::SyncTarget)
+            p.conn.as_ref().is_some_and(|c| {
+                c.state == ReplState::SyncTarget
+                    || (c.state == ReplState::PausedSync
+                        && c.decision.is_some_and(|(d, _)| d.is_target()))
+            })
         }) {
             // A handshake just decided that a peer has newer data for us (we become
             // Inconsistent when its resync begins).

@@ -280,3 +280,10 @@ fn sends_after_a_failed_persist_break_the_link() {
 fn writes_without_a_peer_that_caught_up_elsewhere_are_marked() {
     diskless_seed(11038);
 }
+
+/// Both replicas lost the diskless Primary with writes in doubt; the one whose handshake made
+/// it the sync target (paused until the Primary is back) was promoted and served stale blocks.
+#[test]
+fn a_paused_sync_target_is_not_promoted() {
+    diskless_seed(1953);
+}
