@@ -3154,20 +3154,23 @@ impl Engine {
                         for r in &ranges {
                             self.set_bits(node, r.offset, r.len);
                         }
-                        // It looks in sync with us but misses these writes (it caught up
-                        // through us while the Primary could not reach it): resync them
-                        // online, as verify findings.
-                        if self.in_sync(node)
+                        let resyncing = self.conn(node).is_some_and(|c| {
+                            matches!(c.state, ReplState::SyncSource | ReplState::Connecting)
+                        });
+                        if resyncing {
+                            // We resync it (or may): as a late write (see `late_marks`).
+                            if let Some(c) = self.conn_mut(node) {
+                                c.late.extend(ranges.iter().map(|r| (r.offset, r.len)));
+                            }
+                            self.send(node, Message::OutOfSync { flags: 0, ranges });
+                        } else if self.in_sync(node)
                             && self.meta.disk_state == DiskState::UpToDate
                             && self.role == Role::Secondary
                         {
-                            self.send(
-                                node,
-                                Message::OutOfSync {
-                                    flags: 0,
-                                    ranges: ranges.clone(),
-                                },
-                            );
+                            // It looks in sync with us but misses these writes (it caught
+                            // up through us while the Primary could not reach it): resync
+                            // them online, as verify findings.
+                            self.send(node, Message::OutOfSync { flags: 0, ranges });
                             self.start_online_resync(node);
                         }
                     }

@@ -287,3 +287,10 @@ fn writes_without_a_peer_that_caught_up_elsewhere_are_marked() {
 fn a_paused_sync_target_is_not_promoted() {
     diskless_seed(1953);
 }
+
+/// A diskless Primary's mark for a write without a replica reached the other replica while it
+/// was that replica's sync source; the end of the resync cleared it.
+#[test]
+fn a_mark_for_a_resync_target_outlives_the_end_of_the_resync() {
+    diskless_seed(11028);
+}
