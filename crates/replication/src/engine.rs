@@ -240,6 +240,8 @@ struct Conn {
     /// We are its sync source: writes of a diskless Primary we applied since the handshake
     /// (that Primary may not write to it: the resync must fetch them, see `late_marks`).
     late: Vec<(u64, u64)>,
+    /// The bitmap we sent at the link's start had bits: the peer decides on that.
+    sent_bits: bool,
 }
 
 #[derive(Debug)]
@@ -2852,6 +2854,7 @@ impl Engine {
             resync: None,
             unsettled: BTreeMap::new(),
             late: Vec::new(),
+            sent_bits: false,
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -2877,6 +2880,10 @@ impl Engine {
                         .collect()
                 })
                 .unwrap_or_default();
+            let sent_bits = !runs.is_empty();
+            if let Some(c) = self.conn_mut(peer) {
+                c.sent_bits = sent_bits;
+            }
             let mut chunks: Vec<Vec<ByteRange>> =
                 runs.chunks(OOS_CHUNK).map(|c| c.to_vec()).collect();
             if chunks.is_empty() {
@@ -3929,6 +3936,16 @@ impl Engine {
             return;
         }
         let my_bits = p.bitmap.as_ref().is_some_and(|b| b.count() > 0);
+        if my_bits != c.sent_bits {
+            // Marks arrived since we sent our bitmap (e.g. a diskless Primary's): the peer
+            // would decide on a different picture. Compare again.
+            self.disconnect(
+                peer,
+                DisconnectReason::ConfigChanged,
+                "out-of-sync bits changed during the handshake; reconnect to compare".into(),
+            );
+            return;
+        }
         let me = SideView {
             node_id: self.cfg.node_id,
             current: self.meta.current,

@@ -294,3 +294,10 @@ fn a_paused_sync_target_is_not_promoted() {
 fn a_mark_for_a_resync_target_outlives_the_end_of_the_resync() {
     diskless_seed(11028);
 }
+
+/// Marks arrived between sending our bitmap and deciding: the two ends decided differently
+/// (one waited as sync target forever). The handshake now starts over when our bits changed.
+#[test]
+fn bits_that_change_during_the_handshake_restart_it() {
+    diskless_seed(19838);
+}
