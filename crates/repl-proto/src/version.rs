@@ -152,13 +152,14 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 3);
+        assert_eq!(ProtocolVersion::LATEST.number(), 4);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
+        assert_eq!(ProtocolVersion::from_number(4), Some(ProtocolVersion::V4));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 4).is_supported());
+        assert!(!r(1, 5).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {
