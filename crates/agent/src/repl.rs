@@ -30,6 +30,10 @@ pub(crate) const WITNESS_DIR: &str = "witness";
 
 struct Running {
     driver: Arc<VolumeDriver>,
+    /// A witness's NBD export (its driver's block device: a diskless Primary serves the
+    /// volume by forwarding to the diskful replicas). Diskful replicas are exported through
+    /// the table's entry instead.
+    export: Option<Arc<Export>>,
     /// What the driver was started with; a different desired spec restarts it.
     spec: VolumeSpec,
     primary: bool,
@@ -250,6 +254,20 @@ impl Replication {
         lock(&self.node).clone()
     }
 
+    /// The NBD export of a witness's driver for `volume`, if one runs here.
+    pub(crate) fn witness_export(&self, volume: &str) -> Option<Arc<Export>> {
+        lock(&self.drivers).get(volume)?.export.clone()
+    }
+
+    /// Volumes exported through a witness's driver here.
+    pub(crate) fn witness_exports(&self) -> Vec<String> {
+        lock(&self.drivers)
+            .iter()
+            .filter(|(_, r)| r.export.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Whether any replication driver runs.
     pub(crate) fn active(&self) -> bool {
         !lock(&self.drivers).is_empty()
@@ -402,8 +420,9 @@ impl Replication {
     fn auto_promote(&self, volume: &str) {
         let deadline = std::time::Instant::now() + AUTO_PROMOTE_WAIT;
         loop {
+            // Diskful replicas and witnesses alike: a witness becomes a diskless Primary.
             let driver = match lock(&self.drivers).get(volume) {
-                Some(run) if run.spec.diskful => run.driver.clone(),
+                Some(run) => run.driver.clone(),
                 _ => return,
             };
             let is_primary = driver
@@ -453,7 +472,6 @@ impl Replication {
         let all: Vec<(String, Arc<VolumeDriver>, bool)> = {
             let mut d = lock(&self.drivers);
             d.iter_mut()
-                .filter(|(_, r)| r.spec.diskful)
                 .map(|(n, r)| {
                     if r.auto.is_some_and(|t| t.elapsed() >= AUTO_GRACE) && connections(n) == 0 {
                         if !r.primary {
@@ -883,9 +901,22 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
             .map(|p| (p.node_id, p.name.clone()))
             .collect();
         let started_now = d.clone();
+        let export = (!spec.diskful).then(|| {
+            Arc::new(Export {
+                name: d.volume.clone(),
+                description: format!(
+                    "tandem volume {} ({}), diskless (served by the diskful replicas)",
+                    d.volume, d.volume_uuid
+                ),
+                device: driver.block_device(),
+                read_only: false,
+                multi_conn: true,
+            })
+        });
         lock(&agent.repl.drivers).insert(
             d.volume.clone(),
             Running {
+                export,
                 driver,
                 spec,
                 primary: d.primary,

@@ -91,10 +91,15 @@ pub(crate) struct Registry(pub SharedTable, pub Arc<crate::repl::Replication>);
 
 impl ExportRegistry for Registry {
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
-        let (export, replicated) = {
+        let found = {
             let t = read(&self.0);
-            let e = t.exported(name)?;
-            (e.export.clone()?, e.replicated)
+            t.exported(name)
+                .and_then(|e| Some((e.export.clone()?, e.replicated)))
+        };
+        // A witness exports its driver's device (a diskless Primary when a consumer opens it).
+        let (export, replicated) = match found {
+            Some(f) => f,
+            None => (self.1.witness_export(name)?, true),
         };
         if replicated {
             // A consumer opens a replicated volume here: auto-promote (DRBD's auto-promote).
@@ -103,12 +108,18 @@ impl ExportRegistry for Registry {
         Some(export)
     }
     fn list(&self) -> Vec<String> {
-        read(&self.0)
+        let mut names: Vec<String> = read(&self.0)
             .entries
             .values()
             .filter(|e| e.export.is_some())
             .map(|e| e.volume.clone())
-            .collect()
+            .collect();
+        for n in self.1.witness_exports() {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        names
     }
 }
 
@@ -721,7 +732,7 @@ impl Ctx<'_> {
                 role: Role::Secondary,
                 disk_state: DiskState::Diskless,
                 disk_error: None,
-                connections: 0,
+                connections: self.connections(&d.volume),
                 last_error: None,
                 on_disk: false,
                 diskless: true,
@@ -738,7 +749,7 @@ impl Ctx<'_> {
                 split_brain: Vec::new(),
                 discard_pending: false,
                 last_resync_skipped_bytes: 0,
-                clients: Vec::new(),
+                clients: self.server.clients(&d.volume),
             })
             .collect();
         let t = read(self.table);

@@ -271,23 +271,6 @@ fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
         &["read -P 0x5a 16M 1M", "write -P 0x6b 20M 64k", "flush"],
     );
 
-    // A witness cannot be promoted; the refusal says why.
-    let w = v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["diskless"] == true)
-        .and_then(|r| r["node"].as_str())
-        .unwrap()
-        .to_string();
-    let out = run(c.cli().args(["volume", "promote", "f", "--node", &w]));
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("witness"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
     // The data plane does not wait for the controller: with the controller dead, the
     // Primary's agent stops (orderly) and starts again; it serves the volume from its local
     // copy of the desired state, Primary again, data intact, writes replicated.

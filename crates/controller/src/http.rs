@@ -399,7 +399,7 @@ async fn abort_volume(
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such volume or node", body = ApiError),
               (status = 422, description = "Malformed body", body = ApiError),
-              (status = 409, description = "Refused: `not_replicated`, `no_replica`, `diskless`, `node_offline`, `not_ready`, `not_up_to_date`, `no_quorum`, `in_use`", body = ApiError)))]
+              (status = 409, description = "Refused: `not_replicated`, `no_replica`, `no_data_peer` (a witness without a connected UpToDate diskful replica), `node_offline`, `not_ready`, `not_up_to_date`, `no_quorum`, `in_use`", body = ApiError)))]
 async fn promote_volume(
     State(s): State<AppState>,
     ApiPath(name): ApiPath<String>,

@@ -229,7 +229,7 @@ impl VolumeRecord {
             return self
                 .primary_node
                 .as_deref()
-                .filter(|n| self.placements.iter().any(|p| &p.node == n && !p.diskless));
+                .filter(|n| self.placements.iter().any(|p| &p.node == n));
         }
         self.placements
             .iter()
@@ -970,7 +970,11 @@ impl Controller {
                 placement.node
             ))
         })?;
-        if report.disk_state != DiskState::UpToDate {
+        // A witness serves the volume too (a diskless Primary, through the diskful replicas).
+        let diskless_export = placement.diskless
+            && v.placements.len() > 1
+            && report.disk_state == DiskState::Diskless;
+        if report.disk_state != DiskState::UpToDate && !diskless_export {
             return Err(not_ready(format!(
                 "the replica of volume '{name}' on node '{}' is {:?}, not UpToDate",
                 placement.node, report.disk_state
@@ -1434,16 +1438,10 @@ impl Controller {
                 )
             })?;
         let current = v.desired_primary().map(str::to_string);
+        let diskless = placement.diskless;
         let target = if promote {
-            if placement.diskless {
-                return Err(Failure::conflict(
-                    "diskless",
-                    format!(
-                        "node '{node}' is a witness of volume '{name}' (no data): only a diskful \
-                         replica can be Primary"
-                    ),
-                ));
-            }
+            // A witness may be Primary too (diskless: it serves the volume through the
+            // diskful replicas it is connected to), checked below.
             Some(node.to_string())
         } else if current.as_deref() == Some(node) {
             None
@@ -1468,7 +1466,32 @@ impl Controller {
                     format!("the agent on node '{node}' has not reported volume '{name}' yet"),
                 ));
             };
-            if report.disk_state == DiskState::Outdated && !force {
+            if diskless {
+                // Serves data only through a connected UpToDate diskful replica.
+                let data_peer = v.placements.iter().filter(|p| !p.diskless).any(|p| {
+                    nodes
+                        .get(&p.node)
+                        .and_then(|n| n.replica(&v.name, &v.uuid))
+                        .is_some_and(|r| r.disk_state == DiskState::UpToDate)
+                        && report.peers.iter().any(|pr| {
+                            pr.node == p.node
+                                && !matches!(
+                                    pr.repl_state.as_str(),
+                                    "Off" | "StandAlone" | "Connecting" | "SplitBrain"
+                                )
+                        })
+                });
+                if !data_peer {
+                    return Err(Failure::conflict(
+                        "no_data_peer",
+                        format!(
+                            "node '{node}' is a witness of volume '{name}' (no data): it can be \
+                             Primary only while connected to an UpToDate diskful replica, and \
+                             none is"
+                        ),
+                    ));
+                }
+            } else if report.disk_state == DiskState::Outdated && !force {
                 return Err(Failure::conflict(
                     "outdated",
                     format!(
@@ -1479,7 +1502,8 @@ impl Controller {
                     ),
                 ));
             }
-            if report.disk_state != DiskState::UpToDate
+            if !diskless
+                && report.disk_state != DiskState::UpToDate
                 && !(force && report.disk_state == DiskState::Outdated)
             {
                 return Err(Failure::conflict(

@@ -382,8 +382,9 @@ fn promote_and_demote_move_the_primary_and_refuse_what_cannot_work() {
         )
     };
     // Refusals, each with its stable code; nothing changes.
+    // A witness: only while it reaches an UpToDate diskful replica (its report lists none).
     let (st, e) = promote("n2", false);
-    assert_api_error(st, &e, 409, "diskless");
+    assert_api_error(st, &e, 409, "no_data_peer");
     let (st, e) = promote("n3", false);
     assert_api_error(st, &e, 409, "not_up_to_date");
     assert!(

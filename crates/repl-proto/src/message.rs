@@ -76,6 +76,7 @@ wire_enum! {
         FlushAck = 0x0025,
         ReadRequest = 0x0026,
         ReadReply = 0x0027,
+        Settled = 0x0028,
         ResyncBegin = 0x0030,
         ResyncEnd = 0x0031,
         ResyncRequest = 0x0032,
@@ -221,6 +222,15 @@ pub mod resync_flags {
 pub mod oos_flags {
     /// The last message of the bitmap exchange after a connect.
     pub const END_OF_BITMAP: u32 = 1 << 0;
+    /// Since version 4, on an established link, from a diskless Primary: the ranges may be
+    /// missing on the diskful node whose id is in bits 8..13 (`THIRD_NODE_SHIFT`), which it
+    /// lost with these writes unacknowledged or unflushed there; the receiver marks them out of
+    /// sync toward that node (the diskless Primary keeps no bitmap of its own).
+    pub const THIRD_NODE: u32 = 1 << 1;
+    /// Where the node id of `THIRD_NODE` sits.
+    pub const THIRD_NODE_SHIFT: u32 = 8;
+    /// The bits of that node id.
+    pub const THIRD_NODE_MASK: u32 = 0x1f << THIRD_NODE_SHIFT;
 }
 
 /// Flag bits of [`StateReport::flags`] (DRBD's handshake flags, where they apply).
@@ -406,6 +416,13 @@ pub enum Message {
         status: Status,
         data: Bytes,
     },
+    /// Since version 4. A diskless Primary -> its diskful peers: every `Write` of this link
+    /// with a lower seq is durable on every replica it was sent to (a flush covering it
+    /// completed everywhere); the receiver no longer needs to mark it out of sync toward third
+    /// nodes if the writer goes away.
+    Settled {
+        seq: u64,
+    },
     // --- resync and verify ---
     /// Source -> target: a resync starts; on success the target adopts `generation`.
     ResyncBegin {
@@ -550,6 +567,7 @@ impl Message {
             Message::FlushAck { .. } => T::FlushAck,
             Message::ReadRequest { .. } => T::ReadRequest,
             Message::ReadReply { .. } => T::ReadReply,
+            Message::Settled { .. } => T::Settled,
             Message::ResyncBegin { .. } => T::ResyncBegin,
             Message::ResyncEnd { .. } => T::ResyncEnd,
             Message::ResyncRequest { .. } => T::ResyncRequest,
@@ -621,7 +639,10 @@ impl Message {
                 check_data_len(data.len() as u64)?;
                 check_range(*offset, data.len() as u64)
             }
-            Message::WriteAck { .. } | Message::Flush { .. } | Message::FlushAck { .. } => Ok(()),
+            Message::WriteAck { .. }
+            | Message::Flush { .. }
+            | Message::FlushAck { .. }
+            | Message::Settled { .. } => Ok(()),
             Message::Trim {
                 offset, len, flags, ..
             } => {
@@ -696,7 +717,10 @@ impl Message {
                 })
             }
             Message::OutOfSync { flags, ranges } => {
-                check_flags(*flags, oos_flags::END_OF_BITMAP)?;
+                check_flags(
+                    *flags,
+                    oos_flags::END_OF_BITMAP | oos_flags::THIRD_NODE | oos_flags::THIRD_NODE_MASK,
+                )?;
                 check(ranges.len() <= MAX_OOS_RANGES, || {
                     format!("more than {MAX_OOS_RANGES} ranges")
                 })?;
@@ -825,7 +849,7 @@ impl Message {
                 out.put_u32_le(*flags);
                 None
             }
-            Message::Flush { seq } => {
+            Message::Flush { seq } | Message::Settled { seq } => {
                 out.put_u64_le(*seq);
                 None
             }
@@ -1059,6 +1083,7 @@ fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, D
             flags: r.u32()?,
         },
         T::Flush => Message::Flush { seq: r.u64()? },
+        T::Settled => Message::Settled { seq: r.u64()? },
         T::FlushAck => Message::FlushAck {
             seq: r.u64()?,
             status: r.code8(Status::from_code, "status")?,

@@ -187,6 +187,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
             })
             .boxed(),
         any::<u64>().prop_map(|seq| Message::Flush { seq }).boxed(),
+        any::<u64>()
+            .prop_map(|seq| Message::Settled { seq })
+            .boxed(),
         (any::<u64>(), status())
             .prop_map(|(seq, status)| Message::FlushAck { seq, status })
             .boxed(),
@@ -1087,24 +1090,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 4..=6.
+    // A future initiator speaking only 5..=7.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 4;
-    h.max_version = 6;
+    h.min_version = 5;
+    h.max_version = 7;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 3).unwrap(),
-        theirs: VersionRange::new(4, 6).unwrap(),
+        ours: VersionRange::new(1, 4).unwrap(),
+        theirs: VersionRange::new(5, 7).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=3, the peer speaks 4..=6")
+            .contains("we speak 1..=4, the peer speaks 5..=7")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1120,20 +1123,20 @@ fn refuses_version_mismatch_naming_both_ranges() {
     };
     assert_eq!(
         (reason, min_version, max_version),
-        (RefuseReason::VersionMismatch, 1, 3)
+        (RefuseReason::VersionMismatch, 1, 4)
     );
     // Pretend the initiator is the future one: its error names its and the acceptor's range.
     let f = ini.on_message(refusal).unwrap_err();
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 4..=6.
+    // A future acceptor offering only 5..=7.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 4,
-            max_version: 6,
-            version: 6,
+            min_version: 5,
+            max_version: 7,
+            version: 7,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1141,7 +1144,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(4, 6).unwrap(),
+            theirs: VersionRange::new(5, 7).unwrap(),
         })
     );
     assert!(matches!(
@@ -1302,7 +1305,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 4).unwrap();
+    c.versions = VersionRange::new(1, 5).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1475,6 +1478,7 @@ fn payload_sizes_match_the_doc() {
             28,
         ),
         (Message::Flush { seq: 0 }, 8),
+        (Message::Settled { seq: 0 }, 8),
         (
             Message::FlushAck {
                 seq: 0,

@@ -23,6 +23,11 @@ pub enum ProtocolVersion {
     /// which orders promotions for the `discard-younger-primary` split-brain policy. A
     /// version-2 link omits it (reads as 0: the policy cannot tell, the link stays split).
     V3 = 3,
+    /// Version 4: the `Settled` message (type `0x0028`): a diskless Primary tells its diskful
+    /// peers which of its writes are durable on every replica, so they know which writes to
+    /// mark out of sync toward each other if the Primary goes away. A version-3 peer does not
+    /// know the type (the link breaks): a diskless Primary needs version 4 on its links.
+    V4 = 4,
 }
 
 impl ProtocolVersion {
@@ -31,9 +36,10 @@ impl ProtocolVersion {
         ProtocolVersion::V1,
         ProtocolVersion::V2,
         ProtocolVersion::V3,
+        ProtocolVersion::V4,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V3;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V4;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -146,13 +152,14 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 3);
+        assert_eq!(ProtocolVersion::LATEST.number(), 4);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
+        assert_eq!(ProtocolVersion::from_number(4), Some(ProtocolVersion::V4));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 4).is_supported());
+        assert!(!r(1, 5).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

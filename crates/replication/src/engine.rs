@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
 use tandem_repl_proto::{
-    ByteRange, DisconnectReason, DiskState, Generations, Message, NodeId, PeerBitmap, QuorumInfo,
-    Role, StateReport, Status as WireStatus,
+    ByteRange, DisconnectReason, DiskState, Generation, Generations, Message, NodeId, PeerBitmap,
+    QuorumInfo, Role, StateReport, Status as WireStatus,
 };
 
 use crate::bitmap::Bitmap;
@@ -36,8 +36,13 @@ pub enum PromoteError {
          would lose them (force only when those replicas are gone for good)"
     )]
     Outdated,
-    #[error("a witness cannot be Primary")]
-    Diskless,
+    #[error("a diskless node serves data only through an UpToDate diskful peer; none is connected")]
+    NoDataPeer,
+    #[error(
+        "connected diskful peers {0} and {1} hold different data generations and neither is \
+         known to be behind the other; promote after they resynced"
+    )]
+    DataPeersDiffer(NodeId, NodeId),
     #[error(
         "this node crashed as Primary and has not compared its data with a diskful peer yet \
          (its disk may be stale, e.g. re-attached after an I/O error); force only when no peer \
@@ -153,6 +158,9 @@ struct ClientFlushState {
     /// Peers that made it durable (see `ClientWriteState::ok_from`).
     ok_from: BTreeSet<NodeId>,
     seq: u64,
+    /// The peers it was sent to (a diskless Primary declares the writes before it `Settled`
+    /// only when every peer that receives writes now was one of them).
+    targets: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -190,6 +198,9 @@ struct ResyncTarget {
     no_checksums: bool,
     /// Bytes found identical by checksum and not transferred.
     skipped: u64,
+    /// Blocks marked again by the source (`late_marks`) while resync data for them that it
+    /// sent earlier (older) was still being written here: that write must not clear them.
+    remark: BTreeSet<u64>,
 }
 
 #[derive(Debug)]
@@ -219,7 +230,18 @@ struct Conn {
     /// Our disk is detached (Failed) and this peer holds our data: it was in sync when we
     /// detached (or its handshake since found it at our generation with nothing out of sync).
     /// Only such peers receive our writes, serve our reads and make a write succeed.
+    /// A diskless Primary uses the same flag: the peers that hold the volume's current data.
     serves: bool,
+    /// Writes received from this peer while it is a diskless Primary that it has not
+    /// declared `Settled` yet (seq -> range): they may be missing on another diskful replica,
+    /// so if the writer goes away, or starts a generation without a replica, they are marked
+    /// out of sync toward it (the diskless Primary keeps no bitmap of its own).
+    unsettled: BTreeMap<u64, (u64, u64)>,
+    /// We are its sync source: writes of a diskless Primary we applied since the handshake
+    /// (that Primary may not write to it: the resync must fetch them, see `late_marks`).
+    late: Vec<(u64, u64)>,
+    /// The bitmap we sent at the link's start had bits: the peer decides on that.
+    sent_bits: bool,
 }
 
 #[derive(Debug)]
@@ -318,6 +340,20 @@ pub struct Engine {
     /// The highest promotion epoch seen (ours and our peers' reports); a promotion goes one
     /// above it.
     primary_epoch_seen: u64,
+    /// A diskful Secondary lost its link to this diskless Primary: it may lack that Primary's
+    /// last writes (which another replica may have). Until the Primary is back (or a Primary
+    /// is connected, or we are promoted, or a resync into us finished) we do not become sync
+    /// target of a Secondary (its data may keep changing through writes we do not get), and our
+    /// reports say we lost a Primary at our current generation (rule `EqualBitsLostPrimary`).
+    /// In memory only: a restart loses it with everything else the node did not persist.
+    lost_diskless: Option<NodeId>,
+    /// A resync into us finished and the source has not confirmed it yet (`ResyncEnd`; it may
+    /// have sent us writes to fetch too, see `late`): other peers are told Inconsistent
+    /// meanwhile, so a diskless Primary does not read from us too early. (source, link epoch)
+    unconfirmed_source: Option<(NodeId, u64)>,
+    /// A diskless Primary that demoted flushes its peers (seq, peers still to answer, all
+    /// answered Ok so far) and declares its writes `Settled` when every one did.
+    demote_flush: Option<(u64, BTreeSet<NodeId>, bool)>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -414,6 +450,9 @@ impl Engine {
             internal: VecDeque::new(),
             fwd_reads: BTreeMap::new(),
             next_read_seq: 1,
+            lost_diskless: None,
+            unconfirmed_source: None,
+            demote_flush: None,
         };
         if e.meta.disk_state == DiskState::Failed {
             // Re-attached after an I/O error detached this disk: it holds the data up to the
@@ -425,6 +464,16 @@ impl Engine {
                 Level::Warn,
                 "the disk was detached after an I/O error: Outdated until resynced from a peer"
                     .into(),
+            );
+            e.persist_meta();
+        }
+        if e.meta.primary && !e.cfg.diskful {
+            // A diskless Primary that stopped without demoting: it has no data to be stale,
+            // its peers hold everything (and mark what it may have left half written).
+            e.meta.primary = false;
+            e.log(
+                Level::Warn,
+                "was a diskless Primary when it stopped: starts as Secondary".into(),
             );
             e.persist_meta();
         }
@@ -490,13 +539,41 @@ impl Engine {
         self.meta.disk_state == DiskState::Failed
     }
 
-    /// Disk I/O: started, or on a detached disk failed at once (completion queued).
+    /// Consumer I/O goes to the peers, not to a local disk: the disk is detached, or this
+    /// node is diskless.
+    fn forwards(&self) -> bool {
+        self.failed() || !self.cfg.diskful
+    }
+
+    /// A diskless node that is Primary.
+    fn diskless_primary(&self) -> bool {
+        !self.cfg.diskful && self.role == Role::Primary
+    }
+
+    /// Disk I/O: started, or on a detached disk failed at once (completion queued). A
+    /// diskless node has no disk: its flushes (nothing to make durable) succeed at once, the
+    /// rest fails (never asked for).
     fn disk(&mut self, a: Action) {
-        if !self.failed() {
+        if self.cfg.diskful && !self.failed() {
             self.out.push(a);
             return;
         }
-        let err = || DiskError("disk detached".into());
+        if let (false, Action::DiskFlush { io }) = (self.cfg.diskful, &a) {
+            let io = *io;
+            self.internal
+                .push_back(Event::DiskFlushDone { io, result: Ok(()) });
+            return;
+        }
+        let err = || {
+            DiskError(
+                if self.cfg.diskful {
+                    "disk detached"
+                } else {
+                    "no local disk"
+                }
+                .into(),
+            )
+        };
         let ev = match a {
             Action::DiskWrite { io, .. } => Event::DiskWriteDone {
                 io,
@@ -558,17 +635,28 @@ impl Engine {
 
     pub fn promote(&mut self, now: Nanos) -> Result<Vec<Action>, PromoteError> {
         self.now = self.now.max(now);
-        if !self.cfg.diskful {
-            return Err(PromoteError::Diskless);
-        }
         if self.role == Role::Primary {
             return Ok(Vec::new());
+        }
+        if !self.cfg.diskful {
+            return self.promote_diskless();
         }
         if self.meta.disk_state == DiskState::Outdated {
             return Err(PromoteError::Outdated);
         }
         if self.meta.disk_state != DiskState::UpToDate {
             return Err(PromoteError::NotUpToDate(self.meta.disk_state));
+        }
+        if self.peers.values().any(|p| {
+            p.conn.as_ref().is_some_and(|c| {
+                c.state == ReplState::SyncTarget
+                    || (c.state == ReplState::PausedSync
+                        && c.decision.is_some_and(|(d, _)| d.is_target()))
+            })
+        }) {
+            // A handshake just decided that a peer has newer data for us (we become
+            // Inconsistent when its resync begins).
+            return Err(PromoteError::NotUpToDate(DiskState::Inconsistent));
         }
         // A crashed Primary's disk may be stale (its metadata may predate a detach it could
         // not record: its peers kept writing). It becomes Primary again only after a
@@ -592,9 +680,106 @@ impl Engine {
         if !ok {
             return Err(PromoteError::NoQuorum { reachable, voters });
         }
+        self.become_primary();
+        Ok(self.take_out())
+    }
+
+    /// The diskful peers whose data a diskless node can serve right now: connected,
+    /// Established, UpToDate, not Primary, and not recorded as behind by another such peer
+    /// (its report lists a bitmap generation toward it equal to its current one while it is
+    /// itself newer). All of them must hold the same generation.
+    fn data_peers(&self) -> Result<(Generation, [Generation; 2], Vec<NodeId>), PromoteError> {
+        let cands: Vec<(NodeId, &StateReport)> = self
+            .peers
+            .values()
+            .filter(|p| p.cfg.diskful)
+            .filter_map(|p| {
+                let c = p.conn.as_ref()?;
+                let r = c.report.as_ref()?;
+                (c.state == ReplState::Established
+                    && r.disk_state == DiskState::UpToDate
+                    && r.role != Role::Primary)
+                    .then_some((p.cfg.node_id, r))
+            })
+            .collect();
+        let behind = |id: NodeId, r: &StateReport| {
+            cands.iter().any(|(o, or)| {
+                *o != id
+                    && or.generations.current != r.generations.current
+                    && or
+                        .peer_bitmaps
+                        .iter()
+                        .any(|b| b.node == id && b.generation == r.generations.current)
+            })
+        };
+        let good: Vec<(NodeId, &StateReport)> = cands
+            .iter()
+            .filter(|(id, r)| !behind(*id, r))
+            .copied()
+            .collect();
+        let Some((first, r0)) = good.first().copied() else {
+            return Err(PromoteError::NoDataPeer);
+        };
+        if let Some((other, _)) = good
+            .iter()
+            .find(|(_, r)| r.generations.current != r0.generations.current)
+        {
+            return Err(PromoteError::DataPeersDiffer(first, *other));
+        }
+        Ok((
+            r0.generations.current,
+            r0.generations.history,
+            good.iter().map(|(id, _)| *id).collect(),
+        ))
+    }
+
+    /// A diskless node becomes Primary: it takes the generation of the data it serves from
+    /// its UpToDate diskful peers (`data_peers`), writes to every connected diskful peer and
+    /// reads through those that hold that data (as a Primary whose disk is detached does).
+    fn promote_diskless(&mut self) -> Result<Vec<Action>, PromoteError> {
+        if let Some(p) = self
+            .peers
+            .values()
+            .find(|p| peer_role(p) == Some(Role::Primary))
+        {
+            return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
+        }
+        let (current, history, serving) = self.data_peers()?;
+        let (reachable, voters, ok) = self.quorum();
+        if !ok {
+            return Err(PromoteError::NoQuorum { reachable, voters });
+        }
+        self.meta.current = current;
+        self.meta.history = history;
+        self.meta.peer_bitmap_gens.clear();
+        for id in self.diskful_ids() {
+            let theirs = self
+                .conn(id)
+                .and_then(|c| c.report.as_ref())
+                .map(|r| r.generations.current);
+            if let Some(g) = theirs.filter(|g| *g != current) {
+                // Connected but behind: recorded, so it is listed as Outdated and does not
+                // serve before it caught up.
+                self.meta.peer_bitmap_gens.insert(id, g);
+            }
+            let serves = serving.contains(&id);
+            if let Some(c) = self.conn_mut(id) {
+                c.serves = serves;
+            }
+        }
+        self.log(
+            Level::Info,
+            format!("diskless: serving generation {current:016x} through nodes {serving:?}"),
+        );
+        self.become_primary();
+        Ok(self.take_out())
+    }
+
+    fn become_primary(&mut self) {
         self.role = Role::Primary;
         self.primary_fresh = None;
         self.crashed_primary = false;
+        self.set_lost_diskless(None);
         self.meta.primary = true;
         self.meta.primary_epoch = self.meta.primary_epoch.max(self.primary_epoch_seen) + 1;
         self.primary_epoch_seen = self.meta.primary_epoch;
@@ -604,7 +789,6 @@ impl Engine {
         self.persist_meta();
         self.log(Level::Info, "promoted to Primary".into());
         self.broadcast_report(true);
-        Ok(self.take_out())
     }
 
     /// Makes this node Secondary. Refused while consumer requests are in flight.
@@ -889,10 +1073,105 @@ impl Engine {
     }
 
     fn detached_error(&self) -> RequestError {
+        if !self.cfg.diskful {
+            return RequestError::Io(
+                "diskless: no connected UpToDate diskful peer holds the data".into(),
+            );
+        }
         RequestError::Io(format!(
             "local disk detached ({}) and no UpToDate peer holds our data",
             self.disk_failure.as_deref().unwrap_or("I/O error")
         ))
+    }
+
+    /// Sets or clears `lost_diskless`; clearing it lets the links it held back (paused) compare
+    /// again.
+    fn set_lost_diskless(&mut self, lost: Option<NodeId>) {
+        let was = self.lost_diskless;
+        self.lost_diskless = lost;
+        if was.is_none() || lost.is_some() {
+            return;
+        }
+        self.log(
+            Level::Info,
+            format!(
+                "the diskless Primary node {} we lost is settled",
+                was.unwrap_or(0)
+            ),
+        );
+        let paused: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.cfg.diskful
+                    && p.conn
+                        .as_ref()
+                        .is_some_and(|c| c.state == ReplState::PausedSync)
+            })
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in paused {
+            self.disconnect(
+                id,
+                DisconnectReason::ConfigChanged,
+                "no longer waiting for a lost diskless Primary; reconnect to compare".into(),
+            );
+        }
+    }
+
+    /// A diskless Primary lost a diskful peer (link down, disk detached): if another peer
+    /// still holds the data, start a new generation now (the peers adopt it and mark what the
+    /// lost one may lack, see `adopt_generation`), so it cannot look in sync when it comes
+    /// back; otherwise at the next write that completes.
+    fn diskless_lost_peer(&mut self, lost: NodeId, ranges: Vec<(u64, u64)>) {
+        if !self.diskless_primary() {
+            return;
+        }
+        // Writes it had not acknowledged, or not made durable (it may have crashed): the
+        // peers that got them mark them toward it (its own resync fetches them later).
+        let receivers: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.cfg.node_id != lost && self.receives_writes(p))
+            .map(|p| p.cfg.node_id)
+            .collect();
+        let ranges: Vec<ByteRange> = ranges
+            .into_iter()
+            .map(|(offset, len)| ByteRange { offset, len })
+            .collect();
+        for id in receivers {
+            for chunk in ranges.chunks(OOS_CHUNK) {
+                self.send(
+                    id,
+                    Message::OutOfSync {
+                        flags: oos_flags::THIRD_NODE
+                            | (u32::from(lost) << oos_flags::THIRD_NODE_SHIFT),
+                        ranges: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+        if self.peers_needing_new_generation().is_empty() {
+            return;
+        }
+        if self.serving_peer().is_some() {
+            self.mint_pending = false;
+            self.mint("a diskful peer dropped out of a diskless Primary's writes");
+            self.persist_meta();
+            self.broadcast_report(false);
+        } else {
+            self.mint_pending = true;
+        }
+    }
+
+    /// Ranges of writes from `from` (a diskless Primary) not yet settled: marked out of sync
+    /// toward each of `ids`.
+    fn mark_unsettled(&mut self, ranges: &[(u64, u64)], ids: &[NodeId]) {
+        for &id in ids {
+            for &(off, len) in ranges {
+                self.set_bits(id, off, len);
+            }
+        }
     }
 
     /// A consumer read on a detached disk goes to a peer that holds our data (`ReadRequest`);
@@ -1034,6 +1313,19 @@ impl Engine {
         if self.failed() {
             return self.serves(p.cfg.node_id);
         }
+        if !self.cfg.diskful {
+            // A diskless Primary writes to every connected diskful peer that reported and is
+            // not detached, in sync or not (one behind resyncs from another replica meanwhile
+            // and must get our writes too); only those that hold our data make a write succeed.
+            return p.cfg.diskful
+                && !self.peer_failed(p.cfg.node_id)
+                && p.conn.as_ref().is_some_and(|c| {
+                    c.state == ReplState::Established
+                        && c.report
+                            .as_ref()
+                            .is_some_and(|r| r.disk_state != DiskState::Diskless)
+                });
+        }
         p.cfg.diskful
             && !self.peer_failed(p.cfg.node_id)
             && p.conn.as_ref().is_some_and(|c| {
@@ -1132,7 +1424,10 @@ impl Engine {
             seq: self.report_seq,
             node_id: self.cfg.node_id,
             role: self.role,
-            disk_state: self.meta.disk_state,
+            disk_state: match self.unconfirmed_source {
+                Some((src, _)) if src != peer => DiskState::Inconsistent,
+                _ => self.meta.disk_state,
+            },
             quorum: QuorumInfo {
                 has_quorum,
                 voters,
@@ -1154,6 +1449,15 @@ impl Engine {
                     node: *id,
                     generation: *g,
                 })
+                // Lost a diskless Primary at our current generation (see `lost_diskless`).
+                .chain(
+                    self.lost_diskless
+                        .filter(|l| *l != peer && self.cfg.diskful)
+                        .map(|node| PeerBitmap {
+                            node,
+                            generation: self.meta.current,
+                        }),
+                )
                 .collect(),
             outdated,
             outdated_gen,
@@ -1169,6 +1473,26 @@ impl Engine {
     /// With the mask: the generation it belongs to (the Primary's current one) and the
     /// Primary's node id.
     fn outdated_mask(&self) -> (u32, u64, NodeId) {
+        if self.diskless_primary() {
+            // No bitmaps: the peers we recorded as behind (bitmap generation) while another
+            // peer holds our data. There is no handshake with us that would resync them.
+            if self.serving_peer().is_none() {
+                return (0, 0, 0);
+            }
+            let mask = self
+                .diskful_ids()
+                .into_iter()
+                .filter(|id| {
+                    self.meta.peer_bitmap_gens.get(id).copied().unwrap_or(0) != 0
+                        && !self.serves(*id)
+                })
+                .fold(0, |m, id| m | 1u32 << id);
+            return if mask == 0 {
+                (0, 0, 0)
+            } else {
+                (mask, self.meta.current, self.cfg.node_id)
+            };
+        }
         if self.role == Role::Primary {
             // With a detached disk there is no handshake to tell a connected peer what it
             // missed: every peer with blocks out of sync is listed, connected or not, while
@@ -1226,10 +1550,13 @@ impl Engine {
         let connected = |n: NodeId| self.peers.get(&n).is_some_and(|p| p.conn.is_some());
         // A Primary with a detached disk never resyncs us: its own list is the authority,
         // whatever our generation (we may have adopted its current one).
+        // A diskless Primary's list too, unless we caught up with its generation since (a
+        // resync from a replica that has it; its list may still name us until it noticed).
         let from_detached_primary = |r: &StateReport| {
             r.role == Role::Primary
-                && r.disk_state == DiskState::Failed
                 && r.outdated_by == r.node_id
+                && (r.disk_state == DiskState::Failed
+                    || (r.disk_state == DiskState::Diskless && r.outdated_gen != current))
         };
         let Some(by) = reports()
             .find(|r| {
@@ -1241,13 +1568,14 @@ impl Engine {
         else {
             return;
         };
-        if reports().any(|r| r.role == Role::Primary && r.disk_state != DiskState::Failed)
-            || self.peers.values().any(|p| {
-                p.conn
-                    .as_ref()
-                    .is_some_and(|c| c.state == ReplState::Connecting)
-            })
-        {
+        if reports().any(|r| {
+            r.role == Role::Primary
+                && !matches!(r.disk_state, DiskState::Failed | DiskState::Diskless)
+        }) || self.peers.values().any(|p| {
+            p.conn
+                .as_ref()
+                .is_some_and(|c| c.state == ReplState::Connecting)
+        }) {
             return;
         }
         self.meta.disk_state = DiskState::Outdated;
@@ -1300,6 +1628,22 @@ impl Engine {
     }
 
     fn become_secondary(&mut self, why: &str) {
+        if !self.cfg.diskful && self.role == Role::Primary {
+            // No disk of ours to flush: the peers' caches hold our last writes. Flush them,
+            // and settle the writes once every peer made them durable.
+            let targets: BTreeSet<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| self.receives_writes(p))
+                .map(|p| p.cfg.node_id)
+                .collect();
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            for &p in &targets {
+                self.send(p, Message::Flush { seq });
+            }
+            self.demote_flush = (!targets.is_empty()).then_some((seq, targets, true));
+        }
         self.role = Role::Secondary;
         // Our own unflushed writes are covered by the activity log only while the metadata
         // says Primary: flush first, then record the demotion (see DemoteFlush).
@@ -1544,7 +1888,7 @@ impl Engine {
         if self.role != Role::Primary {
             return self.complete(id, Err(RequestError::NotPrimary));
         }
-        if self.failed() {
+        if self.forwards() {
             if self.serving_peer().is_none() {
                 let err = self.detached_error();
                 return self.complete(id, Err(err));
@@ -1645,9 +1989,10 @@ impl Engine {
                 id,
                 local_done: false,
                 local_error: None,
-                waiting: targets.into_iter().collect(),
+                waiting: targets.iter().copied().collect(),
                 ok_from: BTreeSet::new(),
                 seq,
+                targets: targets.into_iter().collect(),
             },
         );
         let upto = self.al_ctr;
@@ -1723,6 +2068,39 @@ impl Engine {
                 if self.peer_failed(peer) {
                     // A Primary with a detached disk: its own disk misses this write.
                     self.set_bits(peer, op.offset, op.len);
+                }
+                if !self.peers[&peer].cfg.diskful {
+                    // A diskless Primary's write: a peer we resync (or may resync: our bitmap
+                    // went out at the link's start) may not get it from the Primary (not
+                    // connected to it), and its resync walks the bitmaps of the handshake.
+                    // Tell it (it fetches the blocks unless it got them directly).
+                    let targets: Vec<NodeId> = self
+                        .peers
+                        .values()
+                        .filter(|p| {
+                            p.cfg.node_id != peer
+                                && p.cfg.diskful
+                                && p.conn.as_ref().is_some_and(|c| {
+                                    matches!(c.state, ReplState::SyncSource | ReplState::Connecting)
+                                })
+                        })
+                        .map(|p| p.cfg.node_id)
+                        .collect();
+                    for t in targets {
+                        if let Some(c) = self.conn_mut(t) {
+                            c.late.push((op.offset, op.len));
+                        }
+                        self.send(
+                            t,
+                            Message::OutOfSync {
+                                flags: 0,
+                                ranges: vec![ByteRange {
+                                    offset: op.offset,
+                                    len: op.len,
+                                }],
+                            },
+                        );
+                    }
                 }
                 self.mark_primary_fresh(peer, op.offset, op.len);
                 self.fence_resync(op.offset, op.len);
@@ -1887,6 +2265,86 @@ impl Engine {
         }
     }
 
+    /// The source of the resync that finished into us confirmed it (or started another one,
+    /// or is gone): every peer may see our real disk state now.
+    fn confirm_resync(&mut self, peer: NodeId) {
+        if self.unconfirmed_source.is_some_and(|(src, _)| src == peer) {
+            self.unconfirmed_source = None;
+            self.broadcast_report(false);
+        }
+    }
+
+    /// Our sync source applied writes of a diskless Primary after the handshake: fetch those
+    /// blocks too, except the ones that Primary gave us directly over the current link
+    /// (ours are as new or newer).
+    fn late_marks(&mut self, peer: NodeId, ranges: &[ByteRange]) -> Result<(), ProtocolError> {
+        for r in ranges {
+            if r.offset.saturating_add(r.len) > self.cfg.size_bytes || r.len == 0 {
+                return Err(ProtocolError::Invalid {
+                    peer,
+                    detail: "out-of-sync range outside the volume".into(),
+                });
+            }
+        }
+        let fresh = self.primary_fresh.as_ref().filter(|f| {
+            self.conn(f.primary).is_some_and(|c| c.epoch == f.epoch)
+                && peer_role(&self.peers[&f.primary]) == Some(Role::Primary)
+        });
+        let mut bits = Vec::new();
+        if let Some(b) = self.peers.get(&peer).and_then(|p| p.bitmap.as_ref()) {
+            for r in ranges {
+                let (first, count) = b.bits_touching(r.offset, r.len);
+                for bit in first..first + count {
+                    if !fresh.is_some_and(|f| f.bits.test(bit)) {
+                        bits.push(bit);
+                    }
+                }
+            }
+        }
+        // Resync data received before this message (older than the write it reports) and
+        // not written yet: its completion must leave these bits set.
+        let g = self.cfg.bitmap_granularity as u64;
+        let pending: Vec<(u64, u64)> = self
+            .active
+            .values()
+            .chain(self.waiting.iter())
+            .filter(|o| matches!(o.kind, OpKind::ResyncWrite { peer: p, .. } if p == peer))
+            .map(|o| (o.offset, o.len))
+            .collect();
+        let mut persist = Vec::new();
+        if let Some(p) = self.peers.get_mut(&peer)
+            && let (Some(b), Some(rs)) = (
+                p.bitmap.as_mut(),
+                p.conn.as_mut().and_then(|c| c.resync.as_mut()),
+            )
+        {
+            for bit in bits {
+                if pending
+                    .iter()
+                    .any(|(off, len)| overlaps(*off, *len, bit * g, g))
+                {
+                    rs.remark.insert(bit);
+                }
+                rs.fenced.remove(&bit);
+                if b.set_bits(bit, 1) > 0 {
+                    rs.total += b.granularity();
+                    persist.push(bit);
+                }
+            }
+            rs.cursor = 0;
+        }
+        for bit in persist {
+            self.out.push(Action::PersistBits {
+                peer,
+                set: true,
+                first: bit,
+                count: 1,
+            });
+        }
+        self.pump_resync();
+        Ok(())
+    }
+
     fn resync_fenced(&self, peer: NodeId, offset: u64, len: u64) -> bool {
         let Some(p) = self.peers.get(&peer) else {
             return false;
@@ -1914,7 +2372,7 @@ impl Engine {
         }
         // Activity log: hot extents persisted before the write.
         let ext = self.cfg.al_extent_bytes;
-        let extents: Vec<u64> = if self.failed() {
+        let extents: Vec<u64> = if self.forwards() {
             Vec::new() // nothing is written locally
         } else {
             (offset / ext..=(offset + len - 1) / ext).collect()
@@ -1951,7 +2409,28 @@ impl Engine {
                 self.set_bits(pid, offset, len);
             }
         }
+        // A diskless Primary has no bitmap: the replicas that get this write mark it toward
+        // the diskful ones that do not (one may look in sync to them: it caught up through
+        // them while our link to it was down or not reported yet).
+        let missing: Vec<NodeId> = if self.cfg.diskful {
+            Vec::new()
+        } else {
+            self.diskful_ids()
+                .into_iter()
+                .filter(|id| !waiting.contains(id))
+                .collect()
+        };
         for &pid in &waiting {
+            for &m in &missing {
+                self.send(
+                    pid,
+                    Message::OutOfSync {
+                        flags: oos_flags::THIRD_NODE
+                            | (u32::from(m) << oos_flags::THIRD_NODE_SHIFT),
+                        ranges: vec![ByteRange { offset, len }],
+                    },
+                );
+            }
             if let Some(c) = self.conn_mut(pid) {
                 c.unacked.insert(seq, (offset, len));
             }
@@ -1988,7 +2467,7 @@ impl Engine {
     }
 
     fn al_evict(&mut self) {
-        if self.failed() {
+        if self.forwards() {
             return; // nothing is written locally any more
         }
         while self.al.len() > self.cfg.al_extents {
@@ -2032,7 +2511,7 @@ impl Engine {
             OpKind::ClientWrite { .. } => {
                 self.al_ctr += 1;
                 let ctr = self.al_ctr;
-                let failed = self.failed();
+                let failed = self.forwards();
                 if let Some(w) = self.writes.get_mut(&key) {
                     w.local_done = true;
                     if let Err(e) = &result
@@ -2083,7 +2562,22 @@ impl Engine {
                     rs.done += op.len;
                     if let Some(b) = p.bitmap.as_mut() {
                         let (first, count) = b.bits_covered(op.offset, op.len);
-                        if b.clear_bits(first, count) > 0 {
+                        let mut cleared = Vec::new();
+                        for bit in first..first + count {
+                            if !rs.remark.remove(&bit) && b.test(bit) {
+                                b.clear_bits(bit, 1);
+                                cleared.push(bit);
+                            }
+                        }
+                        // One persist per run of cleared bits.
+                        let mut runs: Vec<(u64, u64)> = Vec::new();
+                        for bit in cleared {
+                            match runs.last_mut() {
+                                Some((f, n)) if *f + *n == bit => *n += 1,
+                                _ => runs.push((bit, 1)),
+                            }
+                        }
+                        for (first, count) in runs {
                             self.out.push(Action::PersistBits {
                                 peer,
                                 set: false,
@@ -2112,7 +2606,7 @@ impl Engine {
         };
         // With a detached disk the peers hold the only copy: protocol C semantics.
         let peers_done =
-            w.waiting.is_empty() || (self.cfg.protocol == Protocol::A && !self.failed());
+            w.waiting.is_empty() || (self.cfg.protocol == Protocol::A && !self.forwards());
         if !(w.local_done && peers_done) {
             return;
         }
@@ -2125,7 +2619,7 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
-        } else if self.failed() && !w.ok_from.iter().any(|p| self.serves(*p)) {
+        } else if self.forwards() && !w.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
         } else {
             Ok(Reply::Done)
@@ -2164,12 +2658,27 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
-        } else if self.failed() && !f.ok_from.iter().any(|p| self.serves(*p)) {
+        } else if self.forwards() && !f.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
         } else {
             Ok(Reply::Done)
         };
-        let _ = f.seq;
+        if result.is_ok() && self.diskless_primary() {
+            // Every write before this flush is durable on every peer that receives writes
+            // (a peer that dropped out since was given a new generation, which its peers
+            // adopted, marking what it may lack): its peers may forget them.
+            let receivers: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| self.receives_writes(p))
+                .map(|p| p.cfg.node_id)
+                .collect();
+            if receivers.iter().all(|id| f.targets.contains(id)) {
+                for id in receivers {
+                    self.send(id, Message::Settled { seq: f.seq });
+                }
+            }
+        }
         self.complete(f.id, result);
     }
 
@@ -2180,7 +2689,7 @@ impl Engine {
         let Some(op) = self.active.get(&key).cloned() else {
             return;
         };
-        if matches!(op.kind, OpKind::ClientRead { .. }) && result.is_err() && self.failed() {
+        if matches!(op.kind, OpKind::ClientRead { .. }) && result.is_err() && self.forwards() {
             // Detached: a peer that holds our data answers instead (the op stays active, so
             // the ordering holds until its reply).
             self.forward_read(key);
@@ -2257,7 +2766,7 @@ impl Engine {
                 if result.is_ok() {
                     self.al_flushed = self.al_flushed.max(upto);
                 }
-                let failed = self.failed();
+                let failed = self.forwards();
                 if let Some(f) = self.flushes.get_mut(&key) {
                     f.local_done = true;
                     if let Err(e) = result
@@ -2276,7 +2785,9 @@ impl Engine {
                         self.meta.primary = false;
                         self.persist_meta();
                         self.al.clear();
-                        self.out.push(Action::PersistActivityLog(Vec::new()));
+                        if self.cfg.diskful {
+                            self.out.push(Action::PersistActivityLog(Vec::new()));
+                        }
                     }
                 }
             }
@@ -2341,6 +2852,9 @@ impl Engine {
             rx_inflight: BTreeSet::new(),
             rx_flush_wait: Vec::new(),
             resync: None,
+            unsettled: BTreeMap::new(),
+            late: Vec::new(),
+            sent_bits: false,
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -2366,6 +2880,10 @@ impl Engine {
                         .collect()
                 })
                 .unwrap_or_default();
+            let sent_bits = !runs.is_empty();
+            if let Some(c) = self.conn_mut(peer) {
+                c.sent_bits = sent_bits;
+            }
             let mut chunks: Vec<Vec<ByteRange>> =
                 runs.chunks(OOS_CHUNK).map(|c| c.to_vec()).collect();
             if chunks.is_empty() {
@@ -2395,6 +2913,82 @@ impl Engine {
         let diskful = p.cfg.diskful;
         self.verify_peer_down(peer);
         self.reroute_reads(peer);
+        self.confirm_resync(peer);
+        if diskful && self.diskless_primary() {
+            // Before the writes it leaves complete: they complete under the new generation.
+            let lost: Vec<(u64, u64)> = conn
+                .unacked
+                .values()
+                .chain(conn.unflushed.values())
+                .copied()
+                .collect();
+            self.diskless_lost_peer(peer, lost);
+        }
+        if let Some((_, waiting, all_ok)) = self.demote_flush.as_mut()
+            && waiting.remove(&peer)
+        {
+            // It may lose what it did not flush: the others keep their marks.
+            *all_ok = false;
+            if waiting.is_empty() {
+                self.demote_flush = None;
+            }
+        }
+        if diskful && self.cfg.diskful {
+            // Writes of a diskless Primary not settled yet may be lost on it (it may have
+            // crashed before flushing them): mark them toward it.
+            let ranges: Vec<(u64, u64)> = self
+                .peers
+                .values()
+                .filter(|p| !p.cfg.diskful)
+                .filter_map(|p| p.conn.as_ref())
+                .flat_map(|c| c.unsettled.values().copied())
+                .collect();
+            self.mark_unsettled(&ranges, &[peer]);
+        }
+        let was_primary = conn
+            .report
+            .as_ref()
+            .is_some_and(|r| r.role == Role::Primary);
+        let lost_diskless_primary =
+            !diskful && self.cfg.diskful && (was_primary || !conn.unsettled.is_empty());
+        if lost_diskless_primary {
+            // Its writes not yet settled may be missing on the other replicas (in flight,
+            // unflushed), and theirs here: mark them toward every diskful peer; compare with
+            // them again (both sides mark theirs, the handshake resyncs the union).
+            let ranges: Vec<(u64, u64)> = conn.unsettled.values().copied().collect();
+            let ids = self.diskful_ids();
+            self.mark_unsettled(&ranges, &ids);
+            if was_primary {
+                self.lost_diskless = Some(peer);
+            }
+            self.log(
+                Level::Warn,
+                format!(
+                    "lost the diskless Primary node {peer} with {} writes not settled",
+                    ranges.len()
+                ),
+            );
+            if !ranges.is_empty() {
+                let established: Vec<NodeId> = self
+                    .peers
+                    .values()
+                    .filter(|p| {
+                        p.cfg.diskful
+                            && p.conn
+                                .as_ref()
+                                .is_some_and(|c| c.state == ReplState::Established)
+                    })
+                    .map(|p| p.cfg.node_id)
+                    .collect();
+                for id in established {
+                    self.disconnect(
+                        id,
+                        DisconnectReason::ConfigChanged,
+                        format!("lost the diskless Primary node {peer}; reconnect to compare"),
+                    );
+                }
+            }
+        }
         if self
             .primary_fresh
             .as_ref()
@@ -2552,6 +3146,47 @@ impl Engine {
                     // Verify findings of the peer (see `verify`).
                     return self.on_verify_findings(peer, &ranges);
                 }
+                if flags & oos_flags::THIRD_NODE != 0 && self.cfg.diskful {
+                    // A diskless Primary lost a replica with these writes in doubt there.
+                    let node = ((flags & oos_flags::THIRD_NODE_MASK) >> oos_flags::THIRD_NODE_SHIFT)
+                        as NodeId;
+                    if !self.peers[&peer].cfg.diskful
+                        && node != self.cfg.node_id
+                        && self.peers.get(&node).is_some_and(|p| p.cfg.diskful)
+                    {
+                        let ranges: Vec<ByteRange> = ranges
+                            .into_iter()
+                            .filter(|r| r.offset.saturating_add(r.len) <= self.cfg.size_bytes)
+                            .collect();
+                        for r in &ranges {
+                            self.set_bits(node, r.offset, r.len);
+                        }
+                        let resyncing = self.conn(node).is_some_and(|c| {
+                            matches!(c.state, ReplState::SyncSource | ReplState::Connecting)
+                        });
+                        if resyncing {
+                            // We resync it (or may): as a late write (see `late_marks`).
+                            if let Some(c) = self.conn_mut(node) {
+                                c.late.extend(ranges.iter().map(|r| (r.offset, r.len)));
+                            }
+                            self.send(node, Message::OutOfSync { flags: 0, ranges });
+                        } else if self.in_sync(node)
+                            && self.meta.disk_state == DiskState::UpToDate
+                            && self.role == Role::Secondary
+                        {
+                            // It looks in sync with us but misses these writes (it caught
+                            // up through us while the Primary could not reach it): resync
+                            // them online, as verify findings.
+                            self.send(node, Message::OutOfSync { flags: 0, ranges });
+                            self.start_online_resync(node);
+                        }
+                    }
+                    return Ok(());
+                }
+                let target = self.conn(peer).is_some_and(|c| c.resync.is_some());
+                if done && flags == 0 && target && self.cfg.diskful {
+                    return self.late_marks(peer, &ranges);
+                }
                 if done || !self.cfg.diskful {
                     return Err(ProtocolError::Unexpected("OutOfSync", peer));
                 }
@@ -2613,8 +3248,12 @@ impl Engine {
                     return Ok(());
                 }
                 let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                let diskless_writer = !self.peers[&peer].cfg.diskful;
                 if let Some(c) = self.conn_mut(peer) {
                     c.rx_inflight.insert(seq);
+                    if diskless_writer {
+                        c.unsettled.insert(seq, (offset, len));
+                    }
                 }
                 self.enqueue(
                     offset,
@@ -2665,6 +3304,11 @@ impl Engine {
                     self.try_complete_write(key);
                 }
             }
+            Message::Settled { seq } => {
+                if let Some(c) = self.conn_mut(peer) {
+                    c.unsettled = c.unsettled.split_off(&seq);
+                }
+            }
             Message::Flush { seq } => {
                 self.check_writer(peer)?;
                 let pending = self
@@ -2696,6 +3340,26 @@ impl Engine {
                 }
                 for (off, len) in lost {
                     self.set_bits(peer, off, len);
+                }
+                if let Some((dseq, waiting, all_ok)) = self.demote_flush.as_mut()
+                    && *dseq == seq
+                    && waiting.remove(&peer)
+                {
+                    *all_ok &= ok;
+                    if waiting.is_empty() {
+                        let (dseq, _, all_ok) = self.demote_flush.take().expect("some");
+                        if all_ok {
+                            let ids: Vec<NodeId> = self
+                                .peers
+                                .values()
+                                .filter(|p| p.cfg.diskful && p.conn.is_some())
+                                .map(|p| p.cfg.node_id)
+                                .collect();
+                            for id in ids {
+                                self.send(id, Message::Settled { seq: dseq });
+                            }
+                        }
+                    }
                 }
                 for key in self.flushes.keys().copied().collect::<Vec<_>>() {
                     if let Some(f) = self.flushes.get_mut(&key)
@@ -2743,6 +3407,7 @@ impl Engine {
                 if state == Some(ReplState::Established)
                     && self.accept_online_resync(peer, generation)
                 {
+                    self.confirm_resync(peer);
                     return Ok(());
                 }
                 if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
@@ -2782,6 +3447,7 @@ impl Engine {
                     Level::Info,
                     format!("node {peer} ends the resync: {status:?}"),
                 );
+                self.confirm_resync(peer);
             }
             Message::ResyncRequest { id, offset, len } => {
                 if self.conn(peer).map(|c| c.state) != Some(ReplState::SyncSource) {
@@ -2959,12 +3625,6 @@ impl Engine {
                 ),
             });
         }
-        if !peer_diskful && r.role == Role::Primary {
-            return Err(ProtocolError::Invalid {
-                peer,
-                detail: "a witness reports Primary".into(),
-            });
-        }
         self.primary_epoch_seen = self.primary_epoch_seen.max(r.primary_epoch);
         let Some(c) = self.conn_mut(peer) else {
             return Ok(());
@@ -2979,6 +3639,29 @@ impl Engine {
                 .is_none_or(|p| p.disk_state != DiskState::Failed);
         if newly_failed && peer_diskful && self.cfg.diskful {
             self.peer_detached(peer, &r);
+        }
+        if newly_failed && peer_diskful && self.diskless_primary() {
+            self.log(
+                Level::Warn,
+                format!("node {peer} detached its disk (Failed)"),
+            );
+            self.reroute_reads(peer);
+            let lost: Vec<(u64, u64)> = self
+                .conn_mut(peer)
+                .map(|c| {
+                    let mut v: Vec<(u64, u64)> =
+                        std::mem::take(&mut c.unflushed).into_values().collect();
+                    v.extend(c.unacked.values().copied());
+                    v
+                })
+                .unwrap_or_default();
+            self.diskless_lost_peer(peer, lost);
+        }
+        if self.lost_diskless.is_some()
+            && (r.role == Role::Primary || self.lost_diskless == Some(peer))
+        {
+            // Connected to a Primary (it writes to us), or the one we lost is back.
+            self.set_lost_diskless(None);
         }
         self.verify_on_report(peer, &r);
         self.check_outdated();
@@ -3016,12 +3699,23 @@ impl Engine {
                 return Ok(());
             }
         }
-        if self.failed() && peer_diskful {
+        if (self.failed() || self.diskless_primary()) && peer_diskful {
             self.recheck_serves(peer);
         }
         let state = self.conn(peer).map(|c| c.state);
         match state {
             Some(ReplState::Connecting) => self.maybe_decide(peer),
+            Some(ReplState::Established)
+                if !peer_diskful
+                    && self.cfg.diskful
+                    && r.role == Role::Primary
+                    && r.generations.current != self.meta.current =>
+            {
+                // A diskless Primary started a new generation (a diskful peer dropped out of
+                // its writes): adopt it if it counts us in sync. It has no handshake that would
+                // resync us otherwise; then another replica does.
+                self.adopt_from_diskless(peer);
+            }
             Some(ReplState::Established)
                 if peer_diskful
                     && self.cfg.diskful
@@ -3060,7 +3754,7 @@ impl Engine {
             }
             Some(ReplState::Established)
                 if peer_diskful
-                    && self.cfg.diskful
+                    && (self.cfg.diskful || self.role == Role::Primary)
                     && r.disk_state == DiskState::UpToDate
                     && r.generations.current == self.meta.current =>
             {
@@ -3082,6 +3776,10 @@ impl Engine {
                 self.resync_source_finished(peer);
             }
             _ => {}
+        }
+        if self.diskless_primary() && peer_diskful {
+            // It may have caught up just now (bitmap generation reset above).
+            self.recheck_serves(peer);
         }
         Ok(())
     }
@@ -3118,8 +3816,31 @@ impl Engine {
         self.reroute_reads(peer);
     }
 
+    /// Adopts the new generation of the diskless Primary `peer` (its last report) when it
+    /// counts us in sync: its previous generation is ours, no bitmap generation toward us,
+    /// not in its outdated list, and we are an UpToDate Secondary.
+    fn adopt_from_diskless(&mut self, peer: NodeId) {
+        let Some(r) = self.conn(peer).and_then(|c| c.report.clone()) else {
+            return;
+        };
+        let me = 1u32 << self.cfg.node_id;
+        if self.cfg.diskful
+            && !self.peers[&peer].cfg.diskful
+            && r.role == Role::Primary
+            && self.role == Role::Secondary
+            && self.meta.disk_state == DiskState::UpToDate
+            && r.generations.current != self.meta.current
+            && r.generations.history[0] == self.meta.current
+            && r.generations.bitmap == 0
+            && r.outdated & me == 0
+        {
+            self.adopt_generation(peer, &r);
+        }
+    }
+
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
         let old = self.meta.current;
+        let mut behind = Vec::new();
         for id in self.diskful_ids() {
             if id == from {
                 continue;
@@ -3129,12 +3850,21 @@ impl Engine {
                 .and_then(|c| c.report.as_ref())
                 .map(|r| r.generations.current);
             if peer_current != Some(r.generations.current) {
+                behind.push(id);
                 let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
                 if *e == 0 {
                     *e = old;
                 }
             }
         }
+        // A diskless Primary keeps no bitmap: its writes not yet settled may be missing on the
+        // replicas it started this generation without (they were in flight, or unflushed
+        // there when it lost them). Persisted before the new generation.
+        let unsettled: Vec<(u64, u64)> = self
+            .conn(from)
+            .map(|c| c.unsettled.values().copied().collect())
+            .unwrap_or_default();
+        self.mark_unsettled(&unsettled, &behind);
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
         self.persist_meta();
@@ -3160,8 +3890,12 @@ impl Engine {
         }
         let Some(r) = c.report.clone() else { return };
         if !(self.cfg.diskful && p.cfg.diskful) {
+            let peer_diskful = p.cfg.diskful;
             if let Some(c) = self.conn_mut(peer) {
                 c.state = ReplState::Established;
+            }
+            if peer_diskful && self.diskless_primary() {
+                self.recheck_serves(peer);
             }
             return;
         }
@@ -3202,6 +3936,16 @@ impl Engine {
             return;
         }
         let my_bits = p.bitmap.as_ref().is_some_and(|b| b.count() > 0);
+        if my_bits != c.sent_bits {
+            // Marks arrived since we sent our bitmap (e.g. a diskless Primary's): the peer
+            // would decide on a different picture. Compare again.
+            self.disconnect(
+                peer,
+                DisconnectReason::ConfigChanged,
+                "out-of-sync bits changed during the handshake; reconnect to compare".into(),
+            );
+            return;
+        }
         let me = SideView {
             node_id: self.cfg.node_id,
             current: self.meta.current,
@@ -3213,6 +3957,7 @@ impl Engine {
                 .iter()
                 .filter(|(id, g)| **id != peer && **g != 0)
                 .map(|(_, g)| *g)
+                .chain(self.lost_diskless.map(|_| self.meta.current))
                 .collect(),
             up_to_date: self.meta.disk_state == DiskState::UpToDate,
             primary: self.role == Role::Primary,
@@ -3247,6 +3992,9 @@ impl Engine {
         }
         if let Some(c) = self.conn_mut(peer) {
             c.decision = Some((d, rule));
+            if !d.is_source() {
+                c.late.clear();
+            }
         }
         match d {
             SyncDecision::NoSync => {
@@ -3311,6 +4059,18 @@ impl Engine {
                             .as_ref()
                             .is_some_and(|c| c.state == ReplState::SyncTarget)
                 });
+                if let Some(lost) = self.lost_diskless.filter(|_| r.role != Role::Primary) {
+                    // The diskless Primary we lost may still be writing to the source, and
+                    // we would not get those writes: wait until it is back (or settled).
+                    self.log(
+                        Level::Info,
+                        format!(
+                            "resync from node {peer} waits: we lost the diskless Primary node {lost}"
+                        ),
+                    );
+                    self.set_state(peer, ReplState::PausedSync);
+                    return;
+                }
                 if busy {
                     self.set_state(peer, ReplState::PausedSync);
                     return;
@@ -3337,6 +4097,7 @@ impl Engine {
                         checks: BTreeMap::new(),
                         no_checksums: false,
                         skipped: 0,
+                        remark: BTreeSet::new(),
                     });
                 }
                 self.log(
@@ -3525,6 +4286,12 @@ impl Engine {
         self.last_resync_bytes = rs.done;
         self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
+        self.lost_diskless = None;
+        // Only a diskless node reads from us without a handshake of its own.
+        if self.peers.values().any(|p| !p.cfg.diskful) {
+            let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+            self.unconfirmed_source = Some((peer, epoch));
+        }
         let old_current = self.meta.current;
         self.meta.current = r.generations.current;
         self.meta.history = r.generations.history;
@@ -3575,6 +4342,17 @@ impl Engine {
             );
         }
         self.broadcast_report(false);
+        // A diskless Primary may have started a generation while we were resyncing (it wrote
+        // to us meanwhile, we hold its data): catch up with it.
+        let diskless_primaries: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| !p.cfg.diskful && peer_role(p) == Some(Role::Primary))
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in diskless_primaries {
+            self.adopt_from_diskless(id);
+        }
     }
 
     /// Clears (and persists clearing) every out-of-sync bit toward `peer`; whether any was
@@ -3599,6 +4377,25 @@ impl Engine {
 
     fn resync_source_finished(&mut self, peer: NodeId) {
         self.clear_all_bits(peer);
+        let late = self
+            .conn_mut(peer)
+            .map(|c| std::mem::take(&mut c.late))
+            .unwrap_or_default();
+        if !late.is_empty() && self.meta.disk_state == DiskState::UpToDate {
+            // Writes of a diskless Primary it may not have received (see `late`), told with
+            // `OutOfSync` before its report may have crossed it: resync them online (it
+            // fetches what it already marked; the rest it has).
+            for (off, len) in late {
+                self.set_bits(peer, off, len);
+            }
+            self.meta.peer_bitmap_gens.insert(peer, 0);
+            self.persist_meta();
+            self.set_state(peer, ReplState::Established);
+            if self.start_online_resync(peer) {
+                return;
+            }
+            self.clear_all_bits(peer);
+        }
         self.meta.peer_bitmap_gens.insert(peer, 0);
         if self.meta.disk_state == DiskState::Outdated {
             // Only a split-brain resolution makes an Outdated node a sync source (the

@@ -54,6 +54,9 @@ pub struct SimOptions {
     /// with a restart of that node on a healthy disk (what the failing disk had made durable,
     /// plus a random part of the rest, like a crash).
     pub disk_faults: bool,
+    /// The operator promotes the witness (a diskless Primary, serving through the diskful
+    /// nodes) in about a third of the promotions it makes, decided from a side stream.
+    pub diskless_primary: bool,
 }
 
 impl Default for SimOptions {
@@ -67,6 +70,7 @@ impl Default for SimOptions {
             trace_len: 80,
             split_brain: false,
             disk_faults: true,
+            diskless_primary: true,
         }
     }
 }
@@ -94,6 +98,10 @@ pub struct Outcome {
     pub partitions: u64,
     pub link_breaks: u64,
     pub failovers: u64,
+    /// Promotions of the witness (a diskless Primary).
+    pub diskless_promotions: u64,
+    /// Consumer requests completed by a diskless Primary.
+    pub diskless_io_ok: u64,
     pub resync_bytes: u64,
     /// Online verifies started / finished (every one must find 0 differences: the simulator
     /// never corrupts a replica behind the engine's back).
@@ -244,6 +252,8 @@ pub(crate) struct World {
     pub(crate) sb: Option<crate::split_brain::Scenario>,
     /// Disk-fault randomness, separate from `rng` (see [`SimOptions::disk_faults`]).
     disk_rng: Rng,
+    /// Side stream: whether the operator promotes the witness.
+    witness_rng: Rng,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -376,6 +386,7 @@ impl World {
             blocked: Default::default(),
             sb,
             disk_rng: Rng::new(seed ^ 0x0d15_cfa1_1ed0_0001),
+            witness_rng: Rng::new(seed ^ 0x0d15_c1e5_5000_0001),
         }
     }
 
@@ -907,6 +918,9 @@ impl World {
         {
             self.out.detached_io_ok += 1;
         }
+        if ok && !self.nodes[node as usize].diskful {
+            self.out.diskless_io_ok += 1;
+        }
         if ok && !matches!(req, Req::Read { .. }) {
             // Invariant 4: nothing completes without quorum (engine view and ground truth).
             let e = self.nodes[node as usize].engine.as_ref().expect("live");
@@ -1073,7 +1087,8 @@ impl World {
     fn operator(&mut self) -> Result<(), String> {
         let primary = self.primary();
         let usable = |n: &Node| n.diskful && n.engine.is_some() && !n.isolated;
-        let primary_ok = primary.is_some_and(|p| usable(&self.nodes[p as usize]));
+        let up = |n: &Node| n.engine.is_some() && !n.isolated;
+        let primary_ok = primary.is_some_and(|p| up(&self.nodes[p as usize]));
         if !primary_ok {
             // Failover (or first promotion): the old Primary is crashed or isolated.
             let cands: Vec<NodeId> = self
@@ -1082,12 +1097,26 @@ impl World {
                 .filter(|n| usable(n) && Some(n.id) != primary)
                 .map(|n| n.id)
                 .collect();
-            if let Some(c) = self.rng.pick(&cands) {
+            let mut pick = self.rng.pick(&cands);
+            if self.opts.diskless_primary && self.witness_rng.chance(0.35) {
+                // A diskless Primary: the witness, when it is up.
+                if let Some(w) = self.nodes.iter().find(|n| {
+                    !n.diskful
+                        && up(n)
+                        && n.engine.as_ref().is_some_and(|e| e.role() != Role::Primary)
+                }) {
+                    pick = Some(w.id);
+                }
+            }
+            if let Some(c) = pick {
                 let now = self.now;
                 let e = self.nodes[c as usize].engine.as_mut().expect("live");
                 match e.promote(now) {
                     Ok(actions) => {
                         self.tr(format!("operator: promoted node {c}"));
+                        if !self.nodes[c as usize].diskful {
+                            self.out.diskless_promotions += 1;
+                        }
                         if primary.is_some() || self.out.writes_acked > 0 {
                             self.out.failovers += 1;
                         }

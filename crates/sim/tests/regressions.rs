@@ -9,11 +9,65 @@ fn seed(seed: u64, topology: Topology) {
     let opts = SimOptions {
         topology: Some(topology),
         disk_faults: false,
+        diskless_primary: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
     }
+}
+
+/// Seeds found with the witness promoted (a diskless Primary), with every fault kind.
+fn diskless_seed(seed: u64) {
+    let opts = SimOptions {
+        topology: Some(Topology::TwoPlusWitness),
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
+/// A restarted replica resynced from the other while the diskless Primary wrote only to the
+/// source (it had not reconnected yet): the writes the source applied after the bitmap
+/// exchange were missing on the target (stale read through the diskless Primary).
+#[test]
+fn diskless_primary_writes_during_a_resync_between_secondaries() {
+    diskless_seed(42);
+}
+
+/// A Secondary crashed with writes of the diskless Primary unflushed; its peer had received
+/// them only through a resync, so nothing marked them toward the crashed one.
+#[test]
+fn diskless_primary_hands_a_lost_peers_unflushed_writes_to_the_others() {
+    diskless_seed(97);
+}
+
+/// The diskless Primary started a generation while its only data peer was becoming a sync
+/// target; the peer could not adopt it and the Primary had no data peer left for good.
+#[test]
+fn a_resynced_peer_adopts_the_diskless_primarys_new_generation() {
+    diskless_seed(1008);
+}
+
+/// Switchover from a diskless Primary, then a crash of a Secondary that had its last writes
+/// unflushed: the demotion now flushes the peers before the writes are settled.
+#[test]
+fn diskless_primary_demotion_flushes_its_peers() {
+    diskless_seed(1056);
+}
+
+/// Resync data read before a diskless Primary's write reached the target after the late mark
+/// for that write and cleared it.
+#[test]
+fn resync_data_older_than_a_late_mark_does_not_clear_it() {
+    diskless_seed(8479);
+}
+
+/// A node was promoted between the handshake that made it a sync target and `ResyncBegin`.
+#[test]
+fn no_promotion_of_a_pending_sync_target() {
+    diskless_seed(8648);
 }
 
 /// An isolated Primary minted a generation when its first link broke (it still had quorum via
@@ -216,4 +270,34 @@ fn detached_metadata_keeps_the_old_generation() {
 #[test]
 fn sends_after_a_failed_persist_break_the_link() {
     disk_seed(2606, Some(Topology::TwoPlusWitness));
+}
+
+/// A replica caught up through the other while the diskless Primary's link to it was not
+/// reported yet; a write sent without it was not marked by the replica that looked in sync
+/// with it. The diskless Primary now sends `THIRD_NODE` marks with such writes, and a replica
+/// that looks in sync resyncs them online.
+#[test]
+fn writes_without_a_peer_that_caught_up_elsewhere_are_marked() {
+    diskless_seed(11038);
+}
+
+/// Both replicas lost the diskless Primary with writes in doubt; the one whose handshake made
+/// it the sync target (paused until the Primary is back) was promoted and served stale blocks.
+#[test]
+fn a_paused_sync_target_is_not_promoted() {
+    diskless_seed(1953);
+}
+
+/// A diskless Primary's mark for a write without a replica reached the other replica while it
+/// was that replica's sync source; the end of the resync cleared it.
+#[test]
+fn a_mark_for_a_resync_target_outlives_the_end_of_the_resync() {
+    diskless_seed(11028);
+}
+
+/// Marks arrived between sending our bitmap and deciding: the two ends decided differently
+/// (one waited as sync target forever). The handshake now starts over when our bits changed.
+#[test]
+fn bits_that_change_during_the_handshake_restart_it() {
+    diskless_seed(19838);
 }

@@ -48,6 +48,8 @@ fn simulate_seeds() {
                 total.partitions += o.partitions;
                 total.link_breaks += o.link_breaks;
                 total.failovers += o.failovers;
+                total.diskless_promotions += o.diskless_promotions;
+                total.diskless_io_ok += o.diskless_io_ok;
                 total.resync_bytes += o.resync_bytes;
                 total.verifies += o.verifies;
                 total.verifies_done += o.verifies_done;
@@ -83,6 +85,10 @@ fn simulate_seeds() {
     eprintln!(
         "disk failures: {} ({} of a Primary), {} consumer requests completed by a Primary with a detached disk",
         total.disk_failures, total.disk_failures_primary, total.detached_io_ok
+    );
+    eprintln!(
+        "diskless Primary: {} promotions of the witness, {} consumer requests completed by it",
+        total.diskless_promotions, total.diskless_io_ok
     );
     eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",

@@ -277,6 +277,11 @@ impl ReplicaStore {
         self.meta.history_gen = [GenerationId(m.history[0]), GenerationId(m.history[1])];
         self.meta.primary_epoch = m.primary_epoch;
         for (peer, gen_) in &m.peer_bitmap_gens {
+            if self.bitmap.is_none() {
+                // A witness has no peer slots: what a diskless Primary records about its
+                // peers lives in its memory only (it re-learns it from them when promoted).
+                break;
+            }
             let i = self.slot(*peer)?;
             self.meta.peers[usize::from(i)].bitmap_gen = GenerationId(*gen_);
         }

@@ -733,6 +733,7 @@ impl Engine {
                 checks: BTreeMap::new(),
                 no_checksums: false,
                 skipped: 0,
+                remark: BTreeSet::new(),
             });
         }
         self.log(
