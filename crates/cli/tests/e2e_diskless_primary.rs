@@ -9,17 +9,9 @@ mod common;
 
 use std::process::{Command, Stdio};
 
+use common::repl::{qemu_io_ok, replica, same_files};
 use common::*;
 use serde_json::Value;
-
-fn replica<'a>(v: &'a Value, node: &str) -> &'a Value {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["node"] == node)
-        .unwrap_or_else(|| panic!("no replica on {node}: {v:#}"))
-}
 
 fn nodes(v: &Value, diskless: bool) -> Vec<String> {
     v["replicas"]
@@ -49,23 +41,7 @@ fn settled(v: &Value, primary: &str, diskful: &[String]) -> bool {
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut cmd = Command::new(tool("qemu-io"));
-    cmd.args(["-f", "raw"]);
-    for c in cmds {
-        cmd.arg("-c").arg(c);
-    }
-    let out = check(cmd.arg(uri));
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    assert!(!out.contains("error"), "{out}");
-    out
-}
-
-fn same_files(c: &Cluster, a: &str, b: &str, volume: &str) {
-    let fa = std::fs::read(c.node_dir(a).join("pool").join(format!("{volume}.data"))).unwrap();
-    let fb = std::fs::read(c.node_dir(b).join("pool").join(format!("{volume}.data"))).unwrap();
-    assert_eq!(fa.len(), fb.len());
-    let first = fa.iter().zip(&fb).position(|(x, y)| x != y);
-    assert!(first.is_none(), "{a} and {b} differ at byte {first:?}");
+    qemu_io_ok(uri, &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>())
 }
 
 #[test]

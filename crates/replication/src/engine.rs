@@ -998,17 +998,8 @@ impl Engine {
         }
         self.persist_meta();
         if !hot.is_empty() {
-            let established: Vec<NodeId> = self
-                .peers
-                .values()
-                .filter(|p| {
-                    p.cfg.diskful
-                        && p.conn
-                            .as_ref()
-                            .is_some_and(|c| c.state == ReplState::Established && c.bitmap_done)
-                })
-                .map(|p| p.cfg.node_id)
-                .collect();
+            let established =
+                self.peers_where(true, |c| c.state == ReplState::Established && c.bitmap_done);
             for id in established {
                 for chunk in hot.chunks(OOS_CHUNK) {
                     self.send(
@@ -1099,17 +1090,7 @@ impl Engine {
                 was.unwrap_or(0)
             ),
         );
-        let paused: Vec<NodeId> = self
-            .peers
-            .values()
-            .filter(|p| {
-                p.cfg.diskful
-                    && p.conn
-                        .as_ref()
-                        .is_some_and(|c| c.state == ReplState::PausedSync)
-            })
-            .map(|p| p.cfg.node_id)
-            .collect();
+        let paused = self.peers_where(true, |c| c.state == ReplState::PausedSync);
         for id in paused {
             self.disconnect(
                 id,
@@ -1571,11 +1552,10 @@ impl Engine {
         if reports().any(|r| {
             r.role == Role::Primary
                 && !matches!(r.disk_state, DiskState::Failed | DiskState::Diskless)
-        }) || self.peers.values().any(|p| {
-            p.conn
-                .as_ref()
-                .is_some_and(|c| c.state == ReplState::Connecting)
-        }) {
+        }) || !self
+            .peers_where(false, |c| c.state == ReplState::Connecting)
+            .is_empty()
+        {
             return;
         }
         self.meta.disk_state = DiskState::Outdated;
@@ -1844,16 +1824,7 @@ impl Engine {
         // Peers learn the size from our report (StateReport carries size_bytes).
         self.broadcast_report(false);
         // A peer that waited in the handshake for equal sizes may go on now.
-        let waiting: Vec<NodeId> = self
-            .peers
-            .values()
-            .filter(|p| {
-                p.conn
-                    .as_ref()
-                    .is_some_and(|c| c.state == ReplState::Connecting)
-            })
-            .map(|p| p.cfg.node_id)
-            .collect();
+        let waiting = self.peers_where(false, |c| c.state == ReplState::Connecting);
         for peer in waiting {
             self.maybe_decide(peer);
         }
@@ -2969,17 +2940,7 @@ impl Engine {
                 ),
             );
             if !ranges.is_empty() {
-                let established: Vec<NodeId> = self
-                    .peers
-                    .values()
-                    .filter(|p| {
-                        p.cfg.diskful
-                            && p.conn
-                                .as_ref()
-                                .is_some_and(|c| c.state == ReplState::Established)
-                    })
-                    .map(|p| p.cfg.node_id)
-                    .collect();
+                let established = self.peers_where(true, |c| c.state == ReplState::Established);
                 for id in established {
                     self.disconnect(
                         id,
@@ -3088,11 +3049,9 @@ impl Engine {
         self.check_outdated();
         // Not during a handshake: a report sent then would make the peer decide on a newer
         // state than the one we decide on.
-        let handshaking = self.peers.values().any(|p| {
-            p.conn
-                .as_ref()
-                .is_some_and(|c| c.state == ReplState::Connecting)
-        });
+        let handshaking = !self
+            .peers_where(false, |c| c.state == ReplState::Connecting)
+            .is_empty();
         if !handshaking && self.outdated_mask() != self.sent_outdated {
             self.broadcast_report(false);
         }
@@ -4324,16 +4283,7 @@ impl Engine {
         // Links that waited (paused) must compare again: close them *before* announcing
         // UpToDate, or a paused source would take the report as the end of its own resync
         // and forget bits we never received from it.
-        let paused: Vec<NodeId> = self
-            .peers
-            .values()
-            .filter(|p| {
-                p.conn
-                    .as_ref()
-                    .is_some_and(|c| c.state == ReplState::PausedSync)
-            })
-            .map(|p| p.cfg.node_id)
-            .collect();
+        let paused = self.peers_where(false, |c| c.state == ReplState::PausedSync);
         for id in paused {
             self.disconnect(
                 id,
@@ -4418,6 +4368,17 @@ impl Engine {
             },
         );
         self.log(Level::Info, format!("node {peer} is in sync"));
+    }
+}
+
+impl Engine {
+    /// Peers (only diskful ones with `diskful_only`) whose connection satisfies `pred`.
+    fn peers_where(&self, diskful_only: bool, pred: impl Fn(&Conn) -> bool) -> Vec<NodeId> {
+        self.peers
+            .values()
+            .filter(|p| (!diskful_only || p.cfg.diskful) && p.conn.as_ref().is_some_and(&pred))
+            .map(|p| p.cfg.node_id)
+            .collect()
     }
 }
 
