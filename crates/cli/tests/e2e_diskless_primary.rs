@@ -147,3 +147,49 @@ fn witness_serves_the_volume_as_a_diskless_primary() {
     assert_eq!(replica(&v, &w)["role"], "Secondary", "{v:#}");
     same_files(&c, &kept, &lost, "d");
 }
+
+#[test]
+fn opening_the_witness_export_auto_promotes_it_and_closing_demotes_it() {
+    let c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "a", "16MiB", "--replicas", "2"]);
+    let diskful = nodes(&v, false);
+    let w = nodes(&v, true).pop().expect("a witness");
+    let first = v["primary_node"]
+        .as_str()
+        .expect("primary_node")
+        .to_string();
+    c.wait_json(&["volume", "show", "a"], "replicas in sync", |v| {
+        settled(v, &first, &diskful)
+    });
+    // Nobody holds Primary: the consumer decides where the volume is Primary.
+    c.tandem(&["volume", "demote", "a", "--node", &first]);
+    let uri = |n: &str| {
+        c.tandem(&["volume", "connect", "a", "--node", n])
+            .trim()
+            .to_string()
+    };
+    let uri_w = uri(&w);
+    assert!(uri_w.contains(&w), "{uri_w} should be the witness's socket");
+
+    // A consumer on the witness: promoted by the open, demoted after the close.
+    qemu_io(
+        &uri_w,
+        &["write -P 0x5a 1M 64k", "flush", "read -P 0x5a 1M 64k"],
+    );
+    let v = c.wait_json(&["volume", "show", "a"], "auto-demote after close", |v| {
+        v["replicas"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().all(|r| r["role"] == "Secondary"))
+    });
+    assert!(v["primary_node"].is_null(), "{v:#}");
+
+    // A diskful node opened the same way reads what went through the witness.
+    qemu_io(&uri(&diskful[0]), &["read -P 0x5a 1M 64k"]);
+    c.wait_json(&["volume", "show", "a"], "in sync, nobody Primary", |v| {
+        diskful.iter().all(|n| {
+            let r = replica(v, n);
+            r["role"] == "Secondary" && r["disk_state"] == "UpToDate" && r["out_of_sync_bytes"] == 0
+        }) && replica(v, &w)["role"] == "Secondary"
+    });
+    same_files(&c, &diskful[0], &diskful[1], "a");
+}
