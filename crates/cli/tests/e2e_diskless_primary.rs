@@ -44,10 +44,10 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     qemu_io_ok(uri, &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>())
 }
 
-#[test]
-fn witness_serves_the_volume_as_a_diskless_primary() {
-    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
-    let v = c.json(&["volume", "create", "d", "16MiB", "--replicas", "2"]);
+/// Creates `name` (16 MiB, 2 replicas + witness) and waits until its replicas are in sync:
+/// (diskful nodes, witness node, first Primary).
+fn create_in_sync(c: &Cluster, name: &str) -> (Vec<String>, String, String) {
+    let v = c.json(&["volume", "create", name, "16MiB", "--replicas", "2"]);
     assert_eq!(v["state"], "ready", "{v:#}");
     let diskful = nodes(&v, false);
     let w = nodes(&v, true).pop().expect("a witness");
@@ -56,9 +56,16 @@ fn witness_serves_the_volume_as_a_diskless_primary() {
         .as_str()
         .expect("primary_node")
         .to_string();
-    c.wait_json(&["volume", "show", "d"], "replicas in sync", |v| {
+    c.wait_json(&["volume", "show", name], "replicas in sync", |v| {
         settled(v, &first, &diskful)
     });
+    (diskful, w, first)
+}
+
+#[test]
+fn witness_serves_the_volume_as_a_diskless_primary() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let (diskful, w, _first) = create_in_sync(&c, "d");
 
     // The witness becomes Primary (the diskful Primary demotes first).
     c.tandem(&["volume", "promote", "d", "--node", &w]);
@@ -151,16 +158,7 @@ fn witness_serves_the_volume_as_a_diskless_primary() {
 #[test]
 fn opening_the_witness_export_auto_promotes_it_and_closing_demotes_it() {
     let c = Cluster::start_with(3, &["--experimental-replication"]);
-    let v = c.json(&["volume", "create", "a", "16MiB", "--replicas", "2"]);
-    let diskful = nodes(&v, false);
-    let w = nodes(&v, true).pop().expect("a witness");
-    let first = v["primary_node"]
-        .as_str()
-        .expect("primary_node")
-        .to_string();
-    c.wait_json(&["volume", "show", "a"], "replicas in sync", |v| {
-        settled(v, &first, &diskful)
-    });
+    let (diskful, w, first) = create_in_sync(&c, "a");
     // Nobody holds Primary: the consumer decides where the volume is Primary.
     c.tandem(&["volume", "demote", "a", "--node", &first]);
     let uri = |n: &str| {
