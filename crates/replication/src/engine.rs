@@ -16,8 +16,10 @@ use crate::types::*;
 
 mod split_brain;
 mod verify;
+mod window;
 pub use split_brain::ResolveError;
 pub use verify::VerifyError;
+pub use window::WindowError;
 
 /// Most ranges put in one `OutOfSync` message by the engine.
 const OOS_CHUNK: usize = 4096;
@@ -354,6 +356,8 @@ pub struct Engine {
     /// A diskless Primary that demoted flushes its peers (seq, peers still to answer, all
     /// answered Ok so far) and declares its writes `Settled` when every one did.
     demote_flush: Option<(u64, BTreeSet<NodeId>, bool)>,
+    /// This node is one of the two Primaries of a dual-primary window.
+    window: Option<window::Window>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -453,6 +457,7 @@ impl Engine {
             lost_diskless: None,
             unconfirmed_source: None,
             demote_flush: None,
+            window: None,
         };
         if e.meta.disk_state == DiskState::Failed {
             // Re-attached after an I/O error detached this disk: it holds the data up to the
@@ -898,6 +903,8 @@ impl Engine {
             last_verify,
             discard_my_data: self.discard_my_data,
             disk_failure: self.disk_failure.clone(),
+            allow_two_primaries: self.cfg.allow_two_primaries,
+            dual_primary: self.dual_primary_status(),
         }
     }
 

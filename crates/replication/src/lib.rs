@@ -22,7 +22,9 @@ mod types;
 
 pub use bitmap::Bitmap;
 pub use decide::{Rule, SideView, SyncDecision, decide};
-pub use engine::{DemoteError, Engine, PromoteError, ProtocolError, ResolveError, VerifyError};
+pub use engine::{
+    DemoteError, Engine, PromoteError, ProtocolError, ResolveError, VerifyError, WindowError,
+};
 pub use types::*;
 
 #[cfg(test)]

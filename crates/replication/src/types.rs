@@ -81,6 +81,11 @@ pub struct Config {
     /// first and transfer only the blocks that differ (DRBD's `csums-alg`). Saves bandwidth
     /// when much of what is out of sync is in fact identical (full resyncs, lost bitmaps).
     pub resync_checksums: bool,
+    /// The dual-primary window is open for this volume (live migration): a second node may
+    /// become Primary while one is, and the two hand the write token back and forth (see
+    /// `docs/replication.md`, "Dual-primary window"). Protocol C only. Changed while running
+    /// with [`crate::Engine::set_allow_two_primaries`].
+    pub allow_two_primaries: bool,
 }
 
 /// The dynamic resync controller's window: consumer I/O is counted per window of this length
@@ -131,6 +136,7 @@ impl Config {
             verify_max_inflight: 4,
             after_split_brain: SplitBrainPolicy::Disconnect,
             resync_checksums: false,
+            allow_two_primaries: false,
         }
     }
 }
@@ -460,6 +466,21 @@ pub struct Status {
     pub usable_size_bytes: u64,
     /// Why the local disk was detached (disk state `Failed`), if it was.
     pub disk_failure: Option<String>,
+    /// The dual-primary window is allowed ([`Config::allow_two_primaries`]).
+    pub allow_two_primaries: bool,
+    /// This node is one of the two Primaries of an open dual-primary window.
+    pub dual_primary: Option<DualPrimary>,
+}
+
+/// This node's part in a dual-primary window (both nodes are Primary to their consumers;
+/// the one holding the write token is the replication Primary, the other forwards nothing
+/// and waits for the token before it serves a request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DualPrimary {
+    /// The other Primary.
+    pub partner: NodeId,
+    /// This node holds the write token (it is the replication Primary or may become it).
+    pub write_token: bool,
 }
 
 /// Progress of a running online verify (this node is the verify source).
