@@ -77,6 +77,8 @@ wire_enum! {
         ReadRequest = 0x0026,
         ReadReply = 0x0027,
         Settled = 0x0028,
+        TokenRequest = 0x0029,
+        TokenGrant = 0x002A,
         ResyncBegin = 0x0030,
         ResyncEnd = 0x0031,
         ResyncRequest = 0x0032,
@@ -247,7 +249,10 @@ pub mod state_flags {
     pub const DUAL_PRIMARY: u32 = 1 << 4;
     /// I/O is suspended (lost quorum with on-no-quorum=suspend).
     pub const SUSPENDED: u32 = 1 << 5;
-    pub const ALL: u32 = (1 << 6) - 1;
+    /// Since version 5: the sender is one of the two Primaries of a dual-primary window
+    /// (Primary to its consumer; its `role` is `Primary` only while it holds the write token).
+    pub const WINDOW_MEMBER: u32 = 1 << 6;
+    pub const ALL: u32 = (1 << 7) - 1;
 }
 
 /// Identifier strings that bind a link, as sent by the initiator.
@@ -423,6 +428,16 @@ pub enum Message {
     Settled {
         seq: u64,
     },
+    /// Since version 5. A member of a dual-primary window -> the other member: give me the
+    /// write token. `handoffs`: token hand-offs of this window the sender has seen.
+    TokenRequest {
+        handoffs: u64,
+    },
+    /// Since version 5. The token holder -> the other member, after its `StateReport` with
+    /// role Secondary: the token is yours (`handoffs` counts this hand-off).
+    TokenGrant {
+        handoffs: u64,
+    },
     // --- resync and verify ---
     /// Source -> target: a resync starts; on success the target adopts `generation`.
     ResyncBegin {
@@ -568,6 +583,8 @@ impl Message {
             Message::ReadRequest { .. } => T::ReadRequest,
             Message::ReadReply { .. } => T::ReadReply,
             Message::Settled { .. } => T::Settled,
+            Message::TokenRequest { .. } => T::TokenRequest,
+            Message::TokenGrant { .. } => T::TokenGrant,
             Message::ResyncBegin { .. } => T::ResyncBegin,
             Message::ResyncEnd { .. } => T::ResyncEnd,
             Message::ResyncRequest { .. } => T::ResyncRequest,
@@ -642,7 +659,9 @@ impl Message {
             Message::WriteAck { .. }
             | Message::Flush { .. }
             | Message::FlushAck { .. }
-            | Message::Settled { .. } => Ok(()),
+            | Message::Settled { .. }
+            | Message::TokenRequest { .. }
+            | Message::TokenGrant { .. } => Ok(()),
             Message::Trim {
                 offset, len, flags, ..
             } => {
@@ -849,7 +868,10 @@ impl Message {
                 out.put_u32_le(*flags);
                 None
             }
-            Message::Flush { seq } | Message::Settled { seq } => {
+            Message::Flush { seq }
+            | Message::Settled { seq }
+            | Message::TokenRequest { handoffs: seq }
+            | Message::TokenGrant { handoffs: seq } => {
                 out.put_u64_le(*seq);
                 None
             }
@@ -1084,6 +1106,8 @@ fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, D
         },
         T::Flush => Message::Flush { seq: r.u64()? },
         T::Settled => Message::Settled { seq: r.u64()? },
+        T::TokenRequest => Message::TokenRequest { handoffs: r.u64()? },
+        T::TokenGrant => Message::TokenGrant { handoffs: r.u64()? },
         T::FlushAck => Message::FlushAck {
             seq: r.u64()?,
             status: r.code8(Status::from_code, "status")?,

@@ -190,6 +190,12 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>()
             .prop_map(|seq| Message::Settled { seq })
             .boxed(),
+        any::<u64>()
+            .prop_map(|handoffs| Message::TokenRequest { handoffs })
+            .boxed(),
+        any::<u64>()
+            .prop_map(|handoffs| Message::TokenGrant { handoffs })
+            .boxed(),
         (any::<u64>(), status())
             .prop_map(|(seq, status)| Message::FlushAck { seq, status })
             .boxed(),
@@ -1096,18 +1102,18 @@ fn refuses_version_mismatch_naming_both_ranges() {
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 5;
-    h.max_version = 7;
+    h.min_version = 6;
+    h.max_version = 8;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 4).unwrap(),
-        theirs: VersionRange::new(5, 7).unwrap(),
+        ours: VersionRange::new(1, 5).unwrap(),
+        theirs: VersionRange::new(6, 8).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=4, the peer speaks 5..=7")
+            .contains("we speak 1..=5, the peer speaks 6..=8")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1123,20 +1129,20 @@ fn refuses_version_mismatch_naming_both_ranges() {
     };
     assert_eq!(
         (reason, min_version, max_version),
-        (RefuseReason::VersionMismatch, 1, 4)
+        (RefuseReason::VersionMismatch, 1, 5)
     );
     // Pretend the initiator is the future one: its error names its and the acceptor's range.
     let f = ini.on_message(refusal).unwrap_err();
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 5..=7.
+    // A future acceptor offering only 6..=8.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 5,
-            max_version: 7,
-            version: 7,
+            min_version: 6,
+            max_version: 8,
+            version: 8,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1144,7 +1150,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(5, 7).unwrap(),
+            theirs: VersionRange::new(6, 8).unwrap(),
         })
     );
     assert!(matches!(
@@ -1305,7 +1311,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 5).unwrap();
+    c.versions = VersionRange::new(1, 6).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1479,6 +1485,8 @@ fn payload_sizes_match_the_doc() {
         ),
         (Message::Flush { seq: 0 }, 8),
         (Message::Settled { seq: 0 }, 8),
+        (Message::TokenRequest { handoffs: 0 }, 8),
+        (Message::TokenGrant { handoffs: 0 }, 8),
         (
             Message::FlushAck {
                 seq: 0,

@@ -28,6 +28,11 @@ pub enum ProtocolVersion {
     /// mark out of sync toward each other if the Primary goes away. A version-3 peer does not
     /// know the type (the link breaks): a diskless Primary needs version 4 on its links.
     V4 = 4,
+    /// Version 5: the dual-primary window: `TokenRequest` (`0x0029`) and `TokenGrant`
+    /// (`0x002a`) move the write token between the two Primaries, and `StateReport` flag bit
+    /// 6 (`WINDOW_MEMBER`) marks a member. A version-4 peer refuses both (the link breaks): a
+    /// dual-primary window needs version 5 on the links of the volume.
+    V5 = 5,
 }
 
 impl ProtocolVersion {
@@ -37,9 +42,10 @@ impl ProtocolVersion {
         ProtocolVersion::V2,
         ProtocolVersion::V3,
         ProtocolVersion::V4,
+        ProtocolVersion::V5,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V4;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V5;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -152,14 +158,15 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 4);
+        assert_eq!(ProtocolVersion::LATEST.number(), 5);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
         assert_eq!(ProtocolVersion::from_number(4), Some(ProtocolVersion::V4));
+        assert_eq!(ProtocolVersion::from_number(5), Some(ProtocolVersion::V5));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 5).is_supported());
+        assert!(!r(1, 6).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

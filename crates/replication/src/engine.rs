@@ -51,6 +51,18 @@ pub enum PromoteError {
          will come back"
     )]
     CrashedPrimaryUnchecked,
+    #[error(
+        "node {0} is Primary and does not allow a dual-primary window (open it with \
+         allow-two-primaries on every node of the volume)"
+    )]
+    WindowClosedOn(NodeId),
+    #[error("node {0} is Primary and already has a second Primary (a window holds two at most)")]
+    WindowFull(NodeId),
+    #[error(
+        "node {0} is Primary and this replica is not in sync with it (a second Primary must be \
+         UpToDate, connected and without out-of-sync blocks toward it)"
+    )]
+    NotInSyncWith(NodeId),
 }
 
 /// Why a demotion was refused.
@@ -520,8 +532,15 @@ impl Engine {
 
     /// The actions so far, after the made-up completions of a detached disk were handled.
     fn take_out(&mut self) -> Vec<Action> {
-        while let Some(ev) = self.internal.pop_front() {
-            self.on_event(ev);
+        loop {
+            while let Some(ev) = self.internal.pop_front() {
+                self.on_event(ev);
+            }
+            // A dual-primary token holder asked for the token hands it over once idle.
+            self.maybe_hand_over();
+            if self.internal.is_empty() {
+                break;
+            }
         }
         if self.failed() {
             // Nothing is persisted on a detached disk but its metadata (best effort).
@@ -640,8 +659,19 @@ impl Engine {
 
     pub fn promote(&mut self, now: Nanos) -> Result<Vec<Action>, PromoteError> {
         self.now = self.now.max(now);
+        if self.window_member() && self.role != Role::Primary {
+            // Primary to the consumer already; the write token comes when a request needs it.
+            return Ok(self.take_out());
+        }
+        self.promote_checked()?;
+        Ok(self.take_out())
+    }
+
+    /// [`Engine::promote`]'s checks and the promotion; actions go to `out`. A member of a
+    /// dual-primary window calls it when the write token is here.
+    fn promote_checked(&mut self) -> Result<(), PromoteError> {
         if self.role == Role::Primary {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if !self.cfg.diskful {
             return self.promote_diskless();
@@ -679,14 +709,15 @@ impl Engine {
             .values()
             .find(|p| peer_role(p) == Some(Role::Primary))
         {
-            return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
+            // With the dual-primary window open: a second Primary (without the write token).
+            return self.join_window(p.cfg.node_id);
         }
         let (reachable, voters, ok) = self.quorum();
         if !ok {
             return Err(PromoteError::NoQuorum { reachable, voters });
         }
         self.become_primary();
-        Ok(self.take_out())
+        Ok(())
     }
 
     /// The diskful peers whose data a diskless node can serve right now: connected,
@@ -741,7 +772,7 @@ impl Engine {
     /// A diskless node becomes Primary: it takes the generation of the data it serves from
     /// its UpToDate diskful peers (`data_peers`), writes to every connected diskful peer and
     /// reads through those that hold that data (as a Primary whose disk is detached does).
-    fn promote_diskless(&mut self) -> Result<Vec<Action>, PromoteError> {
+    fn promote_diskless(&mut self) -> Result<(), PromoteError> {
         if let Some(p) = self
             .peers
             .values()
@@ -777,7 +808,7 @@ impl Engine {
             format!("diskless: serving generation {current:016x} through nodes {serving:?}"),
         );
         self.become_primary();
-        Ok(self.take_out())
+        Ok(())
     }
 
     fn become_primary(&mut self) {
@@ -799,10 +830,25 @@ impl Engine {
     /// Makes this node Secondary. Refused while consumer requests are in flight.
     pub fn demote(&mut self, now: Nanos) -> Result<Vec<Action>, DemoteError> {
         self.now = self.now.max(now);
-        if self.role == Role::Secondary {
+        if self.role == Role::Secondary && !self.window_member() {
             return Ok(Vec::new());
         }
-        let busy = self.writes.len()
+        let busy = self.busy_requests();
+        if busy > 0 {
+            return Err(DemoteError::Busy(busy));
+        }
+        self.leave_window();
+        if self.role == Role::Secondary {
+            self.broadcast_report(true);
+        } else {
+            self.become_secondary("demoted");
+        }
+        Ok(self.take_out())
+    }
+
+    /// Consumer requests in flight or queued.
+    fn busy_requests(&self) -> usize {
+        self.writes.len()
             + self.flushes.len()
             + self.quorum_wait.len()
             + self
@@ -815,12 +861,8 @@ impl Engine {
                         OpKind::ClientRead { .. } | OpKind::ClientWrite { .. }
                     )
                 })
-                .count();
-        if busy > 0 {
-            return Err(DemoteError::Busy(busy));
-        }
-        self.become_secondary("demoted");
-        Ok(self.take_out())
+                .count()
+            + self.window_pending()
     }
 
     pub fn role(&self) -> Role {
@@ -1407,6 +1449,7 @@ impl Engine {
         if self.discard_my_data {
             flags |= state_flags::DISCARD_MY_DATA;
         }
+        flags |= self.window_flags();
         let (outdated, outdated_gen, outdated_by) = self.outdated_mask();
         StateReport {
             seq: self.report_seq,
@@ -1863,9 +1906,19 @@ impl Engine {
             _ => return,
         };
         self.note_app_io(bytes);
+        self.serve_request(id, ev);
+    }
+
+    fn serve_request(&mut self, id: RequestId, ev: Event) {
         if self.role != Role::Primary {
+            if self.window_member() {
+                return self.window_request(ev);
+            }
             return self.complete(id, Err(RequestError::NotPrimary));
         }
+        let Some(ev) = self.window_queues(ev) else {
+            return;
+        };
         if self.forwards() {
             if self.serving_peer().is_none() {
                 let err = self.detached_error();
@@ -3027,6 +3080,7 @@ impl Engine {
             self.broadcast_report(false);
         }
         self.recheck_quorum_wait();
+        self.window_peer_down(peer);
         if conn.resync.is_some() {
             // Links that waited for this resync (paused), or were decided while we were still
             // UpToDate (we are Inconsistent now), must compare again or they never resume.
@@ -3269,6 +3323,9 @@ impl Engine {
                     }
                     self.try_complete_write(key);
                 }
+            }
+            Message::TokenRequest { .. } | Message::TokenGrant { .. } => {
+                self.token_message(peer, msg)?;
             }
             Message::Settled { seq } => {
                 if let Some(c) = self.conn_mut(peer) {
@@ -3655,6 +3712,7 @@ impl Engine {
                 .peers
                 .values()
                 .find(|p| p.cfg.node_id != peer && peer_role(p) == Some(Role::Primary))
+                .filter(|p| !self.window_handoff(&r, p))
                 .map(|p| p.cfg.node_id)
             {
                 self.disconnect(
@@ -3746,6 +3804,9 @@ impl Engine {
         if self.diskless_primary() && peer_diskful {
             // It may have caught up just now (bitmap generation reset above).
             self.recheck_serves(peer);
+        }
+        if self.conn(peer).is_some() {
+            self.window_report(peer, &r);
         }
         Ok(())
     }

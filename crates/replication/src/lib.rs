@@ -31,3 +31,5 @@ pub use types::*;
 mod tests;
 #[cfg(test)]
 mod tests_diskless;
+#[cfg(test)]
+mod tests_window;

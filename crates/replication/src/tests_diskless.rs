@@ -9,33 +9,39 @@ use tandem_repl_proto::{DiskState, Message, NodeId, Role};
 
 use crate::*;
 
-const SIZE: u64 = 1 << 20;
-const W: NodeId = 2;
+pub(crate) const SIZE: u64 = 1 << 20;
+pub(crate) const W: NodeId = 2;
 
-struct Node {
-    e: Engine,
-    data: Vec<u8>,
+pub(crate) struct Node {
+    pub(crate) e: Engine,
+    pub(crate) data: Vec<u8>,
 }
 
-struct Net {
-    nodes: Vec<Node>,
+/// Also used by `tests_window`.
+pub(crate) struct Net {
+    pub(crate) nodes: Vec<Node>,
     /// Messages in flight, in send order (FIFO per link and overall).
     q: VecDeque<(NodeId, NodeId, Message)>,
     links: BTreeSet<(NodeId, NodeId)>,
     /// Links that stay down until `heal`.
     cut: BTreeSet<(NodeId, NodeId)>,
     disk: VecDeque<(NodeId, Event)>,
-    done: BTreeMap<RequestId, Result<Reply, RequestError>>,
-    now: Nanos,
-    log: Vec<String>,
+    pub(crate) done: BTreeMap<RequestId, Result<Reply, RequestError>>,
+    pub(crate) now: Nanos,
+    pub(crate) log: Vec<String>,
 }
 
-fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+pub(crate) fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
     (a.min(b), a.max(b))
 }
 
 impl Net {
-    fn new() -> Net {
+    pub(crate) fn new() -> Net {
+        Net::with_config(|_| {})
+    }
+
+    /// Nodes 0 and 1 diskful, node 2 (`W`) diskless; `tune` adjusts each node's config.
+    pub(crate) fn with_config(tune: impl Fn(&mut Config)) -> Net {
         let mut nodes = Vec::new();
         for id in 0..3u8 {
             let diskful = id != W;
@@ -46,7 +52,8 @@ impl Net {
                     diskful: p != W,
                 })
                 .collect();
-            let cfg = Config::new(id, diskful, peers, SIZE);
+            let mut cfg = Config::new(id, diskful, peers, SIZE);
+            tune(&mut cfg);
             let p = Persisted::new_volume(&cfg, 77);
             let (e, _) = Engine::new(cfg, p, 0);
             nodes.push(Node {
@@ -68,13 +75,13 @@ impl Net {
         net
     }
 
-    fn feed(&mut self, n: NodeId, ev: Event) {
+    pub(crate) fn feed(&mut self, n: NodeId, ev: Event) {
         self.now += 1_000;
         let a = self.nodes[n as usize].e.handle(self.now, ev);
         self.apply(n, a);
     }
 
-    fn apply(&mut self, n: NodeId, actions: Vec<Action>) {
+    pub(crate) fn apply(&mut self, n: NodeId, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::DiskWrite {
@@ -115,7 +122,7 @@ impl Net {
         }
     }
 
-    fn break_link(&mut self, a: NodeId, b: NodeId) {
+    pub(crate) fn break_link(&mut self, a: NodeId, b: NodeId) {
         if !self.links.remove(&key(a, b)) {
             return;
         }
@@ -124,8 +131,14 @@ impl Net {
         self.feed(b, Event::PeerDown { peer: a });
     }
 
+    /// Cuts the link between `a` and `b` until `heal`.
+    pub(crate) fn cut_link(&mut self, a: NodeId, b: NodeId) {
+        self.cut.insert(key(a, b));
+        self.break_link(a, b);
+    }
+
     /// Cuts every link of `n` until `heal`.
-    fn isolate(&mut self, n: NodeId) {
+    pub(crate) fn isolate(&mut self, n: NodeId) {
         for m in 0..3u8 {
             if m != n {
                 self.cut.insert(key(n, m));
@@ -134,13 +147,13 @@ impl Net {
         }
     }
 
-    fn heal(&mut self) {
+    pub(crate) fn heal(&mut self) {
         self.cut.clear();
         self.run();
     }
 
     /// Delivers everything, reconnecting links that are not cut, until nothing moves.
-    fn run(&mut self) {
+    pub(crate) fn run(&mut self) {
         for _ in 0..100_000 {
             if let Some((n, ev)) = self.disk.pop_front() {
                 self.feed(n, ev);
@@ -184,7 +197,7 @@ impl Net {
         );
     }
 
-    fn result(&self, id: RequestId) -> &Result<Reply, RequestError> {
+    pub(crate) fn result(&self, id: RequestId) -> &Result<Reply, RequestError> {
         self.done
             .get(&id)
             .unwrap_or_else(|| panic!("request {id} not completed:\n{}", self.log.join("\n")))
@@ -200,11 +213,11 @@ impl Net {
         assert_eq!(self.nodes[W as usize].e.role(), Role::Primary);
     }
 
-    fn at(&self, n: NodeId, offset: u64, len: usize) -> &[u8] {
+    pub(crate) fn at(&self, n: NodeId, offset: u64, len: usize) -> &[u8] {
         &self.nodes[n as usize].data[offset as usize..offset as usize + len]
     }
 
-    fn assert_replicas_identical(&self) {
+    pub(crate) fn assert_replicas_identical(&self) {
         assert!(
             self.nodes[0].data == self.nodes[1].data,
             "replicas differ:\n{}",

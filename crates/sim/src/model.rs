@@ -40,7 +40,13 @@ pub struct Block {
     pub unflushed: Vec<u64>,
     /// Writes issued, failed or lost, that a read may also return.
     pub possible: BTreeSet<u64>,
+    /// Acknowledged writes a crash made uncertain: one of them may have reached the disk of
+    /// the replica that went on (a flush there since made it durable) while the model kept
+    /// `durable`. A later crash before a flush of a newer write may bring them back.
+    pub maybe_durable: BTreeSet<u64>,
     pub writes_in_flight: u32,
+    /// Ids of the writes in flight (their order of application is not known yet).
+    pub inflight: Vec<u64>,
     pub reads_in_flight: u32,
 }
 
@@ -48,13 +54,18 @@ pub struct Block {
 pub struct Model {
     pub blocks: Vec<Block>,
     pub ack_counter: u64,
+    /// Two consumers (a dual-primary window): overlapping writes are applied in the order
+    /// they are acknowledged (the write token lets only one node write at a time, and a
+    /// node holds an overlapping write back until the earlier one completed), not in id order.
+    pub ack_order: bool,
 }
 
 impl Model {
-    pub fn new(blocks: u64) -> Model {
+    pub fn new(blocks: u64, ack_order: bool) -> Model {
         Model {
             blocks: vec![Block::default(); blocks as usize],
             ack_counter: 0,
+            ack_order,
         }
     }
 
@@ -63,6 +74,7 @@ impl Model {
             let blk = &mut self.blocks[b as usize];
             blk.possible.insert(w);
             blk.writes_in_flight += 1;
+            blk.inflight.push(w);
         }
     }
 
@@ -72,13 +84,29 @@ impl Model {
         for b in first..first + n {
             let blk = &mut self.blocks[b as usize];
             blk.writes_in_flight -= 1;
-            if w > blk.acked {
+            blk.inflight.retain(|x| *x != w);
+            if self.ack_order {
+                // Applied after every write acknowledged before it; writes still in flight
+                // may still land after it.
+                blk.acked = w;
+                blk.acked_at = at;
+                let inflight = &blk.inflight;
+                blk.possible.retain(|x| inflight.contains(x));
+                if fua {
+                    blk.durable = w;
+                    blk.unflushed.clear();
+                    blk.maybe_durable.clear();
+                } else {
+                    blk.unflushed.push(w);
+                }
+            } else if w > blk.acked {
                 blk.acked = w;
                 blk.acked_at = at;
                 blk.possible.retain(|x| *x > w);
                 if fua {
                     blk.durable = w;
                     blk.unflushed.clear();
+                    blk.maybe_durable.clear();
                 } else {
                     blk.unflushed.push(w);
                 }
@@ -87,9 +115,11 @@ impl Model {
     }
 
     /// Failed or lost: the write may or may not be there.
-    pub fn write_failed(&mut self, first: u64, n: u64) {
+    pub fn write_failed(&mut self, w: u64, first: u64, n: u64) {
         for b in first..first + n {
-            self.blocks[b as usize].writes_in_flight -= 1;
+            let blk = &mut self.blocks[b as usize];
+            blk.writes_in_flight -= 1;
+            blk.inflight.retain(|x| *x != w);
         }
     }
 
@@ -100,6 +130,7 @@ impl Model {
                 blk.durable = blk.acked;
                 let d = blk.durable;
                 blk.unflushed.retain(|x| *x > d);
+                blk.maybe_durable.clear();
             }
         }
     }
@@ -108,8 +139,11 @@ impl Model {
     /// gone (or not).
     pub fn primary_crashed(&mut self) {
         for blk in &mut self.blocks {
+            blk.possible.extend(blk.maybe_durable.iter().copied());
             if blk.acked != blk.durable {
                 let un = std::mem::take(&mut blk.unflushed);
+                blk.maybe_durable.extend(un.iter().copied());
+                blk.maybe_durable.insert(blk.acked);
                 blk.possible.extend(un);
                 blk.possible.insert(blk.acked);
                 blk.acked = blk.durable;

@@ -57,6 +57,11 @@ pub struct SimOptions {
     /// The operator promotes the witness (a diskless Primary, serving through the diskful
     /// nodes) in about a third of the promotions it makes, decided from a side stream.
     pub diskless_primary: bool,
+    /// About a third of the seeds (side stream) open the dual-primary window on every node:
+    /// the operator sometimes promotes a second node next to the Primary (and demotes one of
+    /// the two later), and the consumer sends its requests to either of them. The model then
+    /// orders overlapping writes by acknowledgement (the write token serializes them).
+    pub dual_primary: bool,
 }
 
 impl Default for SimOptions {
@@ -71,6 +76,7 @@ impl Default for SimOptions {
             split_brain: false,
             disk_faults: true,
             diskless_primary: true,
+            dual_primary: true,
         }
     }
 }
@@ -102,6 +108,12 @@ pub struct Outcome {
     pub diskless_promotions: u64,
     /// Consumer requests completed by a diskless Primary.
     pub diskless_io_ok: u64,
+    /// Seeds with the dual-primary window open, second Primaries promoted into it, and
+    /// consumer requests completed by a member that did not hold the write token when they
+    /// arrived (it fetched the token).
+    pub window_seeds: u64,
+    pub window_joins: u64,
+    pub window_io_ok: u64,
     pub resync_bytes: u64,
     /// Online verifies started / finished (every one must find 0 differences: the simulator
     /// never corrupts a replica behind the engine's back).
@@ -254,6 +266,12 @@ pub(crate) struct World {
     disk_rng: Rng,
     /// Side stream: whether the operator promotes the witness.
     witness_rng: Rng,
+    /// Side stream: the dual-primary window (see [`SimOptions::dual_primary`]).
+    window_rng: Rng,
+    /// The window is open on every node in this seed.
+    window_open: bool,
+    /// Requests sent to a window member without the token: id.
+    window_reqs: std::collections::BTreeSet<RequestId>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -307,6 +325,8 @@ impl World {
         } else {
             0
         };
+        let mut window_rng = Rng::new(seed ^ 0x2b1d_0a11_7e55_0003);
+        let window_open = opts.dual_primary && !opts.split_brain && window_rng.chance(0.3);
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -331,6 +351,7 @@ impl World {
                 cfg.after_split_brain = sb.policy;
             }
             cfg.resync_checksums = checksums;
+            cfg.allow_two_primaries = window_open;
             let persisted = Persisted::new_volume(&cfg, gen0);
             let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);
             nodes.push(Node {
@@ -365,7 +386,7 @@ impl World {
             link_gen: 0,
             fifo: BTreeMap::new(),
             drop_next: None,
-            model: Model::new(opts.size_blocks),
+            model: Model::new(opts.size_blocks, window_open),
             reqs: BTreeMap::new(),
             next_req: 1,
             next_write: 1,
@@ -373,6 +394,7 @@ impl World {
             out: Outcome {
                 topology: Some(topo),
                 resync_checksums: checksums,
+                window_seeds: u64::from(window_open),
                 ..Outcome::default()
             },
             fault: Fault::None,
@@ -387,6 +409,9 @@ impl World {
             sb,
             disk_rng: Rng::new(seed ^ 0x0d15_cfa1_1ed0_0001),
             witness_rng: Rng::new(seed ^ 0x0d15_c1e5_5000_0001),
+            window_rng,
+            window_open,
+            window_reqs: Default::default(),
         }
     }
 
@@ -921,6 +946,9 @@ impl World {
         if ok && !self.nodes[node as usize].diskful {
             self.out.diskless_io_ok += 1;
         }
+        if self.window_reqs.remove(&id) && ok {
+            self.out.window_io_ok += 1;
+        }
         if ok && !matches!(req, Req::Read { .. }) {
             // Invariant 4: nothing completes without quorum (engine view and ground truth).
             let e = self.nodes[node as usize].engine.as_ref().expect("live");
@@ -930,7 +958,11 @@ impl World {
                 .iter()
                 .filter(|((a, b), g)| g.is_some() && (*a == node || *b == node))
                 .count();
-            if !e.has_quorum() || up * 2 <= voters {
+            // A window member that handed the write token over right after this completion
+            // (same batch) is Secondary now, waiting for its peers' answers to the role
+            // change: its engine view no longer says quorum, the ground truth still must.
+            let handed_over = e.role() != Role::Primary && e.status().dual_primary.is_some();
+            if (!e.has_quorum() && !handed_over) || up * 2 <= voters {
                 return Err(format!(
                     "invariant 4: request {id} completed on node {node} without quorum ({up} of {voters} reachable)"
                 ));
@@ -947,7 +979,7 @@ impl World {
                     self.model.write_acked(w, first, n, fua);
                 } else {
                     self.out.writes_failed += 1;
-                    self.model.write_failed(first, n);
+                    self.model.write_failed(w, first, n);
                 }
             }
             Req::Flush { marker } => {
@@ -989,8 +1021,28 @@ impl World {
             .map(|n| n.id)
     }
 
+    /// Nodes that are Primary to their consumer: the Primary, and with the dual-primary
+    /// window the members (one of them may be between hand-offs).
+    fn consumer_primaries(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|n| {
+                n.engine
+                    .as_ref()
+                    .is_some_and(|e| e.role() == Role::Primary || e.status().dual_primary.is_some())
+            })
+            .map(|n| n.id)
+            .collect()
+    }
+
     pub(crate) fn workload_step(&mut self) -> Result<(), String> {
-        let Some(p) = self.primary() else {
+        let target = if self.window_open {
+            let c = self.consumer_primaries();
+            self.window_rng.pick(&c)
+        } else {
+            self.primary()
+        };
+        let Some(p) = target else {
             return Ok(());
         };
         let inflight = self.reqs.values().filter(|(n, _, _)| *n == p).count();
@@ -1058,6 +1110,14 @@ impl World {
             };
             let inc = self.nodes[p as usize].inc;
             self.reqs.insert(id, (p, inc, req));
+            let without_token = self.nodes[p as usize]
+                .engine
+                .as_ref()
+                .and_then(|e| e.status().dual_primary)
+                .is_some_and(|d| !d.write_token);
+            if without_token {
+                self.window_reqs.insert(id);
+            }
             self.feed(p, ev)?;
         }
         Ok(())
@@ -1089,6 +1149,16 @@ impl World {
         let usable = |n: &Node| n.diskful && n.engine.is_some() && !n.isolated;
         let up = |n: &Node| n.engine.is_some() && !n.isolated;
         let primary_ok = primary.is_some_and(|p| up(&self.nodes[p as usize]));
+        // A window member between hand-offs (no replication Primary for a moment) still
+        // serves its consumer: no failover then.
+        let member_ok = self.window_open
+            && self
+                .consumer_primaries()
+                .iter()
+                .any(|m| up(&self.nodes[*m as usize]));
+        if !primary_ok && member_ok {
+            return Ok(());
+        }
         if !primary_ok {
             // Failover (or first promotion): the old Primary is crashed or isolated.
             let cands: Vec<NodeId> = self
@@ -1145,7 +1215,17 @@ impl World {
                 let connected_long = self.healthy_since.is_some_and(|t| now > t + MS);
                 let e = self.nodes[c as usize].engine.as_mut().expect("live");
                 if connected_long {
+                    let was_member = e.status().dual_primary.is_some();
                     match e.promote(now) {
+                        Ok(actions) if e.status().dual_primary.is_some() => {
+                            if !was_member {
+                                self.tr(format!(
+                                    "operator: node {c} joined the dual-primary window"
+                                ));
+                                self.out.window_joins += 1;
+                            }
+                            self.apply(c, actions)?;
+                        }
                         Ok(actions) => {
                             self.apply(c, actions)?;
                             return Err(format!(
@@ -1156,6 +1236,9 @@ impl World {
                     }
                 }
             }
+        }
+        if self.window_open && self.workload {
+            self.window_operator(p)?;
         }
         // Online verify from the Primary while healthy, sometimes with resync of findings.
         if self.workload && self.fault == Fault::None && self.converged() && self.rng.chance(0.01) {
@@ -1386,7 +1469,7 @@ impl World {
         for id in lost {
             if let Some((_, _, req)) = self.reqs.remove(&id) {
                 match req {
-                    Req::Write { first, n, .. } => self.model.write_failed(first, n),
+                    Req::Write { w, first, n, .. } => self.model.write_failed(w, first, n),
                     Req::Read { first, n } => {
                         for b in first..first + n {
                             self.model.blocks[b as usize].reads_in_flight -= 1;
@@ -1499,7 +1582,94 @@ impl World {
         Ok(())
     }
 
+    /// With the window open: sometimes promote a second node next to the Primary, sometimes
+    /// demote one of the two members (refused while it has requests in flight).
+    fn window_operator(&mut self, p: NodeId) -> Result<(), String> {
+        let members: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.engine
+                    .as_ref()
+                    .is_some_and(|e| e.status().dual_primary.is_some())
+            })
+            .map(|n| n.id)
+            .collect();
+        let now = self.now;
+        if members.is_empty() {
+            if self.fault != Fault::None || !self.window_rng.chance(0.02) {
+                return Ok(());
+            }
+            // Like a migration target: connected to the Primary for a while. (A promotion
+            // of a node that does not see the Primary is the racing-promotion case the
+            // window does not change; see the `operator` failover.)
+            let connected_long = self.healthy_since.is_some_and(|t| now > t + MS);
+            if !connected_long || !self.nodes[p as usize].diskful {
+                return Ok(());
+            }
+            let cands: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.diskful
+                        && n.engine.is_some()
+                        && !n.isolated
+                        && n.id != p
+                        && self.links.get(&key(n.id, p)).copied().flatten().is_some()
+                })
+                .map(|n| n.id)
+                .collect();
+            let Some(c) = self.window_rng.pick(&cands) else {
+                return Ok(());
+            };
+            let e = self.nodes[c as usize].engine.as_mut().expect("live");
+            match e.promote(now) {
+                Ok(actions) => {
+                    // Candidates are not members (there are none): a join, or a plain
+                    // promotion if the Primary went away meanwhile.
+                    if e.status().dual_primary.is_some() {
+                        self.out.window_joins += 1;
+                        self.tr(format!("operator: node {c} joined the dual-primary window"));
+                    } else {
+                        self.tr(format!("operator: promoted node {c} (no window)"));
+                    }
+                    self.apply(c, actions)?;
+                }
+                Err(e) => self.tr(format!("operator: window promote of {c} refused: {e}")),
+            }
+        } else if self.window_rng.chance(0.01) {
+            let Some(m) = self.window_rng.pick(&members) else {
+                return Ok(());
+            };
+            let e = self.nodes[m as usize].engine.as_mut().expect("live");
+            match e.demote(now) {
+                Ok(actions) => {
+                    self.tr(format!("operator: node {m} left the dual-primary window"));
+                    self.apply(m, actions)?;
+                }
+                Err(e) => self.tr(format!("operator: demote of member {m} refused: {e}")),
+            }
+        }
+        Ok(())
+    }
+
     fn check_primaries(&self) -> Result<(), String> {
+        let members: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.engine
+                    .as_ref()
+                    .is_some_and(|e| e.status().dual_primary.is_some())
+            })
+            .map(|n| n.id)
+            .collect();
+        if members.len() > 2 || (!members.is_empty() && !self.window_open) {
+            return Err(format!(
+                "invariant 3: nodes {members:?} are dual-primary members (window open: {})",
+                self.window_open
+            ));
+        }
         let with_quorum: Vec<NodeId> = self
             .nodes
             .iter()

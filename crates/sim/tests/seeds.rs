@@ -50,6 +50,9 @@ fn simulate_seeds() {
                 total.failovers += o.failovers;
                 total.diskless_promotions += o.diskless_promotions;
                 total.diskless_io_ok += o.diskless_io_ok;
+                total.window_seeds += o.window_seeds;
+                total.window_joins += o.window_joins;
+                total.window_io_ok += o.window_io_ok;
                 total.resync_bytes += o.resync_bytes;
                 total.verifies += o.verifies;
                 total.verifies_done += o.verifies_done;
@@ -89,6 +92,10 @@ fn simulate_seeds() {
     eprintln!(
         "diskless Primary: {} promotions of the witness, {} consumer requests completed by it",
         total.diskless_promotions, total.diskless_io_ok
+    );
+    eprintln!(
+        "dual-primary window: open in {} seeds, {} second Primaries promoted into it, {} consumer requests completed by a member that had to fetch the write token",
+        total.window_seeds, total.window_joins, total.window_io_ok
     );
     eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",
