@@ -10,6 +10,7 @@ fn seed(seed: u64, topology: Topology) {
         topology: Some(topology),
         disk_faults: false,
         diskless_primary: false,
+        dual_primary: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -21,6 +22,7 @@ fn seed(seed: u64, topology: Topology) {
 fn diskless_seed(seed: u64) {
     let opts = SimOptions {
         topology: Some(Topology::TwoPlusWitness),
+        dual_primary: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -300,4 +302,26 @@ fn a_mark_for_a_resync_target_outlives_the_end_of_the_resync() {
 #[test]
 fn bits_that_change_during_the_handshake_restart_it() {
     diskless_seed(19838);
+}
+
+/// Seeds found with the dual-primary window (every option on, as found).
+fn window_seed(seed: u64) {
+    if let Err(e) = run(seed, &SimOptions::default()) {
+        panic!("{e}");
+    }
+}
+
+/// A member that handed the token over in the same batch as a completion: the simulator's
+/// quorum check of that completion saw a Secondary waiting for its role-change barrier.
+#[test]
+fn a_completion_right_before_a_token_hand_off_counts_with_quorum() {
+    window_seed(7);
+}
+
+/// A crash made an acknowledged write uncertain, a flush on the surviving replica then made it
+/// durable, a newer write was acknowledged and lost in a second crash: the model had forgotten
+/// that the older write could be what the disk holds (`Block::maybe_durable`).
+#[test]
+fn a_write_a_crash_made_uncertain_may_be_durable_after_the_next_crash() {
+    window_seed(866);
 }
