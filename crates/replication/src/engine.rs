@@ -1194,6 +1194,41 @@ impl Engine {
         }
     }
 
+    /// A diskless Primary's first report from a diskful peer on a new link: it is at our
+    /// current generation although we recorded it behind (it dropped out of our writes), so
+    /// it caught up through another replica while our link to it was down (an online resync
+    /// of the writes we marked toward it). It may have missed our writes after that (its link
+    /// to that replica may have broken too), at this same generation: nothing would tell. A
+    /// new generation makes it behind again (recorded at its current one): it does not serve
+    /// until a resync from a serving peer brought it to the new generation, now that our link
+    /// to it is up and every write of ours reaches it.
+    fn caught_up_elsewhere(&mut self, peer: NodeId, r: &StateReport) {
+        let g = self.meta.peer_bitmap_gens.get(&peer).copied().unwrap_or(0);
+        if g == 0 || g == self.meta.current || r.generations.current != self.meta.current {
+            return;
+        }
+        self.log(
+            Level::Warn,
+            format!(
+                "node {peer} reached our generation through another replica while away from us: \
+                 behind until it resynced again"
+            ),
+        );
+        self.meta.peer_bitmap_gens.insert(peer, self.meta.current);
+        if let Some(c) = self.conn_mut(peer) {
+            c.serves = false;
+        }
+        if self.serving_peer().is_some() {
+            self.mint_pending = false;
+            self.mint("a diskful peer may lack writes at our generation");
+        } else {
+            // Minted at the next write (nobody would adopt it now).
+            self.mint_pending = true;
+        }
+        self.persist_meta();
+        self.broadcast_report(false);
+    }
+
     /// Ranges of writes from `from` (a diskless Primary) not yet settled: marked out of sync
     /// toward each of `ids`.
     fn mark_unsettled(&mut self, ranges: &[(u64, u64)], ids: &[NodeId]) {
@@ -3679,6 +3714,9 @@ impl Engine {
                 })
                 .unwrap_or_default();
             self.diskless_lost_peer(peer, lost);
+        }
+        if prev.is_none() && peer_diskful && self.diskless_primary() {
+            self.caught_up_elsewhere(peer, &r);
         }
         if self.lost_diskless.is_some()
             && (r.role == Role::Primary || self.lost_diskless == Some(peer))

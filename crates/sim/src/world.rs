@@ -62,6 +62,10 @@ pub struct SimOptions {
     /// the two later), and the consumer sends its requests to either of them. The model then
     /// orders overlapping writes by acknowledgement (the write token serializes them).
     pub dual_primary: bool,
+    /// With the window open, the operator also promotes nodes that do not see the Primary
+    /// (a racing promotion: refused by the voters or forced back for lack of quorum). Off by
+    /// default; regression seeds use it.
+    pub racing_promotions: bool,
 }
 
 impl Default for SimOptions {
@@ -77,6 +81,7 @@ impl Default for SimOptions {
             disk_faults: true,
             diskless_primary: true,
             dual_primary: true,
+            racing_promotions: false,
         }
     }
 }
@@ -1603,8 +1608,9 @@ impl World {
             // Like a migration target: connected to the Primary for a while. (A promotion
             // of a node that does not see the Primary is the racing-promotion case the
             // window does not change; see the `operator` failover.)
+            let racing = self.opts.racing_promotions;
             let connected_long = self.healthy_since.is_some_and(|t| now > t + MS);
-            if !connected_long || !self.nodes[p as usize].diskful {
+            if !racing && (!connected_long || !self.nodes[p as usize].diskful) {
                 return Ok(());
             }
             let cands: Vec<NodeId> = self
@@ -1615,7 +1621,7 @@ impl World {
                         && n.engine.is_some()
                         && !n.isolated
                         && n.id != p
-                        && self.links.get(&key(n.id, p)).copied().flatten().is_some()
+                        && (racing || self.links.get(&key(n.id, p)).copied().flatten().is_some())
                 })
                 .map(|n| n.id)
                 .collect();

@@ -325,3 +325,19 @@ fn a_completion_right_before_a_token_hand_off_counts_with_quorum() {
 fn a_write_a_crash_made_uncertain_may_be_durable_after_the_next_crash() {
     window_seed(866);
 }
+
+/// An operator promoted a node that did not see the diskless Primary (a racing promotion,
+/// forced back): before that, it had caught up to the diskless Primary's generation through
+/// the other replica, then missed writes at that generation; back on the diskless Primary's
+/// link it served reads with stale blocks. The diskless Primary now starts a new generation
+/// when a peer it recorded behind comes back at its current one.
+#[test]
+fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_data() {
+    let opts = SimOptions {
+        racing_promotions: true,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(4838, &opts) {
+        panic!("{e}");
+    }
+}

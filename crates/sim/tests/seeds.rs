@@ -19,6 +19,10 @@ fn simulate_seeds() {
         // Reproduces a seed of a run without disk faults (e.g. `three_diskful_seeds`).
         opts.disk_faults = false;
     }
+    if env("SIM_RACING") == Some(1) {
+        // Racing promotions (see `SimOptions::racing_promotions`).
+        opts.racing_promotions = true;
+    }
     if std::env::var("SIM_TOPOLOGY").as_deref() == Ok("three") {
         opts.topology = Some(Topology::Three);
     }
