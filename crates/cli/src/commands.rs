@@ -553,6 +553,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                     .transpose()?,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: checksums,
+                allow_two_primaries: None,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());

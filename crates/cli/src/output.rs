@@ -633,6 +633,9 @@ mod tests {
             split_brain: vec![],
             last_resync_skipped_bytes: 0,
             clients: Vec::new(),
+            allow_two_primaries: false,
+            dual_primary_partner: None,
+            write_token: false,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -655,6 +658,8 @@ mod tests {
             last_verify: None,
             after_split_brain: "disconnect".into(),
             resync_checksums: false,
+            allow_two_primaries: false,
+            second_primary_node: None,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];
