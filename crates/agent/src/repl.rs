@@ -805,7 +805,8 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 let on = d.allow_two_primaries;
                 match run.driver.set_allow_two_primaries(on) {
                     Ok(()) => {
-                        info!(volume = %d.volume, "dual-primary window {}", if on { "opened" } else { "closed" });
+                        // The engine logs "dual-primary window opened/closed" itself.
+                        debug!(volume = %d.volume, on, "dual-primary window set");
                         run.spec.options.allow_two_primaries = on;
                         run.window_refusal = None;
                     }
