@@ -4,8 +4,12 @@
 //! raw file; a diskless placement (witness) runs a diskless voter keeping only its metadata in
 //! `state_dir/witness/`. A change of a replica's peers restarts its driver. The placement the
 //! controller marks `primary` is promoted until the engine accepts it; a Primary the controller
-//! no longer marks is demoted. The refusal, if any, is reported (`role_error`). Single-replica
-//! volumes are not touched (raw `FileDevice` exports).
+//! no longer marks is demoted. The refusal, if any, is reported (`role_error`). The volume's
+//! dual-primary window (`allow_two_primaries`) is opened and closed on the running driver (a
+//! refused close is retried at every reconcile); a node that is one of the two Primaries of a
+//! window counts as Primary here and in the report (`dual_primary_partner`, `write_token`),
+//! whether or not it holds the write token. Single-replica volumes are not touched (raw
+//! `FileDevice` exports).
 //!
 //! The last desired state is kept in `state_dir/desired.json` (without the cluster secret, which
 //! has its own file): an agent restarted while the controller is unreachable starts the drivers
@@ -57,6 +61,9 @@ struct Running {
     verify: Option<AgentVerify>,
     /// The last split-brain resolution carried out here (its id) and its refusal, if any.
     resolved: Option<(String, Option<String>)>,
+    /// The last refusal to open or close the dual-primary window (logged once; retried at
+    /// every reconcile).
+    window_refusal: Option<String>,
 }
 
 /// The engine's split-brain policy for the API's string (`disconnect`,
@@ -225,13 +232,15 @@ fn name_nodes(msg: &str, names: &BTreeMap<u8, String>) -> String {
 }
 
 /// Whether two specs differ in more than the options a running driver takes without a
-/// restart (resync rate and floor, split-brain policy, checksum resync, size).
+/// restart (resync rate and floor, split-brain policy, checksum resync, the dual-primary
+/// window, size).
 fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     let mut w = want.clone();
     w.options.resync_rate = have.options.resync_rate;
     w.options.resync_min_rate = have.options.resync_min_rate;
     w.options.after_split_brain = have.options.after_split_brain;
     w.options.resync_checksums = have.options.resync_checksums;
+    w.options.allow_two_primaries = have.options.allow_two_primaries;
     // The size changes online (`VolumeDriver::resize`).
     w.size_bytes = have.size_bytes;
     w != *have
@@ -375,6 +384,9 @@ impl Replication {
             })
             .collect();
         r.discard_pending = st.engine.discard_my_data;
+        r.allow_two_primaries = st.allow_two_primaries;
+        r.dual_primary_partner = st.dual_primary.map(|dp| peer_name(dp.partner));
+        r.write_token = st.dual_primary.is_some_and(|dp| dp.write_token);
         r.last_resync_skipped_bytes = st.engine.last_resync_skipped_bytes;
         if let Some((_, Some(e))) = lock(&self.drivers)
             .get(&r.volume)
@@ -652,6 +664,7 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
                 })
             },
             resync_checksums: d.resync_checksums,
+            allow_two_primaries: d.allow_two_primaries,
         },
     })
 }
@@ -786,6 +799,32 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                         run.spec.options.resync_checksums = d.resync_checksums;
                     }
                     Err(e) => warn!(volume = %d.volume, "setting checksum-based resync: {e}"),
+                }
+            }
+            if run.spec.options.allow_two_primaries != d.allow_two_primaries {
+                let on = d.allow_two_primaries;
+                match run.driver.set_allow_two_primaries(on) {
+                    Ok(()) => {
+                        // The engine logs "dual-primary window opened/closed" itself.
+                        debug!(volume = %d.volume, on, "dual-primary window set");
+                        run.spec.options.allow_two_primaries = on;
+                        run.window_refusal = None;
+                    }
+                    // E.g. closing while this node is still one of two Primaries: the spec
+                    // keeps the old value, so the next reconcile tries again.
+                    Err(e) => {
+                        let msg = format!(
+                            "{} the dual-primary window: {}",
+                            if on { "opening" } else { "closing" },
+                            name_nodes(&e.to_string(), &run.peer_names)
+                        );
+                        if run.window_refusal.as_deref() != Some(msg.as_str()) {
+                            warn!(volume = %d.volume, "{msg} (retrying)");
+                            run.window_refusal = Some(msg);
+                        } else {
+                            debug!(volume = %d.volume, "{msg}");
+                        }
+                    }
                 }
             }
             if let Some(want) = &d.resolve_split_brain
@@ -929,6 +968,7 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                 auto_refusal: None,
                 verify: None,
                 resolved: None,
+                window_refusal: None,
             },
         );
         apply_size(agent, &started_now).await;

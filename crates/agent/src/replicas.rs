@@ -750,6 +750,9 @@ impl Ctx<'_> {
                 discard_pending: false,
                 last_resync_skipped_bytes: 0,
                 clients: self.server.clients(&d.volume),
+                allow_two_primaries: false,
+                dual_primary_partner: None,
+                write_token: false,
             })
             .collect();
         let t = read(self.table);
@@ -805,6 +808,9 @@ impl Ctx<'_> {
                 } else {
                     Vec::new()
                 },
+                allow_two_primaries: false,
+                dual_primary_partner: None,
+                write_token: false,
             })
             .collect();
         drop(t);

@@ -126,6 +126,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         after_split_brain: "disconnect".into(),
         resolve_split_brain: None,
         resync_checksums: false,
+        allow_two_primaries: false,
     }
 }
 

@@ -164,6 +164,13 @@ pub struct VolumeUpdate {
     /// Checksum-based resync on or off; applies at once.
     #[serde(default)]
     pub resync_checksums: Option<bool>,
+    /// Open (`true`) or close (`false`) the dual-primary window for live migration: while
+    /// it is open a second node may be Primary (`volume promote` of another node, or a
+    /// consumer opening its export) and the two hand a write token back and forth. Protocol
+    /// C only (`protocol_a` otherwise); closing is refused while two nodes are Primary
+    /// (`two_primaries`).
+    #[serde(default)]
+    pub allow_two_primaries: Option<bool>,
 }
 
 /// Body of `POST /v1/volumes/{name}/resize`: the new size of every replica (online). The
@@ -307,6 +314,19 @@ pub struct Replica {
     /// clients, `host:port` for TCP ones.
     #[serde(default)]
     pub clients: Vec<String>,
+    /// The dual-primary window is open on this node's replication engine (the agent applied
+    /// the volume's `allow_two_primaries`).
+    #[serde(default)]
+    pub allow_two_primaries: bool,
+    /// This replica's node is one of the two Primaries of the volume's dual-primary window;
+    /// this is the other one (`null`: not in a dual-primary pair). `role` shows `Primary` for
+    /// both.
+    #[serde(default)]
+    pub dual_primary_partner: Option<String>,
+    /// This node holds the dual-primary window's write token (it is the one writing now);
+    /// false outside a dual-primary pair.
+    #[serde(default)]
+    pub write_token: bool,
 }
 
 /// A split brain between a replica and one peer, as the replica's node reports it.
@@ -532,6 +552,15 @@ pub struct Volume {
     /// Checksum-based resync (`volume set --resync-checksums`).
     #[serde(default)]
     pub resync_checksums: bool,
+    /// The dual-primary window is open (`volume set --allow-two-primaries on`): a second
+    /// node may be Primary, for live migration.
+    #[serde(default)]
+    pub allow_two_primaries: bool,
+    /// The second node the controller wants Primary inside the dual-primary window (`volume
+    /// promote` of another node while `primary_node` is Primary and the window is open);
+    /// `null`: none.
+    #[serde(default)]
+    pub second_primary_node: Option<String>,
 }
 
 fn default_split_brain() -> String {
@@ -678,6 +707,12 @@ pub struct VolumeSpec {
     /// Checksum-based resync (absent: off).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resync_checksums: bool,
+    /// The dual-primary window is open (absent: closed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_two_primaries: bool,
+    /// The second Primary inside the dual-primary window (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_primary_node: Option<String>,
 }
 
 fn is_disconnect(s: &String) -> bool {
@@ -793,6 +828,16 @@ pub struct ReplicaReport {
     /// Who is connected to the export (`pid N (command)` / `host:port`), one per connection.
     #[serde(default)]
     pub clients: Vec<String>,
+    /// The replication engine's dual-primary window is open here.
+    #[serde(default)]
+    pub allow_two_primaries: bool,
+    /// This node is one of the two Primaries of a dual-primary window (then `role` is
+    /// `Primary`); the other one's node name. `null`: not in a dual-primary pair.
+    #[serde(default)]
+    pub dual_primary_partner: Option<String>,
+    /// This node holds the dual-primary window's write token.
+    #[serde(default)]
+    pub write_token: bool,
 }
 
 fn default_true() -> bool {
@@ -881,6 +926,11 @@ pub struct DesiredReplica {
     /// Checksum-based resync.
     #[serde(default)]
     pub resync_checksums: bool,
+    /// The volume's dual-primary window is open (`volume set --allow-two-primaries`); the
+    /// agent opens or closes it on its replication engine (closing is retried while this
+    /// node is one of two Primaries).
+    #[serde(default)]
+    pub allow_two_primaries: bool,
 }
 
 /// Answer of `POST /v1/nodes/{name}/lost`.

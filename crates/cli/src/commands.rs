@@ -140,6 +140,12 @@ pub enum VolumeCmd {
         /// Checksum-based resync: `on` or `off` (applies at once).
         #[arg(long)]
         resync_checksums: Option<String>,
+        /// The dual-primary window for live migration: `on` lets a second node be Primary
+        /// (`volume promote` of it, or a consumer opening its export) while one is, the two
+        /// writing one at a time; `off` closes it (refused while two nodes are Primary).
+        /// Protocol C only.
+        #[arg(long)]
+        allow_two_primaries: Option<String>,
     },
     /// Resolve a split brain: NODE's changes since the split are discarded (it resyncs from
     /// the other replicas, bitmap-based where the generations allow, else fully); the others
@@ -274,9 +280,11 @@ pub enum VolumeCmd {
         timeout: u64,
     },
     /// Make a node's replica the volume's Primary (the one that accepts consumer I/O) and
-    /// wait until it is. The current Primary is demoted first. Refused when the replica is
-    /// not UpToDate, its node has no quorum, or consumers have the volume open on the current
-    /// Primary (unless --force).
+    /// wait until it is. The current Primary is demoted first; with the dual-primary window
+    /// open (`volume set NAME --allow-two-primaries on`) it stays Primary instead and the node
+    /// becomes the second Primary (live migration). Refused when the replica is not UpToDate,
+    /// its node has no quorum, or consumers have the volume open on the current Primary
+    /// (unless --force).
     Promote {
         name: String,
         /// Node to promote.
@@ -528,17 +536,15 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             resync_min_rate,
             after_split_brain,
             resync_checksums,
+            allow_two_primaries,
         } => {
-            let checksums = match resync_checksums.as_deref() {
-                None => None,
-                Some("on") | Some("true") => Some(true),
-                Some("off") | Some("false") => Some(false),
-                Some(other) => bail!("--resync-checksums takes on or off, not '{other}'"),
-            };
+            let checksums = on_off("--resync-checksums", resync_checksums.as_deref())?;
+            let two_primaries = on_off("--allow-two-primaries", allow_two_primaries.as_deref())?;
             if resync_rate.is_none()
                 && resync_min_rate.is_none()
                 && after_split_brain.is_none()
                 && checksums.is_none()
+                && two_primaries.is_none()
             {
                 bail!(
                     "nothing to set: name an option, e.g. --resync-rate 100MiB or \
@@ -553,6 +559,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                     .transpose()?,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: checksums,
+                allow_two_primaries: two_primaries,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());
@@ -578,6 +585,16 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                     parts.push(format!(
                         "checksum-based resync {}",
                         if v.resync_checksums { "on" } else { "off" }
+                    ));
+                }
+                if two_primaries.is_some() {
+                    parts.push(format!(
+                        "dual-primary window {}",
+                        if v.allow_two_primaries {
+                            "open (a second node may be Primary)"
+                        } else {
+                            "closed"
+                        }
                     ));
                 }
                 format!("Volume {}: {}.\n", v.name, parts.join(", "))
@@ -676,6 +693,16 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 Ok(())
             }
         }
+    }
+}
+
+/// An `on`/`off` option value (`true`/`false` also accepted); `None` when not given.
+fn on_off(option: &str, value: Option<&str>) -> Result<Option<bool>> {
+    match value {
+        None => Ok(None),
+        Some("on") | Some("true") => Ok(Some(true)),
+        Some("off") | Some("false") => Ok(Some(false)),
+        Some(other) => bail!("{option} takes on or off, not '{other}'"),
     }
 }
 
@@ -1253,8 +1280,14 @@ fn change_role(
         if let Some(r) = r {
             if r.role == want {
                 return emit(json, &v, |v| {
+                    let dual = match (&v.primary_node, &v.second_primary_node) {
+                        (Some(first), Some(second)) if promote && second == node => {
+                            format!(" (second Primary next to {first}: dual-primary window)")
+                        }
+                        _ => String::new(),
+                    };
                     format!(
-                        "Volume {} on node {node} is {}.\n",
+                        "Volume {} on node {node} is {}{dual}.\n",
                         v.name,
                         if promote { "Primary" } else { "Secondary" }
                     )
@@ -1470,4 +1503,51 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{Cli, Command};
+
+    fn volume_set(args: &[&str]) -> Option<String> {
+        let cli = Cli::try_parse_from(
+            ["tandem", "volume", "set", "vm1"]
+                .iter()
+                .chain(args)
+                .copied(),
+        )
+        .unwrap();
+        match cli.command {
+            Command::Volume {
+                cmd:
+                    VolumeCmd::Set {
+                        allow_two_primaries,
+                        ..
+                    },
+            } => allow_two_primaries,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn volume_set_takes_allow_two_primaries_on_or_off() {
+        assert_eq!(
+            volume_set(&["--allow-two-primaries", "on"]).as_deref(),
+            Some("on")
+        );
+        assert_eq!(
+            volume_set(&["--allow-two-primaries=off"]).as_deref(),
+            Some("off")
+        );
+        assert_eq!(volume_set(&["--resync-rate", "1MiB"]), None);
+        let opt = "--allow-two-primaries";
+        assert_eq!(on_off(opt, Some("on")).unwrap(), Some(true));
+        assert_eq!(on_off(opt, Some("false")).unwrap(), Some(false));
+        assert_eq!(on_off(opt, None).unwrap(), None);
+        let e = on_off(opt, Some("yes")).unwrap_err().to_string();
+        assert!(e.contains("--allow-two-primaries takes on or off"), "{e}");
+    }
 }

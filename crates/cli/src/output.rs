@@ -111,13 +111,31 @@ pub fn pools_table(pools: &[Pool]) -> String {
     t.render()
 }
 
+/// The role of a replica for people: `Primary (dual, token)` / `Primary (dual)` for the two
+/// Primaries of a dual-primary window (the one holding the write token writes now), else
+/// the role as reported.
+pub fn role_text(r: &tandem_api::Replica) -> String {
+    match (&r.dual_primary_partner, r.write_token) {
+        (Some(_), true) => "Primary (dual, token)".into(),
+        (Some(_), false) => "Primary (dual)".into(),
+        (None, _) => format!("{:?}", r.role),
+    }
+}
+
 pub fn volumes_table(volumes: &[Volume]) -> String {
     let mut t = Table::new(&["VOLUME", "SIZE", "STATE", "REPLICAS", "QUORUM", "PROTOCOL"]);
     for v in volumes {
         let reps = v
             .replicas
             .iter()
-            .map(|r| format!("{}:{:?}/{:?}", r.node, r.disk_state, r.role))
+            .map(|r| {
+                format!(
+                    "{}:{:?}/{}",
+                    r.node,
+                    r.disk_state,
+                    role_text(r).replace(", ", ",").replace(" (", "(")
+                )
+            })
             .collect::<Vec<_>>()
             .join(" ");
         t.row(vec![
@@ -153,8 +171,12 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
     out.push_str(&format!("Replicas:  {} wanted\n", v.replica_count));
     if v.replicas.len() > 1 {
         out.push_str(&format!(
-            "Primary:   {}\n",
-            v.primary_node.as_deref().unwrap_or("none (volume demote)")
+            "Primary:   {}{}\n",
+            v.primary_node.as_deref().unwrap_or("none (volume demote)"),
+            v.second_primary_node
+                .as_deref()
+                .map(|n| format!(" and {n} (dual-primary window)"))
+                .unwrap_or_default()
         ));
         out.push_str(&format!(
             "Resync:    limit {}, {}\n",
@@ -181,7 +203,7 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
             } else {
                 r.pool.clone()
             },
-            format!("{:?}", r.role),
+            role_text(r),
             format!("{:?}", r.disk_state),
             r.repl_state.clone(),
             size_cell(r.out_of_sync_bytes),
@@ -291,6 +313,25 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
     }
     if v.replicas.len() > 1 && v.after_split_brain != "disconnect" {
         out.push_str(&format!("After split brain: {}\n", v.after_split_brain));
+    }
+    if v.allow_two_primaries {
+        out.push_str(
+            "Dual-primary window: open (a second node may be Primary; one writes at a time, \
+             holding the write token)\n",
+        );
+    }
+    for r in &v.replicas {
+        if let Some(partner) = &r.dual_primary_partner {
+            out.push_str(&format!(
+                "{}: Primary together with {partner} (dual-primary window), {}\n",
+                r.node,
+                if r.write_token {
+                    "holds the write token"
+                } else {
+                    "waits for the write token to write"
+                }
+            ));
+        }
     }
     if v.replicas.len() > 1 && v.resync_checksums {
         out.push_str("Resync:    checksum-based (identical blocks are not transferred)\n");
@@ -633,6 +674,9 @@ mod tests {
             split_brain: vec![],
             last_resync_skipped_bytes: 0,
             clients: Vec::new(),
+            allow_two_primaries: false,
+            dual_primary_partner: None,
+            write_token: false,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -655,6 +699,8 @@ mod tests {
             last_verify: None,
             after_split_brain: "disconnect".into(),
             resync_checksums: false,
+            allow_two_primaries: false,
+            second_primary_node: None,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];
@@ -664,6 +710,49 @@ mod tests {
             text.lines()
                 .any(|l| l.starts_with("n1") && l.contains("n2") && l.contains("SyncSource")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn volume_detail_shows_the_dual_primary_window_and_the_write_token() {
+        let v: Volume = serde_json::from_value(serde_json::json!({
+            "name": "v", "uuid": "u", "size_bytes": 1048576, "protocol": "C",
+            "replica_count": 2, "state": "ready", "quorum": true, "operations": [],
+            "primary_node": "n1", "second_primary_node": "n2", "allow_two_primaries": true,
+            "replicas": [
+                {"node": "n1", "pool": "default", "diskless": false, "role": "Primary",
+                 "disk_state": "UpToDate", "repl_state": "Established", "out_of_sync_bytes": 0,
+                 "resync_bytes_per_sec": 0, "last_resync_bytes": 0, "allocated_bytes": 0,
+                 "connections": 1, "dual_primary_partner": "n2", "write_token": true},
+                {"node": "n2", "pool": "default", "diskless": false, "role": "Primary",
+                 "disk_state": "UpToDate", "repl_state": "Established", "out_of_sync_bytes": 0,
+                 "resync_bytes_per_sec": 0, "last_resync_bytes": 0, "allocated_bytes": 0,
+                 "connections": 1, "dual_primary_partner": "n1"}
+            ]
+        }))
+        .unwrap();
+        let text = volume_detail_at(&v, 0);
+        assert!(
+            text.contains("Primary:   n1 and n2 (dual-primary window)"),
+            "{text}"
+        );
+        assert!(text.contains("Dual-primary window: open"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("n1 ") && l.contains("Primary (dual, token)")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("n2 ") && l.contains("Primary (dual)")),
+            "{text}"
+        );
+        assert!(text.contains("n1: Primary together with n2"), "{text}");
+        assert!(text.contains("n2: Primary together with n1 (dual-primary window), waits"));
+        let list = volumes_table(&[v]);
+        assert!(
+            list.contains("n1:UpToDate/Primary(dual,token) n2:UpToDate/Primary(dual)"),
+            "{list}"
         );
     }
 

@@ -296,7 +296,7 @@ async fn node_evacuate(
     responses((status = 200, description = "Options changed (the agents apply them at once)", body = Volume),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such volume", body = ApiError),
-              (status = 409, description = "The volume is being deleted", body = ApiError),
+              (status = 409, description = "The volume is being deleted (`not_ready`), or the dual-primary window cannot open (`not_replicated`: one replica; `protocol_a`: it needs protocol C) or close (`two_primaries`: two nodes are Primary, demote one first)", body = ApiError),
               (status = 422, description = "Malformed body", body = ApiError)))]
 async fn update_volume(
     State(s): State<AppState>,
@@ -395,11 +395,11 @@ async fn abort_volume(
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     request_body = RoleChange,
-    responses((status = 200, description = "Recorded: the node becomes Primary (watch its replica's `role`)", body = Volume),
+    responses((status = 200, description = "Recorded: the node becomes Primary (watch its replica's `role`); with the dual-primary window open and another node Primary, the second Primary (`second_primary_node`)", body = Volume),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such volume or node", body = ApiError),
               (status = 422, description = "Malformed body", body = ApiError),
-              (status = 409, description = "Refused: `not_replicated`, `no_replica`, `no_data_peer` (a witness without a connected UpToDate diskful replica), `node_offline`, `not_ready`, `not_up_to_date`, `no_quorum`, `in_use`", body = ApiError)))]
+              (status = 409, description = "Refused: `not_replicated`, `no_replica`, `no_data_peer` (a witness without a connected UpToDate diskful replica), `node_offline`, `not_ready`, `not_up_to_date`, `no_quorum`, `in_use`, `two_primaries` (the dual-primary window already has two Primaries), `window_open` (--force while the dual-primary window is open and another node is Primary: demote it first)", body = ApiError)))]
 async fn promote_volume(
     State(s): State<AppState>,
     ApiPath(name): ApiPath<String>,

@@ -212,6 +212,15 @@ pub struct VolumeRecord {
     /// Checksum-based resync.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resync_checksums: bool,
+    /// The dual-primary window is open (`volume set --allow-two-primaries on`; live
+    /// migration): a second node may be Primary besides `primary_node`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_two_primaries: bool,
+    /// The second node wanted Primary inside the dual-primary window (`volume promote` of
+    /// another node while the window is open and `primary_node` is Primary). Only set while
+    /// the window is open (closing is refused while it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_primary: Option<String>,
 }
 
 fn default_split_brain() -> String {
@@ -235,6 +244,25 @@ impl VolumeRecord {
             .iter()
             .find(|p| !p.diskless)
             .map(|p| p.node.as_str())
+    }
+
+    /// The second node the controller wants Primary inside the dual-primary window, if any:
+    /// only while the window is open, a first Primary is wanted and the node holds a
+    /// placement.
+    pub fn second_primary(&self) -> Option<&str> {
+        if !self.allow_two_primaries {
+            return None;
+        }
+        let first = self.desired_primary()?;
+        self.second_primary
+            .as_deref()
+            .filter(|n| *n != first && self.placements.iter().any(|p| &p.node == n))
+    }
+
+    /// Whether the controller wants `node` Primary (the Primary, or the second one inside the
+    /// dual-primary window).
+    pub fn wants_primary(&self, node: &str) -> bool {
+        self.desired_primary() == Some(node) || self.second_primary() == Some(node)
     }
 
     /// Advances the open `node-lost` / `evacuate` operations with what `node` reported
@@ -808,6 +836,9 @@ impl Controller {
                         .map(|r| r.last_resync_skipped_bytes)
                         .unwrap_or(0),
                     clients: report.map(|r| r.clients.clone()).unwrap_or_default(),
+                    allow_two_primaries: report.is_some_and(|r| r.allow_two_primaries),
+                    dual_primary_partner: report.and_then(|r| r.dual_primary_partner.clone()),
+                    write_token: report.is_some_and(|r| r.write_token),
                 }
             })
             .collect();
@@ -840,6 +871,8 @@ impl Controller {
             last_verify: v.last_verify.clone(),
             after_split_brain: v.after_split_brain.clone(),
             resync_checksums: v.resync_checksums,
+            allow_two_primaries: v.allow_two_primaries,
+            second_primary_node: v.second_primary().map(str::to_string),
         }
     }
 
@@ -1265,6 +1298,8 @@ impl Controller {
                 .unwrap_or_else(default_split_brain),
             resolve: None,
             resync_checksums: req.resync_checksums.unwrap_or(false),
+            allow_two_primaries: false,
+            second_primary: None,
         };
         split_brain::validate_policy(&record.after_split_brain, &record.placements)?;
         let mut txn = vec![TxnOp::put(
@@ -1396,6 +1431,11 @@ impl Controller {
     /// reports already show it cannot work: a witness, a replica that is not UpToDate, a
     /// node without quorum, an offline node, or consumers connected to the Primary that
     /// would lose it (unless `force`).
+    ///
+    /// With the dual-primary window open (`allow_two_primaries`), promoting another node
+    /// while one is Primary adds it as the second Primary (`second_primary`; nobody loses
+    /// the role, `force` is refused: `window_open`); a third one is refused
+    /// (`two_primaries`). Demoting one of two Primaries leaves the other one the Primary.
     pub fn set_primary(
         &self,
         name: &str,
@@ -1438,17 +1478,57 @@ impl Controller {
                 )
             })?;
         let current = v.desired_primary().map(str::to_string);
+        let second = v.second_primary().map(str::to_string);
         let diskless = placement.diskless;
-        let target = if promote {
+        // The wanted Primary and second Primary after the change, and the node that loses
+        // the Primary role (if any). Without the dual-primary window `second` is always
+        // None and this is the plain move of the one Primary.
+        let adds_second = promote
+            && v.allow_two_primaries
+            && current.is_some()
+            && current.as_deref() != Some(node)
+            && second.as_deref() != Some(node);
+        let (target, target_second, losing) = if adds_second {
+            if let (Some(first), Some(other)) = (&current, &second) {
+                return Err(Failure::conflict(
+                    "two_primaries",
+                    format!(
+                        "volume '{name}' already has two Primaries ('{first}' and '{other}', \
+                         dual-primary window): demote one of them first"
+                    ),
+                ));
+            }
+            if force {
+                return Err(Failure::conflict(
+                    "window_open",
+                    format!(
+                        "the dual-primary window of volume '{name}' is open: promoting '{node}' \
+                         makes it a second Primary next to '{}' and needs no --force. To move \
+                         the Primary role to '{node}' instead, demote '{}' first (with --force \
+                         if its consumers are to lose it)",
+                        current.as_deref().unwrap_or("?"),
+                        current.as_deref().unwrap_or("?")
+                    ),
+                ));
+            }
+            (current.clone(), Some(node.to_string()), None)
+        } else if promote {
             // A witness may be Primary too (diskless: it serves the volume through the
             // diskful replicas it is connected to), checked below.
-            Some(node.to_string())
+            if current.as_deref() == Some(node) || second.as_deref() == Some(node) {
+                (current.clone(), second.clone(), None)
+            } else {
+                (Some(node.to_string()), None, current.clone())
+            }
         } else if current.as_deref() == Some(node) {
-            None
+            // The second Primary, if any, stays: it becomes the Primary.
+            (second.clone(), None, current.clone())
+        } else if second.as_deref() == Some(node) {
+            (current.clone(), None, second.clone())
         } else {
-            current.clone()
+            (current.clone(), second.clone(), None)
         };
-        if target == current {
+        if target == current && target_second == second {
             // Nothing to change (repeating the command is harmless).
             return Ok(self.volume_view(&v, &nodes));
         }
@@ -1527,7 +1607,7 @@ impl Controller {
             }
         }
         // Consumers on the node that loses the Primary role.
-        if let Some(old) = current.as_deref()
+        if let Some(old) = losing.as_deref()
             && !force
             && self.liveness(old).0 == NodeState::Online
             && let Some(r) = nodes.get(old).and_then(|n| n.replica(&v.name, &v.uuid))
@@ -1542,22 +1622,50 @@ impl Controller {
                 ),
             ));
         }
+        if !adds_second {
+            v.primary_forced = (promote && force).then(|| node.to_string());
+        }
         v.primary_node = target.clone();
         v.primary_explicit = true;
-        v.primary_forced = (promote && force).then(|| node.to_string());
+        v.second_primary = target_second.clone();
         self.write_volume(rev, &v)?;
-        tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
+        if adds_second || second.is_some() {
+            tracing::info!(volume = name, from = ?current, to = ?target, second_from = ?second,
+                second_to = ?target_second, force, "Primaries changed (dual-primary window)");
+        } else {
+            tracing::info!(volume = name, from = ?current, to = ?target, force, "Primary changed");
+        }
         Ok(self.volume_view(&v, &nodes))
     }
 
     /// `volume set`: changes options of a running volume (the resync rate limit); the
-    /// agents apply them without restarting anything.
+    /// agents apply them without restarting anything. Opening the dual-primary window is
+    /// refused on a single-replica volume (`not_replicated`) and with protocol A
+    /// (`protocol_a`); closing it while two nodes are (or are wanted) Primary is refused
+    /// (`two_primaries`). A refused request changes nothing.
     pub fn update_volume(&self, name: &str, req: &VolumeUpdate) -> Result<Volume, Failure> {
         validate_name("volume", name)?;
         let _guard = self.write_guard();
         let (rev, mut v) = self.volume_to_change(name)?;
         let nodes = self.nodes_by_name()?;
         let mut changed = false;
+        if let Some(on) = req.allow_two_primaries
+            && on != v.allow_two_primaries
+        {
+            if on {
+                self.check_window_opens(&v)?;
+            } else {
+                self.check_window_closes(&v, &nodes)?;
+            }
+            tracing::info!(
+                volume = name,
+                "dual-primary window {}",
+                if on { "opened" } else { "closed" }
+            );
+            v.allow_two_primaries = on;
+            v.second_primary = None;
+            changed = true;
+        }
         let mut set_rate = |field: &mut u64, want: Option<u64>, what: &str| {
             if let Some(rate) = want
                 && rate != *field
@@ -1596,6 +1704,79 @@ impl Controller {
             self.write_volume(rev, &v)?;
         }
         Ok(self.volume_view(&v, &nodes))
+    }
+
+    /// Why the dual-primary window of `v` cannot open, if it cannot.
+    fn check_window_opens(&self, v: &VolumeRecord) -> Result<(), Failure> {
+        let name = &v.name;
+        if v.placements.len() < 2 {
+            return Err(Failure::conflict(
+                "not_replicated",
+                format!(
+                    "volume '{name}' has a single replica: it has no Primary/Secondary roles, \
+                     so no dual-primary window (its node always serves it)"
+                ),
+            ));
+        }
+        if v.protocol != Protocol::C {
+            return Err(Failure::conflict(
+                "protocol_a",
+                format!(
+                    "volume '{name}' uses protocol {:?}: the dual-primary window needs protocol \
+                     C (two writers must see each other's writes acknowledged everywhere)",
+                    v.protocol
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why the dual-primary window of `v` cannot close, if it cannot: two nodes are wanted
+    /// Primary, or two online nodes report being Primary (or one of a dual-primary pair).
+    fn check_window_closes(
+        &self,
+        v: &VolumeRecord,
+        nodes: &BTreeMap<String, NodeRecord>,
+    ) -> Result<(), Failure> {
+        let name = &v.name;
+        if let (Some(first), Some(second)) = (v.desired_primary(), v.second_primary()) {
+            return Err(Failure::conflict(
+                "two_primaries",
+                format!(
+                    "volume '{name}' has two Primaries ('{first}' and '{second}'): demote one of \
+                     them before closing the dual-primary window (`tandem volume demote {name} \
+                     --node NODE`)"
+                ),
+            ));
+        }
+        let primaries: Vec<&str> = v
+            .placements
+            .iter()
+            .filter(|p| self.is_online(&p.node))
+            .filter(|p| {
+                nodes
+                    .get(&p.node)
+                    .and_then(|n| n.replica(&v.name, &v.uuid))
+                    .is_some_and(|r| r.role == Role::Primary || r.dual_primary_partner.is_some())
+            })
+            .map(|p| p.node.as_str())
+            .collect();
+        if primaries.len() >= 2 {
+            return Err(Failure::conflict(
+                "two_primaries",
+                format!(
+                    "nodes {} report being Primary of volume '{name}': wait until only one is \
+                     (the other demotes once its consumer left, or `tandem volume demote {name} \
+                     --node NODE`) before closing the dual-primary window",
+                    primaries
+                        .iter()
+                        .map(|n| format!("'{n}'"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `volume resize`: records a new size for every replica (online). Refused: a size that
@@ -1893,7 +2074,12 @@ impl Controller {
                 continue;
             }
             let primary_before = v.desired_primary().map(str::to_string);
+            let second_before = v.second_primary().map(str::to_string);
             let lost = v.placements.remove(idx);
+            if second_before.as_deref() == Some(name) {
+                // The second Primary of the dual-primary window was there.
+                v.second_primary = None;
+            }
             let mut steps = vec![ops::step(
                 format!(
                     "drop the {} on {name}",
@@ -1942,13 +2128,16 @@ impl Controller {
             if v.desired_primary().is_none() && v.primary_node.as_deref() == Some(name)
                 || (!v.primary_explicit && lost.node == name && !lost.diskless)
             {
-                // The Primary was there: the first surviving UpToDate diskful replica.
-                let survivor = v
-                    .placements
-                    .iter()
-                    .filter(|p| !p.diskless && !p.join)
-                    .find(|p| Self::up_to_date(&nodes, &v, &p.node))
-                    .map(|p| p.node.clone());
+                // The Primary was there: the second Primary of the dual-primary window if
+                // there is one, else the first surviving UpToDate diskful replica.
+                let survivor = second_before.clone().filter(|s| s != name).or_else(|| {
+                    v.placements
+                        .iter()
+                        .filter(|p| !p.diskless && !p.join)
+                        .find(|p| Self::up_to_date(&nodes, &v, &p.node))
+                        .map(|p| p.node.clone())
+                });
+                v.second_primary = None;
                 if let Some(s) = &survivor
                     && primary_before.as_deref() != Some(s.as_str())
                 {
@@ -2032,6 +2221,12 @@ impl Controller {
         note: &mut Vec<String>,
     ) -> Result<(), String> {
         let mut primary_to = None;
+        if v.second_primary().is_some() && v.wants_primary(from) {
+            return Err(format!(
+                "{from} is one of the two Primaries of the dual-primary window: demote one of \
+                 them first"
+            ));
+        }
         if v.desired_primary() == Some(from) {
             let stays = v
                 .placements
@@ -2538,7 +2733,7 @@ impl Controller {
                 ),
             );
         }
-        if v.desired_primary() == Some(node) {
+        if v.wants_primary(node) {
             return conflict(
                 "is_primary",
                 format!(
@@ -3314,6 +3509,8 @@ impl Controller {
                         after_split_brain: default_split_brain(),
                         resolve: None,
                         resync_checksums: false,
+                        allow_two_primaries: false,
+                        second_primary: None,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -3434,6 +3631,7 @@ impl Controller {
                     after_split_brain: v.after_split_brain.clone(),
                     resolve_split_brain: None,
                     resync_checksums: v.resync_checksums,
+                    allow_two_primaries: v.allow_two_primaries,
                 });
             }
             for p in v.placements.iter().filter(|p| p.node == node) {
@@ -3461,7 +3659,7 @@ impl Controller {
                     protocol: v.protocol,
                     node_id,
                     peers,
-                    primary: v.desired_primary() == Some(p.node.as_str()),
+                    primary: v.wants_primary(&p.node),
                     force_primary: v.desired_primary() == Some(p.node.as_str())
                         && v.primary_forced.as_deref() == Some(p.node.as_str()),
                     join: p.join,
@@ -3471,6 +3669,7 @@ impl Controller {
                     after_split_brain: v.after_split_brain.clone(),
                     resolve_split_brain: Self::desired_resolve(&v, node),
                     resync_checksums: v.resync_checksums,
+                    allow_two_primaries: v.allow_two_primaries,
                 });
             }
         }

@@ -61,6 +61,8 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         resync_min_rate_bytes_per_sec: v.resync_min_rate,
         after_split_brain: v.after_split_brain.clone(),
         resync_checksums: v.resync_checksums,
+        allow_two_primaries: v.allow_two_primaries,
+        second_primary_node: v.second_primary().map(str::to_string),
     }
 }
 
@@ -96,6 +98,8 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         after_split_brain: v.after_split_brain.clone(),
         resolve: None,
         resync_checksums: v.resync_checksums,
+        allow_two_primaries: v.allow_two_primaries,
+        second_primary: v.second_primary_node.clone(),
     }
 }
 
@@ -201,6 +205,33 @@ pub fn validate(doc: &StateDocument) -> Result<(), Failure> {
         {
             return Err(invalid(format!(
                 "volume '{}': primary_node '{n}' holds no diskful placement of it",
+                v.name
+            )));
+        }
+        if let Some(n) = &v.second_primary_node {
+            if !v.allow_two_primaries {
+                return Err(invalid(format!(
+                    "volume '{}': second_primary_node '{n}' without allow_two_primaries (the \
+                     dual-primary window is closed)",
+                    v.name
+                )));
+            }
+            if !v.placements.iter().any(|p| &p.node == n) {
+                return Err(invalid(format!(
+                    "volume '{}': second_primary_node '{n}' holds no placement of it",
+                    v.name
+                )));
+            }
+            if v.primary_node.as_ref() == Some(n) {
+                return Err(invalid(format!(
+                    "volume '{}': second_primary_node '{n}' is its primary_node too",
+                    v.name
+                )));
+            }
+        }
+        if v.allow_two_primaries && v.protocol != tandem_api::Protocol::C {
+            return Err(invalid(format!(
+                "volume '{}': allow_two_primaries needs protocol C",
                 v.name
             )));
         }

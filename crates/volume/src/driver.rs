@@ -54,6 +54,9 @@ pub struct VolumeOptions {
     pub after_split_brain: SplitBrainPolicy,
     /// Checksum-based resync: transfer only blocks whose digests differ.
     pub resync_checksums: bool,
+    /// The dual-primary window is open (live migration: a second node may be Primary). See
+    /// [`tandem_replication::Config::allow_two_primaries`]; protocol C only.
+    pub allow_two_primaries: bool,
 }
 
 impl Default for VolumeOptions {
@@ -64,6 +67,7 @@ impl Default for VolumeOptions {
             resync_min_rate: 0,
             after_split_brain: SplitBrainPolicy::Disconnect,
             resync_checksums: false,
+            allow_two_primaries: false,
         }
     }
 }
@@ -87,6 +91,10 @@ pub struct VolumeSpec {
 /// The status for the agent's report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeStatus {
+    /// The role shown to operators and acted on by the agent: `Primary` when the engine is
+    /// the replication Primary, and also when this node is one of the two Primaries of a
+    /// dual-primary window without the write token (`dual_primary`: it is Primary to its
+    /// consumer). The engine's own (replication) role is `engine.role`.
     pub role: Role,
     pub disk_state: DiskState,
     pub quorum: bool,
@@ -109,6 +117,11 @@ pub struct VolumeStatus {
     pub failed: Option<String>,
     /// Why the local disk was detached (disk state Failed): the backing store's I/O error.
     pub disk_failure: Option<String>,
+    /// The dual-primary window is open on this node's engine.
+    pub allow_two_primaries: bool,
+    /// This node is one of the two Primaries of an open dual-primary window (partner, and
+    /// whether this node holds the write token).
+    pub dual_primary: Option<tandem_replication::DualPrimary>,
 }
 
 /// Where the outcome of a consumer request goes: a caller blocked on a channel
@@ -145,6 +158,7 @@ pub(crate) enum Input {
     Resolve(bool, SyncSender<Result<(), VolumeError>>),
     SetSplitBrainPolicy(SplitBrainPolicy),
     SetResyncChecksums(bool),
+    SetAllowTwoPrimaries(bool, SyncSender<Result<(), VolumeError>>),
     Resize(u64, SyncSender<Result<(), VolumeError>>),
     Stop,
 }
@@ -444,6 +458,7 @@ impl VolumeDriver {
         cfg.resync_min_rate = spec.options.resync_min_rate;
         cfg.after_split_brain = spec.options.after_split_brain;
         cfg.resync_checksums = spec.options.resync_checksums;
+        cfg.allow_two_primaries = spec.options.allow_two_primaries;
         cfg.entropy = u64::from_le_bytes(entropy);
 
         let device = if spec.diskful {
@@ -616,6 +631,13 @@ impl VolumeDriver {
             .map_err(|_| VolumeError::Stopped("stopped".into()))
     }
 
+    /// Opens or closes the dual-primary window (live migration) while running. Refused
+    /// (`VolumeError::Window`) on a protocol A volume, and when closing while this node is
+    /// one of two Primaries.
+    pub fn set_allow_two_primaries(&self, on: bool) -> Result<(), VolumeError> {
+        self.call(|r| Input::SetAllowTwoPrimaries(on, r))?
+    }
+
     /// Resizes the local replica online (see [`tandem_meta::ReplicaFiles::resize`] for the
     /// file steps and their crash safety) and tells the engine, which advertises the size to
     /// the peers. Consumers stay connected; the block device's size (for new connections)
@@ -640,8 +662,13 @@ impl VolumeDriver {
                 None => return Err(e),
             },
         };
+        let role = if st.dual_primary.is_some() {
+            Role::Primary
+        } else {
+            st.role
+        };
         Ok(VolumeStatus {
-            role: st.role,
+            role,
             disk_state: st.disk_state,
             quorum: st.quorum,
             out_of_sync_bytes: st.peers.iter().map(|p| p.out_of_sync_bytes).sum(),
@@ -653,6 +680,8 @@ impl VolumeDriver {
             last_verify: st.last_verify.clone(),
             peers: st.peers.clone(),
             disk_failure: st.disk_failure.clone(),
+            allow_two_primaries: st.allow_two_primaries,
+            dual_primary: st.dual_primary,
             engine: st,
             failed,
         })
@@ -953,6 +982,19 @@ impl Loop {
             Input::SetResyncChecksums(on) => {
                 self.engine.set_resync_checksums(on);
                 return Ok(());
+            }
+            Input::SetAllowTwoPrimaries(on, r) => {
+                match self.engine.set_allow_two_primaries(now, on) {
+                    Ok(a) => {
+                        let res = self.execute(a);
+                        let _ = r.send(res.clone());
+                        return res;
+                    }
+                    Err(e) => {
+                        let _ = r.send(Err(e.into()));
+                        return Ok(());
+                    }
+                }
             }
             Input::Resolve(discard, r) => {
                 let res = if discard {

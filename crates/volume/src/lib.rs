@@ -26,8 +26,9 @@ pub use driver::{VolumeDriver, VolumeOptions, VolumePeer, VolumeSpec, VolumeStat
 pub use node::{NodeConfig, NodeReplication};
 pub use tandem_repl_proto::DiskState;
 pub use tandem_replication::{
-    DemoteError, PeerStatus, PromoteError, Protocol, ReplState, RequestError, ResolveError, Role,
-    SplitBrainPolicy, SplitBrainStatus, VerifyError, VerifyProgress, VerifyResult,
+    DemoteError, DualPrimary, PeerStatus, PromoteError, Protocol, ReplState, RequestError,
+    ResolveError, Role, SplitBrainPolicy, SplitBrainStatus, VerifyError, VerifyProgress,
+    VerifyResult, WindowError,
 };
 
 /// Errors of starting a node or a volume driver, or of an admin call.
@@ -49,6 +50,8 @@ pub enum VolumeError {
     Verify(#[from] VerifyError),
     #[error("split-brain resolution refused: {0}")]
     Resolve(#[from] ResolveError),
+    #[error("dual-primary window refused: {0}")]
+    Window(#[from] WindowError),
     #[error("the volume driver stopped: {0}")]
     Stopped(String),
 }

@@ -324,3 +324,47 @@ fn many_async_writes_beyond_the_send_queue_arrive_in_order_on_both_replicas() {
     let s = c.d(1).status().unwrap();
     assert!(s.peers.iter().all(|p| p.connected), "{:?}", s.peers);
 }
+
+#[test]
+fn dual_primary_window_opens_and_closes_while_running_and_is_refused_on_protocol_a() {
+    let size = 8 * MIB;
+    let mut c = Cluster::start(2, 0, size);
+    wait_in_sync(&c, 1);
+    for id in 1..=2 {
+        let s = c.d(id).status().unwrap();
+        assert!(!s.allow_two_primaries && s.dual_primary.is_none());
+        c.d(id).set_allow_two_primaries(true).unwrap();
+        // Repeating is harmless.
+        c.d(id).set_allow_two_primaries(true).unwrap();
+        let s = c.d(id).status().unwrap();
+        assert!(s.allow_two_primaries, "node {id}");
+        assert_eq!(s.dual_primary, None, "node {id}: nobody Primary yet");
+    }
+    c.d(1).set_allow_two_primaries(false).unwrap();
+    assert!(!c.d(1).status().unwrap().allow_two_primaries);
+
+    // The option given at start reaches the engine.
+    c.options.allow_two_primaries = true;
+    c.crash(2);
+    c.restart(2);
+    assert!(c.d(2).status().unwrap().allow_two_primaries);
+    drop(c);
+
+    // Protocol A: refused, with the engine's reason.
+    let mut c = Cluster::start(2, 0, size);
+    c.options.protocol = tandem_volume::Protocol::A;
+    c.crash(1);
+    c.restart(1);
+    let err = c.d(1).set_allow_two_primaries(true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tandem_volume::VolumeError::Window(tandem_volume::WindowError::ProtocolA)
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("protocol C"), "{err}");
+    assert!(!c.d(1).status().unwrap().allow_two_primaries);
+    // Closing an already closed window is fine on protocol A too.
+    c.d(1).set_allow_two_primaries(false).unwrap();
+}

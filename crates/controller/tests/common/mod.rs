@@ -278,5 +278,8 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         discard_pending: false,
         last_resync_skipped_bytes: 0,
         clients: vec![],
+        allow_two_primaries: false,
+        dual_primary_partner: None,
+        write_token: false,
     }
 }
