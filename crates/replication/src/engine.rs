@@ -15,6 +15,7 @@ use crate::quorum::has_majority;
 use crate::types::*;
 
 mod split_brain;
+mod suspend;
 mod verify;
 mod window;
 pub use split_brain::ResolveError;
@@ -370,6 +371,9 @@ pub struct Engine {
     demote_flush: Option<(u64, BTreeSet<NodeId>, bool)>,
     /// This node is one of the two Primaries of a dual-primary window.
     window: Option<window::Window>,
+    /// Writes and flushes that finished without quorum under `on-no-quorum=suspend`: their
+    /// acknowledgement waits for quorum (see `engine/suspend.rs`).
+    held: Vec<RequestId>,
 }
 
 fn gen_mix(mut x: u64) -> u64 {
@@ -470,6 +474,7 @@ impl Engine {
             unconfirmed_source: None,
             demote_flush: None,
             window: None,
+            held: Vec::new(),
         };
         if e.meta.disk_state == DiskState::Failed {
             // Re-attached after an I/O error detached this disk: it holds the data up to the
@@ -851,6 +856,7 @@ impl Engine {
         self.writes.len()
             + self.flushes.len()
             + self.quorum_wait.len()
+            + self.held.len()
             + self
                 .active
                 .values()
@@ -947,6 +953,12 @@ impl Engine {
             disk_failure: self.disk_failure.clone(),
             allow_two_primaries: self.cfg.allow_two_primaries,
             dual_primary: self.dual_primary_status(),
+            on_no_quorum: self.cfg.on_no_quorum,
+            suspended_requests: if self.suspends() {
+                self.held.len() + self.quorum_wait.len()
+            } else {
+                0
+            },
         }
     }
 
@@ -1485,6 +1497,9 @@ impl Engine {
             flags |= state_flags::DISCARD_MY_DATA;
         }
         flags |= self.window_flags();
+        if self.io_suspended() {
+            flags |= state_flags::SUSPENDED;
+        }
         let (outdated, outdated_gen, outdated_by) = self.outdated_mask();
         StateReport {
             seq: self.report_seq,
@@ -1732,6 +1747,8 @@ impl Engine {
                 self.complete(id, Err(RequestError::NotPrimary));
             }
         }
+        // Suspended acknowledgements: the writes may be lost (another Primary may win).
+        self.fail_held(RequestError::NotPrimary);
         self.broadcast_report(true);
     }
 
@@ -1979,7 +1996,13 @@ impl Engine {
         // Reads need quorum too: a Primary cut off from the majority may be stale (another
         // node may have been promoted and written since).
         if !ok {
-            if self.quorum_possible() {
+            if self.quorum_possible() || self.suspends() {
+                if self.suspends() && self.held.is_empty() && self.quorum_wait.is_empty() {
+                    self.log(
+                        Level::Warn,
+                        "no quorum: consumer I/O suspended (on-no-quorum=suspend)".into(),
+                    );
+                }
                 self.quorum_wait.push_back(ev);
             } else {
                 self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
@@ -2018,6 +2041,7 @@ impl Engine {
 
     /// Writes wait for quorum confirmation; on each change, retry or fail them.
     fn recheck_quorum_wait(&mut self) {
+        self.release_held();
         if self.quorum_wait.is_empty() {
             return;
         }
@@ -2026,7 +2050,7 @@ impl Engine {
             for ev in std::mem::take(&mut self.quorum_wait) {
                 self.start_client(ev);
             }
-        } else if !self.quorum_possible() {
+        } else if !self.quorum_possible() && !self.suspends() {
             for ev in std::mem::take(&mut self.quorum_wait) {
                 if let Event::Write { id, .. } | Event::Flush { id } | Event::Read { id, .. } = ev {
                     self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
@@ -2683,10 +2707,15 @@ impl Engine {
         let (reachable, voters, ok) = self.quorum();
         let result = if let Some(e) = w.local_error {
             Err(RequestError::Io(e))
-        } else if !ok || self.role != Role::Primary {
-            Err(RequestError::NoQuorum { reachable, voters })
         } else if self.forwards() && !w.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
+        } else if !ok && self.hold_completion(w.id) {
+            // Acknowledged when quorum is back (on-no-quorum=suspend).
+            self.finish_op(key);
+            self.al_evict();
+            return;
+        } else if !ok || self.role != Role::Primary {
+            Err(RequestError::NoQuorum { reachable, voters })
         } else {
             Ok(Reply::Done)
         };
@@ -2722,10 +2751,12 @@ impl Engine {
         let (reachable, voters, ok) = self.quorum();
         let result = if let Some(e) = f.local_error {
             Err(RequestError::Io(e))
-        } else if !ok || self.role != Role::Primary {
-            Err(RequestError::NoQuorum { reachable, voters })
         } else if self.forwards() && !f.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
+        } else if !ok && self.hold_completion(f.id) {
+            return;
+        } else if !ok || self.role != Role::Primary {
+            Err(RequestError::NoQuorum { reachable, voters })
         } else {
             Ok(Reply::Done)
         };

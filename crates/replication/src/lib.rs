@@ -32,4 +32,6 @@ mod tests;
 #[cfg(test)]
 mod tests_diskless;
 #[cfg(test)]
+mod tests_suspend;
+#[cfg(test)]
 mod tests_window;

@@ -21,7 +21,8 @@ pub(crate) struct Node {
 pub(crate) struct Net {
     pub(crate) nodes: Vec<Node>,
     /// Messages in flight, in send order (FIFO per link and overall).
-    q: VecDeque<(NodeId, NodeId, Message)>,
+    /// `None`: the sender closes the link here (after what it sent before, like TCP).
+    q: VecDeque<(NodeId, NodeId, Option<Message>)>,
     links: BTreeSet<(NodeId, NodeId)>,
     /// Links that stay down until `heal`.
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -107,10 +108,14 @@ impl Net {
                 Action::DiskChecksum { .. } => panic!("no checksums in these tests"),
                 Action::Send { peer, msg } => {
                     if self.links.contains(&key(n, peer)) {
-                        self.q.push_back((n, peer, msg));
+                        self.q.push_back((n, peer, Some(msg)));
                     }
                 }
-                Action::Disconnect { peer, .. } => self.break_link(n, peer),
+                Action::Disconnect { peer, .. } => {
+                    if self.links.contains(&key(n, peer)) {
+                        self.q.push_back((n, peer, None));
+                    }
+                }
                 Action::Complete { id, result } => {
                     self.done.insert(id, result);
                 }
@@ -160,7 +165,10 @@ impl Net {
                 continue;
             }
             if let Some((from, to, msg)) = self.q.pop_front() {
-                self.feed(to, Event::PeerMessage { peer: from, msg });
+                match msg {
+                    Some(msg) => self.feed(to, Event::PeerMessage { peer: from, msg }),
+                    None => self.break_link(from, to),
+                }
                 continue;
             }
             let down: Vec<(NodeId, NodeId)> = [(0, 1), (0, 2), (1, 2)]
@@ -441,7 +449,7 @@ fn replicas_converge_when_the_diskless_primary_vanishes_mid_write() {
     net.q.clear();
     let mut to1 = 0;
     for (f, t, m) in keep {
-        let is_write = matches!(m, Message::Write { .. });
+        let is_write = matches!(m, Some(Message::Write { .. }));
         if t == 1 && is_write {
             to1 += 1;
             if to1 > 1 {
@@ -452,8 +460,10 @@ fn replicas_converge_when_the_diskless_primary_vanishes_mid_write() {
     }
     // Deliver the writes, not the acks back to the witness.
     while let Some((f, t, m)) = net.q.pop_front() {
-        if t != W {
-            net.feed(t, Event::PeerMessage { peer: f, msg: m });
+        match m {
+            Some(msg) if t != W => net.feed(t, Event::PeerMessage { peer: f, msg }),
+            None => net.break_link(f, t),
+            _ => {}
         }
         while let Some((n, ev)) = net.disk.pop_front() {
             net.feed(n, ev);

@@ -86,6 +86,21 @@ pub struct Config {
     /// `docs/replication.md`, "Dual-primary window"). Protocol C only. Changed while running
     /// with [`crate::Engine::set_allow_two_primaries`].
     pub allow_two_primaries: bool,
+    /// What a Primary does with consumer requests while it has no quorum (DRBD's
+    /// `on-no-quorum`). Changed while running with [`crate::Engine::set_on_no_quorum`].
+    pub on_no_quorum: OnNoQuorum,
+}
+
+/// What a Primary without quorum does with consumer requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnNoQuorum {
+    /// Fail them (EIO) once quorum cannot come back over the current links (the default).
+    #[default]
+    IoError,
+    /// Hold them: nothing completes, nothing fails, until quorum is back (then they complete)
+    /// or the node stops being Primary (then they fail). The consumer sees its I/O hang, as
+    /// with a lost path to a SAN.
+    Suspend,
 }
 
 /// The dynamic resync controller's window: consumer I/O is counted per window of this length
@@ -137,6 +152,7 @@ impl Config {
             after_split_brain: SplitBrainPolicy::Disconnect,
             resync_checksums: false,
             allow_two_primaries: false,
+            on_no_quorum: OnNoQuorum::IoError,
         }
     }
 }
@@ -470,6 +486,10 @@ pub struct Status {
     pub allow_two_primaries: bool,
     /// This node is one of the two Primaries of an open dual-primary window.
     pub dual_primary: Option<DualPrimary>,
+    /// The on-no-quorum policy in force.
+    pub on_no_quorum: OnNoQuorum,
+    /// Consumer requests held for quorum ([`OnNoQuorum::Suspend`]): I/O is suspended.
+    pub suspended_requests: usize,
 }
 
 /// This node's part in a dual-primary window (both nodes are Primary to their consumers;

@@ -66,6 +66,9 @@ pub struct SimOptions {
     /// (a racing promotion: refused by the voters or forced back for lack of quorum). Off by
     /// default; regression seeds use it.
     pub racing_promotions: bool,
+    /// About a third of the seeds (side stream) run with `on-no-quorum=suspend`: a Primary
+    /// without quorum holds its consumer's requests instead of failing them.
+    pub suspend: bool,
 }
 
 impl Default for SimOptions {
@@ -82,6 +85,7 @@ impl Default for SimOptions {
             diskless_primary: true,
             dual_primary: true,
             racing_promotions: false,
+            suspend: true,
         }
     }
 }
@@ -119,6 +123,10 @@ pub struct Outcome {
     pub window_seeds: u64,
     pub window_joins: u64,
     pub window_io_ok: u64,
+    /// Seeds with on-no-quorum=suspend, and requests that were held for quorum there (seen
+    /// suspended at least once) and completed.
+    pub suspend_seeds: u64,
+    pub suspended_io_ok: u64,
     pub resync_bytes: u64,
     /// Online verifies started / finished (every one must find 0 differences: the simulator
     /// never corrupts a replica behind the engine's back).
@@ -277,6 +285,10 @@ pub(crate) struct World {
     window_open: bool,
     /// Requests sent to a window member without the token: id.
     window_reqs: std::collections::BTreeSet<RequestId>,
+    /// on-no-quorum=suspend in this seed.
+    suspend: bool,
+    /// Requests outstanding on a node while its I/O was suspended.
+    suspended_reqs: std::collections::BTreeSet<RequestId>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -332,6 +344,8 @@ impl World {
         };
         let mut window_rng = Rng::new(seed ^ 0x2b1d_0a11_7e55_0003);
         let window_open = opts.dual_primary && !opts.split_brain && window_rng.chance(0.3);
+        let mut suspend_rng = Rng::new(seed ^ 0x5e5b_e2d0_0000_0005);
+        let suspend = opts.suspend && !opts.split_brain && suspend_rng.chance(0.3);
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -357,6 +371,9 @@ impl World {
             }
             cfg.resync_checksums = checksums;
             cfg.allow_two_primaries = window_open;
+            if suspend {
+                cfg.on_no_quorum = tandem_replication::OnNoQuorum::Suspend;
+            }
             let persisted = Persisted::new_volume(&cfg, gen0);
             let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);
             nodes.push(Node {
@@ -400,6 +417,7 @@ impl World {
                 topology: Some(topo),
                 resync_checksums: checksums,
                 window_seeds: u64::from(window_open),
+                suspend_seeds: u64::from(suspend),
                 ..Outcome::default()
             },
             fault: Fault::None,
@@ -417,6 +435,8 @@ impl World {
             window_rng,
             window_open,
             window_reqs: Default::default(),
+            suspend,
+            suspended_reqs: Default::default(),
         }
     }
 
@@ -954,6 +974,9 @@ impl World {
         if self.window_reqs.remove(&id) && ok {
             self.out.window_io_ok += 1;
         }
+        if self.suspended_reqs.remove(&id) && ok {
+            self.out.suspended_io_ok += 1;
+        }
         if ok && !matches!(req, Req::Read { .. }) {
             // Invariant 4: nothing completes without quorum (engine view and ground truth).
             let e = self.nodes[node as usize].engine.as_ref().expect("live");
@@ -1133,6 +1156,23 @@ impl World {
     fn step(&mut self) -> Result<(), String> {
         for i in 0..self.nodes.len() {
             self.feed(i as NodeId, Event::Tick)?;
+        }
+        if self.suspend {
+            for n in 0..self.nodes.len() as NodeId {
+                let held = self.nodes[n as usize]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.status().suspended_requests > 0);
+                if held {
+                    let ids: Vec<RequestId> = self
+                        .reqs
+                        .iter()
+                        .filter(|(_, (node, _, _))| *node == n)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    self.suspended_reqs.extend(ids);
+                }
+            }
         }
         if self.sb.is_some() {
             return self.sb_step();

@@ -11,6 +11,7 @@ fn seed(seed: u64, topology: Topology) {
         disk_faults: false,
         diskless_primary: false,
         dual_primary: false,
+        suspend: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -23,6 +24,7 @@ fn diskless_seed(seed: u64) {
     let opts = SimOptions {
         topology: Some(Topology::TwoPlusWitness),
         dual_primary: false,
+        suspend: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -306,7 +308,11 @@ fn bits_that_change_during_the_handshake_restart_it() {
 
 /// Seeds found with the dual-primary window (every option on, as found).
 fn window_seed(seed: u64) {
-    if let Err(e) = run(seed, &SimOptions::default()) {
+    let opts = SimOptions {
+        suspend: false,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
         panic!("{e}");
     }
 }
@@ -335,6 +341,7 @@ fn a_write_a_crash_made_uncertain_may_be_durable_after_the_next_crash() {
 fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_data() {
     let opts = SimOptions {
         racing_promotions: true,
+        suspend: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(4838, &opts) {

@@ -57,6 +57,8 @@ fn simulate_seeds() {
                 total.window_seeds += o.window_seeds;
                 total.window_joins += o.window_joins;
                 total.window_io_ok += o.window_io_ok;
+                total.suspend_seeds += o.suspend_seeds;
+                total.suspended_io_ok += o.suspended_io_ok;
                 total.resync_bytes += o.resync_bytes;
                 total.verifies += o.verifies;
                 total.verifies_done += o.verifies_done;
@@ -100,6 +102,10 @@ fn simulate_seeds() {
     eprintln!(
         "dual-primary window: open in {} seeds, {} second Primaries promoted into it, {} consumer requests completed by a member that had to fetch the write token",
         total.window_seeds, total.window_joins, total.window_io_ok
+    );
+    eprintln!(
+        "on-no-quorum=suspend: {} seeds, {} consumer requests held for quorum and then acknowledged",
+        total.suspend_seeds, total.suspended_io_ok
     );
     eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",
