@@ -473,6 +473,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 resync_min_rate_bytes_per_sec: resync_min_rate,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: resync_checksums.then_some(true),
+                on_no_quorum: None,
             };
             let mut v: Volume = client.post("/v1/volumes", &req)?;
             if !no_wait {
@@ -560,6 +561,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: checksums,
                 allow_two_primaries: two_primaries,
+                on_no_quorum: None,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());

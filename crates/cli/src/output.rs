@@ -677,6 +677,8 @@ mod tests {
             allow_two_primaries: false,
             dual_primary_partner: None,
             write_token: false,
+            on_no_quorum: None,
+            suspended_requests: 0,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -701,6 +703,7 @@ mod tests {
             resync_checksums: false,
             allow_two_primaries: false,
             second_primary_node: None,
+            on_no_quorum: tandem_api::OnNoQuorum::IoError,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];
