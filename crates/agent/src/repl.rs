@@ -8,8 +8,10 @@
 //! dual-primary window (`allow_two_primaries`) is opened and closed on the running driver (a
 //! refused close is retried at every reconcile); a node that is one of the two Primaries of a
 //! window counts as Primary here and in the report (`dual_primary_partner`, `write_token`),
-//! whether or not it holds the write token. Single-replica volumes are not touched (raw
-//! `FileDevice` exports).
+//! whether or not it holds the write token. The volume's on-no-quorum policy
+//! (`on_no_quorum`: `io-error` or `suspend`) goes into the engine's configuration at start and
+//! is changed on the running driver; the report carries it with the requests held for quorum
+//! (`suspended_requests`). Single-replica volumes are not touched (raw `FileDevice` exports).
 //!
 //! The last desired state is kept in `state_dir/desired.json` (without the cluster secret, which
 //! has its own file): an agent restarted while the controller is unreachable starts the drivers
@@ -22,7 +24,8 @@ use std::sync::{Arc, Mutex};
 use tandem_api::{DesiredReplica, DesiredState, DiskState, PeerReplState, ReplicaReport, Role};
 use tandem_nbd::server::Export;
 use tandem_volume::{
-    NodeConfig, NodeReplication, Protocol, VolumeDriver, VolumeOptions, VolumePeer, VolumeSpec,
+    NodeConfig, NodeReplication, OnNoQuorum, Protocol, VolumeDriver, VolumeOptions, VolumePeer,
+    VolumeSpec,
 };
 use tracing::{debug, error, info, warn};
 
@@ -233,7 +236,7 @@ fn name_nodes(msg: &str, names: &BTreeMap<u8, String>) -> String {
 
 /// Whether two specs differ in more than the options a running driver takes without a
 /// restart (resync rate and floor, split-brain policy, checksum resync, the dual-primary
-/// window, size).
+/// window, the on-no-quorum policy, size).
 fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     let mut w = want.clone();
     w.options.resync_rate = have.options.resync_rate;
@@ -241,6 +244,7 @@ fn needs_restart(want: &VolumeSpec, have: &VolumeSpec) -> bool {
     w.options.after_split_brain = have.options.after_split_brain;
     w.options.resync_checksums = have.options.resync_checksums;
     w.options.allow_two_primaries = have.options.allow_two_primaries;
+    w.options.on_no_quorum = have.options.on_no_quorum;
     // The size changes online (`VolumeDriver::resize`).
     w.size_bytes = have.size_bytes;
     w != *have
@@ -387,6 +391,8 @@ impl Replication {
         r.allow_two_primaries = st.allow_two_primaries;
         r.dual_primary_partner = st.dual_primary.map(|dp| peer_name(dp.partner));
         r.write_token = st.dual_primary.is_some_and(|dp| dp.write_token);
+        r.on_no_quorum = Some(api_on_no_quorum(st.on_no_quorum));
+        r.suspended_requests = st.suspended_requests as u64;
         r.last_resync_skipped_bytes = st.engine.last_resync_skipped_bytes;
         if let Some((_, Some(e))) = lock(&self.drivers)
             .get(&r.volume)
@@ -665,8 +671,25 @@ fn spec_for(agent: &Agent, d: &DesiredReplica) -> Result<VolumeSpec, String> {
             },
             resync_checksums: d.resync_checksums,
             allow_two_primaries: d.allow_two_primaries,
+            on_no_quorum: engine_on_no_quorum(d.on_no_quorum),
         },
     })
+}
+
+/// The engine's on-no-quorum policy for the API's.
+fn engine_on_no_quorum(p: tandem_api::OnNoQuorum) -> OnNoQuorum {
+    match p {
+        tandem_api::OnNoQuorum::IoError => OnNoQuorum::IoError,
+        tandem_api::OnNoQuorum::Suspend => OnNoQuorum::Suspend,
+    }
+}
+
+/// The API's on-no-quorum policy for the engine's.
+fn api_on_no_quorum(p: OnNoQuorum) -> tandem_api::OnNoQuorum {
+    match p {
+        OnNoQuorum::IoError => tandem_api::OnNoQuorum::IoError,
+        OnNoQuorum::Suspend => tandem_api::OnNoQuorum::Suspend,
+    }
 }
 
 fn wanted(desired: &DesiredState) -> impl Iterator<Item = &DesiredReplica> {
@@ -825,6 +848,17 @@ pub(crate) async fn start_wanted(agent: &Arc<Agent>, desired: &DesiredState) {
                             debug!(volume = %d.volume, "{msg}");
                         }
                     }
+                }
+            }
+            let policy = engine_on_no_quorum(d.on_no_quorum);
+            if run.spec.options.on_no_quorum != policy {
+                match run.driver.set_on_no_quorum(policy) {
+                    Ok(()) => {
+                        // The engine logs "on-no-quorum set to ..." itself.
+                        debug!(volume = %d.volume, policy = %d.on_no_quorum, "on-no-quorum policy set");
+                        run.spec.options.on_no_quorum = policy;
+                    }
+                    Err(e) => warn!(volume = %d.volume, "setting the on-no-quorum policy: {e}"),
                 }
             }
             if let Some(want) = &d.resolve_split_brain

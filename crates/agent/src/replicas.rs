@@ -753,6 +753,8 @@ impl Ctx<'_> {
                 allow_two_primaries: false,
                 dual_primary_partner: None,
                 write_token: false,
+                on_no_quorum: None,
+                suspended_requests: 0,
             })
             .collect();
         let t = read(self.table);
@@ -811,6 +813,8 @@ impl Ctx<'_> {
                 allow_two_primaries: false,
                 dual_primary_partner: None,
                 write_token: false,
+                on_no_quorum: None,
+                suspended_requests: 0,
             })
             .collect();
         drop(t);

@@ -127,6 +127,7 @@ fn want(volume: &str, uuid: &str, size: u64, present: bool) -> DesiredReplica {
         resolve_split_brain: None,
         resync_checksums: false,
         allow_two_primaries: false,
+        on_no_quorum: Default::default(),
     }
 }
 

@@ -108,6 +108,55 @@ pub enum Protocol {
     A,
 }
 
+/// What a Primary without quorum does with its consumers' I/O (DRBD's `on-no-quorum`).
+/// Serialized `io-error` / `suspend`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoQuorum {
+    /// Requests fail (EIO) once quorum cannot come back over the current links (the
+    /// default).
+    #[default]
+    IoError,
+    /// Requests are held, neither completed nor failed, until quorum is back (then they
+    /// complete) or the node stops being Primary (then they fail): the consumer's I/O hangs,
+    /// as with a lost path to a SAN.
+    Suspend,
+}
+
+impl OnNoQuorum {
+    /// The policy's name as the API and the CLI spell it (`io-error`, `suspend`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnNoQuorum::IoError => "io-error",
+            OnNoQuorum::Suspend => "suspend",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == OnNoQuorum::IoError
+    }
+}
+
+impl std::fmt::Display for OnNoQuorum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OnNoQuorum {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "io-error" => Ok(OnNoQuorum::IoError),
+            "suspend" => Ok(OnNoQuorum::Suspend),
+            other => Err(format!(
+                "unknown on-no-quorum policy '{other}': use io-error or suspend"
+            )),
+        }
+    }
+}
+
 /// `POST /v1/volumes`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +190,10 @@ pub struct VolumeCreate {
     /// the blocks that differ (default false).
     #[serde(default)]
     pub resync_checksums: Option<bool>,
+    /// What a Primary without quorum does with consumer I/O: `io-error` (default) or
+    /// `suspend` (multi-replica volumes only: `not_replicated` otherwise).
+    #[serde(default)]
+    pub on_no_quorum: Option<OnNoQuorum>,
 }
 
 /// Body of `PATCH /v1/volumes/{name}`: options changeable while the volume runs. Absent
@@ -171,6 +224,11 @@ pub struct VolumeUpdate {
     /// (`two_primaries`).
     #[serde(default)]
     pub allow_two_primaries: Option<bool>,
+    /// What a Primary without quorum does with consumer I/O: `io-error` (fail it) or
+    /// `suspend` (hold it until quorum is back); applies at once. `suspend` is refused on a
+    /// single-replica volume (`not_replicated`). Back to `io-error`, requests held now fail.
+    #[serde(default)]
+    pub on_no_quorum: Option<OnNoQuorum>,
 }
 
 /// Body of `POST /v1/volumes/{name}/resize`: the new size of every replica (online). The
@@ -327,6 +385,14 @@ pub struct Replica {
     /// false outside a dual-primary pair.
     #[serde(default)]
     pub write_token: bool,
+    /// The on-no-quorum policy this node's replication engine applies (the agent applied
+    /// the volume's `on_no_quorum`); `null` when not reported (no replication driver).
+    #[serde(default)]
+    pub on_no_quorum: Option<OnNoQuorum>,
+    /// Consumer requests this node holds for quorum (`on_no_quorum` `suspend`, a Primary
+    /// without quorum): its consumers' I/O is suspended while this is above 0.
+    #[serde(default)]
+    pub suspended_requests: u64,
 }
 
 /// A split brain between a replica and one peer, as the replica's node reports it.
@@ -561,6 +627,10 @@ pub struct Volume {
     /// `null`: none.
     #[serde(default)]
     pub second_primary_node: Option<String>,
+    /// What a Primary without quorum does with consumer I/O: `io-error` (the default) or
+    /// `suspend` (`volume set --on-no-quorum`).
+    #[serde(default)]
+    pub on_no_quorum: OnNoQuorum,
 }
 
 fn default_split_brain() -> String {
@@ -713,6 +783,9 @@ pub struct VolumeSpec {
     /// The second Primary inside the dual-primary window (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub second_primary_node: Option<String>,
+    /// The on-no-quorum policy (absent: `io-error`).
+    #[serde(default, skip_serializing_if = "OnNoQuorum::is_default")]
+    pub on_no_quorum: OnNoQuorum,
 }
 
 fn is_disconnect(s: &String) -> bool {
@@ -838,6 +911,13 @@ pub struct ReplicaReport {
     /// This node holds the dual-primary window's write token.
     #[serde(default)]
     pub write_token: bool,
+    /// The on-no-quorum policy the replication engine applies here; `null`: no replication
+    /// driver.
+    #[serde(default)]
+    pub on_no_quorum: Option<OnNoQuorum>,
+    /// Consumer requests held for quorum (`suspend`): I/O is suspended while above 0.
+    #[serde(default)]
+    pub suspended_requests: u64,
 }
 
 fn default_true() -> bool {
@@ -931,6 +1011,10 @@ pub struct DesiredReplica {
     /// node is one of two Primaries).
     #[serde(default)]
     pub allow_two_primaries: bool,
+    /// The volume's on-no-quorum policy; the agent applies it to its replication engine at
+    /// once (no restart).
+    #[serde(default)]
+    pub on_no_quorum: OnNoQuorum,
 }
 
 /// Answer of `POST /v1/nodes/{name}/lost`.

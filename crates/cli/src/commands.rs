@@ -117,6 +117,10 @@ pub enum VolumeCmd {
         /// transfer only the blocks that differ.
         #[arg(long)]
         resync_checksums: bool,
+        /// What a Primary that lost quorum does with I/O: `io-error` (default: requests fail)
+        /// or `suspend` (requests are held until quorum is back). Replicated volumes only.
+        #[arg(long)]
+        on_no_quorum: Option<String>,
         /// Return at once instead of waiting for the replicas.
         #[arg(long)]
         no_wait: bool,
@@ -146,6 +150,12 @@ pub enum VolumeCmd {
         /// Protocol C only.
         #[arg(long)]
         allow_two_primaries: Option<String>,
+        /// What a Primary that lost quorum does with I/O: `io-error` (requests fail with EIO)
+        /// or `suspend` (requests are held, the consumer's I/O hangs, until quorum is back;
+        /// they fail if the node stops being Primary). Applies at once; back to `io-error`,
+        /// held requests fail. Replicated volumes only.
+        #[arg(long)]
+        on_no_quorum: Option<String>,
     },
     /// Resolve a split brain: NODE's changes since the split are discarded (it resyncs from
     /// the other replicas, bitmap-based where the generations allow, else fully); the others
@@ -449,8 +459,10 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             resync_min_rate,
             after_split_brain,
             resync_checksums,
+            on_no_quorum,
             no_wait,
         } => {
+            let on_no_quorum = on_no_quorum.as_deref().map(no_quorum_arg).transpose()?;
             let size_bytes = parse_size(size).with_context(|| format!("invalid size '{size}'"))?;
             let resync_rate = resync_rate.as_deref().map(parse_rate).transpose()?;
             let resync_min_rate = resync_min_rate.as_deref().map(parse_min_rate).transpose()?;
@@ -473,6 +485,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 resync_min_rate_bytes_per_sec: resync_min_rate,
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: resync_checksums.then_some(true),
+                on_no_quorum,
             };
             let mut v: Volume = client.post("/v1/volumes", &req)?;
             if !no_wait {
@@ -537,7 +550,9 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
             after_split_brain,
             resync_checksums,
             allow_two_primaries,
+            on_no_quorum,
         } => {
+            let no_quorum = on_no_quorum.as_deref().map(no_quorum_arg).transpose()?;
             let checksums = on_off("--resync-checksums", resync_checksums.as_deref())?;
             let two_primaries = on_off("--allow-two-primaries", allow_two_primaries.as_deref())?;
             if resync_rate.is_none()
@@ -545,6 +560,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 && after_split_brain.is_none()
                 && checksums.is_none()
                 && two_primaries.is_none()
+                && no_quorum.is_none()
             {
                 bail!(
                     "nothing to set: name an option, e.g. --resync-rate 100MiB or \
@@ -560,6 +576,7 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                 after_split_brain: after_split_brain.as_deref().map(policy_arg),
                 resync_checksums: checksums,
                 allow_two_primaries: two_primaries,
+                on_no_quorum: no_quorum,
             };
             let v: Volume = client.patch(&format!("/v1/volumes/{}", path_segment(name)), &req)?;
             let (rate_set, policy_set) = (resync_rate.is_some(), after_split_brain.is_some());
@@ -594,6 +611,15 @@ fn volume(client: &Client, cmd: &VolumeCmd, json: bool) -> Result<()> {
                             "open (a second node may be Primary)"
                         } else {
                             "closed"
+                        }
+                    ));
+                }
+                if no_quorum.is_some() {
+                    parts.push(format!(
+                        "on no quorum: {}",
+                        match v.on_no_quorum {
+                            tandem_api::OnNoQuorum::IoError => "io-error (requests fail)",
+                            tandem_api::OnNoQuorum::Suspend => "suspend (requests wait for quorum)",
                         }
                     ));
                 }
@@ -704,6 +730,13 @@ fn on_off(option: &str, value: Option<&str>) -> Result<Option<bool>> {
         Some("off") | Some("false") => Ok(Some(false)),
         Some(other) => bail!("{option} takes on or off, not '{other}'"),
     }
+}
+
+/// An `--on-no-quorum` value: `io-error` or `suspend`.
+fn no_quorum_arg(s: &str) -> Result<tandem_api::OnNoQuorum> {
+    s.trim()
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--on-no-quorum: {e}"))
 }
 
 /// `discard-node NODE` may also be written `discard-node:NODE` or `discard-node=NODE`.
@@ -1549,5 +1582,35 @@ mod tests {
         assert_eq!(on_off(opt, None).unwrap(), None);
         let e = on_off(opt, Some("yes")).unwrap_err().to_string();
         assert!(e.contains("--allow-two-primaries takes on or off"), "{e}");
+    }
+
+    #[test]
+    fn on_no_quorum_takes_io_error_or_suspend() {
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "volume",
+            "set",
+            "vm1",
+            "--on-no-quorum",
+            "suspend",
+        ])
+        .unwrap();
+        let Command::Volume {
+            cmd: VolumeCmd::Set { on_no_quorum, .. },
+        } = cli.command
+        else {
+            panic!("not volume set");
+        };
+        assert_eq!(on_no_quorum.as_deref(), Some("suspend"));
+        assert_eq!(
+            no_quorum_arg("suspend").unwrap(),
+            tandem_api::OnNoQuorum::Suspend
+        );
+        assert_eq!(
+            no_quorum_arg(" io-error").unwrap(),
+            tandem_api::OnNoQuorum::IoError
+        );
+        let e = no_quorum_arg("hang").unwrap_err().to_string();
+        assert!(e.contains("use io-error or suspend"), "{e}");
     }
 }

@@ -333,6 +333,20 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
             ));
         }
     }
+    if v.replicas.len() > 1 && v.on_no_quorum == tandem_api::OnNoQuorum::Suspend {
+        out.push_str(
+            "On no quorum: suspend (a Primary without quorum holds I/O until it is back)\n",
+        );
+    }
+    for r in v.replicas.iter().filter(|r| r.suspended_requests > 0) {
+        out.push_str(&format!(
+            "{}: I/O suspended: {} request{} wait{} for quorum\n",
+            r.node,
+            r.suspended_requests,
+            if r.suspended_requests == 1 { "" } else { "s" },
+            if r.suspended_requests == 1 { "s" } else { "" },
+        ));
+    }
     if v.replicas.len() > 1 && v.resync_checksums {
         out.push_str("Resync:    checksum-based (identical blocks are not transferred)\n");
     }
@@ -677,6 +691,8 @@ mod tests {
             allow_two_primaries: false,
             dual_primary_partner: None,
             write_token: false,
+            on_no_quorum: None,
+            suspended_requests: 0,
         };
         let peer = |node: &str, state: &str| tandem_api::PeerReplState {
             node: node.into(),
@@ -701,6 +717,7 @@ mod tests {
             resync_checksums: false,
             allow_two_primaries: false,
             second_primary_node: None,
+            on_no_quorum: tandem_api::OnNoQuorum::IoError,
         };
         assert!(!volume_detail_at(&v, 0).contains("PEER"));
         v.replicas[0].peers = vec![peer("n2", "SyncSource")];
@@ -753,6 +770,44 @@ mod tests {
         assert!(
             list.contains("n1:UpToDate/Primary(dual,token) n2:UpToDate/Primary(dual)"),
             "{list}"
+        );
+    }
+
+    #[test]
+    fn volume_detail_shows_the_on_no_quorum_policy_and_suspended_io() {
+        let mut v: Volume = serde_json::from_value(serde_json::json!({
+            "name": "v", "uuid": "u", "size_bytes": 1048576, "protocol": "C",
+            "replica_count": 2, "state": "ready", "quorum": false, "operations": [],
+            "primary_node": "n1",
+            "replicas": [
+                {"node": "n1", "pool": "default", "diskless": false, "role": "Primary",
+                 "disk_state": "UpToDate", "repl_state": "Connecting", "out_of_sync_bytes": 0,
+                 "resync_bytes_per_sec": 0, "last_resync_bytes": 0, "allocated_bytes": 0,
+                 "connections": 1, "on_no_quorum": "io-error"},
+                {"node": "n2", "pool": "default", "diskless": false, "role": "Secondary",
+                 "disk_state": "UpToDate", "repl_state": "Connecting", "out_of_sync_bytes": 0,
+                 "resync_bytes_per_sec": 0, "last_resync_bytes": 0, "allocated_bytes": 0,
+                 "connections": 0}
+            ]
+        }))
+        .unwrap();
+        // io-error is the default and not worth a line.
+        let text = volume_detail_at(&v, 0);
+        assert!(!text.contains("On no quorum"), "{text}");
+        assert!(!text.contains("suspended"), "{text}");
+        v.on_no_quorum = tandem_api::OnNoQuorum::Suspend;
+        v.replicas[0].suspended_requests = 3;
+        let text = volume_detail_at(&v, 0);
+        assert!(text.contains("On no quorum: suspend"), "{text}");
+        assert!(
+            text.contains("n1: I/O suspended: 3 requests wait for quorum"),
+            "{text}"
+        );
+        v.replicas[0].suspended_requests = 1;
+        let text = volume_detail_at(&v, 0);
+        assert!(
+            text.contains("n1: I/O suspended: 1 request waits for quorum"),
+            "{text}"
         );
     }
 

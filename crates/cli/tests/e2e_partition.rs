@@ -12,6 +12,9 @@
 //! * The Primary black-holed (links open, nothing forwarded; only keepalive timeouts notice):
 //!   a write through it fails once its links time out, it does not hang and does not
 //!   complete; after the heal it has quorum again and the replicas converge.
+//! * The Primary cut off with `--on-no-quorum suspend`: a write through it is held (status
+//!   shows it), neither completed nor failed, and does not reach the Secondary; after the heal
+//!   it completes and the replicas converge.
 
 mod common;
 
@@ -463,4 +466,103 @@ fn secondary_that_missed_writes_is_outdated_and_not_promoted() {
     );
     same_files(c, &primary, &secondary, "po");
     no_split_brain(c);
+}
+
+#[test]
+fn primary_cut_off_with_on_no_quorum_suspend_holds_a_write_until_the_heal() {
+    let p = Proxied::start();
+    let c = &p.c;
+    let v = p.volume("ps2");
+    let primary = node_of(&v, "Primary").to_string();
+    let secondary = node_of(&v, "Secondary").to_string();
+    let v = c.json(&["volume", "set", "ps2", "--on-no-quorum", "suspend"]);
+    assert_eq!(v["on_no_quorum"], "suspend", "{v:#}");
+    let text = c.tandem(&["volume", "set", "ps2", "--on-no-quorum", "suspend"]);
+    assert!(text.contains("on no quorum: suspend"), "{text}");
+    c.wait_json(
+        &["volume", "show", "ps2"],
+        "both diskful replicas to apply suspend",
+        |v| {
+            diskful(v)
+                .iter()
+                .all(|r| r["on_no_quorum"] == "suspend" && r["suspended_requests"] == 0)
+        },
+    );
+    let uri = c.connect("ps2");
+    assert!(uri.contains(&primary), "{uri}");
+    let before = [(0, 64 * KIB, 0x81)];
+    qemu_io_ok(&uri, &writes(&before));
+    c.wait_json(&["volume", "show", "ps2"], "in sync after writes", in_sync);
+
+    // Cut the Primary off, then write through it: the write neither completes nor fails.
+    let pid = p.id(&primary);
+    assert_eq!(p.net.isolate(pid), 2, "the Primary's two links");
+    c.wait_json(
+        &["volume", "show", "ps2"],
+        "the Primary without quorum",
+        |v| replica(v, &primary)["quorum"] == false,
+    );
+    let held = [(24 * MIB, 128 * KIB, 0x82)];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (u, cmds) = (uri.clone(), writes(&held));
+    let writer = std::thread::spawn(move || {
+        let _ = tx.send(qemu_io_within(&u, &cmds, Duration::from_secs(180)));
+    });
+    let v = c.wait_json(
+        &["volume", "show", "ps2"],
+        "the Primary to hold the write for quorum",
+        |v| {
+            replica(v, &primary)["suspended_requests"]
+                .as_u64()
+                .is_some_and(|n| n >= 1)
+        },
+    );
+    eprintln!("write held:\n{v:#}");
+    assert_eq!(replica(&v, &primary)["role"], "Primary", "{v:#}");
+    let text = c.tandem(&["volume", "show", "ps2"]);
+    assert!(
+        text.contains(&format!("{primary}: I/O suspended: ")) && text.contains("for quorum"),
+        "{text}"
+    );
+    assert!(text.contains("On no quorum: suspend"), "{text}");
+    assert!(
+        rx.try_recv().is_err(),
+        "qemu-io returned while the write was held"
+    );
+    assert!(
+        data_at(c, &secondary, "ps2", held[0].0, held[0].1)
+            .iter()
+            .all(|b| *b == 0),
+        "the held write reached the cut-off Secondary"
+    );
+    // Heal: quorum comes back, the held write completes (success, no error), and reaches
+    // the Secondary.
+    p.net.heal();
+    let r = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the held write completes after the heal");
+    writer.join().unwrap();
+    assert!(r.ok(), "the held write failed: {}", r.text);
+    let v = c.wait_json(
+        &["volume", "show", "ps2"],
+        "in sync after the heal, nothing held",
+        |v| {
+            in_sync(v)
+                && replica(v, &primary)["suspended_requests"] == 0
+                && replica(v, &primary)["role"] == "Primary"
+        },
+    );
+    eprintln!("healed:\n{v:#}");
+    qemu_io_ok(&uri, &reads(&held));
+    qemu_io_ok(&uri, &reads(&before));
+    assert!(
+        data_at(c, &secondary, "ps2", held[0].0, held[0].1)
+            .iter()
+            .all(|b| *b == 0x82),
+        "the held write did not reach the Secondary"
+    );
+    same_files(c, &primary, &secondary, "ps2");
+    no_split_brain(c);
+    let v = c.json(&["volume", "set", "ps2", "--on-no-quorum", "io-error"]);
+    assert_eq!(v["on_no_quorum"], "io-error", "{v:#}");
 }

@@ -186,7 +186,7 @@ async fn list_volumes(State(s): State<AppState>) -> Result<axum::Json<Vec<Volume
         (status = 201, description = "Created; replicas are being created (state `creating`)", body = Volume),
         (status = 400, description = "Invalid name (`invalid_name`), size (`invalid_size`) or option (`unsupported`), or malformed JSON (`invalid_json`)", body = ApiError),
         (status = 404, description = "A requested node is not registered (`not_found`)", body = ApiError),
-        (status = 409, description = "Exists (`already_exists`), no node (`no_nodes`) or pool (`no_capacity`) can take it", body = ApiError),
+        (status = 409, description = "Exists (`already_exists`), no node (`no_nodes`) or pool (`no_capacity`) can take it, or `on_no_quorum` `suspend` for a single replica (`not_replicated`)", body = ApiError),
         (status = 422, description = "JSON of the wrong shape: unknown or missing fields, wrong types (`invalid_body`)", body = ApiError)))]
 async fn create_volume(
     State(s): State<AppState>,
@@ -296,7 +296,7 @@ async fn node_evacuate(
     responses((status = 200, description = "Options changed (the agents apply them at once)", body = Volume),
               (status = 400, description = "Invalid name", body = ApiError),
               (status = 404, description = "No such volume", body = ApiError),
-              (status = 409, description = "The volume is being deleted (`not_ready`), or the dual-primary window cannot open (`not_replicated`: one replica; `protocol_a`: it needs protocol C) or close (`two_primaries`: two nodes are Primary, demote one first)", body = ApiError),
+              (status = 409, description = "The volume is being deleted (`not_ready`), or the dual-primary window cannot open (`not_replicated`: one replica; `protocol_a`: it needs protocol C) or close (`two_primaries`: two nodes are Primary, demote one first), or `on_no_quorum` `suspend` on a single-replica volume (`not_replicated`)", body = ApiError),
               (status = 422, description = "Malformed body", body = ApiError)))]
 async fn update_volume(
     State(s): State<AppState>,

@@ -26,9 +26,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tandem_api::{
     AgentReport, ClusterStatus, ConnectInfo, DesiredPeer, DesiredReplica, DesiredState, DiskState,
-    Node, NodeAdd, NodeLostResult, NodeLostVolume, NodeRole, NodeState, Operation, Pool,
-    PoolReport, Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaAdd, ReplicaReport,
-    Role, Volume, VolumeCreate, VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
+    Node, NodeAdd, NodeLostResult, NodeLostVolume, NodeRole, NodeState, OnNoQuorum, Operation,
+    Pool, PoolReport, Protocol, ReconcileIssue, ReconcileReport, Replica, ReplicaAdd,
+    ReplicaReport, Role, Volume, VolumeCreate, VolumeMove, VolumeResize, VolumeState, VolumeUpdate,
 };
 use tandem_store::{Expect, StateStore, TxnOp};
 use tandem_types::{format_size, validate_name};
@@ -221,10 +221,18 @@ pub struct VolumeRecord {
     /// the window is open (closing is refused while it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub second_primary: Option<String>,
+    /// What a Primary without quorum does with consumer I/O (`volume set --on-no-quorum`):
+    /// `io-error` (the default) or `suspend`.
+    #[serde(default, skip_serializing_if = "is_io_error")]
+    pub on_no_quorum: OnNoQuorum,
 }
 
 fn default_split_brain() -> String {
     "disconnect".into()
+}
+
+fn is_io_error(p: &OnNoQuorum) -> bool {
+    *p == OnNoQuorum::IoError
 }
 
 impl VolumeRecord {
@@ -839,6 +847,8 @@ impl Controller {
                     allow_two_primaries: report.is_some_and(|r| r.allow_two_primaries),
                     dual_primary_partner: report.and_then(|r| r.dual_primary_partner.clone()),
                     write_token: report.is_some_and(|r| r.write_token),
+                    on_no_quorum: report.and_then(|r| r.on_no_quorum),
+                    suspended_requests: report.map(|r| r.suspended_requests).unwrap_or(0),
                 }
             })
             .collect();
@@ -873,6 +883,7 @@ impl Controller {
             resync_checksums: v.resync_checksums,
             allow_two_primaries: v.allow_two_primaries,
             second_primary_node: v.second_primary().map(str::to_string),
+            on_no_quorum: v.on_no_quorum,
         }
     }
 
@@ -1300,8 +1311,12 @@ impl Controller {
             resync_checksums: req.resync_checksums.unwrap_or(false),
             allow_two_primaries: false,
             second_primary: None,
+            on_no_quorum: req.on_no_quorum.unwrap_or_default(),
         };
         split_brain::validate_policy(&record.after_split_brain, &record.placements)?;
+        if record.on_no_quorum == OnNoQuorum::Suspend {
+            Self::check_suspend_allowed(&record)?;
+        }
         let mut txn = vec![TxnOp::put(
             format!("{VOLUMES}{}", record.name),
             encode(&record)?,
@@ -1666,6 +1681,16 @@ impl Controller {
             v.second_primary = None;
             changed = true;
         }
+        if let Some(policy) = req.on_no_quorum
+            && policy != v.on_no_quorum
+        {
+            if policy == OnNoQuorum::Suspend {
+                Self::check_suspend_allowed(&v)?;
+            }
+            tracing::info!(volume = name, from = %v.on_no_quorum, to = %policy, "on-no-quorum policy changed");
+            v.on_no_quorum = policy;
+            changed = true;
+        }
         let mut set_rate = |field: &mut u64, want: Option<u64>, what: &str| {
             if let Some(rate) = want
                 && rate != *field
@@ -1704,6 +1729,22 @@ impl Controller {
             self.write_volume(rev, &v)?;
         }
         Ok(self.volume_view(&v, &nodes))
+    }
+
+    /// Why `v` cannot take `on_no_quorum` `suspend`, if it cannot: a single-replica volume
+    /// has no quorum to lose (and no replication engine to hold its I/O).
+    fn check_suspend_allowed(v: &VolumeRecord) -> Result<(), Failure> {
+        if v.placements.len() < 2 {
+            return Err(Failure::conflict(
+                "not_replicated",
+                format!(
+                    "volume '{}' has a single replica: it has no quorum to lose, so \
+                     on-no-quorum suspend does not apply (its node always serves it)",
+                    v.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Why the dual-primary window of `v` cannot open, if it cannot.
@@ -3511,6 +3552,7 @@ impl Controller {
                         resync_checksums: false,
                         allow_two_primaries: false,
                         second_primary: None,
+                        on_no_quorum: OnNoQuorum::IoError,
                     };
                     self.store.txn(vec![
                         TxnOp::put(format!("{VOLUMES}{}", v.name), encode(&v)?, Expect::Absent),
@@ -3632,6 +3674,7 @@ impl Controller {
                     resolve_split_brain: None,
                     resync_checksums: v.resync_checksums,
                     allow_two_primaries: v.allow_two_primaries,
+                    on_no_quorum: v.on_no_quorum,
                 });
             }
             for p in v.placements.iter().filter(|p| p.node == node) {
@@ -3670,6 +3713,7 @@ impl Controller {
                     resolve_split_brain: Self::desired_resolve(&v, node),
                     resync_checksums: v.resync_checksums,
                     allow_two_primaries: v.allow_two_primaries,
+                    on_no_quorum: v.on_no_quorum,
                 });
             }
         }

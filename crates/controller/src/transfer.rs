@@ -63,6 +63,7 @@ fn spec_of(v: &VolumeRecord) -> VolumeSpec {
         resync_checksums: v.resync_checksums,
         allow_two_primaries: v.allow_two_primaries,
         second_primary_node: v.second_primary().map(str::to_string),
+        on_no_quorum: v.on_no_quorum,
     }
 }
 
@@ -100,6 +101,7 @@ fn record_of(v: &VolumeSpec) -> VolumeRecord {
         resync_checksums: v.resync_checksums,
         allow_two_primaries: v.allow_two_primaries,
         second_primary: v.second_primary_node.clone(),
+        on_no_quorum: v.on_no_quorum,
     }
 }
 

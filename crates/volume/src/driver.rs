@@ -13,8 +13,8 @@ use tandem_blockdev::{BlockDevice, FileDevice};
 use tandem_meta::ReplicaFiles;
 use tandem_repl_proto::{ChecksumAlg, DiskState, Message, NodeId};
 use tandem_replication::{
-    Action, Config, DiskError, Engine, Event, IoId, Level, PeerConfig, PeerStatus, Protocol, Reply,
-    RequestError, RequestId, Role, SplitBrainPolicy, Status,
+    Action, Config, DiskError, Engine, Event, IoId, Level, OnNoQuorum, PeerConfig, PeerStatus,
+    Protocol, Reply, RequestError, RequestId, Role, SplitBrainPolicy, Status,
 };
 use tandem_transport::{LinkId, SendError};
 
@@ -57,6 +57,9 @@ pub struct VolumeOptions {
     /// The dual-primary window is open (live migration: a second node may be Primary). See
     /// [`tandem_replication::Config::allow_two_primaries`]; protocol C only.
     pub allow_two_primaries: bool,
+    /// What a Primary without quorum does with consumer requests (fail them, or hold them
+    /// until quorum is back). See [`tandem_replication::Config::on_no_quorum`].
+    pub on_no_quorum: OnNoQuorum,
 }
 
 impl Default for VolumeOptions {
@@ -68,6 +71,7 @@ impl Default for VolumeOptions {
             after_split_brain: SplitBrainPolicy::Disconnect,
             resync_checksums: false,
             allow_two_primaries: false,
+            on_no_quorum: OnNoQuorum::IoError,
         }
     }
 }
@@ -122,6 +126,11 @@ pub struct VolumeStatus {
     /// This node is one of the two Primaries of an open dual-primary window (partner, and
     /// whether this node holds the write token).
     pub dual_primary: Option<tandem_replication::DualPrimary>,
+    /// The on-no-quorum policy the engine applies.
+    pub on_no_quorum: OnNoQuorum,
+    /// Consumer requests held for quorum ([`OnNoQuorum::Suspend`]): I/O is suspended while
+    /// this is above 0.
+    pub suspended_requests: usize,
 }
 
 /// Where the outcome of a consumer request goes: a caller blocked on a channel
@@ -159,6 +168,7 @@ pub(crate) enum Input {
     SetSplitBrainPolicy(SplitBrainPolicy),
     SetResyncChecksums(bool),
     SetAllowTwoPrimaries(bool, SyncSender<Result<(), VolumeError>>),
+    SetOnNoQuorum(OnNoQuorum, SyncSender<Result<(), VolumeError>>),
     Resize(u64, SyncSender<Result<(), VolumeError>>),
     Stop,
 }
@@ -459,6 +469,7 @@ impl VolumeDriver {
         cfg.after_split_brain = spec.options.after_split_brain;
         cfg.resync_checksums = spec.options.resync_checksums;
         cfg.allow_two_primaries = spec.options.allow_two_primaries;
+        cfg.on_no_quorum = spec.options.on_no_quorum;
         cfg.entropy = u64::from_le_bytes(entropy);
 
         let device = if spec.diskful {
@@ -638,6 +649,13 @@ impl VolumeDriver {
         self.call(|r| Input::SetAllowTwoPrimaries(on, r))?
     }
 
+    /// Changes the on-no-quorum policy while running. Back to [`OnNoQuorum::IoError`], the
+    /// requests held for quorum now fail (the engine's rule); returns once the engine applied
+    /// it.
+    pub fn set_on_no_quorum(&self, policy: OnNoQuorum) -> Result<(), VolumeError> {
+        self.call(|r| Input::SetOnNoQuorum(policy, r))?
+    }
+
     /// Resizes the local replica online (see [`tandem_meta::ReplicaFiles::resize`] for the
     /// file steps and their crash safety) and tells the engine, which advertises the size to
     /// the peers. Consumers stay connected; the block device's size (for new connections)
@@ -682,6 +700,8 @@ impl VolumeDriver {
             disk_failure: st.disk_failure.clone(),
             allow_two_primaries: st.allow_two_primaries,
             dual_primary: st.dual_primary,
+            on_no_quorum: st.on_no_quorum,
+            suspended_requests: st.suspended_requests,
             engine: st,
             failed,
         })
@@ -995,6 +1015,12 @@ impl Loop {
                         return Ok(());
                     }
                 }
+            }
+            Input::SetOnNoQuorum(policy, r) => {
+                let a = self.engine.set_on_no_quorum(now, policy);
+                let res = self.execute(a);
+                let _ = r.send(res.clone());
+                return res;
             }
             Input::Resolve(discard, r) => {
                 let res = if discard {

@@ -26,9 +26,9 @@ pub use driver::{VolumeDriver, VolumeOptions, VolumePeer, VolumeSpec, VolumeStat
 pub use node::{NodeConfig, NodeReplication};
 pub use tandem_repl_proto::DiskState;
 pub use tandem_replication::{
-    DemoteError, DualPrimary, PeerStatus, PromoteError, Protocol, ReplState, RequestError,
-    ResolveError, Role, SplitBrainPolicy, SplitBrainStatus, VerifyError, VerifyProgress,
-    VerifyResult, WindowError,
+    DemoteError, DualPrimary, OnNoQuorum, PeerStatus, PromoteError, Protocol, ReplState,
+    RequestError, ResolveError, Role, SplitBrainPolicy, SplitBrainStatus, VerifyError,
+    VerifyProgress, VerifyResult, WindowError,
 };
 
 /// Errors of starting a node or a volume driver, or of an admin call.

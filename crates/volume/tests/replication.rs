@@ -368,3 +368,115 @@ fn dual_primary_window_opens_and_closes_while_running_and_is_refused_on_protocol
     // Closing an already closed window is fine on protocol A too.
     c.d(1).set_allow_two_primaries(false).unwrap();
 }
+
+/// Starts a write of `data` at `off` on its own thread; its outcome arrives on the channel.
+fn write_in_background(
+    dev: &std::sync::Arc<dyn tandem_blockdev::BlockDevice>,
+    data: Vec<u8>,
+    off: u64,
+) -> std::sync::mpsc::Receiver<Result<(), String>> {
+    let dev = dev.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            dev.write_at(&data, off)
+                .map_err(|e| format!("{e} ({})", e.errno())),
+        );
+    });
+    rx
+}
+
+/// Waits until node `id` holds at least one consumer request for quorum.
+fn wait_suspended(c: &Cluster, id: u8) -> usize {
+    wait_for(
+        20,
+        &format!("node {id} to hold a request for quorum"),
+        || {
+            let n = c.d(id).status().unwrap().suspended_requests;
+            (n > 0).then_some(n)
+        },
+    )
+}
+
+#[test]
+fn on_no_quorum_suspend_holds_writes_until_quorum_is_back_and_io_error_fails_them() {
+    let size = 16 * MIB;
+    let mut c = Cluster::start(2, 1, size);
+    for id in 1..=3 {
+        wait_in_sync(&c, id);
+    }
+    promote(&c, 1);
+    let s = c.d(1).status().unwrap();
+    assert_eq!(s.on_no_quorum, tandem_volume::OnNoQuorum::IoError);
+    assert_eq!(s.suspended_requests, 0);
+    // Changed while running; repeating is harmless.
+    for _ in 0..2 {
+        c.d(1)
+            .set_on_no_quorum(tandem_volume::OnNoQuorum::Suspend)
+            .unwrap();
+    }
+    assert_eq!(
+        c.d(1).status().unwrap().on_no_quorum,
+        tandem_volume::OnNoQuorum::Suspend
+    );
+    let dev = c.d(1).block_device();
+    dev.write_at(&pattern(1, 4096), 0).unwrap();
+    dev.flush().unwrap();
+
+    // Both peers gone: a write neither completes nor fails while quorum is missing.
+    c.crash(3);
+    c.crash(2);
+    let held = write_in_background(&dev, pattern(2, 8192), MIB);
+    assert!(wait_suspended(&c, 1) >= 1);
+    let s = c.d(1).status().unwrap();
+    assert!(!s.quorum, "{s:?}");
+    assert!(held.try_recv().is_err(), "the held write returned");
+    // Demotion is refused while requests are held.
+    let err = c.d(1).demote().unwrap_err();
+    assert!(err.to_string().contains("in flight"), "{err}");
+
+    // Quorum back (node 2): the write completes, and reaches node 2.
+    c.restart(2);
+    let r = held
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the held write completes once quorum is back");
+    assert_eq!(r, Ok(()));
+    assert_eq!(c.d(1).status().unwrap().suspended_requests, 0);
+    dev.flush().unwrap();
+    wait_for(20, "node 2 UpToDate and in sync with node 1", || {
+        let s = c.d(2).status().unwrap();
+        (s.disk_state == DiskState::UpToDate
+            && s.peers.iter().any(|p| {
+                p.node_id == 1 && p.repl_state == ReplState::Established && p.out_of_sync_bytes == 0
+            }))
+        .then_some(())
+    });
+    wait_for(20, "node 2 to hold the write", || {
+        (c.data(2)[MIB as usize..][..8192] == pattern(2, 8192)[..]).then_some(())
+    });
+
+    // Quorum gone again; back to io-error, the held write fails (EIO) and new ones too.
+    c.crash(2);
+    let held = write_in_background(&dev, pattern(3, 4096), 2 * MIB);
+    wait_suspended(&c, 1);
+    c.d(1)
+        .set_on_no_quorum(tandem_volume::OnNoQuorum::IoError)
+        .unwrap();
+    let r = held
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the held write fails once the policy is io-error");
+    let e = r.unwrap_err();
+    assert!(e.contains("(5)"), "EIO expected: {e}");
+    let s = c.d(1).status().unwrap();
+    assert_eq!(s.suspended_requests, 0);
+    assert_eq!(s.on_no_quorum, tandem_volume::OnNoQuorum::IoError);
+    drop(dev);
+
+    // The option given at start reaches the engine.
+    c.options.on_no_quorum = tandem_volume::OnNoQuorum::Suspend;
+    c.restart(2);
+    assert_eq!(
+        c.d(2).status().unwrap().on_no_quorum,
+        tandem_volume::OnNoQuorum::Suspend
+    );
+}

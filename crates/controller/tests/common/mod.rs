@@ -281,5 +281,7 @@ pub fn replica(volume: &str, uuid: &str, size: u64, state: DiskState) -> Replica
         allow_two_primaries: false,
         dual_primary_partner: None,
         write_token: false,
+        on_no_quorum: None,
+        suspended_requests: 0,
     }
 }
