@@ -14,6 +14,7 @@ mod mem;
 pub use file::FileDevice;
 pub use mem::MemDevice;
 
+pub use bytes::Bytes;
 use thiserror::Error;
 
 /// What went wrong, for matching.
@@ -152,7 +153,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Starts a write of `data` at `offset` (with `fua`: durable when `done` reports success)
     /// and calls `done` with the outcome. Devices with [`BlockDevice::async_writes`] return at
     /// once and run `done` on another thread; the default writes (and flushes) right here.
-    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: WriteDone) {
+    /// `data` may be kept (without a copy) until the write is done; a front end that pools its
+    /// buffers gets one back when the last reference drops ([`Bytes::from_owner`]).
+    fn start_write(&self, data: Bytes, offset: u64, fua: bool, done: WriteDone) {
         let r = self
             .write_at(&data, offset)
             .and_then(|()| if fua { self.flush() } else { Ok(()) });
@@ -202,7 +205,7 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn async_writes(&self) -> bool {
         (**self).async_writes()
     }
-    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: WriteDone) {
+    fn start_write(&self, data: Bytes, offset: u64, fua: bool, done: WriteDone) {
         (**self).start_write(data, offset, fua, done)
     }
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
@@ -278,7 +281,7 @@ mod tests {
             self.note("async_writes");
             true
         }
-        fn start_write(&self, _: Vec<u8>, _: u64, _: bool, done: WriteDone) {
+        fn start_write(&self, _: Bytes, _: u64, _: bool, done: WriteDone) {
             self.note("start_write");
             done(Ok(()));
         }
@@ -307,7 +310,7 @@ mod tests {
         let done = Arc::new(Mutex::new(false));
         let d = done.clone();
         dev.start_write(
-            vec![1; 8],
+            Bytes::from(vec![1; 8]),
             0,
             true,
             Box::new(move |r| *d.lock().unwrap() = r.is_ok()),

@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_blockdev::{BlockDevice, BlockError, ErrorKind};
+use tandem_blockdev::{BlockDevice, BlockError, Bytes, ErrorKind};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -526,6 +526,18 @@ impl BufPool {
         }
     }
 
+    /// `buf` as [`Bytes`] that returns to this pool when its last reference drops: a write
+    /// handed to an asynchronous device (which keeps it until the write is done everywhere)
+    /// recycles its buffer too, so steady 1 MiB writes neither allocate nor fault in pages
+    /// (a fresh 1 MiB buffer per write cost page faults, zeroing and `madvise` trimming: about
+    /// a third of the replicated 1M write path's CPU).
+    fn bytes(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+
     fn put(&self, b: Vec<u8>) {
         let cap = b.capacity();
         if cap < 4096 {
@@ -540,10 +552,28 @@ impl BufPool {
     }
 }
 
+/// A pooled buffer behind a [`Bytes`] ([`BufPool::bytes`]).
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BufPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
+}
+
 struct Shared {
     export: Arc<Export>,
     session: Session,
-    pool: BufPool,
+    pool: Arc<BufPool>,
     direct: Option<Direct>,
 }
 
@@ -674,7 +704,7 @@ where
             allocation_context: neg.allocation_context,
         },
         export: neg.export,
-        pool: BufPool::default(),
+        pool: Arc::new(BufPool::default()),
         direct: fd.map(|fd| Direct {
             fd,
             state: Mutex::new(DirectState::default()),
@@ -792,7 +822,7 @@ where
                         // worker thread waits for the write.
                         let (sh, out) = (shared.clone(), out_tx.clone());
                         let (offset, fua) = (*offset, *fua);
-                        let data = payload.unwrap_or_default();
+                        let data = shared.pool.bytes(payload.unwrap_or_default());
                         shared.export.device.start_write(
                             data,
                             offset,
@@ -1312,4 +1342,26 @@ fn sparse_read(sh: &Shared, handle: u64, offset: u64, len: u32) -> Option<Vec<Pa
         }
     }
     Some(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pooled_write_buffer_returns_when_its_last_reference_drops() {
+        let pool = Arc::new(BufPool::default());
+        let mut buf = pool.get_empty(1 << 20);
+        buf.resize(1 << 20, 7);
+        let ptr = buf.as_ptr();
+        let data = pool.bytes(buf);
+        let kept = data.slice(4096..8192); // e.g. a device keeping part of it
+        drop(data);
+        assert_eq!(pool.inner.lock().unwrap().0.len(), 0, "still referenced");
+        assert_eq!(kept[0], 7);
+        drop(kept);
+        let again = pool.get_empty(1 << 20);
+        assert_eq!(again.as_ptr(), ptr, "the same buffer, recycled");
+        assert!(again.is_empty());
+    }
 }

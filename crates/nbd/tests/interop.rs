@@ -584,7 +584,13 @@ impl BlockDevice for AsyncFile {
     fn async_writes(&self) -> bool {
         true
     }
-    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: tandem_blockdev::WriteDone) {
+    fn start_write(
+        &self,
+        data: tandem_blockdev::Bytes,
+        offset: u64,
+        fua: bool,
+        done: tandem_blockdev::WriteDone,
+    ) {
         self.started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = self.file.clone();

@@ -152,7 +152,7 @@ impl BlockDevice for ReplicatedDevice {
     /// Hands the write (its buffer, without a copy) to the engine loop and returns; `done`
     /// runs on the loop thread when the engine completes it (FUA included: the engine makes
     /// it durable everywhere before completing).
-    fn start_write(&self, data: Vec<u8>, offset: u64, fua: bool, done: WriteDone) {
+    fn start_write(&self, data: Bytes, offset: u64, fua: bool, done: WriteDone) {
         let len = data.len() as u64;
         if let Err(e) = self.check_range("write", offset, len) {
             return done(Err(e));
@@ -169,11 +169,7 @@ impl BlockDevice for ReplicatedDevice {
                 )
             },
         ));
-        let op = ConsumerOp::Write {
-            offset,
-            data: Bytes::from(data),
-            fua,
-        };
+        let op = ConsumerOp::Write { offset, data, fua };
         if let Err(Input::Consumer(_, c)) = self.tx.send(Input::Consumer(op, completion)) {
             c.complete(Err(RequestError::Io(
                 "the replication driver stopped".into(),

@@ -304,7 +304,7 @@ fn many_async_writes_beyond_the_send_queue_arrive_in_order_on_both_replicas() {
         expect[off as usize..(off + MIB) as usize].copy_from_slice(&data);
         let tx = tx.clone();
         dev.start_write(
-            data,
+            data.into(),
             off,
             i % 16 == 15,
             Box::new(move |r| tx.send((i, r.map_err(|e| e.to_string()))).unwrap()),
