@@ -33,19 +33,7 @@ impl Setup {
     /// n1 and n3 hold replicas of `a` (n1 Primary), n2 its witness.
     fn new() -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let s = Server::start_experimental(dir.path());
-        for (n, free) in [("n1", 30), ("n2", 10), ("n3", 20)] {
-            let mut r = report(n, 0);
-            r.pools[0].free_bytes = free * GIB;
-            s.sync(&r, 0);
-        }
-        let (st, v) = s.post(
-            "/v1/volumes",
-            &json!({"name": "a", "size_bytes": GIB, "replicas": 2}),
-        );
-        assert_eq!(st, 201, "{v}");
-        let v: Volume = serde_json::from_value(v).unwrap();
-        assert_eq!(v.primary_node.as_deref(), Some("n1"));
+        let (s, v) = Server::three_nodes_with_volume_a(dir.path(), json!({}));
         let setup = Setup {
             s,
             uuid: v.uuid,

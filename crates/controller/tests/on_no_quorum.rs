@@ -20,20 +20,7 @@ impl Setup {
     /// create request.
     fn new(extra: serde_json::Value) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let s = Server::start_experimental(dir.path());
-        for (n, free) in [("n1", 30), ("n2", 10), ("n3", 20)] {
-            let mut r = report(n, 0);
-            r.pools[0].free_bytes = free * GIB;
-            s.sync(&r, 0);
-        }
-        let mut body = json!({"name": "a", "size_bytes": GIB, "replicas": 2});
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let (st, v) = s.post("/v1/volumes", &body);
-        assert_eq!(st, 201, "{v}");
-        let v: Volume = serde_json::from_value(v).unwrap();
-        assert_eq!(v.primary_node.as_deref(), Some("n1"));
+        let (s, v) = Server::three_nodes_with_volume_a(dir.path(), extra);
         Setup {
             s,
             uuid: v.uuid,

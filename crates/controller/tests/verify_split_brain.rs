@@ -15,25 +15,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_experimental(dir.path());
-    for (n, free) in [("n1", 30), ("n2", 10), ("n3", 20)] {
-        let mut r = report(n, 0);
-        r.pools[0].free_bytes = free * GIB;
-        s.sync(&r, 0);
-    }
-    let (st, v) = s.post(
-        "/v1/volumes",
-        &json!({"name": "a", "size_bytes": GIB, "replicas": 2}),
-    );
-    assert_eq!(st, 201, "{v}");
-    let v: Volume = serde_json::from_value(v).unwrap();
-    let diskful: Vec<&str> = v
-        .replicas
-        .iter()
-        .filter(|r| !r.diskless)
-        .map(|r| r.node.as_str())
-        .collect();
-    assert_eq!(diskful, ["n1", "n3"], "{v:?}");
+    let (s, v) = Server::three_nodes_with_volume_a(dir.path(), json!({}));
     Setup {
         s,
         uuid: v.uuid,

@@ -40,6 +40,34 @@ impl Server {
         Self::start_opts(dir, 10, true)
     }
 
+    /// An experimental-replication controller with nodes n1, n2, n3 (30, 10, 20 GiB free) and
+    /// volume `a` of 1 GiB with 2 replicas: n1 (its Primary) and n3 hold the data, n2 is the
+    /// witness. `extra`: more fields of the create request. Returns the created volume.
+    pub fn three_nodes_with_volume_a(dir: &Path, extra: Value) -> (Server, tandem_api::Volume) {
+        let s = Self::start_experimental(dir);
+        for (n, free) in [("n1", 30), ("n2", 10), ("n3", 20)] {
+            let mut r = report(n, 0);
+            r.pools[0].free_bytes = free * GIB;
+            s.sync(&r, 0);
+        }
+        let mut body = serde_json::json!({"name": "a", "size_bytes": GIB, "replicas": 2});
+        for (k, v) in extra.as_object().expect("extra is an object") {
+            body[k] = v.clone();
+        }
+        let (st, v) = s.post("/v1/volumes", &body);
+        assert_eq!(st, 201, "{v}");
+        let v: tandem_api::Volume = serde_json::from_value(v).unwrap();
+        assert_eq!(v.primary_node.as_deref(), Some("n1"), "{v:?}");
+        let diskful: Vec<&str> = v
+            .replicas
+            .iter()
+            .filter(|r| !r.diskless)
+            .map(|r| r.node.as_str())
+            .collect();
+        assert_eq!(diskful, ["n1", "n3"], "{v:?}");
+        (s, v)
+    }
+
     pub fn start_opts(
         dir: &Path,
         offline_after_secs: u64,
