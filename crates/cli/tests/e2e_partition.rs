@@ -565,4 +565,57 @@ fn primary_cut_off_with_on_no_quorum_suspend_holds_a_write_until_the_heal() {
     no_split_brain(c);
     let v = c.json(&["volume", "set", "ps2", "--on-no-quorum", "io-error"]);
     assert_eq!(v["on_no_quorum"], "io-error", "{v:#}");
+
+    // The policy at creation; refused for one replica and for a value that is no policy
+    // (nothing created either way).
+    let v = c.json(&[
+        "volume",
+        "create",
+        "ps3",
+        "16MiB",
+        "--replicas",
+        "2",
+        "--on-no-quorum",
+        "suspend",
+    ]);
+    assert_eq!(v["on_no_quorum"], "suspend", "{v:#}");
+    for (args, want) in [
+        (
+            vec![
+                "volume",
+                "create",
+                "ps4",
+                "16MiB",
+                "--on-no-quorum",
+                "suspend",
+            ],
+            "not_replicated",
+        ),
+        (
+            vec![
+                "volume",
+                "create",
+                "ps4",
+                "16MiB",
+                "--replicas",
+                "2",
+                "--on-no-quorum",
+                "hang",
+            ],
+            "use io-error or suspend",
+        ),
+    ] {
+        let out = run(c.cli().args(&args));
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() && text.contains(want),
+            "{args:?}: {text}"
+        );
+    }
+    let list = c.json(&["volume", "list"]);
+    assert!(
+        list.as_array().unwrap().iter().all(|v| v["name"] != "ps4"),
+        "{list:#}"
+    );
 }
