@@ -442,7 +442,17 @@ pub fn wait_pid_exit(pid: i32, what: &str) {
             .unwrap_or("")
             .split_whitespace()
             .next();
-        matches!(state, None | Some("Z") | Some("X")).then_some(())
+        // A zombie leader is not enough: its other threads may still be exiting (one in the
+        // middle of a disk write) and hold the process's files, such as the agent's state
+        // lock, until the last of them is gone.
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        match state {
+            None | Some("X") => Some(()),
+            Some("Z") if threads <= 1 => Some(()),
+            _ => None,
+        }
     });
 }
 
