@@ -1004,23 +1004,12 @@ impl Loop {
                 return Ok(());
             }
             Input::SetAllowTwoPrimaries(on, r) => {
-                match self.engine.set_allow_two_primaries(now, on) {
-                    Ok(a) => {
-                        let res = self.execute(a);
-                        let _ = r.send(res.clone());
-                        return res;
-                    }
-                    Err(e) => {
-                        let _ = r.send(Err(e.into()));
-                        return Ok(());
-                    }
-                }
+                let a = self.engine.set_allow_two_primaries(now, on);
+                return self.run_admin(a, &r);
             }
             Input::SetOnNoQuorum(policy, r) => {
                 let a = self.engine.set_on_no_quorum(now, policy);
-                let res = self.execute(a);
-                let _ = r.send(res.clone());
-                return res;
+                return self.run_admin(Ok::<_, VolumeError>(a), &r);
             }
             Input::Resolve(discard, r) => {
                 let res = if discard {
@@ -1054,17 +1043,10 @@ impl Loop {
                     other => other,
                 };
             }
-            Input::Verify(resync, r) => match self.engine.start_verify(now, resync) {
-                Ok(a) => {
-                    let res = self.execute(a);
-                    let _ = r.send(res.clone());
-                    return res;
-                }
-                Err(e) => {
-                    let _ = r.send(Err(e.into()));
-                    return Ok(());
-                }
-            },
+            Input::Verify(resync, r) => {
+                let a = self.engine.start_verify(now, resync);
+                return self.run_admin(a, &r);
+            }
             Input::Resize(size, r) => {
                 let res = self.resize(size);
                 let _ = r.send(res.clone());
@@ -1154,6 +1136,27 @@ impl Loop {
                     self.removed.remove(&peer);
                     self.configure_transport()?;
                 }
+                Ok(())
+            }
+        }
+    }
+
+    /// An admin call's outcome: its actions run and the caller learns how that went (a
+    /// failure to execute them also stops the loop); a refusal by the engine only goes to the
+    /// caller.
+    fn run_admin<E: Into<VolumeError>>(
+        &mut self,
+        actions: Result<Vec<Action>, E>,
+        reply: &SyncSender<Result<(), VolumeError>>,
+    ) -> Result<(), VolumeError> {
+        match actions {
+            Ok(a) => {
+                let res = self.execute(a);
+                let _ = reply.send(res.clone());
+                res
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
                 Ok(())
             }
         }
