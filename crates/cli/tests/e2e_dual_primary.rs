@@ -11,7 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use common::repl::{qemu_io_within, replica, same_files};
+use common::repl::{diskful_nodes, qemu_io_within, replica, same_files};
 use common::*;
 use serde_json::Value;
 
@@ -109,16 +109,6 @@ impl Drop for Migration {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn diskful_nodes(v: &Value) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["diskless"] == false)
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// Both diskful replicas UpToDate, linked, nothing out of sync.

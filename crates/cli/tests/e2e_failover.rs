@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::repl::diskful_nodes;
 use common::*;
 use serde_json::Value;
 
@@ -28,16 +29,6 @@ fn replica<'a>(v: &'a Value, node: &str) -> &'a Value {
         .iter()
         .find(|r| r["node"] == node)
         .unwrap_or_else(|| panic!("no replica on {node}: {v:#}"))
-}
-
-fn diskful_nodes(v: &Value) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["diskless"] == false)
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// `node` is Primary with quorum, `other` Secondary, both UpToDate, connected, nothing out of

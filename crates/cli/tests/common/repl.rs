@@ -20,6 +20,17 @@ pub fn diskful(v: &Value) -> Vec<&Value> {
         .collect()
 }
 
+/// The nodes holding data (diskful replicas) of `volume show -o json`.
+pub fn diskful_nodes(v: &Value) -> Vec<String> {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["diskless"] == false)
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub fn replica<'a>(v: &'a Value, node: &str) -> &'a Value {
     v["replicas"]
         .as_array()

@@ -51,6 +51,19 @@ pub(super) struct Window {
     pub(super) handoffs: u64,
 }
 
+impl Window {
+    /// A window just joined with `partner`, the write token here or not.
+    fn new(partner: NodeId, token: Token) -> Window {
+        Window {
+            partner,
+            token,
+            pending: VecDeque::new(),
+            handing: false,
+            handoffs: 0,
+        }
+    }
+}
+
 impl Engine {
     /// Opens or closes the dual-primary window for this volume. Closing is refused while
     /// this node is one of two Primaries.
@@ -156,13 +169,7 @@ impl Engine {
         if !ok {
             return Err(PromoteError::NoQuorum { reachable, voters });
         }
-        self.window = Some(Window {
-            partner: primary,
-            token: Token::NotHeld,
-            pending: VecDeque::new(),
-            handing: false,
-            handoffs: 0,
-        });
+        self.window = Some(Window::new(primary, Token::NotHeld));
         self.log(
             Level::Info,
             format!(
@@ -204,13 +211,7 @@ impl Engine {
                     );
                     return false;
                 }
-                self.window = Some(Window {
-                    partner: peer,
-                    token: Token::Held,
-                    pending: VecDeque::new(),
-                    handing: false,
-                    handoffs: 0,
-                });
+                self.window = Some(Window::new(peer, Token::Held));
                 self.log(
                     Level::Info,
                     format!(
