@@ -252,7 +252,13 @@ pub mod state_flags {
     /// Since version 5: the sender is one of the two Primaries of a dual-primary window
     /// (Primary to its consumer; its `role` is `Primary` only while it holds the write token).
     pub const WINDOW_MEMBER: u32 = 1 << 6;
-    pub const ALL: u32 = (1 << 7) - 1;
+    /// Since version 6, from a diskless Primary that has no peer holding its data, to a
+    /// diskful peer: the receiver holds every write of the sender that completed, so if it is
+    /// still at the sender's previous generation (`history[0]`) it may adopt `current` (the
+    /// report that started `current` never reached it). Never sent on an older link (the
+    /// encoder drops the bit there).
+    pub const ADOPT_OFFER: u32 = 1 << 7;
+    pub const ALL: u32 = (1 << 8) - 1;
 }
 
 /// Identifier strings that bind a link, as sent by the initiator.
@@ -814,7 +820,11 @@ impl Message {
                 out.put_u8(s.quorum.reachable);
                 out.put_u8(s.peer_bitmaps.len() as u8);
                 out.put_u8(0);
-                out.put_u32_le(s.flags);
+                out.put_u32_le(if version >= ProtocolVersion::V6 {
+                    s.flags
+                } else {
+                    s.flags & !state_flags::ADOPT_OFFER
+                });
                 out.put_u64_le(s.size_bytes);
                 out.put_u64_le(s.generations.current);
                 out.put_u64_le(s.generations.bitmap);

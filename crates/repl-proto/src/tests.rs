@@ -1096,24 +1096,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 5..=7.
+    // A future initiator speaking only 7..=8.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 6;
+    h.min_version = 7;
     h.max_version = 8;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 5).unwrap(),
-        theirs: VersionRange::new(6, 8).unwrap(),
+        ours: VersionRange::new(1, 6).unwrap(),
+        theirs: VersionRange::new(7, 8).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=5, the peer speaks 6..=8")
+            .contains("we speak 1..=6, the peer speaks 7..=8")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1129,18 +1129,22 @@ fn refuses_version_mismatch_naming_both_ranges() {
     };
     assert_eq!(
         (reason, min_version, max_version),
-        (RefuseReason::VersionMismatch, 1, 5)
+        (
+            RefuseReason::VersionMismatch,
+            1,
+            VersionRange::SUPPORTED.max
+        )
     );
     // Pretend the initiator is the future one: its error names its and the acceptor's range.
     let f = ini.on_message(refusal).unwrap_err();
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 6..=8.
+    // A future acceptor offering only 7..=8.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 6,
+            min_version: 7,
             max_version: 8,
             version: 8,
             nonce: [2; 32],
@@ -1150,7 +1154,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(6, 8).unwrap(),
+            theirs: VersionRange::new(7, 8).unwrap(),
         })
     );
     assert!(matches!(
@@ -1311,7 +1315,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 6).unwrap();
+    c.versions = VersionRange::new(1, 7).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1625,5 +1629,45 @@ fn state_report_outdated_mask_is_a_version_2_field() {
                 ..report.clone()
             }
         );
+    }
+}
+
+/// Version 6 adds the `StateReport` flag `ADOPT_OFFER`; the encoder clears it on an older link
+/// (a version-5 peer would refuse the unknown bit and break the link).
+#[test]
+fn adopt_offer_flag_is_sent_only_on_version_6_links() {
+    let report = StateReport {
+        seq: 3,
+        node_id: 2,
+        role: Role::Primary,
+        disk_state: DiskState::Diskless,
+        quorum: QuorumInfo::default(),
+        flags: state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
+        size_bytes: 1 << 20,
+        generations: Generations::default(),
+        peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
+        primary_epoch: 1,
+    };
+    let msg = Message::StateReport(Box::new(report));
+    for (version, flags) in [
+        (ProtocolVersion::V5, state_flags::SUSPENDED),
+        (
+            ProtocolVersion::V6,
+            state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
+        ),
+    ] {
+        let mut buf = Vec::new();
+        crate::Encoder::new(version).encode(&msg, &mut buf).unwrap();
+        let mut d = Decoder::new();
+        d.set_version(version);
+        d.feed(&buf);
+        let frame = d.next_frame().unwrap().expect("one frame");
+        let Message::StateReport(got) = frame.message().unwrap() else {
+            panic!("not a StateReport");
+        };
+        assert_eq!(got.flags, flags, "version {version}");
     }
 }

@@ -33,6 +33,11 @@ pub enum ProtocolVersion {
     /// 6 (`WINDOW_MEMBER`) marks a member. A version-4 peer refuses both (the link breaks): a
     /// dual-primary window needs version 5 on the links of the volume.
     V5 = 5,
+    /// Version 6: `StateReport` flag bit 7 (`ADOPT_OFFER`): a diskless Primary that lost every
+    /// peer holding its data tells a returning peer that it holds all of it at the previous
+    /// generation and may adopt the current one. The encoder never sets the bit on an older
+    /// link (such a peer then waits for the operator's demote/promote, as before).
+    V6 = 6,
 }
 
 impl ProtocolVersion {
@@ -43,9 +48,10 @@ impl ProtocolVersion {
         ProtocolVersion::V3,
         ProtocolVersion::V4,
         ProtocolVersion::V5,
+        ProtocolVersion::V6,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V5;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V6;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -158,15 +164,16 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 5);
+        assert_eq!(ProtocolVersion::LATEST.number(), 6);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
         assert_eq!(ProtocolVersion::from_number(4), Some(ProtocolVersion::V4));
         assert_eq!(ProtocolVersion::from_number(5), Some(ProtocolVersion::V5));
+        assert_eq!(ProtocolVersion::from_number(6), Some(ProtocolVersion::V6));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 6).is_supported());
+        assert!(!r(1, 7).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

@@ -257,6 +257,11 @@ struct Conn {
     late: Vec<(u64, u64)>,
     /// The bitmap we sent at the link's start had bits: the peer decides on that.
     sent_bits: bool,
+    /// As diskless Primary: a report of ours on this link carried `ADOPT_OFFER`.
+    offered: bool,
+    /// ... and a write was sent after it that this link did not carry (it was not
+    /// established yet): if the peer adopts, it lacks that write.
+    offer_missed: bool,
 }
 
 #[derive(Debug)]
@@ -305,6 +310,14 @@ pub struct Engine {
     mint_count: u64,
     /// A diskful peer is not in sync: start a new generation before the next write.
     mint_pending: bool,
+    /// As diskless Primary: the diskful peers that hold every write of ours that completed:
+    /// in sync when we started a generation, given every write we sent since, and if their
+    /// link broke, it broke with nothing unacknowledged or unflushed, or while it was the
+    /// last peer holding our data (then what it did not acknowledge failed, and no flush
+    /// completed over what it did not flush). Such a peer, back at one of our two previous
+    /// generations, may adopt the current one (`ADOPT_OFFER`): after a blip that cut every
+    /// peer, the reports with the generations we started at the first losses reached none.
+    parent_complete: BTreeSet<NodeId>,
     ios: BTreeMap<IoId, IoPurpose>,
     active: BTreeMap<u64, Op>,
     waiting: VecDeque<Op>,
@@ -445,6 +458,7 @@ impl Engine {
             epoch: 0,
             mint_count: 0,
             mint_pending: false,
+            parent_complete: BTreeSet::new(),
             ios: BTreeMap::new(),
             active: BTreeMap::new(),
             waiting: VecDeque::new(),
@@ -1241,6 +1255,87 @@ impl Engine {
         self.broadcast_report(false);
     }
 
+    /// As diskless Primary with quorum and without a peer that holds our data: whether our
+    /// report to `peer` offers it our current generation (`parent_complete`, see there).
+    /// Without quorum, another side may have promoted a Primary the peer must follow.
+    fn offers_adoption(&self, peer: NodeId) -> bool {
+        self.diskless_primary()
+            && self.has_quorum()
+            && self.parent_complete.contains(&peer)
+            && self.serving_peer().is_none()
+    }
+
+    /// Sends a report to every peer we may offer our generation now and have not yet (we
+    /// just gained quorum, or lost the last peer holding our data).
+    fn send_offers(&mut self) {
+        if !self.diskless_primary() {
+            return;
+        }
+        let ids: Vec<NodeId> = self
+            .parent_complete
+            .iter()
+            .copied()
+            .filter(|id| self.conn(*id).is_some_and(|c| !c.offered))
+            .filter(|id| self.offers_adoption(*id))
+            .collect();
+        for id in ids {
+            self.report_seq += 1;
+            let r = self.report_for(id);
+            self.note_offer(id, &r);
+            self.send(id, Message::StateReport(Box::new(r)));
+        }
+    }
+
+    fn note_offer(&mut self, peer: NodeId, r: &StateReport) {
+        if r.flags & state_flags::ADOPT_OFFER != 0
+            && let Some(c) = self.conn_mut(peer)
+        {
+            c.offered = true;
+        }
+    }
+
+    /// A peer we offered our generation (`ADOPT_OFFER`) reports it: it holds our data,
+    /// whatever we recorded about it before (its bitmap generation goes). Unless a write left
+    /// after the offer and before its link carried writes: then it is at our generation
+    /// without that write, behind as in `caught_up_elsewhere`.
+    fn took_offer(&mut self, peer: NodeId, r: &StateReport) {
+        let Some((offered, missed)) = self.conn(peer).map(|c| (c.offered, c.offer_missed)) else {
+            return;
+        };
+        if !offered || r.generations.current != self.meta.current {
+            return;
+        }
+        if !missed {
+            if self.parent_complete.contains(&peer)
+                && self.meta.peer_bitmap_gens.remove(&peer).is_some()
+            {
+                self.persist_meta();
+            }
+            return;
+        }
+        if let Some(c) = self.conn_mut(peer) {
+            c.offer_missed = false;
+        }
+        self.log(
+            Level::Warn,
+            format!(
+                "node {peer} adopted our generation but missed a write: behind until it resynced"
+            ),
+        );
+        self.meta.peer_bitmap_gens.insert(peer, self.meta.current);
+        if let Some(c) = self.conn_mut(peer) {
+            c.serves = false;
+        }
+        if self.serving_peer().is_some() {
+            self.mint_pending = false;
+            self.mint("a diskful peer missed a write at our generation");
+        } else {
+            self.mint_pending = true;
+        }
+        self.persist_meta();
+        self.broadcast_report(false);
+    }
+
     /// Ranges of writes from `from` (a diskless Primary) not yet settled: marked out of sync
     /// toward each of `ids`.
     fn mark_unsettled(&mut self, ranges: &[(u64, u64)], ids: &[NodeId]) {
@@ -1471,6 +1566,17 @@ impl Engine {
             g = 1;
         }
         let old = self.meta.current;
+        if self.cfg.diskful {
+            self.parent_complete.clear();
+        } else {
+            // Those in sync now join the ones that held everything before (no write since).
+            let in_sync: Vec<NodeId> = self
+                .diskful_ids()
+                .into_iter()
+                .filter(|id| self.in_sync(*id))
+                .collect();
+            self.parent_complete.extend(in_sync);
+        }
         for id in self.diskful_ids() {
             if !self.in_sync(id) {
                 let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
@@ -1499,6 +1605,9 @@ impl Engine {
         flags |= self.window_flags();
         if self.io_suspended() {
             flags |= state_flags::SUSPENDED;
+        }
+        if self.offers_adoption(peer) {
+            flags |= state_flags::ADOPT_OFFER;
         }
         let (outdated, outdated_gen, outdated_by) = self.outdated_mask();
         StateReport {
@@ -1680,6 +1789,7 @@ impl Engine {
             .collect();
         for id in ids {
             let r = self.report_for(id);
+            self.note_offer(id, &r);
             self.send(id, Message::StateReport(Box::new(r)));
             if barrier {
                 let seq = self.report_seq;
@@ -1786,6 +1896,13 @@ impl Engine {
     // ------------------------------------------------------------------ events
 
     fn on_event(&mut self, event: Event) {
+        self.dispatch(event);
+        // Whatever changed (quorum confirmed, a peer lost or back), a diskless Primary may
+        // now offer its generation.
+        self.send_offers();
+    }
+
+    fn dispatch(&mut self, event: Event) {
         match event {
             Event::Write { .. } | Event::Flush { .. } | Event::Read { .. } => {
                 self.client_request(event)
@@ -2505,6 +2622,16 @@ impl Engine {
         let missing: Vec<NodeId> = if self.cfg.diskful {
             Vec::new()
         } else {
+            self.parent_complete.retain(|id| waiting.contains(id));
+            for p in self.peers.values_mut() {
+                if let Some(c) = p
+                    .conn
+                    .as_mut()
+                    .filter(|_| !waiting.contains(&p.cfg.node_id))
+                {
+                    c.offer_missed |= c.offered;
+                }
+            }
             self.diskful_ids()
                 .into_iter()
                 .filter(|id| !waiting.contains(id))
@@ -2952,6 +3079,8 @@ impl Engine {
             unsettled: BTreeMap::new(),
             late: Vec::new(),
             sent_bits: false,
+            offered: false,
+            offer_missed: false,
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -2960,6 +3089,7 @@ impl Engine {
         self.report_seq += 1;
         let report = self.report_for(peer);
         let seq = self.report_seq;
+        self.note_offer(peer, &report);
         self.send(peer, Message::StateReport(Box::new(report)));
         let diskful_pair = self.cfg.diskful && self.peers[&peer].cfg.diskful;
         if diskful_pair {
@@ -3019,6 +3149,10 @@ impl Engine {
                 .chain(conn.unflushed.values())
                 .copied()
                 .collect();
+            if !lost.is_empty() && self.serving_peer().is_some() {
+                // Another peer holds our data: what this one lacks may have completed.
+                self.parent_complete.remove(&peer);
+            }
             self.diskless_lost_peer(peer, lost);
         }
         if let Some((_, waiting, all_ok)) = self.demote_flush.as_mut()
@@ -3744,10 +3878,14 @@ impl Engine {
                     v
                 })
                 .unwrap_or_default();
+            self.parent_complete.remove(&peer);
             self.diskless_lost_peer(peer, lost);
         }
         if prev.is_none() && peer_diskful && self.diskless_primary() {
             self.caught_up_elsewhere(peer, &r);
+        }
+        if peer_diskful && self.diskless_primary() {
+            self.took_offer(peer, &r);
         }
         if self.lost_diskless.is_some()
             && (r.role == Role::Primary || self.lost_diskless == Some(peer))
@@ -3870,6 +4008,16 @@ impl Engine {
             }
             _ => {}
         }
+        if !peer_diskful
+            && r.flags & state_flags::ADOPT_OFFER != 0
+            && self
+                .conn(peer)
+                .is_some_and(|c| c.state == ReplState::Established)
+        {
+            // A diskless Primary that lost every peer holding its data offers us its
+            // generation: we hold all of it (see `parent_complete`).
+            self.adopt_from_diskless(peer);
+        }
         if self.diskless_primary() && peer_diskful {
             // It may have caught up just now (bitmap generation reset above).
             self.recheck_serves(peer);
@@ -3915,21 +4063,44 @@ impl Engine {
     /// Adopts the new generation of the diskless Primary `peer` (its last report) when it
     /// counts us in sync: its previous generation is ours, no bitmap generation toward us,
     /// not in its outdated list, and we are an UpToDate Secondary.
+    ///
+    /// With `ADOPT_OFFER` it counts us as holding all its data (see `parent_complete`): then
+    /// also from either of its two previous generations, whatever it recorded about us before.
     fn adopt_from_diskless(&mut self, peer: NodeId) {
         let Some(r) = self.conn(peer).and_then(|c| c.report.clone()) else {
             return;
         };
         let me = 1u32 << self.cfg.node_id;
+        // An offer counts only while no other Primary is connected (the offer may be older
+        // than the sender being forced to Secondary by it).
+        let offered = r.flags & state_flags::ADOPT_OFFER != 0
+            && !self
+                .peers
+                .values()
+                .any(|p| p.cfg.node_id != peer && peer_role(p) == Some(Role::Primary));
+        let counts_us = if offered {
+            r.generations.history.contains(&self.meta.current)
+        } else {
+            r.generations.history[0] == self.meta.current
+                && r.generations.bitmap == 0
+                && r.outdated & me == 0
+        };
         if self.cfg.diskful
             && !self.peers[&peer].cfg.diskful
             && r.role == Role::Primary
             && self.role == Role::Secondary
             && self.meta.disk_state == DiskState::UpToDate
             && r.generations.current != self.meta.current
-            && r.generations.history[0] == self.meta.current
-            && r.generations.bitmap == 0
-            && r.outdated & me == 0
+            && counts_us
         {
+            if offered {
+                self.log(
+                    Level::Info,
+                    format!(
+                        "diskless Primary node {peer} offers its generation: we hold all its data"
+                    ),
+                );
+            }
             self.adopt_generation(peer, &r);
         }
     }

@@ -43,10 +43,15 @@ impl Net {
 
     /// Nodes 0 and 1 diskful, node 2 (`W`) diskless; `tune` adjusts each node's config.
     pub(crate) fn with_config(tune: impl Fn(&mut Config)) -> Net {
+        Net::with_nodes(3, tune)
+    }
+
+    /// `count` nodes: node 2 (`W`) diskless, the others diskful.
+    pub(crate) fn with_nodes(count: u8, tune: impl Fn(&mut Config)) -> Net {
         let mut nodes = Vec::new();
-        for id in 0..3u8 {
+        for id in 0..count {
             let diskful = id != W;
-            let peers = (0..3u8)
+            let peers = (0..count)
                 .filter(|p| *p != id)
                 .map(|p| PeerConfig {
                     node_id: p,
@@ -144,7 +149,7 @@ impl Net {
 
     /// Cuts every link of `n` until `heal`.
     pub(crate) fn isolate(&mut self, n: NodeId) {
-        for m in 0..3u8 {
+        for m in 0..self.count() {
             if m != n {
                 self.cut.insert(key(n, m));
                 self.break_link(n, m);
@@ -171,8 +176,9 @@ impl Net {
                 }
                 continue;
             }
-            let down: Vec<(NodeId, NodeId)> = [(0, 1), (0, 2), (1, 2)]
-                .into_iter()
+            let count = self.count();
+            let down: Vec<(NodeId, NodeId)> = (0..count)
+                .flat_map(|a| (a + 1..count).map(move |b| (a, b)))
                 .filter(|l| !self.links.contains(l) && !self.cut.contains(l))
                 .collect();
             if let Some(&(a, b)) = down.first() {
@@ -183,7 +189,7 @@ impl Net {
             }
             // Ticks: outdated masks, resync pacing.
             let before = (self.q.len(), self.disk.len());
-            for n in 0..3u8 {
+            for n in 0..self.count() {
                 self.feed(n, Event::Tick);
             }
             if (self.q.len(), self.disk.len()) == before {
@@ -221,17 +227,24 @@ impl Net {
         assert_eq!(self.nodes[W as usize].e.role(), Role::Primary);
     }
 
+    fn count(&self) -> u8 {
+        self.nodes.len() as u8
+    }
+
     pub(crate) fn at(&self, n: NodeId, offset: u64, len: usize) -> &[u8] {
         &self.nodes[n as usize].data[offset as usize..offset as usize + len]
     }
 
     pub(crate) fn assert_replicas_identical(&self) {
-        assert!(
-            self.nodes[0].data == self.nodes[1].data,
-            "replicas differ:\n{}",
-            self.log.join("\n")
-        );
-        for n in 0..2 {
+        let diskful: Vec<usize> = (0..self.nodes.len()).filter(|n| *n != W as usize).collect();
+        for &n in &diskful[1..] {
+            assert!(
+                self.nodes[0].data == self.nodes[n].data,
+                "replicas 0 and {n} differ:\n{}",
+                self.log.join("\n")
+            );
+        }
+        for n in diskful {
             let s = self.nodes[n].e.status();
             assert_eq!(
                 s.disk_state,
@@ -484,16 +497,13 @@ fn replicas_converge_when_the_diskless_primary_vanishes_mid_write() {
     net.assert_replicas_identical();
 }
 
-/// Known bug (found 2026-12-06, not fixed): the witness as a diskless Primary loses both links
-/// at once (a network blip around its host). At the first link's loss it still sees the other
-/// data peer serving and starts a new generation for it, but the report carrying that
-/// generation never reaches it (its link is gone too). After the heal both data peers are at
-/// the old generation, none at the Primary's: none serves, and every request fails with EIO
-/// until the node is demoted and promoted again. Needs a rule for a generation no peer
-/// adopted (e.g. mint only once a serving peer confirmed it, or reuse the parent while no
-/// write completed under the new one) that the simulator then checks.
+/// The witness as a diskless Primary loses both links at once (a network blip around its
+/// host). At the first loss it still sees the other data peer serving and starts a new
+/// generation for it, but the report carrying that generation never reaches it (its link is
+/// gone too). After the heal both data peers are at the old generation: the Primary offers
+/// its generation (`ADOPT_OFFER`) to the peer that holds all its data, which adopts it and
+/// serves again (before the fix: no peer served, EIO until demote and promote).
 #[test]
-#[ignore = "known bug: a diskless Primary stays without a serving peer after losing both at once"]
 fn a_diskless_primary_serves_again_after_a_blip_around_it() {
     let mut net = Net::new();
     net.promote_witness();
@@ -508,4 +518,159 @@ fn a_diskless_primary_serves_again_after_a_blip_around_it() {
         net.result(1),
         net.log.join("\n")
     );
+    assert!(net.log.iter().any(|l| l.contains("adopted generation")));
+    net.assert_replicas_identical();
+}
+
+impl Net {
+    fn read(&mut self, id: RequestId, offset: u64, len: u32) -> Vec<u8> {
+        self.feed(W, Event::Read { id, offset, len });
+        self.run();
+        match self.result(id) {
+            Ok(Reply::Data(d)) => d.to_vec(),
+            other => panic!("read {id}: {other:?}\n{}", self.log.join("\n")),
+        }
+    }
+}
+
+/// The same blip while the consumer writes: a write acknowledged before it, one acknowledged
+/// and not flushed, and one in flight to both peers when the links break (it fails). After
+/// the heal the Primary serves again and the acknowledged writes read back. (Here the write
+/// in flight makes the peers compare and resync; the peer that ends the resync adopts the
+/// Primary's generation without the offer.)
+#[test]
+fn a_diskless_primary_serves_again_after_a_blip_during_writes() {
+    let mut net = Net::new();
+    net.promote_witness();
+    net.write(1, 0, 0x11, 4096);
+    net.feed(W, Event::Flush { id: 2 });
+    net.run();
+    assert!(net.result(1).is_ok() && net.result(2).is_ok());
+    net.write(3, 4096, 0x33, 4096);
+    net.run();
+    assert!(net.result(3).is_ok());
+    // In flight to both peers: lost with the links.
+    net.write(4, 8192, 0x44, 4096);
+    net.isolate(W);
+    net.run();
+    assert!(net.result(4).is_err(), "{:?}", net.result(4));
+    net.heal();
+    net.write(5, 12288, 0x55, 4096);
+    net.run();
+    assert!(
+        net.result(5).is_ok(),
+        "{:?}\n{}",
+        net.result(5),
+        net.log.join("\n")
+    );
+    let d = net.read(6, 0, 16384);
+    assert!(d[..4096].iter().all(|b| *b == 0x11));
+    assert!(d[4096..8192].iter().all(|b| *b == 0x33));
+    assert!(d[12288..].iter().all(|b| *b == 0x55));
+    net.assert_replicas_identical();
+}
+
+/// Three data peers: the blip makes the Primary start a generation at each of the first two
+/// losses; the peers are two generations behind and still adopt the current one from the
+/// offer (either previous generation counts).
+#[test]
+fn a_diskless_primary_with_three_data_peers_serves_again_after_a_blip() {
+    let mut net = Net::with_nodes(4, |_| {});
+    net.promote_witness();
+    net.write(1, 0, 0x11, 4096);
+    net.run();
+    assert!(net.result(1).is_ok());
+    net.isolate(W);
+    net.run();
+    net.heal();
+    net.write(2, 4096, 0x22, 4096);
+    net.run();
+    assert!(
+        net.result(2).is_ok(),
+        "{:?}\n{}",
+        net.result(2),
+        net.log.join("\n")
+    );
+    let d = net.read(3, 0, 8192);
+    assert!(d[..4096].iter().all(|b| *b == 0x11));
+    assert!(d[4096..].iter().all(|b| *b == 0x22));
+    net.assert_replicas_identical();
+}
+
+/// The offer races a write: the Primary offers its generation to node 1 while no peer serves,
+/// then node 0 comes back at that generation and a write goes to it before node 1's link
+/// carries writes. Node 1 adopts from the offer but lacks the write: it must not serve until
+/// it resynced it (the Primary records it behind and starts a new generation).
+#[test]
+fn a_peer_that_took_the_offer_but_missed_a_write_does_not_serve_it_stale() {
+    let mut net = Net::with_nodes(4, |_| {});
+    net.promote_witness();
+    // Node 0 alone with the Primary sees its next generation; nodes 0 and 1 do not talk.
+    net.cut_link(0, 1);
+    net.cut_link(0, 3);
+    net.cut_link(W, 3);
+    // The new generation's report reaches node 0 only, its answer does not come back.
+    let q: Vec<_> = net.q.drain(..).collect();
+    for (f, t, m) in q {
+        match m {
+            Some(msg) if f == W && t == 0 => net.feed(0, Event::PeerMessage { peer: f, msg }),
+            other => net.q.push_back((f, t, other)),
+        }
+    }
+    net.q.retain(|(f, t, _)| !(*f == 0 && *t == W));
+    net.cut_link(W, 0);
+    net.cut_link(W, 1);
+    net.run();
+    let wgen = net.nodes[W as usize].e.meta().current;
+    assert_ne!(net.nodes[1].e.meta().current, wgen);
+    // The Primary's links come up; its offer to node 1 waits in flight.
+    for p in [1, 0, 3] {
+        net.links.insert(key(W, p));
+        net.feed(W, Event::PeerUp { peer: p });
+        net.feed(p, Event::PeerUp { peer: W });
+    }
+    // The Primary talks with nodes 0 and 3 (quorum; node 0 takes the offer too): node 0
+    // serves, and a write goes to nodes 0 and 3, not to node 1.
+    loop {
+        let q: Vec<_> = net.q.drain(..).collect();
+        let mut moved = false;
+        for (f, t, m) in q {
+            match m {
+                Some(msg) if key(f, t) == key(0, W) || key(f, t) == key(3, W) => {
+                    moved = true;
+                    net.feed(t, Event::PeerMessage { peer: f, msg });
+                }
+                other => net.q.push_back((f, t, other)),
+            }
+        }
+        while let Some((n, ev)) = net.disk.pop_front() {
+            moved = true;
+            net.feed(n, ev);
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert_eq!(
+        net.nodes[0].e.meta().current,
+        net.nodes[W as usize].e.meta().current,
+        "{}",
+        net.log.join("\n")
+    );
+    net.write(2, 0, 0x77, 4096);
+    // Everything else now (node 1 takes the offer), then the heal of the other links.
+    net.run();
+    assert!(net.result(2).is_ok(), "{:?}", net.result(2));
+    net.heal();
+    let d = net.read(3, 0, 4096);
+    assert!(d.iter().all(|b| *b == 0x77));
+    assert!(
+        net.log
+            .iter()
+            .any(|l| l.contains("adopted our generation but missed a write")),
+        "{}",
+        net.log.join("\n")
+    );
+    net.assert_replicas_identical();
+    assert!(net.at(1, 0, 4096).iter().all(|b| *b == 0x77));
 }

@@ -117,6 +117,9 @@ pub struct Outcome {
     pub diskless_promotions: u64,
     /// Consumer requests completed by a diskless Primary.
     pub diskless_io_ok: u64,
+    /// Generations a diskful node adopted from a diskless Primary's offer (`ADOPT_OFFER`,
+    /// after a blip that cut the Primary from every peer holding its data).
+    pub offers_taken: u64,
     /// Seeds with the dual-primary window open, second Primaries promoted into it, and
     /// consumer requests completed by a member that did not hold the write token when they
     /// arrived (it fetched the token).
@@ -127,6 +130,9 @@ pub struct Outcome {
     /// suspended at least once) and completed.
     pub suspend_seeds: u64,
     pub suspended_io_ok: u64,
+    /// Consumer requests issued while the cluster had been converged for a while; none of
+    /// them may fail unless a fault, repair or role change came before its completion.
+    pub healthy_io_ok: u64,
     pub resync_bytes: u64,
     /// Online verifies started / finished (every one must find 0 differences: the simulator
     /// never corrupts a replica behind the engine's back).
@@ -289,6 +295,17 @@ pub(crate) struct World {
     suspend: bool,
     /// Requests outstanding on a node while its I/O was suspended.
     suspended_reqs: std::collections::BTreeSet<RequestId>,
+    /// How long the operator waits before failing over from an isolated Primary (0 in most
+    /// seeds): a short blip then heals under the same Primary.
+    patience: Nanos,
+    /// Since when the Primary has been isolated (for `patience`).
+    primary_cut_since: Option<Nanos>,
+    /// Faults, repairs, resizes and role changes so far (see `healthy_reqs`).
+    disturbances: u64,
+    /// Requests issued to a Primary of a cluster that had been converged (every link up and
+    /// established, every disk UpToDate) for a while, with `disturbances` at the time.
+    /// Liveness: such a request must not fail unless something happened meanwhile.
+    healthy_reqs: BTreeMap<RequestId, u64>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -437,6 +454,17 @@ impl World {
             window_reqs: Default::default(),
             suspend,
             suspended_reqs: Default::default(),
+            patience: {
+                let mut r = Rng::new(seed ^ 0x9a71_e0ce_0000_0004);
+                if r.chance(0.3) {
+                    r.range(2 * MS, 12 * MS)
+                } else {
+                    0
+                }
+            },
+            primary_cut_since: None,
+            disturbances: 0,
+            healthy_reqs: BTreeMap::new(),
         }
     }
 
@@ -731,6 +759,13 @@ impl World {
         self.apply(node, actions)
     }
 
+    /// Actions of an operator command (promote, demote, verify, window): requests in flight
+    /// may fail across a role change.
+    fn apply_operator(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
+        self.disturbances += 1;
+        self.apply(node, actions)
+    }
+
     pub(crate) fn apply(&mut self, node: NodeId, actions: Vec<Action>) -> Result<(), String> {
         let cut = self.apply_actions(node, actions)?;
         for peer in cut {
@@ -902,7 +937,12 @@ impl World {
                 Action::PersistActivityLog(al) => {
                     self.nodes[node as usize].persisted.activity_log = al
                 }
-                Action::Log { level, msg } => self.tr(format!("node {node} {level:?}: {msg}")),
+                Action::Log { level, msg } => {
+                    if msg.contains("offers its generation") {
+                        self.out.offers_taken += 1;
+                    }
+                    self.tr(format!("node {node} {level:?}: {msg}"))
+                }
             }
         }
         Ok(cut)
@@ -976,6 +1016,16 @@ impl World {
         }
         if self.suspended_reqs.remove(&id) && ok {
             self.out.suspended_io_ok += 1;
+        }
+        if let Some(at) = self.healthy_reqs.remove(&id) {
+            if let (Err(e), true) = (&result, at == self.disturbances) {
+                return Err(format!(
+                    "liveness: request {id} failed on node {node} in a converged cluster with nothing happening: {e}"
+                ));
+            }
+            if ok {
+                self.out.healthy_io_ok += 1;
+            }
         }
         if ok && !matches!(req, Req::Read { .. }) {
             // Invariant 4: nothing completes without quorum (engine view and ground truth).
@@ -1138,6 +1188,14 @@ impl World {
             };
             let inc = self.nodes[p as usize].inc;
             self.reqs.insert(id, (p, inc, req));
+            let now = self.now;
+            let settled = self.fault == Fault::None
+                && !self.window_open
+                && self.healthy_since.is_some_and(|t| now >= t + 2 * MS)
+                && self.converged();
+            if settled {
+                self.healthy_reqs.insert(id, self.disturbances);
+            }
             let without_token = self.nodes[p as usize]
                 .engine
                 .as_ref()
@@ -1204,6 +1262,16 @@ impl World {
         if !primary_ok && member_ok {
             return Ok(());
         }
+        if primary.is_some() && !primary_ok {
+            // An isolated Primary: a patient operator gives the network a moment.
+            let now = self.now;
+            let since = *self.primary_cut_since.get_or_insert(now);
+            if now < since + self.patience {
+                return Ok(());
+            }
+        } else {
+            self.primary_cut_since = None;
+        }
         if !primary_ok {
             // Failover (or first promotion): the old Primary is crashed or isolated.
             let cands: Vec<NodeId> = self
@@ -1235,7 +1303,7 @@ impl World {
                         if primary.is_some() || self.out.writes_acked > 0 {
                             self.out.failovers += 1;
                         }
-                        self.apply(c, actions)?;
+                        self.apply_operator(c, actions)?;
                     }
                     Err(e) => self.tr(format!("operator: promote {c} refused: {e}")),
                 }
@@ -1269,10 +1337,10 @@ impl World {
                                 ));
                                 self.out.window_joins += 1;
                             }
-                            self.apply(c, actions)?;
+                            self.apply_operator(c, actions)?;
                         }
                         Ok(actions) => {
-                            self.apply(c, actions)?;
+                            self.apply_operator(c, actions)?;
                             return Err(format!(
                                 "invariant 3: node {c} was promoted while node {p} is Primary and connected"
                             ));
@@ -1294,7 +1362,7 @@ impl World {
                 Ok(actions) => {
                     self.tr(format!("operator: verify from node {p} (resync {resync})"));
                     self.out.verifies += 1;
-                    self.apply(p, actions)?;
+                    self.apply_operator(p, actions)?;
                 }
                 Err(err) => self.tr(format!("operator: verify refused: {err}")),
             }
@@ -1308,7 +1376,7 @@ impl World {
             match e.demote(now) {
                 Ok(actions) => {
                     self.tr(format!("operator: demoted node {p} (switchover)"));
-                    self.apply(p, actions)?;
+                    self.apply_operator(p, actions)?;
                 }
                 Err(err) => self.tr(format!("operator: demote {p} refused: {err}")),
             }
@@ -1337,6 +1405,11 @@ impl World {
 
     fn faults(&mut self) -> Result<(), String> {
         let now = self.now;
+        if self.fault != Fault::None {
+            // A repair or heal may follow (restart, reconnects): requests of the settled
+            // time may fail across it.
+            self.disturbances += 1;
+        }
         match self.fault {
             Fault::Crash(n, until) if now >= until => {
                 self.restart(n)?;
@@ -1414,6 +1487,7 @@ impl World {
     }
 
     fn inject(&mut self) -> Result<(), String> {
+        self.disturbances += 1;
         if self.opts.disk_faults && self.disk_rng.chance(0.25) {
             let cands: Vec<NodeId> = self
                 .nodes
@@ -1557,6 +1631,7 @@ impl World {
             b.resize(size);
         }
         self.out.resizes += 1;
+        self.disturbances += 1;
         self.tr(format!("RESIZE node {n} to {blocks} blocks"));
         self.feed(n, Event::Resize { size_bytes: size })
     }
@@ -1679,7 +1754,7 @@ impl World {
                     } else {
                         self.tr(format!("operator: promoted node {c} (no window)"));
                     }
-                    self.apply(c, actions)?;
+                    self.apply_operator(c, actions)?;
                 }
                 Err(e) => self.tr(format!("operator: window promote of {c} refused: {e}")),
             }
@@ -1691,7 +1766,7 @@ impl World {
             match e.demote(now) {
                 Ok(actions) => {
                     self.tr(format!("operator: node {m} left the dual-primary window"));
-                    self.apply(m, actions)?;
+                    self.apply_operator(m, actions)?;
                 }
                 Err(e) => self.tr(format!("operator: demote of member {m} refused: {e}")),
             }

@@ -54,11 +54,13 @@ fn simulate_seeds() {
                 total.failovers += o.failovers;
                 total.diskless_promotions += o.diskless_promotions;
                 total.diskless_io_ok += o.diskless_io_ok;
+                total.offers_taken += o.offers_taken;
                 total.window_seeds += o.window_seeds;
                 total.window_joins += o.window_joins;
                 total.window_io_ok += o.window_io_ok;
                 total.suspend_seeds += o.suspend_seeds;
                 total.suspended_io_ok += o.suspended_io_ok;
+                total.healthy_io_ok += o.healthy_io_ok;
                 total.resync_bytes += o.resync_bytes;
                 total.verifies += o.verifies;
                 total.verifies_done += o.verifies_done;
@@ -92,12 +94,16 @@ fn simulate_seeds() {
         total.resizes
     );
     eprintln!(
+        "liveness: {} consumer requests issued to a converged cluster completed (none failed without a fault or role change)",
+        total.healthy_io_ok
+    );
+    eprintln!(
         "disk failures: {} ({} of a Primary), {} consumer requests completed by a Primary with a detached disk",
         total.disk_failures, total.disk_failures_primary, total.detached_io_ok
     );
     eprintln!(
-        "diskless Primary: {} promotions of the witness, {} consumer requests completed by it",
-        total.diskless_promotions, total.diskless_io_ok
+        "diskless Primary: {} promotions of the witness, {} consumer requests completed by it, {} generations adopted from its offer after a blip",
+        total.diskless_promotions, total.diskless_io_ok, total.offers_taken
     );
     eprintln!(
         "dual-primary window: open in {} seeds, {} second Primaries promoted into it, {} consumer requests completed by a member that had to fetch the write token",
