@@ -1584,6 +1584,20 @@ fn payload_sizes_match_the_doc() {
     }
 }
 
+/// `msg` (a `StateReport`) encoded and decoded on a link of `version`: payload length, report.
+fn report_over(version: ProtocolVersion, msg: &Message) -> (usize, StateReport) {
+    let mut buf = Vec::new();
+    crate::Encoder::new(version).encode(msg, &mut buf).unwrap();
+    let mut d = Decoder::new();
+    d.set_version(version);
+    d.feed(&buf);
+    let frame = d.next_frame().unwrap().expect("one frame");
+    let Message::StateReport(got) = frame.message().unwrap() else {
+        panic!("not a StateReport");
+    };
+    (frame.payload.len(), *got)
+}
+
 /// Version 2 appends the `outdated` mask to `StateReport`; a version-1 link neither sends nor
 /// expects it (a version-1 peer reads it as 0).
 #[test]
@@ -1609,18 +1623,10 @@ fn state_report_outdated_mask_is_a_version_2_field() {
         (ProtocolVersion::V2, 73, 1 << 2, 0x55, 1, 0),
         (ProtocolVersion::V3, 81, 1 << 2, 0x55, 1, 7),
     ] {
-        let mut buf = Vec::new();
-        crate::Encoder::new(version).encode(&msg, &mut buf).unwrap();
-        let mut d = Decoder::new();
-        d.set_version(version);
-        d.feed(&buf);
-        let frame = d.next_frame().unwrap().expect("one frame");
-        assert_eq!(frame.payload.len(), len, "{version}");
-        let Message::StateReport(got) = frame.message().unwrap() else {
-            panic!("not a StateReport");
-        };
+        let (payload_len, got) = report_over(version, &msg);
+        assert_eq!(payload_len, len, "{version}");
         assert_eq!(
-            *got,
+            got,
             StateReport {
                 outdated,
                 outdated_gen,
@@ -1659,15 +1665,7 @@ fn adopt_offer_flag_is_sent_only_on_version_6_links() {
             state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
         ),
     ] {
-        let mut buf = Vec::new();
-        crate::Encoder::new(version).encode(&msg, &mut buf).unwrap();
-        let mut d = Decoder::new();
-        d.set_version(version);
-        d.feed(&buf);
-        let frame = d.next_frame().unwrap().expect("one frame");
-        let Message::StateReport(got) = frame.message().unwrap() else {
-            panic!("not a StateReport");
-        };
+        let (_, got) = report_over(version, &msg);
         assert_eq!(got.flags, flags, "version {version}");
     }
 }

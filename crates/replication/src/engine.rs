@@ -1240,15 +1240,21 @@ impl Engine {
                  behind until it resynced again"
             ),
         );
+        self.behind_at_current(peer, "a diskful peer may lack writes at our generation");
+    }
+
+    /// As diskless Primary: `peer` is at our generation but may lack writes of it. Recorded
+    /// behind at it, and a new generation started (the serving peers adopt it; none: at the
+    /// next write, nobody would adopt it now), so it serves again only after a resync.
+    fn behind_at_current(&mut self, peer: NodeId, why: &str) {
         self.meta.peer_bitmap_gens.insert(peer, self.meta.current);
         if let Some(c) = self.conn_mut(peer) {
             c.serves = false;
         }
         if self.serving_peer().is_some() {
             self.mint_pending = false;
-            self.mint("a diskful peer may lack writes at our generation");
+            self.mint(why);
         } else {
-            // Minted at the next write (nobody would adopt it now).
             self.mint_pending = true;
         }
         self.persist_meta();
@@ -1322,18 +1328,7 @@ impl Engine {
                 "node {peer} adopted our generation but missed a write: behind until it resynced"
             ),
         );
-        self.meta.peer_bitmap_gens.insert(peer, self.meta.current);
-        if let Some(c) = self.conn_mut(peer) {
-            c.serves = false;
-        }
-        if self.serving_peer().is_some() {
-            self.mint_pending = false;
-            self.mint("a diskful peer missed a write at our generation");
-        } else {
-            self.mint_pending = true;
-        }
-        self.persist_meta();
-        self.broadcast_report(false);
+        self.behind_at_current(peer, "a diskful peer missed a write at our generation");
     }
 
     /// Ranges of writes from `from` (a diskless Primary) not yet settled: marked out of sync

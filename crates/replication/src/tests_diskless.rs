@@ -512,17 +512,21 @@ fn a_diskless_primary_serves_again_after_a_blip_around_it() {
     net.heal();
     net.write(1, 0, 0x55, 4096);
     net.run();
-    assert!(
-        net.result(1).is_ok(),
-        "{:?}\n{}",
-        net.result(1),
-        net.log.join("\n")
-    );
+    net.assert_ok(1);
     assert!(net.log.iter().any(|l| l.contains("adopted generation")));
     net.assert_replicas_identical();
 }
 
 impl Net {
+    fn assert_ok(&self, id: RequestId) {
+        assert!(
+            self.result(id).is_ok(),
+            "request {id}: {:?}\n{}",
+            self.result(id),
+            self.log.join("\n")
+        );
+    }
+
     fn read(&mut self, id: RequestId, offset: u64, len: u32) -> Vec<u8> {
         self.feed(W, Event::Read { id, offset, len });
         self.run();
@@ -557,12 +561,7 @@ fn a_diskless_primary_serves_again_after_a_blip_during_writes() {
     net.heal();
     net.write(5, 12288, 0x55, 4096);
     net.run();
-    assert!(
-        net.result(5).is_ok(),
-        "{:?}\n{}",
-        net.result(5),
-        net.log.join("\n")
-    );
+    net.assert_ok(5);
     let d = net.read(6, 0, 16384);
     assert!(d[..4096].iter().all(|b| *b == 0x11));
     assert!(d[4096..8192].iter().all(|b| *b == 0x33));
@@ -585,12 +584,7 @@ fn a_diskless_primary_with_three_data_peers_serves_again_after_a_blip() {
     net.heal();
     net.write(2, 4096, 0x22, 4096);
     net.run();
-    assert!(
-        net.result(2).is_ok(),
-        "{:?}\n{}",
-        net.result(2),
-        net.log.join("\n")
-    );
+    net.assert_ok(2);
     let d = net.read(3, 0, 8192);
     assert!(d[..4096].iter().all(|b| *b == 0x11));
     assert!(d[4096..].iter().all(|b| *b == 0x22));
