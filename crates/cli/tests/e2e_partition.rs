@@ -15,6 +15,8 @@
 //! * The Primary cut off with `--on-no-quorum suspend`: a write through it is held (status
 //!   shows it), neither completed nor failed, and does not reach the Secondary; after the heal
 //!   it completes and the replicas converge.
+//! * The witness as a diskless Primary cut off from both replicas at once and healed: it
+//!   serves again by itself (no demote/promote), data before and after reads back.
 
 mod common;
 
@@ -618,4 +620,81 @@ fn primary_cut_off_with_on_no_quorum_suspend_holds_a_write_until_the_heal() {
         list.as_array().unwrap().iter().all(|v| v["name"] != "ps4"),
         "{list:#}"
     );
+}
+
+/// The witness as a diskless Primary, cut off from both diskful replicas at once (a blip
+/// around its host) and healed: it serves again on its own, without demote and promote (the
+/// replica that holds all its data adopts its generation from its offer, protocol version 6),
+/// and the data written before and after the blip reads back; no split brain.
+#[test]
+fn diskless_primary_serves_again_after_a_blip_around_it() {
+    let p = Proxied::start();
+    let c = &p.c;
+    let v = p.volume("pw");
+    let w = witness_of(&v).to_string();
+    c.tandem(&["volume", "promote", "pw", "--node", &w]);
+    let serving = |v: &Value| {
+        replica(v, &w)["role"] == "Primary"
+            && replica(v, &w)["quorum"] == true
+            && diskful(v).iter().all(|r| {
+                r["disk_state"] == "UpToDate" && established(r, &w) && r["out_of_sync_bytes"] == 0
+            })
+    };
+    c.wait_json(&["volume", "show", "pw"], "the witness Primary", serving);
+    let cj = c.json(&["volume", "connect", "pw", "--node", &w]);
+    let uri = cj["uri"].as_str().expect("uri").to_string();
+    let before = [(0, 256 * KIB, 0x91)];
+    qemu_io_ok(&uri, &writes(&before));
+
+    // The blip: both of the witness's links go down together.
+    assert_eq!(p.net.isolate(p.id(&w)), 2, "the witness's two links");
+    c.wait_json(
+        &["volume", "show", "pw"],
+        "the witness without its peers",
+        |v| {
+            let r = replica(v, &w);
+            r["role"] == "Primary"
+                && r["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|x| x["repl_state"] != "Established")
+        },
+    );
+    // The witness's engine logs each peer it serves through ("node N holds our data").
+    let routed = || {
+        c.agent_log(&w)
+            .matches("holds our data: our I/O goes to it")
+            .count()
+    };
+    let routed_before = routed();
+    p.net.heal();
+    let v = c.wait_json(
+        &["volume", "show", "pw"],
+        "the witness Primary with its peers again after the heal",
+        serving,
+    );
+    eprintln!("after the heal:\n{v:#}");
+    wait_until(
+        Duration::from_secs(30),
+        "the witness to route its I/O to a peer again",
+        || (routed() > routed_before).then_some(()),
+    );
+
+    // I/O through the witness works again, no demote/promote in between.
+    let after = [(8 * MIB, 256 * KIB, 0x92)];
+    qemu_io_ok(&uri, &writes(&after));
+    qemu_io_ok(&uri, &reads(&before));
+    qemu_io_ok(&uri, &reads(&after));
+    c.wait_json(&["volume", "show", "pw"], "in sync after writes", serving);
+    let d = diskful_nodes(&p.show("pw"));
+    same_files(c, &d[0], &d[1], "pw");
+    for (o, l, pat) in before.iter().chain(after.iter()) {
+        assert!(
+            data_at(c, &d[0], "pw", *o, *l).iter().all(|b| b == pat),
+            "{} holds pattern {pat:#x} at {o}+{l}",
+            d[0]
+        );
+    }
+    no_split_brain(c);
 }
