@@ -164,6 +164,17 @@ struct ClientWriteState {
     extents: Vec<u64>,
 }
 
+/// A request of a diskless Primary waiting for a peer that holds its data (`suspend`).
+#[derive(Debug, Clone, Copy)]
+enum Parked {
+    /// A write (its op stays active, so later overlapping ones wait): sent again.
+    Write(u64),
+    /// A flush: a new one is sent (it covers at least what the lost one did).
+    Flush(RequestId),
+    /// A forwarded read whose peer went: forwarded again.
+    Read(u64),
+}
+
 #[derive(Debug)]
 struct ClientFlushState {
     id: RequestId,
@@ -318,6 +329,9 @@ pub struct Engine {
     /// generations, may adopt the current one (`ADOPT_OFFER`): after a blip that cut every
     /// peer, the reports with the generations we started at the first losses reached none.
     parent_complete: BTreeSet<NodeId>,
+    /// As diskless Primary under `suspend`: requests in flight when the last peer holding our
+    /// data went, in order; started again when one is back (see `suspend.rs`).
+    parked: Vec<Parked>,
     ios: BTreeMap<IoId, IoPurpose>,
     active: BTreeMap<u64, Op>,
     waiting: VecDeque<Op>,
@@ -459,6 +473,7 @@ impl Engine {
             mint_count: 0,
             mint_pending: false,
             parent_complete: BTreeSet::new(),
+            parked: Vec::new(),
             ios: BTreeMap::new(),
             active: BTreeMap::new(),
             waiting: VecDeque::new(),
@@ -969,7 +984,7 @@ impl Engine {
             dual_primary: self.dual_primary_status(),
             on_no_quorum: self.cfg.on_no_quorum,
             suspended_requests: if self.suspends() {
-                self.held.len() + self.quorum_wait.len()
+                self.held.len() + self.quorum_wait.len() + self.parked.len()
             } else {
                 0
             },
@@ -1351,6 +1366,11 @@ impl Engine {
             return;
         };
         let Some(peer) = self.serving_peer() else {
+            if self.parks() {
+                self.note_suspending();
+                self.parked.push(Parked::Read(key));
+                return;
+            }
             let err = self.detached_error();
             self.complete(id, Err(err));
             self.finish_op(key);
@@ -1411,6 +1431,10 @@ impl Engine {
             Level::Info,
             format!("node {peer} holds our data: our I/O goes to it"),
         );
+        if self.parks() {
+            self.unpark();
+            self.recheck_quorum_wait();
+        }
     }
 
     /// Reads forwarded to `peer` go to another peer (its link is gone or it refused).
@@ -1854,6 +1878,7 @@ impl Engine {
         }
         // Suspended acknowledgements: the writes may be lost (another Primary may win).
         self.fail_held(RequestError::NotPrimary);
+        self.fail_parked(RequestError::NotPrimary);
         self.broadcast_report(true);
     }
 
@@ -2085,6 +2110,11 @@ impl Engine {
         };
         if self.forwards() {
             if self.serving_peer().is_none() {
+                if self.parks() {
+                    self.note_suspending();
+                    self.quorum_wait.push_back(ev);
+                    return;
+                }
                 let err = self.detached_error();
                 return self.complete(id, Err(err));
             }
@@ -2158,7 +2188,7 @@ impl Engine {
             return;
         }
         let (reachable, voters, ok) = self.quorum();
-        if ok {
+        if ok && !(self.parks() && self.serving_peer().is_none()) {
             for ev in std::mem::take(&mut self.quorum_wait) {
                 self.start_client(ev);
             }
@@ -2595,11 +2625,44 @@ impl Engine {
             let snap: Vec<u64> = self.al.keys().copied().collect();
             self.out.push(Action::PersistActivityLog(snap));
         }
+        let waiting = self.replicate_write(key, offset, &data, fua);
+        // Peers index pending writes by seq; keep key <-> seq through the state.
+        self.writes.insert(
+            key,
+            ClientWriteState {
+                id,
+                local_done: false,
+                local_error: None,
+                waiting,
+                ok_from: BTreeSet::new(),
+                extents,
+            },
+        );
+        let io = self.io(IoPurpose::Op(key));
+        self.disk(Action::DiskWrite {
+            io,
+            offset,
+            data,
+            fua,
+        });
+    }
+
+    /// Sends consumer write `key` to the peers that receive writes (marking it toward those
+    /// that do not) under a new sequence number; returns the peers it waits for.
+    fn replicate_write(
+        &mut self,
+        key: u64,
+        offset: u64,
+        data: &Bytes,
+        fua: bool,
+    ) -> BTreeSet<NodeId> {
+        let len = data.len() as u64;
         // Bits toward diskful peers that will not get it.
         let mut waiting = BTreeSet::new();
         let ids = self.diskful_ids();
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.seq_to_key.insert(seq, key);
         for pid in ids {
             let receives = self
                 .peers
@@ -2656,26 +2719,7 @@ impl Engine {
                 },
             );
         }
-        // Peers index pending writes by seq; keep key <-> seq through the state.
-        self.writes.insert(
-            key,
-            ClientWriteState {
-                id,
-                local_done: false,
-                local_error: None,
-                waiting,
-                ok_from: BTreeSet::new(),
-                extents,
-            },
-        );
-        self.seq_to_key.insert(seq, key);
-        let io = self.io(IoPurpose::Op(key));
-        self.disk(Action::DiskWrite {
-            io,
-            offset,
-            data,
-            fua,
-        });
+        waiting
     }
 
     fn al_evict(&mut self) {
@@ -2822,6 +2866,14 @@ impl Engine {
         if !(w.local_done && peers_done) {
             return;
         }
+        if self.parks() && w.local_error.is_none() && !w.ok_from.iter().any(|p| self.serves(*p)) {
+            // No peer that holds our data has it: sent again once one is back.
+            self.note_suspending();
+            self.seq_to_key.retain(|_, k| *k != key);
+            self.parked.push(Parked::Write(key));
+            self.unpark();
+            return;
+        }
         let Some(w) = self.writes.remove(&key) else {
             return;
         };
@@ -2865,6 +2917,14 @@ impl Engine {
             return;
         };
         if !(f.local_done && f.waiting.is_empty()) {
+            return;
+        }
+        if self.parks() && f.local_error.is_none() && !f.ok_from.iter().any(|p| self.serves(*p)) {
+            let id = f.id;
+            self.flushes.remove(&key);
+            self.note_suspending();
+            self.parked.push(Parked::Flush(id));
+            self.unpark();
             return;
         }
         let Some(f) = self.flushes.remove(&key) else {

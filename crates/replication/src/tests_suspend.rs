@@ -105,3 +105,108 @@ fn held_requests_fail_when_another_primary_took_over() {
     assert_eq!(suspended(&net), 0);
     assert!(net.nodes[W as usize].e.status().quorum);
 }
+
+/// A diskless Primary under `suspend` cut off from both data peers at once (a blip): the
+/// write, flush and read in flight and a write that arrives meanwhile wait instead of failing,
+/// and complete once a peer holds its data again; the data is on both replicas.
+#[test]
+fn a_diskless_primary_holds_its_io_through_a_blip_around_it() {
+    let mut net = Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend);
+    net.run();
+    let a = net.nodes[W as usize].e.promote(net.now).expect("promote W");
+    net.apply(W, a);
+    net.run();
+    let feed_write = |net: &mut Net, id, offset, fill| {
+        net.feed(
+            W,
+            Event::Write {
+                id,
+                offset,
+                data: Bytes::from(vec![fill; 4096]),
+                fua: false,
+            },
+        )
+    };
+    feed_write(&mut net, 1, 0, 0x11);
+    net.run();
+    assert!(net.result(1).is_ok());
+    // In flight when the links go: a write, a flush, a read.
+    feed_write(&mut net, 2, 4096, 0x22);
+    net.feed(W, Event::Flush { id: 3 });
+    net.feed(
+        W,
+        Event::Read {
+            id: 4,
+            offset: 0,
+            len: 4096,
+        },
+    );
+    net.isolate(W);
+    net.run();
+    // Arrives during the blip.
+    feed_write(&mut net, 5, 8192, 0x55);
+    net.run();
+    for id in 2..=5 {
+        assert!(
+            !net.done.contains_key(&id),
+            "request {id} completed during the blip: {:?}\n{}",
+            net.done.get(&id),
+            net.log.join("\n")
+        );
+    }
+    assert_eq!(net.nodes[W as usize].e.status().suspended_requests, 4);
+    assert!(net.log.iter().any(|l| l.contains("no peer holds our data")));
+    net.heal();
+    for id in 2..=5 {
+        assert!(
+            net.result(id).is_ok(),
+            "request {id}: {:?}\n{}",
+            net.result(id),
+            net.log.join("\n")
+        );
+    }
+    match net.result(4) {
+        Ok(Reply::Data(d)) => assert!(d.iter().all(|b| *b == 0x11)),
+        other => panic!("read: {other:?}"),
+    }
+    assert_eq!(net.nodes[W as usize].e.status().suspended_requests, 0);
+    for n in 0..2 {
+        assert!(net.at(n, 4096, 4096).iter().all(|b| *b == 0x22));
+        assert!(net.at(n, 8192, 4096).iter().all(|b| *b == 0x55));
+    }
+    net.assert_replicas_identical();
+}
+
+/// The same blip, then the operator goes back to `io-error`: what waits fails at once.
+#[test]
+fn back_to_io_error_fails_what_a_diskless_primary_holds() {
+    let mut net = Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend);
+    net.run();
+    let a = net.nodes[W as usize].e.promote(net.now).expect("promote W");
+    net.apply(W, a);
+    net.run();
+    net.feed(
+        W,
+        Event::Write {
+            id: 1,
+            offset: 0,
+            data: Bytes::from(vec![0x11; 4096]),
+            fua: false,
+        },
+    );
+    net.isolate(W);
+    net.run();
+    net.feed(W, Event::Flush { id: 2 });
+    net.run();
+    assert!(!net.done.contains_key(&1) && !net.done.contains_key(&2));
+    let now = net.now;
+    let a = net.nodes[W as usize]
+        .e
+        .set_on_no_quorum(now, OnNoQuorum::IoError);
+    net.apply(W, a);
+    assert!(net.result(1).is_err(), "{:?}", net.result(1));
+    assert!(net.result(2).is_err(), "{:?}", net.result(2));
+    assert_eq!(net.nodes[W as usize].e.status().suspended_requests, 0);
+    net.heal();
+    net.assert_replicas_identical();
+}

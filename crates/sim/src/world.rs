@@ -120,6 +120,9 @@ pub struct Outcome {
     /// Generations a diskful node adopted from a diskless Primary's offer (`ADOPT_OFFER`,
     /// after a blip that cut the Primary from every peer holding its data).
     pub offers_taken: u64,
+    /// Times a diskless Primary under `suspend` resumed requests it held while no peer held
+    /// its data.
+    pub diskless_resumes: u64,
     /// Seeds with the dual-primary window open, second Primaries promoted into it, and
     /// consumer requests completed by a member that did not hold the write token when they
     /// arrived (it fetched the token).
@@ -940,6 +943,9 @@ impl World {
                 Action::Log { level, msg } => {
                     if msg.contains("offers its generation") {
                         self.out.offers_taken += 1;
+                    }
+                    if msg.contains("a peer holds our data again") {
+                        self.out.diskless_resumes += 1;
                     }
                     self.tr(format!("node {node} {level:?}: {msg}"))
                 }

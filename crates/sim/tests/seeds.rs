@@ -55,6 +55,7 @@ fn simulate_seeds() {
                 total.diskless_promotions += o.diskless_promotions;
                 total.diskless_io_ok += o.diskless_io_ok;
                 total.offers_taken += o.offers_taken;
+                total.diskless_resumes += o.diskless_resumes;
                 total.window_seeds += o.window_seeds;
                 total.window_joins += o.window_joins;
                 total.window_io_ok += o.window_io_ok;
@@ -102,8 +103,8 @@ fn simulate_seeds() {
         total.disk_failures, total.disk_failures_primary, total.detached_io_ok
     );
     eprintln!(
-        "diskless Primary: {} promotions of the witness, {} consumer requests completed by it, {} generations adopted from its offer after a blip",
-        total.diskless_promotions, total.diskless_io_ok, total.offers_taken
+        "diskless Primary: {} promotions of the witness, {} consumer requests completed by it, {} generations adopted from its offer after a blip, {} times it resumed requests held (suspend) while no peer held its data",
+        total.diskless_promotions, total.diskless_io_ok, total.offers_taken, total.diskless_resumes
     );
     eprintln!(
         "dual-primary window: open in {} seeds, {} second Primaries promoted into it, {} consumer requests completed by a member that had to fetch the write token",
