@@ -29,6 +29,10 @@ const TICK: Duration = Duration::from_millis(20);
 const DISK_WORKERS: usize = 4;
 /// Largest read or write done on the loop thread instead of the workers.
 const INLINE_MAX: usize = 64 * 1024;
+/// The outbox is sent when it holds this many messages (else at the end of the drain)...
+const OUTBOX_FRAMES: usize = 64;
+/// ... or this many bytes of bulk data.
+const OUTBOX_BYTES: usize = 256 * 1024;
 
 /// Another node of the volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +192,10 @@ pub(crate) enum Input {
 ///   `tokio::task::block_in_place` on runtime workers.
 /// * The loop thread keeps the 20 ms tick, flushes backlogs, and runs inputs from threads of
 ///   a current-thread runtime (which must not block).
+/// * Messages to peers wait in the loop's outbox until the queued inputs are run (or the
+///   outbox is large, or something must not overtake them: see [`Loop::flush_outbox`]), so
+///   the messages to one peer that one drain produces leave with one `sendmsg`
+///   ([`tandem_transport::Transport::try_send_batch_on`]).
 #[derive(Default)]
 pub(crate) struct Inbox {
     queue: Mutex<Queue>,
@@ -255,6 +263,24 @@ impl Inbox {
         Ok(())
     }
 
+    /// Queues `inputs` in order and runs the queue here if no other thread does: one drain
+    /// for all of them (their messages to a peer leave together). Inputs are dropped when
+    /// the loop has stopped.
+    pub(crate) fn send_many(&self, inputs: impl IntoIterator<Item = Input>) {
+        {
+            let mut q = lock(&self.queue);
+            if q.stopped.is_some() {
+                return;
+            }
+            q.items.extend(inputs);
+        }
+        if may_run_here() {
+            self.run_queued();
+        } else {
+            self.wake.notify_one();
+        }
+    }
+
     /// Drains the queue while this thread can take the loop's lock.
     fn run_queued(&self) {
         loop {
@@ -288,7 +314,10 @@ impl Inbox {
             let input = {
                 let mut q = lock(&self.queue);
                 match q.items.pop_front() {
-                    Some(i) => i,
+                    Some(i) => {
+                        lp.more_inputs = !q.items.is_empty();
+                        i
+                    }
                     None => break,
                 }
             };
@@ -301,6 +330,10 @@ impl Inbox {
                 return;
             }
         }
+        if let Some(lp) = slot.as_mut() {
+            lp.more_inputs = false;
+            lp.flush_outbox();
+        }
         if slot.as_ref().is_some_and(Loop::backlog_waiting) {
             lock(&self.queue).loop_work = true;
             self.wake.notify_one();
@@ -311,6 +344,8 @@ impl Inbox {
     /// request fails; later inputs are refused.
     fn stop(&self, slot: &mut Option<Loop>, error: Option<String>) {
         let Some(mut lp) = slot.take() else { return };
+        // What was sent before the stop leaves before the links close.
+        lp.flush_outbox();
         if let Some(e) = &error {
             tracing::error!(volume = %lp.name, "replication driver stops: {e}");
             *lp.failed.lock().expect("failed") = Some(e.clone());
@@ -530,8 +565,15 @@ impl VolumeDriver {
             store_failed: None,
             spec_diskful: spec.diskful,
             backlog: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            outbox_frames: 0,
+            outbox_bytes: 0,
+            batch: VecDeque::new(),
+            more_inputs: false,
         };
-        if let Err(e) = lp.execute(first).and_then(|_| lp.drain_inline()) {
+        let r = lp.execute(first).and_then(|_| lp.drain_inline());
+        lp.flush_outbox();
+        if let Err(e) = r {
             node.routes.lock().expect("routes").remove(&spec.name);
             return Err(e);
         }
@@ -842,6 +884,16 @@ struct Loop {
     /// Messages per peer that found the link's send queue full, in order, for the loop
     /// thread to send (it may wait for room; the threads that run inputs never do).
     backlog: BTreeMap<NodeId, VecDeque<(LinkId, Message)>>,
+    /// Messages per peer not handed to the transport yet, in order, with the link they are
+    /// meant for (see [`Loop::flush_outbox`]).
+    outbox: BTreeMap<NodeId, VecDeque<(LinkId, Message)>>,
+    /// Messages in the outbox, and their bulk data bytes.
+    outbox_frames: usize,
+    outbox_bytes: usize,
+    /// Scratch for one run of messages to one link.
+    batch: VecDeque<Message>,
+    /// More inputs are queued behind the one running (set by [`Inbox::drain`]).
+    more_inputs: bool,
 }
 
 /// Longest a `demote()` waits for the demotion to reach the metadata (the flush before it).
@@ -852,7 +904,10 @@ impl Loop {
         self.clock.elapsed().as_nanos() as u64
     }
 
-    fn configure_transport(&self) -> Result<(), VolumeError> {
+    /// Changes the volume's links (a removed peer's link closes after what is queued on
+    /// it): the outbox goes first.
+    fn configure_transport(&mut self) -> Result<(), VolumeError> {
+        self.flush_outbox();
         let vc = tandem_transport::VolumeConfig {
             name: self.name.clone(),
             uuid: self.uuid.clone(),
@@ -1129,6 +1184,10 @@ impl Loop {
                 tracing::info!(volume = %self.name, peer, "link down: {reason}");
                 self.links.remove(&peer);
                 self.backlog.remove(&peer);
+                if let Some(q) = self.outbox.remove(&peer) {
+                    self.outbox_frames -= q.len();
+                    self.outbox_bytes -= q.iter().map(|(_, m)| bulk_len(m)).sum::<usize>();
+                }
                 let now = self.now();
                 let a = self.engine.handle(now, Event::PeerDown { peer });
                 self.execute(a)?;
@@ -1171,6 +1230,18 @@ impl Loop {
         let mut cut: Vec<NodeId> = Vec::new();
         let mut cut_sends = false;
         for a in actions {
+            let syncs = match &a {
+                Action::PersistMeta(_) => true,
+                Action::PersistBits { .. } | Action::PersistActivityLog(_) => {
+                    self.store_failed.is_none()
+                }
+                _ => false,
+            };
+            if syncs {
+                // Messages that came before a file sync do not wait for it (as they did
+                // before the outbox).
+                self.flush_outbox();
+            }
             let persist = match &a {
                 Action::PersistMeta(m) => Some(blocking(|| self.store.persist_meta(m))),
                 Action::PersistBits {
@@ -1339,9 +1410,23 @@ impl Loop {
     /// writes of at most [`INLINE_MAX`] bytes without FUA, and reads that preadv2 with
     /// RWF_NOWAIT serves from the cache; everything else goes to the workers.
     fn try_inline(&mut self, job: DiskJob) -> Option<DiskJob> {
-        let Some(dev) = &self.device else {
+        let Some(dev) = self.device.clone() else {
             return Some(job);
         };
+        let inline = match &job {
+            DiskJob::Write {
+                data, fua: false, ..
+            } => data.len() <= INLINE_MAX && dev.quick_writes(),
+            DiskJob::Read { len, .. } => *len as usize <= INLINE_MAX,
+            _ => false,
+        };
+        if inline && !self.more_inputs {
+            // The messages of this input (a Primary's Write to its peers) leave before the
+            // local write instead of after it: the round trip overlaps the local copy, as
+            // before the outbox. With more inputs queued, their messages go together at the
+            // end of the drain instead.
+            self.flush_outbox();
+        }
         match job {
             DiskJob::Write {
                 io,
@@ -1406,28 +1491,73 @@ impl Loop {
         }
     }
 
+    /// Puts `msg` into the outbox for the current link to `peer` (nothing when there is
+    /// none: its PeerDown is on the way).
     fn send(&mut self, peer: NodeId, msg: Message) {
         let Some(&link) = self.links.get(&peer) else {
-            return; // its PeerDown is on the way
+            return;
         };
-        if let Some(b) = self.backlog.get_mut(&peer).filter(|b| !b.is_empty()) {
-            // Behind earlier messages that wait for room.
-            b.push_back((link, msg));
+        self.outbox_frames += 1;
+        self.outbox_bytes += bulk_len(&msg);
+        self.outbox.entry(peer).or_default().push_back((link, msg));
+        if self.outbox_frames >= OUTBOX_FRAMES || self.outbox_bytes >= OUTBOX_BYTES {
+            self.flush_outbox();
+        }
+    }
+
+    /// Hands the outbox to the transport, per peer in order: behind that peer's backlog if
+    /// it has one, else with [`tandem_transport::Transport::try_send_batch_on`] per run of
+    /// messages for one link (what finds the link's queue full starts the backlog).
+    ///
+    /// Called at the end of every drain of the inputs and of the loop thread's tick, and
+    /// before whatever must not overtake messages sent before it: a change of the
+    /// transport configuration (`Disconnect`, the cut after a failed persist, reconnects:
+    /// [`Loop::configure_transport`]), a file sync (`Persist*`), the loop's stop; and before
+    /// a small disk request run inline on this thread when no other input is queued (see
+    /// [`Loop::try_inline`]: latency). Other actions (disk I/O, completions) do not depend
+    /// on the network.
+    fn flush_outbox(&mut self) {
+        if self.outbox_frames == 0 {
             return;
         }
-        // Message clones are cheap (bulk data is `Bytes`).
-        match self
-            .node
-            .transport
-            .try_send_on(&self.name, peer, link, msg.clone())
-        {
-            Ok(()) => {}
-            Err(SendError::Full { .. }) => {
-                // Back-pressure: the loop thread sends it when there is room.
-                self.backlog.entry(peer).or_default().push_back((link, msg));
+        self.outbox_frames = 0;
+        self.outbox_bytes = 0;
+        let t = self.node.transport.clone();
+        for (&peer, q) in self.outbox.iter_mut() {
+            if let Some(b) = self.backlog.get_mut(&peer).filter(|b| !b.is_empty()) {
+                // Behind earlier messages that wait for room.
+                b.extend(q.drain(..));
+                continue;
             }
-            Err(e) => tracing::debug!(volume = %self.name, peer, "send: {e}"),
+            while let Some(&(link, _)) = q.front() {
+                let run = q.iter().take_while(|(l, _)| *l == link).count();
+                self.batch.clear();
+                self.batch.extend(q.drain(..run).map(|(_, m)| m));
+                loop {
+                    match t.try_send_batch_on(&self.name, peer, link, &mut self.batch) {
+                        Ok(()) => break,
+                        Err(SendError::Full { .. }) => {
+                            // Back-pressure: the loop thread sends the rest when there is
+                            // room; later messages queue behind it.
+                            let b = self.backlog.entry(peer).or_default();
+                            b.extend(self.batch.drain(..).map(|m| (link, m)));
+                            b.extend(q.drain(..));
+                            break;
+                        }
+                        Err(e @ SendError::Invalid(_)) => {
+                            tracing::debug!(volume = %self.name, peer, "send: {e}");
+                            self.batch.pop_front();
+                        }
+                        Err(e) => {
+                            // The link is gone (its PeerDown is on the way): so is the run.
+                            tracing::debug!(volume = %self.name, peer, "send: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
         }
+        self.batch.clear();
     }
 
     fn backlog_waiting(&self) -> bool {
@@ -1453,5 +1583,15 @@ impl Loop {
         }
         self.backlog.retain(|_, b| !b.is_empty());
         Ok(())
+    }
+}
+
+/// Bulk data bytes of a message (what makes it large).
+fn bulk_len(msg: &Message) -> usize {
+    match msg {
+        Message::Write { data, .. }
+        | Message::ReadReply { data, .. }
+        | Message::ResyncData { data, .. } => data.len(),
+        _ => 0,
     }
 }

@@ -25,6 +25,9 @@ pub struct NodeConfig {
     pub limits: Limits,
 }
 
+/// Transport events the router takes at once at most.
+const ROUTE_BATCH: usize = 256;
+
 pub(crate) type Routes = Arc<Mutex<HashMap<String, Arc<Inbox>>>>;
 
 /// The replication endpoint of one node (one per agent): owns the transport, routes its
@@ -85,18 +88,32 @@ impl NodeReplication {
         let routes: Routes = Arc::default();
         let r = routes.clone();
         let router = tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                let vol = match &ev {
-                    Event::PeerUp { volume, .. }
-                    | Event::PeerMessage { volume, .. }
-                    | Event::PeerDown { volume, .. } => volume.clone(),
-                };
-                let tx = r.lock().expect("routes lock").get(&*vol).cloned();
-                match tx {
-                    Some(tx) => {
-                        let _ = tx.send(Input::Transport(ev));
+            // Every event already queued is taken at once and each volume's run of them is
+            // run in one drain of its loop, so the messages that answer them (a
+            // Secondary's WriteAcks) leave together.
+            let mut events = Vec::with_capacity(ROUTE_BATCH);
+            let mut runs: Vec<(Arc<Inbox>, Vec<Input>)> = Vec::new();
+            while rx.recv_many(&mut events, ROUTE_BATCH).await > 0 {
+                {
+                    let routes = r.lock().expect("routes lock");
+                    for ev in events.drain(..) {
+                        let vol = match &ev {
+                            Event::PeerUp { volume, .. }
+                            | Event::PeerMessage { volume, .. }
+                            | Event::PeerDown { volume, .. } => volume,
+                        };
+                        let Some(inbox) = routes.get(&**vol) else {
+                            tracing::debug!(volume = %vol, "event for a volume without driver");
+                            continue;
+                        };
+                        match runs.iter_mut().find(|(i, _)| Arc::ptr_eq(i, inbox)) {
+                            Some((_, run)) => run.push(Input::Transport(ev)),
+                            None => runs.push((inbox.clone(), vec![Input::Transport(ev)])),
+                        }
                     }
-                    None => tracing::debug!(volume = %vol, "event for a volume without driver"),
+                }
+                for (inbox, run) in runs.drain(..) {
+                    inbox.send_many(run);
                 }
             }
         });
