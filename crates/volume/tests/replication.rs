@@ -423,9 +423,15 @@ fn on_no_quorum_suspend_holds_writes_until_quorum_is_back_and_io_error_fails_the
     dev.write_at(&pattern(1, 4096), 0).unwrap();
     dev.flush().unwrap();
 
-    // Both peers gone: a write neither completes nor fails while quorum is missing.
+    // Both peers gone: a write neither completes nor fails while quorum is missing. (Issued
+    // only once node 1 saw both links go: while one of them is still up, node 1 still has
+    // quorum with it and the write rightly completes.)
     c.crash(3);
     c.crash(2);
+    wait_for(20, "node 1 to see both peers gone", || {
+        let s = c.d(1).status().unwrap();
+        (!s.quorum && s.peers.iter().all(|p| !p.connected)).then_some(())
+    });
     let held = write_in_background(&dev, pattern(2, 8192), MIB);
     assert!(wait_suspended(&c, 1) >= 1);
     let s = c.d(1).status().unwrap();
@@ -457,6 +463,9 @@ fn on_no_quorum_suspend_holds_writes_until_quorum_is_back_and_io_error_fails_the
 
     // Quorum gone again; back to io-error, the held write fails (EIO) and new ones too.
     c.crash(2);
+    wait_for(20, "node 1 to see node 2 gone", || {
+        (!c.d(1).status().unwrap().quorum).then_some(())
+    });
     let held = write_in_background(&dev, pattern(3, 4096), 2 * MIB);
     wait_suspended(&c, 1);
     c.d(1)
