@@ -16,6 +16,16 @@ fn suspending() -> Net {
     net
 }
 
+/// The witness (node 2) as a diskless Primary, on-no-quorum=suspend everywhere.
+fn witness_primary_suspending() -> Net {
+    let mut net = Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend);
+    net.run();
+    let a = net.nodes[W as usize].e.promote(net.now).expect("promote W");
+    net.apply(W, a);
+    net.run();
+    net
+}
+
 fn write(net: &mut Net, id: RequestId, offset: u64, fill: u8) {
     net.feed(
         0,
@@ -111,11 +121,7 @@ fn held_requests_fail_when_another_primary_took_over() {
 /// and complete once a peer holds its data again; the data is on both replicas.
 #[test]
 fn a_diskless_primary_holds_its_io_through_a_blip_around_it() {
-    let mut net = Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend);
-    net.run();
-    let a = net.nodes[W as usize].e.promote(net.now).expect("promote W");
-    net.apply(W, a);
-    net.run();
+    let mut net = witness_primary_suspending();
     let feed_write = |net: &mut Net, id, offset, fill| {
         net.feed(
             W,
@@ -180,11 +186,7 @@ fn a_diskless_primary_holds_its_io_through_a_blip_around_it() {
 /// The same blip, then the operator goes back to `io-error`: what waits fails at once.
 #[test]
 fn back_to_io_error_fails_what_a_diskless_primary_holds() {
-    let mut net = Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend);
-    net.run();
-    let a = net.nodes[W as usize].e.promote(net.now).expect("promote W");
-    net.apply(W, a);
-    net.run();
+    let mut net = witness_primary_suspending();
     net.feed(
         W,
         Event::Write {

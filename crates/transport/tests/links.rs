@@ -176,31 +176,7 @@ async fn direct_and_queued_sends_from_a_plain_thread_keep_order_when_the_socket_
     });
     // Read nothing until the sender's queue is full: the receiver's event queue (2) and
     // socket buffers are full by then, so direct sends met a full socket.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !full.load(std::sync::atomic::Ordering::Acquire) {
-        assert!(
-            !sender.is_finished(),
-            "the sender never found its queue full"
-        );
-        assert!(std::time::Instant::now() < deadline, "timed out");
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    for i in 0..N {
-        match b.message("dq", 1).await {
-            Message::Write { seq, data, .. } => {
-                assert_eq!(seq, i, "in order");
-                assert_eq!(data.len(), size(i), "frame {i} whole");
-                assert!(data == pattern(i, size(i)), "payload {i} intact");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    tokio::task::spawn_blocking(move || sender.join().unwrap())
-        .await
-        .unwrap();
-    assert!(b.drain().is_empty(), "nothing else");
-    a.t.shutdown().await;
-    b.t.shutdown().await;
+    expect_in_order_once_full(a, b, "dq", &full, sender, N, size).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -248,31 +224,7 @@ async fn batched_sends_keep_order_through_full_sockets_and_full_queues() {
             }
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !full.load(std::sync::atomic::Ordering::Acquire) {
-        assert!(
-            !sender.is_finished(),
-            "the sender never found its queue full"
-        );
-        assert!(std::time::Instant::now() < deadline, "timed out");
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    for i in 0..N {
-        match b.message("bq", 1).await {
-            Message::Write { seq, data, .. } => {
-                assert_eq!(seq, i, "in order");
-                assert_eq!(data.len(), size(i), "frame {i} whole");
-                assert!(data == pattern(i, size(i)), "payload {i} intact");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    tokio::task::spawn_blocking(move || sender.join().unwrap())
-        .await
-        .unwrap();
-    assert!(b.drain().is_empty(), "nothing else");
-    a.t.shutdown().await;
-    b.t.shutdown().await;
+    expect_in_order_once_full(a, b, "bq", &full, sender, N, size).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -719,4 +671,42 @@ async fn a_new_connection_from_the_same_peer_supersedes_the_old_link() {
     assert_eq!(b.t.stats().links_up, 1);
     b.t.shutdown().await;
     a.t.shutdown().await;
+}
+
+/// Waits until `sender` found its queue full (the peer read nothing so far), then reads `n`
+/// Write frames on `b`: each whole, intact and in order; nothing else; shuts both down.
+async fn expect_in_order_once_full(
+    a: Node,
+    mut b: Node,
+    vol: &str,
+    full: &std::sync::atomic::AtomicBool,
+    sender: std::thread::JoinHandle<()>,
+    n: u64,
+    size: impl Fn(u64) -> usize,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !full.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            !sender.is_finished(),
+            "the sender never found its queue full"
+        );
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    for i in 0..n {
+        match b.message(vol, 1).await {
+            Message::Write { seq, data, .. } => {
+                assert_eq!(seq, i, "in order");
+                assert_eq!(data.len(), size(i), "frame {i} whole");
+                assert!(data == pattern(i, size(i)), "payload {i} intact");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    tokio::task::spawn_blocking(move || sender.join().unwrap())
+        .await
+        .unwrap();
+    assert!(b.drain().is_empty(), "nothing else");
+    a.t.shutdown().await;
+    b.t.shutdown().await;
 }
