@@ -339,8 +339,14 @@ pub fn volume_detail_at(v: &Volume, now: u64) -> String {
         );
     }
     for r in v.replicas.iter().filter(|r| r.suspended_requests > 0) {
+        // A diskless Primary with quorum waits for a replica that holds the data.
+        let what = if r.diskless && r.quorum == Some(true) {
+            "for a replica that holds the data"
+        } else {
+            "for quorum"
+        };
         out.push_str(&format!(
-            "{}: I/O suspended: {} request{} wait{} for quorum\n",
+            "{}: I/O suspended: {} request{} wait{} {what}\n",
             r.node,
             r.suspended_requests,
             if r.suspended_requests == 1 { "" } else { "s" },
@@ -807,6 +813,14 @@ mod tests {
         let text = volume_detail_at(&v, 0);
         assert!(
             text.contains("n1: I/O suspended: 1 request waits for quorum"),
+            "{text}"
+        );
+        // A witness as diskless Primary with quorum waits for a replica holding the data.
+        v.replicas[0].diskless = true;
+        v.replicas[0].quorum = Some(true);
+        let text = volume_detail_at(&v, 0);
+        assert!(
+            text.contains("n1: I/O suspended: 1 request waits for a replica that holds the data"),
             "{text}"
         );
     }
