@@ -26,6 +26,9 @@ pub enum Topology {
     Three,
     /// Two diskful nodes, no witness (losing either stops writes).
     Two,
+    /// Three diskful nodes and a witness (node 3), which the operator promotes like in
+    /// `TwoPlusWitness`: a diskless Primary with three data peers.
+    ThreePlusWitness,
 }
 
 /// Knobs of one run.
@@ -346,6 +349,7 @@ impl World {
             Topology::TwoPlusWitness => vec![true, true, false],
             Topology::Three => vec![true, true, true],
             Topology::Two => vec![true, true],
+            Topology::ThreePlusWitness => vec![true, true, true, false],
         };
         let size = opts.size_blocks * BLOCK;
         let gen0 = rng.next_u64() | 1;

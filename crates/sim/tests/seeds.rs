@@ -23,8 +23,10 @@ fn simulate_seeds() {
         // Racing promotions (see `SimOptions::racing_promotions`).
         opts.racing_promotions = true;
     }
-    if std::env::var("SIM_TOPOLOGY").as_deref() == Ok("three") {
-        opts.topology = Some(Topology::Three);
+    match std::env::var("SIM_TOPOLOGY").as_deref() {
+        Ok("three") => opts.topology = Some(Topology::Three),
+        Ok("three-witness") => opts.topology = Some(Topology::ThreePlusWitness),
+        _ => {}
     }
     if let Some(seed) = env("SIM_SEED") {
         match run(seed, &opts) {
@@ -139,8 +141,13 @@ fn three_diskful_disk_fault_seeds() {
 }
 
 fn three_diskful(disk_faults: bool) {
+    let topology = if std::env::var("SIM_TOPOLOGY").as_deref() == Ok("three-witness") {
+        Topology::ThreePlusWitness
+    } else {
+        Topology::Three
+    };
     let opts = SimOptions {
-        topology: Some(Topology::Three),
+        topology: Some(topology),
         disk_faults,
         ..SimOptions::default()
     };
