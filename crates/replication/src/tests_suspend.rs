@@ -2,7 +2,7 @@
 //! in-memory network of `tests_diskless`.
 
 use bytes::Bytes;
-use tandem_repl_proto::Role;
+use tandem_repl_proto::{NodeId, Role};
 
 use crate::tests_diskless::{Net, W};
 use crate::*;
@@ -27,8 +27,13 @@ fn witness_primary_suspending() -> Net {
 }
 
 fn write(net: &mut Net, id: RequestId, offset: u64, fill: u8) {
+    write_on(net, 0, id, offset, fill);
+}
+
+/// A 4 KiB consumer write of `fill` bytes fed to node `n`.
+fn write_on(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
     net.feed(
-        0,
+        n,
         Event::Write {
             id,
             offset,
@@ -122,22 +127,11 @@ fn held_requests_fail_when_another_primary_took_over() {
 #[test]
 fn a_diskless_primary_holds_its_io_through_a_blip_around_it() {
     let mut net = witness_primary_suspending();
-    let feed_write = |net: &mut Net, id, offset, fill| {
-        net.feed(
-            W,
-            Event::Write {
-                id,
-                offset,
-                data: Bytes::from(vec![fill; 4096]),
-                fua: false,
-            },
-        )
-    };
-    feed_write(&mut net, 1, 0, 0x11);
+    write_on(&mut net, W, 1, 0, 0x11);
     net.run();
     assert!(net.result(1).is_ok());
     // In flight when the links go: a write, a flush, a read.
-    feed_write(&mut net, 2, 4096, 0x22);
+    write_on(&mut net, W, 2, 4096, 0x22);
     net.feed(W, Event::Flush { id: 3 });
     net.feed(
         W,
@@ -150,7 +144,7 @@ fn a_diskless_primary_holds_its_io_through_a_blip_around_it() {
     net.isolate(W);
     net.run();
     // Arrives during the blip.
-    feed_write(&mut net, 5, 8192, 0x55);
+    write_on(&mut net, W, 5, 8192, 0x55);
     net.run();
     for id in 2..=5 {
         assert!(
@@ -187,15 +181,7 @@ fn a_diskless_primary_holds_its_io_through_a_blip_around_it() {
 #[test]
 fn back_to_io_error_fails_what_a_diskless_primary_holds() {
     let mut net = witness_primary_suspending();
-    net.feed(
-        W,
-        Event::Write {
-            id: 1,
-            offset: 0,
-            data: Bytes::from(vec![0x11; 4096]),
-            fua: false,
-        },
-    );
+    write_on(&mut net, W, 1, 0, 0x11);
     net.isolate(W);
     net.run();
     net.feed(W, Event::Flush { id: 2 });
