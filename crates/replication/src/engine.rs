@@ -225,8 +225,10 @@ struct ResyncTarget {
     /// Bytes found identical by checksum and not transferred.
     skipped: u64,
     /// Blocks marked again by the source (`late_marks`) while resync data for them that it
-    /// sent earlier (older) was still being written here: that write must not clear them.
-    remark: BTreeSet<u64>,
+    /// sent earlier (older) was still being written here: those writes must not clear them.
+    /// Per block, how many such writes are still to complete (two requests for the same
+    /// blocks can be in flight: each must leave the mark).
+    remark: BTreeMap<u64, u32>,
 }
 
 #[derive(Debug)]
@@ -1918,8 +1920,16 @@ impl Engine {
     fn on_event(&mut self, event: Event) {
         self.dispatch(event);
         // Whatever changed (quorum confirmed, a peer lost or back), a diskless Primary may
-        // now offer its generation.
+        // now offer its generation, or resume what it held for a peer holding its data
+        // (such a peer can come back by several paths: a report, a finished resync).
         self.send_offers();
+        if self.parks()
+            && (!self.parked.is_empty() || !self.quorum_wait.is_empty())
+            && self.serving_peer().is_some()
+        {
+            self.unpark();
+            self.recheck_quorum_wait();
+        }
     }
 
     fn dispatch(&mut self, event: Event) {
@@ -2108,6 +2118,13 @@ impl Engine {
         let Some(ev) = self.window_queues(ev) else {
             return;
         };
+        if !self.quorum_wait.is_empty() {
+            // Behind the requests that wait (for quorum, or for a peer holding our data): a
+            // later write must not overtake an earlier overlapping one.
+            self.quorum_wait.push_back(ev);
+            self.recheck_quorum_wait();
+            return;
+        }
         if self.forwards() {
             if self.serving_peer().is_none() {
                 if self.parks() {
@@ -2551,11 +2568,13 @@ impl Engine {
             )
         {
             for bit in bits {
-                if pending
+                // Every write pending now predates this mark.
+                let older = pending
                     .iter()
-                    .any(|(off, len)| overlaps(*off, *len, bit * g, g))
-                {
-                    rs.remark.insert(bit);
+                    .filter(|(off, len)| overlaps(*off, *len, bit * g, g))
+                    .count() as u32;
+                if older > 0 {
+                    rs.remark.insert(bit, older);
                 }
                 rs.fenced.remove(&bit);
                 if b.set_bits(bit, 1) > 0 {
@@ -2820,7 +2839,17 @@ impl Engine {
                         let (first, count) = b.bits_covered(op.offset, op.len);
                         let mut cleared = Vec::new();
                         for bit in first..first + count {
-                            if !rs.remark.remove(&bit) && b.test(bit) {
+                            let keep = match rs.remark.get_mut(&bit) {
+                                Some(n) => {
+                                    *n -= 1;
+                                    if *n == 0 {
+                                        rs.remark.remove(&bit);
+                                    }
+                                    true
+                                }
+                                None => false,
+                            };
+                            if !keep && b.test(bit) {
                                 b.clear_bits(bit, 1);
                                 cleared.push(bit);
                             }
@@ -4419,7 +4448,7 @@ impl Engine {
                         checks: BTreeMap::new(),
                         no_checksums: false,
                         skipped: 0,
-                        remark: BTreeSet::new(),
+                        remark: BTreeMap::new(),
                     });
                 }
                 self.log(

@@ -44,6 +44,10 @@ pub struct Block {
     /// the replica that went on (a flush there since made it durable) while the model kept
     /// `durable`. A later crash before a flush of a newer write may bring them back.
     pub maybe_durable: BTreeSet<u64>,
+    /// Writes that failed since `durable`: they may have reached the disks (and a flush
+    /// there) although the consumer got an error. A later acknowledged write supersedes them
+    /// for reads, but a crash that loses it before a flush may bring one of them back.
+    pub failed: BTreeSet<u64>,
     pub writes_in_flight: u32,
     /// Ids of the writes in flight (their order of application is not known yet).
     pub inflight: Vec<u64>,
@@ -96,6 +100,7 @@ impl Model {
                     blk.durable = w;
                     blk.unflushed.clear();
                     blk.maybe_durable.clear();
+                    blk.failed.clear();
                 } else {
                     blk.unflushed.push(w);
                 }
@@ -107,6 +112,7 @@ impl Model {
                     blk.durable = w;
                     blk.unflushed.clear();
                     blk.maybe_durable.clear();
+                    blk.failed.retain(|x| *x > w);
                 } else {
                     blk.unflushed.push(w);
                 }
@@ -120,6 +126,7 @@ impl Model {
             let blk = &mut self.blocks[b as usize];
             blk.writes_in_flight -= 1;
             blk.inflight.retain(|x| *x != w);
+            blk.failed.insert(w);
         }
     }
 
@@ -131,6 +138,7 @@ impl Model {
                 let d = blk.durable;
                 blk.unflushed.retain(|x| *x > d);
                 blk.maybe_durable.clear();
+                blk.failed.retain(|x| *x > d);
             }
         }
     }
@@ -141,6 +149,7 @@ impl Model {
         for blk in &mut self.blocks {
             blk.possible.extend(blk.maybe_durable.iter().copied());
             if blk.acked != blk.durable {
+                blk.possible.extend(blk.failed.iter().copied());
                 let un = std::mem::take(&mut blk.unflushed);
                 blk.maybe_durable.extend(un.iter().copied());
                 blk.maybe_durable.insert(blk.acked);

@@ -1904,7 +1904,17 @@ fn short(m: &Message) -> String {
             )
         }
         Message::OutOfSync { ranges, flags } => {
-            format!("OutOfSync {} ranges flags={flags}", ranges.len())
+            // The first few ranges in blocks, e.g. "8+2".
+            let shown: Vec<String> = ranges
+                .iter()
+                .take(4)
+                .map(|r| format!("{}+{}", r.offset / BLOCK, r.len.div_ceil(BLOCK)))
+                .collect();
+            format!(
+                "OutOfSync {} ranges [{}] flags={flags}",
+                ranges.len(),
+                shown.join(" ")
+            )
         }
         other => format!("{:?}", other.message_type()),
     }

@@ -348,3 +348,39 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
         panic!("{e}");
     }
 }
+
+/// Two resync requests for the same blocks were in flight when a diskless Primary's write
+/// to them reached the source: the target's late mark kept the first answer from clearing
+/// the blocks, but not the second (both carried data read before the write), so the target
+/// ended in sync with stale blocks that the diskless Primary then read. The late mark now
+/// counts every pending resync write it predates. Found by a 40,000-seed run (all options).
+#[test]
+fn a_late_mark_outlives_every_older_resync_answer_for_its_blocks() {
+    if let Err(e) = run(27981, &SimOptions::default()) {
+        panic!("{e}");
+    }
+}
+
+/// Model, not engine: a write failed to the consumer but reached both replicas and a flush;
+/// two newer acknowledged writes were then lost with the cache of the node that went on (a
+/// disk failure repaired by a restart, in a dual-primary window), and the failed write's
+/// data came back. The model now keeps failed writes newer than the last durable one as
+/// what such a crash may reveal (`Block::failed`).
+#[test]
+fn a_failed_write_on_the_disks_may_come_back_when_newer_unflushed_ones_are_lost() {
+    if let Err(e) = run(39932, &SimOptions::default()) {
+        panic!("{e}");
+    }
+}
+
+/// A diskless Primary under suspend held a write while its only data peer was resyncing; the
+/// peer became UpToDate again without the Primary noticing a new serving peer (it had been
+/// serving before), so the held write stayed queued while newer writes went ahead, one of
+/// them overlapping: applied out of order, a stale block read back. New requests now queue
+/// behind held ones, and held ones resume whenever a peer serves again.
+#[test]
+fn requests_held_by_a_diskless_primary_are_not_overtaken() {
+    if let Err(e) = run(49738, &SimOptions::default()) {
+        panic!("{e}");
+    }
+}

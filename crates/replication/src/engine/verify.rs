@@ -733,7 +733,7 @@ impl Engine {
                 checks: BTreeMap::new(),
                 no_checksums: false,
                 skipped: 0,
-                remark: BTreeSet::new(),
+                remark: BTreeMap::new(),
             });
         }
         self.log(
