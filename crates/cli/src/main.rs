@@ -7,6 +7,7 @@ mod daemon;
 mod grow;
 mod mount;
 mod output;
+mod ports;
 mod resize;
 mod up;
 

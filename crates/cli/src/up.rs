@@ -102,28 +102,8 @@ fn running_pid(pid_file: &Path, config: &Path) -> Option<i32> {
     matches.then_some(pid)
 }
 
-/// A port that is free now, for a daemon that binds it a moment later. Taken below the
-/// kernel's ephemeral range when possible: a port the kernel handed out (`bind(0)`) is soon
-/// handed out again, e.g. as the source port of some outgoing connection, and then the
-/// daemon's bind fails; below that range only another explicit bind can take it.
 fn free_port() -> Result<u16> {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    if low > 12000 {
-        use std::hash::{BuildHasher, Hasher};
-        for _ in 0..64 {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            let port = 10000 + (h.finish() % u64::from(low - 10000)) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return Ok(port);
-            }
-        }
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    crate::ports::free_port().context("finding a free port")
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {

@@ -12,6 +12,39 @@ fn volume_show(c: &Cluster, name: &str) -> serde_json::Value {
     c.json(&["volume", "show", name])
 }
 
+/// The port chooser never hands out a port twice in one process, and while this process lives
+/// another process cannot take the ports it handed out (their bytes in the shared lock file
+/// stay locked): two clusters starting side by side never pick the same port.
+#[test]
+fn free_ports_are_unique_and_reserved_against_other_processes() {
+    let ports: Vec<u16> = (0..300).map(|_| free_port()).collect();
+    let unique: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+    let lock = std::env::temp_dir().join("tandem-ports.lock");
+    let script = format!(
+        "import fcntl,sys\nf=open({lock:?},'r+')\nfree=[]\nfor p in [{}]:\n  try:\n    fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 1, p, 0)\n    free.append(p)\n  except OSError:\n    pass\nprint(len(free))\n",
+        ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "another process could lock ports this one handed out"
+    );
+}
+
 #[test]
 fn up_serves_a_volume_end_to_end() {
     let c = Cluster::start(3);

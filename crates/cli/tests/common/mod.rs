@@ -25,29 +25,13 @@ pub fn tool(name: &str) -> &str {
     name
 }
 
-/// A free port below the kernel's ephemeral range (see `free_port` in `src/up.rs`: a port
-/// from `bind(0)` is soon reused as some connection's source port).
+#[path = "../../src/ports.rs"]
+mod ports;
+
+/// A free port for a daemon that binds it later (the same chooser `tandem up` uses: below the
+/// ephemeral range, never handed out twice while the test runs, not even to another test).
 pub fn free_port() -> u16 {
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    if low > 12000 {
-        use std::hash::{BuildHasher, Hasher};
-        for _ in 0..64 {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            let port = 10000 + (h.finish() % u64::from(low - 10000)) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ports::free_port().expect("a free port")
 }
 
 /// Makes a spawned process receive SIGKILL when the test thread that spawned it dies.
