@@ -2314,15 +2314,17 @@ impl Engine {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
-                if self.peer_failed(peer) {
+                let detached = self.peer_failed(peer);
+                if detached {
                     // A Primary with a detached disk: its own disk misses this write.
                     self.set_bits(peer, op.offset, op.len);
                 }
-                if !self.peers[&peer].cfg.diskful {
-                    // A diskless Primary's write: a peer we resync (or may resync: our bitmap
-                    // went out at the link's start) may not get it from the Primary (not
-                    // connected to it), and its resync walks the bitmaps of the handshake.
-                    // Tell it (it fetches the blocks unless it got them directly).
+                if !self.peers[&peer].cfg.diskful || detached {
+                    // A write of a Primary without a disk of its own (diskless, or its disk
+                    // detached): it writes only to the peers that serve it, so a peer we
+                    // resync (or may resync: our bitmap went out at the link's start) does
+                    // not get it from the Primary, and its resync walks the bitmaps of the
+                    // handshake. Tell it (it fetches the blocks unless it got them directly).
                     let targets: Vec<NodeId> = self
                         .peers
                         .values()

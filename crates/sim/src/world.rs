@@ -1693,9 +1693,24 @@ impl World {
         {
             self.seen_verify.insert(node, r.run);
             if r.different_bytes > 0 {
+                // What each diskful node holds in the first differing block.
+                let b = r.ranges.first().map_or(0, |(off, _)| off / BLOCK);
+                let held: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.diskful && n.disk.data.len() as u64 >= (b + 1) * BLOCK)
+                    .map(|n| {
+                        let at = (b * BLOCK) as usize;
+                        let w = parse_block(&n.disk.data[at..at + BLOCK as usize], b);
+                        format!("node {} {w:?}", n.id)
+                    })
+                    .collect();
                 return Err(format!(
-                    "invariant 6: verify {} on node {node} found {} bytes different: {:?}",
-                    r.run, r.different_bytes, r.ranges
+                    "invariant 6: verify {} on node {node} found {} bytes different: {:?} (block {b}: {})",
+                    r.run,
+                    r.different_bytes,
+                    r.ranges,
+                    held.join(", ")
                 ));
             }
             self.out.verifies_done += 1;

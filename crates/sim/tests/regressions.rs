@@ -384,3 +384,18 @@ fn requests_held_by_a_diskless_primary_are_not_overtaken() {
         panic!("{e}");
     }
 }
+
+/// Three diskful nodes: the Primary's disk failed, so it wrote only to the Secondary that
+/// served it while that one resynced the third; the source did not pass those writes on as
+/// late marks (only a diskless Primary's were), and the target ended "in sync" with old
+/// blocks (found by verify).
+#[test]
+fn a_detached_primarys_writes_reach_a_target_resyncing_from_its_serving_peer() {
+    let opts = SimOptions {
+        topology: Some(Topology::Three),
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(276, &opts) {
+        panic!("{e}");
+    }
+}
