@@ -275,6 +275,10 @@ struct Conn {
     /// ... and a write was sent after it that this link did not carry (it was not
     /// established yet): if the peer adopts, it lacks that write.
     offer_missed: bool,
+    /// As its sync source: it asked us for resync data or checksums on this link. A target
+    /// that reports UpToDate without having asked finished from another replica: our bits
+    /// toward it are not cleared then (see `resync_source_finished`).
+    resync_asked: bool,
 }
 
 #[derive(Debug)]
@@ -3167,6 +3171,7 @@ impl Engine {
             sent_bits: false,
             offered: false,
             offer_missed: false,
+            resync_asked: false,
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -3764,6 +3769,7 @@ impl Engine {
                 }
                 if let Some(c) = self.conn_mut(peer) {
                     c.full_marks = false;
+                    c.resync_asked = true;
                 }
                 if offset.saturating_add(u64::from(len)) > self.cfg.size_bytes || len == 0 {
                     return Err(ProtocolError::Invalid {
@@ -4084,6 +4090,13 @@ impl Engine {
                     self.meta.peer_bitmap_gens.insert(peer, 0);
                     self.persist_meta();
                 }
+                let caught_up = prev.as_ref().is_none_or(|p| {
+                    p.disk_state != DiskState::UpToDate
+                        || p.generations.current != r.generations.current
+                });
+                if caught_up {
+                    self.resync_what_it_missed(peer);
+                }
             }
             Some(ReplState::SyncSource)
                 if r.disk_state == DiskState::UpToDate
@@ -4112,6 +4125,48 @@ impl Engine {
             self.window_report(peer, &r);
         }
         Ok(())
+    }
+
+    /// `peer` became UpToDate at our generation over a link that stayed established (it
+    /// resynced from another replica) while we hold bits toward it: writes it missed that its
+    /// source did not know of (e.g. a Primary with a detached disk wrote only to us while it
+    /// was Outdated, and that Primary's own marks were lost with its restart). Resync them
+    /// now, as verify findings; were they stale, it only fetches blocks it already has.
+    fn resync_what_it_missed(&mut self, peer: NodeId) {
+        if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate {
+            return;
+        }
+        let Some(b) = self.bitmap(peer).filter(|b| b.count() > 0) else {
+            return;
+        };
+        let g = b.granularity();
+        let size = self.cfg.size_bytes;
+        let bytes = b.out_of_sync_bytes();
+        let runs: Vec<ByteRange> = b
+            .runs()
+            .into_iter()
+            .map(|(f, n)| ByteRange {
+                offset: f * g,
+                len: (n * g).min(size - f * g),
+            })
+            .collect();
+        self.log(
+            Level::Warn,
+            format!(
+                "node {peer} caught up elsewhere but misses {bytes} bytes we marked for it: \
+                 resyncing them"
+            ),
+        );
+        for chunk in runs.chunks(OOS_CHUNK) {
+            self.send(
+                peer,
+                Message::OutOfSync {
+                    flags: 0,
+                    ranges: chunk.to_vec(),
+                },
+            );
+        }
+        self.start_online_resync(peer);
     }
 
     /// `peer` reports its disk detached (Failed). A Primary drops it from its writes (the
@@ -4425,6 +4480,9 @@ impl Engine {
                     return;
                 }
                 if busy {
+                    if d == SyncDecision::BitmapTarget {
+                        self.fold_into_active_resync(peer, &r);
+                    }
                     self.set_state(peer, ReplState::PausedSync);
                     return;
                 }
@@ -4515,6 +4573,73 @@ impl Engine {
     }
 
     /// Our bits toward the peer become the union of both sides' (or everything).
+    /// A second peer found us behind at the generation of the resync already running into
+    /// us (its link pauses until that one ends, then reconnects to compare). The blocks it
+    /// marked for us are fetched from the running source too: it holds the same generation,
+    /// and these may be writes only that peer knew we lost (e.g. ones its Primary role ended
+    /// with); the comparison after the resync could otherwise pick us as the source.
+    fn fold_into_active_resync(&mut self, peer: NodeId, r: &StateReport) {
+        let Some(source) = self
+            .peers
+            .values()
+            .find(|p| {
+                p.conn.as_ref().is_some_and(|c| {
+                    c.state == ReplState::SyncTarget
+                        && c.resync.is_some()
+                        && c.report
+                            .as_ref()
+                            .is_some_and(|s| s.generations.current == r.generations.current)
+                })
+            })
+            .map(|p| p.cfg.node_id)
+        else {
+            return;
+        };
+        let ranges = self
+            .conn(peer)
+            .map(|c| c.bitmap_rx.clone())
+            .unwrap_or_default();
+        let mut added = 0;
+        let mut persist = Vec::new();
+        if let Some(p) = self.peers.get_mut(&source)
+            && let (Some(b), Some(rs)) = (
+                p.bitmap.as_mut(),
+                p.conn.as_mut().and_then(|c| c.resync.as_mut()),
+            )
+        {
+            for range in &ranges {
+                let (first, count) = b.bits_touching(range.offset, range.len);
+                for bit in first..first + count {
+                    if !rs.fenced.contains(&bit) && b.set_bits(bit, 1) > 0 {
+                        added += b.granularity();
+                        persist.push(bit);
+                    }
+                }
+            }
+            rs.total += added;
+            rs.cursor = 0;
+        }
+        if added == 0 {
+            return;
+        }
+        self.log(
+            Level::Info,
+            format!(
+                "node {peer} also finds us behind: its {added} more bytes out of sync are \
+                 fetched from node {source} too"
+            ),
+        );
+        for bit in persist {
+            self.out.push(Action::PersistBits {
+                peer: source,
+                set: true,
+                first: bit,
+                count: 1,
+            });
+        }
+        self.pump_resync();
+    }
+
     fn merge_bits(&mut self, peer: NodeId, full: bool) {
         let ranges = self
             .conn_mut(peer)
@@ -4720,7 +4845,12 @@ impl Engine {
     }
 
     fn resync_source_finished(&mut self, peer: NodeId) {
-        self.clear_all_bits(peer);
+        // It asked us for nothing: it caught up from another replica (its link to us paused,
+        // or the reports crossed). Our bits may name writes that replica did not know of.
+        let elsewhere = self.conn(peer).is_some_and(|c| !c.resync_asked);
+        if !elsewhere {
+            self.clear_all_bits(peer);
+        }
         let late = self
             .conn_mut(peer)
             .map(|c| std::mem::take(&mut c.late))
@@ -4762,6 +4892,9 @@ impl Engine {
             },
         );
         self.log(Level::Info, format!("node {peer} is in sync"));
+        if elsewhere {
+            self.resync_what_it_missed(peer);
+        }
     }
 }
 

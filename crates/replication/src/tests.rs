@@ -505,6 +505,127 @@ fn interrupted_resync_makes_paused_links_compare_again() {
     );
 }
 
+#[test]
+fn a_second_source_finding_us_behind_adds_its_bits_to_the_running_resync() {
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    connect_as_target(&mut e, 1);
+    e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    // Node 2 (same generation) marked block 2 for us: its link pauses, and the block is
+    // fetched from node 1 as part of the running resync.
+    e.handle(4, Event::PeerUp { peer: 2 });
+    let mut out = Vec::new();
+    for msg in [
+        Message::StateReport(Box::new(report_of(2))),
+        Message::OutOfSync {
+            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+            ranges: vec![tandem_repl_proto::ByteRange {
+                offset: 8192,
+                len: 4096,
+            }],
+        },
+    ] {
+        out.extend(e.handle(5, Event::PeerMessage { peer: 2, msg }));
+    }
+    assert_eq!(e.status().peers[1].repl_state, ReplState::PausedSync);
+    assert!(
+        e.bitmap(1).unwrap().test(2),
+        "block 2 is out of sync toward node 1"
+    );
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            peer: 1,
+            msg: Message::ResyncRequest { offset: 8192, .. }
+        }
+    )));
+}
+
+#[test]
+fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
+    use tandem_repl_proto::DiskState;
+    let mut e = primary();
+    let report = |seq, disk_state| Event::PeerMessage {
+        peer: 1,
+        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq,
+            disk_state,
+            ..report_of(1)
+        })),
+    };
+    let begins = |a: &[Action]| {
+        a.iter()
+            .filter(|x| {
+                matches!(
+                    x,
+                    Action::Send {
+                        peer: 1,
+                        msg: Message::ResyncBegin { .. }
+                    }
+                )
+            })
+            .count()
+    };
+    // Block 2 marked for node 1 (as by a write it did not get) over an established link.
+    e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::OutOfSync {
+                flags: 0,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: 8192,
+                    len: 4096,
+                }],
+            },
+        },
+    );
+    assert_eq!(e.bitmap(1).unwrap().count(), 1);
+    // It goes Outdated and comes back UpToDate at our generation (resynced from another
+    // replica): we resync our bits to it online.
+    e.handle(11, report(2, DiskState::Outdated));
+    let out = e.handle(12, report(3, DiskState::UpToDate));
+    assert_eq!(begins(&out), 1);
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            peer: 1,
+            msg: Message::OutOfSync { flags: 0, ranges }
+        } if ranges.len() == 1 && ranges[0].offset == 8192
+    )));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
+    // It reports UpToDate again without having asked us for anything: our bit stays and
+    // the resync starts over.
+    e.handle(13, report(4, DiskState::Inconsistent));
+    let out = e.handle(14, report(5, DiskState::UpToDate));
+    assert_eq!(e.bitmap(1).unwrap().count(), 1);
+    assert_eq!(begins(&out), 1);
+    // Once it fetched the block from us, it is in sync.
+    e.handle(15, report(6, DiskState::Inconsistent));
+    e.handle(
+        16,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncRequest {
+                id: 1,
+                offset: 8192,
+                len: 4096,
+            },
+        },
+    );
+    e.handle(17, report(7, DiskState::UpToDate));
+    assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
+    assert_eq!(e.bitmap(1).unwrap().count(), 0);
+}
+
 // ------------------------------------------------------------------ online verify
 
 fn checksum_jobs(a: &[Action]) -> Vec<(IoId, u64, u32)> {
@@ -685,6 +806,19 @@ fn verify_with_resync_starts_an_online_resync_of_the_findings() {
     e.handle(40, report(5, tandem_repl_proto::DiskState::UpToDate));
     assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
     e.handle(41, report(6, tandem_repl_proto::DiskState::Inconsistent));
+    // It fetches the block from us (a target that asked nothing caught up elsewhere and
+    // keeps our bits, see `resync_source_finished`).
+    e.handle(
+        41,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncRequest {
+                id: 1,
+                offset: 7 * 4096,
+                len: 4096,
+            },
+        },
+    );
     e.handle(42, report(7, tandem_repl_proto::DiskState::UpToDate));
     assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
     assert_eq!(e.bitmap(1).unwrap().count(), 0);

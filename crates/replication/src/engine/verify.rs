@@ -374,6 +374,11 @@ impl Engine {
             );
             return Ok(());
         }
+        if purpose == ChecksumPurpose::Resync
+            && let Some(c) = self.conn_mut(peer)
+        {
+            c.resync_asked = true;
+        }
         let epoch = self.conn(peer).map_or(0, |c| c.epoch);
         self.enqueue(
             offset,
