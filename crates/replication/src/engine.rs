@@ -275,9 +275,10 @@ struct Conn {
     /// ... and a write was sent after it that this link did not carry (it was not
     /// established yet): if the peer adopts, it lacks that write.
     offer_missed: bool,
-    /// As its sync source: it asked us for resync data or checksums on this link. A target
-    /// that reports UpToDate without having asked finished from another replica: our bits
-    /// toward it are not cleared then (see `resync_source_finished`).
+    /// As its sync source: it asked us for resync data or checksums on this link, or
+    /// confirmed our online resync. A target that reports UpToDate without either finished
+    /// from another replica: our bits toward it are not cleared then (see
+    /// `resync_source_finished`).
     resync_asked: bool,
 }
 
@@ -2357,6 +2358,9 @@ impl Engine {
                         );
                     }
                 }
+                if detached {
+                    self.pass_on_detached_write(peer, op.offset, op.len);
+                }
                 self.mark_primary_fresh(peer, op.offset, op.len);
                 self.fence_resync(op.offset, op.len);
                 let io = self.io(IoPurpose::Op(key));
@@ -2420,6 +2424,36 @@ impl Engine {
             OpKind::ResyncCheckLocal { .. } => {
                 let g = self.cfg.bitmap_granularity;
                 self.start_checksum_answer(&op, g);
+            }
+        }
+    }
+
+    /// A write of the Primary `peer`, whose disk is detached, is being applied here. It writes
+    /// only to the peers that serve it; the peers it lists as outdated (in its report) do not
+    /// get it, though they may look in sync to us (they caught up through us). Mark it toward
+    /// them and, when we can, resync it to them online now (its own marks live in its memory
+    /// only: a restart of the detached Primary loses them).
+    fn pass_on_detached_write(&mut self, peer: NodeId, offset: u64, len: u64) {
+        let mask = self
+            .conn(peer)
+            .and_then(|c| c.report.as_ref())
+            .map_or(0, |r| r.outdated);
+        let skipped: Vec<NodeId> = self
+            .diskful_ids()
+            .into_iter()
+            .filter(|id| *id != peer && mask & (1u32 << id) != 0 && self.in_sync(*id))
+            .collect();
+        for id in skipped {
+            self.set_bits(id, offset, len);
+            if self.meta.disk_state == DiskState::UpToDate && self.role == Role::Secondary {
+                self.send(
+                    id,
+                    Message::OutOfSync {
+                        flags: 0,
+                        ranges: vec![ByteRange { offset, len }],
+                    },
+                );
+                self.start_online_resync(id);
             }
         }
     }
@@ -4584,8 +4618,10 @@ impl Engine {
             .values()
             .find(|p| {
                 p.conn.as_ref().is_some_and(|c| {
+                    // Not one already finishing (its last flush runs): that one ends without
+                    // these bits, and the paused link compares again afterwards.
                     c.state == ReplState::SyncTarget
-                        && c.resync.is_some()
+                        && c.resync.as_ref().is_some_and(|rs| !rs.finishing)
                         && c.report
                             .as_ref()
                             .is_some_and(|s| s.generations.current == r.generations.current)

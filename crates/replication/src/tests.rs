@@ -602,13 +602,7 @@ fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
         } if ranges.len() == 1 && ranges[0].offset == 8192
     )));
     assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
-    // It reports UpToDate again without having asked us for anything: our bit stays and
-    // the resync starts over.
-    e.handle(13, report(4, DiskState::Inconsistent));
-    let out = e.handle(14, report(5, DiskState::UpToDate));
-    assert_eq!(e.bitmap(1).unwrap().count(), 1);
-    assert_eq!(begins(&out), 1);
-    // Once it fetched the block from us, it is in sync.
+    // It takes the resync and fetches the block from us: in sync.
     e.handle(15, report(6, DiskState::Inconsistent));
     e.handle(
         16,
@@ -624,6 +618,53 @@ fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
     e.handle(17, report(7, DiskState::UpToDate));
     assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
     assert_eq!(e.bitmap(1).unwrap().count(), 0);
+}
+
+#[test]
+fn a_source_the_target_never_asked_keeps_its_bits() {
+    use tandem_repl_proto::DiskState;
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    connect(&mut e, 1, true, Role::Secondary);
+    // Block 2 marked for node 1, then a new link: we are its sync source.
+    e.handle(
+        10,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::OutOfSync {
+                flags: 0,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: 8192,
+                    len: 4096,
+                }],
+            },
+        },
+    );
+    e.handle(11, Event::PeerDown { peer: 1 });
+    connect(&mut e, 1, true, Role::Secondary);
+    assert_eq!(
+        e.status().peers[0].last_decision,
+        Some((SyncDecision::BitmapSource, Rule::EqualBitsOneSide))
+    );
+    // It resyncs from another replica instead (our link paused on its side) and reports
+    // UpToDate without asking us for anything: our bit stays and goes to it online.
+    let report = |seq, disk_state| Event::PeerMessage {
+        peer: 1,
+        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq,
+            disk_state,
+            ..report_of(1)
+        })),
+    };
+    e.handle(12, report(5, DiskState::Inconsistent));
+    let out = e.handle(13, report(6, DiskState::UpToDate));
+    assert_eq!(e.bitmap(1).unwrap().count(), 1);
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            peer: 1,
+            msg: Message::ResyncBegin { bytes: 4096, .. }
+        }
+    )));
 }
 
 // ------------------------------------------------------------------ online verify

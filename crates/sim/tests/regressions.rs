@@ -385,17 +385,51 @@ fn requests_held_by_a_diskless_primary_are_not_overtaken() {
     }
 }
 
+/// Three diskful nodes with the options `three_diskful_seeds` uses (disk faults only in the
+/// ignored `three_diskful_disk_fault_seeds`).
+fn three(seed: u64, disk_faults: bool) {
+    let opts = SimOptions {
+        topology: Some(Topology::Three),
+        disk_faults,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
 /// Three diskful nodes: the Primary's disk failed, so it wrote only to the Secondary that
 /// served it while that one resynced the third; the source did not pass those writes on as
 /// late marks (only a diskless Primary's were), and the target ended "in sync" with old
 /// blocks (found by verify).
 #[test]
 fn a_detached_primarys_writes_reach_a_target_resyncing_from_its_serving_peer() {
-    let opts = SimOptions {
-        topology: Some(Topology::Three),
-        ..SimOptions::default()
-    };
-    if let Err(e) = run(276, &opts) {
-        panic!("{e}");
-    }
+    three(276, true);
+}
+
+/// Three diskful nodes: a Primary with a detached disk wrote to the one Secondary that served
+/// it, not to the other, which had just caught up through that Secondary and looked in sync
+/// to it; only the Primary knew, in memory, and its restart lost that. The serving Secondary
+/// now marks such writes toward the peers the Primary reports outdated and resyncs them online.
+#[test]
+fn a_detached_primarys_writes_are_passed_on_to_the_peers_it_skips() {
+    three(544, true);
+}
+
+/// Three diskful nodes: an online resync (of bits a peer held for a node that caught up
+/// elsewhere) fetched a block from a Secondary source before the Primary's newer write of it
+/// reached that source, while the target had that write already (it arrived before the
+/// online resync began, so nothing fenced it): the target took the old data. An online
+/// resync now skips the blocks the Primary gave the target whole, as a handshake resync does.
+#[test]
+fn an_online_resync_skips_blocks_the_primary_gave_the_target() {
+    three(5186, false);
+}
+
+/// Three diskful nodes: a second peer's bits joined a resync that was already finishing (its
+/// last flush running); it finished without them, "UpToDate" with a block lost in its crash,
+/// and later passed that block on. Bits join only a resync that is not finishing.
+#[test]
+fn a_finishing_resync_takes_no_more_bits() {
+    three(5943, false);
 }

@@ -580,8 +580,13 @@ impl Engine {
     }
 
     pub(super) fn verify_on_report(&mut self, peer: NodeId, r: &StateReport) {
-        if r.disk_state == DiskState::Inconsistent {
-            self.verify.online_sources.remove(&peer);
+        if r.disk_state == DiskState::Inconsistent
+            && self.verify.online_sources.remove(&peer).is_some()
+            && let Some(c) = self.conn_mut(peer)
+        {
+            // It took our online resync (it may ask for nothing: blocks a Primary gave it
+            // directly it does not fetch).
+            c.resync_asked = true;
         }
         if self.verify.run.is_some() && self.role != Role::Primary && r.role == Role::Primary {
             self.end_verify(Some(format!(
@@ -719,6 +724,9 @@ impl Engine {
         if !ok {
             return false;
         }
+        // Blocks a Primary (another node) gave us whole over its current link are current:
+        // the source may read them before that write reaches it.
+        self.skip_primary_fresh(peer);
         let total = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
         let now = self.now;
         let chunk = u64::from(self.cfg.resync_chunk);
