@@ -96,6 +96,14 @@ pub struct Extent {
 /// Called once with the outcome of a write started with [`BlockDevice::start_write`].
 pub type WriteDone = Box<dyn FnOnce(Result<()>) + Send>;
 
+/// One write of a batch handed to [`BlockDevice::start_writes`].
+pub struct StartWrite {
+    pub data: Bytes,
+    pub offset: u64,
+    pub fua: bool,
+    pub done: WriteDone,
+}
+
 pub trait BlockDevice: Send + Sync + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;
@@ -162,6 +170,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         done(r);
     }
 
+    /// Starts several writes, in order, as if by [`BlockDevice::start_write`] one after the
+    /// other. A device may take them in one go (a replicated volume runs them in one drain
+    /// of its engine, so their messages to a peer leave together); the default starts each.
+    fn start_writes(&self, writes: Vec<StartWrite>) {
+        for w in writes {
+            self.start_write(w.data, w.offset, w.fua, w.done);
+        }
+    }
+
     /// Checks that `[offset, offset+len)` lies inside the device.
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
@@ -207,6 +224,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn start_write(&self, data: Bytes, offset: u64, fua: bool, done: WriteDone) {
         (**self).start_write(data, offset, fua, done)
+    }
+    fn start_writes(&self, writes: Vec<StartWrite>) {
+        (**self).start_writes(writes)
     }
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         (**self).check_range(op, offset, len)

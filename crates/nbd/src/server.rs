@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_blockdev::{BlockDevice, BlockError, Bytes, ErrorKind};
+use tandem_blockdev::{BlockDevice, BlockError, Bytes, ErrorKind, StartWrite};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -723,11 +723,21 @@ where
     let async_writes = shared.export.device.async_writes();
     let mut batch: Vec<Queued> = Vec::new();
     let mut batch_bytes = 0usize;
+    // Writes to a device with asynchronous writes found together in the read buffer: started
+    // with one call once the buffer holds no further request (a replicated volume then sends
+    // their frames to a peer together).
+    let mut started: Vec<StartWrite> = Vec::new();
     let result: Result<(), ConnError> = async {
         loop {
             if !batch.is_empty() && !next_request_buffered(reader.buffer()) {
                 submit_batch(&workers, &shared, &out_tx, &mut batch);
                 batch_bytes = 0;
+            }
+            if !started.is_empty() && !next_request_buffered(reader.buffer()) {
+                shared
+                    .export
+                    .device
+                    .start_writes(std::mem::take(&mut started));
             }
             let mut hdr = [0u8; REQUEST_HEADER_LEN];
             let got = tokio::select! {
@@ -753,13 +763,21 @@ where
                 }
                 _ => 1,
             };
-            if !batch.is_empty()
-                && (count.available_permits() == 0
-                    || bytes.available_permits() < cost.min(MAX_INFLIGHT_BYTES / BYTE_UNIT))
-            {
+            let short = count.available_permits() == 0
+                || bytes.available_permits() < cost.min(MAX_INFLIGHT_BYTES / BYTE_UNIT);
+            if short && !batch.is_empty() {
                 // Waiting for permits while holding queued writes' permits could wait forever.
                 submit_batch(&workers, &shared, &out_tx, &mut batch);
                 batch_bytes = 0;
+            }
+            let is_write = matches!(decoded, Decoded::Ok(Command::Write { .. }));
+            if !started.is_empty() && (short || !async_writes || !is_write) {
+                // The same for writes not started yet; and whatever else comes runs after
+                // the writes before it were started.
+                shared
+                    .export
+                    .device
+                    .start_writes(std::mem::take(&mut started));
             }
             let permits = tokio::select! {
                 p = acquire(&count, &bytes, cost) => p,
@@ -823,15 +841,21 @@ where
                         let (sh, out) = (shared.clone(), out_tx.clone());
                         let (offset, fua) = (*offset, *fua);
                         let data = shared.pool.bytes(payload.unwrap_or_default());
-                        shared.export.device.start_write(
+                        started.push(StartWrite {
                             data,
                             offset,
                             fua,
-                            Box::new(move |r| {
+                            done: Box::new(move |r| {
                                 let part = status_part(sh.session.structured, handle, r);
                                 reply(&sh, &out, Out::one(vec![part], permits));
                             }),
-                        );
+                        });
+                        if started.len() >= BATCH_MAX_WRITES {
+                            shared
+                                .export
+                                .device
+                                .start_writes(std::mem::take(&mut started));
+                        }
                         continue;
                     }
                     let (payload, inline) = try_inline(&shared, &cmd, handle, payload);
@@ -876,6 +900,9 @@ where
     // Queued writes run and are answered like every request already read.
     if !batch.is_empty() {
         submit_batch(&workers, &shared, &out_tx, &mut batch);
+    }
+    if !started.is_empty() {
+        shared.export.device.start_writes(started);
     }
     // Let running requests finish and their replies go out, then close.
     drop(out_tx);

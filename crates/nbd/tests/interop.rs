@@ -551,6 +551,33 @@ struct AsyncFile {
     file: std::sync::Arc<tandem_blockdev::FileDevice>,
     started: std::sync::atomic::AtomicU64,
     blocking: std::sync::atomic::AtomicU64,
+    /// The number of writes in each `start_writes` call.
+    batches: std::sync::Mutex<Vec<usize>>,
+}
+
+impl AsyncFile {
+    /// A 16 MiB file exported as `name`, behind an `Arc<dyn BlockDevice>` as the agent
+    /// exports a replicated volume.
+    fn export(h: &Harness, name: &str) -> std::sync::Arc<AsyncFile> {
+        let dev = std::sync::Arc::new(AsyncFile {
+            file: std::sync::Arc::new(
+                tandem_blockdev::FileDevice::create(&h.path(&format!("{name}.img")), 16 * MIB)
+                    .unwrap(),
+            ),
+            started: Default::default(),
+            blocking: Default::default(),
+            batches: Default::default(),
+        });
+        let device: std::sync::Arc<dyn BlockDevice> = dev.clone();
+        h.registry.add(tandem_nbd::Export {
+            name: name.into(),
+            description: "asynchronous writes".into(),
+            device,
+            read_only: false,
+            multi_conn: true,
+        });
+        dev
+    }
 }
 
 impl BlockDevice for AsyncFile {
@@ -601,27 +628,18 @@ impl BlockDevice for AsyncFile {
             done(r)
         });
     }
+    fn start_writes(&self, writes: Vec<tandem_blockdev::StartWrite>) {
+        self.batches.lock().unwrap().push(writes.len());
+        for w in writes {
+            self.start_write(w.data, w.offset, w.fua, w.done);
+        }
+    }
 }
 
 #[test]
 fn writes_to_an_async_device_are_started_not_run_on_a_worker() {
     let h = Harness::start(16 * MIB);
-    let dev = std::sync::Arc::new(AsyncFile {
-        file: std::sync::Arc::new(
-            tandem_blockdev::FileDevice::create(&h.path("async.img"), 16 * MIB).unwrap(),
-        ),
-        started: Default::default(),
-        blocking: Default::default(),
-    });
-    // Exported as the agent exports a replicated volume: behind an `Arc<dyn BlockDevice>`.
-    let device: std::sync::Arc<dyn BlockDevice> = dev.clone();
-    h.registry.add(tandem_nbd::Export {
-        name: "async".into(),
-        description: "asynchronous writes".into(),
-        device,
-        read_only: false,
-        multi_conn: true,
-    });
+    let dev = AsyncFile::export(&h, "async");
     let uri = h.unix_uri("async");
     let cmds: Vec<String> = (0..8u64)
         .map(|i| format!("write -P {} {} 4k", i + 1, i * 65536))
@@ -641,5 +659,49 @@ fn writes_to_an_async_device_are_started_not_run_on_a_worker() {
         dev.blocking.load(Relaxed),
         0,
         "no write ran as a blocking write_at"
+    );
+}
+
+/// Writes that arrive together (here: eight in one socket write) are handed to the device in
+/// one `start_writes` call, so a replicated volume sends their frames to a peer together.
+#[test]
+fn writes_found_together_are_started_together() {
+    use tandem_nbd::proto::CMD_WRITE;
+    use tandem_nbd::transmission::{RequestHeader, encode_request};
+    let h = Harness::start(16 * MIB);
+    let dev = AsyncFile::export(&h, "async");
+    let mut r = common::raw::Raw::go(&h, "async", false);
+    let mut wire = Vec::new();
+    for i in 0..8u64 {
+        wire.extend_from_slice(&encode_request(&RequestHeader {
+            flags: 0,
+            kind: CMD_WRITE,
+            handle: i + 1,
+            offset: i * 65536,
+            length: 4096,
+        }));
+        wire.extend(std::iter::repeat_n(i as u8 + 1, 4096));
+    }
+    r.send(&wire);
+    let mut handles: Vec<u64> = (0..8)
+        .map(|_| {
+            let (err, handle) = r.simple();
+            assert_eq!(err, 0, "write {handle} failed");
+            handle
+        })
+        .collect();
+    handles.sort_unstable();
+    assert_eq!(handles, (1..=8).collect::<Vec<u64>>());
+    for i in 0..8u64 {
+        assert_eq!(
+            r.simple_read(100 + i, i * 65536, 4096),
+            vec![i as u8 + 1; 4096]
+        );
+    }
+    let batches = dev.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 8, "{batches:?}");
+    assert!(
+        batches.iter().any(|n| *n > 1),
+        "writes read together were started one by one: {batches:?}"
     );
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 
 use bytes::Bytes;
-use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent, Result, WriteDone};
+use tandem_blockdev::{BlockDevice, BlockError, ErrorKind, Extent, Result, StartWrite, WriteDone};
 use tandem_replication::{Reply, RequestError};
 
 use crate::driver::{Completion, ConsumerOp, Inbox, Input};
@@ -153,27 +153,56 @@ impl BlockDevice for ReplicatedDevice {
     /// runs on the loop thread when the engine completes it (FUA included: the engine makes
     /// it durable everywhere before completing).
     fn start_write(&self, data: Bytes, offset: u64, fua: bool, done: WriteDone) {
-        let len = data.len() as u64;
-        if let Err(e) = self.check_range("write", offset, len) {
-            return done(Err(e));
+        self.start_writes(vec![StartWrite {
+            data,
+            offset,
+            fua,
+            done,
+        }]);
+    }
+
+    /// Hands every write to the engine loop at once: one drain runs them all, so their
+    /// `Write` frames to a peer leave in one `sendmsg`.
+    fn start_writes(&self, writes: Vec<StartWrite>) {
+        let mut inputs = Vec::with_capacity(writes.len());
+        for w in writes {
+            let (offset, len) = (w.offset, w.data.len() as u64);
+            if let Err(e) = self.check_range("write", offset, len) {
+                (w.done)(Err(e));
+                continue;
+            }
+            if len == 0 {
+                (w.done)(Ok(()));
+                continue;
+            }
+            let name = self.name.clone();
+            let done = w.done;
+            let completion = Completion::Callback(Box::new(
+                move |r: std::result::Result<Reply, RequestError>| {
+                    done(
+                        r.map(|_| ())
+                            .map_err(|e| request_error(&name, e, "write", offset, len)),
+                    )
+                },
+            ));
+            let op = ConsumerOp::Write {
+                offset,
+                data: w.data,
+                fua: w.fua,
+            };
+            inputs.push(Input::Consumer(op, completion));
         }
-        if data.is_empty() {
-            return done(Ok(()));
+        if inputs.is_empty() {
+            return;
         }
-        let name = self.name.clone();
-        let completion = Completion::Callback(Box::new(
-            move |r: std::result::Result<Reply, RequestError>| {
-                done(
-                    r.map(|_| ())
-                        .map_err(|e| request_error(&name, e, "write", offset, len)),
-                )
-            },
-        ));
-        let op = ConsumerOp::Write { offset, data, fua };
-        if let Err(Input::Consumer(_, c)) = self.tx.send(Input::Consumer(op, completion)) {
-            c.complete(Err(RequestError::Io(
-                "the replication driver stopped".into(),
-            )));
+        if let Err(inputs) = self.tx.send_many(inputs) {
+            for input in inputs {
+                if let Input::Consumer(_, c) = input {
+                    c.complete(Err(RequestError::Io(
+                        "the replication driver stopped".into(),
+                    )));
+                }
+            }
         }
     }
 

@@ -264,13 +264,13 @@ impl Inbox {
     }
 
     /// Queues `inputs` in order and runs the queue here if no other thread does: one drain
-    /// for all of them (their messages to a peer leave together). Inputs are dropped when
-    /// the loop has stopped.
-    pub(crate) fn send_many(&self, inputs: impl IntoIterator<Item = Input>) {
+    /// for all of them (their messages to a peer leave together). `Err` gives the inputs
+    /// back when the loop has stopped.
+    pub(crate) fn send_many(&self, inputs: Vec<Input>) -> Result<(), Vec<Input>> {
         {
             let mut q = lock(&self.queue);
             if q.stopped.is_some() {
-                return;
+                return Err(inputs);
             }
             q.items.extend(inputs);
         }
@@ -279,6 +279,7 @@ impl Inbox {
         } else {
             self.wake.notify_one();
         }
+        Ok(())
     }
 
     /// Drains the queue while this thread can take the loop's lock.

@@ -113,7 +113,8 @@ impl NodeReplication {
                     }
                 }
                 for (inbox, run) in runs.drain(..) {
-                    inbox.send_many(run);
+                    // A stopped volume's transport events are dropped.
+                    let _ = inbox.send_many(run);
                 }
             }
         });

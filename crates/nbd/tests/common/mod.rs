@@ -1,6 +1,8 @@
 //! Test harness: the NBD server in-process on sparse temp files, real clients as subprocesses.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
