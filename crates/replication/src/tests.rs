@@ -102,6 +102,18 @@ fn report_of(peer: u8) -> tandem_repl_proto::StateReport {
     }
 }
 
+/// A report of node 1 (as [`report_of`]) with sequence number `seq` and `disk_state`.
+fn report_from_1(seq: u64, disk_state: tandem_repl_proto::DiskState) -> Event {
+    Event::PeerMessage {
+        peer: 1,
+        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            seq,
+            disk_state,
+            ..report_of(1)
+        })),
+    }
+}
+
 fn disk_writes(a: &[Action]) -> Vec<(IoId, u64)> {
     a.iter()
         .filter_map(|a| match a {
@@ -384,38 +396,40 @@ fn crashed_primary_marks_its_activity_log() {
 /// out of sync from `peer`: with no bits of our own we are its sync target
 /// (`EqualBitsOneSide`).
 fn connect_as_target(e: &mut Engine, peer: u8) -> Vec<Action> {
+    connect_marked(e, peer, 0)
+}
+
+/// Feeds PeerUp and a handshake from `peer` (UpToDate at our generation) whose bitmap marks
+/// the block at `offset` out of sync toward us.
+fn connect_marked(e: &mut Engine, peer: u8, offset: u64) -> Vec<Action> {
     let mut out = e.handle(1, Event::PeerUp { peer });
-    let report = tandem_repl_proto::StateReport {
-        seq: 1,
-        node_id: peer,
-        role: Role::Secondary,
-        disk_state: tandem_repl_proto::DiskState::UpToDate,
-        quorum: Default::default(),
-        flags: 0,
-        size_bytes: SIZE,
-        generations: tandem_repl_proto::Generations {
-            current: 77,
-            ..Default::default()
-        },
-        peer_bitmaps: vec![],
-        outdated: 0,
-        outdated_gen: 0,
-        outdated_by: 0,
-        primary_epoch: 0,
-    };
     for msg in [
-        Message::StateReport(Box::new(report)),
+        Message::StateReport(Box::new(report_of(peer))),
         Message::OutOfSync {
             flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
-            ranges: vec![tandem_repl_proto::ByteRange {
-                offset: 0,
-                len: 4096,
-            }],
+            ranges: vec![tandem_repl_proto::ByteRange { offset, len: 4096 }],
         },
     ] {
         out.extend(e.handle(2, Event::PeerMessage { peer, msg }));
     }
     out
+}
+
+/// Node 0 with diskful peers 1 and 2, resyncing from node 1 (which confirmed).
+fn resyncing_from_node_1() -> Engine {
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    connect_as_target(&mut e, 1);
+    e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    e
 }
 
 fn disconnects(a: &[Action]) -> Vec<(u8, DisconnectReason)> {
@@ -483,18 +497,7 @@ fn sync_target_stays_up_to_date_until_the_source_confirms() {
 
 #[test]
 fn interrupted_resync_makes_paused_links_compare_again() {
-    let mut e = engine(0, &[(1, true), (2, true)]);
-    connect_as_target(&mut e, 1);
-    e.handle(
-        3,
-        Event::PeerMessage {
-            peer: 1,
-            msg: Message::ResyncBegin {
-                generation: 77,
-                bytes: 4096,
-            },
-        },
-    );
+    let mut e = resyncing_from_node_1();
     // A second source while the first resync runs: paused.
     connect_as_target(&mut e, 2);
     assert_eq!(e.status().peers[1].repl_state, ReplState::PausedSync);
@@ -507,34 +510,10 @@ fn interrupted_resync_makes_paused_links_compare_again() {
 
 #[test]
 fn a_second_source_finding_us_behind_adds_its_bits_to_the_running_resync() {
-    let mut e = engine(0, &[(1, true), (2, true)]);
-    connect_as_target(&mut e, 1);
-    e.handle(
-        3,
-        Event::PeerMessage {
-            peer: 1,
-            msg: Message::ResyncBegin {
-                generation: 77,
-                bytes: 4096,
-            },
-        },
-    );
+    let mut e = resyncing_from_node_1();
     // Node 2 (same generation) marked block 2 for us: its link pauses, and the block is
     // fetched from node 1 as part of the running resync.
-    e.handle(4, Event::PeerUp { peer: 2 });
-    let mut out = Vec::new();
-    for msg in [
-        Message::StateReport(Box::new(report_of(2))),
-        Message::OutOfSync {
-            flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
-            ranges: vec![tandem_repl_proto::ByteRange {
-                offset: 8192,
-                len: 4096,
-            }],
-        },
-    ] {
-        out.extend(e.handle(5, Event::PeerMessage { peer: 2, msg }));
-    }
+    let out = connect_marked(&mut e, 2, 8192);
     assert_eq!(e.status().peers[1].repl_state, ReplState::PausedSync);
     assert!(
         e.bitmap(1).unwrap().test(2),
@@ -549,32 +528,9 @@ fn a_second_source_finding_us_behind_adds_its_bits_to_the_running_resync() {
     )));
 }
 
-#[test]
-fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
-    use tandem_repl_proto::DiskState;
-    let mut e = primary();
-    let report = |seq, disk_state| Event::PeerMessage {
-        peer: 1,
-        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-            seq,
-            disk_state,
-            ..report_of(1)
-        })),
-    };
-    let begins = |a: &[Action]| {
-        a.iter()
-            .filter(|x| {
-                matches!(
-                    x,
-                    Action::Send {
-                        peer: 1,
-                        msg: Message::ResyncBegin { .. }
-                    }
-                )
-            })
-            .count()
-    };
-    // Block 2 marked for node 1 (as by a write it did not get) over an established link.
+/// Node 1 reports block 2 different (an `OutOfSync` on the established link, as verify
+/// findings): we mark it toward node 1.
+fn mark_block_2_for_node_1(e: &mut Engine) {
     e.handle(
         10,
         Event::PeerMessage {
@@ -588,12 +544,20 @@ fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
             },
         },
     );
+}
+
+#[test]
+fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
+    use tandem_repl_proto::DiskState;
+    let mut e = primary();
+    // Block 2 marked for node 1 (as by a write it did not get) over an established link.
+    mark_block_2_for_node_1(&mut e);
     assert_eq!(e.bitmap(1).unwrap().count(), 1);
     // It goes Outdated and comes back UpToDate at our generation (resynced from another
     // replica): we resync our bits to it online.
-    e.handle(11, report(2, DiskState::Outdated));
-    let out = e.handle(12, report(3, DiskState::UpToDate));
-    assert_eq!(begins(&out), 1);
+    e.handle(11, report_from_1(2, DiskState::Outdated));
+    let out = e.handle(12, report_from_1(3, DiskState::UpToDate));
+    assert_eq!(resync_begins(&out), 1);
     assert!(out.iter().any(|a| matches!(
         a,
         Action::Send {
@@ -603,7 +567,7 @@ fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
     )));
     assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
     // It takes the resync and fetches the block from us: in sync.
-    e.handle(15, report(6, DiskState::Inconsistent));
+    e.handle(15, report_from_1(6, DiskState::Inconsistent));
     e.handle(
         16,
         Event::PeerMessage {
@@ -615,7 +579,7 @@ fn a_peer_that_caught_up_elsewhere_gets_the_blocks_we_marked_for_it() {
             },
         },
     );
-    e.handle(17, report(7, DiskState::UpToDate));
+    e.handle(17, report_from_1(7, DiskState::UpToDate));
     assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
     assert_eq!(e.bitmap(1).unwrap().count(), 0);
 }
@@ -626,19 +590,7 @@ fn a_source_the_target_never_asked_keeps_its_bits() {
     let mut e = engine(0, &[(1, true), (2, true)]);
     connect(&mut e, 1, true, Role::Secondary);
     // Block 2 marked for node 1, then a new link: we are its sync source.
-    e.handle(
-        10,
-        Event::PeerMessage {
-            peer: 1,
-            msg: Message::OutOfSync {
-                flags: 0,
-                ranges: vec![tandem_repl_proto::ByteRange {
-                    offset: 8192,
-                    len: 4096,
-                }],
-            },
-        },
-    );
+    mark_block_2_for_node_1(&mut e);
     e.handle(11, Event::PeerDown { peer: 1 });
     connect(&mut e, 1, true, Role::Secondary);
     assert_eq!(
@@ -647,16 +599,8 @@ fn a_source_the_target_never_asked_keeps_its_bits() {
     );
     // It resyncs from another replica instead (our link paused on its side) and reports
     // UpToDate without asking us for anything: our bit stays and goes to it online.
-    let report = |seq, disk_state| Event::PeerMessage {
-        peer: 1,
-        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-            seq,
-            disk_state,
-            ..report_of(1)
-        })),
-    };
-    e.handle(12, report(5, DiskState::Inconsistent));
-    let out = e.handle(13, report(6, DiskState::UpToDate));
+    e.handle(12, report_from_1(5, DiskState::Inconsistent));
+    let out = e.handle(13, report_from_1(6, DiskState::UpToDate));
     assert_eq!(e.bitmap(1).unwrap().count(), 1);
     assert!(out.iter().any(|a| matches!(
         a,
@@ -823,30 +767,12 @@ fn verify_with_resync_starts_an_online_resync_of_the_findings() {
     )));
     assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
     // A stale UpToDate report (sent before the peer saw ResyncBegin) does not end it.
-    let report = |seq, disk_state| Event::PeerMessage {
-        peer: 1,
-        msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-            seq,
-            node_id: 1,
-            role: Role::Secondary,
-            disk_state,
-            quorum: Default::default(),
-            flags: 0,
-            size_bytes: SIZE,
-            generations: tandem_repl_proto::Generations {
-                current: 77,
-                ..Default::default()
-            },
-            peer_bitmaps: vec![],
-            outdated: 0,
-            outdated_gen: 0,
-            outdated_by: 0,
-            primary_epoch: 0,
-        })),
-    };
-    e.handle(40, report(5, tandem_repl_proto::DiskState::UpToDate));
+    e.handle(40, report_from_1(5, tandem_repl_proto::DiskState::UpToDate));
     assert_eq!(e.status().peers[0].repl_state, ReplState::SyncSource);
-    e.handle(41, report(6, tandem_repl_proto::DiskState::Inconsistent));
+    e.handle(
+        41,
+        report_from_1(6, tandem_repl_proto::DiskState::Inconsistent),
+    );
     // It fetches the block from us (a target that asked nothing caught up elsewhere and
     // keeps our bits, see `resync_source_finished`).
     e.handle(
@@ -860,7 +786,7 @@ fn verify_with_resync_starts_an_online_resync_of_the_findings() {
             },
         },
     );
-    e.handle(42, report(7, tandem_repl_proto::DiskState::UpToDate));
+    e.handle(42, report_from_1(7, tandem_repl_proto::DiskState::UpToDate));
     assert_eq!(e.status().peers[0].repl_state, ReplState::Established);
     assert_eq!(e.bitmap(1).unwrap().count(), 0);
 }

@@ -385,12 +385,12 @@ fn requests_held_by_a_diskless_primary_are_not_overtaken() {
     }
 }
 
-/// Three diskful nodes with the options `three_diskful_seeds` uses (disk faults only in the
-/// ignored `three_diskful_disk_fault_seeds`).
-fn three(seed: u64, disk_faults: bool) {
+/// Three diskful nodes with the options `three_diskful_seeds` uses (no disk faults; seeds
+/// found with them run through `disk_seed`).
+fn three(seed: u64) {
     let opts = SimOptions {
         topology: Some(Topology::Three),
-        disk_faults,
+        disk_faults: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -404,7 +404,7 @@ fn three(seed: u64, disk_faults: bool) {
 /// blocks (found by verify).
 #[test]
 fn a_detached_primarys_writes_reach_a_target_resyncing_from_its_serving_peer() {
-    three(276, true);
+    disk_seed(276, Some(Topology::Three));
 }
 
 /// Three diskful nodes: a Primary with a detached disk wrote to the one Secondary that served
@@ -413,7 +413,7 @@ fn a_detached_primarys_writes_reach_a_target_resyncing_from_its_serving_peer() {
 /// now marks such writes toward the peers the Primary reports outdated and resyncs them online.
 #[test]
 fn a_detached_primarys_writes_are_passed_on_to_the_peers_it_skips() {
-    three(544, true);
+    disk_seed(544, Some(Topology::Three));
 }
 
 /// Three diskful nodes: an online resync (of bits a peer held for a node that caught up
@@ -423,7 +423,7 @@ fn a_detached_primarys_writes_are_passed_on_to_the_peers_it_skips() {
 /// resync now skips the blocks the Primary gave the target whole, as a handshake resync does.
 #[test]
 fn an_online_resync_skips_blocks_the_primary_gave_the_target() {
-    three(5186, false);
+    three(5186);
 }
 
 /// Three diskful nodes: a second peer's bits joined a resync that was already finishing (its
@@ -431,5 +431,5 @@ fn an_online_resync_skips_blocks_the_primary_gave_the_target() {
 /// and later passed that block on. Bits join only a resync that is not finishing.
 #[test]
 fn a_finishing_resync_takes_no_more_bits() {
-    three(5943, false);
+    three(5943);
 }
