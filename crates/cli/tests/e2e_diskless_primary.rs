@@ -9,19 +9,9 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::repl::{qemu_io_ok, replica, same_files};
+use common::repl::{nodes_of_kind, qemu_io_ok, replica, same_files};
 use common::*;
 use serde_json::Value;
-
-fn nodes(v: &Value, diskless: bool) -> Vec<String> {
-    v["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["diskless"] == diskless)
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// `primary` is Primary with quorum; both diskful replicas UpToDate, linked, nothing out of
 /// sync.
@@ -49,8 +39,8 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
 fn create_in_sync(c: &Cluster, name: &str) -> (Vec<String>, String, String) {
     let v = c.json(&["volume", "create", name, "16MiB", "--replicas", "2"]);
     assert_eq!(v["state"], "ready", "{v:#}");
-    let diskful = nodes(&v, false);
-    let w = nodes(&v, true).pop().expect("a witness");
+    let diskful = nodes_of_kind(&v, false);
+    let w = nodes_of_kind(&v, true).pop().expect("a witness");
     assert_eq!(diskful.len(), 2, "{v:#}");
     let first = v["primary_node"]
         .as_str()

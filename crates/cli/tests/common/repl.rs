@@ -22,11 +22,16 @@ pub fn diskful(v: &Value) -> Vec<&Value> {
 
 /// The nodes holding data (diskful replicas) of `volume show -o json`.
 pub fn diskful_nodes(v: &Value) -> Vec<String> {
+    nodes_of_kind(v, false)
+}
+
+/// The nodes of the volume's diskless (`true`: the witness) or diskful placements.
+pub fn nodes_of_kind(v: &Value, diskless: bool) -> Vec<String> {
     v["replicas"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["diskless"] == false)
+        .filter(|r| r["diskless"] == diskless)
         .map(|r| r["node"].as_str().unwrap().to_string())
         .collect()
 }
