@@ -4606,7 +4606,6 @@ impl Engine {
         }
     }
 
-    /// Our bits toward the peer become the union of both sides' (or everything).
     /// A second peer found us behind at the generation of the resync already running into
     /// us (its link pauses until that one ends, then reconnects to compare). The blocks it
     /// marked for us are fetched from the running source too: it holds the same generation,
@@ -4676,6 +4675,7 @@ impl Engine {
         self.pump_resync();
     }
 
+    /// Our bits toward the peer become the union of both sides' (or everything).
     fn merge_bits(&mut self, peer: NodeId, full: bool) {
         let ranges = self
             .conn_mut(peer)
