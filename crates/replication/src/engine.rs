@@ -2464,6 +2464,10 @@ impl Engine {
         let Some(epoch) = self.conn(peer).map(|c| c.epoch) else {
             return;
         };
+        if self.peer_failed(peer) {
+            // A Primary with a detached disk may skip us with its next write.
+            return;
+        }
         let stale = self
             .primary_fresh
             .as_ref()
@@ -2490,7 +2494,8 @@ impl Engine {
             return;
         };
         let live = self.conn(f.primary).is_some_and(|c| c.epoch == f.epoch)
-            && peer_role(&self.peers[&f.primary]) == Some(Role::Primary);
+            && peer_role(&self.peers[&f.primary]) == Some(Role::Primary)
+            && !self.peer_failed(f.primary);
         if f.primary == source || !live {
             return;
         }
@@ -2578,6 +2583,7 @@ impl Engine {
         let fresh = self.primary_fresh.as_ref().filter(|f| {
             self.conn(f.primary).is_some_and(|c| c.epoch == f.epoch)
                 && peer_role(&self.peers[&f.primary]) == Some(Role::Primary)
+                && !self.peer_failed(f.primary)
         });
         let mut bits = Vec::new();
         if let Some(b) = self.peers.get(&peer).and_then(|p| p.bitmap.as_ref()) {
@@ -4021,12 +4027,14 @@ impl Engine {
         }
         self.verify_on_report(peer, &r);
         self.check_outdated();
-        if r.role != Role::Primary
+        if (r.role != Role::Primary || r.disk_state == DiskState::Failed)
             && self
                 .primary_fresh
                 .as_ref()
                 .is_some_and(|f| f.primary == peer)
         {
+            // Not Primary any more, or its disk detached: it writes only to the peers that
+            // serve it, which need not include us, so what it gave us may be stale by now.
             self.primary_fresh = None;
         }
         // Two Primaries: the one already known keeps the volume.

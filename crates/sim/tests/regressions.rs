@@ -433,3 +433,12 @@ fn an_online_resync_skips_blocks_the_primary_gave_the_target() {
 fn a_finishing_resync_takes_no_more_bits() {
     three(5943);
 }
+
+/// Three diskful nodes: a Secondary resyncing from the other skipped blocks "already current
+/// from the Primary" (received whole over the live link), but that Primary's disk was
+/// detached and its next write to those blocks went only to the Secondary serving it. A
+/// detached Primary's writes no longer count as fresh.
+#[test]
+fn a_detached_primarys_blocks_are_not_fresh() {
+    disk_seed(201, Some(Topology::Three));
+}
