@@ -2446,14 +2446,7 @@ impl Engine {
         for id in skipped {
             self.set_bits(id, offset, len);
             if self.meta.disk_state == DiskState::UpToDate && self.role == Role::Secondary {
-                self.send(
-                    id,
-                    Message::OutOfSync {
-                        flags: 0,
-                        ranges: vec![ByteRange { offset, len }],
-                    },
-                );
-                self.start_online_resync(id);
+                self.resync_online(id, vec![ByteRange { offset, len }]);
             }
         }
     }
@@ -3224,20 +3217,7 @@ impl Engine {
         self.send(peer, Message::StateReport(Box::new(report)));
         let diskful_pair = self.cfg.diskful && self.peers[&peer].cfg.diskful;
         if diskful_pair {
-            let runs: Vec<ByteRange> = self.peers[&peer]
-                .bitmap
-                .as_ref()
-                .map(|b| {
-                    let g = b.granularity();
-                    b.runs()
-                        .into_iter()
-                        .map(|(f, n)| ByteRange {
-                            offset: f * g,
-                            len: (n * g).min(self.cfg.size_bytes - f * g),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let runs = self.bitmap_ranges(peer);
             let sent_bits = !runs.is_empty();
             if let Some(c) = self.conn_mut(peer) {
                 c.sent_bits = sent_bits;
@@ -3528,8 +3508,7 @@ impl Engine {
                             // It looks in sync with us but misses these writes (it caught
                             // up through us while the Primary could not reach it): resync
                             // them online, as verify findings.
-                            self.send(node, Message::OutOfSync { flags: 0, ranges });
-                            self.start_online_resync(node);
+                            self.resync_online(node, ranges);
                         }
                     }
                     return Ok(());
@@ -4178,20 +4157,10 @@ impl Engine {
         if !self.cfg.diskful || self.meta.disk_state != DiskState::UpToDate {
             return;
         }
-        let Some(b) = self.bitmap(peer).filter(|b| b.count() > 0) else {
+        let bytes = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
+        if bytes == 0 {
             return;
-        };
-        let g = b.granularity();
-        let size = self.cfg.size_bytes;
-        let bytes = b.out_of_sync_bytes();
-        let runs: Vec<ByteRange> = b
-            .runs()
-            .into_iter()
-            .map(|(f, n)| ByteRange {
-                offset: f * g,
-                len: (n * g).min(size - f * g),
-            })
-            .collect();
+        }
         self.log(
             Level::Warn,
             format!(
@@ -4199,7 +4168,31 @@ impl Engine {
                  resyncing them"
             ),
         );
-        for chunk in runs.chunks(OOS_CHUNK) {
+        let ranges = self.bitmap_ranges(peer);
+        self.resync_online(peer, ranges);
+    }
+
+    /// Our bits toward `peer` as byte ranges.
+    fn bitmap_ranges(&self, peer: NodeId) -> Vec<ByteRange> {
+        let size = self.cfg.size_bytes;
+        self.bitmap(peer)
+            .map(|b| {
+                let g = b.granularity();
+                b.runs()
+                    .into_iter()
+                    .map(|(f, n)| ByteRange {
+                        offset: f * g,
+                        len: (n * g).min(size - f * g),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `peer` looks in sync but misses `ranges` (marked toward it already): tell it, as
+    /// verify findings, and resync them online.
+    fn resync_online(&mut self, peer: NodeId, ranges: Vec<ByteRange>) {
+        for chunk in ranges.chunks(OOS_CHUNK) {
             self.send(
                 peer,
                 Message::OutOfSync {
