@@ -27,7 +27,8 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// * `block_status` reports everything as allocated data (safe: never claims zeroes).
 #[derive(Debug, Clone)]
 pub struct ReplicatedDevice {
-    name: String,
+    /// Shared: every write's completion carries it (for its error message).
+    name: Arc<str>,
     /// The engine's usable size, updated by the driver's loop (online resize).
     size: Arc<AtomicU64>,
     tx: Arc<Inbox>,
@@ -35,7 +36,11 @@ pub struct ReplicatedDevice {
 
 impl ReplicatedDevice {
     pub(crate) fn new(name: String, size: Arc<AtomicU64>, tx: Arc<Inbox>) -> Self {
-        ReplicatedDevice { name, size, tx }
+        ReplicatedDevice {
+            name: name.into(),
+            size,
+            tx,
+        }
     }
 
     fn submit(&self, op: ConsumerOp, what: &'static str, offset: u64, len: u64) -> Result<Reply> {
