@@ -177,7 +177,9 @@ enum Parked {
 
 #[derive(Debug)]
 struct ClientFlushState {
-    id: RequestId,
+    /// `None`: the engine's own flush (see [`Config::flush_after_writes`]); nobody waits
+    /// for it.
+    id: Option<RequestId>,
     local_done: bool,
     local_error: Option<String>,
     waiting: BTreeSet<NodeId>,
@@ -890,7 +892,7 @@ impl Engine {
     /// Consumer requests in flight or queued.
     fn busy_requests(&self) -> usize {
         self.writes.len()
-            + self.flushes.len()
+            + self.flushes.values().filter(|f| f.id.is_some()).count()
             + self.quorum_wait.len()
             + self.held.len()
             + self
@@ -2198,7 +2200,7 @@ impl Engine {
                 Access::Read,
                 OpKind::ClientRead { id },
             ),
-            Event::Flush { id } => self.start_client_flush(id),
+            Event::Flush { id } => self.start_client_flush(Some(id)),
             _ => {}
         }
     }
@@ -2223,7 +2225,10 @@ impl Engine {
         }
     }
 
-    fn start_client_flush(&mut self, id: RequestId) {
+    /// Starts a flush of every peer that receives writes and of the local disk: the
+    /// consumer's (`id`), or the engine's own (`None`), which bounds what the peers hold
+    /// unflushed and leaves the local disk alone (the activity log bounds that side).
+    fn start_client_flush(&mut self, id: Option<RequestId>) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let key = self.next_key;
@@ -2241,7 +2246,7 @@ impl Engine {
             key,
             ClientFlushState {
                 id,
-                local_done: false,
+                local_done: id.is_none(),
                 local_error: None,
                 waiting: targets.iter().copied().collect(),
                 ok_from: BTreeSet::new(),
@@ -2249,6 +2254,10 @@ impl Engine {
                 targets: targets.into_iter().collect(),
             },
         );
+        if id.is_none() {
+            self.try_complete_flush(key);
+            return;
+        }
         let upto = self.al_ctr;
         let io = self.io(IoPurpose::ClientFlush { key, upto });
         self.disk(Action::DiskFlush { io });
@@ -2990,9 +2999,12 @@ impl Engine {
         if self.parks() && f.local_error.is_none() && !f.ok_from.iter().any(|p| self.serves(*p)) {
             let id = f.id;
             self.flushes.remove(&key);
-            self.note_suspending();
-            self.parked.push(Parked::Flush(id));
-            self.unpark();
+            // The engine's own flush is not retried: the next bound starts another.
+            if let Some(id) = id {
+                self.note_suspending();
+                self.parked.push(Parked::Flush(id));
+                self.unpark();
+            }
             return;
         }
         let Some(f) = self.flushes.remove(&key) else {
@@ -3003,7 +3015,7 @@ impl Engine {
             Err(RequestError::Io(e))
         } else if self.forwards() && !f.ok_from.iter().any(|p| self.serves(*p)) {
             Err(self.detached_error())
-        } else if !ok && self.hold_completion(f.id) {
+        } else if !ok && f.id.is_some_and(|id| self.hold_completion(id)) {
             return;
         } else if !ok || self.role != Role::Primary {
             Err(RequestError::NoQuorum { reachable, voters })
@@ -3026,7 +3038,20 @@ impl Engine {
                 }
             }
         }
-        self.complete(f.id, result);
+        if let Some(id) = f.id {
+            self.complete(id, result);
+        }
+    }
+
+    /// After a peer's `WriteAck`: flushes on our own when it holds
+    /// [`Config::flush_after_writes`] writes no flush covers yet (one such flush at a time).
+    fn bound_unflushed(&mut self, peer: NodeId) {
+        let many = self
+            .conn(peer)
+            .is_some_and(|c| c.unflushed.len() >= self.cfg.flush_after_writes.max(1));
+        if many && self.role == Role::Primary && !self.flushes.values().any(|f| f.id.is_none()) {
+            self.start_client_flush(None);
+        }
     }
 
     fn disk_read_done(&mut self, io: IoId, result: Result<Bytes, DiskError>) {
@@ -3633,6 +3658,7 @@ impl Engine {
                     }
                     self.try_complete_write(key);
                 }
+                self.bound_unflushed(peer);
             }
             Message::TokenRequest { .. } | Message::TokenGrant { .. } => {
                 self.token_message(peer, msg)?;

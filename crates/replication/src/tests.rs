@@ -9,6 +9,10 @@ use crate::*;
 const SIZE: u64 = 1 << 20;
 
 fn engine(id: u8, peers: &[(u8, bool)]) -> Engine {
+    engine_with(id, peers, |_| {})
+}
+
+fn engine_with(id: u8, peers: &[(u8, bool)], set: impl FnOnce(&mut Config)) -> Engine {
     let peers = peers
         .iter()
         .map(|(n, d)| PeerConfig {
@@ -16,7 +20,8 @@ fn engine(id: u8, peers: &[(u8, bool)]) -> Engine {
             diskful: *d,
         })
         .collect();
-    let cfg = Config::new(id, true, peers, SIZE);
+    let mut cfg = Config::new(id, true, peers, SIZE);
+    set(&mut cfg);
     let p = Persisted::new_volume(&cfg, 77);
     Engine::new(cfg, p, 0).0
 }
@@ -155,7 +160,11 @@ fn write(id: u64, offset: u64, len: usize) -> Event {
 
 /// Node 0 Primary with diskful peer 1 and witness 2, all connected.
 fn primary() -> Engine {
-    let mut e = engine(0, &[(1, true), (2, false)]);
+    primary_with(|_| {})
+}
+
+fn primary_with(set: impl FnOnce(&mut Config)) -> Engine {
+    let mut e = engine_with(0, &[(1, true), (2, false)], set);
     connect(&mut e, 1, true, Role::Secondary);
     connect(&mut e, 2, false, Role::Secondary);
     e.promote(5).expect("promote");
@@ -200,6 +209,81 @@ fn protocol_c_completes_after_local_and_peer() {
         },
     );
     assert_eq!(completions(&a), vec![(1, true)]);
+}
+
+/// Runs write `id` (4 KiB at block `id`) to completion: local disk and peer 1's ack. Returns
+/// the flushes sent to peer 1 on the way (their seq) and the local disk flushes (their io).
+fn write_acked(e: &mut Engine, id: u64) -> (Vec<u64>, Vec<IoId>) {
+    let mut out = e.handle(10 + id, write(id, id * 4096, 4096));
+    let s = sent_writes(&out, 1);
+    for (io, _) in disk_writes(&out) {
+        out.extend(e.handle(10 + id, Event::DiskWriteDone { io, result: Ok(()) }));
+    }
+    out.extend(e.handle(
+        10 + id,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::WriteAck {
+                seq: s[0].0,
+                status: tandem_repl_proto::Status::Ok,
+            },
+        },
+    ));
+    assert_eq!(completions(&out), vec![(id, true)], "write {id} completes");
+    let flushes = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                peer: 1,
+                msg: Message::Flush { seq },
+            } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    let local = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::DiskFlush { io } => Some(*io),
+            _ => None,
+        })
+        .collect();
+    (flushes, local)
+}
+
+#[test]
+fn a_primary_whose_consumer_never_flushes_flushes_its_peers_itself() {
+    let mut e = primary_with(|c| c.flush_after_writes = 4);
+    for id in 1..=3 {
+        assert_eq!(write_acked(&mut e, id), (vec![], vec![]), "write {id}");
+    }
+    // The fourth write the peer acknowledged without a flush: the engine flushes the peer
+    // (its own disk has the activity log), and nobody is told about that flush.
+    let (flushes, local) = write_acked(&mut e, 4);
+    assert_eq!(flushes.len(), 1, "one flush of peer 1");
+    assert_eq!(local, vec![], "no flush of the local disk");
+    // While it runs, no second one starts.
+    assert_eq!(write_acked(&mut e, 5).0, vec![]);
+    let out = e.handle(
+        20,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::FlushAck {
+                seq: flushes[0],
+                status: tandem_repl_proto::Status::Ok,
+            },
+        },
+    );
+    assert_eq!(completions(&out), vec![], "no consumer waits for it");
+    // The flush covered writes 1 to 4 (forgotten now); write 5 was sent after it and counts
+    // toward the next one, due with the fourth uncovered write.
+    for id in 6..=7 {
+        assert_eq!(write_acked(&mut e, id).0, vec![], "write {id}");
+    }
+    assert_eq!(
+        write_acked(&mut e, 8).0.len(),
+        1,
+        "write 8 starts the next flush"
+    );
 }
 
 #[test]

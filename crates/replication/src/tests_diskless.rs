@@ -497,6 +497,39 @@ fn replicas_converge_when_the_diskless_primary_vanishes_mid_write() {
     net.assert_replicas_identical();
 }
 
+/// A diskless Primary whose consumer never flushes flushes on its own after
+/// `flush_after_writes` writes and then declares them `Settled`: its peers forget them. When
+/// it vanishes, they mark nothing toward each other for them (with the default bound the
+/// same three writes are still unsettled and are marked).
+#[test]
+fn a_diskless_primarys_own_flush_lets_its_peers_forget_its_writes() {
+    for (bound, marked) in [(3, 0), (4096, 3 * 4096)] {
+        let mut net = Net::with_config(|c| c.flush_after_writes = bound);
+        net.promote_witness();
+        for id in 1..=3 {
+            net.write(id, id * 65536, id as u8, 4096);
+            net.run();
+            assert!(net.result(id).is_ok());
+        }
+        net.isolate(W);
+        let toward_1 = net.nodes[0]
+            .e
+            .status()
+            .peers
+            .iter()
+            .find(|p| p.node_id == 1)
+            .map(|p| p.out_of_sync_bytes);
+        assert_eq!(
+            toward_1,
+            Some(marked),
+            "bound {bound}:\n{}",
+            net.log.join("\n")
+        );
+        net.heal();
+        net.assert_replicas_identical();
+    }
+}
+
 /// The witness as a diskless Primary loses both links at once (a network blip around its
 /// host). At the first loss it still sees the other data peer serving and starts a new
 /// generation for it, but the report carrying that generation never reaches it (its link is

@@ -89,6 +89,13 @@ pub struct Config {
     /// What a Primary does with consumer requests while it has no quorum (DRBD's
     /// `on-no-quorum`). Changed while running with [`crate::Engine::set_on_no_quorum`].
     pub on_no_quorum: OnNoQuorum,
+    /// A Primary flushes its peers on its own once one of them has acknowledged this many
+    /// writes that no flush covers yet (DRBD closes an epoch with a barrier after
+    /// `max-epoch-size` writes). Until a flush covers them, the Primary remembers each such
+    /// write (to mark it out of sync should the peer crash), and the peers of a diskless
+    /// Primary remember each of its writes (`Settled` comes after a flush): without this
+    /// bound a consumer that never flushes would grow both without end.
+    pub flush_after_writes: usize,
 }
 
 /// What a Primary without quorum does with consumer requests.
@@ -153,6 +160,7 @@ impl Config {
             resync_checksums: false,
             allow_two_primaries: false,
             on_no_quorum: OnNoQuorum::IoError,
+            flush_after_writes: 16384,
         }
     }
 }

@@ -72,6 +72,9 @@ pub struct SimOptions {
     /// About a third of the seeds (side stream) run with `on-no-quorum=suspend`: a Primary
     /// without quorum holds its consumer's requests instead of failing them.
     pub suspend: bool,
+    /// About a third of the seeds (side stream) set `flush_after_writes` to 1..8, so the
+    /// Primaries flush on their own between (and during) the consumer's flushes.
+    pub own_flushes: bool,
 }
 
 impl Default for SimOptions {
@@ -89,6 +92,7 @@ impl Default for SimOptions {
             dual_primary: true,
             racing_promotions: false,
             suspend: true,
+            own_flushes: true,
         }
     }
 }
@@ -370,6 +374,9 @@ impl World {
         let window_open = opts.dual_primary && !opts.split_brain && window_rng.chance(0.3);
         let mut suspend_rng = Rng::new(seed ^ 0x5e5b_e2d0_0000_0005);
         let suspend = opts.suspend && !opts.split_brain && suspend_rng.chance(0.3);
+        let mut flush_rng = Rng::new(seed ^ 0xf1a5_4e11_0000_0006);
+        let flush_after_writes =
+            (opts.own_flushes && flush_rng.chance(0.3)).then(|| flush_rng.range(1, 9) as usize);
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -397,6 +404,9 @@ impl World {
             cfg.allow_two_primaries = window_open;
             if suspend {
                 cfg.on_no_quorum = tandem_replication::OnNoQuorum::Suspend;
+            }
+            if let Some(n) = flush_after_writes {
+                cfg.flush_after_writes = n;
             }
             let persisted = Persisted::new_volume(&cfg, gen0);
             let (engine, _) = Engine::new(cfg.clone(), persisted.clone(), 0);

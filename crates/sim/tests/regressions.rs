@@ -12,6 +12,8 @@ fn seed(seed: u64, topology: Topology) {
         diskless_primary: false,
         dual_primary: false,
         suspend: false,
+        // The schedule the seed was found with (engine flushes of its own came later).
+        own_flushes: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -25,6 +27,8 @@ fn diskless_seed(seed: u64) {
         topology: Some(Topology::TwoPlusWitness),
         dual_primary: false,
         suspend: false,
+        // The schedule the seed was found with (engine flushes of its own came later).
+        own_flushes: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -214,6 +218,8 @@ fn sync_target_waits_for_the_source_before_going_inconsistent() {
 fn disk_seed(seed: u64, topology: Option<Topology>) {
     let opts = SimOptions {
         topology,
+        // The schedule the seed was found with (engine flushes of its own came later).
+        own_flushes: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -310,6 +316,8 @@ fn bits_that_change_during_the_handshake_restart_it() {
 fn window_seed(seed: u64) {
     let opts = SimOptions {
         suspend: false,
+        // The schedule the seed was found with (engine flushes of its own came later).
+        own_flushes: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -342,6 +350,8 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
     let opts = SimOptions {
         racing_promotions: true,
         suspend: false,
+        // The schedule the seed was found with (engine flushes of its own came later).
+        own_flushes: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(4838, &opts) {
@@ -391,6 +401,8 @@ fn three(seed: u64) {
     let opts = SimOptions {
         topology: Some(Topology::Three),
         disk_faults: false,
+        // The schedule the seed was found with (engine flushes of its own came later).
+        own_flushes: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {

@@ -100,7 +100,7 @@ impl Engine {
                         w.ok_from.clear();
                     }
                 }
-                Parked::Flush(id) => self.start_client_flush(id),
+                Parked::Flush(id) => self.start_client_flush(Some(id)),
                 Parked::Read(key) => self.forward_read(key),
             }
         }
