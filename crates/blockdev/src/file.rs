@@ -50,12 +50,6 @@ impl FileDevice {
     }
 
     fn new(file: File, path: &Path, size: u64) -> Self {
-        // No readahead: it fills the page cache with large folios (up to 2 MiB on Linux 6.16+),
-        // which make every later small write into them expensive (see `WRITE_CHUNK`), and a
-        // virtual machine's guest reads ahead itself. A read still fetches all it asks for in
-        // one go. Advice only: a kernel that refuses it changes nothing else.
-        // SAFETY: posix_fadvise on a valid, open file descriptor with integer arguments.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
         FileDevice {
             file,
             path: path.to_path_buf(),
