@@ -270,6 +270,11 @@ pub async fn run(
         let table = table.clone();
         let _ = tokio::task::spawn_blocking(move || replicas::flush_all(&table)).await;
     }
+    // Last: the controller shows the node offline now, not after `offline_after_secs`.
+    {
+        let agent = agent.clone();
+        let _ = tokio::task::spawn_blocking(move || sync::leave(&agent)).await;
+    }
     match std::fs::remove_file(&agent.config.nbd_socket) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

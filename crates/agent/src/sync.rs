@@ -58,6 +58,26 @@ fn post_sync(
         .map_err(|e| format!("{url}: bad desired state: {e}"))
 }
 
+/// Tells the controller this agent stops (its node shows offline at once); best effort,
+/// a few seconds at most. Blocking.
+pub(crate) fn leave(agent: &Agent) {
+    let url = format!(
+        "{}/v1/agents/{}/leave",
+        agent.config.controller.trim_end_matches('/'),
+        agent.config.node
+    );
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    match http.post(&url).send_empty() {
+        Ok(r) if r.status().is_success() => info!("told the controller this agent stops"),
+        Ok(r) => debug!("{url}: controller answered {}", r.status()),
+        Err(e) => debug!("{url}: {e}"),
+    }
+}
+
 /// Sleeps `d` unless the agent stops first; returns false when stopping.
 async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {

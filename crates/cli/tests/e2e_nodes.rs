@@ -116,3 +116,28 @@ fn node_add_declares_a_witness_node_that_its_agent_joins() {
     let list = c.json(&["node", "list"]);
     assert_eq!(node(&list, "node4")["state"], "offline", "{list:#}");
 }
+
+/// An agent stopped in an orderly way (SIGTERM) tells the controller last, so its node shows
+/// offline at once instead of after `offline_after_secs` (10 s) without contact; it is
+/// online again as soon as its agent syncs again.
+#[test]
+fn an_agent_that_stops_shows_its_node_offline_at_once() {
+    let mut c = Cluster::start(2);
+    c.wait_json(&["node", "list"], "both nodes online", |l| {
+        l.as_array().unwrap().iter().all(|n| n["state"] == "online")
+    });
+    c.stop_agent("node2", libc::SIGTERM);
+    let list = c.json(&["node", "list"]);
+    assert_eq!(node(&list, "node2")["state"], "offline", "{list:#}");
+    assert_eq!(node(&list, "node1")["state"], "online", "{list:#}");
+    assert!(
+        c.agent_log("node2")
+            .contains("told the controller this agent stops"),
+        "{}",
+        c.agent_log("node2")
+    );
+    c.restart_agent("node2");
+    c.wait_json(&["node", "list"], "node2 online again", |l| {
+        node(l, "node2")["state"] == "online"
+    });
+}

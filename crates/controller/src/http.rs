@@ -535,6 +535,22 @@ async fn import_state(
         .map(axum::Json)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{node}/leave", tag = "agents",
+    params(("node" = String, Path, description = "Node name")),
+    responses((status = 204, description = "The node shows offline until its agent syncs again"),
+              (status = 400, description = "Invalid node name", body = ApiError)))]
+/// An agent that stops in an orderly way says so last: its node shows offline at once
+/// instead of after `offline_after_secs` without contact.
+async fn agent_leave(
+    State(s): State<AppState>,
+    ApiPath(node): ApiPath<String>,
+) -> Result<StatusCode, Failure> {
+    tandem_types::validate_name("node", &node)?;
+    s.ctl.leave(&node);
+    tracing::info!(node = %node, "agent stopped (it said so): node offline");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Query of `POST /v1/agents/{node}/sync`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -655,6 +671,7 @@ pub fn router(state: AppState) -> Router {
             post(resolve_split_brain),
         )
         .route("/v1/agents/{node}/sync", post(agent_sync))
+        .route("/v1/agents/{node}/leave", post(agent_leave))
         .route("/v1/reconcile", get(reconcile))
         .route(
             "/v1/state",
@@ -676,7 +693,7 @@ pub fn router(state: AppState) -> Router {
     ),
     paths(crate::grow::get_grow, crate::grow::put_grow, crate::grow::delete_grow,
           health, openapi, status, nodes, node_add, node_remove, node_lost, node_evacuate, pools, list_volumes, create_volume, show_volume,
-          delete_volume, update_volume, resize_volume, move_volume, abort_volume, add_replica, remove_replica, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, reconcile, export_state, import_state),
+          delete_volume, update_volume, resize_volume, move_volume, abort_volume, add_replica, remove_replica, connect, promote_volume, demote_volume, verify_volume, resolve_split_brain, agent_sync, agent_leave, reconcile, export_state, import_state),
     components(schemas(ApiError, Health)),
     tags(
         (name = "cluster", description = "Health and cluster status"),

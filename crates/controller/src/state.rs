@@ -458,6 +458,9 @@ struct Liveness {
     last_seen: Option<SystemTime>,
     /// Sync requests of this node being answered right now (long polls count as contact).
     active: u32,
+    /// Its agent said it stops (`POST /v1/agents/{node}/leave`): offline at once, whatever
+    /// else, until its next sync request.
+    left: bool,
 }
 
 /// The controller's state and logic. Methods are synchronous (the store is); the HTTP layer
@@ -600,6 +603,7 @@ impl Controller {
                 Liveness {
                     last_seen: Some(seen),
                     active: 0,
+                    left: false,
                 },
             );
         }
@@ -767,7 +771,8 @@ impl Controller {
             .last_seen
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .unwrap_or(Duration::ZERO);
-        let online = l.active > 0 || (l.last_seen.is_some() && since <= self.offline_after);
+        let online =
+            !l.left && (l.active > 0 || (l.last_seen.is_some() && since <= self.offline_after));
         let state = if online {
             NodeState::Online
         } else {
@@ -3055,11 +3060,22 @@ impl Controller {
             let l = live.entry(node.to_string()).or_default();
             l.active += 1;
             l.last_seen = Some(SystemTime::now());
+            l.left = false;
         }
         ContactGuard {
             ctl: Arc::clone(self),
             node: node.to_string(),
         }
+    }
+
+    /// `node`'s agent stops in an orderly way: the node is offline now (not only once
+    /// `offline_after` has passed without contact), until the agent's next sync request.
+    /// Sync requests it left unanswered (a long poll) do not keep it online.
+    pub fn leave(&self, node: &str) {
+        let mut live = self.live_lock();
+        let l = live.entry(node.to_string()).or_default();
+        l.left = true;
+        l.last_seen = Some(SystemTime::now());
     }
 
     /// Forgets that `node` was in contact (an agent refused as not being that node).
