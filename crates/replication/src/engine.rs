@@ -328,6 +328,12 @@ pub struct Engine {
     mint_count: u64,
     /// A diskful peer is not in sync: start a new generation before the next write.
     mint_pending: bool,
+    /// Diskful peers we recorded as behind (bitmap generation older than our current) when
+    /// we adopted a Primary's generation, although that Primary counted them in sync: they
+    /// may have adopted the same generation over their own link to it, and hold its writes
+    /// as we do. Writing without such a peer needs a new generation, as for one recorded at
+    /// our current (`peers_needing_new_generation`). Memory only; emptied by `mint`.
+    may_share_current: BTreeSet<NodeId>,
     /// As diskless Primary: the diskful peers that hold every write of ours that completed:
     /// in sync when we started a generation, given every write we sent since, and if their
     /// link broke, it broke with nothing unacknowledged or unflushed, or while it was the
@@ -479,6 +485,7 @@ impl Engine {
             epoch: 0,
             mint_count: 0,
             mint_pending: false,
+            may_share_current: BTreeSet::new(),
             parent_complete: BTreeSet::new(),
             parked: Vec::new(),
             ios: BTreeMap::new(),
@@ -1565,17 +1572,21 @@ impl Engine {
     /// an older generation (bitmap generation 0, or our current: we lost it as Secondary and
     /// have not written since). A peer already recorded as behind keeps its bitmap generation
     /// and collects bits; minting again for it would only push generations out of the short
-    /// history (peers that catch up elsewhere would then look unrelated).
+    /// history (peers that catch up elsewhere would then look unrelated). Except a peer that
+    /// may have adopted our current generation from the same Primary as we did
+    /// (`may_share_current`): at the same generation, with bits on both sides and each side's
+    /// bitmap generation toward the other older than it, the handshake could not tell which
+    /// side wrote since (rule `EqualBitsLowerNode` picks one).
     fn peers_needing_new_generation(&self) -> Vec<NodeId> {
         self.diskful_ids()
             .into_iter()
             .filter(|id| {
                 !self.in_sync(*id)
                     && !self.peers.get(id).is_some_and(|p| self.receives_writes(p))
-                    && matches!(
+                    && (matches!(
                         self.meta.peer_bitmap_gens.get(id).copied().unwrap_or(0),
                         g if g == 0 || g == self.meta.current
-                    )
+                    ) || self.may_share_current.contains(id))
             })
             .collect()
     }
@@ -1592,6 +1603,17 @@ impl Engine {
             g = 1;
         }
         let old = self.meta.current;
+        // A peer that may hold `old` (adopted from the same Primary as we did) and that we
+        // recorded when we left the generation before it holds one of the two: recorded at
+        // `old`, the handshake resyncs it by bitmap if it holds `old` (that Primary counted it
+        // in sync: the likely case), in full if it stayed at the one before (our history).
+        let prev = self.meta.history[0];
+        for id in std::mem::take(&mut self.may_share_current) {
+            let away = self.peers.get(&id).is_some_and(|p| p.conn.is_none());
+            if away && prev != 0 && self.meta.peer_bitmap_gens.get(&id) == Some(&prev) {
+                self.meta.peer_bitmap_gens.insert(id, old);
+            }
+        }
         if self.cfg.diskful {
             self.parent_complete.clear();
         } else {
@@ -4284,6 +4306,7 @@ impl Engine {
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
         let old = self.meta.current;
         let mut behind = Vec::new();
+        self.may_share_current.clear();
         for id in self.diskful_ids() {
             if id == from {
                 continue;
@@ -4297,6 +4320,17 @@ impl Engine {
                 let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
                 if *e == 0 {
                     *e = old;
+                }
+                // The Primary does not record it as behind (or only at this very generation):
+                // it may adopt this generation too, over its own link to the Primary, while
+                // ours to it is down or its report lags.
+                let theirs = r
+                    .peer_bitmaps
+                    .iter()
+                    .find(|b| b.node == id)
+                    .map_or(0, |b| b.generation);
+                if theirs == 0 || theirs == r.generations.current {
+                    self.may_share_current.insert(id);
                 }
             }
         }
@@ -4433,6 +4467,8 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.last_decision = Some((d, rule));
         }
+        // Compared now: whatever this handshake leaves it at is recorded as usual.
+        self.may_share_current.remove(&peer);
         if let Some(c) = self.conn_mut(peer) {
             c.decision = Some((d, rule));
             if !d.is_source() {
