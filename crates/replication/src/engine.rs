@@ -217,6 +217,10 @@ struct ResyncTarget {
     /// target, our requests make the other end disconnect before either side gave up its
     /// good data.
     begun: bool,
+    /// Our current generation when the handshake made us the target. Until `begun` we are
+    /// UpToDate and may adopt a Primary's new generation (its writes reach us, maybe not the
+    /// source): the decision was made on data we no longer have, so we compare again.
+    decided_at: Generation,
     /// Checksum-based resync (`Config::resync_checksums`): chunks whose digests are being
     /// compared before any data is requested (see `verify.rs`, "checksum resync").
     checks: BTreeMap<u64, verify::ResyncCheck>,
@@ -3414,16 +3418,19 @@ impl Engine {
         }
         self.recheck_quorum_wait();
         self.window_peer_down(peer);
-        if conn.resync.is_some() {
+        if let Some(rs) = &conn.resync {
             // Links that waited for this resync (paused), or were decided while we were still
-            // UpToDate (we are Inconsistent now), must compare again or they never resume.
+            // UpToDate (we are Inconsistent now, unless the source never confirmed it), must
+            // compare again or they never resume.
+            let begun = rs.begun;
             let stale: Vec<NodeId> = self
                 .peers
                 .values()
                 .filter(|p| {
                     p.cfg.diskful
                         && p.conn.as_ref().is_some_and(|c| {
-                            matches!(c.state, ReplState::PausedSync | ReplState::Established)
+                            c.state == ReplState::PausedSync
+                                || (begun && c.state == ReplState::Established)
                         })
                 })
                 .map(|p| p.cfg.node_id)
@@ -3773,6 +3780,26 @@ impl Engine {
                         DisconnectReason::ConfigChanged,
                         format!(
                             "peer starts a resync toward us but we decided {state:?}; reconnect"
+                        ),
+                    );
+                    return Ok(());
+                }
+                let decided_at = self
+                    .conn(peer)
+                    .and_then(|c| c.resync.as_ref())
+                    .filter(|rs| !rs.begun)
+                    .map(|rs| rs.decided_at);
+                if decided_at.is_some_and(|g| g != self.meta.current) {
+                    // We adopted a Primary's new generation since we decided (simulator seed
+                    // 444): we hold writes the source may lack. Nothing was replaced yet.
+                    self.disconnect(
+                        peer,
+                        DisconnectReason::ConfigChanged,
+                        format!(
+                            "peer starts a resync toward us, but our generation changed since \
+                             the handshake ({:016x} -> {:016x}); reconnect to compare",
+                            decided_at.unwrap_or(0),
+                            self.meta.current
                         ),
                     );
                     return Ok(());
@@ -4563,6 +4590,7 @@ impl Engine {
                 let total = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
                 let now = self.now;
                 let chunk = u64::from(self.cfg.resync_chunk);
+                let decided_at = self.meta.current;
                 if let Some(c) = self.conn_mut(peer) {
                     c.state = ReplState::SyncTarget;
                     c.resync = Some(ResyncTarget {
@@ -4576,6 +4604,7 @@ impl Engine {
                         finishing: false,
                         fenced: BTreeSet::new(),
                         begun: false,
+                        decided_at,
                         checks: BTreeMap::new(),
                         no_checksums: false,
                         skipped: 0,

@@ -169,3 +169,102 @@ fn a_peer_that_did_not_adopt_the_same_generation_is_still_found_behind() {
         Some(SyncDecision::FullTarget)
     );
 }
+
+fn repl_state(net: &Net, n: NodeId, peer: NodeId) -> Option<ReplState> {
+    net.nodes[n as usize]
+        .e
+        .status()
+        .peers
+        .iter()
+        .find(|p| p.node_id == peer)
+        .map(|p| p.repl_state)
+}
+
+/// Simulator seed 444 (three diskful nodes, disk faults): a handshake made node 3 the sync
+/// target of node 1 (same generation, bits on both sides). Before node 1's `ResyncBegin`
+/// arrived, the Primary (its disk detached, writing only to the peers that serve it) started
+/// a new generation without node 1; node 3, still UpToDate, adopted it and applied the
+/// Primary's next write, which node 1 never got. The resync then ran anyway: the write
+/// fenced its block (current here), the resync ended with node 3 "in sync" with node 1 at
+/// node 1's older generation, and that block differed for good. A target whose generation
+/// changed since it decided now refuses the `ResyncBegin` and compares again.
+#[test]
+fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_again() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.cut_link(1, 3);
+    net.feed(
+        0,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+    net.run();
+    // Written through nodes 1 and 3 and flushed there; each marks it toward the other.
+    write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
+    net.feed(0, Event::Flush { id: 3 });
+    net.run();
+    assert!(net.result(3).is_ok());
+    let g = net.nodes[0].e.meta().current;
+
+    // The detached Primary loses both; it gets node 3 back, node 1 not.
+    net.cut_link(0, 1);
+    net.cut_link(0, 3);
+    net.run();
+    net.uncut(0, 3);
+    net.run();
+
+    // Nodes 1 and 3 meet: both lost that Primary at g and hold bits: node 3 (the higher id)
+    // is the target. Stop once it decided, before node 1's ResyncBegin reaches it.
+    net.uncut(1, 3);
+    while repl_state(&net, 3, 1) != Some(ReplState::SyncTarget) {
+        assert!(
+            net.step(),
+            "node 3 never became target:\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert_eq!(net.nodes[3].e.meta().current, g);
+
+    // The Primary writes (a new generation: node 1 is not in sync); its report and the
+    // write reach node 3 before node 1's ResyncBegin does.
+    net.feed(
+        0,
+        Event::Write {
+            id: 4,
+            offset: 8 * BLOCK as u64,
+            data: Bytes::from(vec![0xC4; BLOCK]),
+            fua: false,
+        },
+    );
+    net.run();
+    assert!(
+        net.result(4).is_ok(),
+        "{:?}\n{}",
+        net.result(4),
+        net.log.join("\n")
+    );
+    assert_ne!(net.nodes[0].e.meta().current, g);
+    // The resync that never began left node 3 UpToDate: its link to the Primary it serves
+    // stays up.
+    assert!(
+        !net.log
+            .iter()
+            .any(|l| l.starts_with("node 3: disconnecting node 0")),
+        "{}",
+        net.log.join("\n")
+    );
+
+    net.heal();
+    for n in [1u8, 3] {
+        assert_eq!(
+            net.at(n, 8 * BLOCK as u64, BLOCK),
+            &[0xC4; BLOCK][..],
+            "node {n} lacks the write acknowledged through node 3\n{}",
+            net.log.join("\n")
+        );
+        assert_eq!(net.at(n, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+    }
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+}

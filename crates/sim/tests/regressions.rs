@@ -454,3 +454,13 @@ fn a_detached_primarys_blocks_are_not_fresh() {
 fn a_peer_that_adopted_the_same_generation_is_written_without_under_a_new_one() {
     disk_seed(209, Some(Topology::Three));
 }
+
+/// Three diskful nodes: a sync target (equal generations, bits on both sides) adopted the
+/// detached Primary's new generation before the source's `ResyncBegin` arrived and applied a
+/// write the source never got; the resync ran anyway and ended "in sync" at the source's older
+/// generation with that block different (found by verify). Such a target now refuses the
+/// `ResyncBegin` and compares again.
+#[test]
+fn a_sync_target_whose_generation_changed_before_the_resync_began_compares_again() {
+    disk_seed(444, Some(Topology::Three));
+}
