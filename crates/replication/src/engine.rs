@@ -219,6 +219,10 @@ struct ResyncTarget {
     /// target, our requests make the other end disconnect before either side gave up its
     /// good data.
     begun: bool,
+    /// Our current generation when the handshake made us the target. Until `begun` we are
+    /// UpToDate and may adopt a Primary's new generation (its writes reach us, maybe not the
+    /// source): the decision was made on data we no longer have, so we compare again.
+    decided_at: Generation,
     /// Checksum-based resync (`Config::resync_checksums`): chunks whose digests are being
     /// compared before any data is requested (see `verify.rs`, "checksum resync").
     checks: BTreeMap<u64, verify::ResyncCheck>,
@@ -330,6 +334,12 @@ pub struct Engine {
     mint_count: u64,
     /// A diskful peer is not in sync: start a new generation before the next write.
     mint_pending: bool,
+    /// Diskful peers we recorded as behind (bitmap generation older than our current) when
+    /// we adopted a Primary's generation, although that Primary counted them in sync: they
+    /// may have adopted the same generation over their own link to it, and hold its writes
+    /// as we do. Writing without such a peer needs a new generation, as for one recorded at
+    /// our current (`peers_needing_new_generation`). Memory only; emptied by `mint`.
+    may_share_current: BTreeSet<NodeId>,
     /// As diskless Primary: the diskful peers that hold every write of ours that completed:
     /// in sync when we started a generation, given every write we sent since, and if their
     /// link broke, it broke with nothing unacknowledged or unflushed, or while it was the
@@ -481,6 +491,7 @@ impl Engine {
             epoch: 0,
             mint_count: 0,
             mint_pending: false,
+            may_share_current: BTreeSet::new(),
             parent_complete: BTreeSet::new(),
             parked: Vec::new(),
             ios: BTreeMap::new(),
@@ -1567,17 +1578,21 @@ impl Engine {
     /// an older generation (bitmap generation 0, or our current: we lost it as Secondary and
     /// have not written since). A peer already recorded as behind keeps its bitmap generation
     /// and collects bits; minting again for it would only push generations out of the short
-    /// history (peers that catch up elsewhere would then look unrelated).
+    /// history (peers that catch up elsewhere would then look unrelated). Except a peer that
+    /// may have adopted our current generation from the same Primary as we did
+    /// (`may_share_current`): at the same generation, with bits on both sides and each side's
+    /// bitmap generation toward the other older than it, the handshake could not tell which
+    /// side wrote since (rule `EqualBitsLowerNode` picks one).
     fn peers_needing_new_generation(&self) -> Vec<NodeId> {
         self.diskful_ids()
             .into_iter()
             .filter(|id| {
                 !self.in_sync(*id)
                     && !self.peers.get(id).is_some_and(|p| self.receives_writes(p))
-                    && matches!(
+                    && (matches!(
                         self.meta.peer_bitmap_gens.get(id).copied().unwrap_or(0),
                         g if g == 0 || g == self.meta.current
-                    )
+                    ) || self.may_share_current.contains(id))
             })
             .collect()
     }
@@ -1594,6 +1609,17 @@ impl Engine {
             g = 1;
         }
         let old = self.meta.current;
+        // A peer that may hold `old` (adopted from the same Primary as we did) and that we
+        // recorded when we left the generation before it holds one of the two: recorded at
+        // `old`, the handshake resyncs it by bitmap if it holds `old` (that Primary counted it
+        // in sync: the likely case), in full if it stayed at the one before (our history).
+        let prev = self.meta.history[0];
+        for id in std::mem::take(&mut self.may_share_current) {
+            let away = self.peers.get(&id).is_some_and(|p| p.conn.is_none());
+            if away && prev != 0 && self.meta.peer_bitmap_gens.get(&id) == Some(&prev) {
+                self.meta.peer_bitmap_gens.insert(id, old);
+            }
+        }
         if self.cfg.diskful {
             self.parent_complete.clear();
         } else {
@@ -3417,16 +3443,19 @@ impl Engine {
         }
         self.recheck_quorum_wait();
         self.window_peer_down(peer);
-        if conn.resync.is_some() {
+        if let Some(rs) = &conn.resync {
             // Links that waited for this resync (paused), or were decided while we were still
-            // UpToDate (we are Inconsistent now), must compare again or they never resume.
+            // UpToDate (we are Inconsistent now, unless the source never confirmed it), must
+            // compare again or they never resume.
+            let begun = rs.begun;
             let stale: Vec<NodeId> = self
                 .peers
                 .values()
                 .filter(|p| {
                     p.cfg.diskful
                         && p.conn.as_ref().is_some_and(|c| {
-                            matches!(c.state, ReplState::PausedSync | ReplState::Established)
+                            c.state == ReplState::PausedSync
+                                || (begun && c.state == ReplState::Established)
                         })
                 })
                 .map(|p| p.cfg.node_id)
@@ -3777,6 +3806,26 @@ impl Engine {
                         DisconnectReason::ConfigChanged,
                         format!(
                             "peer starts a resync toward us but we decided {state:?}; reconnect"
+                        ),
+                    );
+                    return Ok(());
+                }
+                let decided_at = self
+                    .conn(peer)
+                    .and_then(|c| c.resync.as_ref())
+                    .filter(|rs| !rs.begun)
+                    .map(|rs| rs.decided_at);
+                if decided_at.is_some_and(|g| g != self.meta.current) {
+                    // We adopted a Primary's new generation since we decided (simulator seed
+                    // 444): we hold writes the source may lack. Nothing was replaced yet.
+                    self.disconnect(
+                        peer,
+                        DisconnectReason::ConfigChanged,
+                        format!(
+                            "peer starts a resync toward us, but our generation changed since \
+                             the handshake ({:016x} -> {:016x}); reconnect to compare",
+                            decided_at.unwrap_or(0),
+                            self.meta.current
                         ),
                     );
                     return Ok(());
@@ -4310,6 +4359,7 @@ impl Engine {
     fn adopt_generation(&mut self, from: NodeId, r: &StateReport) {
         let old = self.meta.current;
         let mut behind = Vec::new();
+        self.may_share_current.clear();
         for id in self.diskful_ids() {
             if id == from {
                 continue;
@@ -4323,6 +4373,17 @@ impl Engine {
                 let e = self.meta.peer_bitmap_gens.entry(id).or_insert(0);
                 if *e == 0 {
                     *e = old;
+                }
+                // The Primary does not record it as behind (or only at this very generation):
+                // it may adopt this generation too, over its own link to the Primary, while
+                // ours to it is down or its report lags.
+                let theirs = r
+                    .peer_bitmaps
+                    .iter()
+                    .find(|b| b.node == id)
+                    .map_or(0, |b| b.generation);
+                if theirs == 0 || theirs == r.generations.current {
+                    self.may_share_current.insert(id);
                 }
             }
         }
@@ -4459,6 +4520,8 @@ impl Engine {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.last_decision = Some((d, rule));
         }
+        // Compared now: whatever this handshake leaves it at is recorded as usual.
+        self.may_share_current.remove(&peer);
         if let Some(c) = self.conn_mut(peer) {
             c.decision = Some((d, rule));
             if !d.is_source() {
@@ -4553,6 +4616,7 @@ impl Engine {
                 let total = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
                 let now = self.now;
                 let chunk = u64::from(self.cfg.resync_chunk);
+                let decided_at = self.meta.current;
                 if let Some(c) = self.conn_mut(peer) {
                     c.state = ReplState::SyncTarget;
                     c.resync = Some(ResyncTarget {
@@ -4566,6 +4630,7 @@ impl Engine {
                         finishing: false,
                         fenced: BTreeSet::new(),
                         begun: false,
+                        decided_at,
                         checks: BTreeMap::new(),
                         no_checksums: false,
                         skipped: 0,

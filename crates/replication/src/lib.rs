@@ -34,4 +34,6 @@ mod tests_diskless;
 #[cfg(test)]
 mod tests_suspend;
 #[cfg(test)]
+mod tests_three;
+#[cfg(test)]
 mod tests_window;

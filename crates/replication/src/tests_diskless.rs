@@ -157,6 +157,30 @@ impl Net {
         }
     }
 
+    /// Ends the cut of the link between `a` and `b` and brings it up, delivering nothing
+    /// else (`step` does, one at a time).
+    pub(crate) fn uncut(&mut self, a: NodeId, b: NodeId) {
+        self.cut.remove(&key(a, b));
+        if self.links.insert(key(a, b)) {
+            self.feed(a, Event::PeerUp { peer: b });
+            self.feed(b, Event::PeerUp { peer: a });
+        }
+    }
+
+    /// Delivers one disk completion or message; false when there was none.
+    pub(crate) fn step(&mut self) -> bool {
+        if let Some((n, ev)) = self.disk.pop_front() {
+            self.feed(n, ev);
+            return true;
+        }
+        match self.q.pop_front() {
+            Some((from, to, Some(msg))) => self.feed(to, Event::PeerMessage { peer: from, msg }),
+            Some((from, to, None)) => self.break_link(from, to),
+            None => return false,
+        }
+        true
+    }
+
     pub(crate) fn heal(&mut self) {
         self.cut.clear();
         self.run();

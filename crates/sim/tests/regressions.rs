@@ -454,3 +454,25 @@ fn a_finishing_resync_takes_no_more_bits() {
 fn a_detached_primarys_blocks_are_not_fresh() {
     disk_seed(201, Some(Topology::Three));
 }
+
+/// Three diskful nodes: in a dual-primary window the Primary's disk detached; the other two
+/// adopted its new generation while the link between them was down, each recording the other
+/// behind at the generation before. One took the write token and wrote alone without a new
+/// generation (the other was "already behind"); at the reconnect both were at that generation
+/// with bits on both sides, rule `EqualBitsLowerNode` made the other the source, and an
+/// acknowledged, flushed write was lost. A Primary now starts a new generation before writing
+/// without a peer that may have adopted its current one from the same Primary.
+#[test]
+fn a_peer_that_adopted_the_same_generation_is_written_without_under_a_new_one() {
+    disk_seed(209, Some(Topology::Three));
+}
+
+/// Three diskful nodes: a sync target (equal generations, bits on both sides) adopted the
+/// detached Primary's new generation before the source's `ResyncBegin` arrived and applied a
+/// write the source never got; the resync ran anyway and ended "in sync" at the source's older
+/// generation with that block different (found by verify). Such a target now refuses the
+/// `ResyncBegin` and compares again.
+#[test]
+fn a_sync_target_whose_generation_changed_before_the_resync_began_compares_again() {
+    disk_seed(444, Some(Topology::Three));
+}

@@ -730,6 +730,7 @@ impl Engine {
         let total = self.bitmap(peer).map_or(0, |b| b.out_of_sync_bytes());
         let now = self.now;
         let chunk = u64::from(self.cfg.resync_chunk);
+        let decided_at = self.meta.current;
         if let Some(c) = self.conn_mut(peer) {
             c.state = ReplState::SyncTarget;
             c.resync = Some(ResyncTarget {
@@ -743,6 +744,7 @@ impl Engine {
                 finishing: false,
                 fenced: BTreeSet::new(),
                 begun: true,
+                decided_at,
                 checks: BTreeMap::new(),
                 no_checksums: false,
                 skipped: 0,

@@ -1,0 +1,270 @@
+//! Three diskful replicas (nodes 0, 1 and 3) and a witness (node 2) on the in-memory network
+//! of `tests_diskless`: generations when Secondaries that do not see each other follow the
+//! same Primary.
+
+use bytes::Bytes;
+use tandem_repl_proto::{NodeId, Role};
+
+use crate::tests_diskless::Net;
+use crate::*;
+
+const BLOCK: usize = 4096;
+
+fn three() -> Net {
+    let mut net = Net::with_nodes(4, |_| {});
+    net.run();
+    net
+}
+
+fn promote(net: &mut Net, n: NodeId) {
+    let a = net.nodes[n as usize]
+        .e
+        .promote(net.now)
+        .unwrap_or_else(|e| panic!("promote {n}: {e:?}\n{}", net.log.join("\n")));
+    net.apply(n, a);
+    net.run();
+    assert_eq!(net.nodes[n as usize].e.role(), Role::Primary);
+}
+
+fn demote(net: &mut Net, n: NodeId) {
+    let a = net.nodes[n as usize]
+        .e
+        .demote(net.now)
+        .unwrap_or_else(|e| panic!("demote {n}: {e:?}\n{}", net.log.join("\n")));
+    net.apply(n, a);
+    net.run();
+}
+
+fn write_ok(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
+    net.feed(
+        n,
+        Event::Write {
+            id,
+            offset,
+            data: Bytes::from(vec![fill; BLOCK]),
+            fua: false,
+        },
+    );
+    net.run();
+    assert!(
+        net.result(id).is_ok(),
+        "write {id} on node {n}: {:?}\n{}",
+        net.result(id),
+        net.log.join("\n")
+    );
+}
+
+/// Simulator seed 209 (three diskful nodes, disk faults): the Primary's disk detached and
+/// both other replicas adopted its new generation G while the link between them was down,
+/// each recording the other as behind at the generation before G. Then one of them became
+/// Primary and wrote alone. Already recording the other as behind, it did not start a new
+/// generation; at the reconnect both were at G with bits on both sides, and rule
+/// `EqualBitsLowerNode` made the other one (lower node id) the source: the acknowledged
+/// write was overwritten. It now starts a new generation (the detached Primary counted the
+/// other one in sync, so that one may hold G too), and the handshake knows who is newer.
+#[test]
+fn a_primary_writing_without_a_peer_that_adopted_the_same_generation_starts_a_new_one() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let g0 = net.nodes[0].e.meta().current;
+
+    // Nodes 1 and 3 stop seeing each other; node 0's disk fails: both adopt its generation.
+    net.cut_link(1, 3);
+    net.feed(
+        0,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+    net.run();
+    let g = net.nodes[0].e.meta().current;
+    assert_ne!(g, g0, "a detached Primary starts a new generation");
+    for n in [1, 3] {
+        assert_eq!(net.nodes[n].e.meta().current, g, "node {n} adopted it");
+    }
+    // The detached Primary writes through both (each marks it toward the other).
+    write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
+    demote(&mut net, 0);
+
+    // Node 3 becomes Primary and writes alone (node 0's disk is detached, node 1 is cut).
+    promote(&mut net, 3);
+    write_ok(&mut net, 3, 3, 8 * BLOCK as u64, 0xC3);
+    let g3 = net.nodes[3].e.meta().current;
+    assert_ne!(
+        g3,
+        g,
+        "node 1 may hold generation {g:x} too: a write without it needs a new one\n{}",
+        net.log.join("\n")
+    );
+    demote(&mut net, 3);
+
+    // The link comes back between two Secondaries: node 3's write must survive.
+    net.heal();
+    for n in [1u8, 3] {
+        assert_eq!(
+            net.at(n, 8 * BLOCK as u64, BLOCK),
+            &[0xC3; BLOCK][..],
+            "node {n} lost node 3's acknowledged write\n{}",
+            net.log.join("\n")
+        );
+        assert_eq!(net.at(n, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+        assert_eq!(net.nodes[n as usize].e.meta().current, g3, "node {n}");
+    }
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+    // Node 1 did hold generation g: only the marked blocks move.
+    assert_eq!(
+        last_decision(&net, 1, 3),
+        Some((SyncDecision::BitmapTarget, Rule::PeerBitmapIsOurCurrent))
+    );
+}
+
+fn last_decision(net: &Net, n: NodeId, peer: NodeId) -> Option<(SyncDecision, Rule)> {
+    net.nodes[n as usize]
+        .e
+        .status()
+        .peers
+        .iter()
+        .find(|p| p.node_id == peer)
+        .and_then(|p| p.last_decision)
+}
+
+/// As above, but the other replica missed the detached Primary's new generation (its link
+/// to that Primary broke before the report arrived): the new Primary's generation still
+/// makes it the target (in full: it holds the generation before, in the new one's history).
+#[test]
+fn a_peer_that_did_not_adopt_the_same_generation_is_still_found_behind() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let g0 = net.nodes[0].e.meta().current;
+
+    net.cut_link(1, 3);
+    net.feed(
+        0,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+    // Node 1 loses node 0 before its report with the new generation arrives.
+    net.cut_link(0, 1);
+    net.run();
+    let g = net.nodes[0].e.meta().current;
+    assert_eq!(net.nodes[3].e.meta().current, g);
+    assert_eq!(net.nodes[1].e.meta().current, g0, "node 1 missed it");
+    demote(&mut net, 0);
+
+    promote(&mut net, 3);
+    write_ok(&mut net, 3, 3, 8 * BLOCK as u64, 0xC3);
+    assert_ne!(net.nodes[3].e.meta().current, g);
+    demote(&mut net, 3);
+
+    net.heal();
+    for n in [1u8, 3] {
+        assert_eq!(net.at(n, 8 * BLOCK as u64, BLOCK), &[0xC3; BLOCK][..]);
+    }
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+    assert_eq!(
+        last_decision(&net, 1, 3).map(|(d, _)| d),
+        Some(SyncDecision::FullTarget)
+    );
+}
+
+fn repl_state(net: &Net, n: NodeId, peer: NodeId) -> Option<ReplState> {
+    net.nodes[n as usize]
+        .e
+        .status()
+        .peers
+        .iter()
+        .find(|p| p.node_id == peer)
+        .map(|p| p.repl_state)
+}
+
+/// Simulator seed 444 (three diskful nodes, disk faults): a handshake made node 3 the sync
+/// target of node 1 (same generation, bits on both sides). Before node 1's `ResyncBegin`
+/// arrived, the Primary (its disk detached, writing only to the peers that serve it) started
+/// a new generation without node 1; node 3, still UpToDate, adopted it and applied the
+/// Primary's next write, which node 1 never got. The resync then ran anyway: the write
+/// fenced its block (current here), the resync ended with node 3 "in sync" with node 1 at
+/// node 1's older generation, and that block differed for good. A target whose generation
+/// changed since it decided now refuses the `ResyncBegin` and compares again.
+#[test]
+fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_again() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.cut_link(1, 3);
+    net.feed(
+        0,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+    net.run();
+    // Written through nodes 1 and 3 and flushed there; each marks it toward the other.
+    write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
+    net.feed(0, Event::Flush { id: 3 });
+    net.run();
+    assert!(net.result(3).is_ok());
+    let g = net.nodes[0].e.meta().current;
+
+    // The detached Primary loses both; it gets node 3 back, node 1 not.
+    net.cut_link(0, 1);
+    net.cut_link(0, 3);
+    net.run();
+    net.uncut(0, 3);
+    net.run();
+
+    // Nodes 1 and 3 meet: both lost that Primary at g and hold bits: node 3 (the higher id)
+    // is the target. Stop once it decided, before node 1's ResyncBegin reaches it.
+    net.uncut(1, 3);
+    while repl_state(&net, 3, 1) != Some(ReplState::SyncTarget) {
+        assert!(
+            net.step(),
+            "node 3 never became target:\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert_eq!(net.nodes[3].e.meta().current, g);
+
+    // The Primary writes (a new generation: node 1 is not in sync); its report and the
+    // write reach node 3 before node 1's ResyncBegin does.
+    net.feed(
+        0,
+        Event::Write {
+            id: 4,
+            offset: 8 * BLOCK as u64,
+            data: Bytes::from(vec![0xC4; BLOCK]),
+            fua: false,
+        },
+    );
+    net.run();
+    assert!(
+        net.result(4).is_ok(),
+        "{:?}\n{}",
+        net.result(4),
+        net.log.join("\n")
+    );
+    assert_ne!(net.nodes[0].e.meta().current, g);
+    // The resync that never began left node 3 UpToDate: its link to the Primary it serves
+    // stays up.
+    assert!(
+        !net.log
+            .iter()
+            .any(|l| l.starts_with("node 3: disconnecting node 0")),
+        "{}",
+        net.log.join("\n")
+    );
+
+    net.heal();
+    for n in [1u8, 3] {
+        assert_eq!(
+            net.at(n, 8 * BLOCK as u64, BLOCK),
+            &[0xC4; BLOCK][..],
+            "node {n} lacks the write acknowledged through node 3\n{}",
+            net.log.join("\n")
+        );
+        assert_eq!(net.at(n, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+    }
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+}
