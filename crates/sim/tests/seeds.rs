@@ -130,7 +130,7 @@ fn three_diskful_seeds() {
     three_diskful(false);
 }
 
-/// Three diskful nodes with disk I/O errors among the faults: not yet proven (about 0.1 % of
+/// Three diskful nodes with disk I/O errors among the faults: not yet proven (about 0.2 % of
 /// the seeds end with replicas that differ or do not converge; seed 102 combines the detach
 /// with link churn and several resyncs between the Secondaries). Run by
 /// hand: `cargo test -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
