@@ -91,6 +91,7 @@ fn a_failing_primary_disk_detaches_and_the_volume_keeps_serving_from_its_peer() 
     c.stop_agent("node1", libc::SIGTERM);
     let xfs = XfsMount::create(&c.path().join("node1-xfs.img"), &pool);
     c.restart_agent("node1");
+    c.wait_online("node1");
 
     c.json(&[
         "volume",

@@ -137,7 +137,5 @@ fn an_agent_that_stops_shows_its_node_offline_at_once() {
         c.agent_log("node2")
     );
     c.restart_agent("node2");
-    c.wait_json(&["node", "list"], "node2 online again", |l| {
-        node(l, "node2")["state"] == "online"
-    });
+    c.wait_online("node2");
 }

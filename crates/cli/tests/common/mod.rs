@@ -449,6 +449,17 @@ impl Cluster {
         wait_pid_exit(pid, &format!("the agent of {node} to exit"));
     }
 
+    /// Waits until the controller shows `node` online (an agent stopped in an orderly way
+    /// shows offline until its restarted agent syncs).
+    pub fn wait_online(&self, node: &str) {
+        self.wait_json(&["node", "list"], &format!("{node} online"), |l| {
+            l.as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == node && n["state"] == "online")
+        });
+    }
+
     /// Sets a top-level key of `node`'s `agent.toml` (takes effect at the agent's next start).
     pub fn set_agent_config(&self, node: &str, key: &str, value: toml::Value) {
         let path = self.node_dir(node).join("agent.toml");
