@@ -3048,7 +3048,7 @@ impl Engine {
         } else {
             Ok(Reply::Done)
         };
-        if result.is_ok() && self.diskless_primary() {
+        if result.is_ok() && self.role == Role::Primary && self.forwards() {
             // Every write before this flush is durable on every peer that receives writes
             // (a peer that dropped out since was given a new generation, which its peers
             // adopted, marking what it may lack): its peers may forget them.
@@ -3332,7 +3332,6 @@ impl Engine {
             let ranges: Vec<(u64, u64)> = self
                 .peers
                 .values()
-                .filter(|p| !p.cfg.diskful)
                 .filter_map(|p| p.conn.as_ref())
                 .flat_map(|c| c.unsettled.values().copied())
                 .collect();
@@ -3342,24 +3341,37 @@ impl Engine {
             .report
             .as_ref()
             .is_some_and(|r| r.role == Role::Primary);
-        let lost_diskless_primary =
-            !diskful && self.cfg.diskful && (was_primary || !conn.unsettled.is_empty());
+        // A Primary whose disk was detached writes only to the peers serving it, like a
+        // diskless one: what it wrote may be on some of them only.
+        let detached = conn
+            .report
+            .as_ref()
+            .is_some_and(|r| r.disk_state == DiskState::Failed);
+        let lost_diskless_primary = (!diskful || detached)
+            && self.cfg.diskful
+            && (was_primary || !conn.unsettled.is_empty());
         if lost_diskless_primary {
             // Its writes not yet settled may be missing on the other replicas (in flight,
             // unflushed), and theirs here: mark them toward every diskful peer; compare with
             // them again (both sides mark theirs, the handshake resyncs the union).
             let ranges: Vec<(u64, u64)> = conn.unsettled.values().copied().collect();
-            let ids = self.diskful_ids();
+            let ids: Vec<NodeId> = self
+                .diskful_ids()
+                .into_iter()
+                .filter(|id| *id != peer)
+                .collect();
             self.mark_unsettled(&ranges, &ids);
-            if was_primary {
+            if was_primary && !diskful {
                 self.lost_diskless = Some(peer);
             }
+            let who = if diskful {
+                format!("the Primary node {peer} (its disk detached)")
+            } else {
+                format!("the diskless Primary node {peer}")
+            };
             self.log(
                 Level::Warn,
-                format!(
-                    "lost the diskless Primary node {peer} with {} writes not settled",
-                    ranges.len()
-                ),
+                format!("lost {who} with {} writes not settled", ranges.len()),
             );
             if !ranges.is_empty() {
                 let established = self.peers_where(true, |c| c.state == ReplState::Established);
@@ -3367,7 +3379,7 @@ impl Engine {
                     self.disconnect(
                         id,
                         DisconnectReason::ConfigChanged,
-                        format!("lost the diskless Primary node {peer}; reconnect to compare"),
+                        format!("lost {who}; reconnect to compare"),
                     );
                 }
             }
@@ -3632,7 +3644,9 @@ impl Engine {
                     return Ok(());
                 }
                 let epoch = self.conn(peer).map_or(0, |c| c.epoch);
-                let diskless_writer = !self.peers[&peer].cfg.diskful;
+                // A writer without a disk of its own (diskless, or its disk detached) keeps no
+                // bitmap: we keep its writes until it declares them settled.
+                let diskless_writer = !self.peers[&peer].cfg.diskful || self.peer_failed(peer);
                 if let Some(c) = self.conn_mut(peer) {
                     c.rx_inflight.insert(seq);
                     if diskless_writer {

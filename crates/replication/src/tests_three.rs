@@ -268,3 +268,51 @@ fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_
     }
     assert_eq!(net.nodes[1].data, net.nodes[3].data);
 }
+
+/// Simulator seed 102 (three diskful nodes, disk faults): a Primary whose disk was detached
+/// writes only to the replicas serving it. Its links broke while a write was on its way:
+/// node 1 got it, node 3 did not, and the write failed. Both stayed at one generation with
+/// nothing marked between them and differed for good at that block. A detached Primary's
+/// writes are now kept unsettled on its peers like a diskless Primary's: node 1 marks the
+/// write toward node 3 when it loses the Primary, and the two compare again.
+#[test]
+fn a_write_of_a_detached_primary_that_reached_one_replica_is_resynced_to_the_other() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.feed(
+        0,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+    net.run();
+    write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
+
+    // The next write reaches node 1 (sent first), then node 0 loses every link before the
+    // copy for node 3 arrives.
+    let off = 8 * BLOCK as u64;
+    net.feed(
+        0,
+        Event::Write {
+            id: 3,
+            offset: off,
+            data: Bytes::from(vec![0xC0; BLOCK]),
+            fua: false,
+        },
+    );
+    assert!(net.step(), "the write to node 1 is on its way");
+    assert_eq!(net.at(1, off, BLOCK), &[0xC0; BLOCK][..], "node 1 has it");
+    assert_eq!(net.at(3, off, BLOCK), &[0; BLOCK][..], "node 3 has not");
+    net.isolate(0);
+    net.run();
+    assert!(net.result(3).is_err(), "the write did not complete");
+    net.heal();
+    assert!(
+        net.at(1, off, BLOCK) == net.at(3, off, BLOCK),
+        "nodes 1 and 3 differ at the failed write's block\n{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+    assert_eq!(net.at(3, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+}

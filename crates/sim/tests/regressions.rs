@@ -476,3 +476,12 @@ fn a_peer_that_adopted_the_same_generation_is_written_without_under_a_new_one() 
 fn a_sync_target_whose_generation_changed_before_the_resync_began_compares_again() {
     disk_seed(444, Some(Topology::Three));
 }
+
+/// Three diskful nodes with disk faults: a Primary whose disk was detached lost its links while
+/// a write was on its way; one Secondary had it, the other not, the write failed, and the two
+/// stayed at one generation with nothing marked (replicas differed after the run). A detached
+/// Primary's writes are now kept unsettled on its peers like a diskless Primary's.
+#[test]
+fn a_detached_primarys_write_that_reached_one_replica_is_marked_for_the_other() {
+    disk_seed(102, Some(Topology::Three));
+}
