@@ -35,6 +35,16 @@ fn demote(net: &mut Net, n: NodeId) {
     net.run();
 }
 
+/// Node `n`'s disk fails (it detaches and keeps serving through its peers).
+fn detach(net: &mut Net, n: NodeId) {
+    net.feed(
+        n,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+}
+
 fn write_ok(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
     net.feed(
         n,
@@ -71,12 +81,7 @@ fn a_primary_writing_without_a_peer_that_adopted_the_same_generation_starts_a_ne
 
     // Nodes 1 and 3 stop seeing each other; node 0's disk fails: both adopt its generation.
     net.cut_link(1, 3);
-    net.feed(
-        0,
-        Event::DiskFailed {
-            reason: "EIO (test)".into(),
-        },
-    );
+    detach(&mut net, 0);
     net.run();
     let g = net.nodes[0].e.meta().current;
     assert_ne!(g, g0, "a detached Primary starts a new generation");
@@ -119,14 +124,18 @@ fn a_primary_writing_without_a_peer_that_adopted_the_same_generation_starts_a_ne
     );
 }
 
-fn last_decision(net: &Net, n: NodeId, peer: NodeId) -> Option<(SyncDecision, Rule)> {
+/// Node `n`'s status of its link to `peer`.
+fn peer_status(net: &Net, n: NodeId, peer: NodeId) -> Option<PeerStatus> {
     net.nodes[n as usize]
         .e
         .status()
         .peers
-        .iter()
+        .into_iter()
         .find(|p| p.node_id == peer)
-        .and_then(|p| p.last_decision)
+}
+
+fn last_decision(net: &Net, n: NodeId, peer: NodeId) -> Option<(SyncDecision, Rule)> {
+    peer_status(net, n, peer).and_then(|p| p.last_decision)
 }
 
 /// As above, but the other replica missed the detached Primary's new generation (its link
@@ -140,12 +149,7 @@ fn a_peer_that_did_not_adopt_the_same_generation_is_still_found_behind() {
     let g0 = net.nodes[0].e.meta().current;
 
     net.cut_link(1, 3);
-    net.feed(
-        0,
-        Event::DiskFailed {
-            reason: "EIO (test)".into(),
-        },
-    );
+    detach(&mut net, 0);
     // Node 1 loses node 0 before its report with the new generation arrives.
     net.cut_link(0, 1);
     net.run();
@@ -171,13 +175,7 @@ fn a_peer_that_did_not_adopt_the_same_generation_is_still_found_behind() {
 }
 
 fn repl_state(net: &Net, n: NodeId, peer: NodeId) -> Option<ReplState> {
-    net.nodes[n as usize]
-        .e
-        .status()
-        .peers
-        .iter()
-        .find(|p| p.node_id == peer)
-        .map(|p| p.repl_state)
+    peer_status(net, n, peer).map(|p| p.repl_state)
 }
 
 /// Simulator seed 444 (three diskful nodes, disk faults): a handshake made node 3 the sync
@@ -194,12 +192,7 @@ fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_
     promote(&mut net, 0);
     write_ok(&mut net, 0, 1, 0, 0xA0);
     net.cut_link(1, 3);
-    net.feed(
-        0,
-        Event::DiskFailed {
-            reason: "EIO (test)".into(),
-        },
-    );
+    detach(&mut net, 0);
     net.run();
     // Written through nodes 1 and 3 and flushed there; each marks it toward the other.
     write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
@@ -280,12 +273,7 @@ fn a_write_of_a_detached_primary_that_reached_one_replica_is_resynced_to_the_oth
     let mut net = three();
     promote(&mut net, 0);
     write_ok(&mut net, 0, 1, 0, 0xA0);
-    net.feed(
-        0,
-        Event::DiskFailed {
-            reason: "EIO (test)".into(),
-        },
-    );
+    detach(&mut net, 0);
     net.run();
     write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
 
