@@ -4,7 +4,8 @@
 //! diskful node Primary; every acknowledged write reads back from it. The old Primary comes
 //! back as Secondary and resyncs; `volume demote`/`promote` switch the role back and forth; an
 //! agent restarted while the controller is down serves its replicated volume again from its
-//! local copy of the desired state.
+//! local copy of the desired state. With three replicas, the two survivors of a Primary killed
+//! mid-write end identical.
 
 mod common;
 
@@ -91,32 +92,28 @@ fn same_files(c: &Cluster, a: &str, b: &str, volume: &str) {
     assert!(first.is_none(), "{a} and {b} differ at byte {first:?}");
 }
 
-#[test]
-fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
+/// What the checker saw: per block the seqs issued and the last acknowledged one.
+struct Checked {
+    issued: BTreeMap<u64, Vec<u64>>,
+    acked: BTreeMap<u64, u64>,
+}
+
+/// Runs the checker (`tests/tools/acked_writes.py`) against the export of volume `vol` on
+/// `primary` and SIGKILLs that node's agent mid-stream (every block rewritten a few times,
+/// the controller has seen the consumer); returns what the checker issued and saw
+/// acknowledged before it saw the Primary die.
+fn write_until_primary_killed(c: &Cluster, vol: &str, primary: &str) -> Checked {
     let python = "/usr/bin/python3";
     assert!(
         Path::new(python).exists(),
         "{python} is missing; ./scripts/test installs python3-libnbd"
     );
     let checker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/acked_writes.py");
-    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
-    let v = c.json(&["volume", "create", "f", "32MiB", "--replicas", "2"]);
-    assert_eq!(v["state"], "ready", "{v:#}");
-    let p = v["primary_node"]
-        .as_str()
-        .expect("primary_node")
-        .to_string();
-    let s = diskful_nodes(&v)
-        .into_iter()
-        .find(|n| *n != p)
-        .expect("a second diskful replica");
-    c.wait_json(&["volume", "show", "f"], "replicas in sync", |v| {
-        settled(v, &p, &s)
-    });
-
-    // The checker writes through the Primary until it fails.
-    let uri = c.connect("f");
-    assert!(uri.contains(&p), "{uri} should name {p}'s socket");
+    let uri = c.connect(vol);
+    assert!(
+        uri.contains(primary),
+        "{uri} should name {primary}'s socket"
+    );
     let mut child = die_with_parent(
         Command::new(python)
             .arg(&checker)
@@ -148,12 +145,10 @@ fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
                 let e = acked.entry(seq % BLOCKS).or_default();
                 *e = (*e).max(seq);
                 n_acked += 1;
-                // Every block rewritten a few times, and the controller has seen the
-                // consumer: kill the Primary mid-stream.
                 if n_acked >= 3 * BLOCKS && n_acked.is_multiple_of(256) && !killed {
-                    let v = c.json(&["volume", "show", "f"]);
-                    if replica(&v, &p)["connections"].as_u64().unwrap_or(0) > 0 {
-                        signal_and_wait(c.agent_pid(&p).expect("agent.pid"), libc::SIGKILL);
+                    let v = c.json(&["volume", "show", vol]);
+                    if replica(&v, primary)["connections"].as_u64().unwrap_or(0) > 0 {
+                        signal_and_wait(c.agent_pid(primary).expect("agent.pid"), libc::SIGKILL);
                         killed = true;
                     }
                 }
@@ -175,6 +170,57 @@ fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
         "the checker should see the Primary die: {end}"
     );
     eprintln!("{n_acked} writes acknowledged before the Primary died; checker: {end}");
+    Checked { issued, acked }
+}
+
+/// Every acknowledged write reads back from `uri` (the new Primary); blocks written in flight
+/// at the kill hold either their last acknowledged write or one issued after it.
+fn check_acknowledged(c: &Cluster, uri: &str, checked: &Checked, copy: &str) {
+    let data = copy_out(uri, &c.path().join(copy));
+    let mut blocks = 0;
+    for b in 0..BLOCKS {
+        let got = seq_of(&data[b as usize * BLOCK..(b as usize + 1) * BLOCK], b);
+        let last = checked.acked.get(&b).copied();
+        match (got, last) {
+            (None, None) => {}
+            (None, Some(a)) => panic!("block {b}: acknowledged write {a} lost (zeros)"),
+            (Some(g), last) => {
+                let later_issued = checked
+                    .issued
+                    .get(&b)
+                    .is_some_and(|i| i.contains(&g) && Some(g) > last);
+                assert!(
+                    Some(g) == last || later_issued,
+                    "block {b}: holds write {g}, last acknowledged {last:?}"
+                );
+            }
+        }
+        if last.is_some() {
+            blocks += 1;
+        }
+    }
+    assert_eq!(blocks, BLOCKS, "every block had an acknowledged write");
+}
+
+#[test]
+fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "f", "32MiB", "--replicas", "2"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    let p = v["primary_node"]
+        .as_str()
+        .expect("primary_node")
+        .to_string();
+    let s = diskful_nodes(&v)
+        .into_iter()
+        .find(|n| *n != p)
+        .expect("a second diskful replica");
+    c.wait_json(&["volume", "show", "f"], "replicas in sync", |v| {
+        settled(v, &p, &s)
+    });
+
+    // The checker writes through the Primary until it fails.
+    let checked = write_until_primary_killed(&c, "f", &p);
 
     // Promote the survivor. Its old Primary still has a consumer in its last report, so this
     // needs --force (the operator knows the node is dead).
@@ -188,33 +234,9 @@ fn primary_killed_mid_write_promote_the_other_no_acknowledged_write_lost() {
     let text = c.tandem(&["volume", "promote", "f", "--node", &s, "--force"]);
     assert!(text.contains("Primary"), "{text}");
 
-    // Every acknowledged write reads back from the new Primary; blocks written in flight at
-    // the kill hold either their last acknowledged write or one issued after it.
     let uri_s = c.connect("f");
     assert!(uri_s.contains(&s), "connect follows the Primary: {uri_s}");
-    let data = copy_out(&uri_s, &c.path().join("after-failover.img"));
-    let mut checked = 0;
-    for b in 0..BLOCKS {
-        let got = seq_of(&data[b as usize * BLOCK..(b as usize + 1) * BLOCK], b);
-        let last = acked.get(&b).copied();
-        match (got, last) {
-            (None, None) => {}
-            (None, Some(a)) => panic!("block {b}: acknowledged write {a} lost (zeros)"),
-            (Some(g), last) => {
-                let later_issued = issued
-                    .get(&b)
-                    .is_some_and(|i| i.contains(&g) && Some(g) > last);
-                assert!(
-                    Some(g) == last || later_issued,
-                    "block {b}: holds write {g}, last acknowledged {last:?}"
-                );
-            }
-        }
-        if last.is_some() {
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, BLOCKS, "every block had an acknowledged write");
+    check_acknowledged(&c, &uri_s, &checked, "after-failover.img");
 
     // New writes on the new Primary while the old one is down.
     let qemu_io = |uri: &str, cmds: &[&str]| {
@@ -422,4 +444,64 @@ fn auto_promote_on_open_and_auto_demote_on_last_close() {
         })
     });
     same_files(&c, &p, &s, "a");
+}
+
+/// `a` and `b` UpToDate, linked to each other (Established both ways) with nothing out of sync
+/// between them.
+fn pair_in_sync(v: &Value, a: &str, b: &str) -> bool {
+    let toward = |from: &str, to: &str| {
+        let r = replica(v, from);
+        r["disk_state"] == "UpToDate"
+            && r["peers"].as_array().is_some_and(|p| {
+                p.iter().any(|p| {
+                    p["node"] == to
+                        && p["repl_state"] == "Established"
+                        && p["out_of_sync_bytes"] == 0
+                })
+            })
+    };
+    toward(a, b) && toward(b, a)
+}
+
+/// Three diskful replicas: the Primary is SIGKILLed with writes on their way to both
+/// Secondaries (a write may reach one and not the other). Every acknowledged write reads back
+/// from the promoted survivor, and the two survivors end byte-identical once they are in sync
+/// with each other (before protocol version 7 nothing marked such a write between them); the
+/// old Primary comes back and all three end identical.
+#[test]
+fn three_replicas_primary_killed_mid_write_the_survivors_end_identical() {
+    let mut c = Cluster::start_with(3, &["--experimental-replication"]);
+    let v = c.json(&["volume", "create", "t", "32MiB", "--replicas", "3"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    let p = v["primary_node"]
+        .as_str()
+        .expect("primary_node")
+        .to_string();
+    let others: Vec<String> = diskful_nodes(&v).into_iter().filter(|n| *n != p).collect();
+    assert_eq!(others.len(), 2, "{v:#}");
+    let (s1, s2) = (&others[0], &others[1]);
+    c.wait_json(&["volume", "show", "t"], "three replicas in sync", |v| {
+        pair_in_sync(v, &p, s1) && pair_in_sync(v, &p, s2) && pair_in_sync(v, s1, s2)
+    });
+
+    let checked = write_until_primary_killed(&c, "t", &p);
+    c.tandem(&["volume", "promote", "t", "--node", s1, "--force"]);
+    let uri = c.connect("t");
+    assert!(
+        uri.contains(s1.as_str()),
+        "connect follows the Primary: {uri}"
+    );
+    check_acknowledged(&c, &uri, &checked, "after-failover.img");
+
+    c.wait_json(&["volume", "show", "t"], "the survivors in sync", |v| {
+        replica(v, s1)["role"] == "Primary" && pair_in_sync(v, s1, s2)
+    });
+    same_files(&c, s1, s2, "t");
+
+    c.restart_agent(&p);
+    c.wait_json(&["volume", "show", "t"], "all three in sync again", |v| {
+        pair_in_sync(v, s1, &p) && pair_in_sync(v, s2, &p) && pair_in_sync(v, s1, s2)
+    });
+    same_files(&c, s1, &p, "t");
+    same_files(&c, s1, s2, "t");
 }

@@ -258,7 +258,11 @@ pub mod state_flags {
     /// report that started `current` never reached it). Never sent on an older link (the
     /// encoder drops the bit there).
     pub const ADOPT_OFFER: u32 = 1 << 7;
-    pub const ALL: u32 = (1 << 8) - 1;
+    /// Since version 7: the sender, as a Primary with a disk, declares its writes `Settled`
+    /// after flushes (a Primary without one always did, since version 4). Never sent on an
+    /// older link (the encoder drops the bit there).
+    pub const SETTLES: u32 = 1 << 8;
+    pub const ALL: u32 = (1 << 9) - 1;
 }
 
 /// Identifier strings that bind a link, as sent by the initiator.
@@ -820,11 +824,14 @@ impl Message {
                 out.put_u8(s.quorum.reachable);
                 out.put_u8(s.peer_bitmaps.len() as u8);
                 out.put_u8(0);
-                out.put_u32_le(if version >= ProtocolVersion::V6 {
-                    s.flags
-                } else {
-                    s.flags & !state_flags::ADOPT_OFFER
-                });
+                let mut flags = s.flags;
+                if version < ProtocolVersion::V7 {
+                    flags &= !state_flags::SETTLES;
+                }
+                if version < ProtocolVersion::V6 {
+                    flags &= !state_flags::ADOPT_OFFER;
+                }
+                out.put_u32_le(flags);
                 out.put_u64_le(s.size_bytes);
                 out.put_u64_le(s.generations.current);
                 out.put_u64_le(s.generations.bitmap);

@@ -1096,24 +1096,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 7..=8.
+    // A future initiator speaking only 8..=9.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 7;
-    h.max_version = 8;
+    h.min_version = 8;
+    h.max_version = 9;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 6).unwrap(),
-        theirs: VersionRange::new(7, 8).unwrap(),
+        ours: VersionRange::new(1, 7).unwrap(),
+        theirs: VersionRange::new(8, 9).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=6, the peer speaks 7..=8")
+            .contains("we speak 1..=7, the peer speaks 8..=9")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1140,13 +1140,13 @@ fn refuses_version_mismatch_naming_both_ranges() {
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 7..=8.
+    // A future acceptor offering only 8..=9.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 7,
-            max_version: 8,
-            version: 8,
+            min_version: 8,
+            max_version: 9,
+            version: 9,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1154,7 +1154,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(7, 8).unwrap(),
+            theirs: VersionRange::new(8, 9).unwrap(),
         })
     );
     assert!(matches!(
@@ -1315,7 +1315,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 7).unwrap();
+    c.versions = VersionRange::new(1, 8).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1663,6 +1663,38 @@ fn adopt_offer_flag_is_sent_only_on_version_6_links() {
         (
             ProtocolVersion::V6,
             state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
+        ),
+    ] {
+        let (_, got) = report_over(version, &msg);
+        assert_eq!(got.flags, flags, "version {version}");
+    }
+}
+
+/// Version 7 adds the `StateReport` flag `SETTLES`; the encoder clears it on an older link.
+#[test]
+fn settles_flag_is_sent_only_on_version_7_links() {
+    let report = StateReport {
+        seq: 3,
+        node_id: 1,
+        role: Role::Primary,
+        disk_state: DiskState::UpToDate,
+        quorum: QuorumInfo::default(),
+        flags: state_flags::SETTLES | state_flags::ADOPT_OFFER,
+        size_bytes: 1 << 20,
+        generations: Generations::default(),
+        peer_bitmaps: vec![],
+        outdated: 0,
+        outdated_gen: 0,
+        outdated_by: 0,
+        primary_epoch: 1,
+    };
+    let msg = Message::StateReport(Box::new(report));
+    for (version, flags) in [
+        (ProtocolVersion::V5, 0),
+        (ProtocolVersion::V6, state_flags::ADOPT_OFFER),
+        (
+            ProtocolVersion::V7,
+            state_flags::SETTLES | state_flags::ADOPT_OFFER,
         ),
     ] {
         let (_, got) = report_over(version, &msg);

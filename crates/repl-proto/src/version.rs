@@ -38,6 +38,12 @@ pub enum ProtocolVersion {
     /// generation and may adopt the current one. The encoder never sets the bit on an older
     /// link (such a peer then waits for the operator's demote/promote, as before).
     V6 = 6,
+    /// Version 7: `StateReport` flag bit 8 (`SETTLES`): the sender declares its writes
+    /// `Settled` when it is a Primary with a disk too (until version 6 only a Primary without
+    /// one did). A replica with another diskful peer keeps such a Primary's writes until they
+    /// are settled, to mark them toward that peer if the Primary goes away. The encoder never
+    /// sets the bit on an older link (a receiver then keeps nothing, as before).
+    V7 = 7,
 }
 
 impl ProtocolVersion {
@@ -49,9 +55,10 @@ impl ProtocolVersion {
         ProtocolVersion::V4,
         ProtocolVersion::V5,
         ProtocolVersion::V6,
+        ProtocolVersion::V7,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V6;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V7;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -164,16 +171,17 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 6);
+        assert_eq!(ProtocolVersion::LATEST.number(), 7);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
         assert_eq!(ProtocolVersion::from_number(4), Some(ProtocolVersion::V4));
         assert_eq!(ProtocolVersion::from_number(5), Some(ProtocolVersion::V5));
         assert_eq!(ProtocolVersion::from_number(6), Some(ProtocolVersion::V6));
+        assert_eq!(ProtocolVersion::from_number(7), Some(ProtocolVersion::V7));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 7).is_supported());
+        assert!(!r(1, 8).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

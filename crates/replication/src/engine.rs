@@ -271,6 +271,11 @@ struct Conn {
     /// so if the writer goes away, or starts a generation without a replica, they are marked
     /// out of sync toward it (the diskless Primary keeps no bitmap of its own).
     unsettled: BTreeMap<u64, (u64, u64)>,
+    /// Writes received from this peer while it is a Primary with a disk of its own that it
+    /// has not declared `Settled` yet (protocol version 7, see `Engine::keeps_unsettled`):
+    /// marked toward the other diskful replicas only if the link to it goes down (it may have
+    /// crashed with a write on its way to them). Its own bitmap covers everything else.
+    unsettled_diskful: BTreeMap<u64, (u64, u64)>,
     /// We are its sync source: writes of a diskless Primary we applied since the handshake
     /// (that Primary may not write to it: the resync must fetch them, see `late_marks`).
     late: Vec<(u64, u64)>,
@@ -1366,8 +1371,29 @@ impl Engine {
         self.behind_at_current(peer, "a diskful peer missed a write at our generation");
     }
 
-    /// Ranges of writes from `from` (a diskless Primary) not yet settled: marked out of sync
-    /// toward each of `ids`.
+    /// Whether we keep the writes of `writer` until it declares them `Settled`, and where:
+    /// `Some(false)` in `Conn::unsettled` (a writer without a disk of its own, diskless or
+    /// detached, keeps no bitmap: always), `Some(true)` in `Conn::unsettled_diskful` (a
+    /// writer with a disk that settles, version 7, when another diskful replica may lack what
+    /// it sent us should it crash with the write on its way: its activity log covers only its
+    /// own disk).
+    fn keeps_unsettled(&self, writer: NodeId) -> Option<bool> {
+        if !self.peers[&writer].cfg.diskful || self.peer_failed(writer) {
+            return Some(false);
+        }
+        let settles = self
+            .conn(writer)
+            .and_then(|c| c.report.as_ref())
+            .is_some_and(|r| r.flags & state_flags::SETTLES != 0);
+        let third = self
+            .peers
+            .values()
+            .any(|p| p.cfg.diskful && p.cfg.node_id != writer);
+        (settles && third).then_some(true)
+    }
+
+    /// Ranges of writes from a Primary not yet settled: marked out of sync toward each of
+    /// `ids`.
     fn mark_unsettled(&mut self, ranges: &[(u64, u64)], ids: &[NodeId]) {
         for &id in ids {
             for &(off, len) in ranges {
@@ -1649,7 +1675,8 @@ impl Engine {
 
     fn report_for(&self, peer: NodeId) -> StateReport {
         let (reachable, voters, has_quorum) = self.quorum();
-        let mut flags = 0;
+        // We declare our writes `Settled` in every role (see `Conn::unsettled_diskful`).
+        let mut flags = state_flags::SETTLES;
         if self.crashed_primary {
             flags |= state_flags::CRASHED_PRIMARY;
         }
@@ -1872,9 +1899,9 @@ impl Engine {
     }
 
     fn become_secondary(&mut self, why: &str) {
-        if !self.cfg.diskful && self.role == Role::Primary {
-            // No disk of ours to flush: the peers' caches hold our last writes. Flush them,
-            // and settle the writes once every peer made them durable.
+        if self.role == Role::Primary {
+            // The peers' caches hold our last writes. Flush them, and settle the writes once
+            // every peer made them durable (our own disk: `DemoteFlush` below).
             let targets: BTreeSet<NodeId> = self
                 .peers
                 .values()
@@ -3048,7 +3075,7 @@ impl Engine {
         } else {
             Ok(Reply::Done)
         };
-        if result.is_ok() && self.role == Role::Primary && self.forwards() {
+        if result.is_ok() && self.role == Role::Primary {
             // Every write before this flush is durable on every peer that receives writes
             // (a peer that dropped out since was given a new generation, which its peers
             // adopted, marking what it may lack): its peers may forget them.
@@ -3251,6 +3278,7 @@ impl Engine {
             rx_flush_wait: Vec::new(),
             resync: None,
             unsettled: BTreeMap::new(),
+            unsettled_diskful: BTreeMap::new(),
             late: Vec::new(),
             sent_bits: false,
             offered: false,
@@ -3347,14 +3375,24 @@ impl Engine {
             .report
             .as_ref()
             .is_some_and(|r| r.disk_state == DiskState::Failed);
-        let lost_diskless_primary = (!diskful || detached)
-            && self.cfg.diskful
-            && (was_primary || !conn.unsettled.is_empty());
-        if lost_diskless_primary {
+        let without_disk = !diskful || detached;
+        // A Primary with a disk (its writes kept only with a third replica, see
+        // `keeps_unsettled`) may have crashed with a write on its way to the others: its
+        // activity log covers its own disk, not theirs.
+        let lost_unsettled = self.cfg.diskful
+            && ((without_disk && was_primary)
+                || !conn.unsettled.is_empty()
+                || !conn.unsettled_diskful.is_empty());
+        if lost_unsettled {
             // Its writes not yet settled may be missing on the other replicas (in flight,
             // unflushed), and theirs here: mark them toward every diskful peer; compare with
             // them again (both sides mark theirs, the handshake resyncs the union).
-            let ranges: Vec<(u64, u64)> = conn.unsettled.values().copied().collect();
+            let ranges: Vec<(u64, u64)> = conn
+                .unsettled
+                .values()
+                .chain(conn.unsettled_diskful.values())
+                .copied()
+                .collect();
             let ids: Vec<NodeId> = self
                 .diskful_ids()
                 .into_iter()
@@ -3364,10 +3402,12 @@ impl Engine {
             if was_primary && !diskful {
                 self.lost_diskless = Some(peer);
             }
-            let who = if diskful {
+            let who = if !diskful {
+                format!("the diskless Primary node {peer}")
+            } else if detached {
                 format!("the Primary node {peer} (its disk detached)")
             } else {
-                format!("the diskless Primary node {peer}")
+                format!("the writer node {peer}")
             };
             self.log(
                 Level::Warn,
@@ -3644,13 +3684,17 @@ impl Engine {
                     return Ok(());
                 }
                 let epoch = self.conn(peer).map_or(0, |c| c.epoch);
-                // A writer without a disk of its own (diskless, or its disk detached) keeps no
-                // bitmap: we keep its writes until it declares them settled.
-                let diskless_writer = !self.peers[&peer].cfg.diskful || self.peer_failed(peer);
+                let keep = self.keeps_unsettled(peer);
                 if let Some(c) = self.conn_mut(peer) {
                     c.rx_inflight.insert(seq);
-                    if diskless_writer {
-                        c.unsettled.insert(seq, (offset, len));
+                    match keep {
+                        Some(false) => {
+                            c.unsettled.insert(seq, (offset, len));
+                        }
+                        Some(true) => {
+                            c.unsettled_diskful.insert(seq, (offset, len));
+                        }
+                        None => {}
                     }
                 }
                 self.enqueue(
@@ -3709,6 +3753,7 @@ impl Engine {
             Message::Settled { seq } => {
                 if let Some(c) = self.conn_mut(peer) {
                     c.unsettled = c.unsettled.split_off(&seq);
+                    c.unsettled_diskful = c.unsettled_diskful.split_off(&seq);
                 }
             }
             Message::Flush { seq } => {

@@ -304,3 +304,78 @@ fn a_write_of_a_detached_primary_that_reached_one_replica_is_resynced_to_the_oth
     assert_eq!(net.nodes[1].data, net.nodes[3].data);
     assert_eq!(net.at(3, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
 }
+
+/// A healthy (diskful) Primary crashes with a write on its way: node 1 got it, node 3 did
+/// not. The two survivors must not stay different at that block: once one of them is
+/// Primary, the other follows it there too.
+#[test]
+fn a_write_of_a_crashed_primary_that_reached_one_replica_does_not_leave_the_others_different() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.feed(0, Event::Flush { id: 2 });
+    net.run();
+
+    let off = 8 * BLOCK as u64;
+    net.feed(
+        0,
+        Event::Write {
+            id: 3,
+            offset: off,
+            data: Bytes::from(vec![0xC0; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.at(1, off, BLOCK) != [0xC0; BLOCK] {
+        assert!(net.step(), "the write to node 1 is on its way");
+    }
+    assert_eq!(net.at(3, off, BLOCK), &[0; BLOCK][..], "node 3 has not");
+    // Node 0 crashes (gone for good here).
+    net.isolate(0);
+    net.run();
+    promote(&mut net, 1);
+    write_ok(&mut net, 1, 4, 12 * BLOCK as u64, 0xD1);
+    net.run();
+    assert!(
+        net.at(1, off, BLOCK) == net.at(3, off, BLOCK),
+        "nodes 1 and 3 differ at the crashed Primary's last write\n{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+}
+
+/// The other side of the above: writes a flush made durable everywhere are `Settled`, also
+/// by a Primary that demotes without a consumer flush; losing that Primary afterwards marks
+/// nothing and reconnects nothing.
+#[test]
+fn settled_writes_of_a_lost_primary_are_not_resynced() {
+    for demote_first in [false, true] {
+        let mut net = three();
+        promote(&mut net, 0);
+        write_ok(&mut net, 0, 1, 0, 0xA0);
+        write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xA1);
+        if demote_first {
+            demote(&mut net, 0);
+        } else {
+            net.feed(0, Event::Flush { id: 3 });
+            net.run();
+            assert!(net.result(3).is_ok());
+        }
+        net.isolate(0);
+        net.run();
+        for (n, peer) in [(1, 3), (3, 1)] {
+            assert!(
+                !net.log
+                    .iter()
+                    .any(|l| l.starts_with(&format!("node {n}: lost the writer"))),
+                "demote first: {demote_first}\n{}",
+                net.log.join("\n")
+            );
+            assert_eq!(repl_state(&net, n, peer), Some(ReplState::Established));
+            assert_eq!(
+                peer_status(&net, n, peer).map(|p| p.out_of_sync_bytes),
+                Some(0)
+            );
+        }
+    }
+}

@@ -75,6 +75,13 @@ pub struct SimOptions {
     /// About a third of the seeds (side stream) set `flush_after_writes` to 1..8, so the
     /// Primaries flush on their own between (and during) the consumer's flushes.
     pub own_flushes: bool,
+    /// A crash strikes at a random moment of the step (side stream), while the step's
+    /// messages and disk writes are on their way, instead of before the step's requests; and
+    /// it closes each link of the crashed node either at once (what was on its way is lost)
+    /// or, in about half the cases, after the messages it had already sent arrive, as TCP
+    /// delivers a dead process's send buffer before the FIN: a write on its way may reach one
+    /// peer and not another.
+    pub crash_in_flight: bool,
 }
 
 impl Default for SimOptions {
@@ -93,6 +100,7 @@ impl Default for SimOptions {
             racing_promotions: false,
             suspend: true,
             own_flushes: true,
+            crash_in_flight: true,
         }
     }
 }
@@ -209,6 +217,10 @@ pub(crate) enum Ev {
     BreakLinks {
         node: NodeId,
     },
+    /// The crash injected earlier in the step (see [`SimOptions::crash_in_flight`]).
+    Crash {
+        node: NodeId,
+    },
     Step,
 }
 
@@ -295,6 +307,11 @@ pub(crate) struct World {
     disk_rng: Rng,
     /// Side stream: whether the operator promotes the witness.
     witness_rng: Rng,
+    /// Side stream: when in the step a node crashes and which of its links deliver what it
+    /// sent (see [`SimOptions::crash_in_flight`]).
+    crash_rng: Rng,
+    /// A crash injected for later in this step (`Ev::Crash`).
+    pending_crash: Option<NodeId>,
     /// Side stream: the dual-primary window (see [`SimOptions::dual_primary`]).
     window_rng: Rng,
     /// The window is open on every node in this seed.
@@ -466,6 +483,8 @@ impl World {
             sb,
             disk_rng: Rng::new(seed ^ 0x0d15_cfa1_1ed0_0001),
             witness_rng: Rng::new(seed ^ 0x0d15_c1e5_5000_0001),
+            crash_rng: Rng::new(seed ^ 0xc7a5_45e0_0000_0007),
+            pending_crash: None,
             window_rng,
             window_open,
             window_reqs: Default::default(),
@@ -578,6 +597,12 @@ impl World {
         match ev {
             Ev::Step => self.step()?,
             Ev::Resize { node, blocks } => self.resize(node, blocks)?,
+            Ev::Crash { node } => {
+                if self.pending_crash == Some(node) {
+                    self.pending_crash = None;
+                    self.crash(node)?;
+                }
+            }
             Ev::BreakLinks { node } => {
                 let detached = self.nodes[node as usize]
                     .engine
@@ -1432,6 +1457,10 @@ impl World {
         }
         match self.fault {
             Fault::Crash(n, until) if now >= until => {
+                if self.pending_crash == Some(n) {
+                    self.pending_crash = None;
+                    self.crash(n)?;
+                }
                 self.restart(n)?;
                 self.fault = Fault::None;
                 self.healthy_since = None;
@@ -1539,7 +1568,13 @@ impl World {
         match self.rng.range(0, 3) {
             0 => {
                 self.out.crashes += 1;
-                self.crash(n)?;
+                if self.opts.crash_in_flight {
+                    let t = self.now + self.crash_rng.range(0, MS);
+                    self.pending_crash = Some(n);
+                    self.at(t, Ev::Crash { node: n });
+                } else {
+                    self.crash(n)?;
+                }
                 self.fault = Fault::Crash(n, self.now + dur);
             }
             1 => {
@@ -1622,8 +1657,26 @@ impl World {
             self.model.primary_crashed();
         }
         for m in 0..self.nodes.len() as NodeId {
-            if m != n {
-                self.break_link(n, m)?;
+            if m == n {
+                continue;
+            }
+            let link = self.links.get(&key(n, m)).copied().flatten();
+            match link {
+                Some(g) if self.opts.crash_in_flight && self.crash_rng.chance(0.5) => {
+                    // What it sent still arrives, then the link closes.
+                    let sent = self.fifo.get(&(n, m)).copied().unwrap_or(0);
+                    let t = sent.max(self.now) + 1;
+                    self.tr(format!("link {n}-{m} closes after what node {n} sent"));
+                    self.at(
+                        t,
+                        Ev::Close {
+                            a: n,
+                            b: m,
+                            link: g,
+                        },
+                    );
+                }
+                _ => self.break_link(n, m)?,
             }
         }
         Ok(())
@@ -1664,6 +1717,12 @@ impl World {
             self.at(t, Ev::Resize { node: n, blocks });
         }
         self.tr(format!("RESTART node {n}"));
+        // A link of the crash still closing (`SimOptions::crash_sends`) is gone now.
+        for m in 0..self.nodes.len() as NodeId {
+            if m != n {
+                self.break_link(n, m)?;
+            }
+        }
         let node = &mut self.nodes[n as usize];
         let (engine, actions) = Engine::new(node.cfg.clone(), node.persisted.clone(), self.now);
         node.engine = Some(engine);

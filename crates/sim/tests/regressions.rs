@@ -14,6 +14,7 @@ fn seed(seed: u64, topology: Topology) {
         suspend: false,
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
+        crash_in_flight: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -29,6 +30,7 @@ fn diskless_seed(seed: u64) {
         suspend: false,
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
+        crash_in_flight: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -220,6 +222,7 @@ fn disk_seed(seed: u64, topology: Option<Topology>) {
         topology,
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
+        crash_in_flight: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -318,6 +321,7 @@ fn window_seed(seed: u64) {
         suspend: false,
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
+        crash_in_flight: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
@@ -352,6 +356,7 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
         suspend: false,
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
+        crash_in_flight: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(4838, &opts) {
@@ -403,6 +408,7 @@ fn three(seed: u64) {
         disk_faults: false,
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
+        crash_in_flight: false,
         ..SimOptions::default()
     };
     if let Err(e) = run(seed, &opts) {
