@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::repl::diskful_nodes;
+use common::repl::{diskful_nodes, same_files};
 use common::*;
 use serde_json::Value;
 
@@ -82,14 +82,6 @@ fn seq_of(block: &[u8], index: u64) -> Option<u64> {
 fn copy_out(uri: &str, file: &Path) -> Vec<u8> {
     check(Command::new(tool("nbdcopy")).arg(uri).arg(file));
     std::fs::read(file).unwrap()
-}
-
-fn same_files(c: &Cluster, a: &str, b: &str, volume: &str) {
-    let fa = std::fs::read(c.node_dir(a).join("pool").join(format!("{volume}.data"))).unwrap();
-    let fb = std::fs::read(c.node_dir(b).join("pool").join(format!("{volume}.data"))).unwrap();
-    assert_eq!(fa.len(), fb.len());
-    let first = fa.iter().zip(&fb).position(|(x, y)| x != y);
-    assert!(first.is_none(), "{a} and {b} differ at byte {first:?}");
 }
 
 /// What the checker saw: per block the seqs issued and the last acknowledged one.

@@ -439,3 +439,54 @@ fn resync_rate_limit_is_set_at_creation_and_changed_while_resyncing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Bytes the data file of `volume` on `node` occupies on disk.
+fn allocated(c: &Cluster, node: &str, volume: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let f = c.node_dir(node).join("pool").join(format!("{volume}.data"));
+    std::fs::metadata(&f).unwrap().blocks() * 512
+}
+
+/// Trim and write-zeroes through the Primary's export (qemu-io over NBD) reach every replica
+/// as zeros: trim and write-zeroes that may unmap punch holes in both data files (thin
+/// volumes stay thin), write-zeroes with `NO_HOLE` keeps the range allocated; the data files
+/// end byte-identical.
+#[test]
+fn trim_and_write_zeroes_reach_every_replica_as_holes() {
+    use common::repl::{diskful_nodes, in_sync, qemu_io_ok, same_files};
+    const MIB: u64 = 1 << 20;
+    let c = Cluster::start_with(3, &["--experimental-replication"]);
+    c.json(&["volume", "create", "z", "32MiB", "--replicas", "2"]);
+    let v = c.wait_json(&["volume", "show", "z"], "replicas in sync", in_sync);
+    let nodes = diskful_nodes(&v);
+    let uri = c.connect("z");
+    let cmds = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    qemu_io_ok(&uri, &cmds(&["write -P 0x5a 0 16M", "flush"]));
+    for n in &nodes {
+        let a = allocated(&c, n, "z");
+        assert!(
+            a >= 16 * MIB,
+            "{n}: {a} bytes allocated after 16 MiB written"
+        );
+    }
+    qemu_io_ok(
+        &uri,
+        &cmds(&[
+            "discard 0 8M",
+            "write -z -u 8M 4M",
+            "write -z 12M 2M",
+            "flush",
+            "read -P 0 0 14M",
+            "read -P 0x5a 14M 2M",
+        ]),
+    );
+    for n in &nodes {
+        // 2 MiB of kept zeros and 2 MiB of data; 12 MiB punched.
+        let a = allocated(&c, n, "z");
+        assert!(
+            (4 * MIB..7 * MIB).contains(&a),
+            "{n}: {a} bytes allocated, want about 4 MiB after trimming 12 of 16"
+        );
+    }
+    same_files(&c, &nodes[0], &nodes[1], "z");
+}

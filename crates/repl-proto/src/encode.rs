@@ -45,6 +45,24 @@ impl Encoder {
         msg: &Message,
         head: &mut Vec<u8>,
     ) -> Result<Option<Bytes>, EncodeError> {
+        if self.version >= ProtocolVersion::V8
+            && let Message::Write {
+                seq,
+                offset,
+                flags,
+                data,
+            } = msg
+            && crate::zeroes::is_zeroes(data)
+        {
+            // A zero-write travels without its data (see `zeroes`).
+            let zero = Message::WriteZeroes {
+                seq: *seq,
+                offset: *offset,
+                len: data.len() as u64,
+                flags: *flags & crate::message::write_flags::FUA,
+            };
+            return self.encode_vectored(&zero, head);
+        }
         let ty = msg.message_type();
         msg.validate()
             .map_err(|detail| EncodeError::Invalid { ty, detail })?;

@@ -7,6 +7,7 @@
 //! * [`message`]: every [`Message`] with explicit type codes, hand-encoded little endian.
 //! * [`mod@encode`]: the [`Encoder`], also vectored so bulk data is not copied.
 //! * [`version`]: the version history ([`ProtocolVersion`]) and negotiation.
+//! * [`zeroes`]: the shared buffer of zeros that marks a write as a zero-write.
 //! * [`handshake`]: the authenticated handshake as state machines ([`Initiator`],
 //!   [`Acceptor`]) binding a link to one cluster, one volume and both node ids.
 //!
@@ -18,6 +19,7 @@ pub mod frame;
 pub mod handshake;
 pub mod message;
 pub mod version;
+pub mod zeroes;
 
 pub use encode::{Encoder, encode};
 pub use frame::{

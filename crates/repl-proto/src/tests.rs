@@ -1096,24 +1096,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 8..=9.
+    // A future initiator speaking only 9..=10.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 8;
-    h.max_version = 9;
+    h.min_version = 9;
+    h.max_version = 10;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 7).unwrap(),
-        theirs: VersionRange::new(8, 9).unwrap(),
+        ours: VersionRange::new(1, 8).unwrap(),
+        theirs: VersionRange::new(9, 10).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=7, the peer speaks 8..=9")
+            .contains("we speak 1..=8, the peer speaks 9..=10")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1140,13 +1140,13 @@ fn refuses_version_mismatch_naming_both_ranges() {
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 8..=9.
+    // A future acceptor offering only 9..=10.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 8,
-            max_version: 9,
-            version: 9,
+            min_version: 9,
+            max_version: 10,
+            version: 10,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1154,7 +1154,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(8, 9).unwrap(),
+            theirs: VersionRange::new(9, 10).unwrap(),
         })
     );
     assert!(matches!(
@@ -1315,7 +1315,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 8).unwrap();
+    c.versions = VersionRange::new(1, 9).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1699,5 +1699,55 @@ fn settles_flag_is_sent_only_on_version_7_links() {
     ] {
         let (_, got) = report_over(version, &msg);
         assert_eq!(got.flags, flags, "version {version}");
+    }
+}
+
+/// Version 8: a zero-write (the shared zero buffer) goes as a `WriteZeroes` frame without its
+/// data; an ordinary buffer of zeros, and any zero-write on an older link, as a `Write`.
+#[test]
+fn zero_writes_travel_without_their_data_on_version_8_links() {
+    let write = |data: Bytes| Message::Write {
+        seq: 9,
+        offset: 4096,
+        flags: write_flags::FUA,
+        data,
+    };
+    let z = crate::zeroes::zeroes(65536).unwrap();
+    let cases = [
+        (ProtocolVersion::V8, write(z.clone()), true),
+        (ProtocolVersion::V7, write(z), false),
+        (
+            ProtocolVersion::V8,
+            write(Bytes::from(vec![0u8; 65536])),
+            false,
+        ),
+    ];
+    for (version, msg, small) in cases {
+        let enc = Encoder::new(version);
+        let mut out = Vec::new();
+        enc.encode(&msg, &mut out).unwrap();
+        assert_eq!(
+            out.len() < 1024,
+            small,
+            "version {version}: {} bytes",
+            out.len()
+        );
+        let mut dec = Decoder::new();
+        dec.set_version(version);
+        dec.feed(&out);
+        let got = dec.next_frame().unwrap().unwrap().message().unwrap();
+        if small {
+            assert_eq!(
+                got,
+                Message::WriteZeroes {
+                    seq: 9,
+                    offset: 4096,
+                    len: 65536,
+                    flags: write_flags::FUA,
+                }
+            );
+        } else {
+            assert_eq!(got, msg);
+        }
     }
 }

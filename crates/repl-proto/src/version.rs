@@ -44,6 +44,11 @@ pub enum ProtocolVersion {
     /// are settled, to mark them toward that peer if the Primary goes away. The encoder never
     /// sets the bit on an older link (a receiver then keeps nothing, as before).
     V7 = 7,
+    /// Version 8: a zero-write (a `Write` whose data is the shared zero buffer, see
+    /// `zeroes`) travels as a `WriteZeroes` frame without data, and the receiver applies
+    /// `Trim` and `WriteZeroes` like a write of zeros that may deallocate the range (until
+    /// version 7 it answered them `NotSupported`). On an older link the zeros go as a `Write`.
+    V8 = 8,
 }
 
 impl ProtocolVersion {
@@ -56,9 +61,10 @@ impl ProtocolVersion {
         ProtocolVersion::V5,
         ProtocolVersion::V6,
         ProtocolVersion::V7,
+        ProtocolVersion::V8,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V7;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V8;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -171,7 +177,7 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 7);
+        assert_eq!(ProtocolVersion::LATEST.number(), 8);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
@@ -179,9 +185,10 @@ mod tests {
         assert_eq!(ProtocolVersion::from_number(5), Some(ProtocolVersion::V5));
         assert_eq!(ProtocolVersion::from_number(6), Some(ProtocolVersion::V6));
         assert_eq!(ProtocolVersion::from_number(7), Some(ProtocolVersion::V7));
+        assert_eq!(ProtocolVersion::from_number(8), Some(ProtocolVersion::V8));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 8).is_supported());
+        assert!(!r(1, 9).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
+use tandem_repl_proto::zeroes;
 use tandem_repl_proto::{
     ByteRange, DisconnectReason, DiskState, Generation, Generations, Message, NodeId, PeerBitmap,
     QuorumInfo, Role, StateReport, Status as WireStatus,
@@ -1392,6 +1393,13 @@ impl Engine {
         (settles && third).then_some(true)
     }
 
+    /// Whether writes `peer` sent over its link `epoch` are still waiting for or on our disk.
+    fn peer_writes_pending(&self, peer: NodeId, epoch: u64) -> bool {
+        self.active.values().chain(self.waiting.iter()).any(|o| {
+            matches!(o.kind, OpKind::PeerWrite { peer: p, epoch: e, .. } if p == peer && e == epoch)
+        })
+    }
+
     /// Ranges of writes from a Primary not yet settled: marked out of sync toward each of
     /// `ids`.
     fn mark_unsettled(&mut self, ranges: &[(u64, u64)], ids: &[NodeId]) {
@@ -2456,6 +2464,8 @@ impl Engine {
                 }
                 let data = data
                     .clone()
+                    // A range that reads as zeros on the source may stay a hole here.
+                    .or_else(|| zeroes::zeroes(op.len as usize))
                     .unwrap_or_else(|| Bytes::from(vec![0u8; op.len as usize]));
                 self.active.insert(key, op.clone());
                 let io = self.io(IoPurpose::Op(key));
@@ -2919,6 +2929,14 @@ impl Engine {
                         c.rx_inflight.remove(&seq);
                     }
                     self.release_peer_flushes(peer);
+                } else if result.is_ok() && !self.peer_writes_pending(peer, epoch) {
+                    // The link to the writer went down while its writes were on their way to
+                    // our disk: the flush we made when we lost it (see `peer_down`) did not
+                    // cover them, and a crashed writer knew them as unflushed only in its
+                    // memory. Make them durable now.
+                    let upto = self.al_ctr;
+                    let io = self.io(IoPurpose::AlFlush { upto });
+                    self.disk(Action::DiskFlush { io });
                 }
             }
             OpKind::ResyncWrite {
@@ -3710,13 +3728,48 @@ impl Engine {
                     },
                 );
             }
-            Message::Trim { seq, .. } | Message::WriteZeroes { seq, .. } => {
-                self.check_writer(peer)?;
-                self.send(
+            Message::Trim {
+                seq,
+                offset,
+                len,
+                flags,
+            }
+            | Message::WriteZeroes {
+                seq,
+                offset,
+                len,
+                flags,
+            } => {
+                // Version 8: a zero-write of the writer (see `tandem_repl_proto::zeroes`), a
+                // write of zeros that may deallocate the range. Trim too: the replicas must
+                // read the same afterwards.
+                let keep_allocated = flags & write_flags::NO_HOLE != 0;
+                let data = match zeroes::zeroes(len as usize) {
+                    Some(z) if !keep_allocated => Some(z),
+                    _ if len as usize <= tandem_repl_proto::MAX_DATA => {
+                        Some(Bytes::from(vec![0u8; len as usize]))
+                    }
+                    _ => None,
+                };
+                let Some(data) = data else {
+                    self.check_writer(peer)?;
+                    self.send(
+                        peer,
+                        Message::WriteAck {
+                            seq,
+                            status: WireStatus::NotSupported,
+                        },
+                    );
+                    return Ok(());
+                };
+                let flags = flags & write_flags::FUA;
+                return self.peer_message(
                     peer,
-                    Message::WriteAck {
+                    Message::Write {
                         seq,
-                        status: WireStatus::NotSupported,
+                        offset,
+                        flags,
+                        data,
                     },
                 );
             }

@@ -3,7 +3,7 @@
 //! same Primary.
 
 use bytes::Bytes;
-use tandem_repl_proto::{NodeId, Role};
+use tandem_repl_proto::{Message, NodeId, Role};
 
 use crate::tests_diskless::Net;
 use crate::*;
@@ -378,4 +378,104 @@ fn settled_writes_of_a_lost_primary_are_not_resynced() {
             );
         }
     }
+}
+
+/// Protocol version 8: a replica applies the Primary's `WriteZeroes` (how a zero-write of
+/// `tandem_repl_proto::zeroes` travels) as a disk write of the shared zero buffer (its driver
+/// punches a hole), or of ordinary zeros with `NO_HOLE`, and acknowledges it.
+#[test]
+fn a_replica_applies_write_zeroes_as_a_zero_write() {
+    use tandem_repl_proto::message::write_flags;
+    use tandem_repl_proto::zeroes::is_zeroes;
+    for (flags, hole) in [(0, true), (write_flags::NO_HOLE, false)] {
+        let mut net = three();
+        promote(&mut net, 0);
+        write_ok(&mut net, 0, 1, 0, 0xA0);
+        net.now += 1_000;
+        let msg = Message::WriteZeroes {
+            seq: 1_000,
+            offset: 0,
+            len: 2 * BLOCK as u64,
+            flags,
+        };
+        let actions = net.nodes[1]
+            .e
+            .handle(net.now, Event::PeerMessage { peer: 0, msg });
+        let writes: Vec<&Bytes> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::DiskWrite {
+                    offset: 0, data, ..
+                } => Some(data),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes.len(), 1, "{actions:?}");
+        assert_eq!(writes[0].len(), 2 * BLOCK);
+        assert!(writes[0].iter().all(|b| *b == 0));
+        assert_eq!(is_zeroes(writes[0]), hole, "flags {flags}");
+        assert!(
+            !actions.iter().any(|a| matches!(
+                a,
+                Action::Send {
+                    msg: Message::WriteAck { .. },
+                    ..
+                }
+            )),
+            "acknowledged only once on disk: {actions:?}"
+        );
+        net.apply(1, actions);
+        assert!(net.at(1, 0, 2 * BLOCK).iter().all(|b| *b == 0));
+    }
+}
+
+/// Simulator seed 31764 (two diskful nodes, found once crashes struck with messages in
+/// flight): the Primary crashed right after its write reached a Secondary, before that write
+/// was on the Secondary's disk. The flush the Secondary makes when it loses its Primary did
+/// not cover it (a flush covers only writes completed before it starts); the write stayed in
+/// its cache, the Secondary was promoted, and a later crash lost the block nobody else knew
+/// about. Writes of a lost writer that complete afterwards are flushed too now.
+#[test]
+fn a_write_of_a_lost_primary_that_lands_after_the_loss_is_made_durable() {
+    let mut net = three();
+    promote(&mut net, 0);
+    net.now += 1_000;
+    let msg = Message::Write {
+        seq: 1_000,
+        offset: 0,
+        flags: 0,
+        data: Bytes::from(vec![0xB1; BLOCK]),
+    };
+    let actions = net.nodes[1]
+        .e
+        .handle(net.now, Event::PeerMessage { peer: 0, msg });
+    let io = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::DiskWrite { io, .. } => Some(*io),
+            _ => None,
+        })
+        .expect("the write goes to disk");
+    // The Primary is gone before the write completes.
+    let flushes = |a: &[Action]| {
+        a.iter()
+            .filter(|a| matches!(a, Action::DiskFlush { .. }))
+            .count()
+    };
+    net.now += 1_000;
+    let down = net.nodes[1].e.handle(net.now, Event::PeerDown { peer: 0 });
+    assert_eq!(
+        flushes(&down),
+        1,
+        "a flush when the Primary is lost: {down:?}"
+    );
+    net.now += 1_000;
+    let done = net.nodes[1]
+        .e
+        .handle(net.now, Event::DiskWriteDone { io, result: Ok(()) });
+    assert_eq!(
+        flushes(&done),
+        1,
+        "the write that landed after the loss is flushed: {done:?}"
+    );
 }

@@ -10,8 +10,8 @@ use tandem_replication::{Reply, RequestError};
 
 use crate::driver::{Completion, ConsumerOp, Inbox, Input};
 
-/// Largest single write submitted for `write_zeroes`.
-const ZERO_CHUNK: u64 = 1 << 20;
+/// Largest single write submitted for `write_zeroes` and `trim`.
+const ZERO_CHUNK: u64 = tandem_repl_proto::zeroes::MAX_ZEROES as u64;
 
 /// A [`BlockDevice`] over a [`crate::VolumeDriver`]: each call submits a consumer request to
 /// the engine loop and blocks the calling thread until the engine completes it.
@@ -19,11 +19,11 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// * Errors: `NotPrimary`, `NoQuorum`, `NotUpToDate` and I/O errors map to
 ///   [`ErrorKind::Io`] (EIO for NBD) with the engine's reason as the message;
 ///   `OutOfRange` to [`ErrorKind::OutOfRange`], `NotSupported` to [`ErrorKind::Unsupported`].
-/// * `write_zeroes` is a zero-filled replicated write (in 1 MiB pieces; the engine has no
-///   WriteZeroes), so the range is allocated on every replica.
-/// * `trim` is a no-op success (the engine has no Trim; NBD allows a server to ignore TRIM,
-///   so clients must not expect zeroes afterwards: this deviates from the trait's "reads as
-///   zeroes", which only `write_zeroes` guarantees here).
+/// * `write_zeroes` and `trim` are replicated writes of zeros in 1 MiB pieces. With
+///   `may_deallocate` (always for `trim`) the pieces are zero-writes
+///   (`tandem_repl_proto::zeroes`): every replica punches a hole (protocol version 8 sends
+///   no data for them); without it every replica writes the zeros and keeps them allocated.
+///   Either way the range reads as zeros on every replica afterwards.
 /// * `block_status` reports everything as allocated data (safe: never claims zeroes).
 #[derive(Debug, Clone)]
 pub struct ReplicatedDevice {
@@ -51,6 +51,35 @@ impl ReplicatedDevice {
             .map_err(|_| stopped(name, what, offset, len))?;
         let r = rrx.recv().map_err(|_| stopped(name, what, offset, len))?;
         r.map_err(|e| request_error(name, e, what, offset, len))
+    }
+
+    /// Zeros `[offset, offset + len)` on every replica in pieces of [`ZERO_CHUNK`], as
+    /// zero-writes (holes) when `deallocate`, else as ordinary writes of zeros.
+    fn zero_range(
+        &self,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+    ) -> Result<()> {
+        let allocated = (!deallocate).then(|| Bytes::from(vec![0u8; len.min(ZERO_CHUNK) as usize]));
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZERO_CHUNK) as usize;
+            let data = match &allocated {
+                Some(z) => z.slice(..n),
+                None => tandem_repl_proto::zeroes::zeroes(n).expect("at most MAX_ZEROES"),
+            };
+            let op = ConsumerOp::Write {
+                offset: pos,
+                data,
+                fua: false,
+            };
+            self.submit(op, what, pos, n as u64)?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -212,33 +241,18 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_range("trim", offset, len)
+        self.check_range("trim", offset, len)?;
+        self.zero_range("trim", offset, len, true)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _may_deallocate: bool) -> Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, may_deallocate: bool) -> Result<()> {
         self.check_range("write_zeroes", offset, len)?;
-        let zeros = Bytes::from(vec![0u8; len.min(ZERO_CHUNK) as usize]);
-        let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let n = (end - pos).min(ZERO_CHUNK);
-            self.submit(
-                ConsumerOp::Write {
-                    offset: pos,
-                    data: zeros.slice(..n as usize),
-                    fua: false,
-                },
-                "write_zeroes",
-                pos,
-                n,
-            )?;
-            pos += n;
-        }
-        Ok(())
+        self.zero_range("write_zeroes", offset, len, may_deallocate)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range("block_status", offset, len)?;
+        // Never claims zeroes: this replica may be behind its peers.
         Ok(vec![Extent {
             length: len,
             hole: false,

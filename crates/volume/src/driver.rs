@@ -810,7 +810,13 @@ fn run_job(dev: &dyn BlockDevice, job: DiskJob) -> Event {
             data,
             fua,
         } => {
-            let mut r = dev.write_at(&data, offset).map_err(disk_err);
+            let mut r = if tandem_repl_proto::zeroes::is_zeroes(&data) {
+                // A zero-write (trim, write-zeroes): a hole where the storage can punch one.
+                dev.write_zeroes(offset, data.len() as u64, true)
+            } else {
+                dev.write_at(&data, offset)
+            }
+            .map_err(disk_err);
             if r.is_ok() && fua {
                 r = dev.flush().map_err(disk_err);
             }
@@ -1417,7 +1423,11 @@ impl Loop {
         let inline = match &job {
             DiskJob::Write {
                 data, fua: false, ..
-            } => data.len() <= INLINE_MAX && dev.quick_writes(),
+            } => {
+                data.len() <= INLINE_MAX
+                    && dev.quick_writes()
+                    && !tandem_repl_proto::zeroes::is_zeroes(data)
+            }
             DiskJob::Read { len, .. } => *len as usize <= INLINE_MAX,
             _ => false,
         };
@@ -1434,7 +1444,10 @@ impl Loop {
                 offset,
                 data,
                 fua: false,
-            } if data.len() <= INLINE_MAX && dev.quick_writes() => {
+            } if data.len() <= INLINE_MAX
+                && dev.quick_writes()
+                && !tandem_repl_proto::zeroes::is_zeroes(&data) =>
+            {
                 // A small buffered write lands in the page cache (the same bet the
                 // single-replica NBD path makes); RWF_NOWAIT is not used for writes because
                 // ext4 refuses it for buffered writes (EOPNOTSUPP), which would send every
