@@ -2427,6 +2427,15 @@ impl Engine {
                     self.pump_resync();
                     return;
                 }
+                // A peer whose disk is detached gets nothing: what the resync changes here
+                // is out of sync toward it, as the writes we apply from it are (the source
+                // marked them toward it, we did not: a re-attached disk that resyncs from us
+                // alone must get them too).
+                for id in self.diskful_ids() {
+                    if id != peer && self.peer_failed(id) {
+                        self.set_bits(id, op.offset, op.len);
+                    }
+                }
                 let data = data
                     .clone()
                     .unwrap_or_else(|| Bytes::from(vec![0u8; op.len as usize]));

@@ -485,3 +485,27 @@ fn a_sync_target_whose_generation_changed_before_the_resync_began_compares_again
 fn a_detached_primarys_write_that_reached_one_replica_is_marked_for_the_other() {
     disk_seed(102, Some(Topology::Three));
 }
+
+/// Three diskful nodes with disk faults, with the options of `three_diskful_disk_fault_seeds`
+/// (every option as it is now, own flushes included: the schedule the seed was found with).
+fn three_disk_fault_seed(seed: u64) {
+    let opts = SimOptions {
+        topology: Some(Topology::Three),
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
+/// Three diskful nodes with disk faults: the Primary's disk was detached and it wrote through
+/// the Secondary serving it while the third resynced from that Secondary; the target got those
+/// writes through the resync (late marks) but, unlike the writes it applies from the Primary,
+/// did not mark them toward the detached disk. The repaired disk resynced from that target
+/// alone, came back "UpToDate" with an old block and later passed it on to the replica that
+/// had the write (replicas differed after the run). A sync target now marks what the resync
+/// writes toward every peer whose disk is detached.
+#[test]
+fn a_sync_target_marks_resynced_blocks_toward_a_detached_disk() {
+    three_disk_fault_seed(4585);
+}
