@@ -414,3 +414,56 @@ fn a_sync_target_marks_what_it_resyncs_toward_a_detached_disk() {
     assert!(net.nodes[0].data == net.nodes[1].data);
     assert!(net.nodes[1].data == net.nodes[3].data);
 }
+
+/// Known bug (simulator seed 485 of `three_diskful_disk_fault_seeds` once seed 4585 was
+/// fixed; no disk fault is needed): the Primary's write reaches node 1 but not node 3 when it
+/// crashes (the write fails). Nodes 1 and 3 stay connected "in sync", nothing records the
+/// difference but the crashed Primary's activity log. Node 1 is promoted; the old Primary
+/// restarts and resyncs its hot extents first from node 3, then (same generation, rule
+/// `EqualBitsPrimary`) from node 1: it ends equal to node 1, and node 3 keeps its own block
+/// for good. A diskful Primary's writes are not kept unsettled on its peers the way a
+/// detached or diskless Primary's are (DRBD's peer acks), so the survivors never compare
+/// them. Passing what the second resync changes on to the in-sync node 3 fixes this test but
+/// made other seeds fail (3 of 0..5000 instead of 1): not kept.
+#[test]
+#[ignore = "known bug: a crashed diskful Primary's write that reached one Secondary only"]
+fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other() {
+    let small_al = |c: &mut Config| c.al_extent_bytes = 16 * BLOCK as u64;
+    let mut net = Net::with_nodes(4, small_al);
+    net.run();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let off = 32 * BLOCK as u64;
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: off,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    // Node 1 gets the write (sent first), node 3 not: node 0 crashes.
+    while net.at(1, off, BLOCK) != [0xB0; BLOCK] {
+        assert!(net.step(), "the write never reached node 1");
+    }
+    assert!(net.at(3, off, BLOCK) == [0; BLOCK]);
+    net.isolate(0);
+    net.run();
+    restart(&mut net, 0, small_al);
+    net.run();
+    promote(&mut net, 1);
+    write_ok(&mut net, 1, 3, 64 * BLOCK as u64, 0xC1);
+    // The old Primary meets node 3 first, then node 1.
+    net.uncut(0, 3);
+    net.run();
+    net.heal();
+    assert!(
+        net.nodes[0].data == net.nodes[1].data && net.nodes[1].data == net.nodes[3].data,
+        "replicas differ (block 32: node 0 {:x}, node 1 {:x}, node 3 {:x})\n{}",
+        net.at(0, off, 1)[0],
+        net.at(1, off, 1)[0],
+        net.at(3, off, 1)[0],
+        net.log.join("\n")
+    );
+}
