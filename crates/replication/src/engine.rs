@@ -2462,6 +2462,15 @@ impl Engine {
                     self.pump_resync();
                     return;
                 }
+                // A peer whose disk is detached gets nothing: what the resync changes here
+                // is out of sync toward it, as the writes we apply from it are (the source
+                // marked them toward it, we did not: a re-attached disk that resyncs from us
+                // alone must get them too).
+                for id in self.diskful_ids() {
+                    if id != peer && self.peer_failed(id) {
+                        self.set_bits(id, op.offset, op.len);
+                    }
+                }
                 let data = data
                     .clone()
                     // A range that reads as zeros on the source may stay a hole here.

@@ -30,6 +30,10 @@ pub(crate) struct Net {
     pub(crate) done: BTreeMap<RequestId, Result<Reply, RequestError>>,
     pub(crate) now: Nanos,
     pub(crate) log: Vec<String>,
+    /// What each node persisted last: metadata and bitmaps (for a restart).
+    pub(crate) meta: Vec<Option<Meta>>,
+    pub(crate) bits: Vec<BTreeMap<NodeId, Bitmap>>,
+    pub(crate) al: Vec<Vec<u64>>,
 }
 
 pub(crate) fn key(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
@@ -49,6 +53,7 @@ impl Net {
     /// `count` nodes: node 2 (`W`) diskless, the others diskful.
     pub(crate) fn with_nodes(count: u8, tune: impl Fn(&mut Config)) -> Net {
         let mut nodes = Vec::new();
+        let mut bits = Vec::new();
         for id in 0..count {
             let diskful = id != W;
             let peers = (0..count)
@@ -61,6 +66,7 @@ impl Net {
             let mut cfg = Config::new(id, diskful, peers, SIZE);
             tune(&mut cfg);
             let p = Persisted::new_volume(&cfg, 77);
+            bits.push(p.bitmaps.clone());
             let (e, _) = Engine::new(cfg, p, 0);
             nodes.push(Node {
                 e,
@@ -76,6 +82,9 @@ impl Net {
             done: BTreeMap::new(),
             now: 1,
             log: Vec::new(),
+            meta: vec![None; count as usize],
+            bits,
+            al: vec![Vec::new(); count as usize],
         };
         net.run();
         net
@@ -125,9 +134,22 @@ impl Net {
                     self.done.insert(id, result);
                 }
                 Action::Log { msg, .. } => self.log.push(format!("node {n}: {msg}")),
-                Action::PersistMeta(_)
-                | Action::PersistBits { .. }
-                | Action::PersistActivityLog(_) => {}
+                Action::PersistMeta(m) => self.meta[n as usize] = Some(m),
+                Action::PersistBits {
+                    peer,
+                    set,
+                    first,
+                    count,
+                } => {
+                    if let Some(b) = self.bits[n as usize].get_mut(&peer) {
+                        if set {
+                            b.set_bits(first, count);
+                        } else {
+                            b.clear_bits(first, count);
+                        }
+                    }
+                }
+                Action::PersistActivityLog(extents) => self.al[n as usize] = extents,
             }
         }
     }

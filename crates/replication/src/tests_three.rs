@@ -3,9 +3,9 @@
 //! same Primary.
 
 use bytes::Bytes;
-use tandem_repl_proto::{Message, NodeId, Role};
+use tandem_repl_proto::{DiskState, Message, NodeId, Role};
 
-use crate::tests_diskless::Net;
+use crate::tests_diskless::{Net, SIZE, W};
 use crate::*;
 
 const BLOCK: usize = 4096;
@@ -477,5 +477,164 @@ fn a_write_of_a_lost_primary_that_lands_after_the_loss_is_made_durable() {
         flushes(&done),
         1,
         "the write that landed after the loss is flushed: {done:?}"
+    );
+}
+
+/// Node `n` restarts (a crash, or its driver restarted after a disk repair) from what it
+/// persisted last and what its disk holds; its links break (the ones not cut come back at
+/// the next `run`).
+fn restart(net: &mut Net, n: NodeId, tune: impl Fn(&mut Config)) {
+    for m in 0..net.nodes.len() as NodeId {
+        if m != n {
+            net.break_link(n, m);
+        }
+    }
+    let count = net.nodes.len() as NodeId;
+    let peers = (0..count)
+        .filter(|p| *p != n)
+        .map(|p| PeerConfig {
+            node_id: p,
+            diskful: p != W,
+        })
+        .collect();
+    let mut cfg = Config::new(n, n != W, peers, SIZE);
+    tune(&mut cfg);
+    let meta = net.meta[n as usize]
+        .clone()
+        .unwrap_or_else(|| net.nodes[n as usize].e.meta().clone());
+    let bitmaps = net.bits[n as usize].clone();
+    let persisted = Persisted {
+        meta,
+        bitmaps,
+        activity_log: net.al[n as usize].clone(),
+    };
+    let (e, a) = Engine::new(cfg, persisted, net.now);
+    net.nodes[n as usize].e = e;
+    net.apply(n, a);
+}
+
+/// Simulator seed 4585 (three diskful nodes, disk faults): the Primary's disk detached; it
+/// wrote through the replica that served it (node 3 here) while another one (node 1) was
+/// away. Node 1 came back and resynced those blocks from node 3, and one more write that the
+/// Primary made through node 3 during that resync (a late mark). Node 3 had marked every
+/// such write toward the detached disk, node 1 none of what it got through the resync. The
+/// repaired disk then resynced from node 1 alone and came back UpToDate without those
+/// writes (in the simulator it went on to overwrite node 3's copy). A sync target now marks
+/// what it receives through the resync toward a peer whose disk is detached, as it marks the
+/// writes it applies from that peer.
+#[test]
+fn a_sync_target_marks_what_it_resyncs_toward_a_detached_disk() {
+    // Activity-log extents of 16 blocks: the detached Primary's hot extent (block 0) is
+    // marked toward it at the detach; the later writes lie outside it.
+    let small_al = |c: &mut Config| c.al_extent_bytes = 16 * BLOCK as u64;
+    let mut net = Net::with_nodes(4, small_al);
+    net.run();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    detach(&mut net, 0);
+    net.run();
+
+    // Node 1 is away: the detached Primary writes through node 3 only.
+    net.cut_link(0, 1);
+    net.cut_link(1, 3);
+    net.run();
+    write_ok(&mut net, 0, 2, 64 * BLOCK as u64, 0xB0);
+
+    // Node 1 comes back and resyncs from node 3; once that resync runs, the Primary writes
+    // again (through node 3 only: node 1 does not hold its data yet).
+    net.uncut(0, 1);
+    net.uncut(1, 3);
+    while net.nodes[1].e.status().disk_state != DiskState::Inconsistent {
+        assert!(
+            net.step(),
+            "node 1 never became a sync target:\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert_eq!(repl_state(&net, 1, 3), Some(ReplState::SyncTarget));
+    write_ok(&mut net, 0, 3, 80 * BLOCK as u64, 0xC0);
+    for off in [64, 80] {
+        assert!(net.at(1, off * BLOCK as u64, BLOCK) == net.at(3, off * BLOCK as u64, BLOCK));
+    }
+    demote(&mut net, 0);
+    // The Primary listed node 1 as outdated (it wrote without it); a new handshake with
+    // node 3 makes it UpToDate again.
+    net.break_link(1, 3);
+    net.run();
+    assert_eq!(
+        net.nodes[1].e.status().disk_state,
+        DiskState::UpToDate,
+        "{}",
+        net.log.join("\n")
+    );
+
+    // The disk is repaired: node 0 restarts and meets node 1 first (node 3 is cut off).
+    net.cut_link(0, 3);
+    restart(&mut net, 0, small_al);
+    net.run();
+    assert_eq!(
+        net.nodes[0].e.status().disk_state,
+        DiskState::UpToDate,
+        "{}",
+        net.log.join("\n")
+    );
+    for (off, fill) in [(0, 0xA0), (64, 0xB0), (80, 0xC0)] {
+        assert!(
+            net.at(0, off * BLOCK as u64, BLOCK) == [fill; BLOCK],
+            "node 0 resynced from node 1 lacks the write at block {off}\n{}",
+            net.log.join("\n")
+        );
+    }
+    net.heal();
+    assert!(net.nodes[0].data == net.nodes[1].data);
+    assert!(net.nodes[1].data == net.nodes[3].data);
+}
+
+/// Simulator seed 485 of `three_diskful_disk_fault_seeds` (no disk fault is needed): the
+/// Primary's write reaches node 1 but not node 3 when it crashes (the write fails). Nodes 1
+/// and 3 stayed connected "in sync" with nothing recording the difference but the crashed
+/// Primary's activity log; node 1 was promoted, the old Primary resynced its hot extents from
+/// both, and node 3 kept its own block for good. Fixed by keeping a diskful Primary's writes
+/// unsettled on its peers (protocol version 7, see
+/// `a_write_of_a_crashed_primary_that_reached_one_replica_does_not_leave_the_others_different`).
+#[test]
+fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other() {
+    let small_al = |c: &mut Config| c.al_extent_bytes = 16 * BLOCK as u64;
+    let mut net = Net::with_nodes(4, small_al);
+    net.run();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let off = 32 * BLOCK as u64;
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: off,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    // Node 1 gets the write (sent first), node 3 not: node 0 crashes.
+    while net.at(1, off, BLOCK) != [0xB0; BLOCK] {
+        assert!(net.step(), "the write never reached node 1");
+    }
+    assert!(net.at(3, off, BLOCK) == [0; BLOCK]);
+    net.isolate(0);
+    net.run();
+    restart(&mut net, 0, small_al);
+    net.run();
+    promote(&mut net, 1);
+    write_ok(&mut net, 1, 3, 64 * BLOCK as u64, 0xC1);
+    // The old Primary meets node 3 first, then node 1.
+    net.uncut(0, 3);
+    net.run();
+    net.heal();
+    assert!(
+        net.nodes[0].data == net.nodes[1].data && net.nodes[1].data == net.nodes[3].data,
+        "replicas differ (block 32: node 0 {:x}, node 1 {:x}, node 3 {:x})\n{}",
+        net.at(0, off, 1)[0],
+        net.at(1, off, 1)[0],
+        net.at(3, off, 1)[0],
+        net.log.join("\n")
     );
 }

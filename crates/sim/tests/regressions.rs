@@ -491,3 +491,38 @@ fn a_sync_target_whose_generation_changed_before_the_resync_began_compares_again
 fn a_detached_primarys_write_that_reached_one_replica_is_marked_for_the_other() {
     disk_seed(102, Some(Topology::Three));
 }
+
+/// Every option as it is by default (own flushes, disk faults...), in `topology`;
+/// `crash_in_flight` as when the seed was found (it came later).
+fn default_seed(seed: u64, topology: Topology, crash_in_flight: bool) {
+    let opts = SimOptions {
+        topology: Some(topology),
+        crash_in_flight,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
+/// Three diskful nodes with disk faults: the Primary's disk was detached and it wrote through
+/// the Secondary serving it while the third resynced from that Secondary; the target got those
+/// writes through the resync (late marks) but, unlike the writes it applies from the Primary,
+/// did not mark them toward the detached disk. The repaired disk resynced from that target
+/// alone, came back "UpToDate" with an old block and later passed it on to the replica that
+/// had the write (replicas differed after the run). A sync target now marks what the resync
+/// writes toward every peer whose disk is detached.
+#[test]
+fn a_sync_target_marks_resynced_blocks_toward_a_detached_disk() {
+    default_seed(4585, Topology::Three, false);
+}
+
+/// Two diskful nodes, found once crashes struck with messages in flight: the Primary crashed
+/// right after its write reached the Secondary, before that write was on the Secondary's
+/// disk; the flush the Secondary made on losing its Primary did not cover it, and a later
+/// crash of the Secondary (promoted meanwhile) lost the block. A lost writer's writes that
+/// land afterwards are flushed too now.
+#[test]
+fn a_write_of_a_lost_primary_that_lands_after_the_loss_is_flushed() {
+    default_seed(31764, Topology::Two, true);
+}

@@ -130,9 +130,11 @@ fn three_diskful_seeds() {
     three_diskful(false);
 }
 
-/// Three diskful nodes with disk I/O errors among the faults: not yet proven (seed 4585 of
-/// 0..5000 ends with replicas that differ, not analysed). Run by hand:
-/// `cargo test -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
+/// Three diskful nodes with disk I/O errors among the faults: not yet proven. Seeds 0..5000:
+/// 1 fails (485: a crashed diskful Primary's write that reached one Secondary only, see the
+/// ignored unit test in `tests_three.rs`); seeds 5000..10000: 9 fail (5394, 5473, 5613, 6131,
+/// 6305, 7128, 7472, 8505, 8878, not analysed). Run by hand:
+/// `cargo test --release -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
 #[test]
 #[ignore = "three diskful with disk faults is not proven yet (docs/replication.md)"]
 fn three_diskful_disk_fault_seeds() {
