@@ -485,3 +485,60 @@ fn a_sync_target_whose_generation_changed_before_the_resync_began_compares_again
 fn a_detached_primarys_write_that_reached_one_replica_is_marked_for_the_other() {
     disk_seed(102, Some(Topology::Three));
 }
+
+/// Three diskful nodes and a witness, with the options `three_diskful_seeds` uses under
+/// `SIM_TOPOLOGY=three-witness` (no disk faults).
+fn three_witness(seed: u64) {
+    let opts = SimOptions {
+        topology: Some(Topology::ThreePlusWitness),
+        disk_faults: false,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
+/// Three diskful nodes and a witness: a sync source took a report its target sent before it
+/// saw the `ResyncBegin` (still UpToDate) as the end of the resync and confirmed it
+/// (`ResyncEnd`) before the target had the data. The target finished after the confirmation
+/// and told third nodes Inconsistent for good ("finished, not confirmed yet"), while it
+/// decided its own handshakes as UpToDate: with another Secondary both ends chose to be the
+/// source, refused each other's `ResyncBegin` and reconnected until the end of the run (no
+/// convergence). A source now takes a report as the end only after the target answered a
+/// `Ping` sent behind the `ResyncBegin`, and a node decides a handshake on the disk state it
+/// reported to that peer. (Failing seeds of 0..500: 48, 112, 195, 206, 207, 390.)
+#[test]
+fn a_report_from_before_the_resync_began_does_not_end_it() {
+    three_witness(390);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_48() {
+    three_witness(48);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_112() {
+    three_witness(112);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_195() {
+    three_witness(195);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_206() {
+    three_witness(206);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_207() {
+    three_witness(207);
+}
