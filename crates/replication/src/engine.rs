@@ -2605,6 +2605,21 @@ impl Engine {
     fn confirm_resync(&mut self, peer: NodeId) {
         if self.unconfirmed_source.is_some_and(|(src, _)| src == peer) {
             self.unconfirmed_source = None;
+            if self.meta.disk_state == DiskState::UpToDate {
+                // Handshakes decided on the Inconsistent we told those peers found no good
+                // data here and wait: compare again (see `disk_state_for`).
+                let waiting = self.peers_where(true, |c| {
+                    c.state == ReplState::PausedSync
+                        && matches!(c.decision, Some((SyncDecision::NoGoodData, _)))
+                });
+                for id in waiting {
+                    self.disconnect(
+                        id,
+                        DisconnectReason::ConfigChanged,
+                        format!("node {peer} confirmed our resync; reconnect to compare"),
+                    );
+                }
+            }
             self.broadcast_report(false);
         }
     }
@@ -3842,7 +3857,15 @@ impl Engine {
                     self.confirm_resync(peer);
                     return Ok(());
                 }
-                if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
+                // A link paused because neither side had good data (not as a target that
+                // waits for another resync) did not expect one either.
+                let paused_not_target = state == Some(ReplState::PausedSync)
+                    && self
+                        .conn(peer)
+                        .is_some_and(|c| !c.decision.is_some_and(|(d, _)| d.is_target()));
+                if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync))
+                    || paused_not_target
+                {
                     // Both ends decided from different snapshots (generations changed during
                     // the handshake): compare again.
                     self.disconnect(

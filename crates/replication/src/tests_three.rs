@@ -449,3 +449,95 @@ fn a_node_decides_on_the_disk_state_it_reported_to_the_peer() {
         assert_eq!(repl_state(&net, n, p), Some(ReplState::Established));
     }
 }
+
+/// Node 3 has just finished a resync from the Primary (node 0) at a new generation and, its
+/// source's confirmation still on the way, meets node 1, which stayed at the generation
+/// before: both decide on node 3 being Inconsistent, "the newer side is not UpToDate" (rule
+/// `SourceNotUpToDate`), and the link waits (`PausedSync`, `NoGoodData`).
+fn no_good_data_while_unconfirmed() -> Net {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.isolate(1);
+    // A new generation without node 1; node 0 reconnects node 3, whose report lagged.
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: BLOCK as u64,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.step() {}
+    net.uncut(0, 3);
+    while !net
+        .log
+        .iter()
+        .any(|l| l.starts_with("node 3: resync from node 0 done"))
+    {
+        assert!(net.step(), "node 3 never finished:\n{}", net.log.join("\n"));
+    }
+    assert_ne!(net.nodes[1].e.meta().current, net.nodes[3].e.meta().current);
+    net.uncut(1, 3);
+    while [repl_state(&net, 1, 3), repl_state(&net, 3, 1)].contains(&Some(ReplState::Connecting)) {
+        assert!(net.step(), "no decision:\n{}", net.log.join("\n"));
+    }
+    for (n, p) in [(1, 3), (3, 1)] {
+        assert_eq!(
+            last_decision(&net, n, p),
+            Some((SyncDecision::NoGoodData, Rule::SourceNotUpToDate)),
+            "node {n}\n{}",
+            net.log.join("\n")
+        );
+    }
+    net
+}
+
+/// Found with the previous fix (seed 2205 of the three-witness topology, which deciding on
+/// the reported state made fail): links that decided on the Inconsistent a node reported
+/// while its resync was unconfirmed wait for good data that never shows up unless they compare
+/// again. The confirmation now makes them reconnect.
+#[test]
+fn links_that_found_no_good_data_compare_again_once_the_resync_is_confirmed() {
+    let mut net = no_good_data_while_unconfirmed();
+    // Node 1 still sees neither the Primary nor the witness: only node 3 can bring it along.
+    net.run();
+    assert_eq!(
+        repl_state(&net, 1, 3),
+        Some(ReplState::Established),
+        "{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[1].e.meta().current, net.nodes[3].e.meta().current);
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+    assert_eq!(net.at(1, BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+}
+
+/// Seed 2205 of the three-witness topology: the two ends of such a link decided from
+/// different snapshots (node 0 finished its resync between its report and its decision), one
+/// became source, the other waited with no good data and took the `ResyncBegin` silently, as a
+/// target waiting for another resync does: both waited for good. A link paused without a
+/// target decision now treats a `ResyncBegin` as a mismatch and compares again.
+#[test]
+fn a_resync_begin_on_a_link_that_found_no_good_data_makes_it_compare_again() {
+    let mut net = no_good_data_while_unconfirmed();
+    let generation = net.nodes[3].e.meta().current;
+    net.feed(
+        1,
+        Event::PeerMessage {
+            peer: 3,
+            msg: tandem_repl_proto::Message::ResyncBegin {
+                generation,
+                bytes: 0,
+            },
+        },
+    );
+    assert!(
+        net.log.iter().any(|l| l.starts_with(
+            "node 1: disconnecting node 3: ConfigChanged: peer starts a resync toward us"
+        )),
+        "{}",
+        net.log.join("\n")
+    );
+}

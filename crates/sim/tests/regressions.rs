@@ -542,3 +542,14 @@ fn a_premature_resync_end_does_not_leave_two_sources_206() {
 fn a_premature_resync_end_does_not_leave_two_sources_207() {
     three_witness(207);
 }
+
+/// Three diskful nodes and a witness, found with the fix above (a node deciding on the disk
+/// state it reports): a node whose resync was not confirmed yet decided "no good data" with a
+/// peer that, on the node's report from before its resync finished, decided to be its source;
+/// the paused link took the `ResyncBegin` silently and both waited until the end of the run.
+/// A paused link without a target decision now compares again on a `ResyncBegin`, and the
+/// confirmation makes links that found no good data compare again.
+#[test]
+fn a_link_that_found_no_good_data_does_not_wait_for_a_resync_begin() {
+    three_witness(2205);
+}
