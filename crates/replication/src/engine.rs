@@ -248,6 +248,13 @@ struct Conn {
     decision: Option<(SyncDecision, Rule)>,
     pong: u64,
     barrier: u64,
+    /// As sync source of this link's handshake resync: the token of the `Ping` sent right
+    /// after our `ResyncBegin`. A report that arrives before its `Pong` may predate the
+    /// peer's `ResyncBegin` (an UpToDate it was about to give up) and does not end the
+    /// resync (simulator seed 390); its latest report is looked at again when the `Pong`
+    /// comes (`end_deferred`: one arrived meanwhile). 0: none.
+    begin_ping: u64,
+    end_deferred: bool,
     last_rx: Nanos,
     last_tx: Nanos,
     /// Writes sent to this peer awaiting its ack: seq -> (offset, len).
@@ -1703,10 +1710,7 @@ impl Engine {
             seq: self.report_seq,
             node_id: self.cfg.node_id,
             role: self.role,
-            disk_state: match self.unconfirmed_source {
-                Some((src, _)) if src != peer => DiskState::Inconsistent,
-                _ => self.meta.disk_state,
-            },
+            disk_state: self.disk_state_for(peer),
             quorum: QuorumInfo {
                 has_quorum,
                 voters,
@@ -2633,11 +2637,35 @@ impl Engine {
         }
     }
 
+    /// The disk state we report to `peer` (and decide its handshake on): Inconsistent
+    /// toward third nodes while a finished resync into us is unconfirmed.
+    fn disk_state_for(&self, peer: NodeId) -> DiskState {
+        match self.unconfirmed_source {
+            Some((src, _)) if src != peer => DiskState::Inconsistent,
+            _ => self.meta.disk_state,
+        }
+    }
+
     /// The source of the resync that finished into us confirmed it (or started another one,
     /// or is gone): every peer may see our real disk state now.
     fn confirm_resync(&mut self, peer: NodeId) {
         if self.unconfirmed_source.is_some_and(|(src, _)| src == peer) {
             self.unconfirmed_source = None;
+            if self.meta.disk_state == DiskState::UpToDate {
+                // Handshakes decided on the Inconsistent we told those peers found no good
+                // data here and wait: compare again (see `disk_state_for`).
+                let waiting = self.peers_where(true, |c| {
+                    c.state == ReplState::PausedSync
+                        && matches!(c.decision, Some((SyncDecision::NoGoodData, _)))
+                });
+                for id in waiting {
+                    self.disconnect(
+                        id,
+                        DisconnectReason::ConfigChanged,
+                        format!("node {peer} confirmed our resync; reconnect to compare"),
+                    );
+                }
+            }
             self.broadcast_report(false);
         }
     }
@@ -3297,6 +3325,8 @@ impl Engine {
             serves: false,
             pong: 0,
             barrier: 0,
+            begin_ping: 0,
+            end_deferred: false,
             last_rx: now,
             last_tx: now,
             unacked: BTreeMap::new(),
@@ -3582,8 +3612,23 @@ impl Engine {
         match msg {
             Message::Ping { token } => self.send(peer, Message::Pong { token }),
             Message::Pong { token } => {
+                let mut report = None;
                 if let Some(c) = self.conn_mut(peer) {
+                    let crossed = c.pong < c.begin_ping && token >= c.begin_ping;
                     c.pong = c.pong.max(token);
+                    if crossed && std::mem::take(&mut c.end_deferred) {
+                        report = c.report.clone();
+                    }
+                }
+                // A report that said done came before this: its latest one was sent after it
+                // saw our ResyncBegin.
+                if let Some(r) = report
+                    && self
+                        .conn(peer)
+                        .is_some_and(|c| c.state == ReplState::SyncSource)
+                    && self.target_reports_done(peer, &r)
+                {
+                    self.resync_source_finished(peer);
                 }
                 self.recheck_quorum_wait();
             }
@@ -3919,7 +3964,15 @@ impl Engine {
                     self.confirm_resync(peer);
                     return Ok(());
                 }
-                if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync)) {
+                // A link paused because neither side had good data (not as a target that
+                // waits for another resync) did not expect one either.
+                let paused_not_target = state == Some(ReplState::PausedSync)
+                    && self
+                        .conn(peer)
+                        .is_some_and(|c| !c.decision.is_some_and(|(d, _)| d.is_target()));
+                if !matches!(state, Some(ReplState::SyncTarget | ReplState::PausedSync))
+                    || paused_not_target
+                {
                     // Both ends decided from different snapshots (generations changed during
                     // the handshake): compare again.
                     self.disconnect(
@@ -4315,12 +4368,16 @@ impl Engine {
                     self.resync_what_it_missed(peer);
                 }
             }
+            Some(ReplState::SyncSource) if self.target_reports_done(peer, &r) => {
+                self.resync_source_finished(peer);
+            }
             Some(ReplState::SyncSource)
                 if r.disk_state == DiskState::UpToDate
-                    && r.generations.current == self.meta.current
-                    && !self.online_resync_unconfirmed(peer) =>
+                    && self.conn(peer).is_some_and(|c| c.pong < c.begin_ping) =>
             {
-                self.resync_source_finished(peer);
+                if let Some(c) = self.conn_mut(peer) {
+                    c.end_deferred = true;
+                }
             }
             _ => {}
         }
@@ -4342,6 +4399,16 @@ impl Engine {
             self.window_report(peer, &r);
         }
         Ok(())
+    }
+
+    /// As its sync source: `r` (its latest report) says the resync into `peer` is done:
+    /// UpToDate at our generation, sent after it saw our `ResyncBegin` (handshake resync,
+    /// `begin_ping`) or after it reported Inconsistent (online resync).
+    fn target_reports_done(&self, peer: NodeId, r: &StateReport) -> bool {
+        r.disk_state == DiskState::UpToDate
+            && r.generations.current == self.meta.current
+            && self.conn(peer).is_some_and(|c| c.pong >= c.begin_ping)
+            && !self.online_resync_unconfirmed(peer)
     }
 
     /// `peer` became UpToDate at our generation over a link that stayed established (it
@@ -4610,7 +4677,9 @@ impl Engine {
                 .map(|(_, g)| *g)
                 .chain(self.lost_diskless.map(|_| self.meta.current))
                 .collect(),
-            up_to_date: self.meta.disk_state == DiskState::UpToDate,
+            // What the peer was told (it decides on that): the decision stays symmetric
+            // while a finished resync into us is unconfirmed (simulator seed 390).
+            up_to_date: self.disk_state_for(peer) == DiskState::UpToDate,
             primary: self.role == Role::Primary,
             crashed_primary: self.crashed_primary,
             has_bits: my_bits,
@@ -4693,6 +4762,13 @@ impl Engine {
                         bytes,
                     },
                 );
+                // Its reports count as the end only once it answered this (see `begin_ping`).
+                self.report_seq += 1;
+                let token = self.report_seq;
+                if let Some(c) = self.conn_mut(peer) {
+                    c.begin_ping = token;
+                }
+                self.send(peer, Message::Ping { token });
             }
             SyncDecision::BitmapTarget | SyncDecision::FullTarget => {
                 if self.role == Role::Primary {

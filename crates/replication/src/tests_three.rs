@@ -638,3 +638,240 @@ fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other(
         net.log.join("\n")
     );
 }
+
+/// Simulator seed 390 (three diskful nodes and a witness): the Primary started a new
+/// generation; node 3 adopted it, but its report that still showed the old one made the
+/// Primary reconnect it, and the handshake (rule `EqualBitsPrimary`) made node 3 the target
+/// of the writes it missed meanwhile. Before the Primary's `ResyncBegin` reached node 3, node
+/// 3 sent a report (here: its link to the witness broke) that still said UpToDate. The
+/// Primary, already answering node 3's `ResyncRequest`, took that report as the end of the
+/// resync and confirmed it (`ResyncEnd`) before node 3 had finished. In the simulator the
+/// confirmation arrived before the data; node 3 finished afterwards and, the confirmation
+/// spent, told third nodes Inconsistent for good (and with node 1 never agreed who is
+/// source). A source now counts a report as the end only once the target answered the
+/// `Ping` it sends right after `ResyncBegin`.
+#[test]
+fn a_report_sent_before_the_resync_began_does_not_end_it() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.isolate(1);
+    // The first write without node 1 starts a new generation; node 3's report still shows
+    // the old one and node 0 closes the link to compare again.
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: BLOCK as u64,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.step() {}
+    assert_eq!(repl_state(&net, 3, 0), Some(ReplState::Off));
+    net.uncut(0, 3);
+    while repl_state(&net, 3, 0) != Some(ReplState::SyncTarget) {
+        assert!(
+            net.step(),
+            "node 3 never became target:\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert_eq!(
+        last_decision(&net, 3, 0),
+        Some((SyncDecision::BitmapTarget, Rule::EqualBitsPrimary))
+    );
+    // Node 3 reports (UpToDate still) before the Primary's ResyncBegin reaches it.
+    net.cut_link(2, 3);
+    net.heal();
+    let at = |prefix: &str| {
+        net.log
+            .iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?}:\n{}", net.log.join("\n")))
+    };
+    assert!(
+        at("node 0: node 3 is in sync") > at("node 3: resync from node 0 done"),
+        "node 0 ended the resync before node 3 had the data:\n{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[3].data, net.nodes[0].data);
+    assert_eq!(net.nodes[1].data, net.nodes[0].data);
+    for n in [0u8, 1, 2] {
+        assert_eq!(
+            peer_status(&net, n, 3).and_then(|p| p.disk_state),
+            Some(tandem_repl_proto::DiskState::UpToDate),
+            "node {n} sees node 3\n{}",
+            net.log.join("\n")
+        );
+    }
+}
+
+/// Simulator seed 390, the other half: a node whose resync just finished tells third nodes
+/// Inconsistent until its source confirms the end (so a diskless Primary does not read from
+/// it too early), but decided its own handshakes on its real state (UpToDate). Node 3 here
+/// finished a resync from the Primary and met node 1 before the confirmation: node 1, seeing
+/// it Inconsistent, became source (rule `EqualInconsistent`); node 3, UpToDate with writes
+/// marked for node 1 since node 1 was away, became source too (`EqualBitsPeerMissedWrites`).
+/// Both refused the other's `ResyncBegin` and reconnected (for good in the simulator, whose
+/// confirmation was lost). A node now decides on the disk state it reported to that peer.
+#[test]
+fn a_node_decides_on_the_disk_state_it_reported_to_the_peer() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.isolate(1);
+    // A write without node 1: a new generation; node 3 adopts it, applies the write (marked
+    // for node 1) and is reconnected by node 0, whose report it lagged.
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: BLOCK as u64,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.step() {}
+    net.cut_link(0, 3);
+    // Node 1 catches up from the Primary alone.
+    net.uncut(0, 1);
+    net.run();
+    let g = net.nodes[0].e.meta().current;
+    assert_eq!(net.nodes[1].e.meta().current, g);
+    assert_eq!(net.at(1, BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+    // Node 3 resyncs the write from the Primary; just done, it meets node 1.
+    net.uncut(0, 3);
+    while !net
+        .log
+        .iter()
+        .any(|l| l.starts_with("node 3: resync from node 0 done"))
+    {
+        assert!(net.step(), "node 3 never finished:\n{}", net.log.join("\n"));
+    }
+    assert_eq!(net.nodes[3].e.meta().current, g);
+    net.uncut(1, 3);
+    while [repl_state(&net, 1, 3), repl_state(&net, 3, 1)].contains(&Some(ReplState::Connecting)) {
+        assert!(net.step(), "no decision:\n{}", net.log.join("\n"));
+    }
+    let d1 = last_decision(&net, 1, 3).map(|(d, _)| d);
+    let d3 = last_decision(&net, 3, 1).map(|(d, _)| d);
+    assert_eq!(
+        d1.map(SyncDecision::mirror),
+        d3,
+        "nodes 1 and 3 disagree\n{}",
+        net.log.join("\n")
+    );
+    net.heal();
+    assert!(
+        !net.log
+            .iter()
+            .any(|l| l.contains("peer starts a resync toward us but we decided")),
+        "{}",
+        net.log.join("\n")
+    );
+    for n in [1u8, 3] {
+        assert_eq!(net.nodes[n as usize].data, net.nodes[0].data, "node {n}");
+    }
+    for (n, p) in [(1u8, 3u8), (3, 1), (0, 3), (2, 3)] {
+        assert_eq!(
+            peer_status(&net, n, p).and_then(|s| s.disk_state),
+            Some(tandem_repl_proto::DiskState::UpToDate),
+            "node {n} sees node {p}\n{}",
+            net.log.join("\n")
+        );
+        assert_eq!(repl_state(&net, n, p), Some(ReplState::Established));
+    }
+}
+
+/// Node 3 has just finished a resync from the Primary (node 0) at a new generation and, its
+/// source's confirmation still on the way, meets node 1, which stayed at the generation
+/// before: both decide on node 3 being Inconsistent, "the newer side is not UpToDate" (rule
+/// `SourceNotUpToDate`), and the link waits (`PausedSync`, `NoGoodData`).
+fn no_good_data_while_unconfirmed() -> Net {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.isolate(1);
+    // A new generation without node 1; node 0 reconnects node 3, whose report lagged.
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: BLOCK as u64,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.step() {}
+    net.uncut(0, 3);
+    while !net
+        .log
+        .iter()
+        .any(|l| l.starts_with("node 3: resync from node 0 done"))
+    {
+        assert!(net.step(), "node 3 never finished:\n{}", net.log.join("\n"));
+    }
+    assert_ne!(net.nodes[1].e.meta().current, net.nodes[3].e.meta().current);
+    net.uncut(1, 3);
+    while [repl_state(&net, 1, 3), repl_state(&net, 3, 1)].contains(&Some(ReplState::Connecting)) {
+        assert!(net.step(), "no decision:\n{}", net.log.join("\n"));
+    }
+    for (n, p) in [(1, 3), (3, 1)] {
+        assert_eq!(
+            last_decision(&net, n, p),
+            Some((SyncDecision::NoGoodData, Rule::SourceNotUpToDate)),
+            "node {n}\n{}",
+            net.log.join("\n")
+        );
+    }
+    net
+}
+
+/// Found with the previous fix (seed 2205 of the three-witness topology, which deciding on
+/// the reported state made fail): links that decided on the Inconsistent a node reported
+/// while its resync was unconfirmed wait for good data that never shows up unless they compare
+/// again. The confirmation now makes them reconnect.
+#[test]
+fn links_that_found_no_good_data_compare_again_once_the_resync_is_confirmed() {
+    let mut net = no_good_data_while_unconfirmed();
+    // Node 1 still sees neither the Primary nor the witness: only node 3 can bring it along.
+    net.run();
+    assert_eq!(
+        repl_state(&net, 1, 3),
+        Some(ReplState::Established),
+        "{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[1].e.meta().current, net.nodes[3].e.meta().current);
+    assert_eq!(net.nodes[1].data, net.nodes[3].data);
+    assert_eq!(net.at(1, BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+}
+
+/// Seed 2205 of the three-witness topology: the two ends of such a link decided from
+/// different snapshots (node 0 finished its resync between its report and its decision), one
+/// became source, the other waited with no good data and took the `ResyncBegin` silently, as a
+/// target waiting for another resync does: both waited for good. A link paused without a
+/// target decision now treats a `ResyncBegin` as a mismatch and compares again.
+#[test]
+fn a_resync_begin_on_a_link_that_found_no_good_data_makes_it_compare_again() {
+    let mut net = no_good_data_while_unconfirmed();
+    let generation = net.nodes[3].e.meta().current;
+    net.feed(
+        1,
+        Event::PeerMessage {
+            peer: 3,
+            msg: tandem_repl_proto::Message::ResyncBegin {
+                generation,
+                bytes: 0,
+            },
+        },
+    );
+    assert!(
+        net.log.iter().any(|l| l.starts_with(
+            "node 1: disconnecting node 3: ConfigChanged: peer starts a resync toward us"
+        )),
+        "{}",
+        net.log.join("\n")
+    );
+}

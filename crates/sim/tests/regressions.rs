@@ -505,6 +505,21 @@ fn default_seed(seed: u64, topology: Topology, crash_in_flight: bool) {
     }
 }
 
+/// Three diskful nodes and a witness, with the options `three_diskful_seeds` uses under
+/// `SIM_TOPOLOGY=three-witness` (no disk faults), as when these seeds were found (before
+/// `crash_in_flight`).
+fn three_witness(seed: u64) {
+    let opts = SimOptions {
+        topology: Some(Topology::ThreePlusWitness),
+        disk_faults: false,
+        crash_in_flight: false,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
 /// Three diskful nodes with disk faults: the Primary's disk was detached and it wrote through
 /// the Secondary serving it while the third resynced from that Secondary; the target got those
 /// writes through the resync (late marks) but, unlike the writes it applies from the Primary,
@@ -525,4 +540,59 @@ fn a_sync_target_marks_resynced_blocks_toward_a_detached_disk() {
 #[test]
 fn a_write_of_a_lost_primary_that_lands_after_the_loss_is_flushed() {
     default_seed(31764, Topology::Two, true);
+}
+
+/// Three diskful nodes and a witness: a sync source took a report its target sent before it
+/// saw the `ResyncBegin` (still UpToDate) as the end of the resync and confirmed it
+/// (`ResyncEnd`) before the target had the data. The target finished after the confirmation
+/// and told third nodes Inconsistent for good ("finished, not confirmed yet"), while it
+/// decided its own handshakes as UpToDate: with another Secondary both ends chose to be the
+/// source, refused each other's `ResyncBegin` and reconnected until the end of the run (no
+/// convergence). A source now takes a report as the end only after the target answered a
+/// `Ping` sent behind the `ResyncBegin`, and a node decides a handshake on the disk state it
+/// reported to that peer. (Failing seeds of 0..500: 48, 112, 195, 206, 207, 390.)
+#[test]
+fn a_report_from_before_the_resync_began_does_not_end_it() {
+    three_witness(390);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_48() {
+    three_witness(48);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_112() {
+    three_witness(112);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_195() {
+    three_witness(195);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_206() {
+    three_witness(206);
+}
+
+/// Same cause as `a_report_from_before_the_resync_began_does_not_end_it`, another schedule.
+#[test]
+fn a_premature_resync_end_does_not_leave_two_sources_207() {
+    three_witness(207);
+}
+
+/// Three diskful nodes and a witness, found with the fix above (a node deciding on the disk
+/// state it reports): a node whose resync was not confirmed yet decided "no good data" with a
+/// peer that, on the node's report from before its resync finished, decided to be its source;
+/// the paused link took the `ResyncBegin` silently and both waited until the end of the run.
+/// A paused link without a target decision now compares again on a `ResyncBegin`, and the
+/// confirmation makes links that found no good data compare again.
+#[test]
+fn a_link_that_found_no_good_data_does_not_wait_for_a_resync_begin() {
+    three_witness(2205);
 }
