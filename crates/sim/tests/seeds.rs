@@ -125,31 +125,37 @@ fn simulate_seeds() {
 /// Three diskful nodes (every node keeps a bitmap toward both others). `SIM_SEEDS` (default
 /// 1000, a few seconds in debug) and `SIM_SEED_BASE` choose the seeds; `SIM_TOPOLOGY=three
 /// SIM_SEED=N` with `simulate_seeds` reproduces one with its trace. `SIM_TOPOLOGY=three-witness`
-/// runs three diskful nodes and a witness instead (`Topology::ThreePlusWitness`; seeds 0..6000
-/// pass, 1000 take about 15 s in release, 20 s in debug; reproduce one with `SIM_DISK_FAULTS=0
-/// SIM_TOPOLOGY=three-witness SIM_SEED=N` and `simulate_seeds`).
+/// runs three diskful nodes and a witness instead, like `three_diskful_and_witness_seeds`.
 #[test]
 fn three_diskful_seeds() {
-    three_diskful(false);
-}
-
-/// Three diskful nodes with disk I/O errors among the faults: not yet proven. Seeds 0..5000:
-/// 1 fails (485: a crashed diskful Primary's write that reached one Secondary only, see the
-/// ignored unit test in `tests_three.rs`); seeds 5000..10000: 9 fail (5394, 5473, 5613, 6131,
-/// 6305, 7128, 7472, 8505, 8878, not analysed). Run by hand:
-/// `cargo test --release -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
-#[test]
-#[ignore = "three diskful with disk faults is not proven yet (docs/replication.md)"]
-fn three_diskful_disk_fault_seeds() {
-    three_diskful(true);
-}
-
-fn three_diskful(disk_faults: bool) {
     let topology = if std::env::var("SIM_TOPOLOGY").as_deref() == Ok("three-witness") {
         Topology::ThreePlusWitness
     } else {
         Topology::Three
     };
+    three_diskful(topology, false);
+}
+
+/// Three diskful nodes and a witness the operator sometimes promotes
+/// (`Topology::ThreePlusWitness`), no disk faults; `SIM_SEEDS` (default 1000, about 15 s in
+/// release, 20 s in debug) and `SIM_SEED_BASE` choose the seeds. Reproduce one with
+/// `SIM_DISK_FAULTS=0 SIM_TOPOLOGY=three-witness SIM_SEED=N` and `simulate_seeds`.
+#[test]
+fn three_diskful_and_witness_seeds() {
+    three_diskful(Topology::ThreePlusWitness, false);
+}
+
+/// Three diskful nodes with disk I/O errors among the faults: not yet proven. Seeds 0..5000
+/// with crashes that strike mid-flight (`SimOptions::crash_in_flight`): 4 fail (1154, 1513,
+/// 2063, 4896; not analysed). Run by hand:
+/// `cargo test --release -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
+#[test]
+#[ignore = "three diskful with disk faults is not proven yet (docs/replication.md)"]
+fn three_diskful_disk_fault_seeds() {
+    three_diskful(Topology::Three, true);
+}
+
+fn three_diskful(topology: Topology, disk_faults: bool) {
     let opts = SimOptions {
         topology: Some(topology),
         disk_faults,
@@ -167,7 +173,7 @@ fn three_diskful(disk_faults: bool) {
         }
     }
     eprintln!(
-        "three diskful: {n} seeds in {:.1} s, {} failed",
+        "{topology:?}: {n} seeds in {:.1} s, {} failed",
         start.elapsed().as_secs_f64(),
         failed.len()
     );
