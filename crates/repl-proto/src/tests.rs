@@ -1638,17 +1638,18 @@ fn state_report_outdated_mask_is_a_version_2_field() {
     }
 }
 
-/// Version 6 adds the `StateReport` flag `ADOPT_OFFER`; the encoder clears it on an older link
-/// (a version-5 peer would refuse the unknown bit and break the link).
+/// Version 6 adds the `StateReport` flag `ADOPT_OFFER`, version 7 `SETTLES`; the encoder
+/// clears each on an older link (an older peer would refuse the unknown bit and break the
+/// link).
 #[test]
-fn adopt_offer_flag_is_sent_only_on_version_6_links() {
+fn report_flags_of_newer_versions_are_sent_only_on_links_that_know_them() {
     let report = StateReport {
         seq: 3,
         node_id: 2,
         role: Role::Primary,
         disk_state: DiskState::Diskless,
         quorum: QuorumInfo::default(),
-        flags: state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
+        flags: state_flags::SETTLES | state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
         size_bytes: 1 << 20,
         generations: Generations::default(),
         peer_bitmaps: vec![],
@@ -1658,44 +1659,11 @@ fn adopt_offer_flag_is_sent_only_on_version_6_links() {
         primary_epoch: 1,
     };
     let msg = Message::StateReport(Box::new(report));
+    let newer = state_flags::ADOPT_OFFER | state_flags::SUSPENDED;
     for (version, flags) in [
         (ProtocolVersion::V5, state_flags::SUSPENDED),
-        (
-            ProtocolVersion::V6,
-            state_flags::ADOPT_OFFER | state_flags::SUSPENDED,
-        ),
-    ] {
-        let (_, got) = report_over(version, &msg);
-        assert_eq!(got.flags, flags, "version {version}");
-    }
-}
-
-/// Version 7 adds the `StateReport` flag `SETTLES`; the encoder clears it on an older link.
-#[test]
-fn settles_flag_is_sent_only_on_version_7_links() {
-    let report = StateReport {
-        seq: 3,
-        node_id: 1,
-        role: Role::Primary,
-        disk_state: DiskState::UpToDate,
-        quorum: QuorumInfo::default(),
-        flags: state_flags::SETTLES | state_flags::ADOPT_OFFER,
-        size_bytes: 1 << 20,
-        generations: Generations::default(),
-        peer_bitmaps: vec![],
-        outdated: 0,
-        outdated_gen: 0,
-        outdated_by: 0,
-        primary_epoch: 1,
-    };
-    let msg = Message::StateReport(Box::new(report));
-    for (version, flags) in [
-        (ProtocolVersion::V5, 0),
-        (ProtocolVersion::V6, state_flags::ADOPT_OFFER),
-        (
-            ProtocolVersion::V7,
-            state_flags::SETTLES | state_flags::ADOPT_OFFER,
-        ),
+        (ProtocolVersion::V6, newer),
+        (ProtocolVersion::V7, newer | state_flags::SETTLES),
     ] {
         let (_, got) = report_over(version, &msg);
         assert_eq!(got.flags, flags, "version {version}");

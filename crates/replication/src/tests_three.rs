@@ -639,6 +639,27 @@ fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other(
     );
 }
 
+/// Node 0 Primary, node 1 cut off: the first write without node 1 starts a new generation;
+/// node 3 adopts it and applies the write (marked for node 1), but its report still showed
+/// the old generation, so node 0 closes their link to compare again.
+fn write_while_node_1_is_away() -> Net {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.isolate(1);
+    net.feed(
+        0,
+        Event::Write {
+            id: 2,
+            offset: BLOCK as u64,
+            data: Bytes::from(vec![0xB0; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.step() {}
+    net
+}
+
 /// Simulator seed 390 (three diskful nodes and a witness): the Primary started a new
 /// generation; node 3 adopted it, but its report that still showed the old one made the
 /// Primary reconnect it, and the handshake (rule `EqualBitsPrimary`) made node 3 the target
@@ -652,22 +673,7 @@ fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other(
 /// `Ping` it sends right after `ResyncBegin`.
 #[test]
 fn a_report_sent_before_the_resync_began_does_not_end_it() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    net.isolate(1);
-    // The first write without node 1 starts a new generation; node 3's report still shows
-    // the old one and node 0 closes the link to compare again.
-    net.feed(
-        0,
-        Event::Write {
-            id: 2,
-            offset: BLOCK as u64,
-            data: Bytes::from(vec![0xB0; BLOCK]),
-            fua: false,
-        },
-    );
-    while net.step() {}
+    let mut net = write_while_node_1_is_away();
     assert_eq!(repl_state(&net, 3, 0), Some(ReplState::Off));
     net.uncut(0, 3);
     while repl_state(&net, 3, 0) != Some(ReplState::SyncTarget) {
@@ -717,22 +723,7 @@ fn a_report_sent_before_the_resync_began_does_not_end_it() {
 /// confirmation was lost). A node now decides on the disk state it reported to that peer.
 #[test]
 fn a_node_decides_on_the_disk_state_it_reported_to_the_peer() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    net.isolate(1);
-    // A write without node 1: a new generation; node 3 adopts it, applies the write (marked
-    // for node 1) and is reconnected by node 0, whose report it lagged.
-    net.feed(
-        0,
-        Event::Write {
-            id: 2,
-            offset: BLOCK as u64,
-            data: Bytes::from(vec![0xB0; BLOCK]),
-            fua: false,
-        },
-    );
-    while net.step() {}
+    let mut net = write_while_node_1_is_away();
     net.cut_link(0, 3);
     // Node 1 catches up from the Primary alone.
     net.uncut(0, 1);
