@@ -188,13 +188,19 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
         }
         // A side that lost its link to a Primary at this generation (its bitmap generation
         // toward the peer or a third node is its own current) may lack that Primary's last
-        // writes; the other side is the better source.
-        let lost_primary = |s: &SideView| {
-            nz(s.current) && (s.bitmap == s.current || s.other_bitmaps.contains(&s.current))
+        // writes; the other side is the better source. When that Primary is the peer itself
+        // (neither Primary now nor a crashed one), what we may lack from it are its bits
+        // toward us: without any, it holds nothing we lack (simulator seed 1154: its disk
+        // failed with its metadata, it restarted at our generation without the writes we
+        // marked toward it, and we must be its source).
+        let lost_primary = |s: &SideView, other: &SideView| {
+            nz(s.current)
+                && ((s.bitmap == s.current && other.has_bits)
+                    || s.other_bitmaps.contains(&s.current))
         };
-        if lost_primary(me) != lost_primary(peer) {
+        if lost_primary(me, peer) != lost_primary(peer, me) {
             return (
-                if lost_primary(me) {
+                if lost_primary(me, peer) {
                     BitmapTarget
                 } else {
                     BitmapSource

@@ -866,3 +866,92 @@ fn a_resync_begin_on_a_link_that_found_no_good_data_makes_it_compare_again() {
         net.log.join("\n")
     );
 }
+
+/// Simulator seeds 1154 and 1513 of `three_diskful_disk_fault_seeds`: node 0 wrote a block
+/// that node 3 acknowledged but never made durable, then handed the dual-primary write token
+/// to node 3, whose disk failed as it became Primary (metadata writes too: its last durable
+/// state says Secondary, UpToDate, no bits). Node 0 marked the write toward node 3 (its flush
+/// never came back) and, meeting it again as a detached Primary, recorded it at its current
+/// generation. Repaired, node 3 came back at that generation without the block, and rule
+/// `EqualBitsLostPrimary` made node 0 (it "lost its Primary", node 3) the target: node 3's
+/// stale block overwrote the acknowledged write. Toward the lost Primary itself that rule
+/// now needs bits on the Primary's side; here only node 0 has them and is the source.
+#[test]
+fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
+    let window = |c: &mut Config| c.allow_two_primaries = true;
+    let mut net = Net::with_nodes(4, window);
+    net.run();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.feed(0, Event::Flush { id: 2 });
+    net.run();
+    // Node 3 joins the window (a second Primary without the write token).
+    let a = net.nodes[3]
+        .e
+        .promote(net.now)
+        .unwrap_or_else(|e| panic!("node 3 joins: {e:?}\n{}", net.log.join("\n")));
+    net.apply(3, a);
+    net.run();
+    // Node 3's last durable state: its metadata writes fail from here on.
+    let meta = net.meta[3]
+        .clone()
+        .unwrap_or_else(|| net.nodes[3].e.meta().clone());
+    let (bits, al) = (net.bits[3].clone(), net.al[3].clone());
+    let off = 8 * BLOCK as u64;
+    let before = net.at(3, off, BLOCK).to_vec();
+    // Node 0 writes; node 3 acknowledges it (in its cache only, as it turns out).
+    write_ok(&mut net, 0, 3, off, 0xB0);
+    // Node 3's consumer writes: it asks for the token, node 0 flushes its peers and hands
+    // it over. Node 3 becomes Primary; its flush's answer never reaches node 0.
+    net.feed(
+        3,
+        Event::Write {
+            id: 4,
+            offset: 16 * BLOCK as u64,
+            data: Bytes::from(vec![0xC3; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.nodes[3].e.role() != Role::Primary {
+        assert!(
+            net.step(),
+            "node 3 never got the token\n{}",
+            net.log.join("\n")
+        );
+    }
+    net.isolate(3);
+    detach(&mut net, 3);
+    net.run();
+    // Node 3, a detached Primary, meets its peers again (nothing holds its data).
+    net.heal();
+    assert_eq!(
+        net.nodes[0].e.meta().peer_bitmap_gens.get(&3).copied(),
+        Some(net.nodes[0].e.meta().current),
+        "node 0 lost its Primary node 3 at its generation\n{}",
+        net.log.join("\n")
+    );
+    // Repaired, node 3 restarts from its last durable state; its cache lost the write.
+    net.cut_link(1, 3);
+    net.meta[3] = Some(meta);
+    net.bits[3] = bits;
+    net.al[3] = al;
+    net.nodes[3].data[off as usize..off as usize + BLOCK].copy_from_slice(&before);
+    restart(&mut net, 3, window);
+    net.run();
+    assert_eq!(
+        last_decision(&net, 0, 3),
+        Some((SyncDecision::BitmapSource, Rule::EqualBitsOneSide)),
+        "{}",
+        net.log.join("\n")
+    );
+    net.heal();
+    for n in [0u8, 1, 3] {
+        assert_eq!(
+            net.at(n, off, BLOCK),
+            &[0xB0; BLOCK][..],
+            "node {n} lost the acknowledged write\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert!(net.nodes[0].data == net.nodes[1].data && net.nodes[1].data == net.nodes[3].data);
+}

@@ -596,3 +596,22 @@ fn a_premature_resync_end_does_not_leave_two_sources_207() {
 fn a_link_that_found_no_good_data_does_not_wait_for_a_resync_begin() {
     three_witness(2205);
 }
+
+/// Three diskful nodes with disk faults (found with every default option, `crash_in_flight`
+/// included): a node became Primary (dual-primary write token) as its disk failed with its
+/// metadata writes, and lost from its cache a write the previous Primary had marked toward it.
+/// Repaired, it came back at its peers' generation with no bits; rule `EqualBitsLostPrimary`
+/// made the peer that knew what it lacked its target and the stale blocks won. Toward the lost
+/// Primary itself that rule now needs bits on the Primary's side (unit test
+/// `a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target`).
+#[test]
+fn a_lost_primary_back_without_the_writes_marked_for_it_is_the_target_1154() {
+    default_seed(1154, Topology::Three, true);
+}
+
+/// Same cause as `a_lost_primary_back_without_the_writes_marked_for_it_is_the_target_1154`,
+/// another schedule.
+#[test]
+fn a_lost_primary_back_without_the_writes_marked_for_it_is_the_target_1513() {
+    default_seed(1513, Topology::Three, true);
+}

@@ -146,8 +146,8 @@ fn three_diskful_and_witness_seeds() {
 }
 
 /// Three diskful nodes with disk I/O errors among the faults: not yet proven. Seeds 0..5000
-/// with crashes that strike mid-flight (`SimOptions::crash_in_flight`): 4 fail (1154, 1513,
-/// 2063, 4896; not analysed). Run by hand:
+/// with crashes that strike mid-flight (`SimOptions::crash_in_flight`): 2 fail (2063, 4896;
+/// causes in docs/replication.md; 1154 and 1513 are fixed). Run by hand:
 /// `cargo test --release -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
 #[test]
 #[ignore = "three diskful with disk faults is not proven yet (docs/replication.md)"]
