@@ -780,21 +780,7 @@ fn a_node_decides_on_the_disk_state_it_reported_to_the_peer() {
 /// before: both decide on node 3 being Inconsistent, "the newer side is not UpToDate" (rule
 /// `SourceNotUpToDate`), and the link waits (`PausedSync`, `NoGoodData`).
 fn no_good_data_while_unconfirmed() -> Net {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    net.isolate(1);
-    // A new generation without node 1; node 0 reconnects node 3, whose report lagged.
-    net.feed(
-        0,
-        Event::Write {
-            id: 2,
-            offset: BLOCK as u64,
-            data: Bytes::from(vec![0xB0; BLOCK]),
-            fua: false,
-        },
-    );
-    while net.step() {}
+    let mut net = write_while_node_1_is_away();
     net.uncut(0, 3);
     while !net
         .log
