@@ -1717,7 +1717,7 @@ impl World {
             self.at(t, Ev::Resize { node: n, blocks });
         }
         self.tr(format!("RESTART node {n}"));
-        // A link of the crash still closing (`SimOptions::crash_sends`) is gone now.
+        // A link of the crash still closing (`SimOptions::crash_in_flight`) is gone now.
         for m in 0..self.nodes.len() as NodeId {
             if m != n {
                 self.break_link(n, m)?;
