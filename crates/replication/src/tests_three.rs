@@ -262,6 +262,26 @@ fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_
     assert_eq!(net.nodes[1].data, net.nodes[3].data);
 }
 
+/// Node 0 writes `fill` at `off` and loses every link (a crash) once the write reached node 1
+/// (sent first) and before its copy for node 3 arrived.
+fn write_reaching_node_1_only(net: &mut Net, id: RequestId, off: u64, fill: u8) {
+    net.feed(
+        0,
+        Event::Write {
+            id,
+            offset: off,
+            data: Bytes::from(vec![fill; BLOCK]),
+            fua: false,
+        },
+    );
+    while net.at(1, off, BLOCK) != [fill; BLOCK] {
+        assert!(net.step(), "the write never reached node 1");
+    }
+    assert!(net.at(3, off, BLOCK) == [0; BLOCK], "node 3 has it too");
+    net.isolate(0);
+    net.run();
+}
+
 /// Simulator seed 102 (three diskful nodes, disk faults): a Primary whose disk was detached
 /// writes only to the replicas serving it. Its links broke while a write was on its way:
 /// node 1 got it, node 3 did not, and the write failed. Both stayed at one generation with
@@ -277,23 +297,9 @@ fn a_write_of_a_detached_primary_that_reached_one_replica_is_resynced_to_the_oth
     net.run();
     write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
 
-    // The next write reaches node 1 (sent first), then node 0 loses every link before the
-    // copy for node 3 arrives.
+    // The next write reaches node 1, then node 0 loses every link.
     let off = 8 * BLOCK as u64;
-    net.feed(
-        0,
-        Event::Write {
-            id: 3,
-            offset: off,
-            data: Bytes::from(vec![0xC0; BLOCK]),
-            fua: false,
-        },
-    );
-    assert!(net.step(), "the write to node 1 is on its way");
-    assert_eq!(net.at(1, off, BLOCK), &[0xC0; BLOCK][..], "node 1 has it");
-    assert_eq!(net.at(3, off, BLOCK), &[0; BLOCK][..], "node 3 has not");
-    net.isolate(0);
-    net.run();
+    write_reaching_node_1_only(&mut net, 3, off, 0xC0);
     assert!(net.result(3).is_err(), "the write did not complete");
     net.heal();
     assert!(
@@ -316,23 +322,9 @@ fn a_write_of_a_crashed_primary_that_reached_one_replica_does_not_leave_the_othe
     net.feed(0, Event::Flush { id: 2 });
     net.run();
 
+    // Node 0 crashes (gone for good here) with the write on node 1 only.
     let off = 8 * BLOCK as u64;
-    net.feed(
-        0,
-        Event::Write {
-            id: 3,
-            offset: off,
-            data: Bytes::from(vec![0xC0; BLOCK]),
-            fua: false,
-        },
-    );
-    while net.at(1, off, BLOCK) != [0xC0; BLOCK] {
-        assert!(net.step(), "the write to node 1 is on its way");
-    }
-    assert_eq!(net.at(3, off, BLOCK), &[0; BLOCK][..], "node 3 has not");
-    // Node 0 crashes (gone for good here).
-    net.isolate(0);
-    net.run();
+    write_reaching_node_1_only(&mut net, 3, off, 0xC0);
     promote(&mut net, 1);
     write_ok(&mut net, 1, 4, 12 * BLOCK as u64, 0xD1);
     net.run();
@@ -604,23 +596,9 @@ fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other(
     net.run();
     promote(&mut net, 0);
     write_ok(&mut net, 0, 1, 0, 0xA0);
+    // Node 1 gets the write, node 3 not: node 0 crashes.
     let off = 32 * BLOCK as u64;
-    net.feed(
-        0,
-        Event::Write {
-            id: 2,
-            offset: off,
-            data: Bytes::from(vec![0xB0; BLOCK]),
-            fua: false,
-        },
-    );
-    // Node 1 gets the write (sent first), node 3 not: node 0 crashes.
-    while net.at(1, off, BLOCK) != [0xB0; BLOCK] {
-        assert!(net.step(), "the write never reached node 1");
-    }
-    assert!(net.at(3, off, BLOCK) == [0; BLOCK]);
-    net.isolate(0);
-    net.run();
+    write_reaching_node_1_only(&mut net, 2, off, 0xB0);
     restart(&mut net, 0, small_al);
     net.run();
     promote(&mut net, 1);
