@@ -8,6 +8,7 @@
 //!   `SEEK_DATA`/`SEEK_HOLE`, FLUSH is `fdatasync`.
 //! * [`MemDevice`]: an in-memory device that tracks allocation, for unit tests and the simulator.
 
+pub mod completions;
 mod file;
 mod mem;
 
@@ -93,7 +94,8 @@ pub struct Extent {
 }
 
 /// A device of fixed size addressed in bytes. All methods are positional and thread-safe.
-/// Called once with the outcome of a write started with [`BlockDevice::start_write`].
+/// Called once with the outcome of a write started with [`BlockDevice::start_write`]. A device
+/// that completes several writes at once may call them inside a [`completions::group`].
 pub type WriteDone = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// One write of a batch handed to [`BlockDevice::start_writes`].

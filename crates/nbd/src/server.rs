@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_blockdev::{BlockDevice, BlockError, Bytes, ErrorKind, StartWrite};
+use tandem_blockdev::{BlockDevice, BlockError, Bytes, ErrorKind, StartWrite, completions};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -575,6 +575,9 @@ struct Shared {
     session: Session,
     pool: Arc<BufPool>,
     direct: Option<Direct>,
+    /// Replies to asynchronous writes completed in the device's current completion group,
+    /// sent together when it ends (see [`reply_grouped`]).
+    held: Mutex<Vec<Out>>,
 }
 
 /// Replies sent by the I/O workers straight onto the socket, saving the hop through the writer
@@ -646,6 +649,44 @@ fn reply(sh: &Shared, out_tx: &mpsc::UnboundedSender<Out>, out: Out) {
     }
 }
 
+/// Sends the reply to an asynchronous write. Inside a completion group of the device
+/// (`tandem_blockdev::completions`: a replicated volume completes every write a batch of
+/// acknowledgements covers in one), the reply is held and the connection's held replies go
+/// out together when the group ends: one `sendmsg` and one wake-up of the client instead of
+/// one per write. Outside a group it goes out at once.
+fn reply_grouped(sh: &Arc<Shared>, out_tx: &mpsc::UnboundedSender<Out>, out: Out) {
+    let first = {
+        let mut held = lock_held(sh);
+        held.push(out);
+        held.len() == 1
+    };
+    // The first reply held registers the send; later ones ride along (also those of another
+    // thread's group, whichever ends first sends them).
+    if first {
+        let (sh2, tx2) = (sh.clone(), out_tx.clone());
+        if completions::after_group(Box::new(move || send_held(&sh2, &tx2))).is_err() {
+            send_held(sh, out_tx);
+        }
+    }
+}
+
+fn lock_held(sh: &Shared) -> std::sync::MutexGuard<'_, Vec<Out>> {
+    sh.held.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends every held reply as one.
+fn send_held(sh: &Shared, out_tx: &mpsc::UnboundedSender<Out>) {
+    let held = std::mem::take(&mut *lock_held(sh));
+    let mut it = held.into_iter();
+    let Some(mut all) = it.next() else { return };
+    for out in it {
+        all.parts.extend(out.parts);
+        all._more.extend(out._permits);
+        all._more.extend(out._more);
+    }
+    reply(sh, out_tx, all);
+}
+
 /// One non-blocking `sendmsg` of `parts`; bytes sent (0 when the socket buffer is full).
 fn send_nonblocking(fd: RawFd, parts: &[Part]) -> io::Result<usize> {
     let iov: Vec<libc::iovec> = parts
@@ -709,6 +750,7 @@ where
             fd,
             state: Mutex::new(DirectState::default()),
         }),
+        held: Mutex::new(Vec::new()),
     });
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Out>();
     let (werr_tx, mut werr_rx) = oneshot::channel::<io::Error>();
@@ -847,7 +889,7 @@ where
                             fua,
                             done: Box::new(move |r| {
                                 let part = status_part(sh.session.structured, handle, r);
-                                reply(&sh, &out, Out::one(vec![part], permits));
+                                reply_grouped(&sh, &out, Out::one(vec![part], permits));
                             }),
                         });
                         if started.len() >= BATCH_MAX_WRITES {

@@ -705,3 +705,130 @@ fn writes_found_together_are_started_together() {
         "writes read together were started one by one: {batches:?}"
     );
 }
+
+/// A device whose writes complete only when the test says so: each write lands in memory at
+/// once and its completion is held (like a replicated volume's, waiting for its peers).
+struct HeldWrites {
+    mem: tandem_blockdev::MemDevice,
+    held: std::sync::Mutex<Vec<tandem_blockdev::WriteDone>>,
+}
+
+impl BlockDevice for HeldWrites {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> tandem_blockdev::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> tandem_blockdev::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> tandem_blockdev::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> tandem_blockdev::Result<()> {
+        self.mem.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, d: bool) -> tandem_blockdev::Result<()> {
+        self.mem.write_zeroes(offset, len, d)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> tandem_blockdev::Result<Vec<tandem_blockdev::Extent>> {
+        self.mem.block_status(offset, len)
+    }
+    fn async_writes(&self) -> bool {
+        true
+    }
+    fn start_write(
+        &self,
+        data: tandem_blockdev::Bytes,
+        offset: u64,
+        _fua: bool,
+        done: tandem_blockdev::WriteDone,
+    ) {
+        self.mem.write_at(&data, offset).unwrap();
+        self.held.lock().unwrap().push(done);
+    }
+}
+
+/// Replies to writes a device completes inside a completion group are held until the group
+/// ends and then all sent (a replicated volume completes the writes one batch of
+/// acknowledgements covers in one group: one `sendmsg` for their replies); a completion
+/// outside any group is answered at once.
+#[test]
+fn replies_to_writes_completed_in_a_group_are_sent_when_it_ends() {
+    use std::io::Read;
+    use tandem_blockdev::completions;
+    use tandem_nbd::proto::CMD_WRITE;
+    use tandem_nbd::transmission::{RequestHeader, encode_request};
+    let h = Harness::start(16 * MIB);
+    let dev = std::sync::Arc::new(HeldWrites {
+        mem: tandem_blockdev::MemDevice::new(16 * MIB),
+        held: Default::default(),
+    });
+    let device: std::sync::Arc<dyn BlockDevice> = dev.clone();
+    h.registry.add(tandem_nbd::Export {
+        name: "held".into(),
+        description: "completions held by the test".into(),
+        device,
+        read_only: false,
+        multi_conn: true,
+    });
+    let mut r = common::raw::Raw::go(&h, "held", false);
+    let mut wire = Vec::new();
+    for i in 0..9u64 {
+        wire.extend_from_slice(&encode_request(&RequestHeader {
+            flags: 0,
+            kind: CMD_WRITE,
+            handle: i + 1,
+            offset: i * 4096,
+            length: 4096,
+        }));
+        wire.extend(std::iter::repeat_n(i as u8 + 1, 4096));
+    }
+    r.send(&wire);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while dev.held.lock().unwrap().len() < 9 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writes never started"
+        );
+        std::thread::yield_now();
+    }
+    let mut dones = std::mem::take(&mut *dev.held.lock().unwrap());
+    let last = dones.pop().unwrap();
+    let mut peek = [0u8; 16];
+    completions::group(|| {
+        for done in dones {
+            done(Ok(()));
+        }
+        r.s.set_nonblocking(true).unwrap();
+        let early = r.s.read(&mut peek);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a reply left before the group ended: {early:?}"
+        );
+        r.s.set_nonblocking(false).unwrap();
+    });
+    let mut handles: Vec<u64> = (0..8)
+        .map(|_| r.simple())
+        .map(|(e, h)| {
+            assert_eq!(e, 0, "write {h} failed");
+            h
+        })
+        .collect();
+    handles.sort_unstable();
+    assert_eq!(handles, (1..=8).collect::<Vec<u64>>());
+    // Outside a group: answered by the completion itself.
+    last(Ok(()));
+    assert_eq!(r.simple(), (0, 9));
+    r.s.set_nonblocking(true).unwrap();
+    let extra = r.s.read(&mut peek);
+    assert!(
+        matches!(&extra, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a reply came twice: {extra:?}"
+    );
+}

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_blockdev::{BlockDevice, FileDevice};
+use tandem_blockdev::{BlockDevice, FileDevice, completions};
 use tandem_meta::ReplicaFiles;
 use tandem_repl_proto::{ChecksumAlg, DiskState, Message, NodeId};
 use tandem_replication::{
@@ -282,27 +282,31 @@ impl Inbox {
         Ok(())
     }
 
-    /// Drains the queue while this thread can take the loop's lock.
+    /// Drains the queue while this thread can take the loop's lock. The completions of each
+    /// drain are a group (`tandem_blockdev::completions`): the NBD server answers the writes
+    /// one drain completed with one `sendmsg`, after the lock is released.
     fn run_queued(&self) {
         loop {
-            let mut g = match self.lp.try_lock() {
-                Ok(g) => g,
-                Err(std::sync::TryLockError::WouldBlock) => return,
-                Err(std::sync::TryLockError::Poisoned(e)) => {
-                    // A thread panicked while running the engine: its state is not to be
-                    // trusted, the volume stops (as the loop thread's death did before).
-                    let mut g = e.into_inner();
-                    self.stop(
-                        &mut g,
-                        Some("a thread panicked while running the engine".into()),
-                    );
-                    return;
-                }
-            };
-            self.drain(&mut g);
-            drop(g);
+            let drained = completions::group(|| {
+                let mut g = match self.lp.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::WouldBlock) => return false,
+                    Err(std::sync::TryLockError::Poisoned(e)) => {
+                        // A thread panicked while running the engine: its state is not to be
+                        // trusted, the volume stops (as the loop thread's death did before).
+                        let mut g = e.into_inner();
+                        self.stop(
+                            &mut g,
+                            Some("a thread panicked while running the engine".into()),
+                        );
+                        return false;
+                    }
+                };
+                self.drain(&mut g);
+                true
+            });
             // An input queued while we held the lock, by a thread that then left it to us.
-            if lock(&self.queue).items.is_empty() {
+            if !drained || lock(&self.queue).items.is_empty() {
                 return;
             }
         }
@@ -395,28 +399,37 @@ fn loop_thread(inbox: &Inbox) {
             }
             q.loop_work = false;
         }
-        let mut g = match inbox.lp.lock() {
-            Ok(g) => g,
-            Err(e) => {
-                let mut g = e.into_inner();
-                inbox.stop(
-                    &mut g,
-                    Some("a thread panicked while running the engine".into()),
-                );
-                return;
-            }
-        };
-        inbox.drain(&mut g);
-        let r = match g.as_mut() {
-            None => return,
-            Some(lp) => lp.flush_backlog().and_then(|_| lp.tick(&mut next_tick)),
-        };
-        if let Err(e) = r {
-            inbox.stop(&mut g, Some(e.to_string()));
+        if !completions::group(|| loop_round(inbox, &mut next_tick)) {
             return;
         }
-        inbox.drain(&mut g);
     }
+}
+
+/// One round of the loop thread under the loop's lock: inputs, backlog, tick, inputs.
+/// `false` when the loop has stopped.
+fn loop_round(inbox: &Inbox, next_tick: &mut Instant) -> bool {
+    let mut g = match inbox.lp.lock() {
+        Ok(g) => g,
+        Err(e) => {
+            let mut g = e.into_inner();
+            inbox.stop(
+                &mut g,
+                Some("a thread panicked while running the engine".into()),
+            );
+            return false;
+        }
+    };
+    inbox.drain(&mut g);
+    let r = match g.as_mut() {
+        None => return false,
+        Some(lp) => lp.flush_backlog().and_then(|_| lp.tick(next_tick)),
+    };
+    if let Err(e) = r {
+        inbox.stop(&mut g, Some(e.to_string()));
+        return false;
+    }
+    inbox.drain(&mut g);
+    true
 }
 
 /// A consumer request without its id (the loop assigns ids).
