@@ -38,6 +38,12 @@ pub fn group<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// [`group`] when `cond`, else just `f` (a caller that expects a single completion spares
+/// the replies the wait for the group's end).
+pub fn group_if<R>(cond: bool, f: impl FnOnce() -> R) -> R {
+    if cond { group(f) } else { f() }
+}
+
 /// Ends the group when dropped: the group is closed first (a hook that completes more work
 /// runs it outside any group), then the hooks run.
 struct End;

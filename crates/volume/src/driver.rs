@@ -282,12 +282,14 @@ impl Inbox {
         Ok(())
     }
 
-    /// Drains the queue while this thread can take the loop's lock. The completions of each
-    /// drain are a group (`tandem_blockdev::completions`): the NBD server answers the writes
-    /// one drain completed with one `sendmsg`, after the lock is released.
+    /// Drains the queue while this thread can take the loop's lock. The completions of a
+    /// drain of several inputs are a group (`tandem_blockdev::completions`): the NBD server
+    /// answers the writes it completed (a batch of acknowledgements) with one `sendmsg`,
+    /// after the lock is released. A single input (queue depth 1) is answered at once.
     fn run_queued(&self) {
         loop {
-            let drained = completions::group(|| {
+            let several = lock(&self.queue).items.len() > 1;
+            let drained = completions::group_if(several, || {
                 let mut g = match self.lp.try_lock() {
                     Ok(g) => g,
                     Err(std::sync::TryLockError::WouldBlock) => return false,
