@@ -32,8 +32,8 @@ pub use handshake::{
 };
 pub use message::{
     ByteRange, ChecksumAlg, ChecksumPurpose, Digest, DisconnectReason, DiskState, EncodeError,
-    Generation, Generations, Hello, Message, MessageType, NodeId, Nonce, PeerBitmap, QuorumInfo,
-    RefuseReason, Role, StateReport, Status,
+    Generation, Generations, Hello, LostWriter, Message, MessageType, NodeId, Nonce, PeerBitmap,
+    QuorumInfo, RefuseReason, Role, StateReport, Status,
 };
 pub use version::{ProtocolVersion, VersionMismatch, VersionRange, negotiate};
 

@@ -340,6 +340,23 @@ pub struct StateReport {
     /// epoch it had seen when it last became Primary (0: never). Of two sides of a split
     /// brain, the higher epoch became Primary more recently (`discard-younger-primary`).
     pub primary_epoch: u64,
+    /// Since version 9 (none before): the Primary whose link the sender lost last at its
+    /// current generation, and the highest write sequence number it had received from it.
+    /// Two replicas that lost the same Primary compare these: the Primary numbers its writes
+    /// once for all peers and sends them in that order, so the one that received the later
+    /// write holds every write the Primary completed (see `docs/replication.md`).
+    pub lost_writer: Option<LostWriter>,
+}
+
+/// The last writes a replica received from a Primary it lost ([`StateReport::lost_writer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LostWriter {
+    /// The Primary's node id.
+    pub node: NodeId,
+    /// Its `primary_epoch` while it wrote them (one promotion numbers its writes once).
+    pub epoch: u64,
+    /// The highest sequence number of a `Write`, `Trim` or `WriteZeroes` received from it.
+    pub seq: u64,
 }
 
 /// A range of bytes of the volume.
@@ -849,6 +866,13 @@ impl Message {
                 if version >= ProtocolVersion::V3 {
                     out.put_u64_le(s.primary_epoch);
                 }
+                if version >= ProtocolVersion::V9 {
+                    let l = s.lost_writer.unwrap_or_default();
+                    out.put_u8(u8::from(s.lost_writer.is_some()));
+                    out.put_u8(l.node);
+                    out.put_u64_le(l.epoch);
+                    out.put_u64_le(l.seq);
+                }
                 None
             }
             Message::Write {
@@ -1079,6 +1103,21 @@ fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, D
             } else {
                 0
             };
+            let lost_writer = if version >= ProtocolVersion::V9.number() {
+                let present = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(r.invalid(format!("lost_writer presence {v} is not 0 or 1"))),
+                };
+                let l = LostWriter {
+                    node: r.u8()?,
+                    epoch: r.u64()?,
+                    seq: r.u64()?,
+                };
+                present.then_some(l)
+            } else {
+                None
+            };
             Message::StateReport(Box::new(StateReport {
                 seq,
                 node_id,
@@ -1097,6 +1136,7 @@ fn decode_v1(ty: MessageType, version: u16, r: &mut Reader) -> Result<Message, D
                 outdated_gen,
                 outdated_by,
                 primary_epoch,
+                lost_writer,
             }))
         }
         T::Write => Message::Write {

@@ -55,7 +55,13 @@ fn state_report() -> impl Strategy<Value = StateReport> {
         (0..=state_flags::ALL, any::<u64>()),
         any::<[u64; 4]>(),
         proptest::collection::vec((node(), any::<u64>()), 0..=31),
-        (any::<u32>(), any::<u64>(), node(), any::<u64>()),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            node(),
+            any::<u64>(),
+            proptest::option::of((node(), any::<u64>(), any::<u64>())),
+        ),
     )
         .prop_map(
             |(
@@ -65,7 +71,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                 (flags, size),
                 g,
                 peers,
-                (outdated, outdated_gen, outdated_by, primary_epoch),
+                (outdated, outdated_gen, outdated_by, primary_epoch, lost),
             )| {
                 StateReport {
                     seq,
@@ -88,6 +94,7 @@ fn state_report() -> impl Strategy<Value = StateReport> {
                     outdated_gen,
                     outdated_by,
                     primary_epoch,
+                    lost_writer: lost.map(|(node, epoch, seq)| LostWriter { node, epoch, seq }),
                     peer_bitmaps: peers
                         .into_iter()
                         .map(|(node, generation)| PeerBitmap { node, generation })
@@ -622,10 +629,10 @@ fn typed_header_errors() {
 
     // Versions: unknown, handshake not 0, not the negotiated one.
     let mut d = Decoder::new();
-    d.feed(&raw_frame(9, MessageType::Ping.code(), 0, &[0; 8]));
+    d.feed(&raw_frame(10, MessageType::Ping.code(), 0, &[0; 8]));
     assert_eq!(
         d.next_frame(),
-        Err(DecodeError::UnsupportedVersion { found: 9 })
+        Err(DecodeError::UnsupportedVersion { found: 10 })
     );
     let mut d = Decoder::new();
     d.feed(&raw_frame(1, MessageType::Auth.code(), 0, &[0; 32]));
@@ -1096,24 +1103,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 9..=10.
+    // A future initiator speaking only 10..=11.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 9;
-    h.max_version = 10;
+    h.min_version = 10;
+    h.max_version = 11;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 8).unwrap(),
-        theirs: VersionRange::new(9, 10).unwrap(),
+        ours: VersionRange::new(1, 9).unwrap(),
+        theirs: VersionRange::new(10, 11).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=8, the peer speaks 9..=10")
+            .contains("we speak 1..=9, the peer speaks 10..=11")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1140,13 +1147,13 @@ fn refuses_version_mismatch_naming_both_ranges() {
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 9..=10.
+    // A future acceptor offering only 10..=11.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 9,
-            max_version: 10,
-            version: 10,
+            min_version: 10,
+            max_version: 11,
+            version: 11,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1154,7 +1161,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(9, 10).unwrap(),
+            theirs: VersionRange::new(10, 11).unwrap(),
         })
     );
     assert!(matches!(
@@ -1315,7 +1322,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 9).unwrap();
+    c.versions = VersionRange::new(1, 10).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1450,8 +1457,9 @@ fn payload_sizes_match_the_doc() {
                 outdated_gen: 9,
                 outdated_by: 3,
                 primary_epoch: 0,
+                lost_writer: None,
             })),
-            81 + 2 * 9,
+            99 + 2 * 9,
         ),
         (
             Message::Write {
@@ -1616,12 +1624,28 @@ fn state_report_outdated_mask_is_a_version_2_field() {
         outdated_gen: 0x55,
         outdated_by: 1,
         primary_epoch: 7,
+        lost_writer: Some(LostWriter {
+            node: 0,
+            epoch: 4,
+            seq: 99,
+        }),
     };
     let msg = Message::StateReport(Box::new(report.clone()));
-    for (version, len, outdated, outdated_gen, outdated_by, primary_epoch) in [
-        (ProtocolVersion::V1, 60, 0, 0, 0, 0),
-        (ProtocolVersion::V2, 73, 1 << 2, 0x55, 1, 0),
-        (ProtocolVersion::V3, 81, 1 << 2, 0x55, 1, 7),
+    let none = None;
+    for (version, len, outdated, outdated_gen, outdated_by, primary_epoch, lost_writer) in [
+        (ProtocolVersion::V1, 60, 0, 0, 0, 0, none),
+        (ProtocolVersion::V2, 73, 1 << 2, 0x55, 1, 0, none),
+        (ProtocolVersion::V3, 81, 1 << 2, 0x55, 1, 7, none),
+        (ProtocolVersion::V8, 81, 1 << 2, 0x55, 1, 7, none),
+        (
+            ProtocolVersion::V9,
+            99,
+            1 << 2,
+            0x55,
+            1,
+            7,
+            report.lost_writer,
+        ),
     ] {
         let (payload_len, got) = report_over(version, &msg);
         assert_eq!(payload_len, len, "{version}");
@@ -1632,6 +1656,7 @@ fn state_report_outdated_mask_is_a_version_2_field() {
                 outdated_gen,
                 outdated_by,
                 primary_epoch,
+                lost_writer,
                 ..report.clone()
             }
         );
@@ -1657,6 +1682,7 @@ fn report_flags_of_newer_versions_are_sent_only_on_links_that_know_them() {
         outdated_gen: 0,
         outdated_by: 0,
         primary_epoch: 1,
+        lost_writer: None,
     };
     let msg = Message::StateReport(Box::new(report));
     let newer = state_flags::ADOPT_OFFER | state_flags::SUSPENDED;

@@ -49,6 +49,13 @@ pub enum ProtocolVersion {
     /// `Trim` and `WriteZeroes` like a write of zeros that may deallocate the range (until
     /// version 7 it answered them `NotSupported`). On an older link the zeros go as a `Write`.
     V8 = 8,
+    /// Version 9: `StateReport` carries `lost_writer` (17 bytes after `primary_epoch`): the
+    /// Primary whose link the sender lost at its current generation and the last write
+    /// sequence number received from it. Two replicas that lost the same Primary, both with
+    /// writes of it not settled, resync from the one that received the later write (until
+    /// version 8 the lower node id was the source, and a write the Primary completed on the
+    /// other one only was lost). A version-8 link omits it (reads as none: the old rule).
+    V9 = 9,
 }
 
 impl ProtocolVersion {
@@ -62,9 +69,10 @@ impl ProtocolVersion {
         ProtocolVersion::V6,
         ProtocolVersion::V7,
         ProtocolVersion::V8,
+        ProtocolVersion::V9,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V8;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V9;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -177,7 +185,7 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 8);
+        assert_eq!(ProtocolVersion::LATEST.number(), 9);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
@@ -186,9 +194,10 @@ mod tests {
         assert_eq!(ProtocolVersion::from_number(6), Some(ProtocolVersion::V6));
         assert_eq!(ProtocolVersion::from_number(7), Some(ProtocolVersion::V7));
         assert_eq!(ProtocolVersion::from_number(8), Some(ProtocolVersion::V8));
+        assert_eq!(ProtocolVersion::from_number(9), Some(ProtocolVersion::V9));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 9).is_supported());
+        assert!(!r(1, 10).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

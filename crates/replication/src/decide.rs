@@ -3,7 +3,7 @@
 //! a link reach the same conclusion independently. In the spirit of DRBD's `uuid_compare`,
 //! rules are evaluated in a fixed order and the one that decided is returned for logs/status.
 
-use tandem_repl_proto::{Generation, NodeId};
+use tandem_repl_proto::{Generation, LostWriter, NodeId};
 
 /// One side's input to the decision.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -22,6 +22,9 @@ pub struct SideView {
     pub crashed_primary: bool,
     /// Has out-of-sync bits toward the other side.
     pub has_bits: bool,
+    /// The Primary this side lost at its current generation and the last write it received
+    /// from it.
+    pub lost_writer: Option<LostWriter>,
 }
 
 /// What the local side does.
@@ -86,6 +89,10 @@ pub enum Rule {
     /// Equal generations with bits: one side lost its link to a Primary at this generation
     /// (it may lack that Primary's last writes), the other did not: the other is the source.
     EqualBitsLostPrimary,
+    /// Equal generations with bits: both sides lost the same Primary (same promotion) and
+    /// one received a later write of it: it is the source (it holds every write that Primary
+    /// completed; the other may lack the last ones).
+    EqualBitsLaterWrites,
     /// Equal generations with bits: only one side has a bitmap generation toward the other
     /// (it recorded that the other side missed writes, and the other side caught up through
     /// a third node since, which may not have known all of them): it is the source.
@@ -208,6 +215,20 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
                 Rule::EqualBitsLostPrimary,
             );
         }
+        if let (Some(a), Some(b)) = (me.lost_writer, peer.lost_writer)
+            && a.node == b.node
+            && a.epoch == b.epoch
+            && a.seq != b.seq
+        {
+            return (
+                if a.seq > b.seq {
+                    BitmapSource
+                } else {
+                    BitmapTarget
+                },
+                Rule::EqualBitsLaterWrites,
+            );
+        }
         let knows_missed = |s: &SideView| s.has_bits && nz(s.bitmap) && s.bitmap != s.current;
         if knows_missed(me) != knows_missed(peer) {
             return (
@@ -308,6 +329,21 @@ mod tests {
         }
     }
 
+    /// A side at generation 10 with bits toward the other that lost Primary `writer` (in
+    /// its promotion `epoch`) after receiving its write `seq`.
+    fn lost(id: NodeId, writer: NodeId, epoch: u64, seq: u64) -> SideView {
+        SideView {
+            other_bitmaps: vec![10],
+            has_bits: true,
+            lost_writer: Some(LostWriter {
+                node: writer,
+                epoch,
+                seq,
+            }),
+            ..side(id, 10, 0, [0, 0])
+        }
+    }
+
     /// (name, me, peer, expected decision for me, rule)
     fn cases() -> Vec<(&'static str, SideView, SideView, SyncDecision, Rule)> {
         let a = side(1, 10, 0, [0, 0]);
@@ -397,6 +433,34 @@ mod tests {
                 "both bits lower id",
                 a_bits,
                 b_bits,
+                BitmapSource,
+                Rule::EqualBitsLowerNode,
+            ),
+            (
+                "both lost the same Primary: the later write decides",
+                lost(1, 3, 7, 65),
+                lost(2, 3, 7, 66),
+                BitmapTarget,
+                Rule::EqualBitsLaterWrites,
+            ),
+            (
+                "both lost the same Primary with the same last write: lower node",
+                lost(1, 3, 7, 66),
+                lost(2, 3, 7, 66),
+                BitmapSource,
+                Rule::EqualBitsLowerNode,
+            ),
+            (
+                "lost it in different promotions: not comparable",
+                lost(1, 3, 6, 65),
+                lost(2, 3, 7, 1),
+                BitmapSource,
+                Rule::EqualBitsLowerNode,
+            ),
+            (
+                "lost different Primaries: not comparable",
+                lost(1, 3, 7, 65),
+                lost(2, 4, 7, 66),
                 BitmapSource,
                 Rule::EqualBitsLowerNode,
             ),
@@ -528,8 +592,9 @@ mod tests {
                 any::<bool>(),
                 any::<bool>(),
                 any::<bool>(),
+                proptest::option::of((0u8..3, 0u64..2, 0u64..3)),
             )
-                .prop_map(move |(c, b, h, o, u, p, cp, hb)| SideView {
+                .prop_map(move |(c, b, h, o, u, p, cp, hb, lw)| SideView {
                     node_id: id,
                     current: c,
                     bitmap: b,
@@ -539,6 +604,7 @@ mod tests {
                     primary: p,
                     crashed_primary: cp,
                     has_bits: hb,
+                    lost_writer: lw.map(|(node, epoch, seq)| LostWriter { node, epoch, seq }),
                 })
         }
 

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use tandem_repl_proto::message::{oos_flags, resync_flags, state_flags, write_flags};
 use tandem_repl_proto::zeroes;
 use tandem_repl_proto::{
-    ByteRange, DisconnectReason, DiskState, Generation, Generations, Message, NodeId, PeerBitmap,
-    QuorumInfo, Role, StateReport, Status as WireStatus,
+    ByteRange, DisconnectReason, DiskState, Generation, Generations, LostWriter, Message, NodeId,
+    PeerBitmap, QuorumInfo, Role, StateReport, Status as WireStatus,
 };
 
 use crate::bitmap::Bitmap;
@@ -284,6 +284,10 @@ struct Conn {
     /// marked toward the other diskful replicas only if the link to it goes down (it may have
     /// crashed with a write on its way to them). Its own bitmap covers everything else.
     unsettled_diskful: BTreeMap<u64, (u64, u64)>,
+    /// The highest sequence number of a write received from it on this link (its writes are
+    /// numbered once for all its peers): recorded in `Engine::lost_writer` when the link to
+    /// it, as Primary, goes down.
+    rx_write_seq: u64,
     /// We are its sync source: writes of a diskless Primary we applied since the handshake
     /// (that Primary may not write to it: the resync must fetch them, see `late_marks`).
     late: Vec<(u64, u64)>,
@@ -421,6 +425,14 @@ pub struct Engine {
     /// reports say we lost a Primary at our current generation (rule `EqualBitsLostPrimary`).
     /// In memory only: a restart loses it with everything else the node did not persist.
     lost_diskless: Option<NodeId>,
+    /// The Primary whose link we lost last, its promotion epoch and the last write we
+    /// received from it, with our current generation at the time: reported (protocol version
+    /// 9) while we are still at that generation. Two replicas that lost the same Primary with
+    /// bits toward each other resync from the one that received the later write (rule
+    /// `EqualBitsLaterWrites`): the Primary numbers its writes once and sends them to every
+    /// peer in that order, so that one holds every write it completed (simulator seed 4896).
+    /// In memory only, like the unsettled writes it goes with.
+    lost_writer: Option<(LostWriter, Generation)>,
     /// A resync into us finished and the source has not confirmed it yet (`ResyncEnd`; it may
     /// have sent us writes to fetch too, see `late`): other peers are told Inconsistent
     /// meanwhile, so a diskless Primary does not read from us too early. (source, link epoch)
@@ -533,6 +545,7 @@ impl Engine {
             fwd_reads: BTreeMap::new(),
             next_read_seq: 1,
             lost_diskless: None,
+            lost_writer: None,
             unconfirmed_source: None,
             demote_flush: None,
             window: None,
@@ -1746,6 +1759,16 @@ impl Engine {
             outdated_gen,
             outdated_by,
             primary_epoch: self.meta.primary_epoch,
+            lost_writer: self.lost_writer_now(),
+        }
+    }
+
+    /// Our `lost_writer` record while it still describes our data (we are at the generation
+    /// we lost that Primary at); none otherwise.
+    fn lost_writer_now(&self) -> Option<LostWriter> {
+        match self.lost_writer {
+            Some((l, g)) if self.cfg.diskful && g == self.meta.current => Some(l),
+            _ => None,
         }
     }
 
@@ -3336,6 +3359,7 @@ impl Engine {
             resync: None,
             unsettled: BTreeMap::new(),
             unsettled_diskful: BTreeMap::new(),
+            rx_write_seq: 0,
             late: Vec::new(),
             sent_bits: false,
             offered: false,
@@ -3495,6 +3519,23 @@ impl Engine {
             .as_ref()
             .is_some_and(|r| r.role == Role::Primary);
         if lost_writer && self.cfg.diskful {
+            if let Some(r) = conn.report.as_ref() {
+                let mut seq = conn.rx_write_seq;
+                if let Some((l, g)) = self.lost_writer
+                    && g == self.meta.current
+                    && l.node == peer
+                    && l.epoch == r.primary_epoch
+                {
+                    // The same Primary over an earlier link at this generation.
+                    seq = seq.max(l.seq);
+                }
+                let record = LostWriter {
+                    node: peer,
+                    epoch: r.primary_epoch,
+                    seq,
+                };
+                self.lost_writer = Some((record, self.meta.current));
+            }
             let upto = self.al_ctr;
             let io = self.io(IoPurpose::AlFlush { upto });
             self.disk(Action::DiskFlush { io });
@@ -3759,6 +3800,7 @@ impl Engine {
                 let keep = self.keeps_unsettled(peer);
                 if let Some(c) = self.conn_mut(peer) {
                     c.rx_inflight.insert(seq);
+                    c.rx_write_seq = c.rx_write_seq.max(seq);
                     match keep {
                         Some(false) => {
                             c.unsettled.insert(seq, (offset, len));
@@ -4683,6 +4725,7 @@ impl Engine {
             primary: self.role == Role::Primary,
             crashed_primary: self.crashed_primary,
             has_bits: my_bits,
+            lost_writer: self.lost_writer_now(),
         };
         let other = SideView {
             node_id: peer,
@@ -4694,6 +4737,7 @@ impl Engine {
             primary: r.role == Role::Primary,
             crashed_primary: r.flags & state_flags::CRASHED_PRIMARY != 0,
             has_bits: !c.bitmap_rx.is_empty(),
+            lost_writer: r.lost_writer,
         };
         let (mut d, rule) = decide(&me, &other);
         if d == SyncDecision::SplitBrain {

@@ -104,6 +104,7 @@ fn report_of(peer: u8) -> tandem_repl_proto::StateReport {
         outdated_gen: 0,
         outdated_by: 0,
         primary_epoch: 0,
+        lost_writer: None,
     }
 }
 
@@ -1395,6 +1396,7 @@ fn checksum_resync_transfers_only_the_blocks_whose_digests_differ() {
             outdated_gen: 0,
             outdated_by: 0,
             primary_epoch: 0,
+            lost_writer: None,
         })),
         Message::OutOfSync {
             flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
@@ -1612,6 +1614,7 @@ fn report_from(peer: u8, seq: u64, size: u64, role: Role) -> Event {
             outdated_gen: 0,
             outdated_by: 0,
             primary_epoch: 0,
+            lost_writer: None,
         })),
     }
 }

@@ -919,3 +919,67 @@ fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
     }
     assert!(net.nodes[0].data == net.nodes[1].data && net.nodes[1].data == net.nodes[3].data);
 }
+
+/// Simulator seed 4896 (three diskful nodes, disk faults), directed: a Primary whose disk
+/// detached writes to both other replicas; the link to node 1 breaks with a write on its way
+/// there, the Primary completes it with node 3's ack (quorum with node 3 and the witness),
+/// then loses every link. Both survivors hold writes of it that are not settled and mark
+/// them toward each other, so both have bits and both lost the same Primary: until protocol
+/// version 9 rule `EqualBitsLowerNode` made node 1, without the write, the source. Each now
+/// reports the last write it received from the lost Primary, and node 3 (the later one) is
+/// the source (`EqualBitsLaterWrites`).
+#[test]
+fn the_survivor_that_received_a_lost_primarys_later_write_is_the_source() {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    detach(&mut net, 0);
+    net.run();
+    write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
+
+    // Write 3 is on its way to nodes 1 and 3 when the link to node 1 breaks (its copy is
+    // lost); node 3 applies and acknowledges it, and node 0 completes it.
+    let off = 8 * BLOCK as u64;
+    net.feed(
+        0,
+        Event::Write {
+            id: 3,
+            offset: off,
+            data: Bytes::from(vec![0xC0; BLOCK]),
+            fua: false,
+        },
+    );
+    net.cut_link(0, 1);
+    while !net.done.contains_key(&3) {
+        assert!(
+            net.step(),
+            "write 3 never completed\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert!(net.result(3).is_ok(), "{:?}", net.result(3));
+    assert_eq!(
+        net.at(1, off, BLOCK),
+        &[0u8; BLOCK][..],
+        "node 1 never got it"
+    );
+    // Then node 0 loses every link; the two survivors compare.
+    net.isolate(0);
+    net.run();
+    assert_eq!(
+        last_decision(&net, 3, 1),
+        Some((SyncDecision::BitmapSource, Rule::EqualBitsLaterWrites)),
+        "{}",
+        net.log.join("\n")
+    );
+    for n in [1u8, 3] {
+        assert_eq!(
+            net.at(n, off, BLOCK),
+            &[0xC0; BLOCK][..],
+            "node {n} lacks the acknowledged write\n{}",
+            net.log.join("\n")
+        );
+        assert_eq!(net.at(n, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
+    }
+    assert!(net.nodes[1].data == net.nodes[3].data);
+}

@@ -615,3 +615,15 @@ fn a_lost_primary_back_without_the_writes_marked_for_it_is_the_target_1154() {
 fn a_lost_primary_back_without_the_writes_marked_for_it_is_the_target_1513() {
     default_seed(1513, Topology::Three, true);
 }
+
+/// Three diskful nodes with disk faults: a Primary whose disk was detached sent a write to
+/// both Secondaries; the link to node 1 broke before it arrived, the Primary completed it
+/// with node 2's ack (quorum 2 of 3), then the link to node 2 broke too. Both survivors had
+/// unsettled writes of it and bits toward each other, and rule `EqualBitsLowerNode` made
+/// node 1, without the write, the source. The survivors now report the last write they
+/// received from the Primary they lost (protocol version 9) and the later one is the source
+/// (rule `EqualBitsLaterWrites`).
+#[test]
+fn the_survivor_with_the_later_write_of_a_lost_primary_is_the_source_4896() {
+    default_seed(4896, Topology::Three, true);
+}
