@@ -89,16 +89,16 @@ pub enum Rule {
     /// Equal generations with bits: one side lost its link to a Primary at this generation
     /// (it may lack that Primary's last writes), the other did not: the other is the source.
     EqualBitsLostPrimary,
-    /// Equal generations with bits: both sides lost the same Primary (same promotion) and
-    /// one received a later write of it: it is the source (it holds every write that Primary
-    /// completed; the other may lack the last ones).
-    EqualBitsLaterWrites,
     /// Equal generations with bits: only one side has a bitmap generation toward the other
     /// (it recorded that the other side missed writes, and the other side caught up through
     /// a third node since, which may not have known all of them): it is the source.
     EqualBitsPeerMissedWrites,
     /// Equal generations, only one side has bits: it is the source.
     EqualBitsOneSide,
+    /// Equal generations, both have bits, nothing above decided: both sides lost the same
+    /// Primary (same promotion) and one received a later write of it: it is the source (it
+    /// holds every write that Primary completed; the other may lack the last ones).
+    EqualBitsLaterWrites,
     /// Equal generations, both have bits: the lower node id is the source.
     EqualBitsLowerNode,
     /// The other side's bitmap generation toward us is our current: we are behind, bitmap.
@@ -215,20 +215,6 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
                 Rule::EqualBitsLostPrimary,
             );
         }
-        if let (Some(a), Some(b)) = (me.lost_writer, peer.lost_writer)
-            && a.node == b.node
-            && a.epoch == b.epoch
-            && a.seq != b.seq
-        {
-            return (
-                if a.seq > b.seq {
-                    BitmapSource
-                } else {
-                    BitmapTarget
-                },
-                Rule::EqualBitsLaterWrites,
-            );
-        }
         let knows_missed = |s: &SideView| s.has_bits && nz(s.bitmap) && s.bitmap != s.current;
         if knows_missed(me) != knows_missed(peer) {
             return (
@@ -248,6 +234,26 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
                     BitmapTarget
                 },
                 Rule::EqualBitsOneSide,
+            );
+        }
+        // Bits on both sides and nothing above tells: if both lost the same Primary, the one
+        // that received its later write holds every write it completed (simulator seed 4896).
+        // Last, so that it only replaces the arbitrary pick below: a record is kept until
+        // the generation changes or a resync replaces our data, and knowledge of missed
+        // writes above is more precise (seed 1662, where both had been back with that
+        // Primary since).
+        if let (Some(a), Some(b)) = (me.lost_writer, peer.lost_writer)
+            && a.node == b.node
+            && a.epoch == b.epoch
+            && a.seq != b.seq
+        {
+            return (
+                if a.seq > b.seq {
+                    BitmapSource
+                } else {
+                    BitmapTarget
+                },
+                Rule::EqualBitsLaterWrites,
             );
         }
         return (

@@ -427,11 +427,13 @@ pub struct Engine {
     lost_diskless: Option<NodeId>,
     /// The Primary whose link we lost last, its promotion epoch and the last write we
     /// received from it, with our current generation at the time: reported (protocol version
-    /// 9) while we are still at that generation. Two replicas that lost the same Primary with
-    /// bits toward each other resync from the one that received the later write (rule
-    /// `EqualBitsLaterWrites`): the Primary numbers its writes once and sends them to every
-    /// peer in that order, so that one holds every write it completed (simulator seed 4896).
-    /// In memory only, like the unsettled writes it goes with.
+    /// 9) while we are still at that generation; a resync into us replaces it with the
+    /// source's (our data is its data). Two replicas that lost the same Primary with bits
+    /// toward each other, when no other rule decides, resync from the one that received the
+    /// later write (rule `EqualBitsLaterWrites`): the Primary numbers its writes once and
+    /// sends them to every peer in that order, so that one holds every write it completed
+    /// (simulator seed 4896). Only for a Primary with a disk (detached or not). In memory
+    /// only, like the unsettled writes it goes with.
     lost_writer: Option<(LostWriter, Generation)>,
     /// A resync into us finished and the source has not confirmed it yet (`ResyncEnd`; it may
     /// have sent us writes to fetch too, see `late`): other peers are told Inconsistent
@@ -3519,7 +3521,10 @@ impl Engine {
             .as_ref()
             .is_some_and(|r| r.role == Role::Primary);
         if lost_writer && self.cfg.diskful {
-            if let Some(r) = conn.report.as_ref() {
+            // Not for a diskless Primary: what its peers may lack is settled by its own
+            // mechanism (`lost_diskless`: a replica that lost it waits for it before it
+            // becomes anyone's target; simulator seed 1558 of three diskful and a witness).
+            if let Some(r) = conn.report.as_ref().filter(|_| diskful) {
                 let mut seq = conn.rx_write_seq;
                 if let Some((l, g)) = self.lost_writer
                     && g == self.meta.current
@@ -5160,6 +5165,8 @@ impl Engine {
                 None => {}
             }
         }
+        // Likewise the last write of a lost Primary that our data holds is the source's.
+        self.lost_writer = r.lost_writer.map(|l| (l, self.meta.current));
         self.persist_meta();
         self.log(
             Level::Info,
