@@ -2561,6 +2561,67 @@ impl Engine {
         }
     }
 
+    /// The Primary `peer`, whose disk is detached, now lists the nodes in `mask` as outdated:
+    /// it completed writes without them, maybe writes it sent us before this report (it
+    /// decides to skip a peer before its report says so, see `pass_on_detached_write` for
+    /// the writes after). Its writes we keep unsettled are all it may have skipped them with
+    /// (it reports a changed list before it settles, see `report_outdated_change`): mark them
+    /// toward those nodes and, when they look in sync to us, resync them there online
+    /// (simulator seed 2063: a replica it skipped while that one finished an online resync
+    /// later caught up from us without the write).
+    fn newly_outdated_by_detached(&mut self, peer: NodeId, mask: u32) {
+        if mask == 0 {
+            return;
+        }
+        let ranges: Vec<(u64, u64)> = self
+            .conn(peer)
+            .map(|c| c.unsettled.values().copied().collect())
+            .unwrap_or_default();
+        if ranges.is_empty() {
+            return;
+        }
+        let me = self.cfg.node_id;
+        let ids: Vec<NodeId> = self
+            .diskful_ids()
+            .into_iter()
+            .filter(|id| *id != peer && *id != me && mask & (1u32 << id) != 0)
+            .collect();
+        for id in ids {
+            for &(off, len) in &ranges {
+                self.set_bits(id, off, len);
+            }
+            if self.in_sync(id)
+                && self.meta.disk_state == DiskState::UpToDate
+                && self.role == Role::Secondary
+            {
+                let online = ranges
+                    .iter()
+                    .map(|&(offset, len)| ByteRange { offset, len })
+                    .collect();
+                self.resync_online(id, online);
+            }
+        }
+    }
+
+    /// Before a Primary with a detached disk declares writes `Settled`: a changed `outdated`
+    /// list goes out first, so a peer still holds the writes it may have to mark toward the
+    /// nodes newly listed (`newly_outdated_by_detached`). Not during a handshake (see
+    /// `tick`): then the writes stay unsettled until a later flush. Returns whether
+    /// `Settled` may be sent now.
+    fn report_outdated_change(&mut self) -> bool {
+        if !self.failed() || self.outdated_mask() == self.sent_outdated {
+            return true;
+        }
+        let handshaking = !self
+            .peers_where(false, |c| c.state == ReplState::Connecting)
+            .is_empty();
+        if handshaking {
+            return false;
+        }
+        self.broadcast_report(false);
+        true
+    }
+
     /// A write of the Primary `peer` is being applied here: the blocks it covers completely
     /// are current for as long as the link to it stays up (see [`PrimaryFresh`]).
     fn mark_primary_fresh(&mut self, peer: NodeId, offset: u64, len: u64) {
@@ -3165,7 +3226,7 @@ impl Engine {
                 .filter(|p| self.receives_writes(p))
                 .map(|p| p.cfg.node_id)
                 .collect();
-            if receivers.iter().all(|id| f.targets.contains(id)) {
+            if receivers.iter().all(|id| f.targets.contains(id)) && self.report_outdated_change() {
                 for id in receivers {
                     self.send(id, Message::Settled { seq: f.seq });
                 }
@@ -4269,6 +4330,13 @@ impl Engine {
                 .is_none_or(|p| p.disk_state != DiskState::Failed);
         if newly_failed && peer_diskful && self.cfg.diskful {
             self.peer_detached(peer, &r);
+        }
+        if r.role == Role::Primary && r.disk_state == DiskState::Failed && self.cfg.diskful {
+            let before = prev
+                .as_ref()
+                .filter(|p| p.role == Role::Primary && p.disk_state == DiskState::Failed)
+                .map_or(0, |p| p.outdated);
+            self.newly_outdated_by_detached(peer, r.outdated & !before);
         }
         if newly_failed && peer_diskful && self.diskless_primary() {
             self.log(

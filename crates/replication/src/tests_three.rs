@@ -35,6 +35,23 @@ fn demote(net: &mut Net, n: NodeId) {
     net.run();
 }
 
+/// Three diskful nodes, node 0 Primary with block 0 written (0xA0) everywhere.
+fn primary_0_with_a_write() -> Net {
+    let mut net = three();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net
+}
+
+/// `primary_0_with_a_write`, then node 0's disk detaches (it keeps serving through nodes 1
+/// and 3).
+fn detached_primary_0() -> Net {
+    let mut net = primary_0_with_a_write();
+    detach(&mut net, 0);
+    net.run();
+    net
+}
+
 /// Node `n`'s disk fails (it detaches and keeps serving through its peers).
 fn detach(net: &mut Net, n: NodeId) {
     net.feed(
@@ -45,7 +62,8 @@ fn detach(net: &mut Net, n: NodeId) {
     );
 }
 
-fn write_ok(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
+/// Hands node `n` a write of one block of `fill` at `offset` (nothing delivered yet).
+fn start_write(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
     net.feed(
         n,
         Event::Write {
@@ -55,6 +73,10 @@ fn write_ok(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
             fua: false,
         },
     );
+}
+
+fn write_ok(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
+    start_write(net, n, id, offset, fill);
     net.run();
     assert!(
         net.result(id).is_ok(),
@@ -74,9 +96,7 @@ fn write_ok(net: &mut Net, n: NodeId, id: RequestId, offset: u64, fill: u8) {
 /// other one in sync, so that one may hold G too), and the handshake knows who is newer.
 #[test]
 fn a_primary_writing_without_a_peer_that_adopted_the_same_generation_starts_a_new_one() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let mut net = primary_0_with_a_write();
     let g0 = net.nodes[0].e.meta().current;
 
     // Nodes 1 and 3 stop seeing each other; node 0's disk fails: both adopt its generation.
@@ -143,9 +163,7 @@ fn last_decision(net: &Net, n: NodeId, peer: NodeId) -> Option<(SyncDecision, Ru
 /// makes it the target (in full: it holds the generation before, in the new one's history).
 #[test]
 fn a_peer_that_did_not_adopt_the_same_generation_is_still_found_behind() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let mut net = primary_0_with_a_write();
     let g0 = net.nodes[0].e.meta().current;
 
     net.cut_link(1, 3);
@@ -188,9 +206,7 @@ fn repl_state(net: &Net, n: NodeId, peer: NodeId) -> Option<ReplState> {
 /// changed since it decided now refuses the `ResyncBegin` and compares again.
 #[test]
 fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_again() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let mut net = primary_0_with_a_write();
     net.cut_link(1, 3);
     detach(&mut net, 0);
     net.run();
@@ -222,15 +238,7 @@ fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_
 
     // The Primary writes (a new generation: node 1 is not in sync); its report and the
     // write reach node 3 before node 1's ResyncBegin does.
-    net.feed(
-        0,
-        Event::Write {
-            id: 4,
-            offset: 8 * BLOCK as u64,
-            data: Bytes::from(vec![0xC4; BLOCK]),
-            fua: false,
-        },
-    );
+    start_write(&mut net, 0, 4, 8 * BLOCK as u64, 0xC4);
     net.run();
     assert!(
         net.result(4).is_ok(),
@@ -265,15 +273,7 @@ fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_
 /// Node 0 writes `fill` at `off` and loses every link (a crash) once the write reached node 1
 /// (sent first) and before its copy for node 3 arrived.
 fn write_reaching_node_1_only(net: &mut Net, id: RequestId, off: u64, fill: u8) {
-    net.feed(
-        0,
-        Event::Write {
-            id,
-            offset: off,
-            data: Bytes::from(vec![fill; BLOCK]),
-            fua: false,
-        },
-    );
+    start_write(net, 0, id, off, fill);
     while net.at(1, off, BLOCK) != [fill; BLOCK] {
         assert!(net.step(), "the write never reached node 1");
     }
@@ -290,11 +290,7 @@ fn write_reaching_node_1_only(net: &mut Net, id: RequestId, off: u64, fill: u8) 
 /// write toward node 3 when it loses the Primary, and the two compare again.
 #[test]
 fn a_write_of_a_detached_primary_that_reached_one_replica_is_resynced_to_the_other() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    detach(&mut net, 0);
-    net.run();
+    let mut net = detached_primary_0();
     write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
 
     // The next write reaches node 1, then node 0 loses every link.
@@ -316,9 +312,7 @@ fn a_write_of_a_detached_primary_that_reached_one_replica_is_resynced_to_the_oth
 /// Primary, the other follows it there too.
 #[test]
 fn a_write_of_a_crashed_primary_that_reached_one_replica_does_not_leave_the_others_different() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let mut net = primary_0_with_a_write();
     net.feed(0, Event::Flush { id: 2 });
     net.run();
 
@@ -342,9 +336,7 @@ fn a_write_of_a_crashed_primary_that_reached_one_replica_does_not_leave_the_othe
 #[test]
 fn settled_writes_of_a_lost_primary_are_not_resynced() {
     for demote_first in [false, true] {
-        let mut net = three();
-        promote(&mut net, 0);
-        write_ok(&mut net, 0, 1, 0, 0xA0);
+        let mut net = primary_0_with_a_write();
         write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xA1);
         if demote_first {
             demote(&mut net, 0);
@@ -380,9 +372,7 @@ fn a_replica_applies_write_zeroes_as_a_zero_write() {
     use tandem_repl_proto::message::write_flags;
     use tandem_repl_proto::zeroes::is_zeroes;
     for (flags, hole) in [(0, true), (write_flags::NO_HOLE, false)] {
-        let mut net = three();
-        promote(&mut net, 0);
-        write_ok(&mut net, 0, 1, 0, 0xA0);
+        let mut net = primary_0_with_a_write();
         net.now += 1_000;
         let msg = Message::WriteZeroes {
             seq: 1_000,
@@ -621,19 +611,9 @@ fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other(
 /// node 3 adopts it and applies the write (marked for node 1), but its report still showed
 /// the old generation, so node 0 closes their link to compare again.
 fn write_while_node_1_is_away() -> Net {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
+    let mut net = primary_0_with_a_write();
     net.isolate(1);
-    net.feed(
-        0,
-        Event::Write {
-            id: 2,
-            offset: BLOCK as u64,
-            data: Bytes::from(vec![0xB0; BLOCK]),
-            fua: false,
-        },
-    );
+    start_write(&mut net, 0, 2, BLOCK as u64, 0xB0);
     while net.step() {}
     net
 }
@@ -867,15 +847,7 @@ fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
     write_ok(&mut net, 0, 3, off, 0xB0);
     // Node 3's consumer writes: it asks for the token, node 0 flushes its peers and hands
     // it over. Node 3 becomes Primary; its flush's answer never reaches node 0.
-    net.feed(
-        3,
-        Event::Write {
-            id: 4,
-            offset: 16 * BLOCK as u64,
-            data: Bytes::from(vec![0xC3; BLOCK]),
-            fua: false,
-        },
-    );
+    start_write(&mut net, 3, 4, 16 * BLOCK as u64, 0xC3);
     while net.nodes[3].e.role() != Role::Primary {
         assert!(
             net.step(),
@@ -930,25 +902,13 @@ fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
 /// the source (`EqualBitsLaterWrites`).
 #[test]
 fn the_survivor_that_received_a_lost_primarys_later_write_is_the_source() {
-    let mut net = three();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    detach(&mut net, 0);
-    net.run();
+    let mut net = detached_primary_0();
     write_ok(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
 
     // Write 3 is on its way to nodes 1 and 3 when the link to node 1 breaks (its copy is
     // lost); node 3 applies and acknowledges it, and node 0 completes it.
     let off = 8 * BLOCK as u64;
-    net.feed(
-        0,
-        Event::Write {
-            id: 3,
-            offset: off,
-            data: Bytes::from(vec![0xC0; BLOCK]),
-            fua: false,
-        },
-    );
+    start_write(&mut net, 0, 3, off, 0xC0);
     net.cut_link(0, 1);
     while !net.done.contains_key(&3) {
         assert!(
@@ -981,5 +941,54 @@ fn the_survivor_that_received_a_lost_primarys_later_write_is_the_source() {
         );
         assert_eq!(net.at(n, 4 * BLOCK as u64, BLOCK), &[0xB0; BLOCK][..]);
     }
+    assert!(net.nodes[1].data == net.nodes[3].data);
+}
+
+/// Simulator seed 2063 (three diskful nodes, disk faults): a Primary with a detached disk
+/// wrote without node 3, which it still took for the target of an online resync (node 3's
+/// report that the resync had ended was on its way), and listed node 3 as outdated only in
+/// a report it sent after the write had been flushed and declared `Settled`. Node 1, which
+/// applied the write, had already forgotten it by then; node 3 looked in sync to it (the
+/// resync had ended there), and the two stayed different at that block for good. A changed
+/// outdated list now goes out before `Settled`, and node 1 marks the writes it keeps
+/// unsettled toward the nodes newly listed.
+#[test]
+fn a_detached_primarys_write_without_a_replica_is_marked_toward_it_before_it_settles() {
+    let mut net = detached_primary_0();
+
+    // While nodes 1 and 3 do not see each other, each marks the Primary's writes toward
+    // the other; when they meet again, node 3 resyncs from node 1.
+    net.cut_link(1, 3);
+    net.run();
+    write_ok(&mut net, 0, 10, 12 * BLOCK as u64, 0xB0);
+    net.uncut(1, 3);
+    // Until node 3 is in sync again but node 0 has not heard it yet.
+    let seen_by_0 = |net: &Net| peer_status(net, 0, 3).and_then(|p| p.disk_state);
+    while !(net.nodes[3].e.status().disk_state == DiskState::UpToDate
+        && seen_by_0(&net) == Some(DiskState::Inconsistent))
+    {
+        assert!(net.step(), "node 3 never resynced\n{}", net.log.join("\n"));
+    }
+
+    // The write and a flush behind it go to node 1 only.
+    let off = 8 * BLOCK as u64;
+    start_write(&mut net, 0, 2, off, 0xC0);
+    net.feed(0, Event::Flush { id: 3 });
+    net.run();
+    assert!(net.result(2).is_ok() && net.result(3).is_ok());
+    net.heal();
+    assert!(
+        net.at(3, off, BLOCK) == [0xC0; BLOCK],
+        "node 3 lacks the detached Primary's write\n{}",
+        net.log.join("\n")
+    );
+    assert!(net.nodes[1].data == net.nodes[3].data);
+    // Outdated while the detached Primary's list names it; once that Primary is gone, a
+    // handshake with node 1 makes it UpToDate again.
+    assert_eq!(net.nodes[3].e.status().disk_state, DiskState::Outdated);
+    demote(&mut net, 0);
+    net.break_link(1, 3);
+    net.run();
+    assert_eq!(net.nodes[3].e.status().disk_state, DiskState::UpToDate);
     assert!(net.nodes[1].data == net.nodes[3].data);
 }

@@ -627,3 +627,14 @@ fn a_lost_primary_back_without_the_writes_marked_for_it_is_the_target_1513() {
 fn the_survivor_with_the_later_write_of_a_lost_primary_is_the_source_4896() {
     default_seed(4896, Topology::Three, true);
 }
+
+/// Three diskful nodes with disk faults: a Primary whose disk was detached wrote without
+/// node 0, which it still took for the target of an online resync (node 0's report that the
+/// resync had ended was on its way). It listed node 0 as outdated only in a report after it
+/// had declared the write `Settled`; node 1, which applied it, had forgotten it, and node 0
+/// later caught up from node 1 without it. A detached Primary now reports a changed list
+/// before it settles, and node 1 marks its unsettled writes toward the nodes newly listed.
+#[test]
+fn a_replica_a_detached_primary_skipped_gets_the_write_from_its_peer_2063() {
+    default_seed(2063, Topology::Three, true);
+}

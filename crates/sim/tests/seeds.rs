@@ -145,12 +145,12 @@ fn three_diskful_and_witness_seeds() {
     three_diskful(Topology::ThreePlusWitness, false);
 }
 
-/// Three diskful nodes with disk I/O errors among the faults: not yet proven. Seeds 0..5000
-/// with crashes that strike mid-flight (`SimOptions::crash_in_flight`): 2 fail (2063, 4896;
-/// causes in docs/replication.md; 1154 and 1513 are fixed). Run by hand:
-/// `cargo test --release -p tandem-sim --test seeds -- --ignored three_diskful_disk_fault_seeds`.
+/// Three diskful nodes with disk I/O errors among the faults (crashes strike mid-flight,
+/// `SimOptions::crash_in_flight`). `SIM_SEEDS` and `SIM_SEED_BASE` as above; reproduce one
+/// with `SIM_TOPOLOGY=three SIM_SEED=N` and `simulate_seeds`. Seeds 0..5000 pass since
+/// 2026-12-07 (failures found on the way and a window still open: docs/replication.md,
+/// "Not implemented yet").
 #[test]
-#[ignore = "three diskful with disk faults is not proven yet (docs/replication.md)"]
 fn three_diskful_disk_fault_seeds() {
     three_diskful(Topology::Three, true);
 }
