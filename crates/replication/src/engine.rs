@@ -236,6 +236,10 @@ struct ResyncTarget {
     /// Per block, how many such writes are still to complete (two requests for the same
     /// blocks can be in flight: each must leave the mark).
     remark: BTreeMap<u64, u32>,
+    /// The source's `ResyncEnd` came while this resync was still finishing here (it took an
+    /// UpToDate report of ours, from another resync into us, as the end): the end is
+    /// confirmed already when it finishes.
+    end_received: bool,
 }
 
 #[derive(Debug)]
@@ -2756,6 +2760,46 @@ impl Engine {
         }
     }
 
+    /// We lost a writer with `ranges` not settled (marked toward every diskful peer) while
+    /// resyncs run: links in a resync are not closed to compare again, as established ones
+    /// are, so the running resyncs take these blocks too, in the resync's direction (the
+    /// source's copy is the one kept: a write it lacks was not acknowledged). A target
+    /// fetches them from its source; a source tells its target (`OutOfSync`, as for late
+    /// writes, see `Conn::late`). Found with `SimOptions::strict_end`, simulator seed 4136:
+    /// a target kept marks toward its source for good, and a source clears its marks when
+    /// the resync ends, so a write only it had would have stayed missing on the target.
+    fn resync_lost_unsettled(&mut self, ranges: &[(u64, u64)]) {
+        if ranges.is_empty() {
+            return;
+        }
+        let byte_ranges: Vec<ByteRange> = ranges
+            .iter()
+            .map(|&(offset, len)| ByteRange { offset, len })
+            .collect();
+        let sources = self.peers_where(true, |c| {
+            c.state == ReplState::SyncTarget && c.resync.as_ref().is_some_and(|rs| !rs.finishing)
+        });
+        for source in sources {
+            // The ranges come from writes we applied: inside the volume.
+            let _ = self.late_marks(source, &byte_ranges);
+        }
+        let targets = self.peers_where(true, |c| c.state == ReplState::SyncSource);
+        for target in targets {
+            if let Some(c) = self.conn_mut(target) {
+                c.late.extend_from_slice(ranges);
+            }
+            for chunk in byte_ranges.chunks(OOS_CHUNK) {
+                self.send(
+                    target,
+                    Message::OutOfSync {
+                        flags: 0,
+                        ranges: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
     /// Our sync source applied writes of a diskless Primary after the handshake: fetch those
     /// blocks too, except the ones that Primary gave us directly over the current link
     /// (ours are as new or newer).
@@ -3543,6 +3587,7 @@ impl Engine {
                 .filter(|id| *id != peer)
                 .collect();
             self.mark_unsettled(&ranges, &ids);
+            self.resync_lost_unsettled(&ranges);
             if was_primary && !diskful {
                 self.lost_diskless = Some(peer);
             }
@@ -4137,6 +4182,9 @@ impl Engine {
                     Level::Info,
                     format!("node {peer} ends the resync: {status:?}"),
                 );
+                if let Some(rs) = self.conn_mut(peer).and_then(|c| c.resync.as_mut()) {
+                    rs.end_received = true;
+                }
                 self.confirm_resync(peer);
             }
             Message::ResyncRequest { id, offset, len } => {
@@ -4949,6 +4997,7 @@ impl Engine {
                         no_checksums: false,
                         skipped: 0,
                         remark: BTreeMap::new(),
+                        end_received: false,
                     });
                 }
                 self.log(
@@ -5207,8 +5256,10 @@ impl Engine {
         self.last_resync_skipped = rs.skipped;
         self.crashed_primary = false;
         self.lost_diskless = None;
-        // Only a diskless node reads from us without a handshake of its own.
-        if self.peers.values().any(|p| !p.cfg.diskful) {
+        // Only a diskless node reads from us without a handshake of its own. (Simulator seed
+        // 3792: an end confirmed before we finished left us reporting Inconsistent to every
+        // other peer for good, and one of them kept the whole volume marked toward us.)
+        if self.peers.values().any(|p| !p.cfg.diskful) && !rs.end_received {
             let epoch = self.conn(peer).map_or(0, |c| c.epoch);
             self.unconfirmed_source = Some((peer, epoch));
         }
@@ -5265,6 +5316,29 @@ impl Engine {
             .collect();
         for id in diskless_primaries {
             self.adopt_from_diskless(id);
+        }
+        // A peer that caught up while we were behind (its report came while we could not
+        // act on it, see `resync_what_it_missed`) may miss what we marked for it meanwhile:
+        // e.g. a Primary's writes that reached it directly while it was a sync target.
+        let current = self.meta.current;
+        let caught_up: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.cfg.diskful
+                    && p.cfg.node_id != peer
+                    && p.conn.as_ref().is_some_and(|c| {
+                        c.state == ReplState::Established
+                            && c.report.as_ref().is_some_and(|r| {
+                                r.disk_state == DiskState::UpToDate
+                                    && r.generations.current == current
+                            })
+                    })
+            })
+            .map(|p| p.cfg.node_id)
+            .collect();
+        for id in caught_up {
+            self.resync_what_it_missed(id);
         }
     }
 

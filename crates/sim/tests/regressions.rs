@@ -638,3 +638,49 @@ fn the_survivor_with_the_later_write_of_a_lost_primary_is_the_source_4896() {
 fn a_replica_a_detached_primary_skipped_gets_the_write_from_its_peer_2063() {
     default_seed(2063, Topology::Three, true);
 }
+
+/// Three diskful nodes and a witness, found once the end waited for every out-of-sync mark
+/// to clear (`SimOptions::strict_end`, now the default): nodes 1 and 2 both resynced from the Primary over
+/// links of their own while the link between them stayed established; node 2 marked the
+/// Primary's writes toward node 1 (a sync target, not in sync), though node 1 received them
+/// too. Node 1 finished first and reported UpToDate while node 2, still a target, could not
+/// act on it; nothing looked at those marks again (status kept listing them, a reconnect
+/// would have resynced them). A target that finishes now resyncs what it marked for the
+/// peers that caught up meanwhile.
+#[test]
+fn a_target_that_finishes_resyncs_its_marks_for_a_peer_that_caught_up_first_1428() {
+    strict_end(1428, Topology::ThreePlusWitness, false);
+}
+
+/// Three diskful nodes and a witness: a sync target took the source's `ResyncEnd` (sent on
+/// an UpToDate report of another resync into it) before its own last flush; finishing
+/// afterwards, it waited for a confirmation that had come already and told every other
+/// peer Inconsistent for good, and one of them kept the whole volume marked toward it.
+#[test]
+fn an_end_confirmed_before_the_target_finished_counts_3792() {
+    strict_end(3792, Topology::ThreePlusWitness, false);
+}
+
+/// Three diskful nodes with disk faults: a sync target lost the Primary (its disk
+/// detached) with writes not settled and marked them toward its source; the resync had
+/// walked past them and ended with the marks in place, on a link in sync, for good. Running
+/// resyncs now take a lost writer's unsettled blocks in their own direction.
+#[test]
+fn a_resync_takes_the_unsettled_writes_of_a_primary_lost_meanwhile_4136() {
+    strict_end(4136, Topology::Three, true);
+}
+
+/// A seed of the suites' options (`three_diskful_seeds` and its variants) whose end waits
+/// for every out-of-sync mark to clear (`SimOptions::strict_end`, set here in case the
+/// default changes).
+fn strict_end(seed: u64, topology: Topology, disk_faults: bool) {
+    let opts = SimOptions {
+        topology: Some(topology),
+        disk_faults,
+        strict_end: true,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}

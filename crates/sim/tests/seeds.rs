@@ -9,9 +9,18 @@ fn env(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// `SIM_STRICT_END=0` turns `SimOptions::strict_end` off (to see whether a seed also fails
+/// at the first moment everything is connected and UpToDate).
+fn strict_end() -> bool {
+    env("SIM_STRICT_END") != Some(0)
+}
+
 #[test]
 fn simulate_seeds() {
-    let mut opts = SimOptions::default();
+    let mut opts = SimOptions {
+        strict_end: strict_end(),
+        ..SimOptions::default()
+    };
     if let Some(n) = env("SIM_TRACE") {
         opts.trace_len = n as usize;
     }
@@ -159,6 +168,7 @@ fn three_diskful(topology: Topology, disk_faults: bool) {
     let opts = SimOptions {
         topology: Some(topology),
         disk_faults,
+        strict_end: strict_end(),
         ..SimOptions::default()
     };
     let base = env("SIM_SEED_BASE").unwrap_or(0);

@@ -749,6 +749,7 @@ impl Engine {
                 no_checksums: false,
                 skipped: 0,
                 remark: BTreeMap::new(),
+                end_received: false,
             });
         }
         self.log(
