@@ -4182,7 +4182,9 @@ impl Engine {
                     Level::Info,
                     format!("node {peer} ends the resync: {status:?}"),
                 );
-                if let Some(rs) = self.conn_mut(peer).and_then(|c| c.resync.as_mut()) {
+                if status == WireStatus::Ok
+                    && let Some(rs) = self.conn_mut(peer).and_then(|c| c.resync.as_mut())
+                {
                     rs.end_received = true;
                 }
                 self.confirm_resync(peer);
