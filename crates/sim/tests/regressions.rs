@@ -640,13 +640,13 @@ fn a_replica_a_detached_primary_skipped_gets_the_write_from_its_peer_2063() {
 }
 
 /// Three diskful nodes and a witness, found once the end waited for every out-of-sync mark
-/// to clear (`SimOptions::strict_end`, now the default): nodes 1 and 2 both resynced from the Primary over
-/// links of their own while the link between them stayed established; node 2 marked the
-/// Primary's writes toward node 1 (a sync target, not in sync), though node 1 received them
-/// too. Node 1 finished first and reported UpToDate while node 2, still a target, could not
-/// act on it; nothing looked at those marks again (status kept listing them, a reconnect
-/// would have resynced them). A target that finishes now resyncs what it marked for the
-/// peers that caught up meanwhile.
+/// to clear (`SimOptions::strict_end`, now the default): nodes 1 and 2 both resynced from
+/// the Primary over links of their own while the link between them stayed established;
+/// node 2 marked the Primary's writes toward node 1 (a sync target, not in sync), though
+/// node 1 received them too. Node 1 finished first and reported UpToDate while node 2,
+/// still a target, could not act on it; nothing looked at those marks again (status kept
+/// listing them, a reconnect would have resynced them). A target that finishes now resyncs
+/// what it marked for the peers that caught up meanwhile.
 #[test]
 fn a_target_that_finishes_resyncs_its_marks_for_a_peer_that_caught_up_first_1428() {
     strict_end(1428, Topology::ThreePlusWitness, false);
