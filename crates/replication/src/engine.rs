@@ -1809,17 +1809,24 @@ impl Engine {
             // With a detached disk there is no handshake to tell a connected peer what it
             // missed: every peer with blocks out of sync is listed, connected or not, while
             // another peer holds our data (without one, the peer's copy is the best there is).
+            // Also one we recorded as behind (bitmap generation) when we started a generation
+            // for a write without it: the report of that generation goes out before the write
+            // marks it, and a peer that relays it may be the last word that peer gets from
+            // us (simulator seed 8062: it was promoted without our later writes).
             let failed = self.failed();
             let copy_elsewhere = failed && self.serving_peer().is_some();
             let mask = self
                 .peers
                 .values()
                 .filter(|p| {
+                    let id = p.cfg.node_id;
+                    let behind = self.meta.peer_bitmap_gens.get(&id).copied().unwrap_or(0) != 0;
                     p.cfg.diskful
                         && (p.conn.is_none() || copy_elsewhere)
                         && (!failed || copy_elsewhere)
-                        && !(failed && self.serves(p.cfg.node_id))
-                        && p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
+                        && !(failed && self.serves(id))
+                        && (p.bitmap.as_ref().is_some_and(|b| b.count() > 0)
+                            || (copy_elsewhere && behind))
                 })
                 .fold(0, |m, p| m | 1u32 << p.cfg.node_id);
             if mask == 0 {

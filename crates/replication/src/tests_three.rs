@@ -992,3 +992,45 @@ fn a_detached_primarys_write_without_a_replica_is_marked_toward_it_before_it_set
     assert_eq!(net.nodes[3].e.status().disk_state, DiskState::UpToDate);
     assert!(net.nodes[1].data == net.nodes[3].data);
 }
+
+/// Simulator seed 8062 (three diskful nodes, disk faults): a Primary with a detached disk lost
+/// its link to node 3 and started a new generation for its next write. Node 1 adopted it and
+/// relayed it to node 3, which took it for diverged generations and closed that link: the
+/// Primary's report of the generation went out before its write marked node 3, so it did
+/// not list node 3 as outdated, and that relayed report was the last word node 3 got before
+/// the Primary went down. Node 3 stayed UpToDate at the older generation and was promoted
+/// later without the writes node 1 held (a split brain at the next meeting). A detached
+/// Primary now lists the nodes it recorded as behind too.
+#[test]
+fn a_replica_a_detached_primary_wrote_without_learns_it_is_outdated_from_the_first_relay() {
+    let mut net = detached_primary_0();
+    // Nothing unflushed: losing node 3 leaves the Primary no bits toward it.
+    net.feed(0, Event::Flush { id: 9 });
+    net.run();
+    net.cut_link(0, 3);
+    net.run();
+    start_write(&mut net, 0, 2, 8 * BLOCK as u64, 0xC0);
+    // Until node 3 hears of the new generation from node 1 (and closes that link to compare
+    // again); then it is cut off with the Primary gone.
+    let heard = |net: &Net| {
+        net.log
+            .iter()
+            .any(|l| l.starts_with("node 3:") && l.contains("generations diverged"))
+    };
+    while !heard(&net) {
+        assert!(
+            net.step(),
+            "node 3 never heard of it\n{}",
+            net.log.join("\n")
+        );
+    }
+    net.isolate(0);
+    net.isolate(3);
+    net.run();
+    assert_eq!(
+        net.nodes[3].e.status().disk_state,
+        DiskState::Outdated,
+        "{}",
+        net.log.join("\n")
+    );
+}

@@ -684,3 +684,15 @@ fn strict_end(seed: u64, topology: Topology, disk_faults: bool) {
         panic!("{e}");
     }
 }
+
+/// Three diskful nodes with disk faults, seeds 5000..10000: a Primary with a detached disk
+/// started a generation for a write without node 0 (their link had broken) and reported it
+/// before the write marked node 0, so its outdated list did not name node 0. Node 2 relayed
+/// the generation; node 0 closed that link as "diverged" and heard nothing more before the
+/// Primary went down, stayed UpToDate at the older generation and was promoted: split brain
+/// with node 2's writes at the next meeting. The list now names the nodes such a Primary
+/// recorded as behind.
+#[test]
+fn a_replica_a_detached_primary_wrote_without_is_outdated_by_the_first_relay_8062() {
+    default_seed(8062, Topology::Three, true);
+}
