@@ -2894,6 +2894,18 @@ impl Engine {
     }
 
     fn start_client_write(&mut self, key: u64, id: RequestId, offset: u64, data: Bytes, fua: bool) {
+        // Quorum and role are checked when the request arrives; a write that waited behind
+        // others (an overlapping one, the dual-primary window's write token) may start after
+        // they are gone: it fails before it touches the disk or starts a generation
+        // (simulator seed 5110: an isolated window member wrote such a write locally under a
+        // new generation, and the heal found a split brain). With on-no-quorum=suspend it
+        // goes on and is held, as one in flight at the loss would be.
+        let (reachable, voters, ok) = self.quorum();
+        if (!ok && !self.suspends()) || self.role != Role::Primary {
+            self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
+            self.finish_op(key);
+            return;
+        }
         let len = data.len() as u64;
         if self.mint_pending {
             self.mint_pending = false;

@@ -1034,3 +1034,26 @@ fn a_replica_a_detached_primary_wrote_without_learns_it_is_outdated_from_the_fir
         net.log.join("\n")
     );
 }
+
+/// Simulator seed 5110 (three diskful nodes, in the dual-primary window): a write that waited
+/// behind an overlapping one started after its Primary had been cut off from every peer. It
+/// failed, but it was written locally under a new generation ("first write without diskful
+/// nodes in sync"), and the heal found a split brain. A write that starts without quorum now
+/// fails before it touches the disk.
+#[test]
+fn a_write_that_starts_after_quorum_is_gone_fails_without_touching_the_disk() {
+    let mut net = primary_0_with_a_write();
+    let generation = net.nodes[0].e.meta().current;
+    // Write 3 waits behind write 2 (same block); node 0 is cut off before either completes.
+    start_write(&mut net, 0, 2, 4 * BLOCK as u64, 0xB0);
+    start_write(&mut net, 0, 3, 4 * BLOCK as u64, 0xC0);
+    net.isolate(0);
+    net.run();
+    assert!(net.result(2).is_err() && net.result(3).is_err());
+    assert!(
+        net.at(0, 4 * BLOCK as u64, BLOCK) != [0xC0; BLOCK],
+        "the write that started without quorum reached the disk\n{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[0].e.meta().current, generation);
+}

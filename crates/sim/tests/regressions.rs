@@ -696,3 +696,12 @@ fn strict_end(seed: u64, topology: Topology, disk_faults: bool) {
 fn a_replica_a_detached_primary_wrote_without_is_outdated_by_the_first_relay_8062() {
     default_seed(8062, Topology::Three, true);
 }
+
+/// Three diskful nodes with disk faults (in the dual-primary window), seeds 5000..10000: a
+/// write that waited behind an overlapping one started after its node had been cut off from
+/// every peer, was written locally under a new generation and failed; the heal found a split
+/// brain. A write that starts without quorum fails before it touches the disk now.
+#[test]
+fn a_write_that_starts_without_quorum_does_not_split_the_brain_5110() {
+    default_seed(5110, Topology::Three, true);
+}
