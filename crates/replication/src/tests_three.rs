@@ -52,6 +52,16 @@ fn detached_primary_0() -> Net {
     net
 }
 
+/// Node `n`'s disk state is `state` (the log if not).
+fn assert_disk_state(net: &Net, n: NodeId, state: DiskState) {
+    assert_eq!(
+        net.nodes[n as usize].e.status().disk_state,
+        state,
+        "node {n}\n{}",
+        net.log.join("\n")
+    );
+}
+
 /// Node `n`'s disk fails (it detaches and keeps serving through its peers).
 fn detach(net: &mut Net, n: NodeId) {
     net.feed(
@@ -543,23 +553,13 @@ fn a_sync_target_marks_what_it_resyncs_toward_a_detached_disk() {
     // node 3 makes it UpToDate again.
     net.break_link(1, 3);
     net.run();
-    assert_eq!(
-        net.nodes[1].e.status().disk_state,
-        DiskState::UpToDate,
-        "{}",
-        net.log.join("\n")
-    );
+    assert_disk_state(&net, 1, DiskState::UpToDate);
 
     // The disk is repaired: node 0 restarts and meets node 1 first (node 3 is cut off).
     net.cut_link(0, 3);
     restart(&mut net, 0, small_al);
     net.run();
-    assert_eq!(
-        net.nodes[0].e.status().disk_state,
-        DiskState::UpToDate,
-        "{}",
-        net.log.join("\n")
-    );
+    assert_disk_state(&net, 0, DiskState::UpToDate);
     for (off, fill) in [(0, 0xA0), (64, 0xB0), (80, 0xC0)] {
         assert!(
             net.at(0, off * BLOCK as u64, BLOCK) == [fill; BLOCK],
@@ -1027,12 +1027,7 @@ fn a_replica_a_detached_primary_wrote_without_learns_it_is_outdated_from_the_fir
     net.isolate(0);
     net.isolate(3);
     net.run();
-    assert_eq!(
-        net.nodes[3].e.status().disk_state,
-        DiskState::Outdated,
-        "{}",
-        net.log.join("\n")
-    );
+    assert_disk_state(&net, 3, DiskState::Outdated);
 }
 
 /// Simulator seed 5110 (three diskful nodes, in the dual-primary window): a write that waited
