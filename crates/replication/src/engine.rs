@@ -106,6 +106,9 @@ enum OpKind {
         seq: u64,
         data: Bytes,
         fua: bool,
+        /// The writer's disk was detached when the write arrived: its own disk misses it
+        /// (kept here, since the write may start after the link to the writer is gone).
+        writer_detached: bool,
     },
     ResyncWrite {
         peer: NodeId,
@@ -355,6 +358,15 @@ pub struct Engine {
     mint_count: u64,
     /// A diskful peer is not in sync: start a new generation before the next write.
     mint_pending: bool,
+    /// Quorum was confirmed by a ping round trip since the last link loss: a new generation
+    /// may start (see `confirm_quorum`).
+    mint_confirmed: bool,
+    /// A ping round that confirms quorum is under way (`confirm_quorum`): its token, and the
+    /// writes that wait for it to start or to complete (keys of active ops).
+    confirming: bool,
+    confirm_token: u64,
+    start_wait: VecDeque<(u64, RequestId, u64, Bytes, bool)>,
+    complete_wait: Vec<u64>,
     /// Diskful peers we recorded as behind (bitmap generation older than our current) when
     /// we adopted a Primary's generation, although that Primary counted them in sync: they
     /// may have adopted the same generation over their own link to it, and hold its writes
@@ -389,6 +401,12 @@ pub struct Engine {
     /// The `outdated` mask (and its generation) of our last reports (a change is reported at
     /// the next tick).
     sent_outdated: (u32, u64, NodeId),
+    /// The outdated list we last knew from a Primary (a connected one's, or our own when we
+    /// were Primary): relayed while no Primary is connected (see `outdated_mask`).
+    sticky_outdated: (u32, u64, NodeId),
+    /// Diskful peers whose last report said their disk is detached (kept while their link
+    /// is down: see the resync writes in `dispatch`).
+    detached_seen: BTreeSet<NodeId>,
     /// Consumer I/O seen, for the dynamic resync controller: (start of the current window,
     /// bytes in it, bytes in the previous window).
     app_io: (Nanos, u64, u64),
@@ -507,6 +525,8 @@ impl Engine {
             resync_min_rate: cfg.resync_min_rate,
             primary_epoch_seen: persisted.meta.primary_epoch,
             sent_outdated: (0, 0, 0),
+            sticky_outdated: (0, 0, 0),
+            detached_seen: BTreeSet::new(),
             app_io: (0, 0, 0),
             cfg,
             now,
@@ -522,6 +542,11 @@ impl Engine {
             epoch: 0,
             mint_count: 0,
             mint_pending: false,
+            mint_confirmed: false,
+            confirming: false,
+            confirm_token: 0,
+            start_wait: VecDeque::new(),
+            complete_wait: Vec::new(),
             may_share_current: BTreeSet::new(),
             parent_complete: BTreeSet::new(),
             parked: Vec::new(),
@@ -934,6 +959,12 @@ impl Engine {
 
     /// Consumer requests in flight or queued.
     fn busy_requests(&self) -> usize {
+        self.requests_in_flight() + self.window_pending()
+    }
+
+    /// Consumer requests in flight or queued, less those a dual-primary member queues for
+    /// the write token.
+    fn requests_in_flight(&self) -> usize {
         self.writes.len()
             + self.flushes.values().filter(|f| f.id.is_some()).count()
             + self.quorum_wait.len()
@@ -949,7 +980,6 @@ impl Engine {
                     )
                 })
                 .count()
-            + self.window_pending()
     }
 
     pub fn role(&self) -> Role {
@@ -1835,11 +1865,21 @@ impl Engine {
                 (mask, self.meta.current, self.cfg.node_id)
             }
         } else {
+            // The list of the Primary we are connected to; without one, the last list we knew
+            // (that Primary's, or ours when we were Primary): a Primary that wrote without a
+            // node and then lost its links or demoted would otherwise take the knowledge with
+            // it, and that node could be promoted by a majority that holds nobody who has the
+            // writes (simulator seeds 3533 and 4896, three diskful: a dual-primary member
+            // that wrote without node X demoted, or lost its partner; X was promoted and the
+            // two met as a split brain). The receiver's generation check drops it once X
+            // caught up.
             self.peers
                 .values()
                 .filter_map(|p| p.conn.as_ref()?.report.as_ref())
                 .find(|r| r.role == Role::Primary)
-                .map_or((0, 0, 0), |r| (r.outdated, r.outdated_gen, r.outdated_by))
+                .map_or(self.sticky_outdated, |r| {
+                    (r.outdated, r.outdated_gen, r.outdated_by)
+                })
         }
     }
 
@@ -1948,6 +1988,7 @@ impl Engine {
 
     fn become_secondary(&mut self, why: &str) {
         if self.role == Role::Primary {
+            self.sticky_outdated = self.outdated_mask();
             // The peers' caches hold our last writes. Flush them, and settle the writes once
             // every peer made them durable (our own disk: `DemoteFlush` below).
             let targets: BTreeSet<NodeId> = self
@@ -1989,6 +2030,8 @@ impl Engine {
         // Suspended acknowledgements: the writes may be lost (another Primary may win).
         self.fail_held(RequestError::NotPrimary);
         self.fail_parked(RequestError::NotPrimary);
+        // Writes that waited for a quorum confirmation fail (no longer Primary).
+        self.resolve_confirmation();
         self.broadcast_report(true);
     }
 
@@ -2306,8 +2349,80 @@ impl Engine {
         }
     }
 
+    /// Before a Primary starts a new generation after losing a link, it confirms that it
+    /// still has quorum with a ping round trip (as DRBD 9.0.20 does before a new current
+    /// UUID). A partition cuts links one after another; a generation started between two of
+    /// them, by a write that then failed for want of quorum, met the generation of the
+    /// Primary the others promoted as a split brain (simulator seeds 1782, 3116 and 4458 with
+    /// slow disks). True when no new generation is needed, or quorum was confirmed since the
+    /// last link loss; otherwise a round starts (if none is under way) and the caller waits
+    /// (`resolve_confirmation` resumes it).
+    fn quorum_confirmed(&mut self) -> bool {
+        if self.peers_needing_new_generation().is_empty() {
+            return true;
+        }
+        if self.mint_confirmed {
+            return true;
+        }
+        if self.confirming {
+            return false;
+        }
+        let ids: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.as_ref().is_some_and(|c| c.report.is_some()))
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            // Nobody to ask: the quorum we have is all there is.
+            self.mint_confirmed = true;
+            return true;
+        }
+        self.confirming = true;
+        self.report_seq += 1;
+        self.confirm_token = self.report_seq;
+        let token = self.confirm_token;
+        for id in ids {
+            self.send(id, Message::Ping { token });
+        }
+        false
+    }
+
+    /// The confirmation round ends when enough peers answered for a majority (confirmed),
+    /// or when the links left cannot make one (or we are no longer Primary): the writes that
+    /// waited start or complete (or fail, or are held).
+    fn resolve_confirmation(&mut self) {
+        if !self.confirming {
+            return;
+        }
+        let token = self.confirm_token;
+        let answered = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.conn
+                    .as_ref()
+                    .is_some_and(|c| c.report.is_some() && c.pong >= token && c.pong >= c.barrier)
+            })
+            .count() as u8;
+        let voters = 1 + self.peers.len() as u8;
+        let confirmed = has_majority(1 + answered, voters);
+        if !confirmed && self.quorum_possible() && self.role == Role::Primary {
+            return;
+        }
+        self.confirming = false;
+        self.mint_confirmed = confirmed;
+        for key in std::mem::take(&mut self.complete_wait) {
+            self.try_complete_write(key);
+        }
+        for (key, id, offset, data, fua) in std::mem::take(&mut self.start_wait) {
+            self.start_client_write(key, id, offset, data, fua);
+        }
+    }
+
     /// Writes wait for quorum confirmation; on each change, retry or fail them.
     fn recheck_quorum_wait(&mut self) {
+        self.resolve_confirmation();
         self.release_held();
         if self.quorum_wait.is_empty() {
             return;
@@ -2419,9 +2534,18 @@ impl Engine {
                 });
             }
             OpKind::PeerWrite {
-                peer, data, fua, ..
+                peer,
+                epoch,
+                data,
+                fua,
+                writer_detached,
+                ..
             } => {
                 let (peer, data, fua) = (*peer, data.clone(), *fua);
+                // Sent over the writer's current link: a write of an earlier link that
+                // starts only now (it waited behind an overlapping one on a slow disk) is
+                // older than what a resync since brings, and does not make blocks current.
+                let live = self.conn(peer).is_some_and(|c| c.epoch == *epoch);
                 self.active.insert(key, op.clone());
                 // Bits toward diskful peers that will not get this write from its writer.
                 for id in self.diskful_ids() {
@@ -2429,7 +2553,9 @@ impl Engine {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
-                let detached = self.peer_failed(peer);
+                // As the write arrived: it may start only after an overlapping write ahead
+                // of it, when the writer is gone (simulator seed 277 with a slow disk).
+                let detached = *writer_detached || self.peer_failed(peer);
                 if detached {
                     // A Primary with a detached disk: its own disk misses this write.
                     self.set_bits(peer, op.offset, op.len);
@@ -2471,8 +2597,13 @@ impl Engine {
                 if detached {
                     self.pass_on_detached_write(peer, op.offset, op.len);
                 }
-                self.mark_primary_fresh(peer, op.offset, op.len);
-                self.fence_resync(op.offset, op.len);
+                if live {
+                    self.mark_primary_fresh(peer, op.offset, op.len);
+                    // Simulator seed 5670 with a slow disk: a write of the link before the
+                    // last break started during the resync that followed and fenced its
+                    // blocks; the resync skipped them and the newer data never came.
+                    self.fence_resync(op.offset, op.len);
+                }
                 let io = self.io(IoPurpose::Op(key));
                 self.disk(Action::DiskWrite {
                     io,
@@ -2505,9 +2636,12 @@ impl Engine {
                 // A peer whose disk is detached gets nothing: what the resync changes here
                 // is out of sync toward it, as the writes we apply from it are (the source
                 // marked them toward it, we did not: a re-attached disk that resyncs from us
-                // alone must get them too).
+                // alone must get them too). Also while its link is down (simulator seed 1571,
+                // three diskful: a detached Primary's last write reached one replica after
+                // the links broke, the other got it by this resync, and the repaired disk
+                // resynced from the other without it).
                 for id in self.diskful_ids() {
-                    if id != peer && self.peer_failed(id) {
+                    if id != peer && (self.peer_failed(id) || self.detached_seen.contains(&id)) {
                         self.set_bits(id, op.offset, op.len);
                     }
                 }
@@ -2899,7 +3033,7 @@ impl Engine {
         // they are gone: it fails before it touches the disk or starts a generation
         // (simulator seed 5110: an isolated window member wrote such a write locally under a
         // new generation, and the heal found a split brain). With on-no-quorum=suspend it
-        // goes on and is held, as one in flight at the loss would be.
+        // goes on and is held, as one in flight at the loss would be (no generation, below).
         let (reachable, voters, ok) = self.quorum();
         if (!ok && !self.suspends()) || self.role != Role::Primary {
             self.complete(id, Err(RequestError::NoQuorum { reachable, voters }));
@@ -2907,7 +3041,18 @@ impl Engine {
             return;
         }
         let len = data.len() as u64;
-        if self.mint_pending {
+        // Without quorum (held under `suspend`) the write lands here but starts no
+        // generation: the others may fail over meanwhile, and a generation of ours would
+        // then be a split brain (simulator seed 1260 with slow disks). Its bits toward the
+        // peers cover it; the generation starts when the held writes are acknowledged
+        // (`release_held`) or with the next write under quorum. And a generation starts
+        // only after a ping round trip confirmed quorum since the last link loss (see
+        // `confirm_quorum`): the write waits for it, still holding its place.
+        if ok && self.mint_pending && !self.quorum_confirmed() {
+            self.start_wait.push_back((key, id, offset, data, fua));
+            return;
+        }
+        if self.mint_pending && ok {
             self.mint_pending = false;
             let missing = self.peers_needing_new_generation();
             if !missing.is_empty() {
@@ -2942,6 +3087,13 @@ impl Engine {
             self.out.push(Action::PersistActivityLog(snap));
         }
         let waiting = self.replicate_write(key, offset, &data, fua);
+        if self.failed() {
+            // A detached Primary tells a connected peer it skipped at once, not at the next
+            // tick: there is no handshake with us to tell it, and a handshake with the peer
+            // that got the write could make it that peer's source meanwhile (simulator seed
+            // 4548 with slow disks, three diskful: it overwrote an acknowledged write).
+            self.report_outdated_change();
+        }
         // Peers index pending writes by seq; keep key <-> seq through the state.
         self.writes.insert(
             key,
@@ -3208,11 +3360,24 @@ impl Engine {
             self.unpark();
             return;
         }
+        let (reachable, voters, ok) = self.quorum();
+        // A write that would complete under a new generation waits for a ping round trip
+        // that confirms quorum since the last link loss (`confirm_quorum`).
+        let succeeds = self.role == Role::Primary
+            && self.writes.get(&key).is_some_and(|w| {
+                w.local_error.is_none()
+                    && (!self.forwards() || w.ok_from.iter().any(|p| self.serves(*p)))
+            });
+        if succeeds && ok && self.mint_pending && !self.quorum_confirmed() {
+            if !self.complete_wait.contains(&key) {
+                self.complete_wait.push(key);
+            }
+            return;
+        }
         let Some(w) = self.writes.remove(&key) else {
             return;
         };
         self.seq_to_key.retain(|_, k| *k != key);
-        let (reachable, voters, ok) = self.quorum();
         let result = if let Some(e) = w.local_error {
             Err(RequestError::Io(e))
         } else if self.forwards() && !w.ok_from.iter().any(|p| self.serves(*p)) {
@@ -3535,6 +3700,7 @@ impl Engine {
         };
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
+        self.mint_confirmed = false;
         self.verify_peer_down(peer);
         self.reroute_reads(peer);
         self.confirm_resync(peer);
@@ -3699,6 +3865,14 @@ impl Engine {
                 ),
             );
         }
+        // A Primary that lost a diskful peer starts a new generation at its next write, so
+        // the handshake later knows who is newer; and a write that was waiting only for that
+        // peer completes under it too (set first: before 2026-12-07 such a write completed
+        // under the old generation, and a majority that never heard of it could promote the
+        // lost peer as equal; simulator seed 13893 with slow disks, a stale read).
+        if self.role == Role::Primary && diskful && self.cfg.diskful {
+            self.mint_pending = true;
+        }
         for key in self.writes.keys().copied().collect::<Vec<_>>() {
             if let Some(w) = self.writes.get_mut(&key)
                 && w.waiting.remove(&peer)
@@ -3712,11 +3886,6 @@ impl Engine {
             {
                 self.try_complete_flush(key);
             }
-        }
-        // A Primary that lost a diskful peer starts a new generation at its next write, so
-        // the handshake later knows who is newer.
-        if self.role == Role::Primary && diskful && self.cfg.diskful {
-            self.mint_pending = true;
         }
         if conn.report.is_some() {
             self.broadcast_report(false);
@@ -3927,6 +4096,7 @@ impl Engine {
                     return Ok(());
                 }
                 let epoch = self.conn(peer).map_or(0, |c| c.epoch);
+                let writer_detached = self.peer_failed(peer);
                 let keep = self.keeps_unsettled(peer);
                 if let Some(c) = self.conn_mut(peer) {
                     c.rx_inflight.insert(seq);
@@ -3951,6 +4121,7 @@ impl Engine {
                         seq,
                         data,
                         fua: flags & write_flags::FUA != 0,
+                        writer_detached,
                     },
                 );
             }
@@ -4393,6 +4564,14 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        if r.role == Role::Primary {
+            self.sticky_outdated = (r.outdated, r.outdated_gen, r.outdated_by);
+        }
+        if r.disk_state == DiskState::Failed {
+            self.detached_seen.insert(peer);
+        } else {
+            self.detached_seen.remove(&peer);
+        }
         let newly_failed = r.disk_state == DiskState::Failed
             && prev
                 .as_ref()

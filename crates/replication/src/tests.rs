@@ -84,6 +84,31 @@ fn connect(e: &mut Engine, peer: u8, diskful: bool, role: Role) -> Vec<Action> {
     out
 }
 
+/// Feeds the Pongs to the Pings among `a` (a Primary confirming quorum before a new
+/// generation, see `Engine::confirm_quorum`); returns `a` with what followed.
+fn with_pongs(e: &mut Engine, now: u64, mut a: Vec<Action>) -> Vec<Action> {
+    let pings: Vec<(u8, u64)> = a
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send {
+                peer,
+                msg: Message::Ping { token },
+            } => Some((*peer, *token)),
+            _ => None,
+        })
+        .collect();
+    for (peer, token) in pings {
+        a.extend(e.handle(
+            now,
+            Event::PeerMessage {
+                peer,
+                msg: Message::Pong { token },
+            },
+        ));
+    }
+    a
+}
+
 /// A `StateReport` of `peer`: Secondary, UpToDate at generation 77, volume size `SIZE`, no
 /// bitmaps, nothing outdated; tests change what they need with struct update syntax.
 fn report_of(peer: u8) -> tandem_repl_proto::StateReport {
@@ -385,6 +410,10 @@ fn writes_while_a_peer_is_away_set_bits_and_mint() {
     let gen_before = e.meta().current;
     e.handle(20, Event::PeerDown { peer: 1 });
     let a = e.handle(21, write(1, 8192, 4096));
+    // The new generation waits until the witness confirmed quorum.
+    assert!(!a.iter().any(|x| matches!(x, Action::DiskWrite { .. })));
+    assert_eq!(e.meta().current, gen_before);
+    let a = with_pongs(&mut e, 22, a);
     assert!(a.iter().any(|x| matches!(x, Action::PersistMeta(_))));
     // Bits and the new generation are persisted before the disk write.
     let pos = |f: &dyn Fn(&Action) -> bool| a.iter().position(f).expect("present");
@@ -1704,6 +1733,7 @@ fn grown_area_is_in_sync_and_writes_there_set_bits_while_a_peer_is_away() {
     // Alone (with the witness) the usable size is the local one.
     assert_eq!(e.usable_size(), 2 * SIZE);
     let a = e.handle(13, write(1, SIZE + 8192, 4096));
+    let a = with_pongs(&mut e, 14, a);
     let persisted: Vec<_> = a
         .iter()
         .filter_map(|x| match x {
@@ -1971,7 +2001,8 @@ fn a_primary_reports_the_peers_it_wrote_without_as_outdated() {
     let a = e.handle(21, Event::Tick);
     assert!(sent_outdated(&a, 2).is_empty());
     // A write completed without node 1: the witness hears it at once or at the next tick.
-    let mut a = e.handle(22, write(1, 8192, 4096));
+    let a = e.handle(22, write(1, 8192, 4096));
+    let mut a = with_pongs(&mut e, 22, a);
     a.extend(e.handle(23, Event::Tick));
     assert_eq!(sent_outdated(&a, 2).last(), Some(&(1 << 1)), "{a:?}");
     // Said once, not at every tick.

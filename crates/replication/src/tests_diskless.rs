@@ -27,6 +27,9 @@ pub(crate) struct Net {
     /// Links that stay down until `heal`.
     cut: BTreeSet<(NodeId, NodeId)>,
     disk: VecDeque<(NodeId, Event)>,
+    /// Nodes whose disk is slow: their completions wait in `held` until `release_disk`.
+    slow: BTreeSet<NodeId>,
+    held: VecDeque<(NodeId, Event)>,
     pub(crate) done: BTreeMap<RequestId, Result<Reply, RequestError>>,
     pub(crate) now: Nanos,
     pub(crate) log: Vec<String>,
@@ -79,6 +82,8 @@ impl Net {
             links: BTreeSet::new(),
             cut: BTreeSet::new(),
             disk: VecDeque::new(),
+            slow: BTreeSet::new(),
+            held: VecDeque::new(),
             done: BTreeMap::new(),
             now: 1,
             log: Vec::new(),
@@ -88,6 +93,30 @@ impl Net {
         };
         net.run();
         net
+    }
+
+    /// Node `n`'s disk completes nothing until `release_disk(n)` (a slow disk).
+    pub(crate) fn hold_disk(&mut self, n: NodeId) {
+        self.slow.insert(n);
+    }
+
+    /// Node `n`'s disk completes what it held, in order, and is fast again.
+    pub(crate) fn release_disk(&mut self, n: NodeId) {
+        self.slow.remove(&n);
+        let (mine, rest) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(m, _)| *m == n);
+        self.held = rest;
+        self.disk.extend::<VecDeque<_>>(mine);
+    }
+
+    /// A disk completion of node `n`: next, or held while its disk is slow.
+    fn disk_done(&mut self, n: NodeId, ev: Event) {
+        if self.slow.contains(&n) {
+            self.held.push_back((n, ev));
+        } else {
+            self.disk.push_back((n, ev));
+        }
     }
 
     pub(crate) fn feed(&mut self, n: NodeId, ev: Event) {
@@ -104,20 +133,17 @@ impl Net {
                 } => {
                     let d = &mut self.nodes[n as usize].data;
                     d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-                    self.disk
-                        .push_back((n, Event::DiskWriteDone { io, result: Ok(()) }));
+                    self.disk_done(n, Event::DiskWriteDone { io, result: Ok(()) });
                 }
                 Action::DiskRead { io, offset, len } => {
                     let d = &self.nodes[n as usize].data;
                     let b = Bytes::copy_from_slice(
                         &d[offset as usize..(offset + u64::from(len)) as usize],
                     );
-                    self.disk
-                        .push_back((n, Event::DiskReadDone { io, result: Ok(b) }));
+                    self.disk_done(n, Event::DiskReadDone { io, result: Ok(b) });
                 }
                 Action::DiskFlush { io } => {
-                    self.disk
-                        .push_back((n, Event::DiskFlushDone { io, result: Ok(()) }));
+                    self.disk_done(n, Event::DiskFlushDone { io, result: Ok(()) });
                 }
                 Action::DiskChecksum { .. } => panic!("no checksums in these tests"),
                 Action::Send { peer, msg } => {
@@ -200,6 +226,23 @@ impl Net {
             Some((from, to, None)) => self.break_link(from, to),
             None => return false,
         }
+        true
+    }
+
+    /// Delivers the first message in flight from `from` to `to` (FIFO per link), leaving the
+    /// others where they are; false when there is none.
+    pub(crate) fn deliver(&mut self, from: NodeId, to: NodeId) -> bool {
+        let Some(i) = self
+            .q
+            .iter()
+            .position(|(f, t, m)| (*f, *t) == (from, to) && m.is_some())
+        else {
+            return false;
+        };
+        let Some((_, _, Some(msg))) = self.q.remove(i) else {
+            return false;
+        };
+        self.feed(to, Event::PeerMessage { peer: from, msg });
         true
     }
 
@@ -746,4 +789,61 @@ fn a_peer_that_took_the_offer_but_missed_a_write_does_not_serve_it_stale() {
     );
     net.assert_replicas_identical();
     assert!(net.at(1, 0, 4096).iter().all(|b| *b == 0x77));
+}
+
+/// Simulator seed 277 with slow disks (a Primary with a detached disk serves through its
+/// peers like a diskless one): it wrote to node 1, whose disk was slow; the link broke and
+/// came back with that write still on node 1's disk, and the Primary's next write overlapped
+/// it, so it waited behind it and started only after node 1 had lost that Primary for good.
+/// A replica marks the writes of a detached Primary toward it (its own disk misses them)
+/// when they start, and looked at the link, gone by then: the second write was not marked
+/// and the Primary, back after its repair, never got it.
+#[test]
+fn a_detached_primarys_write_that_starts_after_its_link_is_gone_is_marked_toward_it() {
+    const BLOCK: usize = 4096;
+    let mut net = Net::new();
+    let a = net.nodes[0].e.promote(net.now).expect("promote 0");
+    net.apply(0, a);
+    net.run();
+    net.feed(
+        0,
+        Event::DiskFailed {
+            reason: "EIO (test)".into(),
+        },
+    );
+    net.run();
+    net.hold_disk(1);
+    let write = |net: &mut Net, id: RequestId, blocks: usize, fill: u8| {
+        net.feed(
+            0,
+            Event::Write {
+                id,
+                offset: 0,
+                data: Bytes::from(vec![fill; blocks * BLOCK]),
+                fua: false,
+            },
+        );
+        net.run();
+    };
+    write(&mut net, 1, 1, 0xB1);
+    // The link breaks and comes back; write 1 is still on node 1's disk.
+    net.break_link(0, 1);
+    net.run();
+    // Overlaps write 1 at block 0 and goes on to block 1: it waits behind it on node 1.
+    write(&mut net, 2, 2, 0xB2);
+    net.isolate(0);
+    net.run();
+    net.release_disk(1);
+    net.run();
+    assert!(
+        net.at(1, BLOCK as u64, BLOCK).iter().all(|b| *b == 0xB2),
+        "write 2 reached node 1's disk\n{}",
+        net.log.join("\n")
+    );
+    let bits = net.nodes[1].e.bitmap(0).expect("a bitmap toward node 0");
+    assert!(
+        bits.test(0) && bits.test(1),
+        "node 1 must mark both writes toward node 0, whose disk misses them\n{}",
+        net.log.join("\n")
+    );
 }

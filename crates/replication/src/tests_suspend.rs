@@ -198,3 +198,138 @@ fn back_to_io_error_fails_what_a_diskless_primary_holds() {
     net.heal();
     net.assert_replicas_identical();
 }
+
+/// Simulator seeds 1782, 3116 and 4458 (three diskful, slow disks): a partition cut a
+/// Primary's links one after another; between two of them a write started a new generation
+/// with the quorum still there, then failed for want of it, and the generation met the one
+/// of the Primary the others promoted as a split brain. A Primary now confirms quorum with a
+/// ping round trip before it starts a generation (node 0 here, io-error): the partition
+/// completes before the witness answers, the write fails without a generation, and after the
+/// failover node 0 is the new Primary's target.
+#[test]
+fn a_primary_confirms_quorum_before_a_new_generation() {
+    let mut net = Net::new();
+    net.run();
+    let a = net.nodes[0].e.promote(net.now).expect("promote 0");
+    net.apply(0, a);
+    net.run();
+    let before = net.nodes[0].e.meta().current;
+    net.cut_link(0, 1);
+    net.run();
+    // The write waits for the witness's answer; the partition goes on before it comes.
+    write(&mut net, 1, 0, 0x31);
+    assert!(!net.done.contains_key(&1));
+    assert_eq!(net.nodes[0].e.meta().current, before);
+    net.isolate(0);
+    net.run();
+    assert!(matches!(net.result(1), Err(RequestError::NoQuorum { .. })));
+    assert_eq!(net.nodes[0].e.meta().current, before, "no generation");
+    assert!(net.at(0, 0, 4096).iter().all(|b| *b == 0), "never written");
+    // Node 1 takes over with the witness and writes under its own generation.
+    net.cut_link(0, W);
+    net.uncut(1, W);
+    net.run();
+    let a = net.nodes[1]
+        .e
+        .promote(net.now)
+        .expect("promote 1 with the witness");
+    net.apply(1, a);
+    net.run();
+    write_on(&mut net, 1, 2, 4096, 0x32);
+    net.run();
+    assert!(net.result(2).is_ok(), "{:?}", net.result(2));
+    net.heal();
+    assert!(
+        !net.log.iter().any(|l| l.contains("split brain")),
+        "{}",
+        net.log.join("\n")
+    );
+    assert_eq!(net.nodes[0].e.role(), Role::Secondary);
+    assert!(net.at(0, 4096, 4096).iter().all(|b| *b == 0x32));
+    net.assert_replicas_identical();
+
+    // With quorum confirmed, the write goes through under a new generation.
+    write_on(&mut net, 1, 3, 8192, 0x33);
+    net.run();
+    assert!(net.result(3).is_ok(), "{:?}", net.result(3));
+}
+
+/// Simulator seed 1260 (three diskful, slow disks): under `suspend` a write that waited
+/// behind an overlapping one and starts after quorum is gone lands locally and is held; it
+/// starts no generation (the others may fail over meanwhile).
+#[test]
+fn a_write_that_starts_without_quorum_under_suspend_starts_no_generation() {
+    let mut net = suspending();
+    let before = net.nodes[0].e.meta().current;
+    net.hold_disk(0);
+    write(&mut net, 1, 0, 0x41);
+    net.run();
+    // Overlaps write 1: waits behind it.
+    write(&mut net, 2, 0, 0x42);
+    net.run();
+    net.isolate(0);
+    net.run();
+    // Write 1 completes without quorum (held); write 2 starts.
+    net.release_disk(0);
+    net.run();
+    assert!(
+        !net.done.contains_key(&1) && !net.done.contains_key(&2),
+        "{:?} {:?}\n{}",
+        net.done.get(&1),
+        net.done.get(&2),
+        net.log.join("\n")
+    );
+    assert!(
+        net.at(0, 0, 4096).iter().all(|b| *b == 0x42),
+        "write 2 started"
+    );
+    assert_eq!(net.nodes[0].e.meta().current, before);
+    // Node 1 takes over with the witness and writes; node 0 comes back as its target.
+    net.cut_link(0, W);
+    net.uncut(1, W);
+    net.run();
+    let a = net.nodes[1]
+        .e
+        .promote(net.now)
+        .expect("promote 1 with the witness");
+    net.apply(1, a);
+    net.run();
+    write_on(&mut net, 1, 3, 8192, 0x43);
+    net.run();
+    assert!(net.result(3).is_ok(), "{:?}", net.result(3));
+    net.heal();
+    assert!(
+        !net.log.iter().any(|l| l.contains("split brain")),
+        "{}",
+        net.log.join("\n")
+    );
+    assert!(net.done.get(&2).is_some_and(|r| r.is_err()));
+    net.assert_replicas_identical();
+}
+
+/// Simulator seed 13893 (slow disks): a write on the Primary waited only for node 1's
+/// acknowledgement (slow disk there) when a partition cut node 1 and then the witness. The
+/// write completed under the old generation with the witness still counted, so the witness
+/// and node 1, a majority that never saw it, could promote node 1's stale copy. Now it
+/// completes only under a new generation, after the witness confirmed quorum: here it
+/// fails.
+#[test]
+fn a_write_waiting_for_a_lost_peer_completes_only_after_quorum_is_confirmed() {
+    let mut net = Net::new();
+    net.run();
+    let a = net.nodes[0].e.promote(net.now).expect("promote 0");
+    net.apply(0, a);
+    net.run();
+    net.hold_disk(1);
+    write(&mut net, 1, 0, 0x51);
+    net.run();
+    assert!(!net.done.contains_key(&1), "waits for node 1");
+    net.isolate(0);
+    net.run();
+    assert!(
+        matches!(net.result(1), Err(RequestError::NoQuorum { .. })),
+        "{:?}\n{}",
+        net.result(1),
+        net.log.join("\n")
+    );
+}

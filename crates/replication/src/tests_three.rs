@@ -246,9 +246,18 @@ fn a_sync_target_that_adopted_a_new_generation_before_the_resync_began_compares_
     }
     assert_eq!(net.nodes[3].e.meta().current, g);
 
-    // The Primary writes (a new generation: node 1 is not in sync); its report and the
-    // write reach node 3 before node 1's ResyncBegin does.
+    // The Primary writes (a new generation: node 1 is not in sync, once nodes 2 and 3
+    // confirmed quorum); its report and the write reach node 3 before node 1's ResyncBegin
+    // does.
     start_write(&mut net, 0, 4, 8 * BLOCK as u64, 0xC4);
+    for (from, to) in [(0, 3), (0, 2), (3, 0), (2, 0)] {
+        assert!(
+            net.deliver(from, to),
+            "{from}->{to}\n{}",
+            net.log.join("\n")
+        );
+    }
+    assert_ne!(net.nodes[0].e.meta().current, g);
     net.run();
     assert!(
         net.result(4).is_ok(),
@@ -607,13 +616,21 @@ fn a_crashed_primarys_write_that_reached_one_secondary_is_resynced_to_the_other(
     );
 }
 
-/// Node 0 Primary, node 1 cut off: the first write without node 1 starts a new generation;
-/// node 3 adopts it and applies the write (marked for node 1), but its report still showed
-/// the old generation, so node 0 closes their link to compare again.
+/// Node 0 Primary, node 1 cut off: the first write without node 1 starts a new generation
+/// (once nodes 2 and 3 confirmed quorum); node 3 adopts it and applies the write (marked for
+/// node 1), but a report it sent meanwhile (its link to the witness broke and came back)
+/// still showed the old generation, so node 0 closes their link to compare again.
 fn write_while_node_1_is_away() -> Net {
     let mut net = primary_0_with_a_write();
     net.isolate(1);
+    while net.step() {}
+    let g = net.nodes[0].e.meta().current;
     start_write(&mut net, 0, 2, BLOCK as u64, 0xB0);
+    while net.nodes[0].e.meta().current == g {
+        assert!(net.step(), "no new generation:\n{}", net.log.join("\n"));
+    }
+    net.break_link(2, 3);
+    net.uncut(2, 3);
     while net.step() {}
     net
 }
@@ -1051,4 +1068,28 @@ fn a_write_that_starts_after_quorum_is_gone_fails_without_touching_the_disk() {
         net.log.join("\n")
     );
     assert_eq!(net.nodes[0].e.meta().current, generation);
+}
+
+/// Simulator seeds 3533 and 4896 (three diskful, slow disks): a Primary that wrote without a
+/// node and then demoted (or lost its links) took with it the knowledge that the node is
+/// behind, and a majority without anyone holding the writes promoted that node (split
+/// brain). A Secondary relays the last outdated list it knew from a Primary while no
+/// Primary is connected: here the witness tells node 3, which then refuses promotion.
+#[test]
+fn the_outdated_list_outlives_the_primary_that_made_it() {
+    let mut net = primary_0_with_a_write();
+    net.isolate(3);
+    net.run();
+    write_ok(&mut net, 0, 2, BLOCK as u64, 0xB2);
+    demote(&mut net, 0);
+    net.isolate(0);
+    net.isolate(1);
+    net.run();
+    net.uncut(3, W);
+    net.run();
+    assert_disk_state(&net, 3, DiskState::Outdated);
+    assert!(matches!(
+        net.nodes[3].e.promote(net.now),
+        Err(PromoteError::Outdated)
+    ));
 }

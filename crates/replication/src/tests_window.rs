@@ -206,6 +206,41 @@ fn writes_on_both_primaries_hand_the_token_over_and_every_replica_agrees() {
     );
 }
 
+/// Simulator seed 34 with slow disks: the token holder was asked for the token while its
+/// disk still held a write, and a request of its own consumer arrived before that write
+/// completed. The queued request counted as in flight, so the holder never handed over and
+/// both members' requests waited for good.
+#[test]
+fn a_holder_asked_for_the_token_hands_it_over_once_its_slow_write_completes() {
+    let mut net = two_primaries();
+    net.hold_disk(0);
+    write(&mut net, 0, 1, 0, 0x01, 4096);
+    net.run();
+    // The other member asks for the token; node 0's write is still on its disk.
+    write(&mut net, 1, 2, 4096, 0x02, 4096);
+    net.run();
+    // Node 0's consumer sends another request: queued behind the hand-over.
+    write(&mut net, 0, 3, 8192, 0x03, 4096);
+    net.run();
+    assert!(!net.done.contains_key(&1) && !net.done.contains_key(&2) && !net.done.contains_key(&3));
+    net.release_disk(0);
+    net.run();
+    for id in 1..=3 {
+        assert!(
+            net.done.get(&id).is_some_and(|r| r.is_ok()),
+            "write {id}: {:?}\n{}",
+            net.done.get(&id),
+            net.log.join("\n")
+        );
+    }
+    // Node 1 got the token for write 2 and node 0 got it back for write 3.
+    assert_eq!(dual(&net, 0).map(|d| d.write_token), Some(true));
+    assert_eq!(net.at(1, 0, 4096), &[0x01; 4096][..]);
+    assert_eq!(net.at(0, 4096, 4096), &[0x02; 4096][..]);
+    assert_eq!(net.at(1, 8192, 4096), &[0x03; 4096][..]);
+    net.assert_replicas_identical();
+}
+
 #[test]
 fn the_migration_hand_off_leaves_one_plain_primary() {
     let mut net = two_primaries();

@@ -88,6 +88,13 @@ pub struct SimOptions {
     /// default since 2026-12-07 (it found seeds 1428, 3792 and 4136 of the three-diskful
     /// suites); off, the end comes as soon as everything is connected and UpToDate.
     pub strict_end: bool,
+    /// Half of the seeds (side stream) get one to three slow-disk periods during the active
+    /// phase: for 2-60 ms one diskful node's disk takes 10-200 times as long for every
+    /// write, read, flush and digest it starts (a disk busy with something else, a RAID
+    /// rebuild, a thin pool filling up). Nothing fails: the engine must keep every invariant
+    /// and the cluster's requests going, only later. Timings only change when a period is
+    /// on, so seeds without one keep their schedules.
+    pub slow_disks: bool,
 }
 
 impl Default for SimOptions {
@@ -108,6 +115,7 @@ impl Default for SimOptions {
             own_flushes: true,
             crash_in_flight: true,
             strict_end: true,
+            slow_disks: true,
         }
     }
 }
@@ -170,6 +178,10 @@ pub struct Outcome {
     pub resync_checksums: bool,
     /// Bytes checksum-based resyncs found identical and did not transfer.
     pub resync_skipped_bytes: u64,
+    /// Slow-disk periods of the run and the disk operations that started inside one (see
+    /// [`SimOptions::slow_disks`]).
+    pub slow_disk_periods: u64,
+    pub slow_disk_ops: u64,
 }
 
 #[derive(Debug)]
@@ -340,6 +352,8 @@ pub(crate) struct World {
     /// established, every disk UpToDate) for a while, with `disturbances` at the time.
     /// Liveness: such a request must not fail unless something happened meanwhile.
     healthy_reqs: BTreeMap<RequestId, u64>,
+    /// Slow-disk periods: (node, from, until, factor) (see [`SimOptions::slow_disks`]).
+    slow: Vec<(NodeId, Nanos, Nanos, u64)>,
 }
 
 /// Runs one seed. `Err` carries the seed, the violated invariant and a trace.
@@ -349,8 +363,9 @@ pub fn run(seed: u64, opts: &SimOptions) -> Result<Outcome, String> {
     match r {
         Ok(()) => Ok(w.out),
         Err(e) => Err(format!(
-            "SIM FAILURE seed={seed} topology={:?}: {e}\nreproduce: SIM_SEED={seed} cargo test -p tandem-sim\nlast events:\n{}",
+            "SIM FAILURE seed={seed} topology={:?}: {e}\nreproduce: SIM_SEED={seed} cargo test -p tandem-sim\n{}last events:\n{}",
             w.out.topology,
+            w.slow_periods(),
             w.trace.iter().cloned().collect::<Vec<_>>().join("\n")
         )),
     }
@@ -401,6 +416,19 @@ impl World {
         let mut flush_rng = Rng::new(seed ^ 0xf1a5_4e11_0000_0006);
         let flush_after_writes =
             (opts.own_flushes && flush_rng.chance(0.3)).then(|| flush_rng.range(1, 9) as usize);
+        let mut slow = Vec::new();
+        let mut slow_rng = Rng::new(seed ^ 0x510d_d15c_0000_0008);
+        if opts.slow_disks && !opts.split_brain && slow_rng.chance(0.5) {
+            let disks: Vec<NodeId> = (0..diskful.len() as NodeId)
+                .filter(|&n| diskful[n as usize])
+                .collect();
+            for _ in 0..slow_rng.range(1, 4) {
+                let node = slow_rng.pick(&disks).expect("a diskful node");
+                let from = slow_rng.range(0, opts.active_ms * MS);
+                let until = from + slow_rng.range(2 * MS, 60 * MS);
+                slow.push((node, from, until, slow_rng.range(10, 201)));
+            }
+        }
         let mut nodes = Vec::new();
         for (i, d) in diskful.iter().enumerate() {
             let peers = diskful
@@ -473,6 +501,7 @@ impl World {
             trace: VecDeque::new(),
             out: Outcome {
                 topology: Some(topo),
+                slow_disk_periods: slow.len() as u64,
                 resync_checksums: checksums,
                 window_seeds: u64::from(window_open),
                 suspend_seeds: u64::from(suspend),
@@ -508,6 +537,25 @@ impl World {
             primary_cut_since: None,
             disturbances: 0,
             healthy_reqs: BTreeMap::new(),
+            slow,
+        }
+    }
+
+    /// How long a disk operation of `node` that starts now takes: drawn from `lo..hi`, times
+    /// the factor of a slow-disk period the node is in.
+    fn disk_delay(&mut self, node: NodeId, lo: Nanos, hi: Nanos) -> Nanos {
+        let d = self.rng.range(lo, hi);
+        let now = self.now;
+        match self
+            .slow
+            .iter()
+            .find(|&&(n, from, until, _)| n == node && (from..until).contains(&now))
+        {
+            Some(&(_, _, _, factor)) => {
+                self.out.slow_disk_ops += 1;
+                d * factor
+            }
+            None => d,
         }
     }
 
@@ -586,6 +634,19 @@ impl World {
             }
         }
         Err("event queue ran dry".into())
+    }
+
+    /// One line per slow-disk period (for the failure report).
+    fn slow_periods(&self) -> String {
+        let mut s = String::new();
+        for &(n, from, until, factor) in &self.slow {
+            s.push_str(&format!(
+                "slow disk: node {n} {}..{} us, {factor}x\n",
+                from / US,
+                until / US
+            ));
+        }
+        s
     }
 
     fn status_dump(&self) -> String {
@@ -880,12 +941,12 @@ impl World {
                             .writes_in_flight
                             .insert(io, (offset, data, fua));
                     }
-                    let t = self.now + self.rng.range(5 * US, 120 * US);
+                    let t = self.now + self.disk_delay(node, 5 * US, 120 * US);
                     self.at(t, Ev::DiskWriteDone { node, inc, io });
                 }
                 Action::DiskRead { io, offset, len } => {
                     let inc = self.nodes[node as usize].inc;
-                    let t = self.now + self.rng.range(5 * US, 80 * US);
+                    let t = self.now + self.disk_delay(node, 5 * US, 80 * US);
                     self.at(
                         t,
                         Ev::DiskReadDone {
@@ -900,7 +961,7 @@ impl World {
                 Action::DiskFlush { io } => {
                     let n = &self.nodes[node as usize];
                     let (inc, marker) = (n.inc, n.disk.flush_marker());
-                    let t = self.now + self.rng.range(20 * US, 300 * US);
+                    let t = self.now + self.disk_delay(node, 20 * US, 300 * US);
                     self.at(
                         t,
                         Ev::DiskFlushDone {
@@ -918,7 +979,7 @@ impl World {
                     block_size,
                 } => {
                     let inc = self.nodes[node as usize].inc;
-                    let t = self.now + self.rng.range(5 * US, 80 * US);
+                    let t = self.now + self.disk_delay(node, 5 * US, 80 * US);
                     self.at(
                         t,
                         Ev::DiskChecksumDone {
@@ -1999,6 +2060,13 @@ fn short(m: &Message) -> String {
             "StateReport {:?} {:?} gen={:016x} bm={:016x} q={}",
             r.role, r.disk_state, r.generations.current, r.generations.bitmap, r.quorum.has_quorum
         ),
+        Message::ResyncRequest { id, offset, len } => {
+            format!(
+                "ResyncRequest id={id} blocks {}+{}",
+                offset / BLOCK,
+                u64::from(*len) / BLOCK
+            )
+        }
         Message::ResyncData {
             id, offset, len, ..
         } => {

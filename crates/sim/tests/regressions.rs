@@ -4,6 +4,15 @@
 
 use tandem_sim::{SimOptions, Topology, run};
 
+/// The defaults, less what came after these seeds were found and would change their
+/// schedules (slow-disk periods; the options of each helper below say which others).
+fn found() -> SimOptions {
+    SimOptions {
+        slow_disks: false,
+        ..SimOptions::default()
+    }
+}
+
 fn seed(seed: u64, topology: Topology) {
     // Disk faults came later: without them these seeds keep the schedules they were found with.
     let opts = SimOptions {
@@ -15,7 +24,7 @@ fn seed(seed: u64, topology: Topology) {
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -31,7 +40,7 @@ fn diskless_seed(seed: u64) {
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -223,7 +232,7 @@ fn disk_seed(seed: u64, topology: Option<Topology>) {
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -322,7 +331,7 @@ fn window_seed(seed: u64) {
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -357,7 +366,7 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(4838, &opts) {
         panic!("{e}");
@@ -371,7 +380,7 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
 /// counts every pending resync write it predates. Found by a 40,000-seed run (all options).
 #[test]
 fn a_late_mark_outlives_every_older_resync_answer_for_its_blocks() {
-    if let Err(e) = run(27981, &SimOptions::default()) {
+    if let Err(e) = run(27981, &found()) {
         panic!("{e}");
     }
 }
@@ -383,7 +392,7 @@ fn a_late_mark_outlives_every_older_resync_answer_for_its_blocks() {
 /// what such a crash may reveal (`Block::failed`).
 #[test]
 fn a_failed_write_on_the_disks_may_come_back_when_newer_unflushed_ones_are_lost() {
-    if let Err(e) = run(39932, &SimOptions::default()) {
+    if let Err(e) = run(39932, &found()) {
         panic!("{e}");
     }
 }
@@ -395,7 +404,7 @@ fn a_failed_write_on_the_disks_may_come_back_when_newer_unflushed_ones_are_lost(
 /// behind held ones, and held ones resume whenever a peer serves again.
 #[test]
 fn requests_held_by_a_diskless_primary_are_not_overtaken() {
-    if let Err(e) = run(49738, &SimOptions::default()) {
+    if let Err(e) = run(49738, &found()) {
         panic!("{e}");
     }
 }
@@ -409,7 +418,7 @@ fn three(seed: u64) {
         // The schedule the seed was found with (engine flushes of its own came later).
         own_flushes: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -498,7 +507,7 @@ fn default_seed(seed: u64, topology: Topology, crash_in_flight: bool) {
     let opts = SimOptions {
         topology: Some(topology),
         crash_in_flight,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -513,7 +522,7 @@ fn three_witness(seed: u64) {
         topology: Some(Topology::ThreePlusWitness),
         disk_faults: false,
         crash_in_flight: false,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -678,7 +687,7 @@ fn strict_end(seed: u64, topology: Topology, disk_faults: bool) {
         topology: Some(topology),
         disk_faults,
         strict_end: true,
-        ..SimOptions::default()
+        ..found()
     };
     if let Err(e) = run(seed, &opts) {
         panic!("{e}");
@@ -704,4 +713,113 @@ fn a_replica_a_detached_primary_wrote_without_is_outdated_by_the_first_relay_806
 #[test]
 fn a_write_that_starts_without_quorum_does_not_split_the_brain_5110() {
     default_seed(5110, Topology::Three, true);
+}
+
+/// Every default option with slow disks (`SimOptions::slow_disks`, 2026-12-07), in
+/// `topology` (None: chosen by the seed).
+fn slow_seed(seed: u64, topology: Option<Topology>) {
+    let opts = SimOptions {
+        topology,
+        slow_disks: true,
+        ..SimOptions::default()
+    };
+    if let Err(e) = run(seed, &opts) {
+        panic!("{e}");
+    }
+}
+
+/// Slow disks: a dual-primary token holder asked for the token while a write sat on its
+/// slow disk counted the requests its consumer sent meanwhile as in flight and never handed
+/// over; both members' requests waited for good.
+#[test]
+fn a_token_holder_with_a_slow_write_hands_over_34() {
+    slow_seed(34, None);
+}
+
+/// Slow disks: a Primary with a detached disk sent a write that waited on a replica behind
+/// an overlapping one and started after the link was gone; it was not marked toward the
+/// Primary, whose repaired disk never got it.
+#[test]
+fn a_detached_primarys_late_write_is_marked_toward_it_277() {
+    slow_seed(277, None);
+}
+
+/// Slow disks, on-no-quorum=suspend: a write that waited behind an overlapping one started
+/// without quorum, landed locally and started a generation; the others failed over, and
+/// the heal found a split brain. Such a write starts no generation now.
+#[test]
+fn a_held_write_starts_no_generation_286() {
+    slow_seed(286, None);
+}
+
+#[test]
+fn a_held_write_starts_no_generation_1260() {
+    slow_seed(1260, Some(Topology::Three));
+}
+
+/// Slow disks, three diskful: a partition cut a dual-primary token holder's links one
+/// after another; between two of them its queued writes started a generation with the
+/// quorum still there and then failed for want of it; the generation of the Primary the
+/// others promoted met it as a split brain. A Primary confirms quorum with a ping round trip
+/// before a new generation now.
+#[test]
+fn a_generation_waits_for_a_quorum_confirmation_1782() {
+    slow_seed(1782, Some(Topology::Three));
+}
+
+#[test]
+fn a_generation_waits_for_a_quorum_confirmation_3116() {
+    slow_seed(3116, Some(Topology::Three));
+}
+
+#[test]
+fn a_generation_waits_for_a_quorum_confirmation_4458() {
+    slow_seed(4458, Some(Topology::Three));
+}
+
+/// Slow disks, three diskful: a Primary with a detached disk wrote without a connected
+/// replica that did not serve it; that replica learned it was outdated only at the next
+/// tick, and a handshake with the replica that had the write made it that one's source
+/// meanwhile: an acknowledged write was overwritten. The outdated list goes out with the
+/// write now.
+#[test]
+fn a_skipped_replica_is_outdated_before_it_can_be_a_source_4548() {
+    slow_seed(4548, Some(Topology::Three));
+}
+
+/// Three diskful nodes with disk faults (found with the quorum confirmation, which moved
+/// the schedules): a dual-primary member that wrote without node 0 left the window; no node
+/// relayed its outdated list any more and a majority promoted node 0 (split brain). A
+/// Secondary relays the last list it knew from a Primary while none is connected.
+#[test]
+fn the_outdated_list_outlives_its_primary_3533() {
+    default_seed(3533, Topology::Three, true);
+}
+
+/// Three diskful nodes with disk faults (found with the quorum confirmation): a detached
+/// Primary's last write reached one replica after its links broke, the other replica got it
+/// by a resync while the Primary was away and did not mark it toward the Primary's disk,
+/// which later resynced from that replica without it.
+#[test]
+fn a_resync_marks_toward_a_detached_peer_that_is_away_1571() {
+    default_seed(1571, Topology::Three, true);
+}
+
+/// Slow disks: a Secondary's write of the link before the last break waited behind an
+/// overlapping operation on its slow disk and started during the resync that followed the
+/// reconnect; it fenced its blocks as current, the resync skipped them, and the newer data
+/// of the Primary never came. Only writes of the writer's current link fence now.
+#[test]
+fn a_write_of_an_earlier_link_does_not_fence_the_resync_5670() {
+    slow_seed(5670, None);
+}
+
+/// Slow disks, dual-primary window: a write of the token holder waited only for its
+/// partner's acknowledgement when a partition cut the partner and then the witness; it
+/// completed under the old generation with the witness still counted, and the witness
+/// promoted over the partner's stale copy (a stale read). It completes under a new
+/// generation now, after a quorum confirmation, or fails.
+#[test]
+fn a_write_waiting_for_a_lost_peer_needs_a_new_generation_13893() {
+    slow_seed(13893, None);
 }

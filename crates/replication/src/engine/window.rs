@@ -369,12 +369,13 @@ impl Engine {
 
     /// The token holder that was asked for the token hands it over once none of its
     /// consumer requests is in flight: demote (its report goes out on every link first),
-    /// then `TokenGrant`. Requests that arrived meanwhile ask for it back.
+    /// then `TokenGrant`. Requests that arrived meanwhile (queued, not in flight) ask for it
+    /// back.
     pub(super) fn maybe_hand_over(&mut self) {
         let Some(w) = self.window.as_ref() else {
             return;
         };
-        if !w.handing || w.token != Token::Held || self.busy_requests() > 0 {
+        if !w.handing || w.token != Token::Held || self.requests_in_flight() > 0 {
             return;
         }
         if self.role == Role::Primary {
