@@ -199,6 +199,30 @@ fn back_to_io_error_fails_what_a_diskless_primary_holds() {
     net.assert_replicas_identical();
 }
 
+/// Node 0 is cut off: node 1 is promoted with the witness and writes request `id` (4 KiB of
+/// `fill` at `offset`) under its own generation; then every link heals, without a split
+/// brain.
+fn failover_to_node_1_and_heal(net: &mut Net, id: RequestId, offset: u64, fill: u8) {
+    net.cut_link(0, W);
+    net.uncut(1, W);
+    net.run();
+    let a = net.nodes[1]
+        .e
+        .promote(net.now)
+        .expect("promote 1 with the witness");
+    net.apply(1, a);
+    net.run();
+    write_on(net, 1, id, offset, fill);
+    net.run();
+    assert!(net.result(id).is_ok(), "{:?}", net.result(id));
+    net.heal();
+    assert!(
+        !net.log.iter().any(|l| l.contains("split brain")),
+        "{}",
+        net.log.join("\n")
+    );
+}
+
 /// Simulator seeds 1782, 3116 and 4458 (three diskful, slow disks): a partition cut a
 /// Primary's links one after another; between two of them a write started a new generation
 /// with the quorum still there, then failed for want of it, and the generation met the one
@@ -226,24 +250,7 @@ fn a_primary_confirms_quorum_before_a_new_generation() {
     assert_eq!(net.nodes[0].e.meta().current, before, "no generation");
     assert!(net.at(0, 0, 4096).iter().all(|b| *b == 0), "never written");
     // Node 1 takes over with the witness and writes under its own generation.
-    net.cut_link(0, W);
-    net.uncut(1, W);
-    net.run();
-    let a = net.nodes[1]
-        .e
-        .promote(net.now)
-        .expect("promote 1 with the witness");
-    net.apply(1, a);
-    net.run();
-    write_on(&mut net, 1, 2, 4096, 0x32);
-    net.run();
-    assert!(net.result(2).is_ok(), "{:?}", net.result(2));
-    net.heal();
-    assert!(
-        !net.log.iter().any(|l| l.contains("split brain")),
-        "{}",
-        net.log.join("\n")
-    );
+    failover_to_node_1_and_heal(&mut net, 2, 4096, 0x32);
     assert_eq!(net.nodes[0].e.role(), Role::Secondary);
     assert!(net.at(0, 4096, 4096).iter().all(|b| *b == 0x32));
     net.assert_replicas_identical();
@@ -285,24 +292,7 @@ fn a_write_that_starts_without_quorum_under_suspend_starts_no_generation() {
     );
     assert_eq!(net.nodes[0].e.meta().current, before);
     // Node 1 takes over with the witness and writes; node 0 comes back as its target.
-    net.cut_link(0, W);
-    net.uncut(1, W);
-    net.run();
-    let a = net.nodes[1]
-        .e
-        .promote(net.now)
-        .expect("promote 1 with the witness");
-    net.apply(1, a);
-    net.run();
-    write_on(&mut net, 1, 3, 8192, 0x43);
-    net.run();
-    assert!(net.result(3).is_ok(), "{:?}", net.result(3));
-    net.heal();
-    assert!(
-        !net.log.iter().any(|l| l.contains("split brain")),
-        "{}",
-        net.log.join("\n")
-    );
+    failover_to_node_1_and_heal(&mut net, 3, 8192, 0x43);
     assert!(net.done.get(&2).is_some_and(|r| r.is_err()));
     net.assert_replicas_identical();
 }
