@@ -359,9 +359,9 @@ pub struct Engine {
     /// A diskful peer is not in sync: start a new generation before the next write.
     mint_pending: bool,
     /// Quorum was confirmed by a ping round trip since the last link loss: a new generation
-    /// may start (see `confirm_quorum`).
+    /// may start (see `quorum_confirmed`).
     mint_confirmed: bool,
-    /// A ping round that confirms quorum is under way (`confirm_quorum`): its token, and the
+    /// A ping round that confirms quorum is under way (`quorum_confirmed`): its token, and the
     /// writes that wait for it to start or to complete (keys of active ops).
     confirming: bool,
     confirm_token: u64,
@@ -3047,7 +3047,7 @@ impl Engine {
         // peers cover it; the generation starts when the held writes are acknowledged
         // (`release_held`) or with the next write under quorum. And a generation starts
         // only after a ping round trip confirmed quorum since the last link loss (see
-        // `confirm_quorum`): the write waits for it, still holding its place.
+        // `quorum_confirmed`): the write waits for it, still holding its place.
         if ok && self.mint_pending && !self.quorum_confirmed() {
             self.start_wait.push_back((key, id, offset, data, fua));
             return;
@@ -3362,7 +3362,7 @@ impl Engine {
         }
         let (reachable, voters, ok) = self.quorum();
         // A write that would complete under a new generation waits for a ping round trip
-        // that confirms quorum since the last link loss (`confirm_quorum`).
+        // that confirms quorum since the last link loss (`quorum_confirmed`).
         let succeeds = self.role == Role::Primary
             && self.writes.get(&key).is_some_and(|w| {
                 w.local_error.is_none()

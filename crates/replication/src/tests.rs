@@ -85,7 +85,7 @@ fn connect(e: &mut Engine, peer: u8, diskful: bool, role: Role) -> Vec<Action> {
 }
 
 /// Feeds the Pongs to the Pings among `a` (a Primary confirming quorum before a new
-/// generation, see `Engine::confirm_quorum`); returns `a` with what followed.
+/// generation, see `Engine::quorum_confirmed`); returns `a` with what followed.
 fn with_pongs(e: &mut Engine, now: u64, mut a: Vec<Action>) -> Vec<Action> {
     let pings: Vec<(u8, u64)> = a
         .iter()
