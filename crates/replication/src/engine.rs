@@ -3363,12 +3363,15 @@ impl Engine {
         let (reachable, voters, ok) = self.quorum();
         // A write that would complete under a new generation waits for a ping round trip
         // that confirms quorum since the last link loss (`quorum_confirmed`).
-        let succeeds = self.role == Role::Primary
-            && self.writes.get(&key).is_some_and(|w| {
-                w.local_error.is_none()
-                    && (!self.forwards() || w.ok_from.iter().any(|p| self.serves(*p)))
-            });
-        if succeeds && ok && self.mint_pending && !self.quorum_confirmed() {
+        // (Tested last to first cost: nothing more per write while no generation is due.)
+        let succeeds = || {
+            self.role == Role::Primary
+                && self.writes.get(&key).is_some_and(|w| {
+                    w.local_error.is_none()
+                        && (!self.forwards() || w.ok_from.iter().any(|p| self.serves(*p)))
+                })
+        };
+        if ok && self.mint_pending && succeeds() && !self.quorum_confirmed() {
             if !self.complete_wait.contains(&key) {
                 self.complete_wait.push(key);
             }

@@ -7,8 +7,13 @@ use tandem_repl_proto::{NodeId, Role};
 use crate::tests_diskless::{Net, W};
 use crate::*;
 
+/// Node 0 Primary, on-no-quorum=suspend everywhere.
 fn suspending() -> Net {
-    let mut net = Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend);
+    primary_0(Net::with_config(|c| c.on_no_quorum = OnNoQuorum::Suspend))
+}
+
+/// `net` connected, node 0 promoted.
+fn primary_0(mut net: Net) -> Net {
     net.run();
     let a = net.nodes[0].e.promote(net.now).expect("promote 0");
     net.apply(0, a);
@@ -232,11 +237,7 @@ fn failover_to_node_1_and_heal(net: &mut Net, id: RequestId, offset: u64, fill: 
 /// failover node 0 is the new Primary's target.
 #[test]
 fn a_primary_confirms_quorum_before_a_new_generation() {
-    let mut net = Net::new();
-    net.run();
-    let a = net.nodes[0].e.promote(net.now).expect("promote 0");
-    net.apply(0, a);
-    net.run();
+    let mut net = primary_0(Net::new());
     let before = net.nodes[0].e.meta().current;
     net.cut_link(0, 1);
     net.run();
@@ -305,11 +306,7 @@ fn a_write_that_starts_without_quorum_under_suspend_starts_no_generation() {
 /// fails.
 #[test]
 fn a_write_waiting_for_a_lost_peer_completes_only_after_quorum_is_confirmed() {
-    let mut net = Net::new();
-    net.run();
-    let a = net.nodes[0].e.promote(net.now).expect("promote 0");
-    net.apply(0, a);
-    net.run();
+    let mut net = primary_0(Net::new());
     net.hold_disk(1);
     write(&mut net, 1, 0, 0x51);
     net.run();

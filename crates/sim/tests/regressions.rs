@@ -4,6 +4,13 @@
 
 use tandem_sim::{SimOptions, Topology, run};
 
+/// Runs `seed`; the failure report (seed, invariant, trace) is the panic message.
+fn must_pass(seed: u64, opts: &SimOptions) {
+    if let Err(e) = run(seed, opts) {
+        panic!("{e}");
+    }
+}
+
 /// The defaults, less what came after these seeds were found and would change their
 /// schedules (slow-disk periods; the options of each helper below say which others).
 fn found() -> SimOptions {
@@ -26,9 +33,7 @@ fn seed(seed: u64, topology: Topology) {
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// Seeds found with the witness promoted (a diskless Primary), with every fault kind.
@@ -42,9 +47,7 @@ fn diskless_seed(seed: u64) {
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// A restarted replica resynced from the other while the diskless Primary wrote only to the
@@ -234,9 +237,7 @@ fn disk_seed(seed: u64, topology: Option<Topology>) {
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// A detached disk flushed its activity log in a loop (every flush failed at once and asked
@@ -333,9 +334,7 @@ fn window_seed(seed: u64) {
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// A member that handed the token over in the same batch as a completion: the simulator's
@@ -368,9 +367,7 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(4838, &opts) {
-        panic!("{e}");
-    }
+    must_pass(4838, &opts);
 }
 
 /// Two resync requests for the same blocks were in flight when a diskless Primary's write
@@ -380,9 +377,7 @@ fn a_replica_that_caught_up_elsewhere_does_not_serve_a_diskless_primary_stale_da
 /// counts every pending resync write it predates. Found by a 40,000-seed run (all options).
 #[test]
 fn a_late_mark_outlives_every_older_resync_answer_for_its_blocks() {
-    if let Err(e) = run(27981, &found()) {
-        panic!("{e}");
-    }
+    must_pass(27981, &found());
 }
 
 /// Model, not engine: a write failed to the consumer but reached both replicas and a flush;
@@ -392,9 +387,7 @@ fn a_late_mark_outlives_every_older_resync_answer_for_its_blocks() {
 /// what such a crash may reveal (`Block::failed`).
 #[test]
 fn a_failed_write_on_the_disks_may_come_back_when_newer_unflushed_ones_are_lost() {
-    if let Err(e) = run(39932, &found()) {
-        panic!("{e}");
-    }
+    must_pass(39932, &found());
 }
 
 /// A diskless Primary under suspend held a write while its only data peer was resyncing; the
@@ -404,9 +397,7 @@ fn a_failed_write_on_the_disks_may_come_back_when_newer_unflushed_ones_are_lost(
 /// behind held ones, and held ones resume whenever a peer serves again.
 #[test]
 fn requests_held_by_a_diskless_primary_are_not_overtaken() {
-    if let Err(e) = run(49738, &found()) {
-        panic!("{e}");
-    }
+    must_pass(49738, &found());
 }
 
 /// Three diskful nodes with the options `three_diskful_seeds` uses (no disk faults; seeds
@@ -420,9 +411,7 @@ fn three(seed: u64) {
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// Three diskful nodes: the Primary's disk failed, so it wrote only to the Secondary that
@@ -509,9 +498,7 @@ fn default_seed(seed: u64, topology: Topology, crash_in_flight: bool) {
         crash_in_flight,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// Three diskful nodes and a witness, with the options `three_diskful_seeds` uses under
@@ -524,9 +511,7 @@ fn three_witness(seed: u64) {
         crash_in_flight: false,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// Three diskful nodes with disk faults: the Primary's disk was detached and it wrote through
@@ -689,9 +674,7 @@ fn strict_end(seed: u64, topology: Topology, disk_faults: bool) {
         strict_end: true,
         ..found()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// Three diskful nodes with disk faults, seeds 5000..10000: a Primary with a detached disk
@@ -723,9 +706,7 @@ fn slow_seed(seed: u64, topology: Option<Topology>) {
         slow_disks: true,
         ..SimOptions::default()
     };
-    if let Err(e) = run(seed, &opts) {
-        panic!("{e}");
-    }
+    must_pass(seed, &opts);
 }
 
 /// Slow disks: a dual-primary token holder asked for the token while a write sat on its
