@@ -29,25 +29,49 @@ impl Encoder {
         self.version
     }
 
-    /// Appends the whole frame (header, fixed fields, bulk data) to `out`.
+    /// Appends the whole frame (header, fixed fields, bulk data) to `out`, unnumbered: for
+    /// the handshake and links below version 10 (see [`Encoder::encode_seq`]).
     pub fn encode(&self, msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        if let Some(tail) = self.encode_vectored(msg, out)? {
+        self.encode_seq(msg, 0, out)
+    }
+
+    /// Appends the whole frame to `out`, numbered `seq` (the sender's
+    /// [`crate::FrameCounter`] of an established link; ignored below version 10 and for
+    /// handshake messages, whose frames carry 0).
+    pub fn encode_seq(
+        &self,
+        msg: &Message,
+        seq: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        if let Some(tail) = self.encode_vectored_seq(msg, seq, out)? {
             out.extend_from_slice(&tail);
         }
         Ok(())
     }
 
-    /// Appends the header and fixed fields to `head` and returns the bulk data that must be
-    /// sent right after it (a cheap clone of the message's `Bytes`), so a sender can use a
-    /// vectored write instead of copying the data. The checksum covers both.
+    /// [`Encoder::encode_vectored_seq`] unnumbered (handshake, links below version 10).
     pub fn encode_vectored(
         &self,
         msg: &Message,
         head: &mut Vec<u8>,
     ) -> Result<Option<Bytes>, EncodeError> {
+        self.encode_vectored_seq(msg, 0, head)
+    }
+
+    /// Appends the header and fixed fields to `head` and returns the bulk data that must be
+    /// sent right after it (a cheap clone of the message's `Bytes`), so a sender can use a
+    /// vectored write instead of copying the data. The checksum covers both. `seq`: the
+    /// frame's number on an established link of version 10 or later (ignored otherwise).
+    pub fn encode_vectored_seq(
+        &self,
+        msg: &Message,
+        seq: u32,
+        head: &mut Vec<u8>,
+    ) -> Result<Option<Bytes>, EncodeError> {
         if self.version >= ProtocolVersion::V8
             && let Message::Write {
-                seq,
+                seq: write_seq,
                 offset,
                 flags,
                 data,
@@ -56,12 +80,12 @@ impl Encoder {
         {
             // A zero-write travels without its data (see `zeroes`).
             let zero = Message::WriteZeroes {
-                seq: *seq,
+                seq: *write_seq,
                 offset: *offset,
                 len: data.len() as u64,
                 flags: *flags & crate::message::write_flags::FUA,
             };
-            return self.encode_vectored(&zero, head);
+            return self.encode_vectored_seq(&zero, seq, head);
         }
         let ty = msg.message_type();
         msg.validate()
@@ -76,13 +100,15 @@ impl Encoder {
                 max: MAX_PAYLOAD,
             });
         }
-        let version = if ty.is_handshake() {
-            0
+        let (version, word) = if ty.is_handshake() {
+            (0, 0)
+        } else if self.version >= ProtocolVersion::V10 {
+            (self.version.number(), seq)
         } else {
-            self.version.number()
+            (self.version.number(), 0)
         };
         let tail_slice: &[u8] = tail.map_or(&[], |t| &t[..]);
-        write_header(head, version, ty, 0, &[&fixed, tail_slice]);
+        write_header(head, version, ty, word, &[&fixed, tail_slice]);
         head.extend_from_slice(&fixed);
         Ok(tail.filter(|t| !t.is_empty()).cloned())
     }

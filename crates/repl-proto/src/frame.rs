@@ -5,7 +5,8 @@
 //!  0     4    magic b"TDRP"
 //!  4     2    protocol version (u16 LE): 0 for handshake messages, the negotiated version otherwise
 //!  6     2    message type (u16 LE), see `MessageType`
-//!  8     4    frame flags (u32 LE): none are defined in version 1, must be 0
+//!  8     4    until version 9 frame flags (u32 LE, none defined, must be 0); from version 10
+//!             the frame number on an established link (u32 LE, see `FrameCounter`)
 //! 12     4    payload length N (u32 LE), at most `MAX_PAYLOAD`
 //! 16     4    frame checksum: crc32c of header bytes [0, 16) followed by the N payload bytes
 //! 20     4    header checksum: crc32c of header bytes [0, 20)
@@ -71,6 +72,72 @@ pub enum DecodeError {
     TrailingBytes { ty: MessageType, extra: usize },
     #[error("invalid {ty}: {detail}")]
     Invalid { ty: MessageType, detail: String },
+    #[error(
+        "{ty} frame numbered {found} where frame {expected} was due: a frame was duplicated, \
+         lost or reordered on the link"
+    )]
+    Sequence {
+        ty: MessageType,
+        expected: u32,
+        found: u32,
+    },
+}
+
+/// The numbers of the frames one end sends on an established link, or expects to receive
+/// (protocol version 10 and later): 1 for the first frame after the handshake, one more
+/// for each frame after it, wrapping at 2^32. The sender takes a number for each frame in
+/// the order the frames go on the wire; the receiver checks every frame against the next
+/// number, so a duplicated, lost or reordered frame is refused (`DecodeError::Sequence`)
+/// before its message is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameCounter {
+    next: u32,
+}
+
+impl Default for FrameCounter {
+    fn default() -> Self {
+        FrameCounter::new()
+    }
+}
+
+impl FrameCounter {
+    /// A counter for a link that just finished its handshake.
+    pub const fn new() -> FrameCounter {
+        FrameCounter { next: 1 }
+    }
+
+    /// The number of the next frame, not taken.
+    pub fn peek(&self) -> u32 {
+        self.next
+    }
+
+    /// Takes the number of the next frame.
+    pub fn take(&mut self) -> u32 {
+        let n = self.next;
+        self.next = n.wrapping_add(1);
+        n
+    }
+
+    /// Takes `n` numbers at once and returns the first of them.
+    pub fn take_many(&mut self, n: u32) -> u32 {
+        let first = self.next;
+        self.next = first.wrapping_add(n);
+        first
+    }
+
+    /// The receiving side: a frame of type `ty` numbered `found` arrived. It must be the
+    /// next number (which it takes); anything else is the link's end.
+    pub fn check(&mut self, ty: MessageType, found: u32) -> Result<(), DecodeError> {
+        if found != self.next {
+            return Err(DecodeError::Sequence {
+                ty,
+                expected: self.next,
+                found,
+            });
+        }
+        self.take();
+        Ok(())
+    }
 }
 
 /// One checked frame. `payload` shares the decoder's buffer (no copy).
@@ -78,7 +145,10 @@ pub enum DecodeError {
 pub struct Frame {
     pub version: u16,
     pub ty: MessageType,
+    /// Frame flags (none defined; 0 from version 10, whose header carries `seq` there).
     pub flags: u32,
+    /// The frame's number on an established link of version 10 or later, else 0.
+    pub seq: u32,
     pub payload: Bytes,
 }
 
@@ -90,12 +160,13 @@ impl Frame {
 }
 
 /// Appends a frame header for the payload made of `parts` (concatenated); the payload
-/// itself is not appended.
+/// itself is not appended. `word` is the field at offset 8: the frame flags until version 9,
+/// the frame number from version 10.
 pub(crate) fn write_header(
     out: &mut Vec<u8>,
     version: u16,
     ty: MessageType,
-    flags: u32,
+    word: u32,
     parts: &[&[u8]],
 ) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -103,7 +174,7 @@ pub(crate) fn write_header(
     h[0..4].copy_from_slice(&MAGIC);
     h[4..6].copy_from_slice(&version.to_le_bytes());
     h[6..8].copy_from_slice(&ty.code().to_le_bytes());
-    h[8..12].copy_from_slice(&flags.to_le_bytes());
+    h[8..12].copy_from_slice(&word.to_le_bytes());
     // The callers check the payload against MAX_PAYLOAD, which fits in u32.
     h[12..16].copy_from_slice(&(len as u32).to_le_bytes());
     let mut crc = crc32c::crc32c(&h[0..16]);
@@ -120,6 +191,7 @@ struct Header {
     version: u16,
     ty: MessageType,
     flags: u32,
+    seq: u32,
     len: usize,
     crc: u32,
 }
@@ -137,6 +209,8 @@ fn le32(b: &[u8]) -> u32 {
 pub struct Decoder {
     buf: BytesMut,
     expected_version: Option<u16>,
+    /// From version 10 on an established link: the number the next frame must carry.
+    seq: Option<FrameCounter>,
     max_payload: usize,
     failed: Option<DecodeError>,
 }
@@ -152,6 +226,7 @@ impl Decoder {
         Decoder {
             buf: BytesMut::with_capacity(64 * 1024),
             expected_version: None,
+            seq: None,
             max_payload: MAX_PAYLOAD,
             failed: None,
         }
@@ -171,10 +246,13 @@ impl Decoder {
         self.max_payload = max.min(MAX_PAYLOAD);
     }
 
-    /// After the handshake: every non-handshake frame must carry this version.
-    /// Before it, any version this build speaks is accepted.
+    /// After the handshake: every non-handshake frame must carry this version, and from
+    /// version 10 every frame the next number of a [`FrameCounter`] (the first frame after
+    /// the handshake 1). Before it, any version this build speaks is accepted, and the frame
+    /// flags must be 0.
     pub fn set_version(&mut self, v: ProtocolVersion) {
         self.expected_version = Some(v.number());
+        self.seq = (v >= ProtocolVersion::V10).then(FrameCounter::new);
     }
 
     /// Append received bytes.
@@ -245,12 +323,16 @@ impl Decoder {
                 computed,
             });
         }
+        if let Some(counter) = &mut self.seq {
+            counter.check(h.ty, h.seq)?;
+        }
         let mut whole = self.buf.split_to(HEADER_LEN + h.len);
         whole.advance(HEADER_LEN);
         Ok(Some(Frame {
             version: h.version,
             ty: h.ty,
             flags: h.flags,
+            seq: h.seq,
             payload: whole.freeze(),
         }))
     }
@@ -264,7 +346,13 @@ impl Decoder {
         }
         let version = le16(&b[4..6]);
         let code = le16(&b[6..8]);
-        let flags = le32(&b[8..12]);
+        let word = le32(&b[8..12]);
+        // From version 10 the field is the frame number (checked once the frame is whole).
+        let (flags, seq) = if self.seq.is_some() {
+            (0, word)
+        } else {
+            (word, 0)
+        };
         let len = le32(&b[12..16]);
         let ty = MessageType::from_code(code).ok_or(DecodeError::UnknownType { code })?;
         if flags & !KNOWN_FRAME_FLAGS != 0 {
@@ -281,6 +369,7 @@ impl Decoder {
             version,
             ty,
             flags,
+            seq,
             len: len as usize,
             crc: le32(&b[16..20]),
         })

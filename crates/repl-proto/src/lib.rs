@@ -23,8 +23,8 @@ pub mod zeroes;
 
 pub use encode::{Encoder, encode};
 pub use frame::{
-    DecodeError, Decoder, Frame, HEADER_LEN, MAGIC, MAX_DATA, MAX_FRAME, MAX_HANDSHAKE_PAYLOAD,
-    MAX_PAYLOAD,
+    DecodeError, Decoder, Frame, FrameCounter, HEADER_LEN, MAGIC, MAX_DATA, MAX_FRAME,
+    MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD,
 };
 pub use handshake::{
     Acceptor, AcceptorConfig, ClusterSecret, Established, HandshakeError, HandshakeFailure,

@@ -500,6 +500,184 @@ proptest! {
     }
 }
 
+/// The frames of `msgs` as a version-10 link sends them, numbered from 1 (one buffer each).
+fn numbered(msgs: &[Message]) -> Vec<Vec<u8>> {
+    let enc = Encoder::new(ProtocolVersion::V10);
+    let mut counter = FrameCounter::new();
+    msgs.iter()
+        .map(|m| {
+            let mut b = Vec::new();
+            enc.encode_seq(m, counter.take(), &mut b).unwrap();
+            b
+        })
+        .collect()
+}
+
+/// Decodes `frames` (fed in this order) on an established link of `version`: the messages
+/// decoded, then the error that ended the stream, if any.
+fn receive(version: ProtocolVersion, frames: &[Vec<u8>]) -> (Vec<Message>, Option<DecodeError>) {
+    let mut d = Decoder::new();
+    d.set_version(version);
+    let mut got = Vec::new();
+    for f in frames {
+        d.feed(f);
+        loop {
+            match d.next_message() {
+                Ok(Some(m)) => got.push(m),
+                Ok(None) => break,
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+    (got, None)
+}
+
+fn ping(token: u64) -> Message {
+    Message::Ping { token }
+}
+
+#[test]
+fn frames_are_numbered_from_version_10() {
+    let msgs: Vec<Message> = (0..5).map(ping).collect();
+    let frames = numbered(&msgs);
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f[8..12], (i as u32 + 1).to_le_bytes(), "frame {i}");
+    }
+    let mut d = Decoder::new();
+    d.set_version(ProtocolVersion::V10);
+    for (i, f) in frames.iter().enumerate() {
+        d.feed(f);
+        let frame = d.next_frame().unwrap().unwrap();
+        assert_eq!((frame.seq, frame.flags), (i as u32 + 1, 0));
+    }
+    // Handshake frames and older links carry 0 whatever number the sender passes.
+    let mut b = Vec::new();
+    Encoder::new(ProtocolVersion::V9)
+        .encode_seq(&ping(1), 7, &mut b)
+        .unwrap();
+    assert_eq!(b[8..12], [0; 4]);
+    let (got, err) = receive(ProtocolVersion::V9, &[b.clone(), b]);
+    assert_eq!((got.len(), err), (2, None), "version 9 does not number");
+    let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
+    let mut b = Vec::new();
+    Encoder::new(ProtocolVersion::V10)
+        .encode_seq(&hello, 7, &mut b)
+        .unwrap();
+    assert_eq!(b[8..12], [0; 4]);
+}
+
+#[test]
+fn a_duplicated_lost_or_reordered_frame_breaks_the_stream() {
+    let msgs: Vec<Message> = (0..4).map(ping).collect();
+    let f = numbered(&msgs);
+    let seq_err = |expected, found| DecodeError::Sequence {
+        ty: MessageType::Ping,
+        expected,
+        found,
+    };
+    // In order: everything arrives.
+    assert_eq!(receive(ProtocolVersion::V10, &f), (msgs.clone(), None));
+    // Frame 2 twice in a row.
+    let dup = [f[0].clone(), f[1].clone(), f[1].clone(), f[2].clone()];
+    assert_eq!(
+        receive(ProtocolVersion::V10, &dup),
+        (msgs[..2].to_vec(), Some(seq_err(3, 2)))
+    );
+    // Frame 1 again later.
+    let late = [f[0].clone(), f[1].clone(), f[0].clone()];
+    assert_eq!(
+        receive(ProtocolVersion::V10, &late),
+        (msgs[..2].to_vec(), Some(seq_err(3, 1)))
+    );
+    // Frames 2 and 3 swapped; frame 2 lost.
+    let swapped = [f[0].clone(), f[2].clone(), f[1].clone()];
+    assert_eq!(
+        receive(ProtocolVersion::V10, &swapped),
+        (msgs[..1].to_vec(), Some(seq_err(2, 3)))
+    );
+    let lost = [f[0].clone(), f[2].clone()];
+    assert_eq!(
+        receive(ProtocolVersion::V10, &lost),
+        (msgs[..1].to_vec(), Some(seq_err(2, 3)))
+    );
+    // Unnumbered frames (a version-9 sender, or a sender that forgot) on a version-10 link.
+    let mut b = Vec::new();
+    encode(&ping(0), &mut b).unwrap();
+    assert_eq!(
+        receive(ProtocolVersion::V10, &[b]),
+        (vec![], Some(seq_err(1, 0)))
+    );
+    // A version-9 decoder refuses a numbered frame as unknown flags.
+    assert_eq!(
+        receive(ProtocolVersion::V9, &f[1..2]),
+        (vec![], Some(DecodeError::UnknownFlags { flags: 2 }))
+    );
+    // The error is sticky and names the frame.
+    let mut d = Decoder::new();
+    d.set_version(ProtocolVersion::V10);
+    d.feed(&f[1]);
+    let e = d.next_frame().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Ping frame numbered 2 where frame 1 was due: a frame was duplicated, lost or \
+         reordered on the link"
+    );
+    d.feed(&f[0]);
+    assert_eq!(d.next_frame(), Err(e));
+}
+
+#[test]
+fn frame_numbers_wrap() {
+    let mut c = FrameCounter::new();
+    assert_eq!((c.peek(), c.take(), c.peek()), (1, 1, 2));
+    assert_eq!(c.take_many(u32::MAX - 2), 2);
+    assert_eq!(c.take(), u32::MAX);
+    assert_eq!(c.take(), 0);
+    let mut r = FrameCounter::new();
+    r.take_many(u32::MAX - 1);
+    assert_eq!(r.check(MessageType::Ping, u32::MAX), Ok(()));
+    assert_eq!(r.check(MessageType::Ping, 0), Ok(()));
+    assert_eq!(r.check(MessageType::Ping, 1), Ok(()));
+    assert!(r.check(MessageType::Ping, 1).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// On a version-10 link, a stream in which one frame is repeated somewhere later, or in
+    /// which two frames swapped places, delivers exactly the frames before the fault and then
+    /// stops with `Sequence`: nothing out of order reaches the receiver.
+    #[test]
+    fn numbered_streams_refuse_any_duplicate_or_swap(
+        msgs in proptest::collection::vec(arb_message(), 2..12),
+        a in any::<prop::sample::Index>(),
+        b in any::<prop::sample::Index>(),
+        swap in any::<bool>(),
+    ) {
+        let msgs: Vec<Message> = msgs
+            .into_iter()
+            .filter(|m| !m.message_type().is_handshake())
+            .collect();
+        prop_assume!(msgs.len() >= 2);
+        let mut frames = numbered(&msgs);
+        let (i, j) = (a.index(msgs.len()), b.index(msgs.len()));
+        prop_assume!(i != j);
+        let (lo, hi) = (i.min(j), i.max(j));
+        let first_bad = if swap {
+            frames.swap(lo, hi);
+            lo
+        } else {
+            // Frame `lo` arrives again in place of frame `hi`'s turn.
+            frames.insert(hi, frames[lo].clone());
+            hi
+        };
+        let (got, err) = receive(ProtocolVersion::V10, &frames);
+        prop_assert_eq!(&got[..], &msgs[..first_bad]);
+        let is_sequence_error = matches!(err, Some(DecodeError::Sequence { .. }));
+        prop_assert!(is_sequence_error, "{:?}", err);
+    }
+}
+
 fn one_of_each() -> Vec<Message> {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
@@ -629,10 +807,10 @@ fn typed_header_errors() {
 
     // Versions: unknown, handshake not 0, not the negotiated one.
     let mut d = Decoder::new();
-    d.feed(&raw_frame(10, MessageType::Ping.code(), 0, &[0; 8]));
+    d.feed(&raw_frame(11, MessageType::Ping.code(), 0, &[0; 8]));
     assert_eq!(
         d.next_frame(),
-        Err(DecodeError::UnsupportedVersion { found: 10 })
+        Err(DecodeError::UnsupportedVersion { found: 11 })
     );
     let mut d = Decoder::new();
     d.feed(&raw_frame(1, MessageType::Auth.code(), 0, &[0; 32]));
@@ -1103,24 +1281,24 @@ fn refuses_bad_mac() {
 
 #[test]
 fn refuses_version_mismatch_naming_both_ranges() {
-    // A future initiator speaking only 10..=11.
+    // A future initiator speaking only 11..=12.
     let mut acc = Acceptor::new(acfg(), volumes(), [2; 32]).unwrap();
     let (_, hello) = Initiator::new(icfg(), [1; 32]).unwrap();
     let Message::Hello(mut h) = hello else {
         panic!()
     };
-    h.min_version = 10;
-    h.max_version = 11;
+    h.min_version = 11;
+    h.max_version = 12;
     let f = acc.on_message(wire(Message::Hello(h))).unwrap_err();
     let want = VersionMismatch {
-        ours: VersionRange::new(1, 9).unwrap(),
-        theirs: VersionRange::new(10, 11).unwrap(),
+        ours: VersionRange::new(1, 10).unwrap(),
+        theirs: VersionRange::new(11, 12).unwrap(),
     };
     assert_eq!(*f.error, HandshakeError::VersionMismatch(want));
     assert!(
         f.error
             .to_string()
-            .contains("we speak 1..=9, the peer speaks 10..=11")
+            .contains("we speak 1..=10, the peer speaks 11..=12")
     );
     // The refusal carries the acceptor's range, so the initiator names both too.
     let refusal = wire(f.send.unwrap());
@@ -1147,13 +1325,13 @@ fn refuses_version_mismatch_naming_both_ranges() {
     assert!(matches!(*f.error, HandshakeError::VersionMismatch(_)));
     assert_eq!(f.send, None);
 
-    // A future acceptor offering only 10..=11.
+    // A future acceptor offering only 11..=12.
     let (mut ini, _) = Initiator::new(icfg(), [1; 32]).unwrap();
     let f = ini
         .on_message(Message::Challenge {
-            min_version: 10,
-            max_version: 11,
-            version: 11,
+            min_version: 11,
+            max_version: 12,
+            version: 12,
             nonce: [2; 32],
         })
         .unwrap_err();
@@ -1161,7 +1339,7 @@ fn refuses_version_mismatch_naming_both_ranges() {
         *f.error,
         HandshakeError::VersionMismatch(VersionMismatch {
             ours: VersionRange::SUPPORTED,
-            theirs: VersionRange::new(10, 11).unwrap(),
+            theirs: VersionRange::new(11, 12).unwrap(),
         })
     );
     assert!(matches!(
@@ -1322,7 +1500,7 @@ fn config_is_checked() {
     c.peer_node = c.local_node;
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
-    c.versions = VersionRange::new(1, 10).unwrap();
+    c.versions = VersionRange::new(1, 11).unwrap();
     assert!(Initiator::new(c, [0; 32]).is_err());
     let mut c = icfg();
     c.cluster_id = String::new();
@@ -1595,7 +1773,10 @@ fn payload_sizes_match_the_doc() {
 /// `msg` (a `StateReport`) encoded and decoded on a link of `version`: payload length, report.
 fn report_over(version: ProtocolVersion, msg: &Message) -> (usize, StateReport) {
     let mut buf = Vec::new();
-    crate::Encoder::new(version).encode(msg, &mut buf).unwrap();
+    // The first frame of an established link (numbered from version 10).
+    crate::Encoder::new(version)
+        .encode_seq(msg, 1, &mut buf)
+        .unwrap();
     let mut d = Decoder::new();
     d.set_version(version);
     d.feed(&buf);

@@ -56,6 +56,14 @@ pub enum ProtocolVersion {
     /// version 8 the lower node id was the source, and a write the Primary completed on the
     /// other one only was lost). A version-8 link omits it (reads as none: the old rule).
     V9 = 9,
+    /// Version 10: frame numbers. The header field at offset 8 (frame flags until version 9,
+    /// none defined, always 0) carries the frame's number on the established link: 1 for the
+    /// first frame after the handshake, one more for each frame after it (wrapping at 2^32).
+    /// The receiver refuses a frame with another number (`DecodeError::Sequence`), so a
+    /// frame duplicated, lost or reordered by a sender's bug breaks the link instead of
+    /// reaching the engine, which relies on in-order exactly-once delivery per link. On an
+    /// older link the field stays 0 and is not checked.
+    V10 = 10,
 }
 
 impl ProtocolVersion {
@@ -70,9 +78,10 @@ impl ProtocolVersion {
         ProtocolVersion::V7,
         ProtocolVersion::V8,
         ProtocolVersion::V9,
+        ProtocolVersion::V10,
     ];
     /// The newest version this build speaks.
-    pub const LATEST: ProtocolVersion = ProtocolVersion::V9;
+    pub const LATEST: ProtocolVersion = ProtocolVersion::V10;
     /// The oldest version this build speaks.
     pub const OLDEST: ProtocolVersion = ProtocolVersion::V1;
 
@@ -185,7 +194,7 @@ mod tests {
 
     #[test]
     fn history_is_consistent() {
-        assert_eq!(ProtocolVersion::LATEST.number(), 9);
+        assert_eq!(ProtocolVersion::LATEST.number(), 10);
         assert_eq!(ProtocolVersion::from_number(1), Some(ProtocolVersion::V1));
         assert_eq!(ProtocolVersion::from_number(2), Some(ProtocolVersion::V2));
         assert_eq!(ProtocolVersion::from_number(3), Some(ProtocolVersion::V3));
@@ -195,9 +204,10 @@ mod tests {
         assert_eq!(ProtocolVersion::from_number(7), Some(ProtocolVersion::V7));
         assert_eq!(ProtocolVersion::from_number(8), Some(ProtocolVersion::V8));
         assert_eq!(ProtocolVersion::from_number(9), Some(ProtocolVersion::V9));
+        assert_eq!(ProtocolVersion::from_number(10), Some(ProtocolVersion::V10));
         assert_eq!(ProtocolVersion::from_number(0), None);
         assert!(VersionRange::SUPPORTED.is_supported());
-        assert!(!r(1, 10).is_supported());
+        assert!(!r(1, 11).is_supported());
         assert_eq!(VersionRange::new(0, 1), None);
         assert_eq!(VersionRange::new(3, 2), None);
         for w in ProtocolVersion::ALL.windows(2) {

@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use bytes::Bytes;
-use tandem_repl_proto::{DiskState, Message, NodeId, Role};
+use tandem_repl_proto::{DiskState, FrameCounter, Message, NodeId, Role};
 use tandem_replication::{
     Action, Bitmap, Config, DiskError, Engine, Event, Nanos, PeerConfig, Persisted, ReplState,
     Reply, RequestId,
@@ -95,6 +95,14 @@ pub struct SimOptions {
     /// and the cluster's requests going, only later. Timings only change when a period is
     /// on, so seeds without one keep their schedules.
     pub slow_disks: bool,
+    /// Half of the link faults (side stream) duplicate or reorder a frame instead of losing
+    /// one: the next frame on the link arrives a second time later, or is overtaken by the
+    /// frames sent after it. Frames are numbered as on a real link (`FrameCounter`, protocol
+    /// version 10) and the receiving end checks the numbers with the real code before a
+    /// message reaches the engine: the fault must break the link, never deliver a message
+    /// twice or out of order. Off, every link fault loses the frame (the schedules of the
+    /// regression seeds found before).
+    pub frame_faults: bool,
 }
 
 impl Default for SimOptions {
@@ -116,6 +124,7 @@ impl Default for SimOptions {
             crash_in_flight: true,
             strict_end: true,
             slow_disks: true,
+            frame_faults: true,
         }
     }
 }
@@ -182,6 +191,11 @@ pub struct Outcome {
     /// [`SimOptions::slow_disks`]).
     pub slow_disk_periods: u64,
     pub slow_disk_ops: u64,
+    /// Frames duplicated / reordered on a link (see [`SimOptions::frame_faults`]), and links
+    /// the receiving end broke on a frame number it did not expect.
+    pub frames_duplicated: u64,
+    pub frames_reordered: u64,
+    pub sequence_breaks: u64,
 }
 
 #[derive(Debug)]
@@ -190,6 +204,8 @@ pub(crate) enum Ev {
         from: NodeId,
         to: NodeId,
         link: u64,
+        /// The frame's number on the link (`FrameCounter`).
+        seq: u32,
         msg: Message,
     },
     DiskWriteDone {
@@ -277,6 +293,17 @@ enum Req {
     },
 }
 
+/// What a link fault does to the next frame on the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameFault {
+    /// Lost: the link breaks (what TCP does when it cannot deliver).
+    Lose,
+    /// Delivered, and a copy later (a sender's bug resending it).
+    Duplicate,
+    /// Delivered behind the frames sent after it (a sender's bug in ordering).
+    Reorder,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     None,
@@ -300,6 +327,14 @@ pub(crate) struct World {
     link_gen: u64,
     fifo: BTreeMap<(NodeId, NodeId), Nanos>,
     drop_next: Option<(NodeId, NodeId)>,
+    /// What happens to that frame.
+    frame_fault: FrameFault,
+    /// Side stream: the kind of each link fault (see [`SimOptions::frame_faults`]).
+    frame_rng: Rng,
+    /// Per direction (from, to): the link generation and the numbers of its frames, sent
+    /// and expected.
+    send_numbers: BTreeMap<(NodeId, NodeId), (u64, FrameCounter)>,
+    recv_numbers: BTreeMap<(NodeId, NodeId), (u64, FrameCounter)>,
     model: Model,
     reqs: BTreeMap<RequestId, (NodeId, u64, Req)>,
     pub(crate) next_req: RequestId,
@@ -494,6 +529,10 @@ impl World {
             link_gen: 0,
             fifo: BTreeMap::new(),
             drop_next: None,
+            frame_fault: FrameFault::Lose,
+            frame_rng: Rng::new(seed ^ 0xf7a3_e5e9_0000_0009),
+            send_numbers: BTreeMap::new(),
+            recv_numbers: BTreeMap::new(),
             model: Model::new(opts.size_blocks, window_open),
             reqs: BTreeMap::new(),
             next_req: 1,
@@ -695,6 +734,7 @@ impl World {
                 from,
                 to,
                 link,
+                seq,
                 msg,
             } => {
                 if self.links.get(&key(from, to)).copied().flatten() != Some(link) {
@@ -702,10 +742,48 @@ impl World {
                 }
                 if self.drop_next == Some(key(from, to)) {
                     self.drop_next = None;
-                    self.tr(format!(
-                        "drop {} {from}->{to}: link breaks",
-                        msg.message_type()
-                    ));
+                    match self.frame_fault {
+                        FrameFault::Lose => {
+                            self.tr(format!(
+                                "drop {} {from}->{to}: link breaks",
+                                msg.message_type()
+                            ));
+                            self.break_link(from, to)?;
+                            return Ok(());
+                        }
+                        FrameFault::Duplicate => {
+                            self.out.frames_duplicated += 1;
+                            self.tr(format!(
+                                "frame {seq} {} {from}->{to} duplicated",
+                                msg.message_type()
+                            ));
+                            self.deliver_later(from, to, link, seq, msg.clone());
+                        }
+                        FrameFault::Reorder => {
+                            self.out.frames_reordered += 1;
+                            self.tr(format!(
+                                "frame {seq} {} {from}->{to} overtaken by what follows",
+                                msg.message_type()
+                            ));
+                            self.deliver_later(from, to, link, seq, msg);
+                            return Ok(());
+                        }
+                    }
+                }
+                // The receiving end checks the frame's number before anything reaches the
+                // engine, as the transport's decoder does.
+                let numbers = self
+                    .recv_numbers
+                    .entry((from, to))
+                    .or_insert((link, FrameCounter::new()));
+                if numbers.0 != link {
+                    *numbers = (link, FrameCounter::new());
+                }
+                if let Err(e) = numbers.1.check(msg.message_type(), seq) {
+                    self.out.sequence_breaks += 1;
+                    // A link break of its own (after the fault that caused it ended).
+                    self.disturbances += 1;
+                    self.tr(format!("{from}->{to}: {e}: link breaks"));
                     self.break_link(from, to)?;
                     return Ok(());
                 }
@@ -1070,12 +1148,41 @@ impl World {
         let last = self.fifo.get(&(from, to)).copied().unwrap_or(0);
         let t = (self.now + delay).max(last + 1);
         self.fifo.insert((from, to), t);
+        let numbers = self
+            .send_numbers
+            .entry((from, to))
+            .or_insert((g, FrameCounter::new()));
+        if numbers.0 != g {
+            *numbers = (g, FrameCounter::new());
+        }
+        let seq = numbers.1.take();
         self.at(
             t,
             Ev::Deliver {
                 from,
                 to,
                 link: g,
+                seq,
+                msg,
+            },
+        );
+    }
+
+    /// A frame fault: `msg` (frame `seq` of link `link`) arrives again behind everything on
+    /// its way from `from` to `to` (timing from the frame-fault stream, so the rest of the
+    /// schedule keeps its draws).
+    fn deliver_later(&mut self, from: NodeId, to: NodeId, link: u64, seq: u32, msg: Message) {
+        let delay = self.frame_rng.range(10 * US, 200 * US);
+        let last = self.fifo.get(&(from, to)).copied().unwrap_or(0);
+        let t = (self.now + delay).max(last + 1);
+        self.fifo.insert((from, to), t);
+        self.at(
+            t,
+            Ev::Deliver {
+                from,
+                to,
+                link,
+                seq,
                 msg,
             },
         );
@@ -1674,8 +1781,22 @@ impl World {
                 let pairs: Vec<_> = self.links.keys().copied().collect();
                 let l = self.rng.pick(&pairs).expect("links");
                 self.out.link_breaks += 1;
+                self.frame_fault = if self.opts.frame_faults {
+                    match self.frame_rng.range(0, 4) {
+                        0 => FrameFault::Duplicate,
+                        1 => FrameFault::Reorder,
+                        _ => FrameFault::Lose,
+                    }
+                } else {
+                    FrameFault::Lose
+                };
+                let what = match self.frame_fault {
+                    FrameFault::Lose => "is lost",
+                    FrameFault::Duplicate => "is duplicated",
+                    FrameFault::Reorder => "is reordered",
+                };
                 self.tr(format!(
-                    "fault: next message on link {}-{} is lost",
+                    "fault: next message on link {}-{} {what}",
                     l.0, l.1
                 ));
                 self.drop_next = Some(l);

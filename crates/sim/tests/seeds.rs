@@ -32,6 +32,10 @@ fn simulate_seeds() {
         // Reproduces a seed of a run without slow-disk periods (a regression seed's options).
         opts.slow_disks = false;
     }
+    if env("SIM_FRAME_FAULTS") == Some(0) {
+        // Every link fault loses its frame (the regression seeds' options).
+        opts.frame_faults = false;
+    }
     if env("SIM_RACING") == Some(1) {
         // Racing promotions (see `SimOptions::racing_promotions`).
         opts.racing_promotions = true;
@@ -89,6 +93,9 @@ fn simulate_seeds() {
                 total.resizes += o.resizes;
                 total.slow_disk_periods += o.slow_disk_periods;
                 total.slow_disk_ops += o.slow_disk_ops;
+                total.frames_duplicated += o.frames_duplicated;
+                total.frames_reordered += o.frames_reordered;
+                total.sequence_breaks += o.sequence_breaks;
             }
             Err(e) => panic!("{e}"),
         }
@@ -134,6 +141,10 @@ fn simulate_seeds() {
     eprintln!(
         "slow disks: {} periods, {} disk operations started inside one",
         total.slow_disk_periods, total.slow_disk_ops
+    );
+    eprintln!(
+        "frame faults: {} frames duplicated, {} reordered, {} links broken by the receiver's frame-number check (none delivered)",
+        total.frames_duplicated, total.frames_reordered, total.sequence_breaks
     );
     eprintln!(
         "checksum-based resync in {checksum_runs} runs: {checksum_resync} bytes transferred, {} bytes found identical and skipped",

@@ -11,6 +11,11 @@
 //! Ordering rule: `pending` counts the frames promised to the writer (queued or being written).
 //! A direct send happens only while it is zero, under the same lock every enqueuer takes to
 //! raise it, and the writer lowers it only after the frames are written.
+//!
+//! Frame numbers (protocol version 10): the link's [`FrameCounter`] lives under the same lock.
+//! A direct send takes numbers for the frames it wrote (in whole or in part; the rest of a
+//! partial one is queued with its number), the writer for the frames it encodes, while they
+//! are pending: so numbers are taken in the order the frames go on the wire.
 
 use std::collections::VecDeque;
 use std::io;
@@ -19,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tandem_repl_proto::{Encoder, Message};
+use tandem_repl_proto::{Encoder, FrameCounter, Message};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::link::frame_cost;
@@ -40,6 +45,8 @@ struct State {
     pending: usize,
     /// The writer is gone (or going): nothing more is written directly.
     closed: bool,
+    /// Numbers of the frames sent on the link.
+    numbers: FrameCounter,
 }
 
 /// The direct-send side of one established link.
@@ -81,21 +88,23 @@ impl Direct {
     /// Writes `msg` now if the link is idle and the socket takes it whole or in part (the rest
     /// is queued first thing for the writer); otherwise hands it back to be queued.
     pub(crate) fn try_send(&self, msg: Message, tx: &mpsc::Sender<Outgoing>) -> Sent {
-        if frame_cost(&msg) > DIRECT_MAX {
+        let mut st = lock(&self.state);
+        if frame_cost(&msg) > DIRECT_MAX || st.pending > 0 || st.closed {
             // Large frames go to the writer (encoded there: the checksum over the payload is
-            // computed once).
-            lock(&self.state).pending += 1;
+            // computed once); a busy link keeps its order.
+            st.pending += 1;
             return Sent::Queue(msg);
         }
+        // Encoded under the lock: the frame's number is the next one only if it goes now.
+        let seq = st.numbers.peek();
         let mut head = Vec::with_capacity(64);
         let encoded = self
             .enc
-            .encode_vectored(&msg, &mut head)
+            .encode_vectored_seq(&msg, seq, &mut head)
             .ok()
             .filter(|t| head.len() + t.as_ref().map_or(0, Bytes::len) <= DIRECT_MAX);
-        let mut st = lock(&self.state);
         // Unencodable frames (the writer reports them) and large ones are queued.
-        let Some(tail) = encoded.filter(|_| st.pending == 0 && !st.closed) else {
+        let Some(tail) = encoded else {
             st.pending += 1;
             return Sent::Queue(msg);
         };
@@ -103,18 +112,21 @@ impl Direct {
         // Socket full (0 bytes), or an error the writer will meet and report.
         let n = send_nonblocking(self.fd.as_raw_fd(), &head, tail.as_deref()).unwrap_or_default();
         if n == total {
+            st.numbers.take();
             return Sent::Done;
         }
         st.pending += 1;
         if n == 0 {
             return Sent::Queue(msg);
         }
-        // Part of the frame is on the wire: the rest goes before anything else. The queue is
-        // empty (pending was 0), so there is room.
+        // Part of the frame is on the wire: the rest goes before anything else, with the
+        // number it was encoded with. The queue is empty (pending was 0), so there is room.
+        st.numbers.take();
         if tx
             .try_send(Outgoing {
                 msg,
                 skip: n,
+                seq: Some(seq),
                 _permit: None,
             })
             .is_err()
@@ -154,29 +166,36 @@ impl Direct {
             heads.clear();
             frames.clear();
             let mut total = 0;
-            for msg in msgs.iter().take(n.min(BATCH_FRAMES)) {
-                if frame_cost(msg) > DIRECT_MAX {
-                    break;
-                }
-                let start = heads.len();
-                let Ok(tail) = self.enc.encode_vectored(msg, &mut heads) else {
-                    // The writer meets the error again and reports it.
-                    heads.truncate(start);
-                    break;
-                };
-                let len = heads.len() - start + tail.as_ref().map_or(0, Bytes::len);
-                if len > DIRECT_MAX || total + len > BATCH_BYTES {
-                    heads.truncate(start);
-                    break;
-                }
-                total += len;
-                frames.push((start..heads.len(), tail));
-            }
             let mut st = lock(&self.state);
-            if !frames.is_empty() && st.pending == 0 && !st.closed {
+            // Encoded under the lock, numbered from the link's next number: they go now or
+            // are queued for the writer (which numbers them again).
+            let first_seq = st.numbers.peek();
+            if st.pending == 0 && !st.closed {
+                for msg in msgs.iter().take(n.min(BATCH_FRAMES)) {
+                    if frame_cost(msg) > DIRECT_MAX {
+                        break;
+                    }
+                    let start = heads.len();
+                    let seq = first_seq.wrapping_add(frames.len() as u32);
+                    let Ok(tail) = self.enc.encode_vectored_seq(msg, seq, &mut heads) else {
+                        // The writer meets the error again and reports it.
+                        heads.truncate(start);
+                        break;
+                    };
+                    let len = heads.len() - start + tail.as_ref().map_or(0, Bytes::len);
+                    if len > DIRECT_MAX || total + len > BATCH_BYTES {
+                        heads.truncate(start);
+                        break;
+                    }
+                    total += len;
+                    frames.push((start..heads.len(), tail));
+                }
+            }
+            if !frames.is_empty() {
                 // Socket full (0 bytes), or an error the writer will meet and report.
                 let written = send_frames(self.fd.as_raw_fd(), &heads, &frames).unwrap_or_default();
                 if written == total {
+                    st.numbers.take_many(frames.len() as u32);
                     msgs.drain(..frames.len());
                     n -= frames.len();
                     continue;
@@ -192,18 +211,20 @@ impl Direct {
                     at += len;
                     done += 1;
                 }
+                st.numbers.take_many(done as u32);
                 msgs.drain(..done);
                 n -= done;
                 let skip = written - at;
                 if skip > 0 {
-                    // Part of this frame is on the wire: the rest goes before anything else.
-                    // The queue is empty (pending was 0), so there is room.
+                    // Part of this frame is on the wire: the rest goes before anything else,
+                    // with its number. The queue is empty (pending was 0), so there is room.
                     let msg = msgs.pop_front().expect("the frame written in part");
                     n -= 1;
                     st.pending += 1;
                     let o = Outgoing {
                         msg,
                         skip,
+                        seq: Some(st.numbers.take()),
                         _permit: None,
                     };
                     if tx.try_send(o).is_err() {
@@ -224,6 +245,7 @@ impl Direct {
                 let o = Outgoing {
                     msg: msgs.pop_front().expect("checked above"),
                     skip: 0,
+                    seq: None,
                     _permit: Some(permit),
                 };
                 st.pending += 1;
@@ -258,6 +280,12 @@ impl Direct {
     pub(crate) fn written(&self, n: usize) {
         let mut st = lock(&self.state);
         st.pending = st.pending.saturating_sub(n);
+    }
+
+    /// The writer takes numbers for `n` frames it is about to write (pending frames, so no
+    /// direct send takes any meanwhile); returns the first.
+    pub(crate) fn take_numbers(&self, n: u32) -> u32 {
+        lock(&self.state).numbers.take_many(n)
     }
 
     /// No more direct writes (the writer ends; what it wrote last must stay last).
@@ -400,6 +428,8 @@ mod tests {
         tx: mpsc::Sender<Outgoing>,
         rx: mpsc::Receiver<Outgoing>,
         bytes: Arc<Semaphore>,
+        /// The peer's decoder, checking frame numbers across the whole stream.
+        dec: Arc<std::sync::Mutex<Decoder>>,
     }
 
     fn pair(sndbuf: libc::c_int, frames: usize, budget: usize) -> Pair {
@@ -413,6 +443,8 @@ mod tests {
             .unwrap();
         let direct = Direct::new(ours.as_raw_fd(), Encoder::new(ProtocolVersion::LATEST)).unwrap();
         let (tx, rx) = mpsc::channel(frames);
+        let mut dec = Decoder::with_max_payload(MAX_PAYLOAD);
+        dec.set_version(ProtocolVersion::LATEST);
         Pair {
             direct,
             ours,
@@ -420,6 +452,7 @@ mod tests {
             tx,
             rx,
             bytes: Arc::new(Semaphore::new(budget)),
+            dec: Arc::new(std::sync::Mutex::new(dec)),
         }
     }
 
@@ -434,7 +467,8 @@ mod tests {
         let mut skips = Vec::new();
         while let Ok(o) = p.rx.try_recv() {
             let mut buf = Vec::new();
-            enc.encode(&o.msg, &mut buf).unwrap();
+            let seq = o.seq.unwrap_or_else(|| p.direct.take_numbers(1));
+            enc.encode_seq(&o.msg, seq, &mut buf).unwrap();
             (&p.ours).write_all(&buf[o.skip..]).unwrap();
             skips.push(o.skip);
             p.direct.written(1);
@@ -444,11 +478,12 @@ mod tests {
 
     /// Reads `n` messages from the peer's end (on its own thread: the writer blocks until
     /// it reads).
-    fn reader(theirs: &UnixStream, n: usize) -> std::thread::JoinHandle<Vec<Message>> {
-        let mut s = theirs.try_clone().unwrap();
+    fn reader(p: &Pair, n: usize) -> std::thread::JoinHandle<Vec<Message>> {
+        let mut s = p.theirs.try_clone().unwrap();
+        let dec = p.dec.clone();
         std::thread::spawn(move || {
-            let mut dec = Decoder::with_max_payload(MAX_PAYLOAD);
-            dec.set_version(ProtocolVersion::LATEST);
+            // One decoder for the whole stream: it checks the frame numbers across reads.
+            let mut dec = dec.lock().unwrap();
             let mut out = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -492,7 +527,7 @@ mod tests {
             .unwrap();
         assert_eq!(p.rx.len(), queued + 10);
 
-        let read = reader(&p.theirs, 210);
+        let read = reader(&p, 210);
         let skips = run_writer(&mut p);
         assert!(
             skips[0] > 0,
@@ -506,7 +541,7 @@ mod tests {
 
         // Idle again: a small batch goes out directly, nothing queued.
         let mut again: VecDeque<Message> = (300..310).map(ack).collect();
-        let read = reader(&p.theirs, 10);
+        let read = reader(&p, 10);
         p.direct
             .try_send_batch(&mut again, 10, &p.tx, &p.bytes, permits)
             .unwrap();
@@ -534,7 +569,7 @@ mod tests {
             3,
             "the large frame and the two after it are queued"
         );
-        let read = reader(&p.theirs, 5);
+        let read = reader(&p, 5);
         assert_eq!(run_writer(&mut p), [0, 0, 0]);
         assert!(read.join().unwrap() == sent);
     }
@@ -565,7 +600,7 @@ mod tests {
         );
         assert_eq!(later.len(), 5, "nothing taken from a full queue");
 
-        let read = reader(&p.theirs, 69);
+        let read = reader(&p, 69);
         let mut rest: VecDeque<Message> = first.into_iter().chain(later).collect();
         let mut rounds = 0;
         loop {
@@ -607,7 +642,7 @@ mod tests {
             "at most the partly written frame and 2 more: {queued}"
         );
         assert_eq!(lock(&p.direct.state).pending, queued);
-        let read = reader(&p.theirs, 64 - msgs.len());
+        let read = reader(&p, 64 - msgs.len());
         run_writer(&mut p);
         let got = read.join().unwrap();
         assert!(

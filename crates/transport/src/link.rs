@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_repl_proto::{
     Acceptor, AcceptorConfig, DecodeError, Decoder, DisconnectReason, Encoder, Established,
-    HandshakeFailure, Initiator, InitiatorConfig, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD, Message,
-    NodeId, RefuseReason, VersionRange,
+    FrameCounter, HandshakeFailure, Initiator, InitiatorConfig, MAX_HANDSHAKE_PAYLOAD, MAX_PAYLOAD,
+    Message, NodeId, RefuseReason, VersionRange,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -134,17 +134,37 @@ async fn read_message(stream: &mut TcpStream, dec: &mut Decoder) -> Result<Messa
 }
 
 async fn write_message(stream: &mut TcpStream, msg: &Message) -> Result<(), Failure> {
+    write_frame(stream, Encoder::default(), 0, msg).await
+}
+
+/// Writes one frame numbered `seq` (0: a handshake frame).
+async fn write_frame(
+    stream: &mut TcpStream,
+    enc: Encoder,
+    seq: u32,
+    msg: &Message,
+) -> Result<(), Failure> {
     let mut buf = Vec::with_capacity(128);
-    Encoder::default()
-        .encode(msg, &mut buf)
+    enc.encode_seq(msg, seq, &mut buf)
         .map_err(|e| Failure::new(RefusalReason::Internal, e.to_string()))?;
     stream.write_all(&buf).await.map_err(io_failure)
 }
 
 /// Best effort: tell the peer why, then close.
 async fn send_refusal(stream: &mut TcpStream, msg: &Message, grace: Duration) {
+    send_closing(stream, Encoder::default(), 0, msg, grace).await;
+}
+
+/// Best effort: send `msg` as frame `seq` with `enc`, then close.
+async fn send_closing(
+    stream: &mut TcpStream,
+    enc: Encoder,
+    seq: u32,
+    msg: &Message,
+    grace: Duration,
+) {
     let _ = timeout(grace, async {
-        let _ = write_message(stream, msg).await;
+        let _ = write_frame(stream, enc, seq, msg).await;
         let _ = stream.shutdown().await;
     })
     .await;
@@ -497,7 +517,16 @@ pub(crate) async fn run_link(
             reason: DisconnectReason::Shutdown,
             detail: truncate(&DownReason::Shutdown.to_string()),
         };
-        send_refusal(&mut stream, &bye, t.close_grace).await;
+        // The first frame of the established link (the peer may have it up already).
+        let first = FrameCounter::new().peek();
+        send_closing(
+            &mut stream,
+            Encoder::new(est.version),
+            first,
+            &bye,
+            t.close_grace,
+        )
+        .await;
         inner.uninstall(&volume, peer, id);
         let _ = done_tx.send(true);
         return;
@@ -715,10 +744,18 @@ async fn writer_loop(
         }
         heads.clear();
         segs.clear();
+        // Numbers for the frames no direct send started, in queue (= wire) order.
+        let fresh = batch.iter().filter(|o| o.seq.is_none()).count();
+        let mut next = direct.take_numbers(fresh as u32);
         for o in &batch {
             let start = heads.len();
+            let seq = o.seq.unwrap_or_else(|| {
+                let s = next;
+                next = next.wrapping_add(1);
+                s
+            });
             let tail = enc
-                .encode_vectored(&o.msg, &mut heads)
+                .encode_vectored_seq(&o.msg, seq, &mut heads)
                 .map_err(|e| DownReason::Encode(e.to_string()))?;
             // A direct send wrote the start of this frame: skip it (only ever the first
             // frame of a batch: nothing is queued behind a partial direct send's rest).
@@ -751,6 +788,7 @@ fn queue_control(direct: &Direct, tx: &mpsc::Sender<Outgoing>, msg: Message) {
     let o = Outgoing {
         msg,
         skip: 0,
+        seq: None,
         _permit: None,
     };
     if tx.try_send(o).is_err() {

@@ -21,6 +21,9 @@ pub(crate) struct Outgoing {
     pub msg: Message,
     /// Leading bytes of the encoded frame already written (by a direct send).
     pub skip: usize,
+    /// The frame's number, when a direct send wrote part of it (the writer numbers the
+    /// others as it encodes them).
+    pub seq: Option<u32>,
     pub _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -267,6 +270,7 @@ impl Inner {
             tx.send(Outgoing {
                 msg,
                 skip: 0,
+                seq: None,
                 _permit: Some(permit),
             })
             .await
@@ -304,6 +308,7 @@ impl Inner {
         tx.try_send(Outgoing {
             msg,
             skip: 0,
+            seq: None,
             _permit: Some(permit),
         })
         .map_err(|e| {

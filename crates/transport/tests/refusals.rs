@@ -310,6 +310,70 @@ async fn garbage_and_broken_clients_are_closed_and_the_listener_keeps_accepting(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicated_frame_on_an_established_link_takes_it_down_before_delivery() {
+    // A raw client completes a real handshake as node 0 and sends its first frame twice
+    // (what a sender's bug in resending a partly written frame would do): the first copy is
+    // delivered, the second never reaches the consumer; the link goes down with the
+    // sequence error and the link to node 1 is untouched.
+    let vol = "dup-frame";
+    let uuid = "uuid-df";
+    let (mut a, mut b) = pair(vol, uuid).await;
+    let link = b.t.link(vol, 1).unwrap();
+    let (outcome, mut s) = raw_handshake(b.t.local_addr(), initiator(vol, uuid, 0, 2)).await;
+    let RawOutcome::Established(est) = outcome else {
+        panic!("{outcome:?}");
+    };
+    b.up(vol, 0).await;
+    let enc = tandem_repl_proto::Encoder::new(est.version);
+    let mut bytes = Vec::new();
+    enc.encode_seq(&Message::Ping { token: 41 }, 1, &mut bytes)
+        .unwrap();
+    let once = bytes.clone();
+    bytes.extend_from_slice(&once);
+    enc.encode_seq(&Message::Ping { token: 43 }, 2, &mut bytes)
+        .unwrap();
+    s.write_all(&bytes).await.unwrap();
+    assert_eq!(b.message(vol, 0).await, Message::Ping { token: 41 });
+    match b.next().await {
+        Event::PeerDown {
+            peer: 0, reason, ..
+        } => assert!(
+            matches!(
+                &reason,
+                tandem_transport::DownReason::Decode(tandem_repl_proto::DecodeError::Sequence {
+                    expected: 2,
+                    found: 1,
+                    ..
+                })
+            ),
+            "{reason:?}"
+        ),
+        other => panic!("expected node 0's link down right after its first Ping, got {other:?}"),
+    }
+    let back = read_to_close(&mut s).await;
+    let mut dec = tandem_repl_proto::Decoder::new();
+    dec.set_version(est.version);
+    dec.feed(&back);
+    let mut last = None;
+    while let Ok(Some(m)) = dec.next_message() {
+        last = Some(m);
+    }
+    assert!(
+        matches!(
+            last,
+            Some(Message::Disconnect {
+                reason: tandem_repl_proto::DisconnectReason::ProtocolError,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    still_good(&mut a, &mut b, vol, link, 1).await;
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_on_an_established_link_takes_down_only_that_link() {
     // A raw client completes a real handshake as node 0, then sends garbage: that link goes
     // down with a decode error, node 2 tells it why, the link to node 1 is untouched.
@@ -330,7 +394,9 @@ async fn garbage_on_an_established_link_takes_down_only_that_link() {
     }
     let back = read_to_close(&mut s).await;
     // Everything node 2 sent on that link decodes; the last frame is the Disconnect.
+    // Frames of the established link: numbered from 1 (protocol version 10).
     let mut dec = tandem_repl_proto::Decoder::new();
+    dec.set_version(tandem_repl_proto::ProtocolVersion::LATEST);
     dec.feed(&back);
     let mut last = None;
     while let Ok(Some(m)) = dec.next_message() {
