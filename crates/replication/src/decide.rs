@@ -25,6 +25,9 @@ pub struct SideView {
     /// The Primary this side lost at its current generation and the last write it received
     /// from it.
     pub lost_writer: Option<LostWriter>,
+    /// The promotion epoch its metadata holds (`Meta::primary_epoch`: one more than the
+    /// highest it had seen when it last became Primary, 0 = never).
+    pub primary_epoch: u64,
 }
 
 /// What the local side does.
@@ -81,6 +84,11 @@ pub enum Rule {
     /// Equal current generations, exactly one side Inconsistent (interrupted resync): it is
     /// the target.
     EqualInconsistent,
+    /// Equal generations: one side lost the other as its Primary in a promotion the other
+    /// no longer holds (its metadata failed as it was promoted; it came back from older
+    /// metadata, after a crash that may have cost its cache writes it had acknowledged,
+    /// which no side may know all of): that side is the source, in full.
+    EqualLostPromotion,
     /// Equal generations with bits: the Primary is the source.
     EqualBitsPrimary,
     /// Equal generations with bits: the crashed Primary is the target (its activity-log
@@ -166,6 +174,32 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
                 BitmapTarget
             };
             return (d, Rule::EqualInconsistent);
+        }
+        // `s` lost `other` as its Primary (promotion epoch `l.epoch`, at this generation,
+        // still recorded behind: bitmap generation toward it our current) and `other` reports
+        // an older epoch: that promotion never reached its metadata. A promotion is durable
+        // before the Primary's first write, so its disk holds no write of it; and its
+        // metadata failed (the disk detached at the promotion), so it came back from a crash
+        // of a failing disk whose cache may have lost writes it had acknowledged as a
+        // Secondary. Only the Primary of that moment knew those, and it may not be `s` (or
+        // anyone still up): its bits, or ours, are no measure. Simulator seed 2595: the new
+        // Primary found it equal without bits and counted it in sync; the old one, holding
+        // the marks, then became its target by `EqualBitsLostPrimary`.
+        let lost_promotion = |s: &SideView, other: &SideView| {
+            !other.primary
+                && s.bitmap == s.current
+                && s.lost_writer
+                    .is_some_and(|l| l.node == other.node_id && l.epoch > other.primary_epoch)
+        };
+        if lost_promotion(me, peer) != lost_promotion(peer, me) {
+            return (
+                if lost_promotion(me, peer) {
+                    FullSource
+                } else {
+                    FullTarget
+                },
+                Rule::EqualLostPromotion,
+            );
         }
         if !me.has_bits && !peer.has_bits {
             return (NoSync, Rule::EqualNoBits);
@@ -376,6 +410,26 @@ mod tests {
         lost_primary_b.other_bitmaps = vec![10];
         let mut lost_primary_a = missed_a.clone();
         lost_primary_a.bitmap = 10;
+        // Node 2 lost node 1 as its Primary in epoch 7 (recorded behind at generation 10);
+        // node 1 is back from metadata of epoch 6, with or without bits of its own.
+        let lost_promotion_b = SideView {
+            bitmap: 10,
+            lost_writer: Some(LostWriter {
+                node: 1,
+                epoch: 7,
+                seq: 3,
+            }),
+            ..b.clone()
+        };
+        let back_without_promotion = SideView {
+            primary_epoch: 6,
+            has_bits: true,
+            ..a.clone()
+        };
+        let back_with_promotion = SideView {
+            primary_epoch: 7,
+            ..back_without_promotion.clone()
+        };
         let mut stale_incons_source = side(2, 20, 10, [10, 0]);
         stale_incons_source.up_to_date = false;
         vec![
@@ -433,6 +487,33 @@ mod tests {
                 lost_primary_a,
                 b_bits.clone(),
                 BitmapTarget,
+                Rule::EqualBitsLostPrimary,
+            ),
+            (
+                "back without the promotion we lost it in: full target, bits or not",
+                back_without_promotion.clone(),
+                lost_promotion_b.clone(),
+                FullTarget,
+                Rule::EqualLostPromotion,
+            ),
+            (
+                "back without the promotion, no bits anywhere",
+                SideView {
+                    has_bits: false,
+                    ..back_without_promotion
+                },
+                lost_promotion_b.clone(),
+                FullTarget,
+                Rule::EqualLostPromotion,
+            ),
+            (
+                "back with the promotion we lost it in: it may hold writes we lack",
+                back_with_promotion,
+                SideView {
+                    has_bits: true,
+                    ..lost_promotion_b
+                },
+                BitmapSource,
                 Rule::EqualBitsLostPrimary,
             ),
             (
@@ -599,8 +680,9 @@ mod tests {
                 any::<bool>(),
                 any::<bool>(),
                 proptest::option::of((0u8..3, 0u64..2, 0u64..3)),
+                0u64..3,
             )
-                .prop_map(move |(c, b, h, o, u, p, cp, hb, lw)| SideView {
+                .prop_map(move |(c, b, h, o, u, p, cp, hb, lw, pe)| SideView {
                     node_id: id,
                     current: c,
                     bitmap: b,
@@ -611,6 +693,7 @@ mod tests {
                     crashed_primary: cp,
                     has_bits: hb,
                     lost_writer: lw.map(|(node, epoch, seq)| LostWriter { node, epoch, seq }),
+                    primary_epoch: pe,
                 })
         }
 

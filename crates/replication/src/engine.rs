@@ -5050,6 +5050,7 @@ impl Engine {
             crashed_primary: self.crashed_primary,
             has_bits: my_bits,
             lost_writer: self.lost_writer_now(),
+            primary_epoch: self.meta.primary_epoch,
         };
         let other = SideView {
             node_id: peer,
@@ -5062,6 +5063,7 @@ impl Engine {
             crashed_primary: r.flags & state_flags::CRASHED_PRIMARY != 0,
             has_bits: !c.bitmap_rx.is_empty(),
             lost_writer: r.lost_writer,
+            primary_epoch: r.primary_epoch,
         };
         let (mut d, rule) = decide(&me, &other);
         if d == SyncDecision::SplitBrain {
@@ -5453,6 +5455,7 @@ impl Engine {
     fn resync_target_finished(&mut self, peer: NodeId) {
         let Some(c) = self.conn_mut(peer) else { return };
         let Some(rs) = c.resync.take() else { return };
+        let rule = c.decision.map(|(_, rule)| rule);
         c.state = ReplState::Established;
         let Some(r) = c.report.clone() else { return };
         self.last_resync_bytes = rs.done;
@@ -5489,6 +5492,16 @@ impl Engine {
         }
         // Likewise the last write of a lost Primary that our data holds is the source's.
         self.lost_writer = r.lost_writer.map(|l| (l, self.meta.current));
+        // We came back without a promotion the source saw us in (rule
+        // `EqualLostPromotion`): our data is now the source's, and our metadata takes that
+        // promotion's epoch back, so the other replicas that recorded it do not copy the
+        // whole volume to us once more.
+        if rule == Some(Rule::EqualLostPromotion)
+            && let Some(l) = r.lost_writer.filter(|l| l.node == self.cfg.node_id)
+        {
+            self.meta.primary_epoch = self.meta.primary_epoch.max(l.epoch);
+            self.primary_epoch_seen = self.primary_epoch_seen.max(l.epoch);
+        }
         self.persist_meta();
         self.log(
             Level::Info,

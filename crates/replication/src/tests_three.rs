@@ -836,7 +836,9 @@ fn a_resync_begin_on_a_link_that_found_no_good_data_makes_it_compare_again() {
 /// generation. Repaired, node 3 came back at that generation without the block, and rule
 /// `EqualBitsLostPrimary` made node 0 (it "lost its Primary", node 3) the target: node 3's
 /// stale block overwrote the acknowledged write. Toward the lost Primary itself that rule
-/// now needs bits on the Primary's side; here only node 0 has them and is the source.
+/// now needs bits on the Primary's side. Since seed 2595 node 3 is found back without the
+/// promotion node 0 lost it in (its epoch is older) and gets the whole volume from node 0
+/// (rule `EqualLostPromotion`).
 #[test]
 fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
     let window = |c: &mut Config| c.allow_two_primaries = true;
@@ -893,7 +895,7 @@ fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
     net.run();
     assert_eq!(
         last_decision(&net, 0, 3),
-        Some((SyncDecision::BitmapSource, Rule::EqualBitsOneSide)),
+        Some((SyncDecision::FullSource, Rule::EqualLostPromotion)),
         "{}",
         net.log.join("\n")
     );
@@ -1092,4 +1094,108 @@ fn the_outdated_list_outlives_the_primary_that_made_it() {
         net.nodes[3].e.promote(net.now),
         Err(PromoteError::Outdated)
     ));
+}
+
+/// Simulator seed 2595 of `three_diskful_disk_fault_seeds` with slow disks: as in
+/// `a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target`, node 3 took the
+/// write token as its disk failed (metadata too) and its cache lost a write of node 0 it
+/// had acknowledged. Node 1 was promoted while node 3 was down; node 3 came back from its
+/// last durable metadata (Secondary, no bits) and met node 1 first: equal generations and
+/// no bits on either side, node 1 counted it in sync (`EqualNoBits`) though it lacked the
+/// write node 1 held. Node 3 then marked node 1's writes toward node 0 (their link was
+/// down), and at their handshake rule `EqualBitsLostPrimary` (node 0 had lost node 3 as its
+/// Primary, node 3 had bits) made node 0, the one that knew what node 3 lacked, the target:
+/// node 3's stale block overwrote the acknowledged write on node 0. Node 3 reports an older
+/// promotion epoch than the one its peers lost it in: it is the full target of each peer
+/// that recorded that (rule `EqualLostPromotion`); after the first such resync its
+/// metadata holds that epoch again and the others find it in sync as usual.
+#[test]
+fn a_primary_back_without_its_promotion_is_resynced_in_full_by_the_peer_that_saw_it() {
+    let window = |c: &mut Config| c.allow_two_primaries = true;
+    let mut net = Net::with_nodes(4, window);
+    net.run();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.feed(0, Event::Flush { id: 2 });
+    net.run();
+    let a = net.nodes[3]
+        .e
+        .promote(net.now)
+        .unwrap_or_else(|e| panic!("node 3 joins: {e:?}\n{}", net.log.join("\n")));
+    net.apply(3, a);
+    net.run();
+    // Node 3's last durable state: its metadata writes fail from here on.
+    let meta = net.meta[3]
+        .clone()
+        .unwrap_or_else(|| net.nodes[3].e.meta().clone());
+    let (bits, al) = (net.bits[3].clone(), net.al[3].clone());
+    let off = 8 * BLOCK as u64;
+    let before = net.at(3, off, BLOCK).to_vec();
+    // Node 0 writes; node 3 acknowledges it (in its cache only, as it turns out).
+    write_ok(&mut net, 0, 3, off, 0xB0);
+    // Node 3's consumer writes: the token goes to node 3, whose flush answer never comes.
+    start_write(&mut net, 3, 4, 16 * BLOCK as u64, 0xC3);
+    while net.nodes[3].e.role() != Role::Primary {
+        assert!(
+            net.step(),
+            "node 3 never got the token\n{}",
+            net.log.join("\n")
+        );
+    }
+    net.isolate(3);
+    detach(&mut net, 3);
+    net.run();
+    // Node 3, a detached Primary, meets its peers again (nothing holds its data), then goes.
+    net.heal();
+    net.isolate(3);
+    net.run();
+    for n in [0u8, 1] {
+        assert_eq!(
+            net.nodes[n as usize]
+                .e
+                .meta()
+                .peer_bitmap_gens
+                .get(&3)
+                .copied(),
+            Some(net.nodes[n as usize].e.meta().current),
+            "node {n} lost its Primary node 3 at its generation\n{}",
+            net.log.join("\n")
+        );
+    }
+    demote(&mut net, 0);
+    promote(&mut net, 1);
+    // Repaired, node 3 restarts from its last durable state; its cache lost the write. It
+    // meets the new Primary first.
+    net.meta[3] = Some(meta);
+    net.bits[3] = bits;
+    net.al[3] = al;
+    net.nodes[3].data[off as usize..off as usize + BLOCK].copy_from_slice(&before);
+    restart(&mut net, 3, window);
+    net.uncut(1, 3);
+    net.uncut(2, 3);
+    net.run();
+    assert_eq!(
+        last_decision(&net, 1, 3),
+        Some((SyncDecision::FullSource, Rule::EqualLostPromotion)),
+        "{}",
+        net.log.join("\n")
+    );
+    // The new Primary writes; node 3 marks it toward node 0 (their link is down).
+    write_ok(&mut net, 1, 5, 24 * BLOCK as u64, 0xD1);
+    net.heal();
+    assert_ne!(
+        last_decision(&net, 0, 3).map(|(_, rule)| rule),
+        Some(Rule::EqualLostPromotion),
+        "one full resync is enough\n{}",
+        net.log.join("\n")
+    );
+    for n in [0u8, 1, 3] {
+        assert_eq!(
+            net.at(n, off, BLOCK),
+            &[0xB0; BLOCK][..],
+            "node {n} lost the acknowledged write\n{}",
+            net.log.join("\n")
+        );
+    }
+    net.assert_replicas_identical();
 }

@@ -713,6 +713,20 @@ fn slow_seed(seed: u64, topology: Option<Topology>) {
     must_pass(seed, &opts);
 }
 
+/// Slow disks, three diskful with disk faults: node 0 took the dual-primary write token as
+/// its disk failed, metadata writes too, and its cache lost writes of node 2 it had
+/// acknowledged. Node 1 was promoted while node 0 was down; node 0 came back from metadata
+/// that predated its promotion, met node 1 first and was counted in sync (`EqualNoBits`),
+/// then marked node 1's writes toward node 2 while that link was down; at their handshake
+/// rule `EqualBitsLostPrimary` made node 2, which had marked what node 0 lacked, the target:
+/// an acknowledged write was lost on two replicas (the final verify found them different
+/// from node 1). A peer that lost a Primary in a promotion that Primary came back without
+/// now resyncs it in full (rule `EqualLostPromotion`).
+#[test]
+fn a_primary_back_without_its_promotion_is_resynced_in_full_2595() {
+    slow_seed(2595, Some(Topology::Three));
+}
+
 /// Slow disks: a dual-primary token holder asked for the token while a write sat on its
 /// slow disk counted the requests its consumer sent meanwhile as in flight and never handed
 /// over; both members' requests waited for good.

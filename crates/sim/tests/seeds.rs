@@ -176,9 +176,10 @@ fn three_diskful_and_witness_seeds() {
 }
 
 /// Three diskful nodes with disk I/O errors among the faults (crashes strike mid-flight,
-/// `SimOptions::crash_in_flight`). `SIM_SEEDS` and `SIM_SEED_BASE` as above; reproduce one
-/// with `SIM_TOPOLOGY=three SIM_SEED=N` and `simulate_seeds`. Seeds 0..5000 pass since
-/// 2026-12-07 (failures found on the way and a window still open: docs/replication.md,
+/// `SimOptions::crash_in_flight`) and slow disks (`SIM_SLOW_DISKS=0`: without). `SIM_SEEDS`
+/// and `SIM_SEED_BASE` as above; reproduce one with `SIM_TOPOLOGY=three SIM_SEED=N` and
+/// `simulate_seeds`. Seeds 0..5000 pass since 2026-12-07, with slow disks since seed 2595
+/// was fixed (failures found on the way and a window still open: docs/replication.md,
 /// "Not implemented yet").
 #[test]
 fn three_diskful_disk_fault_seeds() {
@@ -186,13 +187,8 @@ fn three_diskful_disk_fault_seeds() {
 }
 
 fn three_diskful(topology: Topology, disk_faults: bool) {
-    // Slow disks (`SimOptions::slow_disks`) everywhere but with disk faults, where one of
-    // 5000 seeds still fails with them (2595, docs/replication.md "Not implemented yet");
-    // `SIM_SLOW_DISKS=0` / `=1` overrides.
-    let slow_disks = match env("SIM_SLOW_DISKS") {
-        Some(v) => v != 0,
-        None => !disk_faults,
-    };
+    // Slow disks (`SimOptions::slow_disks`); `SIM_SLOW_DISKS=0` turns them off.
+    let slow_disks = env("SIM_SLOW_DISKS") != Some(0);
     let opts = SimOptions {
         topology: Some(topology),
         disk_faults,
