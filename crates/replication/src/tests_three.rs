@@ -841,42 +841,8 @@ fn a_resync_begin_on_a_link_that_found_no_good_data_makes_it_compare_again() {
 /// (rule `EqualLostPromotion`).
 #[test]
 fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
-    let window = |c: &mut Config| c.allow_two_primaries = true;
-    let mut net = Net::with_nodes(4, window);
-    net.run();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    net.feed(0, Event::Flush { id: 2 });
-    net.run();
-    // Node 3 joins the window (a second Primary without the write token).
-    let a = net.nodes[3]
-        .e
-        .promote(net.now)
-        .unwrap_or_else(|e| panic!("node 3 joins: {e:?}\n{}", net.log.join("\n")));
-    net.apply(3, a);
-    net.run();
-    // Node 3's last durable state: its metadata writes fail from here on.
-    let meta = net.meta[3]
-        .clone()
-        .unwrap_or_else(|| net.nodes[3].e.meta().clone());
-    let (bits, al) = (net.bits[3].clone(), net.al[3].clone());
-    let off = 8 * BLOCK as u64;
-    let before = net.at(3, off, BLOCK).to_vec();
-    // Node 0 writes; node 3 acknowledges it (in its cache only, as it turns out).
-    write_ok(&mut net, 0, 3, off, 0xB0);
-    // Node 3's consumer writes: it asks for the token, node 0 flushes its peers and hands
-    // it over. Node 3 becomes Primary; its flush's answer never reaches node 0.
-    start_write(&mut net, 3, 4, 16 * BLOCK as u64, 0xC3);
-    while net.nodes[3].e.role() != Role::Primary {
-        assert!(
-            net.step(),
-            "node 3 never got the token\n{}",
-            net.log.join("\n")
-        );
-    }
-    net.isolate(3);
-    detach(&mut net, 3);
-    net.run();
+    let (mut net, durable) = token_to_a_failing_disk();
+    let off = durable.off;
     // Node 3, a detached Primary, meets its peers again (nothing holds its data).
     net.heal();
     assert_eq!(
@@ -887,11 +853,7 @@ fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
     );
     // Repaired, node 3 restarts from its last durable state; its cache lost the write.
     net.cut_link(1, 3);
-    net.meta[3] = Some(meta);
-    net.bits[3] = bits;
-    net.al[3] = al;
-    net.nodes[3].data[off as usize..off as usize + BLOCK].copy_from_slice(&before);
-    restart(&mut net, 3, window);
+    durable.restart(&mut net);
     net.run();
     assert_eq!(
         last_decision(&net, 0, 3),
@@ -909,6 +871,82 @@ fn a_lost_primary_back_without_the_writes_we_marked_for_it_is_our_target() {
         );
     }
     assert!(net.nodes[0].data == net.nodes[1].data && net.nodes[1].data == net.nodes[3].data);
+}
+
+/// What node 3 of [`token_to_a_failing_disk`] had made durable before its disk and metadata
+/// began to fail, and the block its cache loses.
+struct Durable {
+    meta: Meta,
+    bits: std::collections::BTreeMap<NodeId, Bitmap>,
+    al: Vec<u64>,
+    /// The block node 3 acknowledged but never made durable, and what its disk held there.
+    off: u64,
+    before: Vec<u8>,
+}
+
+impl Durable {
+    /// Repaired, node 3 restarts from its last durable state; its cache lost the write.
+    fn restart(self, net: &mut Net) {
+        let off = self.off as usize;
+        net.meta[3] = Some(self.meta);
+        net.bits[3] = self.bits;
+        net.al[3] = self.al;
+        net.nodes[3].data[off..off + BLOCK].copy_from_slice(&self.before);
+        restart(net, 3, window);
+    }
+}
+
+fn window(c: &mut Config) {
+    c.allow_two_primaries = true;
+}
+
+/// Simulator seed 2595's situation on four nodes with the dual-primary window open: node 0
+/// writes, node 3 (a second Primary) acknowledges a write at 8 blocks that stays in its
+/// cache, its metadata writes begin to fail, its consumer's write takes the token from
+/// node 0, and its disk detaches while it is cut off (a detached Primary nobody holds the
+/// data of). Returns the net and what node 3 had made durable.
+fn token_to_a_failing_disk() -> (Net, Durable) {
+    let mut net = Net::with_nodes(4, window);
+    net.run();
+    promote(&mut net, 0);
+    write_ok(&mut net, 0, 1, 0, 0xA0);
+    net.feed(0, Event::Flush { id: 2 });
+    net.run();
+    // Node 3 joins the window (a second Primary without the write token).
+    let a = net.nodes[3]
+        .e
+        .promote(net.now)
+        .unwrap_or_else(|e| panic!("node 3 joins: {e:?}\n{}", net.log.join("\n")));
+    net.apply(3, a);
+    net.run();
+    // Node 3's last durable state: its metadata writes fail from here on.
+    let meta = net.meta[3]
+        .clone()
+        .unwrap_or_else(|| net.nodes[3].e.meta().clone());
+    let off = 8 * BLOCK as u64;
+    let durable = Durable {
+        meta,
+        bits: net.bits[3].clone(),
+        al: net.al[3].clone(),
+        off,
+        before: net.at(3, off, BLOCK).to_vec(),
+    };
+    // Node 0 writes; node 3 acknowledges it (in its cache only, as it turns out).
+    write_ok(&mut net, 0, 3, off, 0xB0);
+    // Node 3's consumer writes: it asks for the token, node 0 flushes its peers and hands
+    // it over. Node 3 becomes Primary; its flush's answer never reaches node 0.
+    start_write(&mut net, 3, 4, 16 * BLOCK as u64, 0xC3);
+    while net.nodes[3].e.role() != Role::Primary {
+        assert!(
+            net.step(),
+            "node 3 never got the token\n{}",
+            net.log.join("\n")
+        );
+    }
+    net.isolate(3);
+    detach(&mut net, 3);
+    net.run();
+    (net, durable)
 }
 
 /// Simulator seed 4896 (three diskful nodes, disk faults), directed: a Primary whose disk
@@ -1111,40 +1149,8 @@ fn the_outdated_list_outlives_the_primary_that_made_it() {
 /// metadata holds that epoch again and the others find it in sync as usual.
 #[test]
 fn a_primary_back_without_its_promotion_is_resynced_in_full_by_the_peer_that_saw_it() {
-    let window = |c: &mut Config| c.allow_two_primaries = true;
-    let mut net = Net::with_nodes(4, window);
-    net.run();
-    promote(&mut net, 0);
-    write_ok(&mut net, 0, 1, 0, 0xA0);
-    net.feed(0, Event::Flush { id: 2 });
-    net.run();
-    let a = net.nodes[3]
-        .e
-        .promote(net.now)
-        .unwrap_or_else(|e| panic!("node 3 joins: {e:?}\n{}", net.log.join("\n")));
-    net.apply(3, a);
-    net.run();
-    // Node 3's last durable state: its metadata writes fail from here on.
-    let meta = net.meta[3]
-        .clone()
-        .unwrap_or_else(|| net.nodes[3].e.meta().clone());
-    let (bits, al) = (net.bits[3].clone(), net.al[3].clone());
-    let off = 8 * BLOCK as u64;
-    let before = net.at(3, off, BLOCK).to_vec();
-    // Node 0 writes; node 3 acknowledges it (in its cache only, as it turns out).
-    write_ok(&mut net, 0, 3, off, 0xB0);
-    // Node 3's consumer writes: the token goes to node 3, whose flush answer never comes.
-    start_write(&mut net, 3, 4, 16 * BLOCK as u64, 0xC3);
-    while net.nodes[3].e.role() != Role::Primary {
-        assert!(
-            net.step(),
-            "node 3 never got the token\n{}",
-            net.log.join("\n")
-        );
-    }
-    net.isolate(3);
-    detach(&mut net, 3);
-    net.run();
+    let (mut net, durable) = token_to_a_failing_disk();
+    let off = durable.off;
     // Node 3, a detached Primary, meets its peers again (nothing holds its data), then goes.
     net.heal();
     net.isolate(3);
@@ -1166,11 +1172,7 @@ fn a_primary_back_without_its_promotion_is_resynced_in_full_by_the_peer_that_saw
     promote(&mut net, 1);
     // Repaired, node 3 restarts from its last durable state; its cache lost the write. It
     // meets the new Primary first.
-    net.meta[3] = Some(meta);
-    net.bits[3] = bits;
-    net.al[3] = al;
-    net.nodes[3].data[off as usize..off as usize + BLOCK].copy_from_slice(&before);
-    restart(&mut net, 3, window);
+    durable.restart(&mut net);
     net.uncut(1, 3);
     net.uncut(2, 3);
     net.run();

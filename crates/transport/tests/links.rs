@@ -652,14 +652,7 @@ async fn a_new_connection_from_the_same_peer_supersedes_the_old_link() {
     }
     // The old connection was told and closed.
     let bytes = read_to_close(&mut old).await;
-    // Frames of the established link: numbered from 1 (protocol version 10).
-    let mut dec = tandem_repl_proto::Decoder::new();
-    dec.set_version(tandem_repl_proto::ProtocolVersion::LATEST);
-    dec.feed(&bytes);
-    let mut last = None;
-    while let Ok(Some(m)) = dec.next_message() {
-        last = Some(m);
-    }
+    let last = last_link_message(&bytes, tandem_repl_proto::ProtocolVersion::LATEST);
     assert!(
         matches!(
             last,

@@ -350,14 +350,7 @@ async fn a_duplicated_frame_on_an_established_link_takes_it_down_before_delivery
         ),
         other => panic!("expected node 0's link down right after its first Ping, got {other:?}"),
     }
-    let back = read_to_close(&mut s).await;
-    let mut dec = tandem_repl_proto::Decoder::new();
-    dec.set_version(est.version);
-    dec.feed(&back);
-    let mut last = None;
-    while let Ok(Some(m)) = dec.next_message() {
-        last = Some(m);
-    }
+    let last = last_link_message(&read_to_close(&mut s).await, est.version);
     assert!(
         matches!(
             last,
@@ -394,14 +387,7 @@ async fn garbage_on_an_established_link_takes_down_only_that_link() {
     }
     let back = read_to_close(&mut s).await;
     // Everything node 2 sent on that link decodes; the last frame is the Disconnect.
-    // Frames of the established link: numbered from 1 (protocol version 10).
-    let mut dec = tandem_repl_proto::Decoder::new();
-    dec.set_version(tandem_repl_proto::ProtocolVersion::LATEST);
-    dec.feed(&back);
-    let mut last = None;
-    while let Ok(Some(m)) = dec.next_message() {
-        last = Some(m);
-    }
+    let last = last_link_message(&back, tandem_repl_proto::ProtocolVersion::LATEST);
     assert!(
         matches!(
             last,

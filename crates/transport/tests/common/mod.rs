@@ -375,6 +375,23 @@ pub async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// The last message that decodes from what an established link of `version` sent (its
+/// frames numbered from 1 since protocol version 10): the `Disconnect` of a link that went
+/// down in order.
+pub fn last_link_message(
+    bytes: &[u8],
+    version: tandem_repl_proto::ProtocolVersion,
+) -> Option<Message> {
+    let mut dec = Decoder::new();
+    dec.set_version(version);
+    dec.feed(bytes);
+    let mut last = None;
+    while let Ok(Some(m)) = dec.next_message() {
+        last = Some(m);
+    }
+    last
+}
+
 /// Decodes the frames of `bytes` (handshake limits).
 pub fn frames(bytes: &[u8]) -> Vec<Message> {
     let mut dec = Decoder::with_max_payload(MAX_HANDSHAKE_PAYLOAD);
