@@ -367,6 +367,56 @@ async fn a_duplicated_frame_on_an_established_link_takes_it_down_before_delivery
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_9_peer_neither_numbers_nor_gets_numbered_frames() {
+    // A peer of the previous release (versions 1..=9): the link runs version 9, whose frames
+    // carry 0 where version 10 numbers them, both ways, and nothing is checked.
+    let vol = "v9-peer";
+    let uuid = "uuid-v9";
+    let (_a, mut b) = pair(vol, uuid).await;
+    let mut cfg = initiator(vol, uuid, 0, 2);
+    cfg.versions = tandem_repl_proto::VersionRange::new(1, 9).unwrap();
+    let (outcome, mut s) = raw_handshake(b.t.local_addr(), cfg).await;
+    let RawOutcome::Established(est) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(est.version, tandem_repl_proto::ProtocolVersion::V9);
+    b.up(vol, 0).await;
+    // The same unnumbered frame twice: a version-9 link takes both.
+    let mut bytes = Vec::new();
+    tandem_repl_proto::Encoder::new(est.version)
+        .encode(&Message::Ping { token: 41 }, &mut bytes)
+        .unwrap();
+    let once = bytes.clone();
+    bytes.extend_from_slice(&once);
+    s.write_all(&bytes).await.unwrap();
+    assert_eq!(b.message(vol, 0).await, Message::Ping { token: 41 });
+    assert_eq!(b.message(vol, 0).await, Message::Ping { token: 41 });
+    // Node 2's frames to it: version 9, the field at offset 8 is 0.
+    for token in [1, 2] {
+        b.t.send(vol, 0, Message::Pong { token }).await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < 2 * tandem_repl_proto::HEADER_LEN + 16 {
+        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+            .await
+            .expect("node 2's frames")
+            .unwrap();
+        assert!(n > 0, "closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let mut dec = tandem_repl_proto::Decoder::new();
+    dec.set_version(est.version);
+    dec.feed(&got);
+    for token in [1, 2] {
+        let f = dec.next_frame().unwrap().expect("a whole frame");
+        assert_eq!((f.version, f.flags, f.seq), (9, 0, 0));
+        assert_eq!(f.message().unwrap(), Message::Pong { token });
+    }
+    b.t.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_on_an_established_link_takes_down_only_that_link() {
     // A raw client completes a real handshake as node 0, then sends garbage: that link goes
     // down with a decode error, node 2 tells it why, the link to node 1 is untouched.
