@@ -307,6 +307,15 @@ pub fn decide(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
     (d, r)
 }
 
+/// Whether the peer holds newer data than `me` by the generations alone (it would be our
+/// source if it were UpToDate). Meant for a decision by rule `SourceNotUpToDate`, which does
+/// not say which side is the newer one: when it is the peer, we lack writes it holds (an
+/// Outdated peer is still newer than us), and must not be promoted nor, as Primary, count
+/// it as a voter (simulator seed 9439).
+pub fn peer_is_newer(me: &SideView, peer: &SideView) -> bool {
+    me.current != peer.current && decide_by_lineage(me, peer).0.is_target()
+}
+
 fn decide_by_lineage(me: &SideView, peer: &SideView) -> (SyncDecision, Rule) {
     use SyncDecision::*;
     let behind = nz(peer.bitmap) && peer.bitmap == me.current;

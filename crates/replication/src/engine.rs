@@ -11,7 +11,7 @@ use tandem_repl_proto::{
 };
 
 use crate::bitmap::Bitmap;
-use crate::decide::{Rule, SideView, SyncDecision, decide};
+use crate::decide::{Rule, SideView, SyncDecision, decide, peer_is_newer};
 use crate::quorum::has_majority;
 use crate::types::*;
 
@@ -310,6 +310,11 @@ struct Conn {
     /// from another replica: our bits toward it are not cleared then (see
     /// `resync_source_finished`).
     resync_asked: bool,
+    /// This link's handshake found the peer's data newer than ours while the peer could not
+    /// be our source (rule `SourceNotUpToDate`: it is Outdated, or Inconsistent): we lack
+    /// writes it holds. We are not promoted, and as Primary we do not count it (simulator
+    /// seed 9439).
+    peer_newer: bool,
 }
 
 #[derive(Debug)]
@@ -803,6 +808,17 @@ impl Engine {
             // A handshake just decided that a peer has newer data for us (we become
             // Inconsistent when its resync begins).
             return Err(PromoteError::NotUpToDate(DiskState::Inconsistent));
+        }
+        if self
+            .peers
+            .values()
+            .any(|p| p.conn.as_ref().is_some_and(|c| c.peer_newer))
+        {
+            // A handshake found a peer newer than us that cannot be our source (it is
+            // Outdated or Inconsistent itself): we lack writes it holds (simulator seed 9439:
+            // a crashed Primary back from metadata older than its detach was promoted next to
+            // an Outdated peer holding the writes it had made through that peer).
+            return Err(PromoteError::NotUpToDate(DiskState::Outdated));
         }
         // A crashed Primary's disk may be stale (its metadata may predate a detach it could
         // not record: its peers kept writing). It becomes Primary again only after a
@@ -1902,8 +1918,12 @@ impl Engine {
                 .values()
                 .filter_map(|p| p.conn.as_ref()?.report.as_ref())
         };
-        // A list made at our own current generation is older than our catching up.
+        // A list made at our own current generation is older than our catching up; one made
+        // at a generation we went on from (in our history) is older than our data: its
+        // Primary was stale (simulator seed 5218: a node promoted at a generation node 1 had
+        // left listed node 1, and a relay outdated the only replica with the newer data).
         let current = self.meta.current;
+        let history = self.meta.history;
         // A list of a node we are connected to is stale: that node's own reports and
         // handshake are the authority.
         let connected = |n: NodeId| self.peers.get(&n).is_some_and(|p| p.conn.is_some());
@@ -1921,7 +1941,9 @@ impl Engine {
             .find(|r| {
                 r.outdated & me != 0
                     && (from_detached_primary(r)
-                        || (r.outdated_gen != current && !connected(r.outdated_by)))
+                        || (r.outdated_gen != current
+                            && !history.contains(&r.outdated_gen)
+                            && !connected(r.outdated_by)))
             })
             .map(|r| r.node_id)
         else {
@@ -3659,6 +3681,7 @@ impl Engine {
             offered: false,
             offer_missed: false,
             resync_asked: false,
+            peer_newer: false,
         };
         if let Some(p) = self.peers.get_mut(&peer) {
             p.conn = Some(conn);
@@ -4567,6 +4590,30 @@ impl Engine {
             return Ok(());
         }
         let prev = c.report.replace(r.clone());
+        // A node that becomes Primary at a generation a replica records as behind is stale:
+        // we do not back it (below), nor relay its outdated list (it would outdate the
+        // replica that holds the newer data).
+        let stale_primary = if r.role == Role::Primary
+            && self.role != Role::Primary
+            && peer_diskful
+            && prev.as_ref().is_none_or(|p| p.role != Role::Primary)
+        {
+            self.records_behind(peer, &r)
+        } else {
+            None
+        };
+        if let Some(q) = stale_primary {
+            self.disconnect(
+                peer,
+                DisconnectReason::Other,
+                format!(
+                    "node {peer} became Primary at generation {:x}, which node {q} records as \
+                     behind its own: it lacks writes node {q} holds; not backing it",
+                    r.generations.current
+                ),
+            );
+            return Ok(());
+        }
         if r.role == Role::Primary {
             self.sticky_outdated = (r.outdated, r.outdated_gen, r.outdated_by);
         }
@@ -4962,6 +5009,46 @@ impl Engine {
         self.broadcast_report(false);
     }
 
+    /// A replica that records diskful `peer` (report `r`, attached disk) as behind at the
+    /// generation it reports while itself at another one (this node, or a connected peer by
+    /// its report): `peer` lacks writes that replica holds. Only Primaries start
+    /// generations, and a replica records a peer behind only when it went on without it, so
+    /// a node that becomes Primary at such a generation is stale, whatever quorum it finds.
+    /// A voter that knows it does not back that promotion, as it refuses a second Primary
+    /// (simulator seed 5218: a Primary's disk detached, node 1 adopted its new generation,
+    /// node 2 missed it; the Primary came back from metadata that predated it (a crash of
+    /// the failing disk), and node 2 was promoted with its vote while it also talked to
+    /// node 1. Generations minted since then by the two sides were a split brain).
+    fn records_behind(&self, peer: NodeId, r: &StateReport) -> Option<NodeId> {
+        let g = r.generations.current;
+        if g == 0 || r.disk_state != DiskState::UpToDate {
+            return None;
+        }
+        if self.cfg.diskful
+            && !self.failed()
+            && self.meta.current != g
+            && self.meta.peer_bitmap_gens.get(&peer) == Some(&g)
+        {
+            return Some(self.cfg.node_id);
+        }
+        self.peers
+            .values()
+            .filter(|p| p.cfg.node_id != peer && p.cfg.diskful)
+            .find(|p| {
+                p.conn
+                    .as_ref()
+                    .and_then(|c| c.report.as_ref())
+                    .is_some_and(|q| {
+                        q.disk_state != DiskState::Failed
+                            && q.generations.current != g
+                            && q.peer_bitmaps
+                                .iter()
+                                .any(|b| b.node == peer && b.generation == g)
+                    })
+            })
+            .map(|p| p.cfg.node_id)
+    }
+
     // ------------------------------------------------------------------ handshake decision
 
     fn maybe_decide(&mut self, peer: NodeId) {
@@ -5066,6 +5153,7 @@ impl Engine {
             primary_epoch: r.primary_epoch,
         };
         let (mut d, rule) = decide(&me, &other);
+        let peer_newer = rule == Rule::SourceNotUpToDate && peer_is_newer(&me, &other);
         if d == SyncDecision::SplitBrain {
             if let Some(resolved) = self.resolve_split_brain(peer, rule, r.flags, r.primary_epoch) {
                 d = resolved;
@@ -5084,6 +5172,7 @@ impl Engine {
         self.may_share_current.remove(&peer);
         if let Some(c) = self.conn_mut(peer) {
             c.decision = Some((d, rule));
+            c.peer_newer = peer_newer;
             if !d.is_source() {
                 c.late.clear();
             }
@@ -5116,7 +5205,33 @@ impl Engine {
                     format!("unrelated data (rule {rule:?})"),
                 );
             }
-            SyncDecision::NoGoodData => self.set_state(peer, ReplState::PausedSync),
+            SyncDecision::NoGoodData => {
+                if peer_newer {
+                    self.log(
+                        Level::Warn,
+                        format!(
+                            "node {peer} holds newer data (generation {:x}) but is not UpToDate: \
+                             we lack writes it has and are not promoted until a resync",
+                            r.generations.current
+                        ),
+                    );
+                    if self.role == Role::Primary {
+                        // Stale: a replica holds writes we lack. As for a peer that would be
+                        // our source: with quorum, it is not counted; without, we step down.
+                        if self.has_quorum() {
+                            self.disconnect(
+                                peer,
+                                DisconnectReason::Other,
+                                "a Primary with quorum does not count a peer with newer data"
+                                    .into(),
+                            );
+                            return;
+                        }
+                        self.force_secondary(&format!("node {peer} has newer data"));
+                    }
+                }
+                self.set_state(peer, ReplState::PausedSync)
+            }
             SyncDecision::BitmapSource | SyncDecision::FullSource => {
                 self.merge_bits(peer, d == SyncDecision::FullSource);
                 if let Some(c) = self.conn_mut(peer) {

@@ -2579,3 +2579,138 @@ fn a_crashed_primary_is_promoted_again_only_after_comparing_with_a_diskful_peer(
     assert!(e.promote_forced(12).is_ok());
     assert_eq!(e.role(), Role::Primary);
 }
+
+/// Feeds `PeerUp` of diskful `peer`, its `report` and an empty bitmap, then answers our Pings.
+fn connect_reporting(
+    e: &mut Engine,
+    peer: u8,
+    report: tandem_repl_proto::StateReport,
+) -> Vec<Action> {
+    let mut out = e.handle(1, Event::PeerUp { peer });
+    out.extend(e.handle(
+        2,
+        Event::PeerMessage {
+            peer,
+            msg: Message::StateReport(Box::new(report)),
+        },
+    ));
+    out.extend(e.handle(
+        3,
+        Event::PeerMessage {
+            peer,
+            msg: Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges: vec![],
+            },
+        },
+    ));
+    with_pongs(e, 4, out)
+}
+
+/// Simulator seed 9439 (three diskful, disk faults, slow disks): a Primary's disk detached and
+/// it wrote through its peers under a new generation its failing metadata never recorded;
+/// repaired, it came back from older metadata, UpToDate at the generation before. Its peer
+/// node 1 held the newer writes but was Outdated (it had missed later ones), so the handshake
+/// found no source (`SourceNotUpToDate`) and node 1's vote made a majority: the stale node was
+/// promoted and wrote, a split brain with the replicas that held the writes. A handshake that
+/// finds the peer newer blocks the promotion even when that peer cannot be our source.
+#[test]
+fn a_node_whose_peer_holds_newer_data_is_not_promoted_even_if_that_peer_is_outdated() {
+    use tandem_repl_proto::{DiskState, Generations};
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    // Node 1 went on from our generation 77 to 88 and records us behind at 77; it is Outdated.
+    let report = tandem_repl_proto::StateReport {
+        disk_state: DiskState::Outdated,
+        generations: Generations {
+            current: 88,
+            bitmap: 77,
+            history: [77, 0],
+        },
+        ..report_of(1)
+    };
+    connect_reporting(&mut e, 1, report);
+    assert_eq!(
+        e.status()
+            .peers
+            .iter()
+            .find(|p| p.node_id == 1)
+            .and_then(|p| p.last_decision),
+        Some((SyncDecision::NoGoodData, Rule::SourceNotUpToDate))
+    );
+    // Two of three voters: quorum is there, but our data is older than node 1's.
+    assert_eq!(
+        e.promote(10),
+        Err(PromoteError::NotUpToDate(
+            tandem_repl_proto::DiskState::Outdated
+        ))
+    );
+    assert_eq!(e.role(), Role::Secondary);
+}
+
+/// Simulator seed 5218 (three diskful, disk faults): Primary node 0's disk detached, node 1
+/// adopted its new generation (recording node 2 behind at the one before), node 2 missed it;
+/// node 0 came back from metadata older than its detach and node 2 was promoted with node 0's
+/// vote at the older generation, while node 0 also talked to node 1. Node 2 then wrote under a
+/// generation of its own: a split brain with node 1. A voter that knows a replica which
+/// records the new Primary behind at the generation it reports does not back it.
+#[test]
+fn a_voter_does_not_back_a_primary_that_another_replica_records_behind() {
+    use tandem_repl_proto::{Generations, PeerBitmap};
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    // Node 2: Secondary at our generation 77.
+    connect(&mut e, 2, true, Role::Secondary);
+    // Node 1 went on to generation 88 without node 2 (it records node 2 behind at 77).
+    let report = tandem_repl_proto::StateReport {
+        generations: Generations {
+            current: 88,
+            bitmap: 77,
+            history: [77, 0],
+        },
+        peer_bitmaps: vec![PeerBitmap {
+            node: 2,
+            generation: 77,
+        }],
+        ..report_of(1)
+    };
+    connect_reporting(&mut e, 1, report);
+    // Node 2 is promoted (at 77): we do not count for it.
+    let a = e.handle(
+        20,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                seq: 2,
+                role: Role::Primary,
+                ..report_of(2)
+            })),
+        },
+    );
+    assert_eq!(disconnects(&a), vec![(2, DisconnectReason::Other)]);
+    // A Primary that node 1 does not record behind (here: one at node 1's generation, say
+    // after a resync from it) is backed as usual.
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    connect(&mut e, 2, true, Role::Secondary);
+    connect_reporting(
+        &mut e,
+        1,
+        tandem_repl_proto::StateReport {
+            peer_bitmaps: vec![PeerBitmap {
+                node: 2,
+                generation: 66,
+            }],
+            ..report_of(1)
+        },
+    );
+    let a = e.handle(
+        20,
+        Event::PeerMessage {
+            peer: 2,
+            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                seq: 2,
+                role: Role::Primary,
+                ..report_of(2)
+            })),
+        },
+    );
+    assert_eq!(disconnects(&a), vec![]);
+}

@@ -822,3 +822,40 @@ fn a_write_of_an_earlier_link_does_not_fence_the_resync_5670() {
 fn a_write_waiting_for_a_lost_peer_needs_a_new_generation_13893() {
     slow_seed(13893, None);
 }
+
+/// Every default option (frame faults included) in `topology`, slow disks as given: the
+/// options of `three_diskful_disk_fault_seeds` (`SIM_SLOW_DISKS=0` for `slow_disks: false`)
+/// when these seeds were found.
+fn current_seed(seed: u64, topology: Topology, slow_disks: bool) {
+    let opts = SimOptions {
+        topology: Some(topology),
+        slow_disks,
+        ..SimOptions::default()
+    };
+    must_pass(seed, &opts);
+}
+
+/// Three diskful nodes with disk faults (without slow disks, frame faults on), seeds
+/// 5000..10000: Primary node 0's disk failed, metadata included; it started a generation at
+/// the detach that node 1 adopted (recording node 2 behind) and node 2 never heard of (its
+/// links broke first). Node 0 crashed and came back from metadata older than that
+/// generation, and node 2 was promoted with node 0's vote at the older generation while node
+/// 0 also talked to node 1; node 2 wrote under a generation of its own and met node 1 as a
+/// split brain. A voter that knows a replica recording the new Primary behind at the
+/// generation it reports does not back it now (and does not relay its outdated list).
+#[test]
+fn a_voter_does_not_back_a_primary_another_replica_records_behind_5218() {
+    current_seed(5218, Topology::Three, false);
+}
+
+/// Slow disks, three diskful with disk faults (found before frame faults, with them the
+/// schedule passes): a Primary's disk detached and it wrote through its peers under
+/// generations its failing metadata never recorded; repaired, it came back from older
+/// metadata, UpToDate. Its handshake with node 1, newer but Outdated, found no source
+/// (`SourceNotUpToDate`), and node 1's vote made a majority: the stale node was promoted
+/// and wrote, a split brain with node 0, which held the writes. A node whose handshake found
+/// the peer newer is not promoted now, and that peer does not back it.
+#[test]
+fn a_node_behind_an_outdated_peer_is_not_promoted_9439() {
+    slow_seed(9439, Some(Topology::Three));
+}
