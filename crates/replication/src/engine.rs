@@ -3727,6 +3727,28 @@ impl Engine {
         let Some(conn) = p.conn.take() else { return };
         let diskful = p.cfg.diskful;
         self.mint_confirmed = false;
+        if conn.resync.as_ref().is_some_and(|rs| !rs.begun)
+            && conn.decision.is_some_and(|(d, _)| d.is_target())
+            && conn
+                .report
+                .as_ref()
+                .is_some_and(|r| r.role == Role::Primary && r.disk_state == DiskState::UpToDate)
+            && self.role != Role::Primary
+            && self.meta.disk_state == DiskState::UpToDate
+        {
+            // A Primary with data we lack was about to resync us when the link dropped: we
+            // are no source for anyone until a resync (simulator seed 8648: an isolated
+            // Primary back, made the new Primary's target and cut off before the resync
+            // began, became as an UpToDate Secondary with bits the source of a replica in
+            // sync with the new Primary: its own write, never acknowledged, replaced the
+            // acknowledged one there).
+            self.meta.disk_state = DiskState::Outdated;
+            self.persist_meta();
+            self.log(
+                Level::Warn,
+                format!("Outdated: Primary node {peer} holds data we lack; its resync never began"),
+            );
+        }
         self.verify_peer_down(peer);
         self.reroute_reads(peer);
         self.confirm_resync(peer);

@@ -859,3 +859,26 @@ fn a_voter_does_not_back_a_primary_another_replica_records_behind_5218() {
 fn a_node_behind_an_outdated_peer_is_not_promoted_9439() {
     slow_seed(9439, Some(Topology::Three));
 }
+
+/// Every default option without disk faults, in `topology`: the options of
+/// `three_diskful_seeds` and `three_diskful_and_witness_seeds` when these seeds were found.
+fn no_disk_fault_seed(seed: u64, topology: Topology) {
+    let opts = SimOptions {
+        topology: Some(topology),
+        disk_faults: false,
+        ..SimOptions::default()
+    };
+    must_pass(seed, &opts);
+}
+
+/// Three diskful nodes, seeds 5000..10000: the isolated Primary node 0 came back, met the new
+/// Primary node 1 (not written yet, same generation) and was made its target, and the link
+/// dropped before the resync began (node 0's report still said Primary: "two Primaries").
+/// Still UpToDate, with bits toward node 2 (its own last write, made alone and never
+/// acknowledged), node 0 met node 2 and became its source by `EqualBitsOneSide`: its block
+/// replaced the acknowledged write node 2 held, behind node 1's back. A node whose link to
+/// an UpToDate Primary drops before the resync that Primary decided began is Outdated now.
+#[test]
+fn a_target_of_the_primary_cut_off_before_its_resync_is_no_source_8648() {
+    no_disk_fault_seed(8648, Topology::Three);
+}
