@@ -609,6 +609,68 @@ fn sync_target_stays_up_to_date_until_the_source_confirms() {
     assert_eq!(e.status().disk_state, DiskState::Inconsistent);
 }
 
+/// Simulator seed 8648 (three diskful): a target of the Primary whose link drops before the
+/// resync began holds data the Primary replaces: Outdated, so it is nobody's source (it was
+/// the source of a replica in sync with that Primary, its unacknowledged block replacing an
+/// acknowledged one there). A Secondary source's interrupted resync leaves it UpToDate.
+#[test]
+fn a_target_of_the_primary_cut_off_before_the_resync_began_is_outdated() {
+    use tandem_repl_proto::DiskState;
+    let primary_marking_block_0 = |e: &mut Engine, peer: u8| {
+        let mut out = e.handle(1, Event::PeerUp { peer });
+        for msg in [
+            Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                role: Role::Primary,
+                ..report_of(peer)
+            })),
+            Message::OutOfSync {
+                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
+                ranges: vec![tandem_repl_proto::ByteRange {
+                    offset: 0,
+                    len: 4096,
+                }],
+            },
+        ] {
+            out.extend(e.handle(2, Event::PeerMessage { peer, msg }));
+        }
+        out
+    };
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    primary_marking_block_0(&mut e, 1);
+    assert_eq!(
+        e.status().peers[0].last_decision,
+        Some((SyncDecision::BitmapTarget, Rule::EqualBitsPrimary))
+    );
+    assert_eq!(e.status().disk_state, DiskState::UpToDate);
+    let out = e.handle(3, Event::PeerDown { peer: 1 });
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::PersistMeta(m) if m.disk_state == DiskState::Outdated
+    )));
+    assert_eq!(e.status().disk_state, DiskState::Outdated);
+    assert!(e.promote(4).is_err(), "an Outdated node is not promoted");
+    // Once the resync began, the target is Inconsistent and a lost link leaves it so.
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    primary_marking_block_0(&mut e, 1);
+    e.handle(
+        3,
+        Event::PeerMessage {
+            peer: 1,
+            msg: Message::ResyncBegin {
+                generation: 77,
+                bytes: 4096,
+            },
+        },
+    );
+    e.handle(4, Event::PeerDown { peer: 1 });
+    assert_eq!(e.status().disk_state, DiskState::Inconsistent);
+    // A Secondary source that goes before it began: we keep our data as it was.
+    let mut e = engine(0, &[(1, true), (2, true)]);
+    connect_as_target(&mut e, 1);
+    e.handle(3, Event::PeerDown { peer: 1 });
+    assert_eq!(e.status().disk_state, DiskState::UpToDate);
+}
+
 #[test]
 fn interrupted_resync_makes_paused_links_compare_again() {
     let mut e = resyncing_from_node_1();
