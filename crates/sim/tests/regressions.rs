@@ -859,3 +859,36 @@ fn a_voter_does_not_back_a_primary_another_replica_records_behind_5218() {
 fn a_node_behind_an_outdated_peer_is_not_promoted_9439() {
     slow_seed(9439, Some(Topology::Three));
 }
+
+/// Every default option (slow disks, frame faults) in three diskful nodes and a witness,
+/// without disk faults: the options of `three_diskful_and_witness_seeds` when these seeds
+/// were found.
+fn current_witness_seed(seed: u64) {
+    let opts = SimOptions {
+        topology: Some(Topology::ThreePlusWitness),
+        disk_faults: false,
+        ..SimOptions::default()
+    };
+    must_pass(seed, &opts);
+}
+
+/// Three diskful and a witness, seeds 5000..10000: the diskless Primary crashed with two
+/// writes (not acknowledged) that reached node 1 only; each replica marked the writes it
+/// kept unsettled toward the others and the handshakes resynced the unions by rule
+/// `EqualBitsLowerNode`. Node 1 resynced its blocks to node 2, then node 0 resynced its own
+/// (older) blocks to node 1; node 2, which now differed from node 0 there, had not marked
+/// it (only its source, node 1, had), and replicas 0 and 2 stayed different. A sync source
+/// now passes its marks toward third nodes on with the blocks it resyncs.
+#[test]
+fn a_sync_target_takes_its_sources_marks_toward_third_nodes_9705() {
+    current_witness_seed(9705);
+}
+
+/// Three diskful and a witness (frame faults on: a reordered frame broke link 0-2 right
+/// after a promotion): the same as 9705 with crashes of nodes 0 and 2 around a diskless
+/// Primary, node 1 resynced block 38 to node 2 and then got node 0's older block 38 by the
+/// same rule; node 2 did not know it differed from node 0.
+#[test]
+fn a_sync_target_takes_its_sources_marks_toward_third_nodes_8960() {
+    current_witness_seed(8960);
+}
