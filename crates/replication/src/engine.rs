@@ -839,6 +839,9 @@ impl Engine {
             // With the dual-primary window open: a second Primary (without the write token).
             return self.join_window(p.cfg.node_id);
         }
+        if let Some(member) = self.window_member_elsewhere() {
+            return Err(PromoteError::PrimaryElsewhere(member));
+        }
         let (reachable, voters, ok) = self.quorum();
         if !ok {
             return Err(PromoteError::NoQuorum { reachable, voters });
@@ -896,6 +899,27 @@ impl Engine {
         ))
     }
 
+    /// A connected peer that is a member of a dual-primary window while we are not: it is
+    /// Primary to its consumer even while its report says Secondary (the write token is on
+    /// its way between the two members, or held by the other one), so it counts as a Primary
+    /// for our promotion. Simulator seed 7674 (three diskful, slow disks): node 0 was
+    /// promoted between node 1's report of the hand-off (Secondary) and node 2's report of
+    /// the token it had just received (Primary): two Primaries with quorum.
+    fn window_member_elsewhere(&self) -> Option<NodeId> {
+        if self.window_member() {
+            return None;
+        }
+        self.peers
+            .values()
+            .find(|p| {
+                p.conn
+                    .as_ref()
+                    .and_then(|c| c.report.as_ref())
+                    .is_some_and(|r| r.flags & state_flags::WINDOW_MEMBER != 0)
+            })
+            .map(|p| p.cfg.node_id)
+    }
+
     /// A diskless node becomes Primary: it takes the generation of the data it serves from
     /// its UpToDate diskful peers (`data_peers`), writes to every connected diskful peer and
     /// reads through those that hold that data (as a Primary whose disk is detached does).
@@ -906,6 +930,9 @@ impl Engine {
             .find(|p| peer_role(p) == Some(Role::Primary))
         {
             return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
+        }
+        if let Some(member) = self.window_member_elsewhere() {
+            return Err(PromoteError::PrimaryElsewhere(member));
         }
         let (current, history, serving) = self.data_peers()?;
         let (reachable, voters, ok) = self.quorum();

@@ -1254,3 +1254,57 @@ fn a_sync_target_marks_toward_third_nodes_what_its_source_marked() {
     net.heal();
     net.assert_replicas_identical();
 }
+
+/// Simulator seed 7674 (three diskful nodes, slow disks): nodes 1 and 2 formed a
+/// dual-primary window and handed the write token back and forth. Node 0 saw the old
+/// holder's report of the hand-off (Secondary) before the new holder's report (Primary),
+/// saw no Primary, and was promoted: two Primaries with quorum. A peer that is a window
+/// member is Primary to its consumer whatever its report's role: promotion next to it is
+/// refused (`PrimaryElsewhere`).
+#[test]
+fn no_promotion_next_to_a_window_member_while_the_token_is_handed_over() {
+    let mut net = Net::with_nodes(4, |c| c.allow_two_primaries = true);
+    net.run();
+    promote(&mut net, 0);
+    let a = net.nodes[1]
+        .e
+        .promote(net.now)
+        .expect("node 1 joins the window");
+    net.apply(1, a);
+    net.run();
+    assert_eq!(
+        net.nodes[1].e.role(),
+        Role::Secondary,
+        "member without the token"
+    );
+    // Node 1's consumer writes: the token moves from node 0 to node 1. Node 3 hears of
+    // node 0's hand-over, not yet of node 1's promotion.
+    start_write(&mut net, 1, 1, 0, 0xA1);
+    let mut held = Vec::new();
+    loop {
+        let (to3, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut net.q)
+            .into_iter()
+            .partition(|(f, t, _)| (*f, *t) == (1, 3));
+        held.extend(to3);
+        net.q = rest.into();
+        if !net.step() {
+            break;
+        }
+    }
+    assert_eq!(net.nodes[0].e.role(), Role::Secondary);
+    assert_eq!(
+        net.nodes[1].e.role(),
+        Role::Primary,
+        "{}",
+        net.log.join("\n")
+    );
+    let r = net.nodes[3].e.promote(net.now);
+    assert!(
+        matches!(r, Err(PromoteError::PrimaryElsewhere(_))),
+        "node 3 promoted next to the window: {r:?}\n{}",
+        net.log.join("\n")
+    );
+    net.q.extend(held);
+    net.run();
+    assert_eq!(net.nodes[3].e.role(), Role::Secondary);
+}
