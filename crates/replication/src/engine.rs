@@ -839,6 +839,9 @@ impl Engine {
             // With the dual-primary window open: a second Primary (without the write token).
             return self.join_window(p.cfg.node_id);
         }
+        if let Some(member) = self.window_member_elsewhere() {
+            return Err(PromoteError::PrimaryElsewhere(member));
+        }
         let (reachable, voters, ok) = self.quorum();
         if !ok {
             return Err(PromoteError::NoQuorum { reachable, voters });
@@ -896,6 +899,27 @@ impl Engine {
         ))
     }
 
+    /// A connected peer that is a member of a dual-primary window while we are not: it is
+    /// Primary to its consumer even while its report says Secondary (the write token is on
+    /// its way between the two members, or held by the other one), so it counts as a Primary
+    /// for our promotion. Simulator seed 7674 (three diskful, slow disks): node 0 was
+    /// promoted between node 1's report of the hand-off (Secondary) and node 2's report of
+    /// the token it had just received (Primary): two Primaries with quorum.
+    fn window_member_elsewhere(&self) -> Option<NodeId> {
+        if self.window_member() {
+            return None;
+        }
+        self.peers
+            .values()
+            .find(|p| {
+                p.conn
+                    .as_ref()
+                    .and_then(|c| c.report.as_ref())
+                    .is_some_and(|r| r.flags & state_flags::WINDOW_MEMBER != 0)
+            })
+            .map(|p| p.cfg.node_id)
+    }
+
     /// A diskless node becomes Primary: it takes the generation of the data it serves from
     /// its UpToDate diskful peers (`data_peers`), writes to every connected diskful peer and
     /// reads through those that hold that data (as a Primary whose disk is detached does).
@@ -906,6 +930,9 @@ impl Engine {
             .find(|p| peer_role(p) == Some(Role::Primary))
         {
             return Err(PromoteError::PrimaryElsewhere(p.cfg.node_id));
+        }
+        if let Some(member) = self.window_member_elsewhere() {
+            return Err(PromoteError::PrimaryElsewhere(member));
         }
         let (current, history, serving) = self.data_peers()?;
         let (reachable, voters, ok) = self.quorum();
@@ -2963,6 +2990,60 @@ impl Engine {
         }
     }
 
+    /// We answer a resync read of `target`: after it applies these blocks its data is ours
+    /// there, so where we mark them out of sync toward a third diskful node, it must too
+    /// (sent ahead of the data, on the same link). Simulator seed 9705 (three diskful and a
+    /// witness): a diskless Primary crashed with two writes that reached node 1 only; node 1
+    /// resynced them to node 2 (rule `EqualBitsLowerNode`), node 0 then resynced its older
+    /// blocks to node 1 by the same rule, and node 2, which had not recorded that it now
+    /// differed from node 0 there (only node 1 had), stayed different for good.
+    fn pass_on_third_marks(&mut self, target: NodeId, offset: u64, len: u64) {
+        if !self.cfg.diskful {
+            return;
+        }
+        let mut msgs = Vec::new();
+        for id in self.diskful_ids() {
+            if id == target {
+                continue;
+            }
+            let Some(b) = self.peers.get(&id).and_then(|p| p.bitmap.as_ref()) else {
+                continue;
+            };
+            let g = b.granularity();
+            let (first, count) = b.bits_touching(offset, len);
+            let mut ranges: Vec<ByteRange> = Vec::new();
+            for bit in first..first + count {
+                if !b.test(bit) {
+                    continue;
+                }
+                let start = (bit * g).max(offset);
+                let end = ((bit + 1) * g).min(offset + len);
+                match ranges.last_mut() {
+                    Some(r) if r.offset + r.len == start => r.len = end - r.offset,
+                    _ => ranges.push(ByteRange {
+                        offset: start,
+                        len: end - start,
+                    }),
+                }
+            }
+            if !ranges.is_empty() {
+                msgs.push((id, ranges));
+            }
+        }
+        for (id, ranges) in msgs {
+            for chunk in ranges.chunks(OOS_CHUNK) {
+                self.send(
+                    target,
+                    Message::OutOfSync {
+                        flags: oos_flags::THIRD_NODE
+                            | (u32::from(id) << oos_flags::THIRD_NODE_SHIFT),
+                        ranges: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
     /// Our sync source applied writes of a diskless Primary after the handshake: fetch those
     /// blocks too, except the ones that Primary gave us directly over the current link
     /// (ours are as new or newer).
@@ -3534,6 +3615,9 @@ impl Engine {
                 if self.conn(peer).is_none_or(|c| c.epoch != epoch) {
                     return;
                 }
+                if result.is_ok() {
+                    self.pass_on_third_marks(peer, op.offset, op.len);
+                }
                 let msg = match result {
                     Ok(d) if d.iter().all(|b| *b == 0) => Message::ResyncData {
                         id,
@@ -4047,8 +4131,16 @@ impl Engine {
                     // A diskless Primary lost a replica with these writes in doubt there.
                     let node = ((flags & oos_flags::THIRD_NODE_MASK) >> oos_flags::THIRD_NODE_SHIFT)
                         as NodeId;
-                    if !self.peers[&peer].cfg.diskful
+                    // Or our sync source: where it marks the blocks it resyncs to us
+                    // toward a third node, we differ from that node too (see
+                    // `pass_on_third_marks`).
+                    let from_source = self.peers[&peer].cfg.diskful
+                        && self
+                            .conn(peer)
+                            .is_some_and(|c| c.resync.as_ref().is_some_and(|rs| rs.begun));
+                    if (!self.peers[&peer].cfg.diskful || from_source)
                         && node != self.cfg.node_id
+                        && node != peer
                         && self.peers.get(&node).is_some_and(|p| p.cfg.diskful)
                     {
                         let ranges: Vec<ByteRange> = ranges

@@ -22,7 +22,7 @@ pub(crate) struct Net {
     pub(crate) nodes: Vec<Node>,
     /// Messages in flight, in send order (FIFO per link and overall).
     /// `None`: the sender closes the link here (after what it sent before, like TCP).
-    q: VecDeque<(NodeId, NodeId, Option<Message>)>,
+    pub(crate) q: VecDeque<(NodeId, NodeId, Option<Message>)>,
     links: BTreeSet<(NodeId, NodeId)>,
     /// Links that stay down until `heal`.
     cut: BTreeSet<(NodeId, NodeId)>,

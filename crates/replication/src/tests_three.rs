@@ -1201,3 +1201,110 @@ fn a_primary_back_without_its_promotion_is_resynced_in_full_by_the_peer_that_saw
     }
     net.assert_replicas_identical();
 }
+
+/// Simulator seeds 9705 and 8960 (three diskful nodes and a witness): the diskless Primary
+/// crashed with a write (not acknowledged) that reached node 1 only, and a write every
+/// replica had, neither settled. Each replica marked what it kept unsettled toward the
+/// others, and the handshakes resynced the unions by rule `EqualBitsLowerNode`: node 1 gave
+/// its block to node 3, then node 0 gave its own (older) block to node 1. Node 3 now
+/// differed from node 0 there, but only node 1 had marked that (toward node 0), and the two
+/// stayed different for good. A sync source now passes its marks toward third nodes on to
+/// the target, with the blocks it resyncs.
+#[test]
+fn a_sync_target_marks_toward_third_nodes_what_its_source_marked() {
+    let mut net = three();
+    promote(&mut net, W);
+    write_ok(&mut net, W, 1, 0, 0x01);
+    net.feed(W, Event::Flush { id: 2 });
+    net.run();
+    // Everywhere, not settled.
+    write_ok(&mut net, W, 3, 16 * BLOCK as u64, 0xA1);
+    // Reaches node 1 only; then the diskless Primary is gone (its answers with it).
+    let off = 8 * BLOCK as u64;
+    start_write(&mut net, W, 4, off, 0xB0);
+    net.q
+        .retain(|(_, t, m)| !(matches!(m, Some(Message::Write { .. })) && (*t == 0 || *t == 3)));
+    while net.at(1, off, BLOCK) != [0xB0; BLOCK] {
+        net.q.retain(|(_, t, _)| *t != W);
+        assert!(net.step(), "the write never reached node 1");
+    }
+    // Node 0 is cut off from the others: nodes 1 and 3 compare first.
+    net.cut_link(0, 1);
+    net.cut_link(0, 3);
+    net.isolate(W);
+    net.run();
+    restart(&mut net, W, |_| {});
+    net.uncut(W, 1);
+    net.uncut(W, 3);
+    net.run();
+    assert!(
+        net.at(3, off, BLOCK) == [0xB0; BLOCK],
+        "node 1 gave node 3 its block\n{}",
+        net.log.join("\n")
+    );
+    // Then node 0 with node 1 (node 0 is the source: lower node id), then with node 3.
+    net.uncut(W, 0);
+    net.uncut(0, 1);
+    net.run();
+    assert!(
+        net.at(1, off, BLOCK) == net.at(0, off, BLOCK),
+        "node 0 gave node 1 its block\n{}",
+        net.log.join("\n")
+    );
+    net.heal();
+    net.assert_replicas_identical();
+}
+
+/// Simulator seed 7674 (three diskful nodes, slow disks): nodes 1 and 2 formed a
+/// dual-primary window and handed the write token back and forth. Node 0 saw the old
+/// holder's report of the hand-off (Secondary) before the new holder's report (Primary),
+/// saw no Primary, and was promoted: two Primaries with quorum. A peer that is a window
+/// member is Primary to its consumer whatever its report's role: promotion next to it is
+/// refused (`PrimaryElsewhere`).
+#[test]
+fn no_promotion_next_to_a_window_member_while_the_token_is_handed_over() {
+    let mut net = Net::with_nodes(4, |c| c.allow_two_primaries = true);
+    net.run();
+    promote(&mut net, 0);
+    let a = net.nodes[1]
+        .e
+        .promote(net.now)
+        .expect("node 1 joins the window");
+    net.apply(1, a);
+    net.run();
+    assert_eq!(
+        net.nodes[1].e.role(),
+        Role::Secondary,
+        "member without the token"
+    );
+    // Node 1's consumer writes: the token moves from node 0 to node 1. Node 3 hears of
+    // node 0's hand-over, not yet of node 1's promotion.
+    start_write(&mut net, 1, 1, 0, 0xA1);
+    let mut held = Vec::new();
+    loop {
+        let (to3, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut net.q)
+            .into_iter()
+            .partition(|(f, t, _)| (*f, *t) == (1, 3));
+        held.extend(to3);
+        net.q = rest.into();
+        if !net.step() {
+            break;
+        }
+    }
+    assert_eq!(net.nodes[0].e.role(), Role::Secondary);
+    assert_eq!(
+        net.nodes[1].e.role(),
+        Role::Primary,
+        "{}",
+        net.log.join("\n")
+    );
+    let r = net.nodes[3].e.promote(net.now);
+    assert!(
+        matches!(r, Err(PromoteError::PrimaryElsewhere(_))),
+        "node 3 promoted next to the window: {r:?}\n{}",
+        net.log.join("\n")
+    );
+    net.q.extend(held);
+    net.run();
+    assert_eq!(net.nodes[3].e.role(), Role::Secondary);
+}

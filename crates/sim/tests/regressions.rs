@@ -882,3 +882,36 @@ fn no_disk_fault_seed(seed: u64, topology: Topology) {
 fn a_target_of_the_primary_cut_off_before_its_resync_is_no_source_8648() {
     no_disk_fault_seed(8648, Topology::Three);
 }
+
+/// Three diskful and a witness, seeds 5000..10000: the diskless Primary crashed with two
+/// writes (not acknowledged) that reached node 1 only; each replica marked the writes it
+/// kept unsettled toward the others and the handshakes resynced the unions by rule
+/// `EqualBitsLowerNode`. Node 1 resynced its blocks to node 2, then node 0 resynced its own
+/// (older) blocks to node 1; node 2, which now differed from node 0 there, had not marked
+/// it (only its source, node 1, had), and replicas 0 and 2 stayed different. A sync source
+/// now passes its marks toward third nodes on with the blocks it resyncs.
+#[test]
+fn a_sync_target_takes_its_sources_marks_toward_third_nodes_9705() {
+    no_disk_fault_seed(9705, Topology::ThreePlusWitness);
+}
+
+/// Three diskful and a witness (frame faults on: a reordered frame broke link 0-2 right
+/// after a promotion): the same as 9705 with crashes of nodes 0 and 2 around a diskless
+/// Primary, node 1 resynced block 38 to node 2 and then got node 0's older block 38 by the
+/// same rule; node 2 did not know it differed from node 0.
+#[test]
+fn a_sync_target_takes_its_sources_marks_toward_third_nodes_8960() {
+    no_disk_fault_seed(8960, Topology::ThreePlusWitness);
+}
+
+/// Three diskful with disk faults and slow disks (the options of
+/// `three_diskful_disk_fault_seeds`), seeds 5000..10000: nodes 1 and 2 formed a dual-primary
+/// window; node 0 was promoted between node 1's report of a token hand-over (Secondary) and
+/// node 2's report of its promotion (Primary): two Primaries with quorum. A window member is
+/// Primary to its consumer whatever its report says: promotion next to it is refused. (Since
+/// the fix of 9705 the schedule differs and passes without this fix too; unit test
+/// `no_promotion_next_to_a_window_member_while_the_token_is_handed_over`.)
+#[test]
+fn no_promotion_next_to_a_window_member_in_a_hand_over_7674() {
+    current_seed(7674, Topology::Three, true);
+}
