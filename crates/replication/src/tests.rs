@@ -516,9 +516,17 @@ fn connect_as_target(e: &mut Engine, peer: u8) -> Vec<Action> {
 /// Feeds PeerUp and a handshake from `peer` (UpToDate at our generation) whose bitmap marks
 /// the block at `offset` out of sync toward us.
 fn connect_marked(e: &mut Engine, peer: u8, offset: u64) -> Vec<Action> {
+    connect_marked_as(e, peer, offset, Role::Secondary)
+}
+
+/// [`connect_marked`] from a peer in `role`.
+fn connect_marked_as(e: &mut Engine, peer: u8, offset: u64, role: Role) -> Vec<Action> {
     let mut out = e.handle(1, Event::PeerUp { peer });
     for msg in [
-        Message::StateReport(Box::new(report_of(peer))),
+        Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+            role,
+            ..report_of(peer)
+        })),
         Message::OutOfSync {
             flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
             ranges: vec![tandem_repl_proto::ByteRange { offset, len: 4096 }],
@@ -616,27 +624,8 @@ fn sync_target_stays_up_to_date_until_the_source_confirms() {
 #[test]
 fn a_target_of_the_primary_cut_off_before_the_resync_began_is_outdated() {
     use tandem_repl_proto::DiskState;
-    let primary_marking_block_0 = |e: &mut Engine, peer: u8| {
-        let mut out = e.handle(1, Event::PeerUp { peer });
-        for msg in [
-            Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-                role: Role::Primary,
-                ..report_of(peer)
-            })),
-            Message::OutOfSync {
-                flags: tandem_repl_proto::message::oos_flags::END_OF_BITMAP,
-                ranges: vec![tandem_repl_proto::ByteRange {
-                    offset: 0,
-                    len: 4096,
-                }],
-            },
-        ] {
-            out.extend(e.handle(2, Event::PeerMessage { peer, msg }));
-        }
-        out
-    };
     let mut e = engine(0, &[(1, true), (2, true)]);
-    primary_marking_block_0(&mut e, 1);
+    connect_marked_as(&mut e, 1, 0, Role::Primary);
     assert_eq!(
         e.status().peers[0].last_decision,
         Some((SyncDecision::BitmapTarget, Rule::EqualBitsPrimary))
@@ -651,7 +640,7 @@ fn a_target_of_the_primary_cut_off_before_the_resync_began_is_outdated() {
     assert!(e.promote(4).is_err(), "an Outdated node is not promoted");
     // Once the resync began, the target is Inconsistent and a lost link leaves it so.
     let mut e = engine(0, &[(1, true), (2, true)]);
-    primary_marking_block_0(&mut e, 1);
+    connect_marked_as(&mut e, 1, 0, Role::Primary);
     e.handle(
         3,
         Event::PeerMessage {
