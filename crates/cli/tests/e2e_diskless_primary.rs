@@ -17,17 +17,19 @@ use serde_json::Value;
 /// sync.
 fn settled(v: &Value, primary: &str, diskful: &[String]) -> bool {
     let p = replica(v, primary);
-    let linked = |r: &Value| {
-        r["peers"]
-            .as_array()
-            .is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["repl_state"] == "Established"))
-    };
     p["role"] == "Primary"
         && p["quorum"] == true
         && diskful.iter().all(|n| {
             let r = replica(v, n);
             r["disk_state"] == "UpToDate" && r["out_of_sync_bytes"] == 0 && linked(r)
         })
+}
+
+/// Every link of replica `r` (as its own agent reported it) is Established.
+fn linked(r: &Value) -> bool {
+    r["peers"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["repl_state"] == "Established"))
 }
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
@@ -46,8 +48,11 @@ fn create_in_sync(c: &Cluster, name: &str) -> (Vec<String>, String, String) {
         .as_str()
         .expect("primary_node")
         .to_string();
+    // The witness's own report too: the controller refuses to promote a witness whose last
+    // report shows no link to an UpToDate replica (`no_data_peer`), and the agents report on
+    // their own schedule (CI run of 2026-12-07: promoted 0.3 s after the diskful side settled).
     c.wait_json(&["volume", "show", name], "replicas in sync", |v| {
-        settled(v, &first, &diskful)
+        settled(v, &first, &diskful) && linked(replica(v, &w))
     });
     (diskful, w, first)
 }
