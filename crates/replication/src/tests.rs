@@ -554,6 +554,21 @@ fn resyncing_from_node_1() -> Engine {
     e
 }
 
+/// `peer` (connected, as [`report_of`]) reports that it became Primary.
+fn reports_primary(e: &mut Engine, peer: u8) -> Vec<Action> {
+    e.handle(
+        20,
+        Event::PeerMessage {
+            peer,
+            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
+                seq: 2,
+                role: Role::Primary,
+                ..report_of(peer)
+            })),
+        },
+    )
+}
+
 fn disconnects(a: &[Action]) -> Vec<(u8, DisconnectReason)> {
     a.iter()
         .filter_map(|a| match a {
@@ -2725,17 +2740,7 @@ fn a_voter_does_not_back_a_primary_that_another_replica_records_behind() {
     };
     connect_reporting(&mut e, 1, report);
     // Node 2 is promoted (at 77): we do not count for it.
-    let a = e.handle(
-        20,
-        Event::PeerMessage {
-            peer: 2,
-            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-                seq: 2,
-                role: Role::Primary,
-                ..report_of(2)
-            })),
-        },
-    );
+    let a = reports_primary(&mut e, 2);
     assert_eq!(disconnects(&a), vec![(2, DisconnectReason::Other)]);
     // A Primary that node 1 does not record behind (here: one at node 1's generation, say
     // after a resync from it) is backed as usual.
@@ -2752,16 +2757,6 @@ fn a_voter_does_not_back_a_primary_that_another_replica_records_behind() {
             ..report_of(1)
         },
     );
-    let a = e.handle(
-        20,
-        Event::PeerMessage {
-            peer: 2,
-            msg: Message::StateReport(Box::new(tandem_repl_proto::StateReport {
-                seq: 2,
-                role: Role::Primary,
-                ..report_of(2)
-            })),
-        },
-    );
+    let a = reports_primary(&mut e, 2);
     assert_eq!(disconnects(&a), vec![]);
 }

@@ -48,6 +48,30 @@ async fn still_good(a: &mut Node, b: &mut Node, vol: &str, link: u64, seq: u64) 
     }
 }
 
+/// The raw peer's link ended with `last` from node 2: a `Disconnect{ProtocolError}`; node
+/// 2's link `link` to node 1 is untouched. Shuts both transports down.
+async fn told_protocol_error_and_the_good_link_stays(
+    last: Option<Message>,
+    mut a: Node,
+    mut b: Node,
+    vol: &str,
+    link: u64,
+) {
+    assert!(
+        matches!(
+            last,
+            Some(Message::Disconnect {
+                reason: tandem_repl_proto::DisconnectReason::ProtocolError,
+                ..
+            })
+        ),
+        "{last:?}"
+    );
+    still_good(&mut a, &mut b, vol, link, 1).await;
+    a.t.shutdown().await;
+    b.t.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_peers_are_refused_with_the_right_reason_and_the_good_link_keeps_working() {
     let vol = "refuse-vol";
@@ -317,7 +341,7 @@ async fn a_duplicated_frame_on_an_established_link_takes_it_down_before_delivery
     // sequence error and the link to node 1 is untouched.
     let vol = "dup-frame";
     let uuid = "uuid-df";
-    let (mut a, mut b) = pair(vol, uuid).await;
+    let (a, mut b) = pair(vol, uuid).await;
     let link = b.t.link(vol, 1).unwrap();
     let (outcome, mut s) = raw_handshake(b.t.local_addr(), initiator(vol, uuid, 0, 2)).await;
     let RawOutcome::Established(est) = outcome else {
@@ -351,19 +375,7 @@ async fn a_duplicated_frame_on_an_established_link_takes_it_down_before_delivery
         other => panic!("expected node 0's link down right after its first Ping, got {other:?}"),
     }
     let last = last_link_message(&read_to_close(&mut s).await, est.version);
-    assert!(
-        matches!(
-            last,
-            Some(Message::Disconnect {
-                reason: tandem_repl_proto::DisconnectReason::ProtocolError,
-                ..
-            })
-        ),
-        "{last:?}"
-    );
-    still_good(&mut a, &mut b, vol, link, 1).await;
-    a.t.shutdown().await;
-    b.t.shutdown().await;
+    told_protocol_error_and_the_good_link_stays(last, a, b, vol, link).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -422,7 +434,7 @@ async fn garbage_on_an_established_link_takes_down_only_that_link() {
     // down with a decode error, node 2 tells it why, the link to node 1 is untouched.
     let vol = "garbage-link";
     let uuid = "uuid-gl";
-    let (mut a, mut b) = pair(vol, uuid).await;
+    let (a, mut b) = pair(vol, uuid).await;
     let link = b.t.link(vol, 1).unwrap();
     let (outcome, mut s) = raw_handshake(b.t.local_addr(), initiator(vol, uuid, 0, 2)).await;
     assert!(matches!(outcome, RawOutcome::Established(_)), "{outcome:?}");
@@ -438,17 +450,5 @@ async fn garbage_on_an_established_link_takes_down_only_that_link() {
     let back = read_to_close(&mut s).await;
     // Everything node 2 sent on that link decodes; the last frame is the Disconnect.
     let last = last_link_message(&back, tandem_repl_proto::ProtocolVersion::LATEST);
-    assert!(
-        matches!(
-            last,
-            Some(Message::Disconnect {
-                reason: tandem_repl_proto::DisconnectReason::ProtocolError,
-                ..
-            })
-        ),
-        "{last:?}"
-    );
-    still_good(&mut a, &mut b, vol, link, 1).await;
-    a.t.shutdown().await;
-    b.t.shutdown().await;
+    told_protocol_error_and_the_good_link_stays(last, a, b, vol, link).await;
 }
